@@ -1,0 +1,5 @@
+import sys
+
+from gpt_oracle.cli import main
+
+sys.exit(main())

@@ -1,0 +1,11 @@
+"""`gpt-oracle generate`: placeholder until its issue lands; it says so and fails."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise SystemExit("gpt-oracle generate is not built yet")

@@ -1,0 +1,11 @@
+"""`gpt-oracle train`: placeholder until its issue lands; it says so and fails."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise SystemExit("gpt-oracle train is not built yet")
