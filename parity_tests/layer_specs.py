@@ -1,0 +1,161 @@
+"""One table of the layers both trees implement, so tests, `gpt-oracle check` and the user oracle
+API all drive them the same way.
+
+A `LayerSpec` knows how to make valid inputs for a layer from a seed and a few sizes, which of
+them are differentiable (in the order the NumPy backward returns their gradients), and where
+the two implementations live (`numpy_ref/<file>.py::<name>_forward/_backward` and
+`torch_impl/<file>.py::<name>_forward`). Nothing here computes anything itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The dimensions a layer input is built from (dimension vocabulary of docs/design.md)."""
+
+    B: int = 2
+    T: int = 5
+    nh: int = 2
+    hs: int = 4
+    V: int = 11
+    Tc: int = 8
+
+    @property
+    def C(self) -> int:
+        return self.nh * self.hs
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str  # the file and function stem in both trees
+    make_inputs: Callable[[np.random.Generator, Sizes], dict]  # every argument, in call order
+    differentiable: tuple[str, ...]  # arguments that get a gradient, in the NumPy backward's order
+    scalar_output: bool = False  # True when the output is a scalar loss (upstream gradient 1)
+    notes: str = ""
+
+    def numpy_pair(self):
+        module = importlib.import_module(f"numpy_ref.{self.name}")
+        return getattr(module, f"{self.name}_forward"), getattr(module, f"{self.name}_backward")
+
+    def torch_forward(self):
+        module = importlib.import_module(f"torch_impl.{self.name}")
+        return getattr(module, f"{self.name}_forward")
+
+
+def _normal(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
+    return rng.standard_normal(shape) * scale
+
+
+def _linear_inputs(rng, s: Sizes) -> dict:
+    C_out = s.C + 3  # rectangular on purpose: a transposed weight cannot pass
+    return dict(x=_normal(rng, (s.B, s.T, s.C)), w=_normal(rng, (s.C, C_out), 0.3), b=_normal(rng, (C_out,), 0.1))
+
+
+def _layernorm_inputs(rng, s: Sizes) -> dict:
+    return dict(
+        x=_normal(rng, (s.B, s.T, s.C), 2.0) + 0.5,
+        w=1.0 + _normal(rng, (s.C,), 0.2),
+        b=_normal(rng, (s.C,), 0.2),
+        eps=1e-5,
+    )
+
+
+def _gelu_inputs(rng, s: Sizes) -> dict:
+    return dict(x=_normal(rng, (s.B, s.T, s.C), 2.0))
+
+
+def _attention_inputs(rng, s: Sizes) -> dict:
+    C = s.C
+    return dict(
+        x=_normal(rng, (s.B, s.T, C)),
+        w_attn=_normal(rng, (C, 3 * C), 0.3),
+        b_attn=_normal(rng, (3 * C,), 0.1),
+        w_proj=_normal(rng, (C, C), 0.3),
+        b_proj=_normal(rng, (C,), 0.1),
+        n_heads=s.nh,
+    )
+
+
+def _mlp_inputs(rng, s: Sizes) -> dict:
+    C = s.C
+    return dict(
+        x=_normal(rng, (s.B, s.T, C)),
+        w_fc=_normal(rng, (C, 4 * C), 0.3),
+        b_fc=_normal(rng, (4 * C,), 0.1),
+        w_proj=_normal(rng, (4 * C, C), 0.3),
+        b_proj=_normal(rng, (C,), 0.1),
+    )
+
+
+def _embedding_inputs(rng, s: Sizes) -> dict:
+    ids = rng.integers(0, s.V, size=(s.B, s.T))
+    ids[0, 0] = ids[-1, -1]  # at least one repeated id: its gradient rows must accumulate
+    return dict(ids=ids.astype(np.int64), wte=_normal(rng, (s.V, s.C), 0.5), wpe=_normal(rng, (max(s.Tc, s.T), s.C), 0.5))
+
+
+def _cross_entropy_inputs(rng, s: Sizes) -> dict:
+    targets = rng.integers(0, s.V, size=(s.B, s.T)).astype(np.int64)
+    return dict(logits=_normal(rng, (s.B, s.T, s.V), 2.0), targets=targets)
+
+
+SPECS: dict[str, LayerSpec] = {
+    spec.name: spec
+    for spec in [
+        LayerSpec("embedding", _embedding_inputs, ("wte", "wpe")),
+        LayerSpec("linear", _linear_inputs, ("x", "w", "b")),
+        LayerSpec("layernorm", _layernorm_inputs, ("x", "w", "b")),
+        LayerSpec("gelu", _gelu_inputs, ("x",)),
+        LayerSpec("attention", _attention_inputs, ("x", "w_attn", "b_attn", "w_proj", "b_proj")),
+        LayerSpec("mlp", _mlp_inputs, ("x", "w_fc", "b_fc", "w_proj", "b_proj")),
+        LayerSpec("cross_entropy", _cross_entropy_inputs, ("logits",), scalar_output=True),
+    ]
+}
+
+
+def get_spec(name: str) -> LayerSpec:
+    if name not in SPECS:
+        raise KeyError(f"no oracle layer named {name!r}; known: {sorted(SPECS)}")
+    return SPECS[name]
+
+
+@dataclass
+class OracleResult:
+    """The float64 oracle's output and the gradients for one upstream gradient."""
+
+    inputs: dict
+    out: np.ndarray
+    upstream: np.ndarray
+    grads: dict = field(default_factory=dict)
+
+
+def run_oracle(spec: LayerSpec, inputs: dict, upstream_seed: int = 0) -> OracleResult:
+    """Run the NumPy float64 pair on copies of `inputs`, with a random upstream gradient.
+
+    The upstream gradient is random (never all ones: an all-ones cotangent cannot see a
+    transposed or permuted output).
+    """
+    forward, backward = spec.numpy_pair()
+    args = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in inputs.items()}
+    args = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    out, cache = forward(**args)
+    out = np.asarray(out)
+    if spec.scalar_output:
+        upstream = np.asarray(np.random.default_rng(upstream_seed).uniform(0.5, 1.5))
+    else:
+        upstream = np.random.default_rng(upstream_seed).standard_normal(out.shape)
+    grads = backward(upstream, cache)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    if len(grads) != len(spec.differentiable):
+        raise AssertionError(
+            f"numpy_ref.{spec.name}_backward returned {len(grads)} gradients; expected {len(spec.differentiable)} "
+            f"for {spec.differentiable}"
+        )
+    return OracleResult(inputs=args, out=out, upstream=upstream, grads=dict(zip(spec.differentiable, grads)))

@@ -1,0 +1,117 @@
+"""Running the same model in both trees: build, copy weights, forward, loss and gradients.
+
+Used by the model-level tests, `gpt-oracle check` and `gpt-oracle diff`. The NumPy tree runs in
+float64 (the oracle); the torch tree in the dtype under test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from parity_tests.compare import load_numpy_params_into_torch, to_numpy
+
+
+@dataclass
+class RunResult:
+    logits: np.ndarray
+    loss: float
+    grads: dict[str, np.ndarray]
+
+
+def numpy_config(d: Mapping):
+    from numpy_ref.config import GPTConfig
+
+    return GPTConfig(**dict(d))
+
+
+def torch_config(d: Mapping):
+    from torch_impl.config import GPTConfig
+
+    return GPTConfig(**dict(d))
+
+
+def config_dict(config) -> dict:
+    return dict(config.to_dict())
+
+
+def build_numpy_model(config_d: Mapping, seed: int = 0, params: Mapping[str, np.ndarray] | None = None):
+    from numpy_ref.model import GPTModel
+
+    model = GPTModel(numpy_config(config_d), seed=seed, dtype=np.float64)
+    if params is not None:
+        for k, v in params.items():
+            if k not in model.params:
+                raise KeyError(f"{k} is not a parameter of this numpy_ref model")
+            model.params[k][...] = v
+    return model
+
+
+def build_torch_model(config_d: Mapping, params: Mapping[str, np.ndarray], dtype: str = "float64", device: str = "cpu"):
+    import torch
+
+    from torch_impl.model import GPTModel
+
+    tdtype = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32,
+              "bfloat16": torch.float32, "float16": torch.float32}[dtype]
+    model = GPTModel(torch_config(config_d), seed=0, dtype=tdtype, device=device)
+    load_numpy_params_into_torch(model, params)
+    model.eval()
+    return model
+
+
+def run_numpy(model, ids: np.ndarray, targets: np.ndarray) -> RunResult:
+    logits, loss, cache = model.forward(ids, targets)
+    grads = model.backward(cache)
+    return RunResult(np.asarray(logits), float(loss), {k: np.asarray(v) for k, v in grads.items()})
+
+
+def torch_logits_and_loss(model, ids_t, targets_t):
+    """torch_impl's forward returns (logits, loss) when given targets."""
+    out = model(ids_t, targets_t)
+    logits, loss = out
+    return logits, loss
+
+
+def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64", device: str = "cpu") -> RunResult:
+    import torch
+
+    ids_t = torch.from_numpy(ids).to(device)
+    targets_t = torch.from_numpy(targets).to(device)
+    model.zero_grad(set_to_none=True)
+    autocast = dtype in ("bfloat16", "float16")
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        with torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype), enabled=autocast):
+            logits, loss = torch_logits_and_loss(model, ids_t, targets_t)
+        loss.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    grads = {}
+    for name, p in model.named_parameters():
+        grads[name] = to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+    return RunResult(to_numpy(logits).astype(np.float64), float(loss.detach().float().cpu()), grads)
+
+
+def random_batch(config_d: Mapping, B: int, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, config_d["vocab_size"], size=(B, T), dtype=np.int64)
+    targets = rng.integers(0, config_d["vocab_size"], size=(B, T), dtype=np.int64)
+    return ids, targets
+
+
+def scale_params(params: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Perturb the freshly initialised biases and layer-norm parameters away from 0 and 1, so a
+    bug that only shows with non-trivial values (a dropped bias, a swapped gamma/beta) shows."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in params.items():
+        if v.ndim == 1:
+            base = 1.0 if k.endswith("ln_1.weight") or k.endswith("ln_2.weight") or k == "ln_f.weight" else 0.0
+            out[k] = base + 0.1 * rng.standard_normal(v.shape)
+        else:
+            out[k] = v.astype(np.float64)
+    return out
