@@ -1,0 +1,141 @@
+"""The data pipeline of chapter 2: text -> ids -> sliding windows -> (inputs, targets) batches.
+
+A window of `max_length` ids starts every `stride` ids; its targets are the same window shifted
+one id to the right, so `targets[b, t]` is the id that follows `inputs[b, t]`:
+
+    starts = 0, stride, 2 stride, ...  while start + max_length < n_ids
+    inputs[i]  = ids[start_i     : start_i + max_length]        # (T,)
+    targets[i] = ids[start_i + 1 : start_i + max_length + 1]    # (T,)
+
+`stride == max_length` gives non-overlapping windows; a smaller stride overlaps them.
+
+Batching and shuffling (docs/design.md, "Data"; the torch tree implements the same algorithm):
+the order of the windows in one epoch is `list(range(n_windows))`, shuffled in place by
+`rng.shuffle` with `rng` a `random.Random` (the standard library's Mersenne Twister), so that
+both trees, given the same seed, visit the same windows in the same order. Batches are taken in
+that order, `batch_size` windows each; with `drop_last` a final short batch is dropped.
+
+The train/validation split cuts the *text* at character `int(train_ratio * len(text))`, as the
+book does (chapter 5), before tokenising each part.
+
+Reference: S. Raschka, "Build a Large Language Model (From Scratch)", `GPTDatasetV1` and
+`create_dataloader_v1` (section 2.6), the split of section 5.1.3.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import numbers
+import random
+
+import numpy as np
+
+from numpy_ref.tokenizer import ENDOFTEXT, get_encoding
+
+
+def load_verdict() -> str:
+    """"The Verdict" (Edith Wharton, 1908), the book's training text: 20,479 characters."""
+    return (importlib.resources.files("gpt_oracle.data") / "the-verdict.txt").read_text(encoding="utf-8")
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """Text -> (first `train_ratio` of the characters, the rest)."""
+    if not 0.0 < train_ratio < 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
+    split = int(train_ratio * len(text))
+    return text[:split], text[split:]
+
+
+class SlidingWindowDataset:
+    """All (inputs, targets) windows of a 1-D id sequence, as int64 arrays of shape (N, T)."""
+
+    def __init__(self, ids, max_length: int, stride: int):
+        max_length = _positive_int("max_length", max_length)
+        stride = _positive_int("stride", stride)
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be a 1-D sequence, got shape {ids.shape}")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        if len(ids) < max_length + 1:
+            raise ValueError(f"{len(ids)} tokens are too few for max_length={max_length}: "
+                             f"one window needs max_length + 1 = {max_length + 1}")
+        starts = np.arange(0, len(ids) - max_length, stride)  # (N,)
+        offsets = np.arange(max_length)  # (T,)
+        positions = starts[:, None] + offsets[None, :]  # (N, 1) + (1, T) -> (N, T)
+        self.inputs = ids.astype(np.int64)[positions]  # (n_ids,) -> (N, T)
+        self.targets = ids.astype(np.int64)[positions + 1]  # (n_ids,) -> (N, T), shifted by one
+        self.max_length = max_length
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.inputs[i], self.targets[i]
+
+
+def batch_order(n: int, shuffle: bool, rng: random.Random | None) -> list[int]:
+    """The window indices of one epoch: 0 .. n-1, shuffled by `rng.shuffle` when `shuffle`."""
+    order = list(range(n))
+    if shuffle:
+        if rng is None:
+            raise ValueError("shuffle=True needs an explicit rng (a random.Random)")
+        rng.shuffle(order)
+    return order
+
+
+def make_batches(dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, rng: random.Random | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One epoch of (inputs, targets) batches, each (B, T) int64."""
+    batch_size = _positive_int("batch_size", batch_size)
+    order = batch_order(len(dataset), shuffle, rng)
+    batches = []
+    for first in range(0, len(order), batch_size):
+        index = np.array(order[first : first + batch_size])  # (B,)
+        if drop_last and len(index) < batch_size:
+            break
+        batches.append((dataset.inputs[index], dataset.targets[index]))  # (N, T) -> (B, T)
+    return batches
+
+
+class DataLoader:
+    """Iterates batches of a dataset, one epoch per `iter()`; epoch k uses the k-th shuffle of
+    `random.Random(seed)`, so a run is reproducible and both trees agree."""
+
+    def __init__(self, dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0):
+        batch_size = _positive_int("batch_size", batch_size)
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"drop_last with batch_size={batch_size} leaves no batch: "
+                             f"the dataset has only {len(dataset)} windows")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self):
+        return iter(make_batches(self.dataset, self.batch_size, shuffle=self.shuffle,
+                                 drop_last=self.drop_last, rng=self.rng))
+
+
+def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                      shuffle: bool = True, drop_last: bool = True, seed: int = 0, encoding=None) -> DataLoader:
+    """Text -> GPT-2 ids (`<|endoftext|>` allowed) -> windows -> a DataLoader (the book's v1)."""
+    encoding = encoding if encoding is not None else get_encoding("gpt2")
+    ids = encoding.encode(text, allowed_special={ENDOFTEXT})
+    dataset = SlidingWindowDataset(ids, max_length, stride)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)

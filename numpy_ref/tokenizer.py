@@ -1,0 +1,280 @@
+"""GPT-2's byte-level byte-pair encoder, from scratch, matching tiktoken id for id.
+
+Encoding a text takes three steps:
+
+1. Special tokens. `<|endoftext|>` (id 50256) is split out first when it is allowed; when it is
+   disallowed (the default) its text raises ValueError; `encode_ordinary` treats it as text.
+2. Pre-tokenisation. GPT-2's pattern cuts the text into pieces ("words"): contractions
+   ('s 't 're 've 'm 'll 'd), letters with one optional leading space, digits likewise, other
+   symbols likewise, and whitespace runs (a run before a word gives its last space to the word).
+   Merges never cross a piece boundary.
+3. Byte-pair merging. Each piece is UTF-8 encoded, split into single bytes, and the adjacent
+   pair whose concatenation has the lowest rank in the ranks table is merged, again and again,
+   until no adjacent pair concatenates to a token. Ranks double as ids. (This is tiktoken's
+   formulation, by rank of the merged bytes; GPT-2's original `encoder.py` ranks the pair, which
+   gives the same result on GPT-2's table.)
+
+Decoding joins the tokens' bytes and decodes them as UTF-8 (invalid bytes, e.g. half of an
+emoji, become U+FFFD, as in tiktoken).
+
+The ranks table is `gpt_oracle/data/gpt2.tiktoken` (one `base64(token bytes) rank` per line,
+the format tiktoken loads); its sha256 is checked on load. The interface is tiktoken's
+(`get_encoding("gpt2")`, `encode`, `encode_ordinary`, `decode`, `n_vocab`, `eot_token`, ...), so
+code written for one runs on the other.
+
+Reference: Sennrich et al. 2016 (BPE for words); Radford et al. 2019 (GPT-2, byte level);
+openai/tiktoken `src/lib.rs` (`byte_pair_merge`, special-token handling).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import heapq
+import importlib.resources
+from itertools import chain
+from pathlib import Path
+from typing import AbstractSet, Collection, Literal
+
+import regex
+
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+ENDOFTEXT = "<|endoftext|>"
+# GPT-2's pre-tokenisation pattern, as tiktoken writes it (possessive quantifiers; `\s` is the
+# Unicode White_Space property in the `regex` package, as in Rust's regex crate). Python's `$`
+# also matches before a final newline, Rust's does not; the possessive `\s++` has always taken
+# that newline already, so the two agree (a test runs every assigned code point through both).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+DEFAULT_CACHE_SIZE = 1 << 16  # pieces kept in the piece -> ids cache (~10 MB for ordinary words)
+
+
+def read_verified(path: str | Path, expected_sha256: str | None) -> bytes:
+    """The bytes of `path`, after checking their sha256 (skipped when `expected_sha256` is None)."""
+    data = Path(path).read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ValueError(
+                f"sha256 mismatch for {path}: expected {expected_sha256}, got {actual}; "
+                "the file is corrupted or is not the one this code was written for"
+            )
+    return data
+
+
+def load_tiktoken_bpe(path: str | Path, expected_sha256: str | None = None) -> dict[bytes, int]:
+    """Parse a `.tiktoken` ranks file: one `base64(token) rank` per line -> {token bytes: rank}."""
+    ranks: dict[bytes, int] = {}
+    for line_no, line in enumerate(read_verified(path, expected_sha256).splitlines(), start=1):
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{line_no}: expected 'base64 rank', got {line[:60]!r}")
+        token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+        if token in ranks:
+            raise ValueError(f"{path}:{line_no}: token {token!r} appears twice")
+        ranks[token] = rank
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: two tokens share a rank")
+    return ranks
+
+
+def gpt2_ranks_path():
+    """The packaged GPT-2 ranks file (a Traversable; `str()` of it is a path for a normal install)."""
+    return importlib.resources.files("gpt_oracle.data") / "gpt2.tiktoken"
+
+
+def load_ranks(path: str | Path | None = None, expected_sha256: str | None = GPT2_TIKTOKEN_SHA256) -> dict[bytes, int]:
+    """GPT-2's ranks: the packaged file by default, hash-checked."""
+    if path is None:
+        with importlib.resources.as_file(gpt2_ranks_path()) as packaged:
+            return load_tiktoken_bpe(packaged, expected_sha256)
+    return load_tiktoken_bpe(path, expected_sha256)
+
+
+def byte_pair_merge(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """Split `piece` into tokens by repeatedly merging the adjacent pair of lowest merged rank.
+
+    Equal ranks mean equal bytes at two places; the leftmost merges first (tiktoken's rule).
+    The parts are a linked list over byte offsets: a part is `piece[s : end[s]]`, `prev[s]` is
+    the start of the part before it. Each adjacent pair whose concatenation is a token waits in
+    a heap as `(rank, left start, right end)`, so the heap pops the lowest rank, leftmost first.
+    Parts only grow, so an entry is stale exactly when its left part has been absorbed or its
+    right neighbour no longer ends at `right end`; stale entries are skipped when popped. This
+    costs O(n log n) per piece, where rescanning all pairs after each merge costs O(n^2) (a
+    20,000-character run of one letter takes seconds that way).
+    """
+    n = len(piece)
+    end = list(range(1, n + 1))  # (n,) end[s]: where the part starting at s ends; 0 once absorbed
+    prev = list(range(-1, n - 1))  # (n,) prev[s]: start of the part before the part at s
+    heap = [(ranks[piece[s : s + 2]], s, s + 2) for s in range(n - 1) if piece[s : s + 2] in ranks]
+    heapq.heapify(heap)
+    while heap:
+        _, left, right_end = heapq.heappop(heap)
+        right = end[left]  # start of the left part's current right neighbour
+        if right <= left or right == n or end[right] != right_end:
+            continue  # stale
+        end[left], end[right] = right_end, 0  # the two parts become one
+        if right_end < n:  # the new part and its right neighbour
+            prev[right_end] = left
+            _push_pair(heap, piece, ranks, left, end[right_end])
+        if left > 0:  # the left neighbour and the new part
+            _push_pair(heap, piece, ranks, prev[left], right_end)
+    parts, s = [], 0
+    while s < n:
+        parts.append(piece[s : end[s]])
+        s = end[s]
+    return parts
+
+
+def _push_pair(heap: list, piece: bytes, ranks: dict[bytes, int], left: int, right_end: int) -> None:
+    rank = ranks.get(piece[left:right_end])
+    if rank is not None:
+        heapq.heappush(heap, (rank, left, right_end))
+
+
+class Encoding:
+    """A byte-level BPE encoding with tiktoken's interface (the constructor's keywords included)."""
+
+    def __init__(self, name: str, *, pat_str: str, mergeable_ranks: dict[bytes, int],
+                 special_tokens: dict[str, int], cache_size: int = DEFAULT_CACHE_SIZE):
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.name = name
+        self._pat_str = pat_str
+        self._pat = regex.compile(pat_str)
+        self._mergeable_ranks = dict(mergeable_ranks)
+        self._special_tokens = dict(special_tokens)
+        self._decoder = {rank: token for token, rank in self._mergeable_ranks.items()}
+        for text, rank in self._special_tokens.items():
+            if rank in self._decoder:
+                raise ValueError(f"special token {text!r} has id {rank}, already the id of {self._decoder[rank]!r}")
+            self._decoder[rank] = text.encode("utf-8")
+        if len(self._decoder) != len(self._mergeable_ranks) + len(self._special_tokens):
+            raise ValueError("two tokens share an id")
+        self.max_token_value = max(self._decoder)
+        # The bounded cache: word -> ids. Text repeats its words (Zipf), so most pieces hit.
+        self._encode_piece = functools.lru_cache(maxsize=cache_size)(self._bpe_piece)
+
+    def __repr__(self) -> str:
+        return f"<numpy_ref Encoding {self.name!r}>"
+
+    # ---- properties of the vocabulary -----------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self.max_token_value + 1
+
+    @property
+    def eot_token(self) -> int:
+        return self._special_tokens[ENDOFTEXT]
+
+    @property
+    def special_tokens_set(self) -> set[str]:
+        return set(self._special_tokens)
+
+    def cache_info(self):
+        """functools' CacheInfo(hits, misses, maxsize, currsize) of the word -> ids cache."""
+        return self._encode_piece.cache_info()
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def _bpe_piece(self, piece: str) -> tuple[int, ...]:
+        """One pre-tokenised piece -> its ids. A piece that is itself a token is looked up whole
+        (tiktoken does the same, before merging)."""
+        data = piece.encode("utf-8")
+        rank = self._mergeable_ranks.get(data)
+        if rank is not None:
+            return (rank,)
+        return tuple(self._mergeable_ranks[part] for part in byte_pair_merge(data, self._mergeable_ranks))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids, with special-token text encoded as ordinary text."""
+        try:
+            return list(chain.from_iterable(map(self._encode_piece, self._pat.findall(text))))
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them with U+FFFD.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return list(chain.from_iterable(map(self._encode_piece, self._pat.findall(text))))
+
+    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        """Text -> ids. Special-token text raises ValueError unless allowed (tiktoken's policy):
+
+        - `allowed_special`: "all" or a set of special tokens to encode as their single id;
+        - `disallowed_special`: "all" (= every special token not allowed) or a collection of
+          special tokens whose text raises; `()` encodes remaining special text as ordinary text.
+        """
+        if allowed_special == "all":
+            allowed_special = self.special_tokens_set
+        if disallowed_special == "all":
+            disallowed_special = self.special_tokens_set - set(allowed_special)
+        if disallowed_special:
+            match = _special_regex(frozenset(disallowed_special)).search(text)
+            if match:
+                raise ValueError(
+                    f"text contains the disallowed special token {match.group()!r} at character {match.start()}; "
+                    f"pass allowed_special={{{match.group()!r}}} to encode it as its id, or "
+                    "disallowed_special=() to encode it as ordinary text"
+                )
+        allowed = frozenset(allowed_special) & frozenset(self._special_tokens)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for match in _special_regex(allowed).finditer(text):
+            ids += self.encode_ordinary(text[start : match.start()])  # each segment is pre-tokenised alone
+            ids.append(self._special_tokens[match.group()])
+            start = match.end()
+        ids += self.encode_ordinary(text[start:])
+        return ids
+
+    def encode_batch(self, texts: list[str], **kwargs) -> list[list[int]]:
+        return [self.encode(t, **kwargs) for t in texts]
+
+    def encode_single_token(self, text_or_bytes: str | bytes) -> int:
+        """The id of one whole token (ordinary bytes or special text); KeyError if it is not one."""
+        data = text_or_bytes.encode("utf-8") if isinstance(text_or_bytes, str) else text_or_bytes
+        if data in self._mergeable_ranks:
+            return self._mergeable_ranks[data]
+        text = data.decode("utf-8", errors="replace")
+        if text in self._special_tokens:
+            return self._special_tokens[text]
+        raise KeyError(f"{text_or_bytes!r} is not a single token of {self.name!r}")
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        try:
+            return self._decoder[token]
+        except (KeyError, TypeError):
+            raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})") from None
+
+    def decode_tokens_bytes(self, tokens: list[int]) -> list[bytes]:
+        return [self.decode_single_token_bytes(t) for t in tokens]
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        try:
+            return b"".join(self._decoder[t] for t in tokens)
+        except (KeyError, TypeError):
+            # The slow path only to name the first bad id (decode_single_token_bytes raises).
+            return b"".join(self.decode_single_token_bytes(t) for t in tokens)
+
+    def decode(self, tokens: list[int], errors: str = "replace") -> str:
+        """Ids -> text; bytes that are not valid UTF-8 become U+FFFD (errors="replace")."""
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
+
+    def decode_batch(self, batch: list[list[int]], errors: str = "replace") -> list[str]:
+        return [self.decode(tokens, errors=errors) for tokens in batch]
+
+
+@functools.lru_cache(maxsize=64)
+def _special_regex(tokens: frozenset[str]) -> regex.Pattern:
+    # Longer tokens first, so a token that is a prefix of another does not shadow it.
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding(name: str = "gpt2") -> Encoding:
+    """The named encoding, built once per process from the packaged, hash-checked ranks file."""
+    if name not in ("gpt2", "r50k_base"):
+        raise ValueError(f"unknown encoding {name!r}; this package ships 'gpt2' (alias 'r50k_base')")
+    return Encoding(name, pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(), special_tokens={ENDOFTEXT: 50256})

@@ -1,0 +1,154 @@
+"""The data pipeline in both trees: the book's numbers, identical batches, the split, bad settings."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numpy_ref import data as np_data
+from parity_tests.compare import assert_close, to_numpy
+from parity_tests.strategies import seeds
+from parity_tests.tolerances import Tol
+from torch_impl import data as pt_data
+
+TREES = [np_data, pt_data]
+TREE_IDS = ["numpy_ref", "torch_impl"]
+EXACT = Tol(0.0, 0.0, "token ids are integers: equal or wrong")
+
+
+def assert_same_batches(what: str, np_batches, pt_batches) -> None:
+    """Batch lists equal element for element (ids are integers: exact), naming the batch and tensor."""
+    assert len(np_batches) == len(pt_batches), f"{what}: {len(np_batches)} batches in numpy_ref vs {len(pt_batches)} in torch_impl"
+    for b, ((x_np, y_np), (x_pt, y_pt)) in enumerate(zip(np_batches, pt_batches)):
+        for name, a, t in (("inputs", x_np, x_pt), ("targets", y_np, y_pt)):
+            assert isinstance(t, torch.Tensor) and t.dtype == torch.int64, f"{what}: torch {name} is {type(t)} {getattr(t, 'dtype', None)}"
+            assert a.dtype == np.int64, f"{what}: numpy {name} dtype {a.dtype}"
+            assert_close(f"{what} batch {b} {name} (torch_impl vs numpy_ref)", t, a, EXACT)
+
+
+# ---- the book's numbers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_the_verdict_has_the_books_size(tree):
+    # Book section 2.2 ("Total number of character: 20479") and 2.6 (5,145 tokens after BPE).
+    text = tree.load_verdict()
+    assert len(text) == 20479, f"{len(text)} characters"
+    loader = tree.create_dataloader(text, batch_size=1, max_length=1, stride=1, shuffle=False)
+    assert len(loader.dataset) == 5144, f"{len(loader.dataset) + 1} tokens, the book has 5,145"
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_first_batches_as_in_the_book(tree):
+    # Book section 2.6: create_dataloader_v1(raw_text, batch_size=1, max_length=4, stride=1, shuffle=False).
+    loader = tree.create_dataloader(tree.load_verdict(), batch_size=1, max_length=4, stride=1, shuffle=False)
+    batches = iter(loader)
+    x, y = (to_numpy(a).tolist() for a in next(batches))
+    assert (x, y) == ([[40, 367, 2885, 1464]], [[367, 2885, 1464, 1807]]), (x, y)
+    x, y = (to_numpy(a).tolist() for a in next(batches))
+    assert (x, y) == ([[367, 2885, 1464, 1807]], [[2885, 1464, 1807, 3619]]), (x, y)
+    # The same section, batch_size=8, max_length=4, stride=4: the first batch's inputs.
+    loader = tree.create_dataloader(tree.load_verdict(), batch_size=8, max_length=4, stride=4, shuffle=False)
+    x, y = (to_numpy(a) for a in next(iter(loader)))
+    assert x.tolist() == [[40, 367, 2885, 1464], [1807, 3619, 402, 271], [10899, 2138, 257, 7026], [15632, 438, 2016, 257],
+                          [922, 5891, 1576, 438], [568, 340, 373, 645], [1049, 5975, 284, 502], [284, 3285, 326, 11]], x.tolist()
+    assert np.array_equal(y[:, :-1], x[:, 1:]), "targets are not the inputs shifted by one"
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_train_val_split_as_in_chapter_5(tree):
+    # Book section 5.1.3: train_ratio 0.90, context 256, stride 256, batch 2 ->
+    # 9 training batches (4,608 tokens) and 1 validation batch (512 tokens).
+    train_text, val_text = tree.split_train_val(tree.load_verdict(), 0.9)
+    train = tree.create_dataloader(train_text, batch_size=2, max_length=256, stride=256, shuffle=True, drop_last=True, seed=123)
+    val = tree.create_dataloader(val_text, batch_size=2, max_length=256, stride=256, shuffle=False, drop_last=False)
+    n_train = sum(x.numel() if isinstance(x, torch.Tensor) else x.size for x, _ in train)
+    n_val = sum(x.numel() if isinstance(x, torch.Tensor) else x.size for x, _ in val)
+    assert (len(train), len(val), n_train, n_val) == (9, 1, 4608, 512), (len(train), len(val), n_train, n_val)
+
+
+# ---- the two trees agree -------------------------------------------------------------------
+
+@settings(max_examples=20)
+@given(n_ids=st.integers(2, 60), max_length=st.integers(1, 12), stride=st.integers(1, 14), batch_size=st.integers(1, 7),
+       shuffle=st.booleans(), drop_last=st.booleans(), seed=seeds(), data=st.data())
+def test_identical_batches_across_trees_and_windows_are_right(n_ids, max_length, stride, batch_size, shuffle, drop_last, seed, data):
+    max_length = min(max_length, n_ids - 1)
+    ids = data.draw(st.lists(st.integers(0, 50256), min_size=n_ids, max_size=n_ids), label="ids")
+    ds_np = np_data.SlidingWindowDataset(ids, max_length, stride)
+    ds_pt = pt_data.SlidingWindowDataset(ids, max_length, stride)
+    starts = list(range(0, n_ids - max_length, stride))
+    assert len(ds_np) == len(ds_pt) == len(starts), f"{len(ds_np)}, {len(ds_pt)} windows, expected {len(starts)}"
+    for i, s in enumerate(starts):  # the definition, window by window
+        x, y = ds_np[i]
+        assert x.tolist() == ids[s : s + max_length] and y.tolist() == ids[s + 1 : s + max_length + 1], f"window {i} at {s}"
+    if drop_last and len(starts) < batch_size:
+        for tree in TREES:
+            with pytest.raises(ValueError, match=f"batch_size={batch_size}"):
+                tree.DataLoader(ds_np if tree is np_data else ds_pt, batch_size, drop_last=True)
+        return
+    loader_np = np_data.DataLoader(ds_np, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    loader_pt = pt_data.DataLoader(ds_pt, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    epochs = []
+    for epoch in range(2):
+        batches_np, batches_pt = list(loader_np), list(loader_pt)
+        assert_same_batches(f"epoch {epoch}", batches_np, batches_pt)
+        assert len(batches_np) == len(loader_np), f"len(loader) {len(loader_np)} but {len(batches_np)} batches"
+        seen = [tuple(row) for x, _ in batches_np for row in x.tolist()]
+        expected_rows = sorted(tuple(ids[s : s + max_length]) for s in starts)
+        if drop_last:
+            assert len(seen) == len(starts) - len(starts) % batch_size, f"{len(seen)} windows seen with drop_last"
+        else:
+            assert sorted(seen) == expected_rows, "an epoch must visit every window exactly once"
+        epochs.append(seen)
+    # The order is the documented one: random.Random(seed).shuffle(list(range(n))), twice.
+    rng = random.Random(seed)
+    for epoch, seen in enumerate(epochs):
+        order = list(range(len(starts)))
+        if shuffle:
+            rng.shuffle(order)
+        expected = [tuple(ids[starts[i] : starts[i] + max_length]) for i in order][: len(seen)]
+        assert seen == expected, f"epoch {epoch}: window order is not random.Random({seed}).shuffle"
+
+
+@given(text=st.text(max_size=200), ratio=st.floats(0.01, 0.99))
+def test_split_by_ratio_in_both_trees(text, ratio):
+    train_np, val_np = np_data.split_train_val(text, ratio)
+    assert (train_np, val_np) == pt_data.split_train_val(text, ratio), "the trees split differently"
+    assert train_np + val_np == text and len(train_np) == int(ratio * len(text)), (len(train_np), ratio, len(text))
+
+
+# ---- bad settings --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_bad_settings_raise_naming_the_value(tree):
+    ids = list(range(10))
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
+        tree.SlidingWindowDataset(ids, 0, 1)
+    with pytest.raises(ValueError, match="stride must be >= 1, got -2"):
+        tree.SlidingWindowDataset(ids, 4, -2)
+    with pytest.raises(TypeError, match="max_length must be an int, got float"):
+        tree.SlidingWindowDataset(ids, 4.0, 1)
+    with pytest.raises(ValueError, match=r"10 tokens are too few for max_length=10.*11"):
+        tree.SlidingWindowDataset(ids, 10, 1)
+    tree.SlidingWindowDataset(ids, 9, 1)  # exactly max_length + 1 ids: one window
+    with pytest.raises(ValueError, match="shape"):
+        tree.SlidingWindowDataset([[1, 2], [3, 4]], 1, 1)
+    with pytest.raises(TypeError, match="float"):
+        tree.SlidingWindowDataset([0.5] * 10, 2, 1)
+    with pytest.raises(ValueError, match="too few"):
+        tree.create_dataloader("Hi", max_length=4, stride=1)
+    dataset = tree.SlidingWindowDataset(ids, 4, 1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        tree.DataLoader(dataset, 0)
+    with pytest.raises(ValueError, match="batch_size=7.*6 windows"):
+        tree.DataLoader(dataset, 7, drop_last=True)
+    with pytest.raises(ValueError, match="rng"):
+        tree.make_batches(dataset, 2, shuffle=True, rng=None)
+    for ratio in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=f"train_ratio must be in \\(0, 1\\), got {ratio}"):
+            tree.split_train_val("some text", ratio)

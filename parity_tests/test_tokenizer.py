@@ -1,0 +1,390 @@
+"""The from-scratch BPE (numpy_ref) against tiktoken (torch_impl): same ids on any text.
+
+Also: decode round trips, the special-token policy (errors included), BPE training (determinism,
+an independent naive trainer, the saved file through tiktoken), the hash checks, the book's
+simple tokenizers, and tiktoken working offline with an empty cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+import tiktoken
+import tiktoken.load
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numpy_ref.tokenizer as np_tok
+import torch_impl.tokenizer as pt_tok
+from numpy_ref import bpe_train, simple_tokenizer
+from numpy_ref.data import load_verdict
+from parity_tests.strategies import texts
+
+EOT = "<|endoftext|>"
+DATA_DIR = Path(__file__).resolve().parent.parent / "gpt_oracle" / "data"
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return np_tok.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def theirs():
+    return pt_tok.get_encoding("gpt2")
+
+
+def assert_same_ids(what: str, text: str, actual: list[int], expected: list[int]) -> None:
+    """Exact equality of two id lists, naming the first differing position and the pieces."""
+    if actual == expected:
+        return
+    i = next((k for k in range(min(len(actual), len(expected))) if actual[k] != expected[k]), min(len(actual), len(expected)))
+    pieces = regex.findall(np_tok.GPT2_PAT_STR, text)
+    raise AssertionError(
+        f"{what}: ids differ from tiktoken's at position {i} (lengths {len(actual)} vs {len(expected)}); "
+        f"ours {actual[max(0, i - 3): i + 3]} vs tiktoken {expected[max(0, i - 3): i + 3]}; "
+        f"text {text[:200]!r}; pieces {pieces[:20]!r}"
+    )
+
+
+# Text that stresses pre-tokenisation: whitespace runs (the `\s+(?!\S)` rule), CRLF,
+# contractions in both cases, digit runs, emoji with modifiers and joiners, special-token text.
+STRESS_ATOMS = [
+    " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\r\n\r\n", " \r\n ", "\u3000", "\u00a0 ", "\x0b", "\x85",
+    "'s", "'S", "'t", "'re", "'RE", "'ve", "'m", "'ll", "'d", "'x", "don't", "I'M", "''",
+    "0", "12", "345", "67890", "٣٤", "²", "½", " 1,000.5", "v2.0",
+    "🙂", "👍🏽", "👨‍👩‍👧", "🇫🇷", "e\u0301", "\u200d", "a", "Z", " word", "Ωμέγα", "русский", "中文", "한국어", "العربية",
+    EOT, "<|endoftext", "endoftext|>", "<|", "|>", "def f(x):\n    return x", "{}", "==", "!!",
+]
+EDGE_STRINGS = ["0" * 12, "\n\n\n", "\n" * 7 + "x", "a" * 9, "-" * 17, " " * 9 + "x", "\t \t  \r\n\r\n  x", "I'M HERE'LL WE'VE'S 'D",
+                "x" * 40, "'" * 5 + "s", "1234567890" * 3, "🙂" * 4, "\u3000\u3000a", "a\r\n\r\n", "<|endoftext|>" * 2,
+                "a" * 5000, "ab" * 2000, "😀" * 1000, "9" * 3000]  # long single pieces: the heap merge
+
+
+@pytest.mark.parametrize("text", EDGE_STRINGS + STRESS_ATOMS)
+def test_edge_strings_match_tiktoken(ours, theirs, text):
+    """Runs of one repeated token (the leftmost-merge rule), whitespace before a word, cases."""
+    assert_same_ids("edge string", text, ours.encode(text, allowed_special="all"), theirs.encode(text, allowed_special="all"))
+    assert ours.decode(ours.encode(text, allowed_special="all")) == text, f"round trip of {text!r}"
+
+
+stress_texts = st.lists(st.sampled_from(STRESS_ATOMS) | st.text(st.characters(blacklist_categories=("Cs", "Cn")), max_size=8), max_size=16).map("".join)
+any_texts = texts() | stress_texts
+
+
+# ---- the ranks file ------------------------------------------------------------------------
+
+def test_both_trees_hash_constants_match_the_data_readme_and_the_file():
+    readme = (DATA_DIR / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| gpt2.tiktoken"))
+    readme_hash = re.findall(r"\b[0-9a-f]{64}\b", row)
+    assert readme_hash == [np_tok.GPT2_TIKTOKEN_SHA256], f"numpy_ref hash {np_tok.GPT2_TIKTOKEN_SHA256} vs README {readme_hash}"
+    assert readme_hash == [pt_tok.GPT2_TIKTOKEN_SHA256], f"torch_impl hash {pt_tok.GPT2_TIKTOKEN_SHA256} vs README {readme_hash}"
+    actual = hashlib.sha256((DATA_DIR / "gpt2.tiktoken").read_bytes()).hexdigest()
+    assert actual == np_tok.GPT2_TIKTOKEN_SHA256, f"packaged gpt2.tiktoken hashes to {actual}"
+
+
+@pytest.mark.parametrize("tree", [np_tok, pt_tok], ids=["numpy_ref", "torch_impl"])
+def test_corrupted_ranks_file_fails_the_hash_check_naming_both_hashes(tree, tmp_path):
+    data = bytearray((DATA_DIR / "gpt2.tiktoken").read_bytes())
+    data[1000] ^= 0x01  # one flipped bit
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_bytes(bytes(data))
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    with pytest.raises(ValueError) as err:
+        tree.load_ranks(bad)
+    message = str(err.value)
+    assert tree.GPT2_TIKTOKEN_SHA256 in message and actual in message and str(bad) in message, message
+
+
+def test_both_trees_parse_the_ranks_file_identically():
+    ours_ranks, theirs_ranks = np_tok.load_ranks(), pt_tok.load_ranks()
+    assert len(ours_ranks) == 50256, f"numpy_ref parsed {len(ours_ranks)} ranks, expected 50,256"
+    assert ours_ranks == theirs_ranks, "numpy_ref's parser and tiktoken's disagree on the ranks file"
+
+
+def test_gpt2_vocabulary_constants(ours, theirs):
+    for enc in (ours, theirs):
+        assert (enc.n_vocab, enc.eot_token, enc.max_token_value) == (50257, 50256, 50256), enc
+        assert enc.special_tokens_set == {EOT}, enc.special_tokens_set
+    with pytest.raises(ValueError, match="cl100k_base"):
+        np_tok.get_encoding("cl100k_base")
+    with pytest.raises(ValueError, match="cl100k_base"):
+        pt_tok.get_encoding("cl100k_base")
+
+
+# ---- encoding parity -----------------------------------------------------------------------
+
+def test_the_verdict_encodes_identically(ours, theirs):
+    text = load_verdict()
+    ids = ours.encode(text)
+    assert_same_ids("the-verdict", text, ids, theirs.encode(text))
+    assert len(ids) == 5145, f"{len(ids)} tokens; the book (section 2.5) reports 5,145"
+
+
+def test_known_ids(ours):
+    # tiktoken's own docstring examples for the gpt2 encoding.
+    assert ours.encode("hello world") == [31373, 995], ours.encode("hello world")
+    assert ours.encode(EOT, disallowed_special=()) == [27, 91, 437, 1659, 5239, 91, 29], ours.encode(EOT, disallowed_special=())
+
+
+@given(any_texts)
+def test_encode_ordinary_matches_tiktoken(ours, theirs, text):
+    assert_same_ids("encode_ordinary", text, ours.encode_ordinary(text), theirs.encode_ordinary(text))
+
+
+@given(any_texts)
+def test_decode_encode_round_trips(ours, text):
+    ids = ours.encode(text, allowed_special="all")
+    assert ours.decode(ids) == text, f"decode(encode({text!r})) = {ours.decode(ids)!r}"
+    assert ours.decode_bytes(ids) == text.encode("utf-8"), f"decode_bytes differs for {text!r}"
+
+
+@given(st.lists(st.integers(0, 50256), max_size=12))
+def test_decode_of_any_ids_matches_tiktoken_including_broken_utf8(ours, theirs, ids):
+    assert ours.decode_bytes(ids) == theirs.decode_bytes(ids), f"decode_bytes({ids})"
+    assert ours.decode(ids) == theirs.decode(ids), f"decode({ids}): {ours.decode(ids)!r} vs {theirs.decode(ids)!r}"
+
+
+POLICIES = [
+    dict(),
+    dict(allowed_special="all"),
+    dict(allowed_special={EOT}),
+    dict(disallowed_special=()),
+    dict(allowed_special=set(), disallowed_special={EOT}),
+    dict(allowed_special={EOT}, disallowed_special=()),
+    dict(allowed_special={EOT}, disallowed_special={EOT}),  # explicit both: tiktoken checks disallowed first
+]
+
+
+@given(st.lists(st.sampled_from([EOT, " ", "a", "<|end", "oftext|>", "\n", "x y", "<|endoftext|><|endoftext|>"]), max_size=6).map("".join),
+       st.sampled_from(range(len(POLICIES))))
+def test_special_token_policies_agree_with_tiktoken_including_errors(ours, theirs, text, policy_index):
+    policy = POLICIES[policy_index]
+    outcomes = []
+    for enc in (ours, theirs):
+        try:
+            outcomes.append(("ids", enc.encode(text, **policy)))
+        except ValueError as err:
+            outcomes.append(("ValueError", EOT in str(err)))
+    assert outcomes[0] == outcomes[1], f"policy {policy} on {text!r}: numpy_ref {outcomes[0]} vs tiktoken {outcomes[1]}"
+    if EOT in text and policy == {}:
+        assert outcomes[0] == ("ValueError", True), f"default policy must reject {text!r}, got {outcomes[0]}"
+
+
+def test_every_assigned_code_point_pre_tokenises_like_tiktoken(ours, theirs):
+    """Each code point in a few contexts (doubled, after a space, before a digit and a newline):
+    catches a `\\p{L}`, `\\p{N}` or `\\s` class that differs from Rust's regex."""
+    chunks = []
+    for start in range(0, 0x110000, 0x1000):
+        chars = [chr(cp) for cp in range(start, start + 0x1000) if unicodedata.category(chr(cp)) not in ("Cs", "Cn")]
+        chunks.append("".join(f"{c}{c} {c}1\n" for c in chars))
+    text = "".join(chunks)
+    if ours.encode_ordinary(text) == theirs.encode_ordinary(text):
+        return
+    for chunk in chunks:  # name the first code point that differs
+        for k in range(0, len(chunk), 6):
+            piece = chunk[k : k + 6]
+            assert_same_ids(f"code point U+{ord(piece[0]):04X}", piece, ours.encode_ordinary(piece), theirs.encode_ordinary(piece))
+    raise AssertionError("the whole text differs but no single code point does: a cross-context difference")
+
+
+def test_lone_surrogates_are_replaced_as_tiktoken_does(ours, theirs):
+    for text in ["a\ud800b", "\udfff", "x \ud83d\ude00"]:  # the last: a surrogate pair written as two code units
+        assert_same_ids("lone surrogate", text, ours.encode(text), theirs.encode(text))
+
+
+def test_word_cache_is_bounded_and_does_not_change_results(theirs):
+    small = np_tok.Encoding("gpt2-small-cache", pat_str=np_tok.GPT2_PAT_STR, mergeable_ranks=np_tok.load_ranks(),
+                            special_tokens={EOT: 50256}, cache_size=8)
+    text = " ".join(f"word{i} mot{i}ü" for i in range(200))
+    assert_same_ids("small cache", text, small.encode(text), theirs.encode(text))
+    info = small.cache_info()
+    assert info.currsize <= 8 and info.maxsize == 8, f"cache grew past its bound: {info}"
+    with pytest.raises(ValueError, match="-1"):
+        np_tok.Encoding("x", pat_str=np_tok.GPT2_PAT_STR, mergeable_ranks={b"a": 0}, special_tokens={}, cache_size=-1)
+
+
+def test_decode_of_an_unknown_id_names_it(ours):
+    with pytest.raises(ValueError, match=r"50257.*50256"):
+        ours.decode([1, 50257])
+    with pytest.raises(ValueError, match=r"-1"):
+        ours.decode_single_token_bytes(-1)
+
+
+# ---- tiktoken offline ----------------------------------------------------------------------
+
+def test_tiktoken_encoding_builds_offline_with_an_empty_cache_dir(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    with pytest.raises(OSError, match="network access"):  # the guard works: tiktoken's own registry needs the network
+        tiktoken.load.read_file_cached("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe")
+    pt_tok.get_encoding.cache_clear()
+    np_tok.get_encoding.cache_clear()
+    try:
+        enc, ref = pt_tok.get_encoding("gpt2"), np_tok.get_encoding("gpt2")
+        text = load_verdict()
+        assert len(enc.encode(text)) == 5145, "offline tiktoken encoding gives a different token count"
+        assert enc.encode(text) == ref.encode(text), "offline encodings differ"
+    finally:
+        pt_tok.get_encoding.cache_clear()
+        np_tok.get_encoding.cache_clear()
+    assert list(cache.iterdir()) == [], f"tiktoken wrote to its cache: {list(cache.iterdir())}"
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache), "loading changed TIKTOKEN_CACHE_DIR for the caller"
+
+
+# ---- BPE training --------------------------------------------------------------------------
+
+def naive_train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
+    """A second, slow trainer: recount every pair from scratch after each merge, same tie-break."""
+    words = Counter(tuple(bytes([b]) for b in piece.encode("utf-8")) for piece in regex.findall(np_tok.GPT2_PAT_STR, text))
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size:
+        counts = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                counts[pair] += n
+        best = max(counts, key=lambda p: (counts[p], -ranks[p[0]], -ranks[p[1]]))
+        ranks.setdefault(best[0] + best[1], len(ranks))
+        merged = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return ranks
+
+
+@settings(max_examples=8)
+@given(st.lists(st.sampled_from(["low", " lower", " newest", " widest", "aaaa", " ab", " abc", " bc", "日本", "!!"]), min_size=4, max_size=30).map("".join),
+       st.integers(256, 272))
+def test_incremental_trainer_matches_a_naive_trainer(text, vocab_size):
+    try:
+        expected = naive_train_bpe(text, vocab_size)
+    except ValueError:  # max() of no pairs: the corpus is exhausted
+        with pytest.raises(ValueError, match=f"vocab_size={vocab_size}"):
+            bpe_train.train_bpe(text, vocab_size)
+        return
+    actual = bpe_train.train_bpe(text, vocab_size)
+    order = lambda r: [t for t, _ in sorted(r.items(), key=lambda kv: kv[1])]  # noqa: E731
+    assert order(actual) == order(expected), f"merges differ on {text!r}: {order(actual)[256:]} vs {order(expected)[256:]}"
+
+
+def test_training_is_deterministic_and_the_saved_file_round_trips_through_tiktoken(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's loader would otherwise copy the file into its cache
+    text = load_verdict()
+    ranks = bpe_train.train_bpe(text, 400)
+    assert ranks == bpe_train.train_bpe(text, 400), "two trainings on the same text differ"
+    assert sorted(ranks.values()) == list(range(400)), "ranks are not 0 .. 399"
+    # The first merges of any English text: ' t' and 'he' are the most frequent pairs of the-verdict.
+    first = [t for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])[256:259]]
+    assert first == [b" t", b"he", b" a"], first
+    path = tmp_path / "verdict400.tiktoken"
+    bpe_train.save_tiktoken_bpe(ranks, path)
+    assert tiktoken.load.load_tiktoken_bpe(str(path)) == ranks, "tiktoken reads back different ranks"
+    assert np_tok.load_tiktoken_bpe(path) == ranks, "numpy_ref reads back different ranks"
+    tk = tiktoken.Encoding(name="v400", pat_str=np_tok.GPT2_PAT_STR, mergeable_ranks=pt_tok.load_tiktoken_bpe(path),
+                           special_tokens={EOT: 400})
+    ours = bpe_train.train_encoding(text, 400, name="v400")
+    sample = text[:3000] + " naïve 日本語 🙂 <|endoftext|> 12345\r\n"
+    assert_same_ids("trained encoding", sample, ours.encode(sample, allowed_special="all"), tk.encode(sample, allowed_special="all"))
+    assert ours.decode(ours.encode(sample, allowed_special="all")) == sample, "trained encoding does not round trip"
+    n_ids, n_bytes = len(ours.encode(text)), len(text.encode("utf-8"))
+    assert n_ids < 0.6 * n_bytes, f"144 merges should save 40% of the bytes of their own corpus: {n_ids} ids, {n_bytes} bytes"
+
+
+@settings(max_examples=6)
+@given(any_texts)
+def test_trained_encoding_matches_tiktoken_on_any_text(text):
+    ours = _trained_small()
+    tk = tiktoken.Encoding(name="v300", pat_str=np_tok.GPT2_PAT_STR, mergeable_ranks=ours._mergeable_ranks,
+                           special_tokens={EOT: ours.eot_token})
+    assert_same_ids("trained encoding", text, ours.encode_ordinary(text), tk.encode_ordinary(text))
+
+
+_TRAINED: list = []
+
+
+def _trained_small():
+    if not _TRAINED:
+        _TRAINED.append(bpe_train.train_encoding(load_verdict(), 300))
+    return _TRAINED[0]
+
+
+def test_training_rejects_bad_vocab_sizes():
+    with pytest.raises(ValueError, match="255"):
+        bpe_train.train_bpe("hello", 255)
+    with pytest.raises(TypeError, match="float"):
+        bpe_train.train_bpe("hello", 300.0)
+    with pytest.raises(ValueError, match="vocab_size=1000"):
+        bpe_train.train_bpe("ab ab", 1000)
+
+
+# ---- the book's simple tokenizers ----------------------------------------------------------
+
+def test_simple_tokenizer_v1_as_in_the_book():
+    # Numbers from the book, sections 2.2-2.3: 4,690 tokens, 1,130 distinct, and the ids below.
+    text = load_verdict()
+    assert len(simple_tokenizer.split_text(text)) == 4690, len(simple_tokenizer.split_text(text))
+    vocab = simple_tokenizer.build_vocab(text)
+    assert len(vocab) == 1130, len(vocab)
+    tok = simple_tokenizer.SimpleTokenizerV1(vocab)
+    sample = '"It\'s the last he painted, you know," \n       Mrs. Gisburn said with pardonable pride.'
+    ids = tok.encode(sample)
+    assert ids == [1, 56, 2, 850, 988, 602, 533, 746, 5, 1126, 596, 5, 1, 67, 7, 38, 851, 1108, 754, 793, 7], ids
+    assert tok.decode(ids) == '" It\' s the last he painted, you know," Mrs. Gisburn said with pardonable pride.', tok.decode(ids)
+    with pytest.raises(KeyError, match="Hello"):
+        tok.encode("Hello, do you like tea?")
+
+
+def test_simple_tokenizer_v2_as_in_the_book():
+    vocab = simple_tokenizer.build_vocab(load_verdict(), special_tokens=(EOT, "<|unk|>"))
+    assert len(vocab) == 1132 and vocab[EOT] == 1130 and vocab["<|unk|>"] == 1131, (len(vocab), vocab.get(EOT))
+    tok = simple_tokenizer.SimpleTokenizerV2(vocab)
+    sample = " <|endoftext|> ".join(("Hello, do you like tea?", "In the sunlit terraces of the palace."))
+    ids = tok.encode(sample)
+    assert ids == [1131, 5, 355, 1126, 628, 975, 10, 1130, 55, 988, 956, 984, 722, 988, 1131, 7], ids
+    assert tok.decode(ids) == "<|unk|>, do you like tea? <|endoftext|> In the sunlit terraces of the <|unk|>.", tok.decode(ids)
+    with pytest.raises(ValueError, match="<\\|unk\\|>"):
+        simple_tokenizer.SimpleTokenizerV2(simple_tokenizer.build_vocab("a b"))
+
+
+@given(st.lists(st.sampled_from(["word", "Word", ",", ".", "--", "?", "!", '"', "'", "(", ")", ":", ";", "_"]), min_size=1, max_size=12))
+def test_simple_tokenizer_encode_inverts_decode_on_its_own_vocabulary(words):
+    vocab = simple_tokenizer.build_vocab(" ".join(words))
+    tok = simple_tokenizer.SimpleTokenizerV1(vocab)
+    ids = [vocab[w] for w in words]
+    assert tok.encode(tok.decode(ids)) == ids, f"{words} -> {tok.decode(ids)!r} -> {tok.encode(tok.decode(ids))}"
+
+
+# ---- the benchmark's contract ----------------------------------------------------------------
+
+def test_tokenizer_benchmark_quick_run_reports_matching_ids_and_a_bounded_cache():
+    from benchmarks.bench_tokenizer import run
+
+    result = run(quick=True)
+    assert result["ids_equal"], "the benchmark's from-scratch ids differ from tiktoken's"
+    assert 0 < result["cache_size"] <= result["cache_maxsize"], (result["cache_size"], result["cache_maxsize"])
+    assert result["ratio"] == pytest.approx(result["ours_s"] / result["tiktoken_s"]), result
+    assert result["text_megabytes"] > 0.3 and result["tokens"] > 50_000, result

@@ -1,0 +1,135 @@
+"""The data pipeline of chapter 2 as torch tensors: text -> ids -> sliding windows -> batches.
+
+The same windows, split and batch order as `numpy_ref/data.py` (docs/design.md, "Data"):
+
+    starts = 0, stride, 2 stride, ...  while start + max_length < n_ids
+    inputs[i]  = ids[start_i     : start_i + max_length]        # (T,)
+    targets[i] = ids[start_i + 1 : start_i + max_length + 1]    # (T,)
+
+One epoch visits the windows in the order `list(range(n_windows))` shuffled in place by
+`random.Random.shuffle` (not `torch.randperm`: the order must be reproducible by the NumPy
+tree from the same seed). `SlidingWindowDataset` is a `torch.utils.data.Dataset`, so torch's
+own DataLoader accepts it too (with torch's shuffling, which the NumPy tree cannot reproduce).
+
+Reference: S. Raschka, "Build a Large Language Model (From Scratch)", `GPTDatasetV1` and
+`create_dataloader_v1` (section 2.6), the split of section 5.1.3.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import numbers
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from torch_impl.tokenizer import ENDOFTEXT, get_encoding
+
+
+def load_verdict() -> str:
+    """"The Verdict" (Edith Wharton, 1908), the book's training text: 20,479 characters."""
+    return (importlib.resources.files("gpt_oracle.data") / "the-verdict.txt").read_text(encoding="utf-8")
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """Text -> (first `train_ratio` of the characters, the rest)."""
+    if not 0.0 < train_ratio < 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
+    split = int(train_ratio * len(text))
+    return text[:split], text[split:]
+
+
+class SlidingWindowDataset(Dataset):
+    """All (inputs, targets) windows of a 1-D id sequence, as int64 tensors of shape (N, T)."""
+
+    def __init__(self, ids, max_length: int, stride: int):
+        max_length = _positive_int("max_length", max_length)
+        stride = _positive_int("stride", stride)
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be a 1-D sequence, got shape {tuple(ids.shape)}")
+        if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        if len(ids) < max_length + 1:
+            raise ValueError(f"{len(ids)} tokens are too few for max_length={max_length}: "
+                             f"one window needs max_length + 1 = {max_length + 1}")
+        ids = ids.long()
+        # unfold starts a window of T+1 ids at 0, stride, ... while it fits: exactly the starts
+        # with start + max_length < n_ids, each window holding its inputs and its last target.
+        windows = ids.unfold(0, max_length + 1, stride)  # (n_ids,) -> (N, T+1)
+        self.inputs = windows[:, :-1].contiguous()  # (N, T+1) -> (N, T)
+        self.targets = windows[:, 1:].contiguous()  # (N, T+1) -> (N, T), shifted by one
+        self.max_length = max_length
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i], self.targets[i]
+
+
+def batch_order(n: int, shuffle: bool, rng: random.Random | None) -> list[int]:
+    """The window indices of one epoch: 0 .. n-1, shuffled by `rng.shuffle` when `shuffle`."""
+    order = list(range(n))
+    if shuffle:
+        if rng is None:
+            raise ValueError("shuffle=True needs an explicit rng (a random.Random)")
+        rng.shuffle(order)
+    return order
+
+
+def make_batches(dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, rng: random.Random | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (inputs, targets) batches, each (B, T) int64."""
+    batch_size = _positive_int("batch_size", batch_size)
+    order = torch.tensor(batch_order(len(dataset), shuffle, rng), dtype=torch.long)  # (N,)
+    batches = []
+    for index in order.split(batch_size):  # (N,) -> chunks of (B,)
+        if drop_last and len(index) < batch_size:
+            break
+        batches.append((dataset.inputs[index], dataset.targets[index]))  # (N, T) -> (B, T)
+    return batches
+
+
+class DataLoader:
+    """Iterates batches of a dataset, one epoch per `iter()`; epoch k uses the k-th shuffle of
+    `random.Random(seed)`, so a run is reproducible and both trees agree."""
+
+    def __init__(self, dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0):
+        batch_size = _positive_int("batch_size", batch_size)
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"drop_last with batch_size={batch_size} leaves no batch: "
+                             f"the dataset has only {len(dataset)} windows")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self):
+        return iter(make_batches(self.dataset, self.batch_size, shuffle=self.shuffle,
+                                 drop_last=self.drop_last, rng=self.rng))
+
+
+def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                      shuffle: bool = True, drop_last: bool = True, seed: int = 0, encoding=None) -> DataLoader:
+    """Text -> GPT-2 ids (`<|endoftext|>` allowed) -> windows -> a DataLoader (the book's v1)."""
+    encoding = encoding if encoding is not None else get_encoding("gpt2")
+    ids = encoding.encode(text, allowed_special={ENDOFTEXT})
+    dataset = SlidingWindowDataset(ids, max_length, stride)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
