@@ -1,0 +1,134 @@
+"""Functions composed from the engine's primitives: their gradients come from the primitives' VJPs.
+
+    softmax(x)_i      = e^(x_i - m) / sum_j e^(x_j - m)          m = max_j x_j (stability only)
+    log_softmax(x)_i  = (x_i - m) - log sum_j e^(x_j - m)
+    gelu(x)           = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   GPT-2's tanh form
+    sigmoid(x)        = 1 / (1 + e^-x) = (1 + tanh(x/2)) / 2
+    bce(p, y)         = -mean(y log p + (1 - y) log(1 - p))
+    cross_entropy     = -mean over counted targets of log_softmax(logits)[target]
+    dropout(x)        = x * mask,  mask in {0, 1/(1-p)}
+
+References: Hendrycks & Gimpel 2016 (GELU, the tanh approximation GPT-2 uses); PyTorch's
+`nn.functional` (the semantics each function is compared against in parity_tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from numpy_ref.tensor import Tensor, _operands, exp, log, take_along_axis, tanh, where
+
+
+def softmax(x, axis: int = -1) -> Tensor:
+    """Probabilities along `axis`; exact for inputs of any magnitude (no overflow at 1e4)."""
+    (x,) = _operands(x)
+    # The max is subtracted only for numerical stability: softmax(x - m) = softmax(x) for any
+    # constant m, so m is taken off the graph (its gradient would be exactly zero anyway).
+    shifted = x - Tensor(x.data.max(axis=axis, keepdims=True))  # (..., n) - (..., 1) -> (..., n)
+    e = exp(shifted)
+    return e / e.sum(axis=axis, keepdims=True)  # (..., n) / (..., 1) -> (..., n)
+
+
+def log_softmax(x, axis: int = -1) -> Tensor:
+    """`log(softmax(x))` without forming the softmax: no log(0) when a probability underflows."""
+    (x,) = _operands(x)
+    shifted = x - Tensor(x.data.max(axis=axis, keepdims=True))  # (..., n) - (..., 1) -> (..., n)
+    return shifted - log(exp(shifted).sum(axis=axis, keepdims=True))  # (..., n) - (..., 1) -> (..., n)
+
+
+def gelu(x) -> Tensor:
+    """GPT-2's GELU, the tanh approximation (the exact erf form differs by up to ~1e-3)."""
+    (x,) = _operands(x)
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
+
+
+def sigmoid(x) -> Tensor:
+    """Logistic function, written through tanh so that no exponential can overflow."""
+    (x,) = _operands(x)
+    return 0.5 * (1.0 + tanh(0.5 * x))
+
+
+def binary_cross_entropy(p, target) -> Tensor:
+    """Mean over all elements of `-(y log p + (1 - y) log(1 - p))`; `p` must lie in (0, 1).
+
+    `target` holds values in [0, 1] (usually 0 or 1) and gets no gradient.
+    """
+    (p,) = _operands(p)
+    y = np.asarray(target.data if isinstance(target, Tensor) else target, dtype=p.dtype)
+    if y.shape != p.shape:
+        raise ValueError(f"binary_cross_entropy: target shape {y.shape} differs from the input's {p.shape}")
+    outside = (p.data <= 0) | (p.data >= 1)
+    if np.any(outside):
+        where_bad = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"binary_cross_entropy: probability {float(p.data[where_bad])!r} at {where_bad} is outside (0, 1)")
+    return -(y * log(p) + (1.0 - y) * log(1.0 - p)).mean()
+
+
+def cross_entropy(logits, targets, ignore_index: int | None = None) -> Tensor:
+    """Mean of `-log softmax(logits)[target]` over the targets that count.
+
+    logits (..., V) and integer targets (...): usually (B, T, V) and (B, T). Targets equal to
+    `ignore_index` do not count; if none counts the mean is undefined and this raises
+    ValueError rather than returning NaN. Any other target outside [0, V) is a ValueError
+    naming the value, its position and V.
+    """
+    (logits,) = _operands(logits)
+    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+    if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets shape {targets.shape} must be the logits shape {logits.shape} without its last axis")
+    V = logits.shape[-1]
+    counted = np.ones(targets.shape, dtype=bool) if ignore_index is None else targets != ignore_index
+    out_of_range = counted & ((targets < 0) | (targets >= V))
+    if np.any(out_of_range):
+        pos = tuple(int(i) for i in np.argwhere(out_of_range)[0])
+        raise ValueError(f"cross_entropy: target {int(targets[pos])} at position {pos} is outside [0, V) with V = {V}")
+    n_counted = int(counted.sum())
+    if n_counted == 0:
+        raise ValueError(f"cross_entropy: every one of the {targets.size} targets equals ignore_index={ignore_index}; the mean loss is undefined")
+    safe = np.where(counted, targets, 0)  # ignored positions read class 0, then are masked out
+    logp = log_softmax(logits, axis=-1)  # (..., V) -> (..., V)
+    picked = take_along_axis(logp, safe[..., None], axis=-1)  # (..., V) -> (..., 1)
+    picked = picked.reshape(targets.shape)  # (..., 1) -> (...)
+    return -where(counted, picked, 0.0).sum() / float(n_counted)
+
+
+def dropout_mask(shape, p: float, rng: np.random.Generator, dtype=np.float64) -> np.ndarray:
+    """A mask for `dropout`: each entry 0 with probability p, else 1/(1-p) (expectation 1)."""
+    _check_p(p)
+    keep = rng.random(shape) >= p
+    return (keep * (1.0 / (1.0 - p))).astype(dtype)
+
+
+def dropout(x, p: float, mask: np.ndarray | None = None, rng: np.random.Generator | None = None) -> Tensor:
+    """`x * mask`: the mask is given, or drawn from the explicit generator `rng`.
+
+    With `p == 0` and neither given, `x` is returned unchanged. Randomness is never global:
+    the same mask fed to both trees gives the same result.
+    """
+    (x,) = _operands(x)
+    _check_p(p)
+    if mask is None:
+        if rng is None:
+            if p == 0:
+                return x
+            raise ValueError(f"dropout with p={p} needs an explicit mask or an np.random.Generator")
+        mask = dropout_mask(x.shape, p, rng, x.dtype)
+    mask = np.asarray(mask)
+    if mask.shape != x.shape:
+        raise ValueError(f"dropout: mask shape {mask.shape} differs from the input's {x.shape}")
+    scale = 1.0 / (1.0 - p)
+    valid = np.isclose(mask, 0.0) | np.isclose(mask, scale)
+    if not np.all(valid):
+        bad = tuple(int(i) for i in np.argwhere(~valid)[0])
+        raise ValueError(f"dropout: mask value {float(mask[bad])!r} at {bad} is neither 0 nor 1/(1-p) = {scale!r}")
+    return x * mask.astype(x.dtype)
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p={p!r} must be in [0, 1)")

@@ -1,0 +1,142 @@
+"""Finite differences as a third oracle: check analytic gradients against central differences.
+
+For a function f and a random upstream gradient G of f's output shape, the scalar
+`s(x) = sum(f(x) * G)` has gradient `ds/dx = J^T G`, exactly what a VJP computes. Each input
+element is nudged by +-eps and
+
+    ds/dx_j ~ (s(x + eps e_j) - s(x - eps e_j)) / (2 eps)       error O(eps^2) + O(u/eps)
+
+in float64 (unit roundoff u ~ 1e-16): with eps = 1e-6 both terms are near 1e-10 relative.
+A random G (not all ones, i.e. not `f(x).sum()`) is what catches a transposed or permuted
+gradient: an all-ones cotangent cannot tell the positions apart.
+
+Two entry points:
+- `gradcheck(fn, inputs)`: `fn` takes Tensors and returns a Tensor; the engine's backward is checked.
+- `gradcheck_vjp(f, vjp, arrays, G)`: `f` takes arrays and returns an array, `vjp(G)` returns
+  one gradient per array (a hand-written backward, e.g. `lambda G: layer_backward(G, cache)`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from numpy_ref.tensor import Tensor, no_grad
+
+# The defaults match parity_tests.tolerances.GRADCHECK (numpy_ref cannot import parity_tests).
+DEFAULT_EPS = 1e-6
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-5
+
+
+def numerical_vjp(f: Callable[..., np.ndarray], arrays: Sequence[np.ndarray], G: np.ndarray,
+                  eps: float = DEFAULT_EPS) -> list[np.ndarray | None]:
+    """Central-difference estimate of `J^T G` for every float array (None for the others).
+
+    Inputs are never modified: each nudge is made on a private copy.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    grads: list[np.ndarray | None] = []
+    for i, a in enumerate(arrays):
+        if a.dtype.kind != "f":
+            grads.append(None)  # integer inputs (ids, targets) are constants
+            continue
+        if a.dtype != np.float64:
+            raise TypeError(f"gradcheck: input {i} is {a.dtype}; finite differences need float64")
+        grad = np.zeros_like(a)
+        nudged = list(arrays)
+        x = a.copy()
+        nudged[i] = x
+        for j in np.ndindex(a.shape):
+            original = x[j]
+            x[j] = original + eps
+            plus = float(np.sum(np.asarray(f(*nudged)) * G))
+            x[j] = original - eps
+            minus = float(np.sum(np.asarray(f(*nudged)) * G))
+            x[j] = original
+            grad[j] = (plus - minus) / (2 * eps)
+        grads.append(grad)
+    return grads
+
+
+def compare_gradients(analytic: Sequence[np.ndarray | None], numeric: Sequence[np.ndarray | None],
+                      atol: float, rtol: float) -> list[float]:
+    """Raise AssertionError naming the input, the worst element and both values on a mismatch.
+
+    Passes where `|analytic - numeric| <= atol + rtol * |numeric|` elementwise. Returns the
+    max absolute error per input (0.0 for constants).
+    """
+    errors = []
+    for i, (a, n) in enumerate(zip(analytic, numeric)):
+        if n is None:
+            errors.append(0.0)
+            continue
+        if a is None:
+            a = np.zeros_like(n)  # no gradient reached this input: it must be zero
+        a = np.asarray(a, dtype=np.float64)
+        if a.shape != n.shape:
+            raise AssertionError(f"gradcheck: analytic gradient of input {i} has shape {a.shape}, expected {n.shape}")
+        diff = np.abs(a - n)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        excess = diff - (atol + rtol * np.abs(n))
+        worst = np.unravel_index(int(np.argmax(excess)), n.shape) if n.size else ()
+        if n.size and excess[worst] > 0:
+            raise AssertionError(
+                f"gradcheck: input {i} (shape {n.shape}): worst element {tuple(int(k) for k in worst)}: "
+                f"analytic {float(a[worst])!r} vs numerical {float(n[worst])!r} (abs err {diff[worst]:.3e}; "
+                f"atol={atol:.1e}, rtol={rtol:.1e}; max abs err over the input {diff.max():.3e})")
+        errors.append(float(diff.max()) if n.size else 0.0)
+    return errors
+
+
+def _upstream(shape, upstream_seed: int, rng: np.random.Generator | None) -> np.ndarray:
+    rng = rng if rng is not None else np.random.default_rng(upstream_seed)
+    return rng.standard_normal(shape)
+
+
+def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[np.ndarray], *, upstream_seed: int = 0,
+              rng: np.random.Generator | None = None, eps: float = DEFAULT_EPS,
+              atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> list[float]:
+    """Check the engine's gradients of `fn(*Tensors) -> Tensor` at float64 `inputs`.
+
+    Float inputs become Tensors with `requires_grad`; integer inputs are passed as they are.
+    The upstream gradient G is standard normal, from `rng` or `upstream_seed`. Returns the max
+    absolute error per input; raises AssertionError naming the input on a mismatch.
+    """
+    arrays = [np.asarray(a) for a in inputs]
+    for i, a in enumerate(arrays):
+        if a.dtype.kind == "f" and a.dtype != np.float64:
+            raise TypeError(f"gradcheck: input {i} is {a.dtype}; finite differences need float64")
+    tensors = [Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a for a in arrays]
+    out = fn(*tensors)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"gradcheck: fn must return a Tensor, got {type(out).__name__}")
+    G = _upstream(out.shape, upstream_seed, rng)
+    if out.requires_grad:
+        out.backward(G)
+    analytic = [t.grad if isinstance(t, Tensor) else None for t in tensors]
+
+    def values(*xs):
+        with no_grad():
+            return fn(*[Tensor(x) if x.dtype.kind == "f" else x for x in xs]).data
+
+    return compare_gradients(analytic, numerical_vjp(values, arrays, G, eps), atol, rtol)
+
+
+def gradcheck_vjp(f: Callable[..., np.ndarray], vjp: Callable[[np.ndarray], Sequence], arrays: Sequence[np.ndarray],
+                  G: np.ndarray | None = None, *, upstream_seed: int = 0, rng: np.random.Generator | None = None,
+                  eps: float = DEFAULT_EPS, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> list[float]:
+    """Check a hand-written backward: `vjp(G)` must equal `J^T G` of `f(*arrays)` for each array.
+
+    `vjp` returns one gradient per array, in order (None for integer arrays). G defaults to a
+    standard normal array of the output's shape. Returns the max absolute error per array.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if G is None:
+        G = _upstream(np.shape(f(*arrays)), upstream_seed, rng)
+    analytic = vjp(G)
+    analytic = (analytic,) if not isinstance(analytic, (tuple, list)) else tuple(analytic)
+    if len(analytic) != len(arrays):
+        raise AssertionError(f"gradcheck_vjp: vjp returned {len(analytic)} gradients for {len(arrays)} inputs")
+    return compare_gradients(analytic, numerical_vjp(f, arrays, G, eps), atol, rtol)

@@ -1,0 +1,380 @@
+"""The NumPy autograd engine on its own: finite differences, accumulation, dtypes, worked examples.
+
+Gradients are checked against float64 central differences (`numpy_ref.gradcheck`) under a
+random upstream gradient, on hypothesis-drawn shapes with broadcasting. Values come from
+seeded normal draws, so no input sits on a kink (relu at 0, tied maxima) by accident.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import numpy_ref.functional as nf
+import numpy_ref.tensor as nt
+from numpy_ref.gradcheck import gradcheck, gradcheck_vjp
+from numpy_ref.tensor import Tensor, no_grad
+from parity_tests import autograd_strategies as ags
+from parity_tests.compare import assert_close
+from parity_tests.op_checks import BINARY, UNARY, op_cases, to_domain
+from parity_tests.strategies import broadcastable_pair, random_array, seeds, shapes
+from parity_tests.tolerances import GRADCHECK, Tol, forward_tol, gradient_tol
+
+TOL = dict(atol=GRADCHECK.atol, rtol=GRADCHECK.rtol)
+EXACT = Tol(0.0, 0.0, "the same arithmetic on the same values")
+
+
+def values(seed: int, shape, domain: str = "real") -> np.ndarray:
+    return to_domain(random_array(seed, shape), domain)
+
+
+# ---- finite differences, op by op -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", sorted(UNARY))
+@given(shape=shapes(min_dims=1, max_dims=3, max_side=4), seed=seeds())
+def test_gradcheck_unary(op, shape, seed):
+    d = UNARY[op]
+    gradcheck(d.numpy_fn, [values(seed, shape, d.domains[0])], upstream_seed=seed, **TOL)
+
+
+@pytest.mark.parametrize("op", sorted(set(BINARY) - {"matmul"}))
+@given(pair=broadcastable_pair(max_dims=3, max_side=4), seed=seeds())
+def test_gradcheck_binary_broadcasting(op, pair, seed):
+    d = BINARY[op]
+    a = values(seed, pair[0], d.domains[0])
+    b = values(seed + 1, pair[1], d.domains[1])
+    gradcheck(d.numpy_fn, [a, b], upstream_seed=seed, **TOL)
+
+
+@given(pair=ags.matmul_shapes(), seed=seeds())
+def test_gradcheck_matmul(pair, seed):
+    gradcheck(nt.matmul, [values(seed, pair[0]), values(seed + 1, pair[1])], upstream_seed=seed, **TOL)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+@given(args=ags.reduction_args(), seed=seeds())
+def test_gradcheck_reductions(op, args, seed):
+    shape, axis, keepdims = args
+    gradcheck(lambda x: getattr(x, op)(axis, keepdims), [values(seed, shape)], upstream_seed=seed, **TOL)
+
+
+@given(args=ags.permutation_args(), seed=seeds())
+def test_gradcheck_shape_ops(args, seed):
+    shape, axes = args
+    x = values(seed, shape)
+    gradcheck(lambda t: t.permute(axes), [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: t.reshape(shape[::-1]), [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: t.transpose(0, -1), [x], upstream_seed=seed, **TOL)
+
+
+@given(args=ags.row_index_args(), seed=seeds())
+def test_gradcheck_getitem(args, seed):
+    shape, rows = args
+    x = values(seed, shape)
+    gradcheck(lambda t: t[rows], [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: t[::-1][:2], [x], upstream_seed=seed, **TOL)
+
+
+@given(args=ags.take_along_args(), seed=seeds())
+def test_gradcheck_take_along_axis(args, seed):
+    shape, indices, axis = args
+    gradcheck(lambda t: nt.take_along_axis(t, indices, axis), [values(seed, shape)], upstream_seed=seed, **TOL)
+
+
+@given(args=ags.concat_args(), seed=seeds())
+def test_gradcheck_concatenate_and_split(args, seed):
+    shapes_, axis = args
+    xs = [values(seed + i, s) for i, s in enumerate(shapes_)]
+    gradcheck(lambda *ts: nt.concatenate(ts, axis=axis), xs, upstream_seed=seed, **TOL)
+    bounds = list(np.cumsum([s[axis] for s in shapes_])[:-1])
+    whole = np.concatenate(xs, axis=axis)
+    gradcheck(lambda t: nt.concatenate(nt.split(t, bounds, axis=axis)[::-1], axis=axis), [whole],
+              upstream_seed=seed, **TOL)
+
+
+@given(args=ags.where_args(), seed=seeds())
+def test_gradcheck_where_and_masked_fill(args, seed):
+    condition, a_shape, b_shape = args
+    a, b = values(seed, a_shape), values(seed + 1, b_shape)
+    gradcheck(lambda x, y: nt.where(condition, x, y), [a, b], upstream_seed=seed, **TOL)
+    out_shape = condition.shape
+    gradcheck(lambda x: nt.masked_fill(x, condition, -2.5), [values(seed, out_shape)], upstream_seed=seed, **TOL)
+
+
+@given(shape=shapes(min_dims=1, max_dims=3, max_side=4), seed=seeds())
+def test_gradcheck_binary_cross_entropy_and_dropout(shape, seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(shape) < 0.5).astype(np.float64)
+    gradcheck(lambda p: nf.binary_cross_entropy(p, y), [values(seed, shape, "unit")], upstream_seed=seed, **TOL)
+    mask = nf.dropout_mask(shape, 0.3, rng)
+    gradcheck(lambda x: nf.dropout(x, 0.3, mask=mask), [values(seed, shape)], upstream_seed=seed, **TOL)
+
+
+@given(args=ags.cross_entropy_args(), seed=seeds())
+def test_gradcheck_cross_entropy(args, seed):
+    shape, targets = args
+    gradcheck(lambda x: nf.cross_entropy(x, targets, ignore_index=ags.IGNORE), [values(seed, shape)],
+              upstream_seed=seed, **TOL)
+
+
+def test_gradcheck_reports_a_wrong_gradient():
+    """The checker can fail: a custom op whose backward forgets a factor 2 is caught and named."""
+    square = lambda x: (x * x, x)  # noqa: E731
+    wrong_backward = lambda dout, x: (dout * x,)  # noqa: E731 - d(x^2)/dx is 2x
+    x = values(0, (3, 2))
+    with pytest.raises(AssertionError, match=r"input 0 .*worst element .*analytic .* vs numerical"):
+        gradcheck(lambda t: nt.custom_op(square, wrong_backward, t), [x])
+    with pytest.raises(AssertionError, match=r"input 0"):
+        gradcheck_vjp(lambda a: a * a, lambda G: (G * x,), [x])
+    errors = gradcheck_vjp(lambda a: a * a, lambda G: (2 * G * x,), [x])
+    assert errors[0] < GRADCHECK.atol, f"correct VJP of x^2 off by {errors[0]}"
+
+
+# ---- the custom-op hook --------------------------------------------------------------------
+
+
+def _scaled_shift_forward(x, w, ids, *, scale):
+    out = scale * x * w[ids]  # (N, C) * (N, C) -> (N, C)
+    return out, (x, w, ids, scale)
+
+
+def _scaled_shift_backward(dout, cache):
+    x, w, ids, scale = cache
+    dw = np.zeros_like(w)
+    np.add.at(dw, ids, scale * dout * x)
+    return scale * dout * w[ids], dw, None
+
+
+def test_custom_op_inside_a_graph():
+    """A hand-derived op with a constant (integer) input composes with primitives on both sides."""
+    ids = np.array([2, 0, 2, 1])
+    x, w = values(1, (4, 3)), values(2, (3, 3))
+
+    def fn(xt, wt):
+        h = nt.custom_op(_scaled_shift_forward, _scaled_shift_backward, nt.tanh(xt), wt, ids, scale=1.5)
+        return nf.softmax(h * xt, axis=-1)
+
+    gradcheck(fn, [x, w], upstream_seed=3, **TOL)
+    h = nt.custom_op(_scaled_shift_forward, _scaled_shift_backward, Tensor(x), w, ids, scale=1.5)
+    assert h._op == "_scaled_shift_forward", f"the custom op is recorded as {h._op!r}"
+    assert_close("custom op forward", h.data, 1.5 * x * w[ids], EXACT)
+
+
+def test_custom_op_wrong_number_of_gradients_is_named():
+    op = nt.custom_op(lambda x: (2 * x, None), lambda dout, cache: (2 * dout, None), Tensor(np.ones(3), requires_grad=True))
+    with pytest.raises(ValueError, match=r"<lambda>: backward returned 2 gradients for 1 inputs"):
+        op.sum().backward()
+
+
+# ---- graph mechanics -------------------------------------------------------------------------
+
+
+def test_gradients_accumulate_over_every_use():
+    x0 = values(5, (3, 4))
+    x = Tensor(x0, requires_grad=True)
+    y = x * x + x  # x used three times
+    z = (y * nt.exp(x)).sum() + x[0].sum()  # and twice more, through a diamond
+    z.backward()
+    expected = (2 * x0 + 1) * np.exp(x0) + (x0 * x0 + x0) * np.exp(x0)
+    expected[0] += 1
+    assert_close("d/dx of x^2 e^x + x e^x + x[0]", x.grad, expected, gradient_tol("float64"))
+
+    first = x.grad.copy()
+    z2 = (x * 3.0).sum()
+    z2.backward()
+    assert_close("grad after a second backward (accumulated)", x.grad, first + 3.0, gradient_tol("float64"))
+    x.zero_grad()
+    assert x.grad is None, "zero_grad left a gradient behind"
+    (x * 3.0).sum().backward()
+    assert_close("grad after zero_grad then backward", x.grad, np.full_like(x0, 3.0), EXACT)
+
+
+def test_deep_graph_does_not_recurse():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = x
+    for _ in range(5000):
+        y = y + 1.0
+        y = y * 1.0
+    y.sum().backward()
+    assert_close("grad through a 10000-op chain", x.grad, np.ones(2), EXACT)
+
+
+def test_no_grad_and_detach():
+    x = Tensor(values(6, (2, 3)), requires_grad=True)
+    with no_grad():
+        y = x * 2.0 + 1.0
+    assert not y.requires_grad and y.is_leaf, f"under no_grad the output still records a graph: {y!r}"
+    assert nt.is_grad_enabled(), "no_grad did not restore recording"
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
+
+    d = x.detach()
+    assert not d.requires_grad and d.data is x.data, "detach must share values and drop the graph"
+    (x * d).sum().backward()  # d/dx (x * const) = const: the detached factor gets no gradient
+    assert_close("d/dx of x * x.detach()", x.grad, x.data, EXACT)
+
+
+def test_backward_rejects_bad_upstream_gradients():
+    x = Tensor(np.ones((2, 2)), requires_grad=True)
+    y = x * 2.0
+    with pytest.raises(ValueError, match=r"single-element tensor; this one has shape \(2, 2\)"):
+        y.backward()
+    with pytest.raises(ValueError, match=r"gradient shape \(2,\) differs"):
+        y.backward(np.ones(2))
+    with pytest.raises(TypeError, match="gradient dtype float32 differs"):
+        y.backward(np.ones((2, 2), dtype=np.float32))
+
+
+# ---- dtypes and inputs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", sorted(UNARY) + sorted(BINARY))
+def test_float32_is_kept(op):
+    """Outputs and gradients of a float32 computation stay float32, Python scalars included."""
+    d = UNARY.get(op) or BINARY[op]
+    shapes_ = [(3, 4)] if op in UNARY else [(3, 4), (4, 2)] if op == "matmul" else [(3, 4), (4,)]
+    ts = [Tensor(values(i, s, dom).astype(np.float32), requires_grad=True) for i, (s, dom) in enumerate(zip(shapes_, d.domains))]
+    out = d.numpy_fn(*ts) * 2.0 + 1
+    assert out.dtype == np.float32, f"{op}: float32 inputs gave a {out.dtype} output"
+    out.backward(np.ones(out.shape, dtype=np.float32))
+    for i, t in enumerate(ts):
+        assert t.grad.dtype == np.float32, f"{op}: gradient of input {i} is {t.grad.dtype}"
+
+
+def test_mixed_dtypes_are_refused():
+    a32 = Tensor(np.ones(3, dtype=np.float32))
+    with pytest.raises(TypeError, match=r"mix dtypes \['float32', 'float64'\]"):
+        a32 + Tensor(np.ones(3))
+    with pytest.raises(TypeError, match="constant array of dtype float64 in a float32 computation"):
+        a32 * np.ones(3)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        Tensor(np.ones(3, dtype=np.float16))
+    assert (a32 * np.float64(2.0)).dtype == np.float32, "a scalar constant must take the tensor's dtype"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_inputs_are_never_mutated(dtype):
+    """No op writes into its inputs or the upstream gradient (tensors wrap the arrays uncopied)."""
+    rng = np.random.default_rng(0)
+    for name, numpy_fn, _torch_fn, specs in op_cases(rng):
+        arrays = [to_domain(rng.standard_normal(s), dom).astype(dtype) for s, dom in specs]
+        before = [a.copy() for a in arrays]
+        out = numpy_fn(*[Tensor(a, requires_grad=True) for a in arrays])
+        G = rng.standard_normal(out.shape).astype(dtype)
+        G_before = G.copy()
+        out.backward(G)
+        for i, (a, b) in enumerate(zip(arrays, before)):
+            assert_close(f"{name}: input {i} after forward and backward", a, b, EXACT)
+        assert_close(f"{name}: upstream gradient after backward", G, G_before, EXACT)
+
+
+# ---- worked examples and edge cases ----------------------------------------------------------
+
+
+def test_binary_cross_entropy_worked_example():
+    """The seed notes' example (issue 2): x=1.1, w=2.2, b=0, target 1 -> dL/dw=-0.0898, dL/db=-0.0817."""
+    w = Tensor(2.2, requires_grad=True)
+    b = Tensor(0.0, requires_grad=True)
+    loss = nf.binary_cross_entropy(nf.sigmoid(1.1 * w + b), np.array(1.0))
+    loss.backward()
+    assert round(float(w.grad), 4) == -0.0898, f"dL/dw = {float(w.grad)!r}, expected -0.0898"
+    assert round(float(b.grad), 4) == -0.0817, f"dL/db = {float(b.grad)!r}, expected -0.0817"
+
+
+def test_cross_entropy_ignore_index():
+    rng = np.random.default_rng(1)
+    logits0 = rng.standard_normal((2, 3, 5))
+    targets = np.array([[4, -100, 0], [-100, 2, 2]])
+    logits = Tensor(logits0, requires_grad=True)
+    loss = nf.cross_entropy(logits, targets, ignore_index=-100)
+    logp = logits0 - logits0.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    counted = [(0, 0, 4), (0, 2, 0), (1, 1, 2), (1, 2, 2)]
+    expected = -np.mean([logp[b, t, c] for b, t, c in counted])
+    assert_close("cross_entropy over the 4 counted targets", loss.data, np.array(expected), forward_tol("float64"))
+    loss.backward()
+    assert_close("gradient at ignored positions", logits.grad[[0, 1], [1, 0]], np.zeros((2, 5)), EXACT)
+
+    with pytest.raises(ValueError, match=r"every one of the 6 targets equals ignore_index=-100"):
+        nf.cross_entropy(logits, np.full((2, 3), -100), ignore_index=-100)
+    with pytest.raises(ValueError, match=r"target 5 at position \(1, 0\) is outside \[0, V\) with V = 5"):
+        nf.cross_entropy(logits, np.array([[0, 1, 2], [5, 0, 0]]))
+    with pytest.raises(ValueError, match=r"target -100 at position \(0, 1\)"):
+        nf.cross_entropy(logits, targets)  # no ignore_index: -100 is just out of range
+    with pytest.raises(TypeError, match="targets must be integers"):
+        nf.cross_entropy(logits, targets.astype(np.float64))
+
+
+def test_softmax_and_log_softmax_are_stable_at_1e4():
+    x0 = np.array([[1e4, 1e4 - 1.0, -1e4, 0.0], [-1e4, -1e4, -1e4 + 2.0, -1e4]])
+    x = Tensor(x0, requires_grad=True)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        p = nf.softmax(x)
+        logp = nf.log_softmax(x)
+        (p * np.arange(4.0)).sum().backward()
+    small = x0 - x0.max(-1, keepdims=True)  # the same rows moved near 0, where nothing overflows
+    expected_p = np.exp(small) / np.exp(small).sum(-1, keepdims=True)
+    assert_close("softmax at 1e4", p.data, expected_p, forward_tol("float64"))
+    assert_close("log_softmax at 1e4", logp.data, small - np.log(np.exp(small).sum(-1, keepdims=True)), forward_tol("float64"))
+    assert np.all(np.isfinite(x.grad)), f"softmax gradient at 1e4 is not finite: {x.grad}"
+    with np.errstate(over="raise"):
+        s = nf.sigmoid(Tensor(np.array([-1e4, 0.0, 1e4])))
+    assert_close("sigmoid at +-1e4", s.data, np.array([0.0, 0.5, 1.0]), forward_tol("float64"))
+
+
+def test_repeated_indices_accumulate():
+    x = Tensor(np.arange(12.0).reshape(4, 3), requires_grad=True)
+    G = np.arange(15.0).reshape(5, 3)
+    x[np.array([1, 1, 3, 1, 0])].backward(G)
+    expected = np.zeros((4, 3))
+    expected[1] = G[0] + G[1] + G[3]
+    expected[3] = G[2]
+    expected[0] = G[4]
+    assert_close("getitem grad with row 1 read three times", x.grad, expected, EXACT)
+
+    y = Tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    idx = np.array([[2, 2, 0, 2], [1, 0, 1, 1]])
+    nt.take_along_axis(y, idx, axis=1).backward(np.ones((2, 4)))
+    assert_close("take_along_axis grad counts each index's uses", y.grad, np.array([[1.0, 0, 3], [1, 3, 0]]), EXACT)
+
+
+def test_dropout_mask_and_generator():
+    x = Tensor(values(3, (4, 5)))
+    a = nf.dropout(x, 0.4, rng=np.random.default_rng(7))
+    b = nf.dropout(x, 0.4, rng=np.random.default_rng(7))
+    assert_close("dropout twice from the same seed", a.data, b.data, EXACT)
+    mask = nf.dropout_mask((4, 5), 0.4, np.random.default_rng(7))
+    assert set(np.unique(mask)) <= {0.0, 1 / 0.6}, f"mask holds {np.unique(mask)}"
+    assert_close("dropout from the generator equals dropout with its mask", a.data, nf.dropout(x, 0.4, mask=mask).data, EXACT)
+    assert nf.dropout(x, 0.0) is x, "p=0 without a mask must be the identity"
+    with pytest.raises(ValueError, match=r"p=1.0 must be in \[0, 1\)"):
+        nf.dropout(x, 1.0, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="needs an explicit mask or an np.random.Generator"):
+        nf.dropout(x, 0.1)
+    with pytest.raises(ValueError, match=r"mask value 0.5 at \(0, 0\) is neither 0 nor"):
+        nf.dropout(x, 0.5, mask=np.full((4, 5), 0.5))
+
+
+def test_binary_cross_entropy_rejects_probabilities_outside_0_1():
+    with pytest.raises(ValueError, match=r"probability 1.0 at \(1,\) is outside \(0, 1\)"):
+        nf.binary_cross_entropy(Tensor(np.array([0.5, 1.0])), np.array([1.0, 0.0]))
+
+
+def test_errors_name_the_value():
+    x = Tensor(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="axis 3 is out of range for an array of 2 dimensions"):
+        x.sum(3)
+    with pytest.raises(ValueError, match="does not divide into 2 equal parts"):
+        nt.split(x, 2, axis=1)
+    with pytest.raises(ValueError, match=r"not a permutation of 2 axes"):
+        x.permute(0, 0)
+
+
+@given(shape=shapes(min_dims=1, max_dims=3, max_side=4), axis_seed=seeds(), seed=seeds())
+def test_gradcheck_softmax_along_any_axis(shape, axis_seed, seed):
+    axis = int(np.random.default_rng(axis_seed).integers(-len(shape), len(shape)))
+    x = values(seed, shape)
+    gradcheck(lambda t: nf.softmax(t, axis=axis), [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: nf.log_softmax(t, axis=axis), [x], upstream_seed=seed, **TOL)
