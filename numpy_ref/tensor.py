@@ -427,17 +427,18 @@ def relu_vjp(g, out):
 def matmul(a, b) -> Tensor:
     """`a @ b` with NumPy's rules: batched over leading axes (broadcast), 1-D operands promoted."""
     a, b = _operands(a, b)
-    return _make(a.data @ b.data, "matmul", (a, b), matmul_vjp, a.data, b.data)
+    out = a.data @ b.data  # (..., n, k) @ (..., k, m) -> (..., n, m)
+    return _make(out, "matmul", (a, b), matmul_vjp, a.data, b.data)
 
 
 def matmul_vjp(g, a, b):
     # d(a@b)/da = g @ b^T, d(a@b)/db = a^T @ g, on the 2-D (matrix) view of each operand
-    a2 = a[None, :] if a.ndim == 1 else a  # (n,) -> (1, n)
-    b2 = b[:, None] if b.ndim == 1 else b  # (n,) -> (n, 1)
-    g2 = g[..., None] if b.ndim == 1 else g  # (..., k) -> (..., k, 1)
+    a2 = a[None, :] if a.ndim == 1 else a  # (k,) -> (1, k)
+    b2 = b[:, None] if b.ndim == 1 else b  # (k,) -> (k, 1)
+    g2 = g[..., None] if b.ndim == 1 else g  # (..., n) -> (..., n, 1)
     g2 = g2[..., None, :] if a.ndim == 1 else g2  # (..., m) -> (..., 1, m)
-    da = unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape)  # (..., k, m) @ (..., m, n) -> a2's shape
-    db = unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape)  # (..., n, k) @ (..., k, m) -> b2's shape
+    da = unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape)  # (..., n, m) @ (..., m, k) -> (..., n, k), summed to a2.shape
+    db = unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape)  # (..., k, n) @ (..., n, m) -> (..., k, m), summed to b2.shape
     return da.reshape(a.shape), db.reshape(b.shape)
 
 
@@ -447,7 +448,7 @@ def matmul_vjp(g, a, b):
 def sum(a, axis=None, keepdims: bool = False) -> Tensor:
     (a,) = _operands(a)
     axes = _normalize_axes(axis, a.ndim)
-    out = a.data.sum(axis=axes, keepdims=keepdims)
+    out = a.data.sum(axis=axes, keepdims=keepdims)  # a.shape -> `axes` dropped (or kept as 1)
     return _make(out, "sum", (a,), sum_vjp, a.shape, axes, keepdims)
 
 
@@ -488,7 +489,8 @@ def max_vjp(g, a, out, axes, keepdims):
 def reshape(a, shape) -> Tensor:
     (a,) = _operands(a)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    return _make(a.data.reshape(shape), "reshape", (a,), reshape_vjp, a.shape)
+    out = a.data.reshape(shape)  # a.shape -> shape (same number of elements)
+    return _make(out, "reshape", (a,), reshape_vjp, a.shape)
 
 
 def reshape_vjp(g, a_shape):
@@ -502,7 +504,8 @@ def permute(a, axes) -> Tensor:
     axes = tuple(int(x) % a.ndim for x in axes)
     if sorted(axes) != list(range(a.ndim)):
         raise ValueError(f"permute: axes {axes} are not a permutation of {a.ndim} axes")
-    return _make(a.data.transpose(axes), "permute", (a,), permute_vjp, axes)
+    out = a.data.transpose(axes)  # (d_0, ..., d_k) -> (d_axes[0], ..., d_axes[k])
+    return _make(out, "permute", (a,), permute_vjp, axes)
 
 
 def permute_vjp(g, axes):
@@ -520,7 +523,7 @@ def transpose(a, axis0: int = -2, axis1: int = -1) -> Tensor:
 
 def concatenate(tensors: Sequence, axis: int = 0) -> Tensor:
     tensors = _operands(*tensors)
-    out = np.concatenate([t.data for t in tensors], axis=axis)
+    out = np.concatenate([t.data for t in tensors], axis=axis)  # sizes on `axis` add up
     sizes = [t.shape[axis] for t in tensors]
     return _make(out, "concatenate", tensors, concatenate_vjp, sizes, axis)
 
@@ -553,7 +556,8 @@ def getitem(a, index) -> Tensor:
     """`a[index]`: slices, integers, `None`, `...`, integer arrays and boolean masks."""
     (a,) = _operands(a)
     index = _plain_index(index)
-    return _make(a.data[index], "getitem", (a,), getitem_vjp, a.shape, index)
+    out = a.data[index]  # a.shape -> NumPy indexing rules
+    return _make(out, "getitem", (a,), getitem_vjp, a.shape, index)
 
 
 def getitem_vjp(g, a_shape, index):
@@ -571,7 +575,7 @@ def take_along_axis(a, indices, axis: int) -> Tensor:
     if indices.dtype.kind not in "iu":
         raise TypeError(f"take_along_axis: indices must be integers, got {indices.dtype}")
     axis = axis % a.ndim
-    out = np.take_along_axis(a.data, indices, axis=axis)
+    out = np.take_along_axis(a.data, indices, axis=axis)  # size on `axis` -> indices.shape[axis]
     return _make(out, "take_along_axis", (a,), take_along_axis_vjp, a.shape, indices, axis)
 
 

@@ -90,8 +90,9 @@ def op_rows(dtype: str) -> list[Row]:
     comparisons = run_op_checks(dtype=dtype)
     by_op: dict[str, list[Comparison]] = {}
     for c in comparisons:
-        by_op.setdefault(c.name.split(" ")[0], []).append(c)
-    return [row_from(op, dtype, cs, cs[0].tol) for op, cs in by_op.items()]
+        op, kind = c.name.split(" ")[:2]  # "op:matmul forward (2,3)@(3,4)" / "op:matmul grad[0] ..."
+        by_op.setdefault(f"{op} {'forward' if kind == 'forward' else 'backward'}", []).append(c)
+    return [row_from(key, dtype, cs, cs[0].tol) for key, cs in by_op.items()]
 
 
 # ---- layer level ----------------------------------------------------------------------------

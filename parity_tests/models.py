@@ -93,7 +93,7 @@ def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64
     grads = {}
     for name, p in model.named_parameters():
         grads[name] = to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
-    return RunResult(to_numpy(logits).astype(np.float64), float(loss.detach().float().cpu()), grads)
+    return RunResult(to_numpy(logits).astype(np.float64), float(loss.detach().to(torch.float64).cpu()), grads)
 
 
 def random_batch(config_d: Mapping, B: int, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

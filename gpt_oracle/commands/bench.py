@@ -1,11 +1,52 @@
-"""`gpt-oracle bench`: placeholder until its issue lands; it says so and fails."""
+"""`gpt-oracle bench`: measure the machine, then time both trees (and Hugging Face) against it.
+
+Writes results.json, summary.md, table.txt and PNG plots to --out, prints the table and the
+issue targets as ratios measured in this run. `--quick` is the short plan (tiny and small
+configs, fewer repeats, no torch.compile). See benchmarks/README.md for the FLOP formula.
+"""
+
+from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--quick", action="store_true", help="the short plan: tiny and small configs (under 2 minutes on 2 cores)")
+    parser.add_argument("--out", metavar="DIR", default="bench-results", help="results directory (default: bench-results)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
+    parser.add_argument("--configs", nargs="+", metavar="NAME",
+                        help="configs to run: tiny, small, 124M (alias gpt2-small) or a numpy_ref preset")
+    parser.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer throughput benchmark")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("gpt-oracle bench is not built yet")
+    from benchmarks import report
+    from benchmarks.runner import Progress, resolve_config, run_bench
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"--device {args.device}: torch sees no CUDA device", file=sys.stderr)
+            return 2
+    elif args.device != "cpu":
+        print(f"--device {args.device!r}: expected cpu or cuda[:N]", file=sys.stderr)
+        return 2
+    for name in args.configs or []:
+        try:
+            resolve_config(name)
+        except ValueError as exc:
+            print(f"--configs: {exc}", file=sys.stderr)
+            return 2
+    payload = run_bench(quick=args.quick, out_dir=args.out, device=args.device, configs=args.configs,
+                        progress=Progress(enabled=not args.quiet), tokenizer=not args.no_tokenizer)
+    print(payload["_table"])
+    print()
+    print(report.format_table(report.format_targets(payload["targets"]), report.TARGET_HEADER))
+    print()
+    print(report.format_table(report.format_accuracy(payload["accuracy"]), report.ACC_HEADER))
+    print(f"\nwrote {args.out}/results.json, summary.md, table.txt, {', '.join(payload['plots']) or 'no plots'} "
+          f"({payload['meta']['seconds']:.0f} s)")
+    return 0

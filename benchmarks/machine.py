@@ -1,0 +1,211 @@
+"""Measure the machine before timing anything on it: peak GEMM rates and copy bandwidth.
+
+Every "fraction of peak" in the report divides by a rate measured here, in the same run, not by
+a datasheet number: a 2-core VM, an OpenBLAS that picked AVX2 kernels on an AVX-512 machine, or
+a CPU without native bf16 all show up as they are.
+
+- GEMM: C = A @ B with square n x n operands, 2 n^3 FLOPs, the best of a few repeats.
+- bf16 on CPU: torch.matmul on bf16 tensors and F.linear under bf16 autocast take different
+  kernels (oneDNN vs a fallback); both are recorded, the peak is the faster one.
+- Copy bandwidth: np.copyto / Tensor.copy_ of a large buffer; bytes moved = 2 x size (read and
+  write).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from typing import Callable
+
+ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "KMP_", "DNNL_", "ONEDNN_", "ATEN_", "GOTO_", "BLIS_", "VECLIB_",
+                "TORCH_", "CUDA_VISIBLE_DEVICES", "NVIDIA_TF32_OVERRIDE", "PYTORCH_")
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("unknown", "", "x86_64"):
+                    model = value.strip()
+                if key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni") if f in flags]
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"model": model, "machine": platform.machine(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "simd": simd, "platform": platform.platform()}
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in ("numpy", "torch", "tiktoken", "transformers", "safetensors", "matplotlib", "threadpoolctl"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def blas_info() -> dict:
+    """NumPy's BLAS build, threadpoolctl's view of the loaded BLAS (if installed), torch's threading."""
+    import numpy as np
+
+    out: dict = {}
+    try:
+        deps = np.show_config(mode="dicts").get("Build Dependencies", {})
+        out["numpy_blas"] = {k: deps.get("blas", {}).get(k) for k in ("name", "version", "openblas configuration")}
+    except Exception as exc:  # noqa: BLE001 - older numpy: show_config has no dict mode
+        out["numpy_blas"] = f"unavailable: {type(exc).__name__}"
+    try:
+        from threadpoolctl import threadpool_info
+
+        out["threadpoolctl"] = [{k: d.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
+                                for d in threadpool_info()]
+    except ImportError:
+        out["threadpoolctl"] = "not installed"
+    try:
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
+        out["torch_interop_threads"] = torch.get_num_interop_threads()
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["torch_mkldnn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        out["torch_blas"] = "mkl" if torch.backends.mkl.is_available() else "other"
+        from torch_impl.device import plan_runtime
+
+        out["torch_impl_default_plan"] = plan_runtime("cpu").describe()
+    except Exception as exc:  # noqa: BLE001 - torch missing or an older build
+        out["torch"] = f"unavailable: {type(exc).__name__}: {exc}"
+    out["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
+    return out
+
+
+def numpy_gemm_rate(n: int, dtype: str, repeats: int = 3) -> float:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    out = np.empty((n, n), dtype=dtype)
+    return 2 * n**3 / _best_seconds(lambda: np.matmul(a, b, out=out), repeats)
+
+
+def torch_gemm_rate(n: int, dtype: str, device: str = "cpu", repeats: int = 3, autocast: bool = False) -> float:
+    """torch.matmul of n x n operands; with `autocast`, F.linear in float32 under bf16 autocast."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if autocast:
+        a = torch.randn(n, n, generator=g).to(device)
+        w = torch.randn(n, n, generator=g).to(device)
+
+        def fn():
+            with torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)):
+                return torch.nn.functional.linear(a, w)
+    else:
+        a = torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype))
+
+        def fn():
+            return a @ b
+    with torch.no_grad():
+        return 2 * n**3 / _best_seconds(fn, repeats, sync)
+
+
+def numpy_copy_bandwidth(megabytes: int, repeats: int = 3) -> float:
+    """Bytes/s of np.copyto on a `megabytes` buffer (read + write counted)."""
+    import numpy as np
+
+    n = megabytes * 2**20 // 8
+    src = np.ones(n)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats)
+
+
+def torch_copy_bandwidth(megabytes: int, device: str, repeats: int = 3) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats, sync)
+
+
+def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Everything about the machine; `peaks` holds the rates the report divides by."""
+    n = 1024 if quick else 2048
+    rates: dict[str, float] = {}
+    progress("machine: numpy GEMM")
+    rates["numpy_float32_gemm"] = numpy_gemm_rate(n, "float32")
+    rates["numpy_float64_gemm"] = numpy_gemm_rate(n, "float64")
+    progress("machine: torch GEMM")
+    rates["torch_float32_gemm"] = torch_gemm_rate(n, "float32")
+    rates["torch_float64_gemm"] = torch_gemm_rate(n, "float64")
+    nb = 512 if quick else 1024  # bf16 matmul can be very slow on CPUs without native bf16
+    rates["torch_bfloat16_matmul"] = torch_gemm_rate(nb, "bfloat16", repeats=1)
+    rates["torch_bfloat16_autocast_linear"] = torch_gemm_rate(n, "bfloat16", autocast=True)
+    progress("machine: copy bandwidth")
+    bandwidth = {"numpy_copy": numpy_copy_bandwidth(128 if quick else 512),
+                 "torch_cpu_copy": torch_copy_bandwidth(128 if quick else 512, "cpu")}
+    cuda = None
+    if device.startswith("cuda"):
+        import torch
+
+        progress("machine: CUDA GEMM and bandwidth")
+        nc = 4096 if quick else 8192
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        rates["cuda_float32_gemm"] = torch_gemm_rate(nc, "float32", device, repeats=5)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        rates["cuda_tf32_gemm"] = torch_gemm_rate(nc, "float32", device, repeats=5)
+        torch.backends.cuda.matmul.allow_tf32 = prev
+        rates["cuda_bfloat16_gemm"] = torch_gemm_rate(nc, "bfloat16", device, repeats=5)
+        bandwidth["cuda_copy"] = torch_copy_bandwidth(1024, device, repeats=5)
+        props = torch.cuda.get_device_properties(device)
+        cuda = {"name": props.name, "memory_gb": props.total_memory / 1e9, "capability": f"{props.major}.{props.minor}",
+                "cuda": torch.version.cuda}
+    peaks = {
+        "numpy_float32": rates["numpy_float32_gemm"],
+        "numpy_float64": rates["numpy_float64_gemm"],
+        "torch_float32": rates["torch_float32_gemm"],
+        "torch_float64": rates["torch_float64_gemm"],
+        "torch_bfloat16": max(rates["torch_bfloat16_matmul"], rates["torch_bfloat16_autocast_linear"]),
+        "copy_bandwidth": max(bandwidth["numpy_copy"], bandwidth["torch_cpu_copy"]),
+    }
+    if cuda:
+        peaks.update(cuda_float32=rates["cuda_float32_gemm"], cuda_tf32=rates["cuda_tf32_gemm"],
+                     cuda_bfloat16=rates["cuda_bfloat16_gemm"], cuda_copy_bandwidth=bandwidth["cuda_copy"])
+    return {"cpu": cpu_info(), "cuda": cuda, "libraries": library_versions(), "blas": blas_info(),
+            "gemm_n": n, "gemm_flops_per_s": rates, "bandwidth_bytes_per_s": bandwidth, "peaks": peaks}
+
+
+def short_name(info: dict) -> str:
+    """A directory-safe machine name, e.g. 'amd-epyc-2c' or 'nvidia-h100'."""
+    if info.get("cuda"):
+        base = info["cuda"]["name"]
+    else:
+        base = f"{info['cpu']['model']}-{info['cpu']['usable_cpus']}c"
+    keep = "".join(ch.lower() if ch.isalnum() else "-" for ch in base)
+    return "-".join(part for part in keep.split("-") if part)[:40]

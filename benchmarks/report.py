@@ -1,0 +1,170 @@
+"""The outputs of a run: terminal table, JSON, markdown summary, and the issue targets as ratios.
+
+The targets are reported, never asserted: each is a ratio measured in this run, the target it is
+held to, and whether it was met (None when a piece needed for it did not run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable
+
+from benchmarks.record import Result
+
+TARGET_CONFIG = "124M"
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def rows_for_table(results: Iterable[Result], peaks: dict) -> list[list[str]]:
+    rows = []
+    for r in results:
+        spread = f"±{100 * r.timing.rel_spread:.0f}%" if r.timing else ""
+        mem = r.memory.get("bytes") if r.memory else None
+        rows.append([r.section, r.config, r.backend, r.what, f"{r.B}x{r.T}" if r.B else "",
+                     _ms(r.seconds), spread, _si(r.tokens_per_s), _si(r.flop_per_s, "FLOP/s"),
+                     _pct(r.fraction_of_peak(peaks)), _si(mem, "B") if mem is not None else "-",
+                     r.status if r.status != "ok" else "", r.note[:60]])
+    return rows
+
+
+HEADER = ["section", "config", "backend", "what", "BxT", "median", "IQR", "tok/s", "achieved", "of peak",
+          "peak mem", "status", "note"]
+
+
+def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(rows: list[list[str]], header: list[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _find(results: list[Result], section: str, backend: str, config: str, what: str | None = None) -> Result | None:
+    for r in results:
+        if r.section == section and r.backend == backend and r.config == config and r.status == "ok" and (
+                what is None or r.what == what):
+            return r
+    return None
+
+
+def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: str = TARGET_CONFIG) -> list[dict]:
+    """The issues' speed targets as ratios from this run (issue 3, 4 and 6)."""
+
+    def entry(name, value, target, higher_is_better, detail):
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        return {"target": name, "value": value, "goal": (">= " if higher_is_better else "<= ") + f"{target:g}",
+                "met": met, "detail": detail}
+
+    out = []
+    np32 = _find(results, "train_step", "numpy-float32", config)
+    out.append(entry(f"numpy float32 train step ({config}) / numpy float32 GEMM rate",
+                     np32.fraction_of_peak(peaks) if np32 else None, 0.45, True, "issue 3"))
+    ours, hf = _find(results, "train_step", "torch-fp32", config), _find(results, "train_step", "hf-fp32", config)
+    out.append(entry(f"torch fp32 train step time / HF step time ({config})",
+                     ours.seconds / hf.seconds if ours and hf else None, 0.65, False, "issue 4"))
+    bf16 = _find(results, "train_step", "torch-bf16", config)
+    out.append(entry(f"torch bf16 train step ({config}) / torch bf16 GEMM rate",
+                     bf16.fraction_of_peak(peaks) if bf16 else None, 0.40, True, "issue 4"))
+    ours_d = _find(results, "decode", "torch-fp32", config, "decode (KV cache)")
+    hf_d = _find(results, "decode", "hf-fp32", config, "generate (KV cache)")
+    out.append(entry(f"torch KV-cache decode tok/s / HF generate tok/s ({config}, B=1)",
+                     ours_d.tokens_per_s / hf_d.tokens_per_s if ours_d and hf_d else None, 1.5, True, "issue 4"))
+    ratio = tokenizer.get("ratio") if tokenizer and "ratio" in tokenizer else None
+    out.append(entry("numpy_ref tokenizer time / tiktoken time", ratio, 5.0, False, "issue 6"))
+    big = [r for r in results if r.section == "train_step" and r.status == "ok" and r.backend.startswith("torch-")
+           and r.peak_name == "cuda_bfloat16" and r.B * r.T >= 16 * 1024]
+    if big:
+        best = max(big, key=lambda r: r.fraction_of_peak(peaks) or 0.0)
+        out.append(entry(f"CUDA {best.backend} train step MFU at {best.B}x{best.T} ({best.config})",
+                         best.fraction_of_peak(peaks), 0.5, True, "issue 4 (CUDA)"))
+    return out
+
+
+def format_targets(tgts: list[dict]) -> list[list[str]]:
+    rows = []
+    for t in tgts:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        rows.append([t["target"], value, t["goal"], verdict, t["detail"]])
+    return rows
+
+
+TARGET_HEADER = ["target", "measured", "goal", "verdict", "from"]
+ACC_HEADER = ["config", "setting", "compared with", "max abs dlogits", "abs dloss", "max abs dgrad", "within tolerance",
+              "note"]
+
+
+def format_accuracy(acc: list[dict]) -> list[list[str]]:
+    f = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
+    return [[a["config"], a["setting"], a.get("reference", "numpy float64"), f(a.get("logits")), f(a.get("loss")),
+             f(a.get("grads")), {True: "yes", False: "NO", None: "-"}[a.get("within_tolerance")], a.get("note", "")]
+            for a in acc]
+
+
+def to_json(payload: dict, path: str) -> None:
+    def default(o):
+        if hasattr(o, "to_dict"):
+            return o.to_dict()
+        if hasattr(o, "item"):
+            return o.item()
+        return str(o)
+
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=default, allow_nan=True)
+
+
+def markdown_summary(payload: dict, results: list[Result], plots: list[str]) -> str:
+    m = payload["machine"]
+    peaks = m["peaks"]
+    cpu = m["cpu"]
+    lines = [f"# Benchmark summary: {payload['meta']['machine_name']}", "",
+             f"{'Quick run' if payload['meta']['quick'] else 'Full run'} of `gpt-oracle bench` on "
+             f"{payload['meta']['date']}, {payload['meta']['seconds']:.0f} s. FLOPs by the formula in "
+             "`benchmarks/README.md`; \"of peak\" divides by the GEMM rate measured at the start of the same run.", "",
+             "## Machine", "",
+             f"- CPU: {cpu['model']}, {cpu['usable_cpus']} usable cores, SIMD {', '.join(cpu['simd']) or '-'}"
+             + (f"; GPU: {m['cuda']['name']}" if m.get("cuda") else ""),
+             f"- libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v),
+             f"- BLAS: numpy {m['blas'].get('numpy_blas')}; torch threads {m['blas'].get('torch_threads')}, "
+             f"capability {m['blas'].get('torch_cpu_capability')}; env {m['blas'].get('env') or '{}'}",
+             "- measured peaks: " + ", ".join(
+                 f"{k} {_si(v, 'B/s' if 'bandwidth' in k else 'FLOP/s')}" for k, v in peaks.items()), "",
+             "## Targets (ratios measured in this run)", "",
+             markdown_table(format_targets(payload["targets"]), TARGET_HEADER), "",
+             "## Error budget: each fast path against the float64 oracle", "",
+             markdown_table(format_accuracy(payload["accuracy"]), ACC_HEADER), ""]
+    for section, title in (("train_step", "Training step (forward, backward, AdamW)"), ("forward", "Model forward"),
+                           ("decode", "Decoding"), ("sweep", "Sequence-length sweep"), ("layer", "Layers")):
+        rows = rows_for_table([r for r in results if r.section == section], peaks)
+        if rows:
+            lines += [f"## {title}", "", markdown_table([r[1:] for r in rows], HEADER[1:]), ""]
+    tok = payload.get("tokenizer") or {}
+    if tok:
+        lines += ["## Tokenizer", "", "| " + " | ".join(f"{k}" for k in tok) + " |", "|" + "---|" * len(tok),
+                  "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in tok.values()) + " |", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)

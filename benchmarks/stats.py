@@ -1,0 +1,107 @@
+"""Timing with warm-up and the statistics reported for it: median and spread over repeats.
+
+The median is the headline (robust to one slow repeat caused by the OS); the spread is the
+interquartile range relative to the median, plus min and max. Percentiles interpolate linearly
+between order statistics (numpy.percentile's default "linear" method).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0 <= q <= 100), linear interpolation between sorted samples."""
+    if not samples:
+        raise ValueError("percentile of an empty sample")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q={q} is outside [0, 100]")
+    xs = sorted(samples)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Seconds per call over `repeats` timed calls after `warmup` untimed ones."""
+
+    median: float
+    minimum: float
+    maximum: float
+    iqr: float  # 75th minus 25th percentile
+    repeats: int
+    warmup: int
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def rel_spread(self) -> float:
+        """IQR / median: 0.05 means the middle half of the repeats lies within 5% of the median."""
+        return self.iqr / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rel_spread"] = self.rel_spread
+        return d
+
+
+def summarize(samples: Sequence[float], warmup: int = 0) -> Timing:
+    """Median, min, max and IQR of per-call times."""
+    if not samples:
+        raise ValueError("no timing samples to summarize")
+    if any(s < 0 or not math.isfinite(s) for s in samples):
+        raise ValueError(f"timing samples must be finite and non-negative, got {list(samples)}")
+    return Timing(
+        median=percentile(samples, 50.0),
+        minimum=min(samples),
+        maximum=max(samples),
+        iqr=percentile(samples, 75.0) - percentile(samples, 25.0),
+        repeats=len(samples),
+        warmup=warmup,
+        samples=[float(s) for s in samples],
+    )
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, budget_s: float | None = None,
+              min_repeats: int = 2, sync: Callable[[], None] | None = None, slow_s: float | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones.
+
+    `budget_s` stops repeating once the timed calls have used that much time (after at least
+    `min_repeats`), so a slow configuration costs a bounded time. `sync` runs before each clock
+    read (torch.cuda.synchronize on CUDA: kernels are asynchronous, and the clock must wait).
+    `slow_s`: if the first warm-up call takes longer, its time is the only sample.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    sync = sync or (lambda: None)
+    for i in range(warmup):
+        start = clock()
+        fn()
+        sync()
+        first = clock() - start
+        if i == 0 and slow_s is not None and first > slow_s:
+            # One call already costs more than a whole measurement may: report that call alone
+            # (repeats=1, warmup=0 in the record says so) rather than spend minutes on repeats.
+            return summarize([first], warmup=0)
+    samples: list[float] = []
+    spent = 0.0
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        sync()
+        dt = clock() - start
+        samples.append(dt)
+        spent += dt
+        if budget_s is not None and spent >= budget_s and len(samples) >= min_repeats:
+            break
+    return summarize(samples, warmup=warmup)
+
+
+def rate(work: float, timing: Timing) -> float:
+    """Units of `work` per second at the median time."""
+    return work / timing.median if timing.median > 0 else float("inf")

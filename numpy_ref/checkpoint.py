@@ -1,0 +1,276 @@
+"""Checkpoints in the Hugging Face GPT-2 layout, and trainer state, with NumPy only.
+
+A model checkpoint is a directory (docs/design.md, "Checkpoints"):
+
+    config.json         GPT2Config's fields (model_type gpt2, vocab_size, n_positions, n_embd,
+                        n_layer, n_head, layer_norm_epsilon, activation_function gelu_new, ...)
+                        plus "gpt_oracle": our GPTConfig.to_dict(), exactly
+    model.safetensors   "transformer.<name>" for every parameter of docs/design.md's table,
+                        "lm_head.weight" when the head is not tied, all float32
+
+Why no transposes: Hugging Face GPT-2's linear layers are `Conv1D` modules whose weight is
+stored (in, out), exactly our layout, and its `lm_head` is an `nn.Linear(C, V)` whose weight is
+(V, C), exactly our `lm_head.weight`. So `transformers.GPT2LMHeadModel.from_pretrained(dir)`
+loads what `save_checkpoint` writes, and `load_checkpoint` reads what `save_pretrained` writes.
+Hugging Face GPT-2 always has a `c_attn` bias; without `qkv_bias` we write zeros (the same
+function) and on load require zeros.
+
+What `load_checkpoint` accepts from other writers: keys with or without the `transformer.`
+prefix; the `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` buffers of older files (causal mask
+constants, not parameters: ignored); no `lm_head.weight` in a tied file; a `config.json`
+without our `gpt_oracle` object (the GPTConfig is derived from the Hugging Face fields).
+What it rejects, each with a CheckpointError naming the file and the key: malformed safetensors
+(see numpy_ref/safetensors_io.py), missing or extra tensors, wrong shapes, float64 tensors,
+non-finite values, and Hugging Face options that change the computation.
+
+Trainer state: `trainer_state.json` (any JSON-ready dict) and `optimizer.safetensors` (any
+arrays, float64 included, so that a float64 run resumes bit for bit). Every file is written to
+a temporary file in the same directory, fsynced and renamed into place. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from numpy_ref.config import GPTConfig
+from numpy_ref.params import param_shapes
+from numpy_ref.safetensors_io import CheckpointError, atomic_write, read_header, read_safetensors, write_safetensors
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_trainer_state", "load_trainer_state",
+           "hf_config_dict", "config_from_hf"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PREFIX = "transformer."
+HEAD = "lm_head.weight"
+MODEL_DTYPES = ("F32", "BF16", "F16")  # what GPT-2 checkpoints hold; F64 is refused on purpose
+
+
+# ---- config.json ----------------------------------------------------------------------------
+
+
+def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
+    """config.json's content: Hugging Face GPT2Config fields, then our GPTConfig under `gpt_oracle`."""
+    d = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_ctx": config.context_length,
+        "n_embd": config.emb_dim,
+        "n_layer": config.n_layers,
+        "n_head": config.n_heads,
+        "n_inner": None,  # None means 4 * n_embd, our MLP width
+        "activation_function": "gelu_new",  # GPT-2's tanh approximation of GELU
+        "layer_norm_epsilon": config.ln_eps,
+        "resid_pdrop": config.drop_rate,
+        "embd_pdrop": config.drop_rate,
+        "attn_pdrop": config.drop_rate,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+    }
+    if config.vocab_size > 50256:
+        d["bos_token_id"] = d["eos_token_id"] = 50256  # GPT-2's <|endoftext|>
+    d["gpt_oracle"] = config.to_dict()
+    return d
+
+
+# Hugging Face field -> (our field, how to check it against ours when both are present)
+_HF_TO_OURS = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim",
+               "n_layer": "n_layers", "n_head": "n_heads", "layer_norm_epsilon": "ln_eps",
+               "tie_word_embeddings": "tie_embeddings"}
+
+
+def config_from_hf(hf: Mapping[str, Any], path) -> GPTConfig:
+    """Our GPTConfig from config.json's content (`gpt_oracle` if there, else derived)."""
+    _check_supported(hf, path)
+    if "gpt_oracle" in hf:
+        try:
+            config = GPTConfig.from_dict(hf["gpt_oracle"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: key 'gpt_oracle': {e}") from None
+        for hf_key, ours in _HF_TO_OURS.items():
+            if hf_key in hf and hf[hf_key] != getattr(config, ours):
+                raise CheckpointError(f"{path}: key {hf_key!r} = {hf[hf_key]!r} disagrees with "
+                                      f"gpt_oracle.{ours} = {getattr(config, ours)!r}")
+        return config
+    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in hf]
+    if "n_positions" not in hf and "n_ctx" not in hf:
+        missing.append("n_positions")
+    if missing:
+        raise CheckpointError(f"{path}: key(s) {missing} missing (needed to build a GPT-2 config)")
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx")),
+            emb_dim=hf["n_embd"], n_heads=hf["n_head"], n_layers=hf["n_layer"],
+            drop_rate=float(hf.get("resid_pdrop", 0.1)), qkv_bias=True,  # HF GPT-2 always has a c_attn bias
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),  # GPT2Config's default
+            ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _check_supported(hf: Mapping[str, Any], path) -> None:
+    """Refuse configurations whose numbers our model would not reproduce."""
+    rules = [
+        ("model_type", lambda v: v == "gpt2", "'gpt2'"),
+        ("activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh"), "the tanh GELU ('gelu_new')"),
+        ("n_inner", lambda v: v is None or v == 4 * hf.get("n_embd", -1), "None or 4 * n_embd"),
+        ("scale_attn_weights", lambda v: v is True, "true"),
+        ("scale_attn_by_inverse_layer_idx", lambda v: v is False, "false"),
+    ]
+    for key, ok, want in rules:
+        if key in hf and not ok(hf[key]):
+            raise CheckpointError(f"{path}: key {key!r} = {hf[key]!r} is not supported; this GPT-2 needs {want}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _write_json(path: Path, d: Mapping[str, Any]) -> None:
+    text = json.dumps(d, indent=2) + "\n"  # serialise first: a TypeError leaves nothing behind
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ---- model checkpoints ----------------------------------------------------------------------
+
+
+def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarray]) -> Path:
+    """Write `config.json` and `model.safetensors` (float32) into `directory`; returns it."""
+    directory = Path(directory)
+    table = param_shapes(config)
+    _check_names_and_shapes("params", {k: np.shape(v) for k, v in params.items()}, dict(table), "params")
+    tensors = {}
+    for name, _ in table:
+        value = np.asarray(params[name])
+        bad = ~np.isfinite(value)
+        if bad.any():
+            raise CheckpointError(f"params: key {name!r} has {int(bad.sum())} non-finite values; refusing to write "
+                                  f"a checkpoint that cannot be loaded")
+        key = name if name == HEAD else PREFIX + name
+        tensors[key] = value.astype(np.float32)
+    if not config.qkv_bias:
+        C = config.emb_dim
+        for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
+            tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = np.zeros(3 * C, dtype=np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    _write_json(directory / CONFIG_FILE, hf_config_dict(config))
+    return directory
+
+
+def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+    """(config, params) from a checkpoint directory; params in docs/design.md's order, as `dtype`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    config = config_from_hf(_read_json(directory / CONFIG_FILE), directory / CONFIG_FILE)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        hint = " (pytorch_model.bin is a pickle and is never loaded; convert it to safetensors)" \
+            if (directory / "pytorch_model.bin").exists() else ""
+        raise CheckpointError(f"{path}: file not found{hint}")
+    entries, _, _ = read_header(path)  # validate dtypes before reading any data
+    for name, info in entries.items():
+        if info.dtype not in MODEL_DTYPES:
+            why = "GPT-2 checkpoints are float32/bf16/fp16; cast to float32 before saving" if info.dtype == "F64" \
+                else f"expected one of {MODEL_DTYPES}"
+            raise CheckpointError(f"{path}: key {name!r} has dtype {info.dtype}: {why}")
+    raw, _ = read_safetensors(path)
+    tensors = _strip_names(path, raw)
+    expected = dict(param_shapes(config))
+    if config.tie_embeddings and HEAD in tensors:
+        if not np.array_equal(tensors[HEAD], tensors.get("wte.weight")):
+            raise CheckpointError(f"{path}: key {HEAD!r} differs from wte.weight but config.json ties them")
+        del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice
+    if not config.qkv_bias:
+        for i in range(config.n_layers):
+            bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)
+            if bias is not None and np.any(bias != 0):
+                raise CheckpointError(f"{path}: key 'h.{i}.attn.c_attn.bias' is non-zero but the config has "
+                                      f"qkv_bias=False")
+    _check_names_and_shapes(str(path), {k: v.shape for k, v in tensors.items()}, expected, "file")
+    params = {}
+    for name in expected:
+        value = tensors[name]
+        bad = ~np.isfinite(value)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise CheckpointError(f"{path}: key {_file_key(name)!r} has {int(bad.sum())} non-finite values "
+                                  f"(first at index {first}: {value[first]})")
+        params[name] = np.ascontiguousarray(value, dtype=dtype)
+    return config, params
+
+
+def _file_key(name: str) -> str:
+    return name if name == HEAD else PREFIX + name
+
+
+def _strip_names(path: Path, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """File keys -> our names: drop `transformer.`, drop the attention-mask buffers."""
+    out = {}
+    for key, value in raw.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
+            continue  # the causal-mask buffers of older GPT-2 files: constants, not parameters
+        if name in out:
+            raise CheckpointError(f"{path}: key {key!r} appears both with and without the {PREFIX!r} prefix")
+        out[name] = value
+    return out
+
+
+def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple], what: str):
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s) {[_file_key(k) if what == 'file' else k for k in missing]}")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise CheckpointError(f"{where}: unexpected key(s) {extra} for this config")
+    for k, shape in expected.items():
+        if tuple(shapes[k]) != tuple(shape):
+            key = _file_key(k) if what == "file" else k
+            raise CheckpointError(f"{where}: key {key!r} has shape {tuple(shapes[k])}, the config needs {shape}")
+
+
+# ---- trainer state --------------------------------------------------------------------------
+
+
+def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
+    """`optimizer.safetensors` (any dtype, float64 kept exactly), then `trainer_state.json`."""
+    directory = Path(directory)
+    text = json.dumps(dict(state), indent=2) + "\n"  # fails before anything is written
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / OPTIMIZER_FILE, dict(tensors), metadata={"format": "gpt_oracle-trainer"})
+    atomic_write(directory / TRAINER_STATE_FILE, lambda f: f.write(text.encode("utf-8")))
+    return directory
+
+
+def load_trainer_state(directory) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(state, tensors) as saved; tensors keep their dtype; non-finite floats are an error."""
+    directory = Path(directory)
+    state = _read_json(directory / TRAINER_STATE_FILE)
+    path = directory / OPTIMIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    tensors, _ = read_safetensors(path)
+    for name, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: key {name!r} has non-finite values")
+    return state, tensors

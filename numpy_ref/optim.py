@@ -1,0 +1,261 @@
+"""Optimisers, gradient clipping and the learning-rate schedule, every update written out.
+
+AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"; the update of
+torch.optim.AdamW), for each parameter p with gradient g at step t = 1, 2, ...:
+
+    p = p * (1 - lr * wd)                          decoupled decay (only for the decay set)
+    m = beta1 * m + (1 - beta1) * g                first moment
+    v = beta2 * v + (1 - beta2) * g^2              second moment
+    m_hat = m / (1 - beta1^t)                      bias corrections: m and v start at 0, so
+    v_hat = v / (1 - beta2^t)                      early averages are too small by these factors
+    p = p - lr * m_hat / (sqrt(v_hat) + eps)
+
+The decay is "decoupled": it shrinks the weights directly instead of being added to g, so it is
+not rescaled by Adam's per-coordinate step size.
+
+SGD (torch.optim.SGD without dampening or Nesterov): g = g + wd * p (coupled decay);
+buf = momentum * buf + g (buf = g at the first step); p = p - lr * buf.
+
+Global-norm clipping (torch.nn.utils.clip_grad_norm_): n = sqrt(sum over all grads of g^2);
+every g is multiplied by min(1, max_norm / (n + 1e-6)).
+
+Schedule (`lr_at_step`): linear warmup from max_lr / warmup_steps to max_lr over the first
+`warmup_steps` steps, then a half cosine from max_lr down to min_lr at `total_steps`.
+
+Decay set (`gpt2_decay`, the default): the 2-D weights of the linear layers (`c_attn`,
+`c_proj`, `c_fc` and a separate `lm_head`) decay; biases, layer-norm gains and biases and the
+embeddings `wte`/`wpe` do not (minGPT's rule, following GPT-2/GPT-3 practice: decay the
+matrices that multiply activations, never shift or scale parameters or lookup tables; with tied
+embeddings the head *is* `wte` and so does not decay). `all_decay` decays everything (what the
+book's chapter 5 does with `torch.optim.AdamW(model.parameters(), weight_decay=0.1)`).
+
+Optimiser state for checkpoints: `state_dict() -> (state, arrays)` where `state` is JSON-ready
+(kind, step, hyper-parameters) and `arrays` maps `exp_avg.<name>` / `exp_avg_sq.<name>` (AdamW)
+or `momentum_buffer.<name>` (SGD) to arrays; torch_impl/optim.py uses the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+
+DecayRule = Callable[[str, tuple], bool]
+
+
+def gpt2_decay(name: str, shape: tuple) -> bool:
+    """True for the 2-D weights of linear layers; False for biases, layer norms, wte and wpe."""
+    return len(shape) == 2 and name.endswith(".weight") and not name.startswith(("wte.", "wpe."))
+
+
+def all_decay(name: str, shape: tuple) -> bool:
+    """Every parameter decays (plain `AdamW(model.parameters(), weight_decay=...)`)."""
+    return True
+
+
+DECAY_RULES: dict[str, DecayRule] = {"gpt2": gpt2_decay, "all": all_decay}
+
+
+def get_decay_rule(rule: str | DecayRule) -> DecayRule:
+    """A decay rule by name ("gpt2", "all") or a callable `(name, shape) -> bool` as is."""
+    if callable(rule):
+        return rule
+    if rule not in DECAY_RULES:
+        raise ValueError(f"unknown decay set {rule!r}; known: {sorted(DECAY_RULES)}")
+    return DECAY_RULES[rule]
+
+
+# ---- learning-rate schedule -----------------------------------------------------------------
+
+
+def lr_at_step(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based).
+
+    step < warmup_steps:            max_lr * (step + 1) / warmup_steps      (linear warmup)
+    warmup_steps <= step < total:   min_lr + (max_lr - min_lr) * (1 + cos(pi * r)) / 2,
+                                    r = (step - warmup_steps) / (total_steps - warmup_steps)
+    step >= total_steps:            min_lr
+    The warmup starts at max_lr / warmup_steps, not 0, so the first step is never wasted.
+    """
+    if not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}")
+    if min_lr > max_lr or min_lr < 0:
+        raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    r = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * r))
+
+
+# ---- gradient clipping ------------------------------------------------------------------------
+
+
+def global_grad_norm(grads: Mapping[str, np.ndarray]) -> float:
+    """sqrt(sum over every gradient element of g^2), the norm of all gradients as one vector."""
+    norms = np.array([np.sqrt(np.sum(g * g)) for g in grads.values()])  # one norm per tensor
+    return float(np.sqrt(np.sum(norms * norms)))
+
+
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """Scale every gradient in place by min(1, max_norm / (norm + 1e-6)); return the norm before.
+
+    The 1e-6 keeps the division finite for an all-zero gradient (torch's constant). A
+    non-finite norm is returned as is and the gradients are left alone: the trainer stops.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    norm = global_grad_norm(grads)
+    if not math.isfinite(norm):
+        return norm
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    for name in grads:
+        grads[name] *= scale
+    return norm
+
+
+# ---- optimisers -------------------------------------------------------------------------------
+
+
+def _check_grads(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+    missing = [k for k in params if k not in grads]
+    extra = [k for k in grads if k not in params]
+    if missing or extra:
+        raise KeyError(f"gradients do not match the parameters: missing {missing}, unexpected {extra}")
+    for k, p in params.items():
+        if grads[k].shape != p.shape:
+            raise ValueError(f"gradient {k} has shape {grads[k].shape}, the parameter {p.shape}")
+
+
+class AdamW:
+    """AdamW over a dict of arrays, updated in place (see the module docstring for the math)."""
+
+    kind = "adamw"
+
+    def __init__(self, params: dict[str, np.ndarray], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, decay: str | DecayRule = "gpt2") -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
+        self.params = params
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        rule = get_decay_rule(decay)
+        self.decays = {k: bool(rule(k, p.shape)) for k, p in params.items()}
+        self.step_count = 0  # t
+        self.exp_avg = {k: np.zeros_like(p) for k, p in params.items()}  # m
+        self.exp_avg_sq = {k: np.zeros_like(p) for k, p in params.items()}  # v
+
+    def step(self, grads: Mapping[str, np.ndarray], lr: float | None = None) -> None:
+        """One update of every parameter with its gradient; `lr` overrides self.lr from now on."""
+        _check_grads(self.params, grads)
+        if lr is not None:
+            self.lr = lr
+        self.step_count += 1
+        t, lr = self.step_count, self.lr
+        beta1, beta2 = self.betas
+        bias1 = 1.0 - beta1**t  # 1 - beta1^t
+        bias2 = 1.0 - beta2**t  # 1 - beta2^t
+        for k, p in self.params.items():
+            g = grads[k]
+            if self.decays[k]:
+                p *= 1.0 - lr * self.weight_decay  # decoupled: shrink p itself
+            m, v = self.exp_avg[k], self.exp_avg_sq[k]
+            m *= beta1
+            m += (1.0 - beta1) * g  # m = beta1 m + (1 - beta1) g
+            v *= beta2
+            v += (1.0 - beta2) * g * g  # v = beta2 v + (1 - beta2) g^2
+            denom = np.sqrt(v) / math.sqrt(bias2) + self.eps  # sqrt(v_hat) + eps
+            p -= (lr / bias1) * m / denom  # lr * m_hat / (sqrt(v_hat) + eps)
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        state = {"kind": self.kind, "step": self.step_count, "lr": self.lr, "betas": list(self.betas),
+                 "eps": self.eps, "weight_decay": self.weight_decay,
+                 "decay": sorted(k for k, d in self.decays.items() if d)}
+        arrays = {f"exp_avg.{k}": m.copy() for k, m in self.exp_avg.items()}
+        arrays.update({f"exp_avg_sq.{k}": v.copy() for k, v in self.exp_avg_sq.items()})
+        return state, arrays
+
+    def load_state_dict(self, state: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore `state_dict()`'s output (exactly: resuming continues bit for bit)."""
+        if state.get("kind") != self.kind:
+            raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
+        for k, p in self.params.items():
+            for prefix, store in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                key = f"{prefix}.{k}"
+                if key not in arrays:
+                    raise KeyError(f"optimiser state lacks {key}")
+                a = np.asarray(arrays[key])
+                if a.shape != p.shape:
+                    raise ValueError(f"optimiser state {key} has shape {a.shape}, the parameter {p.shape}")
+                store[k] = a.astype(p.dtype, copy=True)
+        self.step_count = int(state["step"])
+        self.lr = float(state["lr"])
+
+
+class SGD:
+    """SGD with optional momentum and coupled weight decay (torch.optim.SGD's update)."""
+
+    kind = "sgd"
+
+    def __init__(self, params: dict[str, np.ndarray], *, lr: float = 1e-2, momentum: float = 0.0,
+                 weight_decay: float = 0.0, decay: str | DecayRule = "gpt2") -> None:
+        if not lr >= 0 or not 0 <= momentum < 1 or not weight_decay >= 0:
+            raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr!r}, {momentum!r}, "
+                             f"{weight_decay!r}")
+        self.params = params
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        rule = get_decay_rule(decay)
+        self.decays = {k: bool(rule(k, p.shape)) for k, p in params.items()}
+        self.step_count = 0
+        self.momentum_buffer: dict[str, np.ndarray] = {}
+
+    def step(self, grads: Mapping[str, np.ndarray], lr: float | None = None) -> None:
+        _check_grads(self.params, grads)
+        if lr is not None:
+            self.lr = lr
+        self.step_count += 1
+        for k, p in self.params.items():
+            g = grads[k]
+            if self.decays[k] and self.weight_decay:
+                g = g + self.weight_decay * p  # coupled: the decay is part of the gradient
+            if self.momentum:
+                if k not in self.momentum_buffer:
+                    self.momentum_buffer[k] = g.copy()  # buf = g at the first step
+                else:
+                    buf = self.momentum_buffer[k]
+                    buf *= self.momentum
+                    buf += g  # buf = momentum buf + g
+                g = self.momentum_buffer[k]
+            p -= self.lr * g
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        state = {"kind": self.kind, "step": self.step_count, "lr": self.lr, "momentum": self.momentum,
+                 "weight_decay": self.weight_decay, "decay": sorted(k for k, d in self.decays.items() if d)}
+        return state, {f"momentum_buffer.{k}": b.copy() for k, b in self.momentum_buffer.items()}
+
+    def load_state_dict(self, state: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
+        prefix = "momentum_buffer."
+        self.momentum_buffer = {k[len(prefix):]: np.asarray(a).astype(self.params[k[len(prefix):]].dtype, copy=True)
+                                for k, a in arrays.items() if k.startswith(prefix)}
+        self.step_count = int(state["step"])
+        self.lr = float(state["lr"])
+
+
+def build_optimizer(params: dict[str, np.ndarray], kind: str = "adamw", **kwargs) -> AdamW | SGD:
+    """`AdamW(params, **kwargs)` or `SGD(params, **kwargs)` by name."""
+    if kind == "adamw":
+        return AdamW(params, **kwargs)
+    if kind == "sgd":
+        return SGD(params, **kwargs)
+    raise ValueError(f"unknown optimizer {kind!r}; known: 'adamw', 'sgd'")

@@ -1,0 +1,106 @@
+"""The parameter table of GPT-2: names and shapes in order, initialisation, counts and memory.
+
+Names and order follow docs/design.md (Hugging Face GPT-2's names without `transformer.`):
+`wte.weight` (V, C), `wpe.weight` (Tc, C), then per block i `h.{i}.ln_1.weight`/`.bias` (C,),
+`h.{i}.attn.c_attn.weight` (C, 3C) [+ `.bias` (3C,) with qkv_bias], `h.{i}.attn.c_proj.weight`
+(C, C) + `.bias`, `h.{i}.ln_2.*`, `h.{i}.mlp.c_fc.weight` (C, 4C) + `.bias` (4C,),
+`h.{i}.mlp.c_proj.weight` (4C, C) + `.bias` (C,), then `ln_f.weight`/`.bias` and, untied only,
+`lm_head.weight` (V, C). Every linear weight is stored (in, out).
+
+Initialisation: normal(0, 0.02) for weights and embeddings, zeros for biases, ones for
+layer-norm weights, drawn from an explicit np.random.Generator in table order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def block_param_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """One block's (name, shape) pairs, without the `h.{i}.` prefix."""
+    C = config.emb_dim
+    table = [("ln_1.weight", (C,)), ("ln_1.bias", (C,)), ("attn.c_attn.weight", (C, 3 * C))]
+    if config.qkv_bias:
+        table.append(("attn.c_attn.bias", (3 * C,)))
+    table += [
+        ("attn.c_proj.weight", (C, C)), ("attn.c_proj.bias", (C,)),
+        ("ln_2.weight", (C,)), ("ln_2.bias", (C,)),
+        ("mlp.c_fc.weight", (C, 4 * C)), ("mlp.c_fc.bias", (4 * C,)),
+        ("mlp.c_proj.weight", (4 * C, C)), ("mlp.c_proj.bias", (C,)),
+    ]
+    return table
+
+
+def param_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Every (name, shape) of the model, in checkpoint order."""
+    V, Tc, C = config.vocab_size, config.context_length, config.emb_dim
+    table = [("wte.weight", (V, C)), ("wpe.weight", (Tc, C))]
+    for i in range(config.n_layers):
+        table += [(f"h.{i}.{name}", shape) for name, shape in block_param_shapes(config)]
+    table += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+    if not config.tie_embeddings:
+        table.append(("lm_head.weight", (V, C)))
+    return table
+
+
+def init_value(name: str) -> str:
+    """How `name` is initialised: "normal" (0, 0.02), "zeros" or "ones"."""
+    if name.endswith(".bias"):
+        return "zeros"
+    if name.split(".")[-2].startswith("ln_"):
+        return "ones"  # ln_1, ln_2, ln_f weights
+    return "normal"
+
+
+def init_params(config, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
+    """A fresh parameter dict (name -> C-contiguous array of `dtype`), drawn from `rng`."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"init_params needs an np.random.Generator, got {type(rng).__name__}")
+    params = {}
+    for name, shape in param_shapes(config):
+        kind = init_value(name)
+        if kind == "normal":
+            params[name] = (0.02 * rng.standard_normal(shape)).astype(dtype)
+        elif kind == "ones":
+            params[name] = np.ones(shape, dtype=dtype)
+        else:
+            params[name] = np.zeros(shape, dtype=dtype)
+    return params
+
+
+def count_parameters(config) -> int:
+    """Parameter elements of the model as configured (a tied head is `wte` and counts once)."""
+    return sum(int(np.prod(shape)) for _, shape in param_shapes(config))
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """The figures `gpt-oracle info` prints (chapter 4 of the book computes the same three)."""
+
+    total: int  # every parameter of the model as configured
+    with_tied_head: int  # the count when the output head is `wte` itself (the GPT-2 paper's count)
+    head: int  # parameters of the separate output head (0 when tied)
+    embeddings: int  # wte + wpe
+    per_block: int
+    bytes_float32: int  # total * 4
+
+    @property
+    def mb_float32(self) -> float:
+        """Memory in float32, MB = bytes / 1024**2 (the book's convention)."""
+        return self.bytes_float32 / 1024**2
+
+
+def parameter_report(config) -> ParameterReport:
+    total = count_parameters(config)
+    head = 0 if config.tie_embeddings else config.vocab_size * config.emb_dim
+    per_block = sum(int(np.prod(s)) for _, s in block_param_shapes(config))
+    embeddings = (config.vocab_size + config.context_length) * config.emb_dim
+    return ParameterReport(total=total, with_tied_head=total - head, head=head, embeddings=embeddings,
+                           per_block=per_block, bytes_float32=4 * total)
+
+
+def memory_bytes(config, dtype=np.float32) -> int:
+    """Bytes to hold the parameters in `dtype`."""
+    return count_parameters(config) * np.dtype(dtype).itemsize

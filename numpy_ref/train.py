@@ -1,0 +1,176 @@
+"""Pretraining in NumPy: the loop of the book's chapter 5 and appendix D, every step explicit.
+
+One optimiser step (the gradient of the mean loss over `grad_accum` micro-batches):
+
+    grads = 0
+    for each of `grad_accum` micro-batches (inputs, targets), each (B, T):
+        masks = model.dropout_masks(B, T, rng)                      explicit dropout ({} at p = 0)
+        logits, loss, cache = model.forward(inputs, targets, masks) (B, T) -> (B, T, V), ()
+        grads += model.backward(cache) / grad_accum                 d(loss / grad_accum)/dparams
+    norm = clip_grad_norm(grads, grad_clip)                         global L2 norm
+    lr = lr_at_step(step)                                           warmup, then cosine
+    optimizer.step(grads, lr)                                       params updated in place
+
+Every `eval_every` steps: the mean loss over the first `eval_batches` unshuffled batches of the
+training and validation sets, a greedy sample from `sample_prompt`, a line in `log.jsonl`, the
+loss plot. Every `checkpoint_every` steps and at the end: a checkpoint (numpy_ref/train_run.py).
+
+Randomness is explicit: the dropout masks come from an np.random.Generator seeded with `seed`;
+the batch order from the DataLoader's seed. A checkpoint stores the step, the generator's
+state, the data position, the optimiser state (float64 moments) and exact copies of the weights
+(model.safetensors holds float32), so a killed and resumed run ends bit for bit where an
+uninterrupted run ends. A non-finite loss or gradient norm stops the run before the weights
+change and saves nothing, so the last good checkpoint stays as it was.
+
+torch_impl/train.py is the same loop on autograd; in float64 the two agree step by step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from numpy_ref.optim import build_optimizer, clip_grad_norm, lr_at_step
+from numpy_ref.train_log import Progress
+from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
+                                 load_run, record_eval, save_run)
+
+
+def evaluate(model, batches) -> float:
+    """Mean loss over `batches` without dropout."""
+    total = 0.0
+    for inputs, targets in batches:
+        _, loss, _ = model.forward(inputs, targets)
+        total += float(loss)
+    return total / len(batches)
+
+
+def _optimizer(model, s: TrainSettings):
+    if s.optimizer == "adamw":
+        return build_optimizer(model.params, "adamw", lr=s.max_lr, betas=tuple(s.betas), eps=s.eps,
+                               weight_decay=s.weight_decay, decay=s.decay)
+    return build_optimizer(model.params, "sgd", lr=s.max_lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                           decay=s.decay)
+
+
+class Trainer:
+    """Trains `model` (a numpy_ref GPTModel) on `train_loader`; see the module docstring."""
+
+    def __init__(self, model, train_loader, val_loader, settings: TrainSettings, *, out_dir=None,
+                 encoding=None, on_step=None) -> None:
+        self.model, self.settings = model, settings
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.encoding = encoding
+        self.on_step = on_step  # called as on_step(trainer) after every step
+        self.optimizer = _optimizer(model, settings)
+        self.stream = BatchStream(train_loader)
+        self.eval_sets = {"train": fixed_batches(train_loader, settings.eval_batches),
+                          "val": fixed_batches(val_loader, settings.eval_batches) if val_loader is not None else None}
+        self.rng = np.random.default_rng(settings.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history = {"steps": [], "evals": []}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        opt_state, arrays = self.optimizer.state_dict()
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
+                 "data": {"epoch": self.stream.epoch, "index": self.stream.index},
+                 "rng": self.rng.bit_generator.state, "optimizer": opt_state, "history": self.history,
+                 "dtype": str(self.model.dtype)}
+        if self.model.dtype != np.float32:
+            # model.safetensors holds float32; the exact weights go with the trainer state.
+            arrays.update({f"param.{k}": v.copy() for k, v in self.model.params.items()})
+        return state, arrays
+
+    def restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        if self.model.dtype != np.float32:
+            for k, p in self.model.params.items():
+                p[...] = arrays[f"param.{k}"]  # in place: the optimiser holds these arrays
+        self.optimizer.load_state_dict(state["optimizer"], {k: v for k, v in arrays.items()
+                                                            if not k.startswith("param.")})
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
+        self.rng.bit_generator.state = state["rng"]
+        self.history = state["history"]
+
+    def save(self) -> Path | None:
+        return save_run(self.out_dir, self.step, self.model.config, self.model.params, *self.state(),
+                        backend="numpy") if self.out_dir is not None else None
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimiser step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
+        s, model = self.settings, self.model
+        grads = {k: np.zeros_like(p) for k, p in model.params.items()}
+        total = 0.0
+        for _ in range(s.grad_accum):
+            inputs, targets = self.stream.next()  # (B, T) each
+            masks = model.dropout_masks(inputs.shape[0], inputs.shape[1], self.rng)
+            _, loss, cache = model.forward(inputs, targets, dropout_masks=masks or None)  # (B, T) -> ()
+            value = float(loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"non-finite loss {value} at step {self.step + 1}")
+            for k, g in model.backward(cache).items():
+                grads[k] += g / s.grad_accum  # d(loss / grad_accum)/dparam, summed over micro-batches
+            total += value
+            self.tokens_seen += inputs.size
+        if s.grad_clip is not None:
+            norm = clip_grad_norm(grads, s.grad_clip)
+            if not math.isfinite(norm):
+                raise NonFiniteLoss(f"non-finite gradient norm {norm} at step {self.step + 1}")
+        lr = lr_at_step(self.step, max_lr=s.max_lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
+                        total_steps=s.steps)
+        self.optimizer.step(grads, lr=lr)
+        self.step += 1
+        return total / s.grad_accum
+
+    def sample(self) -> str | None:
+        s = self.settings
+        if self.encoding is None or not s.sample_prompt or s.sample_tokens == 0:
+            return None
+        from numpy_ref.generate import generate
+
+        ids = np.array([self.encoding.encode(s.sample_prompt)], dtype=np.int64)  # (1, T)
+        out = generate(self.model, ids, s.sample_tokens)  # greedy: (1, T) -> (1, T + n)
+        return self.encoding.decode(out[0].tolist())
+
+    def fit(self) -> TrainResult:
+        s = self.settings
+        progress = Progress(s.steps, self.step, enabled=s.progress, desc="train (numpy)")
+        start, start_tokens = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < s.steps:
+                loss = self.train_step()
+                self.history["steps"].append([self.step, self.tokens_seen, loss])
+                rate = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                progress.update(self.step, loss, rate)
+                if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps):
+                    record_eval(self, evaluate, progress)
+                if self.out_dir is not None and self.step < s.steps and s.checkpoint_every and \
+                        self.step % s.checkpoint_every == 0:
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self)
+        except NonFiniteLoss as err:
+            progress.close()
+            return finish_run(self, str(err), ok=False, seconds=time.perf_counter() - start)
+        progress.close()
+        self.save()
+        return finish_run(self, "finished", ok=True, seconds=time.perf_counter() - start)
+
+    @classmethod
+    def resume(cls, run_dir, model, train_loader, val_loader, **kwargs) -> "Trainer":
+        """A trainer positioned exactly at the last checkpoint under `run_dir` (weights loaded
+        into `model`); the settings are the saved ones."""
+        settings, state, arrays, params = load_run(run_dir, backend="numpy")
+        for k, p in model.params.items():
+            p[...] = params[k]
+        trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
+        trainer.restore(state, arrays)
+        return trainer

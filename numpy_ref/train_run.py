@@ -1,0 +1,221 @@
+"""The bookkeeping of a training run: settings, the resumable batch stream, run directories.
+
+A run directory (`--out DIR`) holds `log.jsonl`, `loss.png`, one sub-directory per checkpoint,
+`step-00000010/` (a model checkpoint, `config.json` + `model.safetensors`, plus the trainer
+state, `trainer_state.json` + `optimizer.safetensors`, both written by numpy_ref/checkpoint.py)
+and `latest`, a one-line file naming the newest complete checkpoint. A checkpoint directory is
+written in full before `latest` is switched to it (write to a temporary file, then rename), so
+a run killed at any moment leaves `latest` pointing at a complete checkpoint; the two newest
+are kept. torch_impl/train_run.py is the same file for the torch tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from numpy_ref.train_log import append_log, save_loss_plot
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: training stops."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 100  # optimiser steps in total (the schedule's total_steps)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+    max_lr: float = 4e-4
+    min_lr: float = 4e-5  # the cosine ends here
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0  # SGD only
+    decay: str = "gpt2"  # which parameters decay: "gpt2" (linear weights) or "all"
+    grad_clip: float | None = 1.0  # global-norm clipping; None = off
+    eval_every: int = 0  # steps between evaluations; 0 = never
+    eval_batches: int = 5  # batches of each set per evaluation
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 20  # greedy tokens generated at each evaluation
+    seed: int = 0  # dropout masks
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"TrainSettings.warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainSettings.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"TrainSettings.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainSettings key(s) {unknown}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+class BatchStream:
+    """Batches of a DataLoader, epoch after epoch, with a position (epoch, index) to resume at.
+
+    The loader must be fresh (never iterated): epoch k is its k-th `iter()`, which is what makes
+    `seek` possible: it replays the shuffles of epochs 0 .. k (drawing no other randomness).
+    """
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.epoch = 0  # the epoch the next batch comes from
+        self.index = 0  # the position of the next batch within it
+        self._batches = None
+        self._drawn = -1  # the last epoch whose order was drawn from the loader
+
+    def _draw_until(self, epoch: int) -> None:
+        while self._drawn < epoch:
+            self._batches = list(iter(self.loader))
+            self._drawn += 1
+
+    def next(self):
+        self._draw_until(self.epoch)
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._draw_until(self.epoch)
+        batch = self._batches[self.index]
+        self.index += 1
+        return batch
+
+    def seek(self, epoch: int, index: int) -> None:
+        if self._drawn >= 0:
+            raise RuntimeError("BatchStream.seek needs a fresh stream (nothing drawn yet)")
+        self.epoch, self.index = epoch, index
+
+
+def fixed_batches(loader, n: int) -> list:
+    """The first `n` batches of the loader's dataset in order, unshuffled (the same every time)."""
+    ds, B = loader.dataset, loader.batch_size
+    count = min(n, max(1, len(ds) // B))
+    batches = []
+    for i in range(count):
+        items = [ds[j] for j in range(i * B, min((i + 1) * B, len(ds)))]
+        batches.append(tuple(_stack([it[k] for it in items]) for k in (0, 1)))  # (B, T) each
+    return batches
+
+
+def _stack(rows):
+    return np.stack([np.asarray(r) for r in rows])
+
+
+# ---- run directories ------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint under `run_dir`, or `run_dir` itself if it is one."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest"
+    if pointer.is_file():
+        return run_dir / pointer.read_text(encoding="utf-8").strip()
+    if (run_dir / "trainer_state.json").is_file():
+        return run_dir
+    return None
+
+
+def save_run(out_dir, step: int, config, params, state: dict, tensors: dict, *, backend: str, keep: int = 2) -> Path:
+    from numpy_ref.checkpoint import save_checkpoint, save_trainer_state
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    ckpt = out_dir / name
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    save_checkpoint(ckpt, config, params)
+    save_trainer_state(ckpt, {**state, "backend": backend}, tensors)
+    tmp = out_dir / "latest.tmp"
+    tmp.write_text(name + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "latest")  # the switch to the new checkpoint is one rename
+    old = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return ckpt
+
+
+def load_run(run_dir, *, backend: str):
+    """(settings, trainer state, trainer tensors, model params) of the newest checkpoint."""
+    from numpy_ref.checkpoint import load_checkpoint, load_trainer_state
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no 'latest' file, no trainer_state.json)")
+    state, tensors = load_trainer_state(ckpt)
+    if state.get("backend", backend) != backend:
+        raise ValueError(f"{ckpt} was written by the {state['backend']} trainer; resume it with --backend "
+                         f"{state['backend']}")
+    _, params = load_checkpoint(ckpt)
+    return TrainSettings.from_dict(state["settings"]), state, tensors, params
+
+
+# ---- evaluation and the end of a run --------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    ok: bool
+    message: str
+    step: int
+    tokens_seen: int
+    seconds: float
+    checkpoint: Path | None  # the last good checkpoint
+    history: dict
+
+
+def record_eval(trainer, evaluate, progress) -> dict:
+    """Losses on the fixed train/val batches, a greedy sample; logged, plotted, returned."""
+    train_loss = evaluate(trainer.model, trainer.eval_sets["train"])
+    val_loss = evaluate(trainer.model, trainer.eval_sets["val"]) if trainer.eval_sets["val"] else float("nan")
+    text = trainer.sample()
+    trainer.history["evals"].append([trainer.step, trainer.tokens_seen, train_loss, val_loss])
+    record = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "train_loss": train_loss,
+              "val_loss": val_loss, "sample": text}
+    progress.write(f"step {trainer.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                   f"tokens seen {trainer.tokens_seen:,}" + (f"\n  sample: {text!r}" if text is not None else ""))
+    if trainer.out_dir is not None:
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        append_log(trainer.out_dir / "log.jsonl", record)
+        save_loss_plot(trainer.out_dir / "loss.png", trainer.history)
+    return record
+
+
+def finish_run(trainer, message: str, *, ok: bool, seconds: float) -> TrainResult:
+    ckpt = latest_checkpoint(trainer.out_dir) if trainer.out_dir is not None else None
+    if not ok:
+        where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written"
+        message = f"{message}; training stopped without saving ({where})"
+    elif trainer.out_dir is not None:
+        save_loss_plot(trainer.out_dir / "loss.png", trainer.history)
+        append_log(trainer.out_dir / "log.jsonl", {"step": trainer.step, "tokens_seen": trainer.tokens_seen,
+                                                   "finished": True, "seconds": seconds})
+    return TrainResult(ok, message, trainer.step, trainer.tokens_seen, seconds, ckpt, trainer.history)

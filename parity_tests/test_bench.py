@@ -1,0 +1,216 @@
+"""The benchmark harness itself: the FLOP formula against a hand count, the statistics, the
+targets arithmetic, and a `--quick` run on the tiny config producing well-formed files.
+
+Nothing here asserts a timing: speeds are measured and reported by `gpt-oracle bench`, never
+tested (a loaded CI machine must not fail a test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import flops as F
+from benchmarks import report
+from benchmarks.memory import tracemalloc_peak
+from benchmarks.record import Result, guarded
+from benchmarks.runner import CONFIGS
+from benchmarks.stats import percentile, summarize, time_call
+from parity_tests.strategies import config_dicts
+
+
+def hand_count_forward(cfg: dict, B: int, T: int) -> int:
+    """Every matmul of one forward pass, written out as loops over the model's structure."""
+    V, C, L, nh = cfg["vocab_size"], cfg["emb_dim"], cfg["n_layers"], cfg["n_heads"]
+    hs = C // nh
+    total = 0
+
+    def matmul(rows: int, inner: int, cols: int) -> int:
+        return 2 * rows * inner * cols  # rows x cols outputs, `inner` multiply-adds each
+
+    for _ in range(L):
+        total += matmul(B * T, C, 3 * C)  # c_attn
+        for _b in range(B):
+            for _h in range(nh):
+                for t in range(T):
+                    keys = t + 1  # the causal mask keeps keys 0..t
+                    total += matmul(1, hs, keys)  # q_t . k_j for each kept key
+                    total += matmul(1, keys, hs)  # sum_j a_tj v_j
+        total += matmul(B * T, C, C)  # attn.c_proj
+        total += matmul(B * T, C, 4 * C)  # mlp.c_fc
+        total += matmul(B * T, 4 * C, C)  # mlp.c_proj
+    total += matmul(B * T, C, V)  # output head
+    return total
+
+
+@settings(max_examples=10)
+@given(cfg=config_dicts(max_layers=3, max_heads=3, max_head_size=4, max_context=8), B=st.integers(1, 3),
+       data=st.data())
+def test_forward_flops_match_a_hand_count_of_every_matmul(cfg, B, data):
+    T = data.draw(st.integers(1, cfg["context_length"]))
+    expected = hand_count_forward(cfg, B, T)
+    got = F.forward_flops(cfg, B, T)
+    assert got == expected, f"forward_flops({cfg}, B={B}, T={T}) = {got}, hand count {expected}"
+    assert F.training_flops(cfg, B, T) == 3 * expected, "training FLOPs must be 3x the forward"
+
+
+def test_tiny_preset_hand_count():
+    cfg = CONFIGS["tiny"]
+    # tiny: V 101, C 32, L 2, nh 4; B=2, T=16 -> written out by hand:
+    # per layer 2*32*(3*32 + 32 + 4*32 + 4*32)*32 tokens = 786,432; attention 4*32*(1+...+16)*2 seqs = 34,816
+    # head 2*32*101*32 tokens = 206,848
+    assert F.forward_flops(cfg, 2, 16) == 2 * (786_432 + 34_816) + 206_848
+    assert F.forward_flops(cfg, 2, 16) == hand_count_forward(cfg, 2, 16)
+
+
+def test_gpt2_small_matmul_params_against_the_book():
+    # The book (Raschka, ch. 4) counts 124,412,160 parameters for GPT-2 small with the head tied.
+    # Removing what is not a matmul weight: wpe (1024*768), per block the biases of c_proj, c_fc,
+    # mlp.c_proj and two layer norms (768 + 3072 + 768 + 4*768 = 7,680; qkv_bias is off), and ln_f.
+    non_matmul = 1024 * 768 + 12 * 7_680 + 2 * 768
+    assert F.matmul_params(CONFIGS["124M"]) == 124_412_160 - non_matmul == 123_532_032
+    assert F.training_flops(CONFIGS["124M"], 4, 64) == 3 * 256 * (2 * 123_532_032 + 2 * 12 * 768 * 65)
+
+
+@settings(max_examples=8)
+@given(cfg=config_dicts(max_context=12), data=st.data())
+def test_kv_cache_decode_flops_sum_to_the_forward_of_the_sequence(cfg, data):
+    T = data.draw(st.integers(1, cfg["context_length"]))
+    decoded = sum(F.decode_flops(cfg, P) for P in range(T))
+    assert decoded == F.forward_flops(cfg, 1, T), f"decode steps {decoded} vs one forward {F.forward_flops(cfg, 1, T)}"
+
+
+def test_flops_reject_empty_batches():
+    with pytest.raises(ValueError, match="B=0"):
+        F.forward_flops(CONFIGS["tiny"], 0, 4)
+
+
+@given(st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=20), st.floats(0, 100))
+def test_percentile_matches_numpy(xs, q):
+    ours, theirs = percentile(xs, q), float(np.percentile(xs, q))
+    assert math.isclose(ours, theirs, rel_tol=1e-12, abs_tol=1e-9), f"percentile(q={q}) {ours} vs numpy {theirs}"
+
+
+def test_summarize_median_iqr_and_errors():
+    t = summarize([4.0, 1.0, 3.0, 2.0, 100.0], warmup=2)
+    assert (t.median, t.minimum, t.maximum, t.repeats, t.warmup) == (3.0, 1.0, 100.0, 5, 2), t
+    assert t.iqr == 4.0 - 2.0, f"IQR {t.iqr}"
+    assert t.rel_spread == pytest.approx(2.0 / 3.0)
+    with pytest.raises(ValueError, match="no timing samples"):
+        summarize([])
+    with pytest.raises(ValueError, match="finite"):
+        summarize([1.0, float("nan")])
+    with pytest.raises(ValueError, match="outside"):
+        percentile([1.0], 101)
+
+
+class FakeClock:
+    """Each call to fn advances time by the next duration; the clock reads that time."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.calls = 0.0, list(durations), 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def fn(self):
+        self.now += self.durations[self.calls]
+        self.calls += 1
+
+
+def test_time_call_warmup_repeats_budget_and_slow_first_call():
+    clock = FakeClock([9.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    t = time_call(clock.fn, warmup=1, repeats=5, clock=clock)
+    assert t.samples == [1.0, 2.0, 3.0, 4.0, 5.0] and t.warmup == 1, f"warm-up must not be timed: {t.samples}"
+    clock = FakeClock([1.0, 2.0, 2.0, 2.0, 2.0])
+    t = time_call(clock.fn, warmup=1, repeats=4, budget_s=3.0, min_repeats=2, clock=clock)
+    assert t.samples == [2.0, 2.0], f"budget of 3 s must stop after two 2 s repeats, got {t.samples}"
+    clock = FakeClock([50.0, 1.0])
+    t = time_call(clock.fn, warmup=1, repeats=3, slow_s=10.0, clock=clock)
+    assert t.samples == [50.0] and clock.calls == 1, f"a first call over slow_s is the only sample: {t.samples}"
+    synced = []
+    clock = FakeClock([1.0] * 4)
+    time_call(clock.fn, warmup=1, repeats=3, sync=lambda: synced.append(clock.calls), clock=clock)
+    assert synced == [1, 2, 3, 4], f"sync must run after the warm-up and after each timed call, ran at {synced}"
+
+
+def test_tracemalloc_peak_sees_numpy_arrays():
+    peak = tracemalloc_peak(lambda: np.ones(1_000_000).sum())
+    assert peak >= 8_000_000, f"an 8 MB temporary must show in the peak, got {peak} bytes"
+
+
+def test_guarded_turns_missing_modules_into_na_and_failures_into_errors():
+    def missing():
+        import numpy_ref.this_module_does_not_exist  # noqa: F401
+
+    def broken():
+        raise RuntimeError("boom")
+
+    (na,) = guarded(missing, "forward", "tiny", "numpy-float32", "forward")
+    (err,) = guarded(broken, "forward", "tiny", "numpy-float32", "forward")
+    assert na.status == "n/a" and "this_module_does_not_exist" in na.note, na
+    assert err.status == "error" and "RuntimeError: boom" in err.note, err
+
+
+def _timed_result(section, backend, seconds, what=None, tokens=256, flops=1e9, peak="numpy_float32"):
+    r = Result(section, "124M", backend, what or section, B=4, T=64, tokens=tokens, flops=flops, peak_name=peak)
+    r.timing = summarize([seconds])
+    return r
+
+
+def test_targets_are_ratios_of_the_right_measurements():
+    peaks = {"numpy_float32": 4e9, "torch_bfloat16": 2e9}
+    results = [
+        _timed_result("train_step", "numpy-float32", 0.5),  # 2 GFLOP/s of 4: 0.5
+        _timed_result("train_step", "torch-fp32", 1.0, peak="torch_float32"),
+        _timed_result("train_step", "hf-fp32", 2.0, peak="torch_float32"),
+        _timed_result("train_step", "torch-bf16", 2.0, peak="torch_bfloat16"),  # 0.5 GFLOP/s of 2: 0.25
+        _timed_result("decode", "torch-fp32", 1.0, "decode (KV cache)", tokens=30),
+        _timed_result("decode", "hf-fp32", 1.0, "generate (KV cache)", tokens=10),
+    ]
+    values = [(t["value"], t["met"]) for t in report.targets(results, peaks, {"ratio": 6.0})]
+    assert values == [(0.5, True), (0.5, True), (0.25, False), (3.0, True), (6.0, False)], f"targets: {values}"
+    missing = report.targets([], peaks, None)
+    assert all(t["value"] is None and t["met"] is None for t in missing), f"nothing measured -> no verdict: {missing}"
+
+
+def test_quick_bench_on_tiny_writes_well_formed_results(tmp_path):
+    from gpt_oracle.cli import main
+
+    out = tmp_path / "bench"
+    status = main(["bench", "--quick", "--configs", "tiny", "--out", str(out), "--quiet", "--no-tokenizer"])
+    assert status == 0, f"gpt-oracle bench --quick exited {status}"
+    for name in ("results.json", "summary.md", "table.txt"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, f"{name} missing or empty in {os.listdir(out)}"
+    payload = json.loads((out / "results.json").read_text())
+    assert set(payload) >= {"meta", "machine", "targets", "accuracy", "results"}, f"keys: {sorted(payload)}"
+    peaks = payload["machine"]["peaks"]
+    assert all(v > 0 for v in peaks.values()), f"measured peaks must be positive: {peaks}"
+    rows = payload["results"]
+    assert rows, "no result rows"
+    errors = [f"{r['backend']} {r['what']}: {r['note']}" for r in rows if r["status"] == "error"]
+    assert not errors, "benchmarks raised (harness and model APIs disagree?): " + "; ".join(errors)
+    for r in rows:
+        assert r["status"] in ("ok", "n/a"), r
+        if r["status"] == "ok":
+            assert r["seconds"] > 0 and r["timing"]["repeats"] >= 1, f"ok row without a time: {r}"
+            if r["flops"]:
+                assert r["flop_per_s"] == pytest.approx(r["flops"] / r["seconds"]), r
+    summary = (out / "summary.md").read_text()
+    for heading in ("## Machine", "## Targets", "## Error budget"):
+        assert heading in summary, f"summary.md lacks {heading!r}"
+    for png in payload["plots"]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+
+
+def test_bench_rejects_an_unknown_config(capsys):
+    from gpt_oracle.cli import main
+
+    assert main(["bench", "--configs", "gpt9000", "--quiet"]) == 2
+    assert "gpt9000" in capsys.readouterr().err

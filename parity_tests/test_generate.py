@@ -1,0 +1,243 @@
+"""Sampling and generation (docs/design.md, "Sampling"), in both trees.
+
+- `sample_next`: the same id from both trees for the same logits and coin, with temperature,
+  top-k (clamped to V) and top-p, ties included; temperature 0 is argmax; the coin walks the
+  inverse CDF of the kept ids, so a grid of coins reproduces their probabilities.
+- `generate`: greedy and sampled tokens identical across trees (same weights, same coins); the
+  KV cache gives the logits of full recomputation at every step; stop token; cropping to the
+  context length; bad arguments raise naming the value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numpy_ref import generate as ngen
+from numpy_ref.config import get_config as np_config
+from numpy_ref.model import GPTModel as NumpyGPT
+from parity_tests.compare import assert_close, load_numpy_params_into_torch, to_numpy
+from parity_tests.strategies import seeds
+from parity_tests.tolerances import forward_tol
+from torch_impl import generate as tgen
+from torch_impl.config import get_config as torch_config
+from torch_impl.model import GPTModel as TorchGPT
+
+V = 101  # the tiny preset's vocabulary
+
+
+def _models(context_length: int = 16, seed: int = 0):
+    n_model = NumpyGPT(np_config("tiny", context_length=context_length), seed=seed)
+    t_model = TorchGPT(torch_config("tiny", context_length=context_length), seed=seed + 1, dtype=torch.float64)
+    load_numpy_params_into_torch(t_model, n_model.params)
+    return n_model, t_model
+
+
+def _softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+@st.composite
+def logit_rows(draw):
+    """(V,) float64 logits with ties likely: values drawn from a small pool plus noise."""
+    n = draw(st.integers(1, 40))
+    seed = draw(seeds())
+    rng = np.random.default_rng(seed)
+    row = np.round(rng.standard_normal(n) * 3, draw(st.sampled_from([0, 1, 8])))  # rounding makes ties
+    return row
+
+
+# ---- sample_next ----------------------------------------------------------------------------
+
+
+@given(row=logit_rows(), temperature=st.sampled_from([0.0, None, 0.3, 1.0, 2.5]),
+       top_k=st.none() | st.integers(1, 50), top_p=st.none() | st.sampled_from([0.05, 0.5, 0.9, 1.0]),
+       coin=st.floats(0.0, 1.0, exclude_max=True))
+@settings(max_examples=60)
+def test_sample_next_is_the_same_in_both_trees(row, temperature, top_k, top_p, coin):
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, coin=coin)
+    n_id = ngen.sample_next(row, **kw)
+    t_id = tgen.sample_next(torch.tensor(row), **kw)
+    assert n_id == t_id, f"numpy picked {n_id}, torch {t_id} for {kw} and logits {row.tolist()}"
+    assert 0 <= n_id < len(row)
+    if not temperature:
+        assert n_id == int(np.flatnonzero(row == row.max())[0]), f"greedy must be the lowest argmax, got {n_id}"
+    if top_k is not None and temperature:
+        kth = np.sort(row)[::-1][min(top_k, len(row)) - 1]
+        assert row[n_id] >= kth, f"id {n_id} (logit {row[n_id]}) is outside the top {top_k} (>= {kth})"
+
+
+def test_coin_walks_the_inverse_cdf_of_the_kept_ids():
+    """Coins on a fine grid pick each kept id with its softmax probability (both trees)."""
+    row = np.array([2.0, -1.0, 0.5, 2.0, 3.0, -4.0, 0.0])
+    n = 4000
+    coins = (np.arange(n) + 0.5) / n
+    for kw, keep in [(dict(temperature=0.7), [0, 1, 2, 3, 4, 5, 6]),
+                     (dict(temperature=1.3, top_k=3), [0, 3, 4]),  # 3.0 and the tie at 2.0
+                     (dict(temperature=1.0, top_p=0.6), [0, 4])]:  # 4 alone < 0.6; +0 (tie, lower id)
+        z = row[keep] / kw["temperature"]
+        expected = np.zeros(len(row))
+        expected[keep] = _softmax(z)
+        for name, fn, conv in (("numpy", ngen.sample_next, np.asarray), ("torch", tgen.sample_next, torch.tensor)):
+            picks = np.array([fn(conv(row), coin=float(c), **kw) for c in coins])
+            freq = np.bincount(picks, minlength=len(row)) / n
+            assert np.all(freq[expected == 0] == 0), f"{name} {kw}: picked ids outside {keep}: {freq}"
+            assert np.abs(freq - expected).max() <= 1.0 / n + 1e-12, (
+                f"{name} {kw}: frequencies {freq.round(4)} differ from probabilities {expected.round(4)}")
+
+
+def test_top_k_larger_than_vocab_is_clamped_and_temperature_zero_is_greedy():
+    row = np.random.default_rng(0).standard_normal(V)
+    for c in (0.0, 0.3, 0.999):
+        for fn, conv in ((ngen.sample_next, np.asarray), (tgen.sample_next, torch.tensor)):
+            assert fn(conv(row), temperature=0.8, top_k=V + 50, coin=c) == fn(conv(row), temperature=0.8, coin=c)
+            assert fn(conv(row), temperature=0.0, top_k=3, top_p=0.2, coin=c) == int(np.argmax(row))
+            assert fn(conv(row), temperature=5.0, top_k=1, coin=c) == int(np.argmax(row)), "top_k=1 is greedy"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-1.0, coin=0.5), "temperature must be a number >= 0"),
+    (dict(temperature=1.0, top_k=0, coin=0.5), "top_k must be an int >= 1 or None, got 0"),
+    (dict(temperature=1.0, top_p=0.0, coin=0.5), r"top_p must be in \(0, 1\] or None, got 0.0"),
+    (dict(temperature=1.0, top_p=1.5, coin=0.5), r"top_p must be in \(0, 1\] or None, got 1.5"),
+    (dict(temperature=1.0, coin=1.0), r"needs a coin in \[0, 1\), got 1.0"),
+    (dict(temperature=1.0), r"needs a coin in \[0, 1\), got None"),
+])
+def test_sample_next_rejects_bad_arguments(kw, match):
+    row = np.zeros(5)
+    with pytest.raises(ValueError, match=match):
+        ngen.sample_next(row, **kw)
+    with pytest.raises(ValueError, match=match):
+        tgen.sample_next(torch.tensor(row), **kw)
+
+
+def test_sample_next_rejects_nan_logits_naming_the_id():
+    row = np.array([0.0, 1.0, np.nan])
+    with pytest.raises(ValueError, match="NaN at id 2"):
+        ngen.sample_next(row, temperature=1.0, coin=0.1)
+    with pytest.raises(ValueError, match="NaN at id 2"):
+        tgen.sample_next(torch.tensor(row), temperature=1.0, coin=0.1)
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+
+@given(seed=seeds(), B=st.integers(1, 3), T=st.integers(1, 10), n=st.integers(0, 14),
+       mode=st.sampled_from(["greedy", "temperature", "top_k", "top_p", "all"]))
+@settings(max_examples=10)
+def test_generate_gives_the_same_tokens_in_both_trees(seed, B, T, n, mode):
+    """Context 12, so prompts plus new tokens often outgrow it and the window slides."""
+    n_model, t_model = _models(context_length=12, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, (B, T))
+    coins = rng.random((n, B))
+    kw = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=1.2),
+          "top_k": dict(temperature=0.9, top_k=5), "top_p": dict(temperature=1.0, top_p=0.7),
+          "all": dict(temperature=0.8, top_k=20, top_p=0.9)}[mode]
+    n_out = ngen.generate(n_model, ids, n, coins=coins, **kw)
+    t_out = tgen.generate(t_model, torch.tensor(ids), n, coins=torch.tensor(coins), **kw)
+    assert n_out.shape == (B, T + n), f"numpy output shape {n_out.shape}, expected {(B, T + n)}"
+    assert np.array_equal(n_out[:, :T], ids), "the prompt must be returned unchanged (uncropped)"
+    diff = np.argwhere(n_out != to_numpy(t_out))
+    assert diff.size == 0, f"{mode}: first differing token at (row, position) {tuple(diff[0])}: " \
+                           f"numpy {n_out[tuple(diff[0])]} vs torch {int(t_out[tuple(diff[0])])}"
+    n_nocache = ngen.generate(n_model, ids, n, coins=coins, use_cache=False, **kw)
+    t_nocache = tgen.generate(t_model, torch.tensor(ids), n, coins=torch.tensor(coins), use_cache=False, **kw)
+    assert np.array_equal(n_nocache, n_out), "numpy: KV-cached tokens differ from recomputation"
+    assert np.array_equal(to_numpy(t_nocache), n_out), "torch: KV-cached tokens differ from recomputation"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_kv_cache_logits_equal_full_recomputation_at_every_step(tree):
+    n_model, t_model = _models(context_length=16, seed=4)
+    ids = np.random.default_rng(1).integers(0, V, (2, 16))
+    if tree == "numpy":
+        model, run = n_model, (lambda x, **kw: n_model(x, **kw))
+    else:
+        model, run = t_model, (lambda x, **kw: to_numpy(t_model(torch.tensor(x), **kw)))
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        prefix = 5
+        cached = run(ids[:, :prefix], kv_cache=cache)[:, -1]  # prompt in one chunk
+        for t in range(prefix, 16):
+            full = run(ids[:, :t])[:, -1]  # (B, t, V) -> (B, V)
+            assert_close(f"{tree}: last logits with a KV cache of {t - 1} positions", cached, full,
+                         forward_tol("float64"))
+            cached = run(ids[:, t:t + 1], kv_cache=cache)[:, -1]  # one new position
+
+
+def test_stop_token_pads_finished_rows_and_ends_when_all_stopped():
+    n_model, t_model = _models(seed=7)
+    ids = np.random.default_rng(3).integers(0, V, (3, 4))
+    free = ngen.generate(n_model, ids, 10)  # greedy, no stop token
+    eos = int(free[0, 4 + 2])  # row 0's third new token
+    n_out = ngen.generate(n_model, ids, 10, eos_id=eos)
+    t_out = to_numpy(tgen.generate(t_model, torch.tensor(ids), 10, eos_id=eos))
+    assert np.array_equal(n_out, t_out), f"stop token: numpy {n_out.tolist()} vs torch {t_out.tolist()}"
+    for b in range(3):
+        hits = np.flatnonzero(free[b, 4:] == eos)
+        stop = hits[0] if hits.size else None
+        row = n_out[b, 4:]
+        if stop is None:
+            assert np.array_equal(row, free[b, 4:4 + len(row)]), f"row {b} never stops but changed"
+        else:
+            assert np.array_equal(row[:stop + 1], free[b, 4:4 + stop + 1]), f"row {b} before its stop changed"
+            assert np.all(row[stop:] == eos), f"row {b} is not padded with eos {eos} after step {stop}: {row}"
+    all_stop = max((np.flatnonzero(free[b, 4:] == eos)[0] if np.any(free[b, 4:] == eos) else 10) for b in range(3))
+    assert n_out.shape[1] == 4 + min(10, all_stop + 1), f"generation should end when every row stopped: {n_out.shape}"
+    single = ngen.generate(n_model, ids[:1], 10, eos_id=eos)
+    assert single.shape == (1, 4 + 3) and single[0, -1] == eos, f"one row stops right after eos: {single.tolist()}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_long_prompts_are_cropped_to_the_context(tree):
+    """A prompt longer than the context gives the tokens of its last Tc ids, and every step
+    past the context equals greedy recomputation on the last Tc ids."""
+    n_model, t_model = _models(context_length=6, seed=9)
+    ids = np.random.default_rng(5).integers(0, V, (2, 15))
+    if tree == "numpy":
+        gen, model_logits = (lambda x, n: ngen.generate(n_model, x, n)), (lambda x: n_model(x))
+    else:
+        gen = lambda x, n: to_numpy(tgen.generate(t_model, torch.tensor(x), n))  # noqa: E731
+        model_logits = lambda x: to_numpy(t_model(torch.tensor(x)))  # noqa: E731
+    out = gen(ids, 8)
+    cropped = gen(ids[:, -6:], 8)
+    assert np.array_equal(out[:, 15:], cropped[:, 6:]), f"{tree}: cropping changed the tokens"
+    seq = ids.copy()
+    for step in range(8):
+        with torch.no_grad():
+            nxt = model_logits(seq[:, -6:])[:, -1].argmax(-1)  # (B, V) -> (B,)
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+        assert np.array_equal(out[:, : seq.shape[1]], seq), f"{tree}: step {step} differs from recomputation"
+
+
+def test_rng_draws_the_coins_and_bad_arguments_raise():
+    n_model, t_model = _models(seed=2)
+    ids = np.array([[1, 2, 3]])
+    a = ngen.generate(n_model, ids, 6, temperature=1.0, rng=np.random.default_rng(11))
+    b = ngen.generate(n_model, ids, 6, temperature=1.0, coins=np.random.default_rng(11).random((6, 1)))
+    assert np.array_equal(a, b), "numpy: coins from rng should be rng.random((n, B))"
+    g = torch.Generator().manual_seed(11)
+    c = tgen.generate(t_model, torch.tensor(ids), 6, temperature=1.0, rng=g)
+    d = tgen.generate(t_model, torch.tensor(ids), 6, temperature=1.0,
+                      coins=torch.rand((6, 1), generator=torch.Generator().manual_seed(11), dtype=torch.float64))
+    assert torch.equal(c, d), "torch: coins from rng should be torch.rand((n, B), generator=rng, float64)"
+    for gen, model, conv in ((ngen.generate, n_model, np.asarray), (tgen.generate, t_model, torch.tensor)):
+        with pytest.raises(ValueError, match=r"coins must have shape \(max_new_tokens, B\) = \(4, 1\)"):
+            gen(model, conv(ids), 4, temperature=1.0, coins=conv(np.zeros((4, 2))))
+        with pytest.raises(ValueError, match=r"coins must lie in \[0, 1\); coins\[2, 0\] = 1.5"):
+            gen(model, conv(ids), 4, temperature=1.0, coins=conv(np.array([[0.1], [0.2], [1.5], [0.3]])))
+        with pytest.raises(ValueError, match="needs coins or an rng"):
+            gen(model, conv(ids), 4, temperature=1.0)
+        with pytest.raises(TypeError, match="integer"):
+            gen(model, conv(np.array([[1.0, 2.0]])), 4)
+        with pytest.raises(ValueError, match=r"2-D .*\(B, T\), got shape \(3,\)"):
+            gen(model, conv(np.array([1, 2, 3])), 4)
+        with pytest.raises(ValueError, match=r"eos_id 101 is outside the vocabulary \[0, 101\)"):
+            gen(model, conv(ids), 4, eos_id=101)
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+            gen(model, conv(ids), -1)

@@ -1,0 +1,292 @@
+"""numpy_ref's layers on their own: every hand-derived backward against float64 central
+differences (a random upstream gradient, never `.sum()`), and the properties each layer must have.
+
+Inputs come from the shared layer table (parity_tests/layer_specs.py) on hypothesis-drawn sizes,
+plus the variants the table does not cover (no bias, dropout masks, ignore_index, a position
+offset, the whole block).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numpy_ref.attention import attention_backward, attention_forward
+from numpy_ref.block import block_backward, block_forward
+from numpy_ref.config import GPTConfig
+from numpy_ref.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from numpy_ref.embedding import embedding_backward, embedding_forward
+from numpy_ref.gelu import gelu_backward, gelu_forward
+from numpy_ref.gradcheck import gradcheck_vjp
+from numpy_ref.layernorm import layernorm_backward, layernorm_forward
+from numpy_ref.linear import linear_backward, linear_forward
+from numpy_ref.params import block_param_shapes
+from parity_tests.compare import assert_close
+from parity_tests.layer_specs import SPECS, Sizes
+from parity_tests.oracle import sizes
+from parity_tests.strategies import random_array, seeds
+from parity_tests.tolerances import GRADCHECK, Tol, forward_tol
+
+FD = dict(atol=GRADCHECK.atol, rtol=GRADCHECK.rtol)
+EXACT = Tol(0.0, 0.0, "the same arithmetic on the same values must give the same bits")
+small_sizes = sizes(max_batch=2, max_time=5, max_heads=3, max_head_size=4)
+
+
+def _check_pair(forward, backward, args: dict, differentiable: tuple[str, ...], seed: int, scalar: bool = False):
+    """Finite differences of `forward` over the differentiable args against `backward`."""
+    names = list(differentiable)
+    static = {k: v for k, v in args.items() if k not in names}
+
+    def f(*arrays):
+        return np.asarray(forward(**static, **dict(zip(names, arrays)))[0])
+
+    out, cache = forward(**args)
+    G = np.asarray(1.3) if scalar else np.random.default_rng(seed).standard_normal(np.shape(out))
+    grads = backward(G, cache)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    assert len(grads) == len(names), f"{forward.__name__}: {len(grads)} gradients for {names}"
+    gradcheck_vjp(f, lambda _G: grads, [args[n] for n in names], G, **FD)
+
+
+# ---- finite differences, every layer in the shared table ---------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@settings(max_examples=6)
+@given(s=small_sizes, seed=seeds())
+def test_layer_backward_matches_finite_differences(name, s, seed):
+    spec = SPECS[name]
+    forward, backward = spec.numpy_pair()
+    args = spec.make_inputs(np.random.default_rng(seed), s)
+    if name == "embedding":  # ids are not differentiable; the backward returns (dwte, dwpe)
+        _check_pair(forward, backward, args, ("wte", "wpe"), seed)
+        return
+    _check_pair(forward, backward, args, spec.differentiable, seed, scalar=spec.scalar_output)
+
+
+@settings(max_examples=6)
+@given(s=small_sizes, seed=seeds(), with_mask=st.booleans())
+def test_attention_without_bias_and_with_dropout_mask(s, seed, with_mask):
+    rng = np.random.default_rng(seed)
+    args = SPECS["attention"].make_inputs(rng, s)
+    args["attn_dropout_mask"] = (rng.random((s.B, s.nh, s.T, s.T)) >= 0.3) / 0.7 if with_mask else None
+
+    def forward(x, w_attn, w_proj, b_proj, n_heads, attn_dropout_mask):
+        return attention_forward(x, w_attn, None, w_proj, b_proj, n_heads, attn_dropout_mask)
+
+    def backward(dout, cache):
+        dx, dwa, dba, dwp, dbp = attention_backward(dout, cache)
+        assert dba is None, "attention without b_attn must return db_attn None"
+        return dx, dwa, dwp, dbp
+
+    del args["b_attn"]
+    _check_pair(forward, backward, args, ("x", "w_attn", "w_proj", "b_proj"), seed)
+
+
+@settings(max_examples=6)
+@given(s=small_sizes, seed=seeds())
+def test_linear_without_bias(s, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((s.B, s.T, s.C)), rng.standard_normal((s.C, s.C + 2))
+
+    def backward(dout, cache):
+        dx, dw, db = linear_backward(dout, cache)
+        assert db is None, "linear without a bias must return db None"
+        return dx, dw
+
+    _check_pair(lambda x, w: linear_forward(x, w, None), backward, dict(x=x, w=w), ("x", "w"), seed)
+
+
+@settings(max_examples=6)
+@given(s=small_sizes, seed=seeds(), offset=st.integers(0, 3))
+def test_embedding_with_position_offset(s, seed, offset):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, s.V, (s.B, s.T))
+    wte, wpe = rng.standard_normal((s.V, s.C)), rng.standard_normal((s.T + offset, s.C))
+    out, _ = embedding_forward(ids, wte, wpe, pos_offset=offset)
+    assert_close("embedding with offset", out, wte[ids] + wpe[offset:offset + s.T], EXACT)
+    _check_pair(lambda wte, wpe: embedding_forward(ids, wte, wpe, offset), embedding_backward,
+                dict(wte=wte, wpe=wpe), ("wte", "wpe"), seed)
+
+
+@settings(max_examples=6)
+@given(s=small_sizes, seed=seeds())
+def test_cross_entropy_with_ignore_index(s, seed):
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.standard_normal((s.B, s.T, s.V))
+    targets = rng.integers(0, s.V, (s.B, s.T))
+    ignored = rng.random((s.B, s.T)) < 0.4
+    ignored.flat[0] = False  # at least one target counts
+    targets[ignored] = -100
+    loss, cache = cross_entropy_forward(logits, targets, ignore_index=-100)
+    # The mean over counted targets only, written the slow way.
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    counted = np.argwhere(~ignored)
+    expected = -np.mean([logp[b, t, targets[b, t]] for b, t in counted])
+    assert_close("cross-entropy with ignore_index", loss, expected, forward_tol("float64"))
+    dlogits = cross_entropy_backward(1.0, cache)
+    assert_close("dlogits on ignored rows", dlogits[ignored], np.zeros_like(dlogits[ignored]), EXACT)
+    _check_pair(lambda logits: cross_entropy_forward(logits, targets, -100), cross_entropy_backward,
+                dict(logits=logits), ("logits",), seed, scalar=True)
+
+
+@settings(max_examples=4)
+@given(s=small_sizes, seed=seeds(), qkv_bias=st.booleans(), dropout=st.booleans())
+def test_block_backward_matches_finite_differences(s, seed, qkv_bias, dropout):
+    config = GPTConfig(vocab_size=5, context_length=s.T, emb_dim=s.C, n_heads=s.nh, n_layers=1, drop_rate=0.0,
+                       qkv_bias=qkv_bias)
+    rng = np.random.default_rng(seed)
+    names = [n for n, _ in block_param_shapes(config)]
+    p = {n: 0.5 * rng.standard_normal(shape) + (1.0 if n.endswith("ln_1.weight") else 0.0)
+         for n, shape in block_param_shapes(config)}
+    masks = {}
+    if dropout:
+        masks = {"attn.weights": (rng.random((s.B, s.nh, s.T, s.T)) >= 0.5) * 2.0,
+                 "attn.out": (rng.random((s.B, s.T, s.C)) >= 0.5) * 2.0,
+                 "mlp.out": (rng.random((s.B, s.T, s.C)) >= 0.5) * 2.0}
+    x = rng.standard_normal((s.B, s.T, s.C))
+
+    def forward(x, *values):
+        return block_forward(x, dict(zip(names, values)), config, masks)
+
+    def backward(dout, cache):
+        dx, g = block_backward(dout, cache)
+        assert sorted(g) == sorted(names), f"block gradients {sorted(g)} != parameters {sorted(names)}"
+        return (dx, *(g[n] for n in names))
+
+    G = rng.standard_normal((s.B, s.T, s.C))
+    _, cache = forward(x, *p.values())
+    grads = backward(G, cache)
+    gradcheck_vjp(lambda *a: forward(*a)[0], lambda _G: grads, [x, *p.values()], G, **FD)
+
+
+# ---- properties ------------------------------------------------------------------------------
+
+
+@given(s=sizes(), seed=seeds())
+def test_attention_rows_sum_to_one_and_are_causal(s, seed):
+    args = SPECS["attention"].make_inputs(np.random.default_rng(seed), s)
+    _, cache = attention_forward(**args)
+    att = cache["att"]
+    assert att.shape == (s.B, s.nh, s.T, s.T), f"attention weights shape {att.shape}"
+    assert_close("attention row sums", att.sum(-1), np.ones((s.B, s.nh, s.T)), forward_tol("float64"))
+    future = np.triu(np.ones((s.T, s.T), dtype=bool), k=1)
+    assert_close("attention weight on future keys", att[..., future], np.zeros_like(att[..., future]), EXACT)
+
+
+@given(s=sizes(), seed=seeds(), data=st.data())
+def test_attention_output_at_t_ignores_later_inputs(s, seed, data):
+    args = SPECS["attention"].make_inputs(np.random.default_rng(seed), s)
+    t = data.draw(st.integers(0, s.T - 1), label="t")
+    out, _ = attention_forward(**args)
+    changed = dict(args, x=args["x"].copy())
+    changed["x"][:, t + 1:] += 5.0
+    out2, _ = attention_forward(**changed)
+    assert_close(f"attention out[:, :{t + 1}] after changing x past {t}", out2[:, :t + 1], out[:, :t + 1], EXACT)
+
+
+@given(s=sizes(), seed=seeds(), shift=st.floats(-50, 50))
+def test_layernorm_is_invariant_to_shifting_each_row(s, seed, shift):
+    args = SPECS["layernorm"].make_inputs(np.random.default_rng(seed), s)
+    out, _ = layernorm_forward(**args)
+    row_shift = shift * np.random.default_rng(seed + 1).random((s.B, s.T, 1))  # a different shift per row
+    shifted, _ = layernorm_forward(**dict(args, x=args["x"] + row_shift))
+    assert_close("layernorm(x + c) vs layernorm(x)", shifted, out, Tol(1e-9, 1e-8, "rounding of x + c at |c| <= 50"))
+
+
+@given(s=sizes(), seed=seeds())
+def test_layernorm_uses_the_biased_variance_and_eps_inside_the_root(s, seed):
+    args = SPECS["layernorm"].make_inputs(np.random.default_rng(seed), s)
+    x, w, b, eps = args["x"], args["w"], args["b"], 0.25  # a large eps so its place shows
+    out, _ = layernorm_forward(x, w, b, eps)
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, ddof=0, keepdims=True) + eps) * w + b
+    assert_close("layernorm vs (x - mean) / sqrt(var_biased + eps)", out, expected, forward_tol("float64"))
+
+
+@given(s=sizes(), seed=seeds())
+def test_all_ones_dropout_mask_is_bitwise_the_same_as_none(s, seed):
+    args = SPECS["attention"].make_inputs(np.random.default_rng(seed), s)
+    out, cache = attention_forward(**args)
+    out1, cache1 = attention_forward(**args, attn_dropout_mask=np.ones((s.B, s.nh, s.T, s.T)))
+    assert_close("attention with an all-ones mask", out1, out, EXACT)
+    G = np.random.default_rng(seed).standard_normal(out.shape)
+    for name, a, b in zip(["dx", "dw_attn", "db_attn", "dw_proj", "db_proj"], attention_backward(G, cache1),
+                          attention_backward(G, cache)):
+        assert_close(f"attention {name} with an all-ones mask", a, b, EXACT)
+
+
+def test_gelu_known_values():
+    # GPT-2's tanh form at a few points (values of 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))).
+    x = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])
+    c = np.sqrt(2 / np.pi)
+    expected = 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3)))
+    out, _ = gelu_forward(x)
+    assert_close("gelu", out, expected, EXACT)
+    assert abs(out[4] - 0.8411919906082768) < 1e-12, f"gelu(1) = {out[4]!r}, expected 0.8411919906082768 (tanh form)"
+
+
+@given(s=sizes(), seed=seeds())
+def test_embedding_scatter_accumulates_repeated_ids(s, seed):
+    rng = np.random.default_rng(seed)
+    ids = np.full((s.B, s.T), rng.integers(0, s.V))  # one id everywhere: its row collects every position
+    wte, wpe = rng.standard_normal((s.V, s.C)), rng.standard_normal((s.Tc, s.C))
+    _, cache = embedding_forward(ids, wte, wpe)
+    G = rng.standard_normal((s.B, s.T, s.C))
+    dwte, dwpe = embedding_backward(G, cache)
+    expected = np.zeros_like(wte)
+    expected[ids[0, 0]] = G.sum(axis=(0, 1))
+    assert_close("dwte with one repeated id", dwte, expected, forward_tol("float64"))
+    expected_pe = np.zeros_like(wpe)
+    expected_pe[:s.T] = G.sum(axis=0)
+    assert_close("dwpe", dwpe, expected_pe, forward_tol("float64"))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_float32_stays_float32(name):
+    spec = SPECS[name]
+    args = spec.make_inputs(np.random.default_rng(0), Sizes())
+    args = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in args.items()}
+    forward, backward = spec.numpy_pair()
+    out, cache = forward(**args)
+    assert np.asarray(out).dtype == np.float32, f"{name}_forward returned {np.asarray(out).dtype} for float32 inputs"
+    G = np.float32(1.0) if spec.scalar_output else random_array(1, np.shape(out), dtype=np.float32)
+    grads = backward(G, cache)
+    for i, g in enumerate(grads if isinstance(grads, tuple) else (grads,)):
+        assert g is None or g.dtype == np.float32, f"{name}_backward gradient {i} is {g.dtype}, not float32"
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids, error, match", [
+    (np.array([[0.0, 1.0]]), TypeError, "float64"),
+    (np.array([0, 1]), ValueError, r"\(2,\)"),
+    (np.array([[0, -1]]), ValueError, r"-1 at position \(batch 0, time 1\).*\[0, 5\)"),
+    (np.array([[0, 5]]), ValueError, r"token id 5 .*\[0, 5\)"),
+    (np.zeros((1, 4), dtype=np.int64), ValueError, "T=4 exceeds the context length 3"),
+    (np.zeros((1, 0), dtype=np.int64), ValueError, r"\(1, 0\)"),
+    (np.zeros((0, 2), dtype=np.int64), ValueError, r"\(0, 2\)"),
+])
+def test_embedding_rejects_bad_ids_naming_the_value(ids, error, match):
+    with pytest.raises(error, match=match):
+        embedding_forward(ids, np.zeros((5, 2)), np.zeros((3, 2)))
+
+
+def test_cross_entropy_bad_targets():
+    logits = np.zeros((1, 2, 3))
+    with pytest.raises(ValueError, match=r"target 3 at position \(0, 1\).*\[0, 3\)"):
+        cross_entropy_forward(logits, np.array([[0, 3]]))
+    with pytest.raises(ValueError, match=r"target -2"):
+        cross_entropy_forward(logits, np.array([[-2, 0]]), ignore_index=-100)
+    with pytest.raises(ValueError, match="ignore_index=-100"):
+        cross_entropy_forward(logits, np.array([[-100, -100]]), ignore_index=-100)
+    with pytest.raises(TypeError, match="float64"):
+        cross_entropy_forward(logits, np.array([[0.0, 1.0]]))
+
+
+def test_attention_rejects_a_mask_of_the_wrong_shape():
+    args = SPECS["attention"].make_inputs(np.random.default_rng(0), Sizes())
+    with pytest.raises(ValueError, match="mask has shape"):
+        attention_forward(**args, attn_dropout_mask=np.ones((1, 1, 1, 1)))

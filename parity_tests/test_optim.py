@@ -1,0 +1,290 @@
+"""Optimisers, clipping and the schedule: numpy_ref against torch.optim, and the two trees.
+
+- numpy_ref.optim.AdamW / SGD against torch.optim.AdamW / SGD run directly (the reference), and
+  torch_impl.optim's builder against numpy_ref, on random gradients (float64);
+- clipping against torch.nn.utils.clip_grad_norm_; the schedule against its closed form and
+  torch's CosineAnnealingLR;
+- at least 10 AdamW steps with clipping and warmup + cosine on a tiny GPT from the same weights
+  on the same batches: the same losses and parameters in both trees (float64; issue 5/7);
+- optimiser state moves between the trees and the run continues identically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numpy_ref import optim as nopt
+from parity_tests.compare import assert_close, assert_dicts_close, load_numpy_params_into_torch, to_numpy
+from parity_tests.strategies import random_array, seeds
+from parity_tests.tolerances import forward_tol, gradient_tol
+from torch_impl import optim as topt
+
+# An optimiser step is a handful of elementwise float64 operations per step on top of the
+# gradient, so after 10-20 steps the trees differ only by reassociation noise: the float64
+# gradient tolerance (a longer chain than a forward) covers it with a wide margin.
+STEP_TOL = gradient_tol("float64")
+
+SHAPES = {"wte.weight": (7, 4), "wpe.weight": (5, 4), "h.0.ln_1.weight": (4,), "h.0.ln_1.bias": (4,),
+          "h.0.attn.c_attn.weight": (4, 12), "h.0.attn.c_attn.bias": (12,), "h.0.mlp.c_fc.weight": (4, 16),
+          "lm_head.weight": (7, 4)}
+
+
+def _params(seed: int) -> dict[str, np.ndarray]:
+    return {k: random_array(seed + i, s) for i, (k, s) in enumerate(SHAPES.items())}
+
+
+def _grads(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {k: random_array(10_000 + seed + i, s, scale) for i, (k, s) in enumerate(SHAPES.items())}
+
+
+class _Holder(torch.nn.Module):
+    """A module whose named_parameters() are SHAPES' names (dots become nested modules)."""
+
+    def __init__(self, params: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        for name, value in params.items():
+            *path, leaf = name.split(".")
+            node = self
+            for part in path:
+                if not hasattr(node, part):
+                    node.add_module(part, torch.nn.Module())
+                node = getattr(node, part)
+            node.register_parameter(leaf, torch.nn.Parameter(torch.tensor(value)))
+
+
+def _set_grads(module: torch.nn.Module, grads: dict[str, np.ndarray]) -> None:
+    for name, p in module.named_parameters():
+        p.grad = torch.tensor(grads[name])
+
+
+def _torch_params(module) -> dict[str, np.ndarray]:
+    return {k: to_numpy(p) for k, p in module.named_parameters()}
+
+
+# ---- AdamW and SGD against torch.optim ------------------------------------------------------
+
+
+@given(seed=seeds(), lr=st.floats(1e-4, 1e-1), wd=st.sampled_from([0.0, 0.01, 0.1]),
+       beta1=st.sampled_from([0.0, 0.9]), beta2=st.sampled_from([0.95, 0.999]), steps=st.integers(1, 12),
+       decay=st.sampled_from(["gpt2", "all"]))
+@settings(max_examples=12)
+def test_adamw_matches_torch_optim_adamw(seed, lr, wd, beta1, beta2, steps, decay):
+    seed %= 2**20
+    params = _params(seed)
+    reference = _Holder(params)
+    rule = nopt.get_decay_rule(decay)
+    groups = [{"params": [p for n, p in reference.named_parameters() if rule(n, tuple(p.shape))], "weight_decay": wd},
+              {"params": [p for n, p in reference.named_parameters() if not rule(n, tuple(p.shape))],
+               "weight_decay": 0.0}]
+    ref_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(beta1, beta2), eps=1e-8,
+                                foreach=False)
+    ours = nopt.AdamW({k: v.copy() for k, v in params.items()}, lr=lr, betas=(beta1, beta2), eps=1e-8,
+                      weight_decay=wd, decay=decay)
+    for t in range(steps):
+        grads = _grads(seed + 100 * t)
+        _set_grads(reference, grads)
+        ref_opt.step()
+        ours.step(grads)
+    assert_dicts_close("numpy AdamW vs torch.optim.AdamW", ours.params, _torch_params(reference), STEP_TOL)
+
+
+@given(seed=seeds(), lr=st.floats(1e-3, 1e-1), momentum=st.sampled_from([0.0, 0.9]),
+       wd=st.sampled_from([0.0, 0.1]), steps=st.integers(1, 8))
+@settings(max_examples=8)
+def test_sgd_matches_torch_optim_sgd(seed, lr, momentum, wd, steps):
+    seed %= 2**20
+    params = _params(seed)
+    reference = _Holder(params)
+    ref_opt = torch.optim.SGD(topt.param_groups(reference, wd, "gpt2"), lr=lr, momentum=momentum)
+    ours = nopt.SGD({k: v.copy() for k, v in params.items()}, lr=lr, momentum=momentum, weight_decay=wd)
+    for t in range(steps):
+        grads = _grads(seed + 100 * t)
+        _set_grads(reference, grads)
+        ref_opt.step()
+        ours.step(grads)
+    assert_dicts_close("numpy SGD vs torch.optim.SGD", ours.params, _torch_params(reference), STEP_TOL)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_torch_builder_matches_numpy_and_state_crosses_trees(kind):
+    """torch_impl.optim.build_optimizer (fused AdamW where supported) follows numpy_ref for 6
+    steps; then numpy's state is loaded into a fresh torch optimiser and 4 more steps agree."""
+    params = _params(3)
+    holder = _Holder(params)
+    extra = {"momentum": 0.9} if kind == "sgd" else {}
+    t_opt = topt.build_optimizer(holder, kind, lr=0.01, weight_decay=0.1, **extra)
+    n_opt = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.01, weight_decay=0.1, **extra)
+    for t in range(6):
+        grads = _grads(t)
+        _set_grads(holder, grads)
+        t_opt.step()
+        n_opt.step(grads)
+    assert_dicts_close(f"{kind}: torch_impl builder vs numpy_ref after 6 steps", _torch_params(holder), n_opt.params,
+                       STEP_TOL)
+    t_state, t_tensors = topt.optimizer_state(t_opt, holder)
+    n_state, n_arrays = n_opt.state_dict()
+    assert sorted(t_tensors) == sorted(n_arrays), f"state keys differ: {sorted(t_tensors)} vs {sorted(n_arrays)}"
+    assert t_state["decay"] == n_state["decay"], f"decay sets differ: {t_state['decay']} vs {n_state['decay']}"
+    assert_dicts_close(f"{kind} state", t_tensors, n_arrays, STEP_TOL)
+    # numpy's state into a new torch optimiser over numpy's weights: both continue identically.
+    holder2 = _Holder(n_opt.params)
+    t_opt2 = topt.build_optimizer(holder2, kind, lr=0.01, weight_decay=0.1, **extra)
+    topt.load_optimizer_state(t_opt2, holder2, n_state, {k: torch.tensor(v) for k, v in n_arrays.items()})
+    for t in range(6, 10):
+        grads = _grads(t)
+        _set_grads(holder2, grads)
+        t_opt2.step()
+        n_opt.step(grads)
+    assert_dicts_close(f"{kind}: resumed from numpy's state", _torch_params(holder2), n_opt.params, STEP_TOL)
+
+
+def test_decay_sets_follow_gpt2_practice_in_both_trees():
+    from numpy_ref.config import get_config
+    from numpy_ref.params import param_shapes
+
+    shapes = dict(param_shapes(get_config("tiny")))
+    decayed = sorted(k for k, s in shapes.items() if nopt.gpt2_decay(k, s))
+    expected = sorted(k for k in shapes if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
+                      or k == "lm_head.weight")
+    assert decayed == expected, f"numpy decay set {decayed} != expected {expected}"
+    torch_decayed = sorted(k for k, s in shapes.items() if topt.gpt2_decay(k, s))
+    assert torch_decayed == decayed, f"torch decay set {torch_decayed} != numpy's {decayed}"
+    assert all(nopt.all_decay(k, s) for k, s in shapes.items())
+    with pytest.raises(ValueError, match="unknown decay set 'bias'"):
+        nopt.get_decay_rule("bias")
+    with pytest.raises(ValueError, match="unknown decay set 'bias'"):
+        topt.get_decay_rule("bias")
+
+
+# ---- clipping -------------------------------------------------------------------------------
+
+
+@given(seed=seeds(), scale=st.sampled_from([0.0, 1e-3, 1.0, 30.0]), max_norm=st.sampled_from([0.1, 1.0, 5.0]))
+@settings(max_examples=12)
+def test_clip_grad_norm_matches_torch_in_both_trees(seed, scale, max_norm):
+    grads = _grads(seed % 2**20, scale)
+    reference = _Holder(_params(0))
+    _set_grads(reference, grads)
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm))
+    ref_grads = {k: to_numpy(p.grad) for k, p in reference.named_parameters()}
+
+    ours = {k: v.copy() for k, v in grads.items()}
+    norm = nopt.clip_grad_norm(ours, max_norm)
+    assert_close("numpy global norm", np.array(norm), np.array(ref_norm), forward_tol("float64"))
+    assert_dicts_close("numpy clipped grads", ours, ref_grads, forward_tol("float64"))
+
+    holder = _Holder(_params(0))
+    _set_grads(holder, grads)
+    t_norm = topt.clip_grad_norm(holder.parameters(), max_norm)
+    assert_close("torch global norm", np.array(t_norm), np.array(ref_norm), forward_tol("float64"))
+    assert_dicts_close("torch clipped grads", {k: to_numpy(p.grad) for k, p in holder.named_parameters()}, ref_grads,
+                       forward_tol("float64"))
+    if ref_norm <= max_norm:  # below the limit nothing changes (up to the 1e-6 guard)
+        assert_dicts_close("unclipped grads", ours, grads, forward_tol("float64"))
+
+
+def test_clip_leaves_non_finite_gradients_alone_and_reports_the_norm():
+    grads = _grads(0)
+    grads["wte.weight"][0, 0] = np.nan
+    before = {k: v.copy() for k, v in grads.items()}
+    assert math.isnan(nopt.clip_grad_norm(grads, 1.0)), "numpy norm of a NaN gradient should be NaN"
+    assert np.array_equal(grads["h.0.mlp.c_fc.weight"], before["h.0.mlp.c_fc.weight"]), "numpy scaled NaN grads"
+    holder = _Holder(_params(0))
+    _set_grads(holder, before)
+    assert math.isnan(topt.clip_grad_norm(holder.parameters(), 1.0)), "torch norm of a NaN gradient should be NaN"
+    after = {k: to_numpy(p.grad) for k, p in holder.named_parameters()}
+    assert np.array_equal(after["h.0.mlp.c_fc.weight"], before["h.0.mlp.c_fc.weight"]), "torch scaled NaN grads"
+    with pytest.raises(ValueError, match="max_norm must be > 0, got 0"):
+        nopt.clip_grad_norm(grads, 0)
+    with pytest.raises(ValueError, match="max_norm must be > 0, got -1"):
+        topt.clip_grad_norm(holder.parameters(), -1)
+
+
+# ---- the schedule ---------------------------------------------------------------------------
+
+
+@given(warmup=st.integers(0, 10), extra=st.integers(1, 40), max_lr=st.floats(1e-5, 1.0),
+       frac=st.sampled_from([0.0, 0.1, 1.0]))
+@settings(max_examples=12)
+def test_lr_schedule_warmup_then_cosine_in_both_trees(warmup, extra, max_lr, frac):
+    total, min_lr = warmup + extra, max_lr * frac
+    kw = dict(max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
+    lrs = np.array([nopt.lr_at_step(s, **kw) for s in range(total + 3)])
+    t_lrs = np.array([topt.lr_at_step(s, **kw) for s in range(total + 3)])
+    assert_close("torch lr_at_step vs numpy", t_lrs, lrs, forward_tol("float64"))
+    # Warmup: max_lr * (s + 1) / warmup, reaching max_lr at its last step.
+    expected_warm = max_lr * np.arange(1, warmup + 1) / max(warmup, 1)
+    assert_close("warmup lrs", lrs[:warmup], expected_warm, forward_tol("float64"))
+    # Cosine: torch's CosineAnnealingLR over total - warmup steps is the reference.
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=max_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=extra, eta_min=min_lr)
+    ref = []
+    for _ in range(extra):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert_close("cosine part vs CosineAnnealingLR", lrs[warmup:total], np.array(ref), Tol_sched)
+    assert np.all(np.diff(lrs[warmup:total]) <= 1e-15), f"cosine part not non-increasing: {lrs[warmup:total]}"
+    assert np.all(lrs[total:] == min_lr), f"after total_steps the lr should be min_lr={min_lr}: {lrs[total:]}"
+
+
+# CosineAnnealingLR updates the lr recursively (each step from the last), so it accumulates a
+# few ulps per step relative to the closed form.
+Tol_sched = forward_tol("float32")
+
+
+def test_lr_schedule_rejects_bad_arguments():
+    for fn in (nopt.lr_at_step, topt.lr_at_step):
+        with pytest.raises(ValueError, match="warmup_steps=11 exceeds total_steps=10"):
+            fn(0, max_lr=1.0, min_lr=0.0, warmup_steps=11, total_steps=10)
+        with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+            fn(-1, max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10)
+        with pytest.raises(ValueError, match="min_lr=2.0, max_lr=1.0"):
+            fn(0, max_lr=1.0, min_lr=2.0, warmup_steps=1, total_steps=10)
+
+
+# ---- the two trees on a model ---------------------------------------------------------------
+
+
+def test_adamw_with_clipping_and_schedule_on_gpt_agrees_across_trees():
+    """12 AdamW steps (weight decay, clipping at 0.5, 3 warmup steps then cosine) on the tiny
+    GPT from the same weights and batches: the same loss at every step and the same weights."""
+    from numpy_ref.config import get_config as np_config
+    from numpy_ref.model import GPTModel as NumpyGPT
+    from torch_impl.config import get_config as torch_config
+    from torch_impl.model import GPTModel as TorchGPT
+
+    cfg = dict(context_length=8)
+    n_model = NumpyGPT(np_config("tiny", **cfg), seed=1)
+    t_model = TorchGPT(torch_config("tiny", **cfg), seed=2, dtype=torch.float64)
+    load_numpy_params_into_torch(t_model, n_model.params)
+    rng = np.random.default_rng(0)
+    n_opt = nopt.AdamW(n_model.params, lr=3e-3, weight_decay=0.1)
+    t_opt = topt.build_optimizer(t_model, "adamw", lr=3e-3, weight_decay=0.1)
+    sched = dict(max_lr=3e-2, min_lr=3e-3, warmup_steps=3, total_steps=12)
+    for step in range(12):
+        ids = rng.integers(0, 101, (3, 8))
+        targets = rng.integers(0, 101, (3, 8))
+        _, n_loss, cache = n_model.forward(ids, targets)
+        grads = n_model.backward(cache)
+        n_norm = nopt.clip_grad_norm(grads, 0.5)
+        n_opt.step(grads, lr=nopt.lr_at_step(step, **sched))
+
+        _, t_loss = t_model(torch.tensor(ids), torch.tensor(targets))
+        t_loss.backward()
+        t_norm = topt.clip_grad_norm(t_model.parameters(), 0.5)
+        topt.set_lr(t_opt, topt.lr_at_step(step, **sched))
+        t_opt.step()
+        t_opt.zero_grad()
+        assert_close(f"loss at step {step}", t_loss, n_loss, forward_tol("float64"))
+        assert_close(f"gradient norm at step {step}", np.array(t_norm), np.array(n_norm), gradient_tol("float64"))
+        assert n_norm > 0.5, f"step {step}: norm {n_norm} never reached the clip, so clipping went untested"
+    assert_dicts_close("weights after 12 AdamW steps", {k: to_numpy(v) for k, v in t_model.state_dict().items()},
+                       n_model.params, STEP_TOL)

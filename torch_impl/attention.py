@@ -1,0 +1,94 @@
+"""Causal multi-head self-attention.
+
+    [q | k | v] = x @ w_attn + b_attn                          (B, T, C) -> (B, T, 3C)
+    split into heads: head j of q is q[..., j*hs : (j+1)*hs]    (B, T, C) -> (B, nh, T, hs)
+    scores = q k^T / sqrt(hs)                                   (B, nh, T, hs) -> (B, nh, T, Tk)
+    scores[t, s] = -inf where key s is in the future of query t (s > P + t)
+    att = softmax(scores, axis=-1) * dropout_mask               (B, nh, T, Tk)
+    y = att @ v, heads merged back side by side                 (B, nh, T, hs) -> (B, T, C)
+    out = y @ w_proj + b_proj                                   (B, T, C) -> (B, T, C)
+
+With a KV cache of P past positions, Tk = P + T and query t (0-based in the new chunk) sees
+keys 0 .. P + t: the mask is aligned to the bottom-right corner of the (T, Tk) score matrix.
+(`is_causal=True` in `scaled_dot_product_attention` aligns it to the top-left corner, which is
+right only when P = 0.)
+
+Reference: Vaswani et al. 2017, "Attention Is All You Need"; openai/gpt-2 `model.py` `attn`.
+numpy_ref/attention.py writes out the backward; here autograd does it.
+
+Two algorithms for the weighted sum, as two named functions:
+- `sdpa_attention`: `F.scaled_dot_product_attention`, which never materialises the (T, Tk)
+  matrix on CUDA (flash / memory-efficient kernels) and uses a fused kernel on the CPU. Its
+  dropout, when asked for, is drawn by torch.
+- `explicit_attention`: the scores, softmax and an explicit dropout mask multiplied in, step by
+  step. SDPA cannot take a dropout mask, so this is the path the parity tests use to feed both
+  trees the same attention-dropout draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from torch_impl.kv_cache import LayerKV
+from torch_impl.linear import linear_forward
+
+
+def causal_mask(T: int, Tk: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bottom-right-aligned causal mask (T, Tk), True where query t may see key s (s <= Tk - T + t)."""
+    past = Tk - T
+    return torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, Tk)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) + causal) v through the fused kernel; dropout_p drawn by torch."""
+    T, Tk = q.shape[2], k.shape[2]
+    if T == Tk:
+        # No cache (or an empty one): the top-left and bottom-right alignments coincide.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # -> (B, nh, T, hs)
+    if T == 1:
+        # One new query at the end sees every key: no mask at all.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
+    mask = causal_mask(T, Tk, q.device)  # (T, Tk), broadcast over (B, nh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # -> (B, nh, T, hs)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The same attention, step by step, with an explicit dropout mask on the weights."""
+    T, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
+    scores = scores.masked_fill(~causal_mask(T, Tk, q.device), float("-inf"))
+    att = torch.softmax(scores, dim=-1)  # every row keeps at least key 0, so no row is all -inf
+    if dropout_mask is not None:
+        if tuple(dropout_mask.shape) != tuple(att.shape):
+            raise ValueError(f"attention dropout mask has shape {tuple(dropout_mask.shape)}; expected {tuple(att.shape)}")
+        att = att * dropout_mask.to(att.dtype)
+    return att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs)
+
+
+def attention_forward(x: torch.Tensor, w_attn: torch.Tensor, b_attn: torch.Tensor | None, w_proj: torch.Tensor,
+                      b_proj: torch.Tensor, n_heads: int, attn_dropout_mask: torch.Tensor | None = None, *,
+                      kv_cache: LayerKV | None = None, attn_dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal self-attention of x (optionally after `kv_cache.past` cached positions).
+
+    attn_dropout_mask (B, nh, T, P + T): explicit dropout on the attention weights (takes the
+    explicit path). attn_dropout_p: torch-drawn dropout inside SDPA (pass 0 in evaluation).
+    """
+    B, T, C = x.shape
+    if C % n_heads != 0:
+        raise ValueError(f"emb_dim C={C} is not divisible by n_heads={n_heads}")
+    hs = C // n_heads
+    qkv = linear_forward(x, w_attn, b_attn)  # (B, T, C) -> (B, T, 3C)
+    qkv = qkv.view(B, T, 3, n_heads, hs)  # (B, T, 3C) -> (B, T, 3, nh, hs): [q | k | v], heads side by side
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
+    if kv_cache is not None:
+        k, v = kv_cache.append(k, v)  # (B, nh, T, hs) -> (B, nh, P + T, hs)
+    if attn_dropout_mask is not None:
+        y = explicit_attention(q, k, v, attn_dropout_mask)  # -> (B, nh, T, hs)
+    else:
+        y = sdpa_attention(q, k, v, attn_dropout_p)  # -> (B, nh, T, hs)
+    y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+    return linear_forward(y, w_proj, b_proj)  # (B, T, C) -> (B, T, C)

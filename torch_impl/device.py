@@ -1,0 +1,170 @@
+"""Where and how the model runs: device, precision, TF32, torch.compile, and which was chosen.
+
+`plan_runtime()` picks the fastest path that is still correct for the device it finds and
+returns a `RuntimePlan` that says what it picked (`plan.describe()`); every choice can be
+overridden by argument. Nothing here reads environment variables: the numerics of a run are
+decided by the code that asks for the plan.
+
+Defaults, per device:
+
+| device | parameters | autocast | TF32 matmuls | torch.compile | attention (SDPA) |
+| --- | --- | --- | --- | --- | --- |
+| CUDA, compute capability >= 8.0 | float32 | bfloat16 | on | on | flash / memory-efficient |
+| CUDA, older | float32 | float16 (needs a GradScaler to train) | off (no TF32 units) | on | memory-efficient |
+| MPS | float32 | off | n/a | off | MPS kernel |
+| CPU | float32 | off (bf16 is slower without AMX/AVX-512 BF16) | n/a | off (compile time dominates small runs) | CPU flash kernel |
+
+float64 (`precision="fp64"`) is for tight parity checks against the NumPy oracle, never speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp64", "bf16", "fp16", "tf32")
+
+
+def choose_device(preferred: str | torch.device | None = None) -> torch.device:
+    """`preferred` if given (checked to exist), else CUDA, else MPS, else the CPU."""
+    if preferred is not None:
+        device = torch.device(preferred)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {preferred!r} was asked for but CUDA is not available")
+        if device.type == "mps" and not _mps_available():
+            raise ValueError(f"device {preferred!r} was asked for but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: the CPUs where bf16 GEMMs beat float32 ones."""
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX"
+    return "AMX" in capability or "BF16" in capability
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    device: torch.device
+    param_dtype: torch.dtype  # what the parameters are stored in
+    autocast_dtype: torch.dtype | None  # matmuls and activations under torch.autocast, or None
+    tf32: bool  # CUDA float32 matmuls on TF32 tensor cores (10 mantissa bits)
+    compile: bool  # wrap the model in torch.compile
+    fused_adamw: bool  # torch.optim.AdamW(fused=True) runs on this device
+    threads: int  # CPU intra-op threads (torch.get_num_threads at planning time)
+    reasons: tuple[str, ...] = ()  # why each default was taken, for describe()
+
+    def describe(self) -> str:
+        """One line naming every choice, e.g. for a log or a benchmark record."""
+        ac = f"autocast {str(self.autocast_dtype).removeprefix('torch.')}" if self.autocast_dtype else "no autocast"
+        parts = [
+            f"device {self.device}" + (f" ({self.threads} threads)" if self.device.type == "cpu" else ""),
+            f"params {str(self.param_dtype).removeprefix('torch.')}",
+            ac,
+            f"TF32 {'on' if self.tf32 else 'off'}",
+            "torch.compile" if self.compile else "eager",
+            f"AdamW {'fused' if self.fused_adamw else 'foreach'}",
+            f"attention {sdpa_kernel_name(self)}",
+        ]
+        text = ", ".join(parts)
+        return text + (f" [{'; '.join(self.reasons)}]" if self.reasons else "")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for forward passes (a no-op without an autocast dtype)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def apply(self) -> None:
+        """Set the process-wide switches this plan needs (TF32 matmul precision on CUDA)."""
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move `model` to the device and dtype, apply the switches, compile if planned.
+
+        Returns the module to call (the compiled wrapper when compiling; its parameters are the
+        original model's, so optimizers and state_dict() use `model` either way).
+        """
+        self.apply()
+        model.to(device=self.device, dtype=self.param_dtype)
+        return torch.compile(model) if self.compile else model
+
+    def make_adamw(self, params, **kwargs) -> torch.optim.Optimizer:
+        """torch.optim.AdamW, fused where the device supports it, else the multi-tensor one."""
+        if self.fused_adamw:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def sdpa_kernel_name(plan: RuntimePlan) -> str:
+    """The scaled-dot-product-attention kernel torch will pick for this plan (without masks)."""
+    dtype = plan.autocast_dtype or plan.param_dtype
+    if plan.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(plan.device)
+        if dtype in (torch.float16, torch.bfloat16) and major >= 8:
+            return "SDPA flash"
+        return "SDPA memory-efficient"
+    if plan.device.type == "cpu":
+        return "SDPA CPU flash" if dtype in (torch.float32, torch.float64, torch.bfloat16) else "SDPA math"
+    return f"SDPA ({plan.device.type})"
+
+
+def plan_runtime(device: str | torch.device | None = None, precision: str = "auto",
+                 compile: bool | None = None) -> RuntimePlan:
+    """The fastest correct plan for `device` (default: the best one present).
+
+    precision: "auto" (the table in this module's docstring), "fp32" (float32, TF32 off),
+    "tf32" (float32 storage, TF32 matmuls on CUDA), "bf16" / "fp16" (float32 parameters,
+    autocast), "fp64" (float64 everywhere, for parity checks).
+    compile: None for the device default, or force it on / off.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    dev = choose_device(device)
+    reasons: list[str] = []
+    param_dtype = torch.float64 if precision == "fp64" else torch.float32
+    autocast_dtype = None
+    tf32 = False
+    if dev.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(dev)
+        ampere = major >= 8
+        if precision == "auto":
+            autocast_dtype = torch.bfloat16 if ampere else torch.float16
+            tf32 = ampere
+            reasons.append("CUDA: autocast and TF32 use the tensor cores" if ampere
+                           else "CUDA before Ampere: fp16 autocast, no bf16 or TF32 units")
+        elif precision == "tf32":
+            tf32 = ampere
+        elif precision in ("bf16", "fp16"):
+            autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            tf32 = ampere
+    else:
+        if precision == "tf32":
+            reasons.append("TF32 exists only on CUDA: plain float32")
+        elif precision in ("bf16", "fp16"):
+            autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        elif precision == "auto" and dev.type == "cpu":
+            if _cpu_has_fast_bf16():
+                autocast_dtype = torch.bfloat16
+                reasons.append("CPU with AMX / AVX-512 BF16: bf16 autocast")
+            else:
+                reasons.append("CPU without bf16 units: float32 is the fastest")
+    if compile is None:
+        compile = dev.type == "cuda"
+        reasons.append("torch.compile on" if compile else f"eager on {dev.type}: compile time outweighs the gain")
+    fused = dev.type in ("cuda", "cpu", "mps")
+    return RuntimePlan(device=dev, param_dtype=param_dtype, autocast_dtype=autocast_dtype, tf32=tf32,
+                       compile=bool(compile), fused_adamw=fused, threads=torch.get_num_threads(),
+                       reasons=tuple(reasons))

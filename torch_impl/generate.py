@@ -1,0 +1,141 @@
+"""Text generation with torch: the sampling step and the KV-cached decoding loop.
+
+The algorithm is docs/design.md, "Sampling" (numpy_ref/generate.py writes every step out):
+temperature 0 is argmax (lowest id on ties); otherwise z = logits / temperature, top-k keeps
+z >= the k-th largest (k clamped to V), top-p keeps the shortest prefix of the kept ids sorted
+by z descending (ties: lower id first) whose cumulative softmax is >= top_p, and the token is
+the first kept id, in ascending id order, whose cumulative probability exceeds the coin.
+
+Sampling runs on the host in float64 on one row at a time: it is a few vector ops over V, and
+doing it in float64 is what makes the same coin pick the same token as the NumPy oracle. The
+model itself runs on its own device and dtype; only the last position's logits are computed
+(`last_only`), and with `use_cache` each new token costs one position of a preallocated KV
+cache. When the sequence outgrows the context, the window slides and the cache is rebuilt from
+the cropped window, which is exactly what recomputation would see.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def _check_options(temperature, top_k, top_p) -> None:
+    if temperature is not None and not (isinstance(temperature, numbers.Real) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float | None = 0.0, top_k: int | None = None,
+                top_p: float | None = None, coin: float | None = None) -> int:
+    """One id from a row of logits (V,)."""
+    _check_options(temperature, top_k, top_p)
+    logits = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
+    if logits.ndim != 1 or logits.numel() == 0:
+        raise ValueError(f"logits must be one non-empty row (V,), got shape {tuple(logits.shape)}")
+    nan = torch.isnan(logits)
+    if bool(nan.any()):
+        raise ValueError(f"logits contain NaN at id {int(nan.nonzero()[0, 0])}")
+    if not bool(torch.isfinite(logits.max())):
+        raise ValueError(f"the largest logit is {float(logits.max())}; sampling needs a finite one")
+    if not temperature:
+        return int(torch.argmax(logits))  # the first maximum: ties go to the lowest id
+    if coin is None or not 0.0 <= coin < 1.0:
+        raise ValueError(f"sampling (temperature {temperature}) needs a coin in [0, 1), got {coin!r}")
+    V = logits.shape[0]
+    z = logits / temperature  # (V,)
+    keep = torch.ones(V, dtype=torch.bool)  # (V,)
+    if top_k is not None:
+        kth_largest = torch.topk(z, min(int(top_k), V)).values[-1]  # k clamped to V
+        keep &= z >= kth_largest
+    if top_p is not None:
+        kept = keep.nonzero().squeeze(1)  # (K,) ascending ids
+        desc = torch.sort(z[kept], descending=True, stable=True).indices  # stable: lower id first on ties
+        order = kept[desc]  # (K,)
+        cum = torch.cumsum(torch.softmax(z[order], dim=0), dim=0)  # (K,)
+        n = int((cum < top_p).sum()) + 1  # cum is non-decreasing: the prefix up to the first >= top_p
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[order[: min(n, len(order))]] = True
+    ids = keep.nonzero().squeeze(1)  # (K,) ascending ids
+    cum = torch.cumsum(torch.softmax(z[ids], dim=0), dim=0)  # (K,) the CDF in id order
+    above = (cum > coin).nonzero()
+    return int(ids[above[0, 0]]) if above.numel() else int(ids[-1])
+
+
+def _check_ids(ids) -> torch.Tensor:
+    ids = torch.as_tensor(ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"ids must be a non-empty 2-D tensor (B, T), got shape {tuple(ids.shape)}")
+    return ids.to(torch.int64)
+
+
+def _check_coins(coins, n: int, B: int) -> torch.Tensor:
+    coins = torch.as_tensor(coins).to(device="cpu", dtype=torch.float64)
+    if tuple(coins.shape) != (n, B):
+        raise ValueError(f"coins must have shape (max_new_tokens, B) = {(n, B)}, got {tuple(coins.shape)}")
+    bad = ~((coins >= 0.0) & (coins < 1.0))
+    if bool(bad.any()):
+        s, b = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"coins must lie in [0, 1); coins[{s}, {b}] = {float(coins[s, b])}")
+    return coins
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_id: int | None = None, coins=None,
+             rng: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """ids (B, T) -> (B, T + n) on the model's device, n <= max_new_tokens.
+
+    coins: (max_new_tokens, B) uniform draws in [0, 1) (a tensor or anything torch.as_tensor
+        takes); if None and sampling, `torch.rand((max_new_tokens, B), generator=rng, float64)`.
+    eos_id: a row that produced it is padded with it; all rows stopped ends early.
+    The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
+    """
+    ids = _check_ids(ids)
+    _check_options(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    B = ids.shape[0]
+    V, Tc = model.config.vocab_size, model.config.context_length
+    if eos_id is not None and not 0 <= eos_id < V:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
+    if coins is None and temperature:
+        if rng is None:
+            raise ValueError("sampling with temperature > 0 needs coins or an rng (torch.Generator)")
+        coins = torch.rand((max_new_tokens, B), generator=rng, dtype=torch.float64)  # (n, B)
+    if coins is not None:
+        coins = _check_coins(coins, max_new_tokens, B)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = ids.to(model.device)
+        done = torch.zeros(B, dtype=torch.bool)  # (B,) rows that produced eos_id
+        cache = None
+        for step in range(max_new_tokens):
+            if use_cache and cache is not None and out.shape[1] <= Tc:
+                logits = model(out[:, -1:], kv_cache=cache, last_only=True)  # (B, 1) -> (B, 1, V)
+            else:
+                window = out[:, -Tc:]  # (B, T') -> (B, min(T', Tc)): crop to the context
+                cache = model.new_kv_cache(B) if use_cache else None
+                logits = model(window, kv_cache=cache, last_only=True)  # (B, T) -> (B, 1, V)
+            last = logits[:, -1, :].to(device="cpu", dtype=torch.float64)  # (B, 1, V) -> (B, V)
+            new = torch.empty(B, dtype=torch.int64)  # (B,)
+            for b in range(B):
+                coin = None if coins is None else float(coins[step, b])
+                new[b] = eos_id if bool(done[b]) else sample_next(last[b], temperature=temperature, top_k=top_k,
+                                                                  top_p=top_p, coin=coin)
+            out = torch.cat([out, new.to(out.device)[:, None]], dim=1)  # (B, T) -> (B, T + 1)
+            if eos_id is not None:
+                done |= new == eos_id
+                if bool(done.all()):
+                    break
+    finally:
+        model.train(was_training)
+    return out

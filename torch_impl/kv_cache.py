@@ -1,0 +1,88 @@
+"""The key/value cache for incremental decoding.
+
+Every layer's keys and values for the positions seen so far are kept, so a new chunk of T
+tokens costs attention over P + T keys instead of recomputing all P + T positions:
+
+    k_cache[l][:, :, P : P + T] = k_new        (B, nh, T, hs) written into (B, nh, Tc, hs)
+    keys = k_cache[l][:, :, : P + T]           (B, nh, Tc, hs) -> (B, nh, P + T, hs)
+
+The buffers are allocated once, to the full context length, so decoding never reallocates or
+concatenates. `length` (P) is a Python int kept on the host: reading it never syncs a device.
+The model writes every layer, then calls `advance(T)`; the new chunk's positions are
+P .. P + T - 1 (the position-embedding offset) and query t of the chunk sees keys 0 .. P + t.
+
+The cache is for inference: the writes are in place, so run the model under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerKV:
+    """One layer's view of the cache: its buffers and the number of positions already in them."""
+
+    k: torch.Tensor  # (B, nh, Tc, hs)
+    v: torch.Tensor  # (B, nh, Tc, hs)
+    past: int  # P
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the chunk's keys/values at P .. P+T-1; return all keys/values 0 .. P+T-1."""
+        T = k_new.shape[2]
+        end = self.past + T
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {self.past} cached + {T} new positions exceed the context "
+                             f"length {self.k.shape[2]}")
+        if k_new.shape[0] != self.k.shape[0]:
+            raise ValueError(f"batch size {k_new.shape[0]} differs from the KV cache's {self.k.shape[0]}")
+        self.k[:, :, self.past:end] = k_new  # (B, nh, T, hs) into (B, nh, Tc, hs)
+        self.v[:, :, self.past:end] = v_new
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, Tc, hs) -> (B, nh, P + T, hs)
+
+
+class KVCache:
+    """Preallocated keys and values for all layers: (L, B, nh, Tc, hs) each, and the length P."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, context_length: int, head_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"KV cache batch_size must be >= 1, got {batch_size}")
+        shape = (n_layers, batch_size, n_heads, context_length, head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # P: positions already cached (the same for every layer)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i], self.length)
+
+    def check_room(self, T: int) -> None:
+        """ValueError if T more positions do not fit."""
+        if self.length + T > self.context_length:
+            raise ValueError(f"KV cache holds {self.length} positions; {T} more exceed the context length "
+                             f"{self.context_length}")
+
+    def advance(self, T: int) -> None:
+        """Record that every layer has written T more positions."""
+        self.check_room(T)
+        self.length += T
+
+    def reset(self) -> None:
+        """Forget every cached position (the buffers are reused, not cleared)."""
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` positions (e.g. to roll back rejected draft tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
+        self.length = length

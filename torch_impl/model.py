@@ -1,0 +1,226 @@
+"""GPT-2: embeddings, L pre-LN blocks, a final layer norm and the output head.
+
+Dimensions: B batch, T time, C channels (emb_dim), nh heads, hs head size (C // nh),
+V vocabulary, L layers, Tc context length, P positions already in a KV cache.
+
+    x = wte[ids] + wpe[P : P + T]                 (B, T) -> (B, T, C); dropout
+    for each of the L blocks:
+        x = x + drop(attn(ln_1(x)))               (B, T, C) -> (B, T, C)
+        x = x + drop(mlp(ln_2(x)))                (B, T, C) -> (B, T, C)
+    logits = ln_f(x) @ head.T                     (B, T, C) -> (B, T, V)
+    loss = mean cross-entropy(logits, targets)    (B, T, V), (B, T) -> ()
+
+`head` is `wte.weight` itself when `tie_embeddings` (one tensor, one storage, gradients from
+both uses add up) and a separate `lm_head.weight` (V, C) otherwise.
+
+Reference: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners";
+openai/gpt-2 `model.py`; the book's `GPTModel` (chapter 4). numpy_ref/model.py is the same
+model with every backward written out.
+
+API:
+    model = GPTModel(config, seed=0, dtype=torch.float32, device=None)
+    logits = model(ids)                                  ids (B, T) int -> logits (B, T, V)
+    logits, loss = model(ids, targets)                   + mean cross-entropy, scalar
+    cache = model.new_kv_cache(B); model(ids, kv_cache=cache)  incremental decoding
+    model(ids, dropout_masks={...})                      explicit dropout (see DROPOUT_MASKS)
+
+state_dict(): exactly the parameter table of docs/design.md, in its order, and nothing else
+(no buffers): `wte.weight` (V, C), `wpe.weight` (Tc, C), then per block `h.{i}.ln_1.weight`,
+`.bias`, `h.{i}.attn.c_attn.weight` (C, 3C) [, `.bias` (3C,)], `h.{i}.attn.c_proj.weight` (C, C),
+`.bias`, `h.{i}.ln_2.*`, `h.{i}.mlp.c_fc.weight` (C, 4C), `.bias`, `h.{i}.mlp.c_proj.weight`
+(4C, C), `.bias`, then `ln_f.weight`, `ln_f.bias` and, untied only, `lm_head.weight` (V, C).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from torch_impl.block import BLOCK_MASK_KEYS, block_forward
+from torch_impl.config import GPTConfig
+from torch_impl.cross_entropy import cross_entropy_forward
+from torch_impl.dropout import check_mask, dropout_forward
+from torch_impl.embedding import embedding_forward
+from torch_impl.kv_cache import KVCache
+from torch_impl.layernorm import layernorm_forward
+
+# Explicit dropout masks: key -> shape (P = positions already cached, 0 without a cache).
+# A mask holds 0 or 1/(1 - drop_rate). When `dropout_masks` is given, exactly these masks are
+# applied and torch draws nothing; a missing key means no dropout at that site.
+DROPOUT_MASKS = {
+    "embedding": "(B, T, C): on wte[ids] + wpe, before the first block",
+    "h.{i}.attn.weights": "(B, nh, T, P + T): on block i's attention weights, after the softmax",
+    "h.{i}.attn.out": "(B, T, C): on block i's attention branch, before the residual add",
+    "h.{i}.mlp.out": "(B, T, C): on block i's MLP branch, before the residual add",
+}
+
+
+def _group(**params: nn.Parameter | None) -> nn.Module:
+    """A node of GPT-2's parameter hierarchy (`ln_1`, `attn.c_attn`, ...); holds tensors only.
+
+    The computation lives in the `*_forward` functions, so the numbers are computed by the same
+    code whether it is called on a module's parameters or on bare tensors.
+    """
+    node = nn.Module()
+    for name, p in params.items():
+        node.register_parameter(name, p)
+    return node
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a torch_impl.config.GPTConfig, got {type(config).__name__}")
+        self.config = config
+        V, Tc, C, L = config.vocab_size, config.context_length, config.emb_dim, config.n_layers
+        # Initialisation (docs/design.md): normal(0, 0.02) weights and embeddings, zero biases,
+        # unit layer-norm weights, drawn from a generator seeded here (never the global one).
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def normal(*shape: int) -> nn.Parameter:
+            if torch.device(device or "cpu").type == "meta":  # shapes only, no values (e.g. counting)
+                return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
+            # Drawn on the CPU, then moved: the same seed gives the same weights on every device.
+            return nn.Parameter(torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+                                .to(device=device, dtype=dtype))
+
+        def const(value: float, *shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.full(shape, value, dtype=dtype, device=device))
+
+        def ln() -> nn.Module:
+            return _group(weight=const(1.0, C), bias=const(0.0, C))
+
+        def linear(c_in: int, c_out: int, bias: bool = True) -> nn.Module:
+            return _group(weight=normal(c_in, c_out), bias=const(0.0, c_out) if bias else None)  # (in, out)
+
+        self.wte = _group(weight=normal(V, C))
+        self.wpe = _group(weight=normal(Tc, C))
+        self.h = nn.ModuleList()
+        for _ in range(L):
+            block = nn.Module()
+            block.ln_1 = ln()
+            block.attn = nn.Module()
+            block.attn.c_attn = linear(C, 3 * C, bias=config.qkv_bias)
+            block.attn.c_proj = linear(C, C)
+            block.ln_2 = ln()
+            block.mlp = nn.Module()
+            block.mlp.c_fc = linear(C, 4 * C)
+            block.mlp.c_proj = linear(4 * C, C)
+            self.h.append(block)
+        self.ln_f = ln()
+        if not config.tie_embeddings:
+            self.lm_head = _group(weight=normal(V, C))  # (V, C), stored like wte
+
+    # ---- the forward -----------------------------------------------------------------------
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head (V, C): `wte.weight` itself when tied, else `lm_head.weight`."""
+        return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
+                dropout_masks: Mapping[str, torch.Tensor] | None = None, ignore_index: int | None = None,
+                last_only: bool = False):
+        """Logits (B, T, V) for ids (B, T); `(logits, loss)` when targets (B, T) are given.
+
+        kv_cache: positions already cached come first (positions P .. P+T-1); it is advanced
+            by T. Run under torch.no_grad().
+        dropout_masks: explicit dropout (keys and shapes in DROPOUT_MASKS). Without it, dropout
+            is torch's own, at `config.drop_rate`, in training mode only.
+        last_only: return logits (B, 1, V) for the last position only (what decoding needs; the
+            head is the largest matmul). Not allowed with targets.
+        """
+        cfg = self.config
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
+                raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+            self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], past)
+        # With explicit masks, randomness is entirely explicit: torch draws no dropout.
+        random_dropout = self.training and dropout_masks is None and cfg.drop_rate > 0.0
+        masks = dropout_masks or {}
+        x = embedding_forward(ids, self.wte.weight, self.wpe.weight, pos_offset=past)  # (B, T) -> (B, T, C)
+        x = dropout_forward(x, cfg.drop_rate, random_dropout, masks.get("embedding"))
+        for i, block in enumerate(self.h):
+            prefix = f"h.{i}."
+            block_masks = {k[len(prefix):]: m for k, m in masks.items() if k.startswith(prefix)} if masks else None
+            x = block_forward(x, dict(block.named_parameters()), cfg.n_heads, cfg.ln_eps,
+                              kv_cache=kv_cache.layer(i) if kv_cache is not None else None, masks=block_masks,
+                              drop_p=cfg.drop_rate, training=random_dropout)  # (B, T, C) -> (B, T, C)
+        if kv_cache is not None:
+            kv_cache.advance(ids.shape[1])
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
+            x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
+        x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
+        logits = x @ self.head_weight.T  # (B, T, C) @ (C, V) -> (B, T, V)
+        if targets is None:
+            return logits
+        return logits, cross_entropy_forward(logits, targets, ignore_index)  # (B, T, V), (B, T) -> ()
+
+    def _check_masks(self, masks: Mapping[str, torch.Tensor] | None, B: int, T: int, past: int) -> None:
+        if masks is None:
+            return
+        cfg = self.config
+        C, nh = cfg.emb_dim, cfg.n_heads
+        expected = {"embedding": (B, T, C)}
+        for i in range(cfg.n_layers):
+            expected[f"h.{i}.attn.weights"] = (B, nh, T, past + T)
+            expected[f"h.{i}.attn.out"] = (B, T, C)
+            expected[f"h.{i}.mlp.out"] = (B, T, C)
+        for key, mask in masks.items():
+            if key not in expected:
+                raise ValueError(f"unknown dropout mask {key!r}; known: 'embedding' and 'h.{{i}}.' + one of "
+                                 f"{BLOCK_MASK_KEYS} for i < {cfg.n_layers}")
+            check_mask(key, mask, expected[key])
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows, preallocated to the context length, on the
+        model's device, in the model's dtype (pass the autocast dtype to decode in bf16)."""
+        cfg = self.config
+        w = self.wte.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, cfg.head_size,
+                       dtype=dtype or w.dtype, device=w.device)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Distinct parameter elements (a tied head counts once); optionally without wpe/wte."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.wpe.weight.numel() + self.wte.weight.numel()
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    # ---- checkpoints (torch_impl/checkpoint.py does the file format) --------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> "GPTModel":
+        """Load a checkpoint directory (docs/design.md, "Checkpoints")."""
+        from torch_impl.checkpoint import load_checkpoint
+
+        config, state = load_checkpoint(directory)
+        model = cls(config, seed=0, dtype=dtype, device=device)
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def save_pretrained(self, directory) -> None:
+        """Write this model as a checkpoint directory (weights in float32)."""
+        from torch_impl.checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self.config, self.state_dict())

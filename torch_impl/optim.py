@@ -1,0 +1,210 @@
+"""Optimisers, gradient clipping and the learning-rate schedule on torch.optim.
+
+The math is numpy_ref/optim.py's, written there step by step; here it is torch's own kernels:
+
+    AdamW:  p *= 1 - lr*wd (decay set only); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+            p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    SGD:    g += wd * p (decay set only); buf = momentum buf + g; p -= lr * buf
+    clip:   g *= min(1, max_norm / (||all grads||_2 + 1e-6))
+    lr:     warmup  max_lr (step + 1) / warmup_steps, then
+            cosine  min_lr + (max_lr - min_lr) (1 + cos(pi (step - warmup) / (total - warmup))) / 2,
+            min_lr from total_steps on.
+
+`build_optimizer` makes two parameter groups, decay and no decay, with the same rule as
+numpy_ref (`gpt2_decay`: the 2-D weights of linear layers decay; biases, layer norms and the
+embeddings wte/wpe do not; a tied head is wte). AdamW runs fused (one kernel for all
+parameters) where torch supports it for the parameters' device and dtype, and `foreach`
+otherwise. Reference: Loshchilov & Hutter 2019; torch.optim.AdamW's documented algorithm.
+
+`optimizer_state(opt, model)` / `load_optimizer_state(opt, model, state, tensors)` convert to and
+from the checkpoint form shared with numpy_ref: a JSON-ready dict plus tensors keyed
+`exp_avg.<name>`, `exp_avg_sq.<name>` (AdamW) or `momentum_buffer.<name>` (SGD).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+DecayRule = Callable[[str, tuple], bool]
+
+
+def gpt2_decay(name: str, shape: tuple) -> bool:
+    """True for the 2-D weights of linear layers; False for biases, layer norms, wte and wpe."""
+    return len(shape) == 2 and name.endswith(".weight") and not name.startswith(("wte.", "wpe."))
+
+
+def all_decay(name: str, shape: tuple) -> bool:
+    """Every parameter decays (plain `AdamW(model.parameters(), weight_decay=...)`)."""
+    return True
+
+
+DECAY_RULES: dict[str, DecayRule] = {"gpt2": gpt2_decay, "all": all_decay}
+
+
+def get_decay_rule(rule: str | DecayRule) -> DecayRule:
+    if callable(rule):
+        return rule
+    if rule not in DECAY_RULES:
+        raise ValueError(f"unknown decay set {rule!r}; known: {sorted(DECAY_RULES)}")
+    return DECAY_RULES[rule]
+
+
+# ---- learning-rate schedule -----------------------------------------------------------------
+
+
+def lr_at_step(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}")
+    if min_lr > max_lr or min_lr < 0:
+        raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- gradient clipping ------------------------------------------------------------------------
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Scale all gradients in place by min(1, max_norm / (norm + 1e-6)); return the norm before.
+
+    A non-finite norm is returned and the gradients are left alone (the trainer then stops),
+    which is why this reads the norm on the host instead of calling clip_grad_norm_ blindly.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    norm_value = float(norm)
+    if math.isfinite(norm_value):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)  # takes parameters, scales .grad
+    return norm_value
+
+
+# ---- optimisers -------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay: str | DecayRule = "gpt2") -> list[dict]:
+    """[decay group, no-decay group] of the model's named parameters (a tied head counted once)."""
+    rule = get_decay_rule(decay)
+    decayed, kept = [], []
+    for name, p in model.named_parameters():
+        (decayed if rule(name, tuple(p.shape)) else kept).append(p)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+
+
+def _fused_supported(model: nn.Module) -> bool:
+    """torch's fused AdamW kernel exists for CUDA, and for CPU float tensors since torch 2.4."""
+    p = next(model.parameters())
+    if p.device.type == "cuda":
+        return True
+    return p.device.type == "cpu" and p.dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def build_optimizer(model: nn.Module, kind: str = "adamw", *, lr: float = 1e-3, betas=(0.9, 0.999),
+                    eps: float = 1e-8, weight_decay: float = 0.01, momentum: float = 0.0,
+                    decay: str | DecayRule = "gpt2", fused: bool | None = None) -> torch.optim.Optimizer:
+    """torch.optim.AdamW (fused where supported, else foreach) or torch.optim.SGD, two groups."""
+    groups = [g for g in param_groups(model, weight_decay, decay) if g["params"]]
+    if kind == "adamw":
+        use_fused = _fused_supported(model) if fused is None else fused
+        options = {"fused": True} if use_fused else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **options)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
+    raise ValueError(f"unknown optimizer {kind!r}; known: 'adamw', 'sgd'")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+# ---- checkpoint form ----------------------------------------------------------------------
+
+
+_TENSOR_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+def _kind(opt: torch.optim.Optimizer) -> str:
+    if isinstance(opt, torch.optim.AdamW):
+        return "adamw"
+    if isinstance(opt, torch.optim.SGD):
+        return "sgd"
+    raise TypeError(f"unsupported optimizer {type(opt).__name__}")
+
+
+def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-ready state, tensors keyed `<slot>.<parameter name>`), as numpy_ref's state_dict()."""
+    kind = _kind(opt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, step = {}, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for slot in _TENSOR_KEYS[kind]:
+                if st.get(slot) is not None:
+                    tensors[f"{slot}.{names[id(p)]}"] = st[slot].detach().clone()
+            if "step" in st:
+                step = int(st["step"])
+    group = opt.param_groups[0]
+    state = {"kind": kind, "step": step, "lr": group["lr"],
+             "weight_decay": max(g["weight_decay"] for g in opt.param_groups),
+             "decay": sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])}
+    if kind == "adamw":
+        state.update(betas=list(group["betas"]), eps=group["eps"])
+    else:
+        state.update(momentum=group["momentum"])
+    return state, tensors
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Mapping,
+                         tensors: Mapping[str, torch.Tensor]) -> None:
+    """Restore `optimizer_state`'s output exactly, so a resumed run continues bit for bit."""
+    kind = _kind(opt)
+    if state.get("kind") != kind:
+        raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {kind!r}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    step = int(state["step"])
+    # torch's own state_dict() form: parameters numbered in group order. load_state_dict then
+    # moves and casts each entry as the optimiser wants (e.g. `step` on the device when fused).
+    saved = opt.state_dict()
+    per_param, index = {}, 0
+    for group_saved in saved["param_groups"]:
+        group_saved["lr"] = float(state["lr"])
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            st = {}
+            for slot in _TENSOR_KEYS[kind]:
+                key = f"{slot}.{name}"
+                if key not in tensors:
+                    if kind == "sgd":
+                        continue  # no momentum, or not yet stepped: no buffer
+                    raise KeyError(f"optimiser state lacks {key}")
+                t = torch.as_tensor(tensors[key])
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"optimiser state {key} has shape {tuple(t.shape)}, the parameter "
+                                     f"{tuple(p.shape)}")
+                st[slot] = t.to(device=p.device, dtype=p.dtype).clone()
+            if kind == "adamw" and step > 0:
+                st["step"] = torch.tensor(float(step), dtype=torch.float32)
+            if st:
+                per_param[index] = st
+            index += 1
+    saved["state"] = per_param
+    opt.load_state_dict(saved)

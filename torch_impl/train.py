@@ -1,0 +1,201 @@
+"""Pretraining with torch: the loop of the book's chapter 5 and appendix D, resumable.
+
+One optimiser step:
+
+    for each of `grad_accum` micro-batches (inputs, targets), each (B, T):
+        loss = cross_entropy(model(inputs), targets) / grad_accum      (B, T) -> ()
+        loss.backward()                                                gradients add up
+    norm = clip_grad_norm(all gradients, grad_clip)                    global L2 norm
+    lr = lr_at_step(step)                                              warmup, then cosine
+    optimizer.step(); optimizer.zero_grad()
+
+Every `eval_every` steps: the mean loss over the first `eval_batches` batches of the training
+and validation sets (unshuffled, so every evaluation sees the same batches), a greedy sample
+from `sample_prompt`, one line in `log.jsonl`, and the loss plot. Every `checkpoint_every` steps
+and at the end: a checkpoint (see `save_run`).
+
+Randomness is explicit: dropout masks come from a torch.Generator seeded with `seed` (the model
+is called with `dropout_masks`, so torch's global generator is never used); the batch order
+comes from the DataLoader's own seed. A checkpoint stores the step, that generator's state, the
+data position (epoch, batch within the epoch), the optimiser state and the loss history, so a
+run killed and resumed from its last checkpoint ends bit for bit where an uninterrupted run
+ends (on CPU; GPU kernels may not be deterministic).
+
+A non-finite loss or gradient norm stops the run before the optimiser touches the weights,
+with a message; nothing is saved, so the last good checkpoint stays as it was.
+
+numpy_ref/train.py is the same loop over the NumPy model with hand-written backward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_state, lr_at_step, optimizer_state,
+                              set_lr)
+from torch_impl.train_log import Progress
+from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
+                                  load_run, record_eval, save_run)
+
+
+def dropout_masks(model, B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
+    """Explicit inverted-dropout masks for every site of DROPOUT_MASKS (0 or 1/(1-p)); None at p=0."""
+    cfg = model.config
+    p = cfg.drop_rate
+    if p == 0.0:
+        return None
+    C, nh = cfg.emb_dim, cfg.n_heads
+    like = dict(device=model.device, dtype=model.dtype)
+
+    def mask(*shape: int) -> torch.Tensor:
+        keep = torch.rand(shape, generator=gen, device=gen.device) >= p
+        return keep.to(**like) / (1.0 - p)
+
+    masks = {"embedding": mask(B, T, C)}  # (B, T, C)
+    for i in range(cfg.n_layers):
+        masks[f"h.{i}.attn.weights"] = mask(B, nh, T, T)  # (B, nh, T, T)
+        masks[f"h.{i}.attn.out"] = mask(B, T, C)
+        masks[f"h.{i}.mlp.out"] = mask(B, T, C)
+    return masks
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    """Mean loss over `batches` in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for inputs, targets in batches:
+        _, loss = model(inputs.to(model.device), targets.to(model.device))
+        total += float(loss)
+    model.train(was_training)
+    return total / len(batches)
+
+
+class Trainer:
+    """Trains `model` (a torch_impl GPTModel) on `train_loader`; see the module docstring."""
+
+    def __init__(self, model, train_loader, val_loader, settings: TrainSettings, *, out_dir=None,
+                 encoding=None, on_step=None) -> None:
+        self.model, self.settings = model, settings
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.encoding = encoding
+        self.on_step = on_step  # called as on_step(trainer) after every step (tests use it to "kill" a run)
+        s = settings
+        self.optimizer = build_optimizer(model, s.optimizer, lr=s.max_lr, betas=s.betas, eps=s.eps,
+                                         weight_decay=s.weight_decay, momentum=s.momentum, decay=s.decay)
+        self.stream = BatchStream(train_loader)
+        self.eval_sets = {"train": fixed_batches(train_loader, s.eval_batches),
+                          "val": fixed_batches(val_loader, s.eval_batches) if val_loader is not None else None}
+        self.gen = torch.Generator(device=model.device).manual_seed(s.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history = {"steps": [], "evals": []}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-ready trainer state, tensors) for `save_run`."""
+        opt_state, tensors = optimizer_state(self.optimizer, self.model)
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
+                 "data": {"epoch": self.stream.epoch, "index": self.stream.index},
+                 "rng": self.gen.get_state().tolist(), "optimizer": opt_state, "history": self.history,
+                 "dtype": str(self.model.dtype).replace("torch.", "")}
+        if self.model.dtype != torch.float32:
+            # model.safetensors holds float32; exact weights for resuming go with the trainer state.
+            tensors.update({f"param.{k}": v.detach().clone() for k, v in self.model.state_dict().items()})
+        return state, tensors
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if self.model.dtype != torch.float32:
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    v.copy_(tensors[f"param.{k}"])
+        load_optimizer_state(self.optimizer, self.model, state["optimizer"],
+                             {k: v for k, v in tensors.items() if not k.startswith("param.")})
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
+        self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.history = state["history"]
+
+    def save(self) -> Path | None:
+        return save_run(self.out_dir, self.step, self.model.config, self.model.state_dict(), *self.state(),
+                        backend="torch") if self.out_dir is not None else None
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimiser step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
+        s, model = self.settings, self.model
+        model.train()
+        total = 0.0
+        for _ in range(s.grad_accum):
+            inputs, targets = (t.to(model.device) for t in self.stream.next())  # (B, T) each
+            masks = dropout_masks(model, inputs.shape[0], inputs.shape[1], self.gen)
+            _, loss = model(inputs, targets, dropout_masks=masks)  # (B, T) -> ()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"non-finite loss {value} at step {self.step + 1}")
+            (loss / s.grad_accum).backward()  # accumulates into .grad
+            total += value
+            self.tokens_seen += inputs.numel()
+        if s.grad_clip is not None:
+            norm = clip_grad_norm(model.parameters(), s.grad_clip)
+            if not math.isfinite(norm):
+                raise NonFiniteLoss(f"non-finite gradient norm {norm} at step {self.step + 1}")
+        set_lr(self.optimizer, lr_at_step(self.step, max_lr=s.max_lr, min_lr=s.min_lr,
+                                          warmup_steps=s.warmup_steps, total_steps=s.steps))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / s.grad_accum
+
+    def sample(self) -> str | None:
+        s = self.settings
+        if self.encoding is None or not s.sample_prompt or s.sample_tokens == 0:
+            return None
+        from torch_impl.generate import generate
+
+        ids = torch.tensor([self.encoding.encode(s.sample_prompt)], dtype=torch.int64)  # (1, T)
+        out = generate(self.model, ids, s.sample_tokens)  # greedy: (1, T) -> (1, T + n)
+        return self.encoding.decode(out[0].tolist())
+
+    def fit(self) -> TrainResult:
+        s = self.settings
+        progress = Progress(s.steps, self.step, enabled=s.progress, desc="train (torch)")
+        start, start_tokens = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < s.steps:
+                loss = self.train_step()
+                self.history["steps"].append([self.step, self.tokens_seen, loss])
+                rate = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                progress.update(self.step, loss, rate)
+                if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps):
+                    record_eval(self, evaluate, progress)
+                if self.out_dir is not None and self.step < s.steps and s.checkpoint_every and \
+                        self.step % s.checkpoint_every == 0:
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self)
+        except NonFiniteLoss as err:
+            progress.close()
+            return finish_run(self, str(err), ok=False, seconds=time.perf_counter() - start)
+        progress.close()
+        self.save()
+        return finish_run(self, "finished", ok=True, seconds=time.perf_counter() - start)
+
+    @classmethod
+    def resume(cls, run_dir, model, train_loader, val_loader, **kwargs) -> "Trainer":
+        """A trainer positioned exactly at the last checkpoint under `run_dir` (model weights
+        loaded into `model`); the settings are the saved ones."""
+        settings, state, tensors, params = load_run(run_dir, backend="torch")
+        with torch.no_grad():
+            model.load_state_dict({k: torch.as_tensor(v).to(model.dtype) for k, v in params.items()})
+        trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
+        trainer.restore(state, tensors)
+        return trainer
+
