@@ -59,7 +59,7 @@ def _torch_run(config_d, params, ids, targets, mode: str, device: str) -> dict:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     grads = {k: p.grad.detach().double().cpu().numpy() for k, p in model.named_parameters() if p.grad is not None}
-    return {"logits": logits.detach().double().cpu().numpy(), "loss": float(loss), "grads": grads}
+    return {"logits": logits.detach().double().cpu().numpy(), "loss": float(loss.detach()), "grads": grads}
 
 
 def deviation(run: dict, ref: dict, dtype: str) -> dict:
@@ -128,7 +128,7 @@ def error_budget(config_name: str, config_d: dict, params: dict, *, B: int = 2, 
             continue
         if mode == "compile" and not compile_ok:
             rows.append({"config": config_name, "setting": setting, "within_tolerance": None,
-                         "note": "skipped in --quick (compilation takes minutes on CPU)"})
+                         "note": "not measured here (compilation takes minutes on CPU; see the first config)"})
             continue
         progress(f"error budget {config_name}: {setting}")
         row(setting, lambda mode=mode: _torch_run(config_d, params, ids, targets, mode, device), dtype)

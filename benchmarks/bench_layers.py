@@ -28,7 +28,7 @@ def _sizes(config_d: dict, B: int, T: int):
                  Tc=config_d["context_length"])
 
 
-def _numpy_layer(name: str, inputs: dict, dtype: str, timer: dict):
+def _numpy_layer(name: str, inputs: dict, dtype: str):
     from parity_tests.layer_specs import get_spec
 
     forward, backward = get_spec(name).numpy_pair()
@@ -97,7 +97,7 @@ def _one(name, config_name, config_d, B, T, backend, device, repeats, budget_s) 
     inputs = spec.make_inputs(np.random.default_rng(0), sizes)
     if backend.startswith("numpy-"):
         dtype = backend.split("-", 1)[1]
-        fwd, bwd, sync = _numpy_layer(name, inputs, dtype, {})
+        fwd, bwd, sync = _numpy_layer(name, inputs, dtype)
         kind, peak = "numpy", f"numpy_{dtype}"
     else:
         mode = backend.split("-", 1)[1]

@@ -64,8 +64,16 @@ def bench_model(config_name: str, config_d: dict, params: dict, B: int, T: int, 
             results += guarded(lambda: _timed(runner, "train_step", config_name, config_d, B, T, repeats, budget_s,
                                               device), "train_step", config_name, backend, "train step")
         if decode_tokens and runner.decode is not None and not backend.startswith("torch-compile"):
+            n = min(decode_tokens, config_d["context_length"] - 1)
+            per_token_s = fwd_s / (B * T)  # a forward's cost per token, to estimate decoding's
             for use_cache in (True, False):
                 label = ("generate" if runner.kind == "hf" else "decode") + (" (KV cache)" if use_cache else " (no cache)")
+                tokens_run = n if use_cache else n * (n + 1) // 2  # without a cache every step reruns the prefix
+                if tokens_run * per_token_s > max_step_s:
+                    results.append(Result("decode", config_name, backend, label, B=1, T=n, status="n/a",
+                                          note=f"skipped: ~{tokens_run * per_token_s:.0f} s per call estimated from "
+                                               f"the forward (limit {max_step_s:.0f} s)"))
+                    continue
                 progress(f"model {config_name}: {backend} {label}")
                 results += guarded(lambda: _decode(runner, config_name, config_d, decode_tokens, use_cache, label,
                                                    repeats, budget_s), "decode", config_name, backend, label)

@@ -153,9 +153,10 @@ def torch_copy_bandwidth(megabytes: int, device: str, repeats: int = 3) -> float
     return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats, sync)
 
 
-def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Everything about the machine; `peaks` holds the rates the report divides by."""
-    n = 1024 if quick else 2048
+def measure_rates(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None
+                  ) -> tuple[dict, dict]:
+    """(GEMM FLOP/s by name, copy bandwidth in bytes/s by name)."""
+    n = 768 if quick else 2048
     rates: dict[str, float] = {}
     progress("machine: numpy GEMM")
     rates["numpy_float32_gemm"] = numpy_gemm_rate(n, "float32")
@@ -163,13 +164,12 @@ def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], 
     progress("machine: torch GEMM")
     rates["torch_float32_gemm"] = torch_gemm_rate(n, "float32")
     rates["torch_float64_gemm"] = torch_gemm_rate(n, "float64")
-    nb = 512 if quick else 1024  # bf16 matmul can be very slow on CPUs without native bf16
+    nb = 256 if quick else 1024  # bf16 matmul can be very slow on CPUs without native bf16
     rates["torch_bfloat16_matmul"] = torch_gemm_rate(nb, "bfloat16", repeats=1)
     rates["torch_bfloat16_autocast_linear"] = torch_gemm_rate(n, "bfloat16", autocast=True)
     progress("machine: copy bandwidth")
-    bandwidth = {"numpy_copy": numpy_copy_bandwidth(128 if quick else 512),
-                 "torch_cpu_copy": torch_copy_bandwidth(128 if quick else 512, "cpu")}
-    cuda = None
+    bandwidth = {"numpy_copy": numpy_copy_bandwidth(64 if quick else 512),
+                 "torch_cpu_copy": torch_copy_bandwidth(64 if quick else 512, "cpu")}
     if device.startswith("cuda"):
         import torch
 
@@ -183,9 +183,11 @@ def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], 
         torch.backends.cuda.matmul.allow_tf32 = prev
         rates["cuda_bfloat16_gemm"] = torch_gemm_rate(nc, "bfloat16", device, repeats=5)
         bandwidth["cuda_copy"] = torch_copy_bandwidth(1024, device, repeats=5)
-        props = torch.cuda.get_device_properties(device)
-        cuda = {"name": props.name, "memory_gb": props.total_memory / 1e9, "capability": f"{props.major}.{props.minor}",
-                "cuda": torch.version.cuda}
+    return rates, bandwidth
+
+
+def peaks_from(rates: dict, bandwidth: dict) -> dict:
+    """The rates the report divides by, one per precision (and the copy bandwidth)."""
     peaks = {
         "numpy_float32": rates["numpy_float32_gemm"],
         "numpy_float64": rates["numpy_float64_gemm"],
@@ -194,11 +196,46 @@ def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], 
         "torch_bfloat16": max(rates["torch_bfloat16_matmul"], rates["torch_bfloat16_autocast_linear"]),
         "copy_bandwidth": max(bandwidth["numpy_copy"], bandwidth["torch_cpu_copy"]),
     }
-    if cuda:
+    if "cuda_float32_gemm" in rates:
         peaks.update(cuda_float32=rates["cuda_float32_gemm"], cuda_tf32=rates["cuda_tf32_gemm"],
                      cuda_bfloat16=rates["cuda_bfloat16_gemm"], cuda_copy_bandwidth=bandwidth["cuda_copy"])
+    return peaks
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: another process competing for the cores shows here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Everything about the machine; `peaks` holds the rates the report divides by."""
+    load = load_average()
+    rates, bandwidth = measure_rates(quick, device, progress)
+    cuda = None
+    if device.startswith("cuda"):
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        cuda = {"name": props.name, "memory_gb": props.total_memory / 1e9, "capability": f"{props.major}.{props.minor}",
+                "cuda": torch.version.cuda}
     return {"cpu": cpu_info(), "cuda": cuda, "libraries": library_versions(), "blas": blas_info(),
-            "gemm_n": n, "gemm_flops_per_s": rates, "bandwidth_bytes_per_s": bandwidth, "peaks": peaks}
+            "gemm_n": 768 if quick else 2048, "gemm_flops_per_s": rates, "bandwidth_bytes_per_s": bandwidth,
+            "peaks": peaks_from(rates, bandwidth), "load_average_at_start": load}
+
+
+def remeasure(info: dict, quick: bool, device: str, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure the peaks again at the end of the run; keep the higher of each (a core busy with
+    someone else's work at one of the two moments lowers only that one), and record both."""
+    rates, bandwidth = measure_rates(quick, device, progress)
+    start, end = dict(info["peaks"]), peaks_from(rates, bandwidth)
+    info["peaks_at_start"], info["peaks_at_end"] = start, end
+    info["peaks"] = {k: max(start[k], end.get(k, 0.0)) for k in start}
+    info["load_average_at_end"] = load_average()
+    info["peak_drift"] = {k: end[k] / start[k] - 1.0 for k in start if start[k] and k in end}
+    return info
 
 
 def short_name(info: dict) -> str:

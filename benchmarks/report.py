@@ -150,8 +150,11 @@ def markdown_summary(payload: dict, results: list[Result], plots: list[str]) -> 
              f"- libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v),
              f"- BLAS: numpy {m['blas'].get('numpy_blas')}; torch threads {m['blas'].get('torch_threads')}, "
              f"capability {m['blas'].get('torch_cpu_capability')}; env {m['blas'].get('env') or '{}'}",
-             "- measured peaks: " + ", ".join(
-                 f"{k} {_si(v, 'B/s' if 'bandwidth' in k else 'FLOP/s')}" for k, v in peaks.items()), "",
+             "- measured peaks (the higher of the start and the end of the run): " + ", ".join(
+                 f"{k} {_si(v, 'B/s' if 'bandwidth' in k else 'FLOP/s')}" for k, v in peaks.items()),
+             f"- load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}; "
+             "peak drift end/start: " + ", ".join(f"{k} {100 * v:+.0f}%" for k, v in (m.get("peak_drift") or {}).items()),
+             f"- torch_impl's default plan here: {m['blas'].get('torch_impl_default_plan', '-')}", "",
              "## Targets (ratios measured in this run)", "",
              markdown_table(format_targets(payload["targets"]), TARGET_HEADER), "",
              "## Error budget: each fast path against the float64 oracle", "",

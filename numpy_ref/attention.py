@@ -89,7 +89,8 @@ def attention_backward(dout: np.ndarray, cache):
     q, k, v, a, a_used, mask = cache["q"], cache["k"], cache["v"], cache["att"], cache["att_used"], cache["mask"]
     B, nh, T, hs = q.shape
     if k.shape[2] != T:
-        raise ValueError("attention_backward: the forward used a KV cache; backward through cached keys is not supported")
+        raise ValueError("attention_backward: the forward used a KV cache (inference); backward through "
+                         "cached keys is not supported")
     C = nh * hs
     dy, dw_proj, db_proj = linear_backward(dout, cache["lin_proj"])  # (B, T, C)
     dy = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, nh, T, hs)

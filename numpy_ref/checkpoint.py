@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -74,10 +74,11 @@ def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
         "attn_pdrop": config.drop_rate,
         "scale_attn_weights": True,
         "tie_word_embeddings": config.tie_embeddings,
-        "torch_dtype": "float32",
+        "dtype": "float32",
+        # GPT-2's <|endoftext|> is 50256; a smaller vocabulary has no such token.
+        "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "eos_token_id": 50256 if config.vocab_size > 50256 else None,
     }
-    if config.vocab_size > 50256:
-        d["bos_token_id"] = d["eos_token_id"] = 50256  # GPT-2's <|endoftext|>
     d["gpt_oracle"] = config.to_dict()
     return d
 
@@ -155,7 +156,7 @@ def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarra
     """Write `config.json` and `model.safetensors` (float32) into `directory`; returns it."""
     directory = Path(directory)
     table = param_shapes(config)
-    _check_names_and_shapes("params", {k: np.shape(v) for k, v in params.items()}, dict(table), "params")
+    _check_names_and_shapes("params", {k: np.shape(v) for k, v in params.items()}, dict(table))
     tensors = {}
     for name, _ in table:
         value = np.asarray(params[name])
@@ -193,7 +194,7 @@ def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, n
                 else f"expected one of {MODEL_DTYPES}"
             raise CheckpointError(f"{path}: key {name!r} has dtype {info.dtype}: {why}")
     raw, _ = read_safetensors(path)
-    tensors = _strip_names(path, raw)
+    tensors, file_keys = _strip_names(path, raw)
     expected = dict(param_shapes(config))
     if config.tie_embeddings and HEAD in tensors:
         if not np.array_equal(tensors[HEAD], tensors.get("wte.weight")):
@@ -203,16 +204,17 @@ def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, n
         for i in range(config.n_layers):
             bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)
             if bias is not None and np.any(bias != 0):
-                raise CheckpointError(f"{path}: key 'h.{i}.attn.c_attn.bias' is non-zero but the config has "
-                                      f"qkv_bias=False")
-    _check_names_and_shapes(str(path), {k: v.shape for k, v in tensors.items()}, expected, "file")
+                raise CheckpointError(f"{path}: key {file_keys[f'h.{i}.attn.c_attn.bias']!r} is non-zero but the "
+                                      f"config has qkv_bias=False")
+    _check_names_and_shapes(str(path), {k: v.shape for k, v in tensors.items()}, expected,
+                            lambda k: file_keys.get(k, _file_key(k)))
     params = {}
     for name in expected:
         value = tensors[name]
         bad = ~np.isfinite(value)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise CheckpointError(f"{path}: key {_file_key(name)!r} has {int(bad.sum())} non-finite values "
+            raise CheckpointError(f"{path}: key {file_keys[name]!r} has {int(bad.sum())} non-finite values "
                                   f"(first at index {first}: {value[first]})")
         params[name] = np.ascontiguousarray(value, dtype=dtype)
     return config, params
@@ -222,9 +224,9 @@ def _file_key(name: str) -> str:
     return name if name == HEAD else PREFIX + name
 
 
-def _strip_names(path: Path, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """File keys -> our names: drop `transformer.`, drop the attention-mask buffers."""
-    out = {}
+def _strip_names(path: Path, raw: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(our name -> array, our name -> the file's key): drop `transformer.` and the mask buffers."""
+    out, file_keys = {}, {}
     for key, value in raw.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         parts = name.split(".")
@@ -232,21 +234,22 @@ def _strip_names(path: Path, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndar
             continue  # the causal-mask buffers of older GPT-2 files: constants, not parameters
         if name in out:
             raise CheckpointError(f"{path}: key {key!r} appears both with and without the {PREFIX!r} prefix")
-        out[name] = value
-    return out
+        out[name], file_keys[name] = value, key
+    return out, file_keys
 
 
-def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple], what: str):
-    missing = [k for k in expected if k not in shapes]
+def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple],
+                            key: Callable[[str], str] = str) -> None:
+    """Same names, same shapes; `key(name)` is how the error names a tensor (the file's key)."""
+    missing = [key(k) for k in expected if k not in shapes]
     if missing:
-        raise CheckpointError(f"{where}: missing key(s) {[_file_key(k) if what == 'file' else k for k in missing]}")
-    extra = [k for k in shapes if k not in expected]
+        raise CheckpointError(f"{where}: missing key(s) {missing}")
+    extra = [key(k) for k in shapes if k not in expected]
     if extra:
         raise CheckpointError(f"{where}: unexpected key(s) {extra} for this config")
     for k, shape in expected.items():
         if tuple(shapes[k]) != tuple(shape):
-            key = _file_key(k) if what == "file" else k
-            raise CheckpointError(f"{where}: key {key!r} has shape {tuple(shapes[k])}, the config needs {shape}")
+            raise CheckpointError(f"{where}: key {key(k)!r} has shape {tuple(shapes[k])}, the config needs {shape}")
 
 
 # ---- trainer state --------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     ids = np.asarray(ids)
     if kv_cache is not None and ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
         raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
-    masks = _split_masks(dropout_masks, config, ids, past)
+    masks = _split_masks(dropout_masks, config, ids, past, dtype)
     x, emb = embedding_forward(ids, params["wte.weight"], params["wpe.weight"], pos_offset=past)  # (B, T) -> (B, T, C)
     mask_e = masks["embedding"]
     if mask_e is not None:
@@ -122,8 +122,9 @@ def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
     return ordered
 
 
-def _split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray, past: int):
-    """{"embedding": mask or None, i: block i's masks by block-local name}, shape-checked."""
+def _split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray, past: int, dtype):
+    """{"embedding": mask or None, i: block i's masks by block-local name}, shape-checked and
+    in the parameters' dtype (a float64 mask must not promote a float32 model)."""
     out = {"embedding": None, **{i: {} for i in range(config.n_layers)}}
     if not masks:
         return out
@@ -132,17 +133,17 @@ def _split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray
     B, T = ids.shape
     C, nh = config.emb_dim, config.n_heads
     expected_block = {"attn.weights": (B, nh, T, past + T), "attn.out": (B, T, C), "mlp.out": (B, T, C)}
-    dtype = None
     for key, mask in masks.items():
         if key == "embedding":
             shape, target = (B, T, C), None
         else:
-            parts = key.split(".", 2)
-            local = parts[2] if len(parts) == 3 else ""
-            if parts[0] != "h" or not parts[1].isdigit() or int(parts[1]) >= config.n_layers or local not in expected_block:
+            parts = key.split(".", 2) + ["", ""]  # "h.{i}.{local}"; padded so a short key cannot IndexError
+            local = parts[2]
+            in_range = parts[0] == "h" and parts[1].isdigit() and int(parts[1]) < config.n_layers
+            if not in_range or local not in expected_block:
                 raise ValueError(f"unknown dropout mask {key!r}; known: {MASK_KEYS} with i < {config.n_layers}")
             shape, target = expected_block[local], (int(parts[1]), local)
-        mask = np.asarray(mask)
+        mask = np.asarray(mask).astype(dtype, copy=False)
         if mask.shape != shape:
             raise ValueError(f"dropout mask {key!r} has shape {mask.shape}; expected {shape}")
         if target is None:

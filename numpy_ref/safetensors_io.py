@@ -113,7 +113,8 @@ def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
         if dtype_name is None:
             raise CheckpointError(f"tensor {name!r}: dtype {a.dtype} has no safetensors equivalent; "
                                   f"supported: {sorted(_NAME_OF.values())}")
-        arrays[name] = (dtype_name, np.ascontiguousarray(a, dtype=DTYPES[dtype_name]))
+        # np.asarray(order="C"), not np.ascontiguousarray, which turns a 0-d array into shape (1,).
+        arrays[name] = (dtype_name, np.asarray(a, dtype=DTYPES[dtype_name], order="C"))
     order = sorted(arrays, key=lambda n: (-_LAYOUT_RANK.index(arrays[n][0]), n))
     header: dict = {}
     if metadata is not None:

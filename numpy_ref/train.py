@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from numpy_ref.optim import build_optimizer, clip_grad_norm, lr_at_step
-from numpy_ref.train_log import Progress
+from numpy_ref.train_log import TextProgress
 from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
                                  load_run, record_eval, save_run)
 
@@ -60,10 +60,12 @@ class Trainer:
     """Trains `model` (a numpy_ref GPTModel) on `train_loader`; see the module docstring."""
 
     def __init__(self, model, train_loader, val_loader, settings: TrainSettings, *, out_dir=None,
-                 encoding=None, on_step=None) -> None:
+                 encoding=None, on_step=None, progress_cls=TextProgress, plot=None) -> None:
         self.model, self.settings = model, settings
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.encoding = encoding
+        self.progress_cls = progress_cls  # (total, initial, enabled, desc) -> update/write/close
+        self.plot = plot  # plot(path, history), e.g. gpt_oracle.train_report.save_loss_plot
         self.on_step = on_step  # called as on_step(trainer) after every step
         self.optimizer = _optimizer(model, settings)
         self.stream = BatchStream(train_loader)
@@ -142,7 +144,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         s = self.settings
-        progress = Progress(s.steps, self.step, enabled=s.progress, desc="train (numpy)")
+        progress = self.progress_cls(s.steps, self.step, enabled=s.progress, desc="train (numpy)")
         start, start_tokens = time.perf_counter(), self.tokens_seen
         try:
             while self.step < s.steps:

@@ -1,10 +1,10 @@
-"""What a training run shows and leaves behind: a progress bar, a JSON-lines log, a loss plot.
+"""What a training run shows and leaves behind, with the standard library only.
 
-The progress bar is tqdm's when tqdm is installed, else a line every few seconds; it shows the
-loss and tokens per second. `log.jsonl` gets one JSON object per evaluation. `loss.png` plots the
-per-step training loss and the evaluated train/validation losses against tokens seen; it needs
-matplotlib (an optional dependency) and is skipped without it. torch_impl/train_log.py is the
-same file for the torch tree (the trees share no code).
+`TextProgress` prints a line with the step, the loss and tokens per second every few seconds
+(to stderr); `append_log` adds one JSON object per line to `log.jsonl`. The trainer takes the
+progress class and an optional `plot(path, history)` as arguments, so a front end can bring
+tqdm and matplotlib (gpt_oracle/train_report.py does) while this tree depends on neither.
+torch_impl/train_log.py is the same file for the torch tree (the trees share no code).
 """
 
 from __future__ import annotations
@@ -16,43 +16,26 @@ import time
 from pathlib import Path
 
 
-class Progress:
-    """A bar over optimiser steps, `update(step, loss, tokens_per_s)`; `write(text)` above it."""
+class TextProgress:
+    """Progress over optimiser steps: `update(step, loss, tokens_per_s)`, `write(text)`, `close()`."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> None:
-        self.enabled = enabled
-        self._bar = None
+        self.total, self.enabled, self.desc = total, enabled, desc
         self._last_print = 0.0
-        self.total = total
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
-        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            self._bar.update(step - self._bar.n)
-            return
         now = time.monotonic()
-        if now - self._last_print > 5.0 or step == self.total:
+        if self.enabled and (now - self._last_print > 5.0 or step == self.total):
             self._last_print = now
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
+            print(f"{self.desc}: step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s",
+                  file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text, file=sys.stderr)
-        else:
+        if self.enabled:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        pass
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -61,32 +44,3 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def save_loss_plot(path: Path, history: dict) -> bool:
-    """Plot history["steps"] ([step, tokens, loss]) and history["evals"] ([step, tokens, train,
-    val]) to a PNG (written to a temporary name, then renamed); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if history.get("steps"):
-        tokens = [row[1] for row in history["steps"]]
-        ax.plot(tokens, [row[2] for row in history["steps"]], color="0.75", lw=0.8, label="training loss (step)")
-    if history.get("evals"):
-        tokens = [row[1] for row in history["evals"]]
-        ax.plot(tokens, [row[2] for row in history["evals"]], "o-", label="training loss (eval)")
-        ax.plot(tokens, [row[3] for row in history["evals"]], "s--", label="validation loss (eval)")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True

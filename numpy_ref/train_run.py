@@ -1,12 +1,13 @@
 """The bookkeeping of a training run: settings, the resumable batch stream, run directories.
 
-A run directory (`--out DIR`) holds `log.jsonl`, `loss.png`, one sub-directory per checkpoint,
-`step-00000010/` (a model checkpoint, `config.json` + `model.safetensors`, plus the trainer
-state, `trainer_state.json` + `optimizer.safetensors`, both written by numpy_ref/checkpoint.py)
-and `latest`, a one-line file naming the newest complete checkpoint. A checkpoint directory is
-written in full before `latest` is switched to it (write to a temporary file, then rename), so
-a run killed at any moment leaves `latest` pointing at a complete checkpoint; the two newest
-are kept. torch_impl/train_run.py is the same file for the torch tree.
+A run directory (`--out DIR`) holds `log.jsonl`, `loss.png` (when the trainer has a plot
+function), one sub-directory per checkpoint, `step-00000010/` (a model checkpoint, `config.json`
++ `model.safetensors`, plus the trainer state, `trainer_state.json` + `optimizer.safetensors`,
+both written by numpy_ref/checkpoint.py) and `latest`, a one-line file naming the newest complete
+checkpoint. A checkpoint directory is written in full before `latest` is switched to it (write
+a temporary file, then rename), so a run killed at any moment leaves `latest` pointing at a
+complete checkpoint; the two newest are kept. torch_impl/train_run.py is the same file for the
+torch tree.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from numpy_ref.train_log import append_log, save_loss_plot
+from numpy_ref.train_log import append_log
 
 
 class NonFiniteLoss(RuntimeError):
@@ -205,7 +206,8 @@ def record_eval(trainer, evaluate, progress) -> dict:
     if trainer.out_dir is not None:
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         append_log(trainer.out_dir / "log.jsonl", record)
-        save_loss_plot(trainer.out_dir / "loss.png", trainer.history)
+        if trainer.plot is not None:
+            trainer.plot(trainer.out_dir / "loss.png", trainer.history)
     return record
 
 
@@ -215,7 +217,8 @@ def finish_run(trainer, message: str, *, ok: bool, seconds: float) -> TrainResul
         where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written"
         message = f"{message}; training stopped without saving ({where})"
     elif trainer.out_dir is not None:
-        save_loss_plot(trainer.out_dir / "loss.png", trainer.history)
+        if trainer.plot is not None:
+            trainer.plot(trainer.out_dir / "loss.png", trainer.history)
         append_log(trainer.out_dir / "log.jsonl", {"step": trainer.step, "tokens_seen": trainer.tokens_seen,
                                                    "finished": True, "seconds": seconds})
     return TrainResult(ok, message, trainer.step, trainer.tokens_seen, seconds, ckpt, trainer.history)

@@ -59,10 +59,15 @@ def _linear_inputs(rng, s: Sizes) -> dict:
 
 
 def _layernorm_inputs(rng, s: Sizes) -> dict:
+    # Degenerate widths are left out: with C = 1 the variance is exactly 0 and the output is
+    # eps-dominated (1/sqrt(eps) = 316 amplifies the input's rounding past any fixed tolerance);
+    # with C = 2 the output is +-1 whatever x is, so dx is identically ~0 and what remains is
+    # pure cancellation noise. No model has such a width; use C >= 3.
+    C = max(s.C, 3)
     return dict(
-        x=_normal(rng, (s.B, s.T, s.C), 2.0) + 0.5,
-        w=1.0 + _normal(rng, (s.C,), 0.2),
-        b=_normal(rng, (s.C,), 0.2),
+        x=_normal(rng, (s.B, s.T, C), 2.0) + 0.5,
+        w=1.0 + _normal(rng, (C,), 0.2),
+        b=_normal(rng, (C,), 0.2),
         eps=1e-5,
     )
 

@@ -180,7 +180,19 @@ def test_targets_are_ratios_of_the_right_measurements():
     assert all(t["value"] is None and t["met"] is None for t in missing), f"nothing measured -> no verdict: {missing}"
 
 
-def test_quick_bench_on_tiny_writes_well_formed_results(tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread while the harness runs: on a shared 2-core CI machine, spinning
+    OpenMP threads make tiny matmuls wait for each other. Restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_quick_bench_on_tiny_writes_well_formed_results(tmp_path, one_torch_thread):
     from gpt_oracle.cli import main
 
     out = tmp_path / "bench"

@@ -127,8 +127,8 @@ def test_repeated_ids_accumulate_in_the_model_gradient():
     ids = np.array([[7, 7, 7, 3], [7, 3, 7, 7]])
     targets = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     grads = model.loss_and_grads(ids, targets)[1]
-    fused = autograd_loss_and_grads(COMPOSED, model.params, ids, targets, cfg)[2]
-    assert_close("dwte with repeated ids (hand-written vs composed)", grads["wte.weight"], fused["wte.weight"],
+    composed = autograd_loss_and_grads(COMPOSED, model.params, ids, targets, cfg)[2]
+    assert_close("dwte with repeated ids (hand-written vs composed)", grads["wte.weight"], composed["wte.weight"],
                  FUSED_VS_COMPOSED)
     untouched = np.setdiff1d(np.arange(cfg.vocab_size), [3, 7])
     assert np.all(grads["wte.weight"][untouched] == 0), "rows of ids that never occur must get exactly zero"

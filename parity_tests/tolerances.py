@@ -1,8 +1,12 @@
 """Every tolerance the harness uses, in one place.
 
 A comparison passes where, element by element, `|actual - expected| <= atol + rtol * |expected|`
-(numpy.allclose's rule, with the oracle as `expected`). Forward values and gradients have their
-own entries because a gradient is a longer chain of rounding than the value it came from.
+(numpy.allclose's rule, with the oracle as `expected`). For bf16 and fp16 the relative part is
+taken against the tensor's largest magnitude instead (`per_tensor=True`): a reduction in low
+precision loses digits relative to the terms it sums, not to the (possibly cancelled) result,
+so an element near zero in a tensor of ones is judged at the tensor's scale.
+Forward values and gradients have their own entries because a gradient is a longer chain of
+rounding than the value it came from.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ class Tol:
     atol: float
     rtol: float
     why: str
+    per_tensor: bool = False  # rtol times max|expected| over the tensor, not per element
 
 
 FORWARD = {
@@ -25,16 +30,16 @@ FORWARD = {
     # TF32 matmuls keep 10 mantissa bits (unit roundoff ~5e-4).
     "tf32": Tol(5e-3, 5e-3, "TF32 matmul inputs keep 10 mantissa bits"),
     # bf16 keeps 7 mantissa bits (unit roundoff ~4e-3); autocast accumulates in float32.
-    "bfloat16": Tol(5e-2, 5e-2, "bf16 keeps 7 mantissa bits; accumulation stays float32"),
-    "float16": Tol(1e-2, 1e-2, "fp16 keeps 10 mantissa bits"),
+    "bfloat16": Tol(1e-2, 5e-2, "bf16 keeps 7 mantissa bits (unit roundoff 4e-3)", per_tensor=True),
+    "float16": Tol(1e-3, 1e-2, "fp16 keeps 10 mantissa bits", per_tensor=True),
 }
 
 GRADIENT = {
     "float64": Tol(1e-9, 1e-7, "backward chains more products; still float64 reassociation only"),
     "float32": Tol(1e-4, 1e-3, "float32 backward: roundoff grows with depth and accumulation"),
     "tf32": Tol(2e-2, 2e-2, "TF32 in both forward and backward matmuls"),
-    "bfloat16": Tol(1e-1, 1e-1, "bf16 activations in forward and backward"),
-    "float16": Tol(5e-2, 5e-2, "fp16 activations in forward and backward"),
+    "bfloat16": Tol(5e-2, 1e-1, "bf16 activations in forward and backward; upstream grads are O(1)", per_tensor=True),
+    "float16": Tol(5e-3, 2e-2, "fp16 activations in forward and backward", per_tensor=True),
 }
 
 # Finite differences against the float64 NumPy code itself (central differences, step 1e-6):

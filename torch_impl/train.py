@@ -37,7 +37,7 @@ import torch
 
 from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_state, lr_at_step, optimizer_state,
                               set_lr)
-from torch_impl.train_log import Progress
+from torch_impl.train_log import TextProgress
 from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
                                   load_run, record_eval, save_run)
 
@@ -80,10 +80,12 @@ class Trainer:
     """Trains `model` (a torch_impl GPTModel) on `train_loader`; see the module docstring."""
 
     def __init__(self, model, train_loader, val_loader, settings: TrainSettings, *, out_dir=None,
-                 encoding=None, on_step=None) -> None:
+                 encoding=None, on_step=None, progress_cls=TextProgress, plot=None) -> None:
         self.model, self.settings = model, settings
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.encoding = encoding
+        self.progress_cls = progress_cls  # (total, initial, enabled, desc) -> update/write/close
+        self.plot = plot  # plot(path, history), e.g. gpt_oracle.train_report.save_loss_plot
         self.on_step = on_step  # called as on_step(trainer) after every step (tests use it to "kill" a run)
         s = settings
         self.optimizer = build_optimizer(model, s.optimizer, lr=s.max_lr, betas=s.betas, eps=s.eps,
@@ -166,7 +168,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         s = self.settings
-        progress = Progress(s.steps, self.step, enabled=s.progress, desc="train (torch)")
+        progress = self.progress_cls(s.steps, self.step, enabled=s.progress, desc="train (torch)")
         start, start_tokens = time.perf_counter(), self.tokens_seen
         try:
             while self.step < s.steps:

@@ -1,0 +1,86 @@
+"""Shared helpers for the checkpoint tests (test_checkpoint.py, test_checkpoint_errors.py).
+
+Tiny configurations in both trees' config classes, random parameters in which every tensor
+(biases and layer-norm gains included) holds distinct values, so a swapped or dropped key
+changes the logits, and Hugging Face settings that keep `transformers` offline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from parity_tests.strategies import random_array
+
+# Never touch the network: transformers and huggingface_hub read these at import and call time.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+os.environ.update(OFFLINE_ENV)
+
+TINY = dict(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+            qkv_bias=True, tie_embeddings=False, ln_eps=1e-5)
+
+
+def tiny(**overrides) -> dict:
+    return {**TINY, **overrides}
+
+
+def numpy_config(d: Mapping):
+    from numpy_ref.config import GPTConfig
+
+    return GPTConfig(**dict(d))
+
+
+def torch_config(d: Mapping):
+    from torch_impl.config import GPTConfig
+
+    return GPTConfig(**dict(d))
+
+
+def random_params(config_d: Mapping, seed: int) -> dict[str, np.ndarray]:
+    """name -> float64 array for every parameter of docs/design.md's table, all non-trivial.
+
+    Values are rounded through float32 so that a float32 file holds them exactly."""
+    from numpy_ref.params import param_shapes
+
+    shapes = param_shapes(numpy_config(config_d))
+    return {name: random_array(seed + i, shape, scale=0.3).astype(np.float32).astype(np.float64)
+            for i, (name, shape) in enumerate(shapes)}
+
+
+def hf_config(config_d: Mapping):
+    """transformers.GPT2Config for the same model (tanh GELU, no dropout, no special tokens)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=config_d["vocab_size"], n_positions=config_d["context_length"],
+                      n_embd=config_d["emb_dim"], n_layer=config_d["n_layers"], n_head=config_d["n_heads"],
+                      layer_norm_epsilon=config_d["ln_eps"], tie_word_embeddings=config_d["tie_embeddings"],
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    """A transformers GPT-2's logits in float64 (the model is converted to float64 first)."""
+    import torch
+
+    model = model.double().eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+def sample_ids(config_d: Mapping, seed: int, B: int = 2, T: int | None = None) -> np.ndarray:
+    """(B, T) ids with both ends of the vocabulary present; T defaults to the context length."""
+    T = T or config_d["context_length"]
+    ids = np.random.default_rng(seed).integers(0, config_d["vocab_size"], size=(B, T))
+    ids[0, 0], ids[-1, -1] = 0, config_d["vocab_size"] - 1
+    return ids.astype(np.int64)
+
+
+def model_modules():
+    """(numpy_ref.model, torch_impl.model), or None where either is not importable yet."""
+    try:
+        import numpy_ref.model as nm
+        import torch_impl.model as tm
+    except ImportError:
+        return None
+    return nm, tm

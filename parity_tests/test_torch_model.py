@@ -1,0 +1,524 @@
+"""torch_impl on its own: the properties of the fast path that need no oracle.
+
+Bad input, the KV cache (cached logits equal a full recomputation at every step, chunked prefill
+included), the bottom-right causal mask when queries are fewer than keys, float64 / bf16 /
+compile paths, explicit dropout masks, the parameter table and the tied head. Every numeric
+comparison goes through `assert_close` with the tolerance table.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parity_tests.compare import assert_close, assert_dicts_close
+from parity_tests.strategies import config_dicts, seeds
+from parity_tests.tolerances import forward_tol, gradient_tol
+from torch_impl.attention import causal_mask, explicit_attention, sdpa_attention
+from torch_impl.config import GPTConfig, get_config
+from torch_impl.device import plan_runtime
+from torch_impl.model import GPTModel
+
+
+def tiny(**overrides) -> GPTConfig:
+    return get_config("tiny", **overrides)
+
+
+def model_of(cfg: GPTConfig, seed: int = 0, dtype=torch.float64, device=None) -> GPTModel:
+    """A model whose biases and layer-norm parameters are perturbed away from 0 and 1, so a dropped
+    bias or a swapped gamma/beta changes the numbers."""
+    model = GPTModel(cfg, seed=seed, dtype=dtype, device=device).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p))
+    return model
+
+
+def ids_of(cfg: GPTConfig, B: int, T: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@st.composite
+def small_configs(draw, dropout: bool = False) -> GPTConfig:
+    return GPTConfig(**draw(config_dicts(max_layers=2, max_heads=3, max_head_size=6, max_context=12, max_vocab=40,
+                                         dropout=dropout)))
+
+
+# ---- bad input (docs/design.md, "Bad input") ---------------------------------------------------
+
+
+def test_float_ids_are_a_type_error_naming_the_dtype():
+    model = model_of(tiny())
+    with pytest.raises(TypeError, match="float32"):
+        model(torch.zeros(1, 3, dtype=torch.float32))
+    with pytest.raises(TypeError, match="bool"):
+        model(torch.zeros(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape", [(3,), (1, 2, 3)])
+def test_ids_not_2d_are_a_value_error_naming_the_shape(shape):
+    with pytest.raises(ValueError, match=re_escape(str(shape))):
+        model_of(tiny())(torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("value", [-1, 101, 10_000])
+def test_out_of_range_id_names_value_position_and_vocab(value):
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    ids[1, 3] = value
+    with pytest.raises(ValueError, match=rf"token id {value} at position \(batch 1, time 3\).*101"):
+        model_of(tiny())(ids)
+
+
+def test_too_long_and_empty_sequences_are_value_errors():
+    model = model_of(tiny())  # context length 16
+    with pytest.raises(ValueError, match="T=17.*16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    for shape in [(1, 0), (0, 4)]:
+        with pytest.raises(ValueError, match=re_escape(str(shape))):
+            model(torch.zeros(shape, dtype=torch.long))
+
+
+def test_kv_cache_overflow_and_batch_mismatch_are_value_errors():
+    model = model_of(tiny())
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(ids_of(model.config, 2, 10, 0), kv_cache=cache)
+        with pytest.raises(ValueError, match="T=7 after 10 cached positions exceeds the context length 16"):
+            model(ids_of(model.config, 2, 7, 1), kv_cache=cache)
+        assert cache.length == 10, f"a rejected chunk must not advance the cache (length {cache.length})"
+        with pytest.raises(ValueError, match="batch size 3 differs from the KV cache's 2"):
+            model(ids_of(model.config, 3, 1, 1), kv_cache=cache)
+
+
+def test_bad_targets_and_all_ignored_targets_are_value_errors():
+    model = model_of(tiny())
+    ids = ids_of(model.config, 2, 4, 0)
+    bad = ids.clone()
+    bad[0, 2] = 101
+    with pytest.raises(ValueError, match=r"target 101 at position \(0, 2\).*101"):
+        model(ids, bad)
+    with pytest.raises(ValueError, match="every target equals ignore_index=-100"):
+        model(ids, torch.full_like(ids, -100), ignore_index=-100)
+    with pytest.raises(TypeError, match="float"):
+        model(ids, ids.double())
+
+
+@pytest.mark.parametrize("bad", [dict(emb_dim=30, n_heads=4), dict(vocab_size=0), dict(drop_rate=1.0),
+                                 dict(drop_rate=-0.1), dict(n_layers=0), dict(context_length=-2)])
+def test_config_rejects_bad_values_naming_them(bad):
+    (key, value), = [(k, v) for k, v in bad.items() if k != "n_heads"]
+    with pytest.raises(ValueError, match=re_escape(f"{key}={value}") + "|" + re_escape(str(value))):
+        tiny(**bad)
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    for name in ["tiny", "gpt2-small", "124M", "gpt2-xl"]:
+        cfg = get_config(name)
+        assert GPTConfig.from_dict(cfg.to_dict()) == cfg, f"{name} does not round-trip through to_dict/from_dict"
+    assert get_config("355M") == get_config("gpt2-medium"), "alias 355M is not gpt2-medium"
+    with pytest.raises(ValueError, match="n_embd"):
+        GPTConfig.from_dict(dict(tiny().to_dict(), n_embd=32))
+    with pytest.raises(ValueError, match="gpt3"):
+        get_config("gpt3")
+
+
+# ---- the KV cache --------------------------------------------------------------------------------
+
+
+@st.composite
+def cache_case(draw):
+    cfg = draw(small_configs())
+    T = draw(st.integers(1, cfg.context_length))
+    # A partition of T into chunks: the first is the (possibly chunked) prefill, later ones
+    # decode one or more tokens at a time.
+    cuts = sorted(draw(st.sets(st.integers(1, T - 1), max_size=T - 1))) if T > 1 else []
+    chunks = [b - a for a, b in zip([0] + cuts, cuts + [T])]
+    return cfg, draw(seeds()), draw(st.integers(1, 3)), chunks
+
+
+@given(case=cache_case())
+def test_kv_cached_logits_equal_full_recomputation_at_every_step(case):
+    cfg, seed, B, chunks = case
+    model = model_of(cfg, seed % 1000)
+    T = sum(chunks)
+    ids = ids_of(cfg, B, T, seed)
+    with torch.no_grad():
+        full = model(ids)  # (B, T, V), no cache
+        cache = model.new_kv_cache(B)
+        start = 0
+        for n in chunks:
+            got = model(ids[:, start:start + n], kv_cache=cache)
+            assert cache.length == start + n, f"cache length {cache.length} after positions 0..{start + n - 1}"
+            assert_close(f"cached logits for positions {start}..{start + n - 1} (chunks {chunks})", got,
+                         full[:, start:start + n], forward_tol("float64"))
+            last = model(ids[:, :start + n], last_only=True)
+            assert_close("last_only logits", last, full[:, start + n - 1:start + n], forward_tol("float64"))
+            start += n
+
+
+def test_kv_cache_reset_and_crop_reuse_the_buffers():
+    model = model_of(tiny())
+    ids = ids_of(model.config, 1, 8, 3)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(1)
+        model(ids, kv_cache=cache)
+        cache.crop(5)  # roll back three positions, then recompute them
+        assert_close("logits after crop(5)", model(ids[:, 5:], kv_cache=cache), full[:, 5:], forward_tol("float64"))
+        cache.reset()
+        assert_close("logits after reset", model(ids[:, :3], kv_cache=cache), full[:, :3], forward_tol("float64"))
+    assert cache.k.shape == (2, 1, 4, 16, 8), f"cache is (L, B, nh, Tc, hs); got {tuple(cache.k.shape)}"
+
+
+@given(T=st.integers(1, 6), P=st.integers(0, 6), nh=st.integers(1, 3), hs=st.integers(1, 5), seed=seeds())
+def test_sdpa_mask_is_bottom_right_aligned_when_queries_are_fewer_than_keys(T, P, nh, hs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, nh, n, hs, generator=gen, dtype=torch.float64) for n in (T, P + T, P + T))
+    # The definition, written out: query t sees keys 0 .. P + t.
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(hs)
+    allowed = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # (T, P + T)
+    expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+    assert torch.equal(causal_mask(T, P + T), allowed), f"causal_mask({T}, {P + T}) differs from s <= P + t"
+    assert_close(f"sdpa_attention T={T} P={P}", sdpa_attention(q, k, v), expected, forward_tol("float64"))
+    assert_close(f"explicit_attention T={T} P={P}", explicit_attention(q, k, v), expected, forward_tol("float64"))
+    if P > 0 and T > 1:
+        # The mask is_causal=True would build (top-left aligned) hides keys this query may see.
+        top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert not torch.allclose(top_left, expected), "top-left alignment should differ here; the test lost its teeth"
+
+
+# ---- dtypes, autocast, compile -------------------------------------------------------------------
+
+
+@settings(max_examples=6)
+@given(cfg=small_configs(), seed=seeds())
+def test_float32_model_agrees_with_float64_model(cfg, seed):
+    m64 = model_of(cfg, seed % 1000, dtype=torch.float64)
+    m32 = GPTModel(cfg, dtype=torch.float32).eval()
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    ids = ids_of(cfg, 2, cfg.context_length, seed)
+    logits64, loss64 = m64(ids, ids)
+    logits32, loss32 = m32(ids, ids)
+    assert logits64.dtype == torch.float64 and logits32.dtype == torch.float32, (logits64.dtype, logits32.dtype)
+    assert_close("float32 logits vs float64", logits32, logits64, forward_tol("float32"))
+    loss64.backward()
+    loss32.backward()
+    assert_dicts_close("float32 grads vs float64", {k: p.grad for k, p in m32.named_parameters()},
+                       {k: p.grad for k, p in m64.named_parameters()}, gradient_tol("float32"))
+
+
+def test_bf16_autocast_runs_and_stays_within_budget():
+    cfg = tiny()
+    model = model_of(cfg, dtype=torch.float32)
+    ids = ids_of(cfg, 2, 9, 0)
+    ref_logits, ref_loss = model(ids, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(ids, ids)
+    assert logits.dtype == torch.bfloat16, f"autocast logits are {logits.dtype}"
+    assert loss.dtype == torch.float32, f"the loss is computed in float32 under autocast, got {loss.dtype}"
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters()), "every float32 parameter gets a finite float32 gradient"
+    assert_close("bf16 logits vs float32", logits, ref_logits.detach(), forward_tol("bfloat16"))
+    assert_close("bf16 loss vs float32", loss.detach(), ref_loss.detach(), forward_tol("bfloat16"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_kv_cache(2, dtype=torch.bfloat16)
+        cached = torch.cat([model(ids[:, :4], kv_cache=cache), model(ids[:, 4:], kv_cache=cache)], 1)
+    assert_close("bf16 cached logits vs float32", cached, ref_logits.detach(), forward_tol("bfloat16"))
+
+
+def test_compile_traces_the_model_without_changing_it():
+    # aot_eager: dynamo's graph capture and AOT autograd's forward/backward split, without
+    # inductor's C++ build (see the next test for that).
+    cfg = tiny()
+    model = model_of(cfg, dtype=torch.float32)
+    ids = ids_of(cfg, 2, 7, 0)
+    compiled = torch.compile(model, backend="aot_eager")
+    logits, loss = compiled(ids, ids)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    ref_logits, ref_loss = model(ids, ids)
+    ref_loss.backward()
+    assert_close("compiled logits", logits, ref_logits, forward_tol("float32"))
+    assert_dicts_close("compiled grads", grads, {k: p.grad for k, p in model.named_parameters()},
+                       gradient_tol("float32"))
+    with pytest.raises(ValueError, match="token id 999"):
+        compiled(torch.full((1, 2), 999))  # the id check still runs (eagerly) around the compiled graph
+
+
+INDUCTOR_SCRIPT = textwrap.dedent("""
+    import torch
+    from torch_impl.config import get_config
+    from torch_impl.model import GPTModel
+    model = GPTModel(get_config("tiny", n_layers=1), seed=0).eval()
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = torch.compile(model)(ids)
+        print(float((logits - model(ids)).abs().max()))
+""")
+
+
+def test_inductor_compile_on_cpu_if_fast_enough():
+    # The real compiler (inductor: generated C++ kernels), forward only, in a subprocess so a slow
+    # build can be cut off: on a busy 2-core machine the build alone can take most of a minute.
+    try:
+        run = subprocess.run([sys.executable, "-c", INDUCTOR_SCRIPT], capture_output=True, text=True, timeout=45)
+    except subprocess.TimeoutExpired:
+        pytest.skip("torch.compile (inductor) took more than 45 s to build on this CPU")
+    assert run.returncode == 0, f"torch.compile failed:\n{run.stderr[-3000:]}"
+    max_abs = float(run.stdout.strip().splitlines()[-1])
+    assert max_abs <= forward_tol("float32").atol, f"inductor-compiled logits differ from eager by {max_abs}"
+
+
+# ---- dropout with explicit masks ---------------------------------------------------------------
+
+
+def _masks(cfg: GPTConfig, B: int, T: int, seed: int, p: float) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return (torch.rand(shape, generator=gen) >= p).double() / (1.0 - p)
+
+    C, nh = cfg.emb_dim, cfg.n_heads
+    masks = {"embedding": draw(B, T, C)}
+    for i in range(cfg.n_layers):
+        masks[f"h.{i}.attn.weights"] = draw(B, nh, T, T)
+        masks[f"h.{i}.attn.out"] = draw(B, T, C)
+        masks[f"h.{i}.mlp.out"] = draw(B, T, C)
+    return masks
+
+
+def _by_hand(model: GPTModel, ids: torch.Tensor, masks: dict) -> torch.Tensor:
+    """The model with dropout, written out from docs/design.md with plain tensor algebra."""
+    cfg, sd = model.config, model.state_dict()
+    B, T = ids.shape
+    C, nh, hs = cfg.emb_dim, cfg.n_heads, cfg.head_size
+
+    def ln(x, name):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + cfg.ln_eps) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+    def lin(x, name):
+        b = sd.get(f"{name}.bias")
+        return x @ sd[f"{name}.weight"] + (0.0 if b is None else b)
+
+    x = (sd["wte.weight"][ids] + sd["wpe.weight"][:T]) * masks["embedding"]
+    for i in range(cfg.n_layers):
+        h = f"h.{i}"
+        qkv = lin(ln(x, f"{h}.ln_1"), f"{h}.attn.c_attn")
+        heads = [qkv[..., part * C:(part + 1) * C].reshape(B, T, nh, hs).transpose(1, 2) for part in range(3)]
+        q, k, v = heads
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        att = torch.softmax(scores, -1) * masks[f"{h}.attn.weights"]
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + lin(y, f"{h}.attn.c_proj") * masks[f"{h}.attn.out"]
+        m = lin(ln(x, f"{h}.ln_2"), f"{h}.mlp.c_fc")
+        m = 0.5 * m * (1 + torch.tanh(math.sqrt(2 / math.pi) * (m + 0.044715 * m ** 3)))
+        x = x + lin(m, f"{h}.mlp.c_proj") * masks[f"{h}.mlp.out"]
+    head = sd["wte.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    return ln(x, "ln_f") @ head.T
+
+
+@settings(max_examples=8)
+@given(cfg=small_configs(dropout=True), seed=seeds(), data=st.data())
+def test_explicit_dropout_masks_match_the_model_written_by_hand(cfg, seed, data):
+    p = cfg.drop_rate if cfg.drop_rate > 0 else 0.5
+    model = model_of(cfg, seed % 1000).train()
+    T = data.draw(st.integers(1, cfg.context_length), label="T")
+    B = data.draw(st.integers(1, 2), label="B")
+    ids = ids_of(cfg, B, T, seed)
+    masks = _masks(cfg, B, T, seed, p)
+    got = model(ids, dropout_masks=masks)
+    again = model(ids, dropout_masks=masks)
+    assert torch.equal(got, again), "explicit masks must make training-mode dropout deterministic"
+    with torch.no_grad():
+        expected = _by_hand(model, ids, masks)
+    assert_close(f"logits with dropout masks (p={p})", got, expected, forward_tol("float64"))
+
+
+def test_dropout_without_masks_is_random_in_training_and_off_in_eval():
+    cfg = tiny(drop_rate=0.5)
+    model = model_of(cfg)
+    ids = ids_of(cfg, 2, 8, 0)
+    evaluated = model.eval()(ids)
+    ones = {k: torch.ones_like(v) for k, v in _masks(cfg, 2, 8, 0, 0.5).items()}
+    assert_close("all-ones masks in training == eval", model.train()(ids, dropout_masks=ones), evaluated,
+                 forward_tol("float64"))
+    a, b = model.train()(ids), model(ids)
+    assert not torch.allclose(a, b), "training-mode dropout without masks should draw different masks each call"
+    assert not torch.allclose(a, evaluated), "training-mode dropout without masks changed nothing"
+
+
+def test_dropout_mask_keys_and_shapes_are_checked():
+    cfg = tiny(drop_rate=0.1)
+    model = model_of(cfg).train()
+    ids = ids_of(cfg, 2, 5, 0)
+    with pytest.raises(ValueError, match="unknown dropout mask 'h.7.mlp.out'"):
+        model(ids, dropout_masks={"h.7.mlp.out": torch.ones(2, 5, 32)})
+    with pytest.raises(ValueError, match=r"'h.0.attn.weights' has shape \(2, 4, 5, 4\); expected \(2, 4, 5, 5\)"):
+        model(ids, dropout_masks={"h.0.attn.weights": torch.ones(2, 4, 5, 4)})
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+
+
+def design_table(cfg: GPTConfig) -> list[tuple[str, tuple]]:
+    """docs/design.md's parameter table, in its order, written out independently of the model."""
+    V, Tc, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    rows = [("wte.weight", (V, C)), ("wpe.weight", (Tc, C))]
+    for i in range(cfg.n_layers):
+        h = f"h.{i}"
+        rows += [(f"{h}.ln_1.weight", (C,)), (f"{h}.ln_1.bias", (C,)), (f"{h}.attn.c_attn.weight", (C, 3 * C))]
+        rows += [(f"{h}.attn.c_attn.bias", (3 * C,))] if cfg.qkv_bias else []
+        rows += [(f"{h}.attn.c_proj.weight", (C, C)), (f"{h}.attn.c_proj.bias", (C,)),
+                 (f"{h}.ln_2.weight", (C,)), (f"{h}.ln_2.bias", (C,)),
+                 (f"{h}.mlp.c_fc.weight", (C, 4 * C)), (f"{h}.mlp.c_fc.bias", (4 * C,)),
+                 (f"{h}.mlp.c_proj.weight", (4 * C, C)), (f"{h}.mlp.c_proj.bias", (C,))]
+    rows += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+    rows += [] if cfg.tie_embeddings else [("lm_head.weight", (V, C))]
+    return rows
+
+
+@pytest.mark.parametrize("tie,qkv", [(False, True), (True, False), (True, True), (False, False)])
+def test_state_dict_is_exactly_the_design_table_in_order(tie, qkv):
+    cfg = get_config("tiny", n_layers=3, tie_embeddings=tie, qkv_bias=qkv)
+    model = GPTModel(cfg)
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    expected = design_table(cfg)
+    assert got == expected, "state_dict differs from docs/design.md:\n" + "\n".join(
+        f"{a} | {b}" for a, b in zip(got, expected) if a != b) + f"\n(lengths {len(got)} vs {len(expected)})"
+    assert list(model.buffers()) == [], "the model must hold no buffers (no masks in the state_dict)"
+    init = model.state_dict()
+    assert all(torch.equal(init[k], torch.ones_like(init[k])) for k in init if ".ln_" in k or k.startswith("ln_f")
+               if k.endswith("weight")), "layer-norm weights start at one"
+    assert 0.015 < float(init["h.0.mlp.c_fc.weight"].std()) < 0.025, "weights are drawn from normal(0, 0.02)"
+
+
+def test_same_seed_same_weights_different_seed_different_weights():
+    a, b, c = GPTModel(tiny(), seed=3), GPTModel(tiny(), seed=3), GPTModel(tiny(), seed=4)
+    assert_dicts_close("seed 3 twice", a.state_dict(), b.state_dict(), forward_tol("float64"))
+    assert not torch.equal(a.wte.weight, c.wte.weight), "seeds 3 and 4 gave the same wte"
+
+
+def test_parameter_counts_match_the_book():
+    # "Build a Large Language Model (From Scratch)", chapter 4.6: GPT-2 124M has 163,009,536
+    # parameters with a separate output head and 124,412,160 with weight tying.
+    small = get_config("gpt2-small")
+    assert GPTModel(small, device="meta").num_parameters() == 163_009_536
+    tied = get_config("gpt2-small", tie_embeddings=True)
+    assert GPTModel(tied, device="meta").num_parameters() == 124_412_160
+
+
+def test_tied_head_shares_storage_and_sums_both_gradients():
+    cfg_tied = tiny(tie_embeddings=True)
+    tied = model_of(cfg_tied)
+    assert "lm_head.weight" not in tied.state_dict()
+    assert tied.head_weight is tied.wte.weight, "the tied head must be wte.weight itself, not a copy"
+    assert tied.head_weight.data_ptr() == tied.wte.weight.data_ptr()
+    # The same model with a separate head holding a copy of wte: the tied gradient of wte is the
+    # sum of the untied model's wte and lm_head gradients.
+    untied = GPTModel(tiny(tie_embeddings=False), dtype=torch.float64).eval()
+    state = dict(tied.state_dict(), **{"lm_head.weight": tied.wte.weight.detach().clone()})
+    untied.load_state_dict(state)
+    ids = ids_of(cfg_tied, 2, 6, 0)
+    _, loss_t = tied(ids, ids)
+    _, loss_u = untied(ids, ids)
+    loss_t.backward()
+    loss_u.backward()
+    assert_close("tied wte grad", tied.wte.weight.grad, untied.wte.weight.grad + untied.lm_head.weight.grad,
+                 gradient_tol("float64"))
+    with torch.no_grad():
+        tied.wte.weight[3, 0] += 1.0  # an in-place change to wte is a change to the head
+    assert tied.head_weight[3, 0] == tied.wte.weight[3, 0]
+
+
+def test_loss_is_the_mean_over_counted_targets():
+    cfg = tiny()
+    model = model_of(cfg)
+    ids = ids_of(cfg, 2, 6, 5)
+    targets = ids_of(cfg, 2, 6, 6)
+    targets[0, :3] = -1
+    logits, loss = model(ids, targets, ignore_index=-1)
+    logp = torch.log_softmax(logits, -1)
+    counted = [(b, t) for b in range(2) for t in range(6) if targets[b, t] != -1]
+    expected = -sum(logp[b, t, targets[b, t]] for b, t in counted) / len(counted)
+    assert_close("loss with ignore_index", loss, expected, forward_tol("float64"))
+
+
+# ---- the runtime plan ----------------------------------------------------------------------------
+
+
+def test_runtime_plan_names_what_it_chose():
+    plan = plan_runtime("cpu")
+    text = plan.describe()
+    assert plan.device.type == "cpu" and not plan.compile and plan.tf32 is False, text
+    for word in ("device cpu", "params float32", "eager", "AdamW fused", "attention SDPA"):
+        assert word in text, f"{word!r} missing from {text!r}"
+    fp64 = plan_runtime("cpu", precision="fp64")
+    assert fp64.param_dtype == torch.float64 and "params float64" in fp64.describe()
+    bf16 = plan_runtime("cpu", precision="bf16")
+    assert bf16.autocast_dtype == torch.bfloat16 and "autocast bfloat16" in bf16.describe()
+    with pytest.raises(ValueError, match="fp8"):
+        plan_runtime("cpu", precision="fp8")
+    model = bf16.prepare(GPTModel(tiny()))
+    with bf16.autocast():
+        assert model(ids_of(tiny(), 1, 3, 0)).dtype == torch.bfloat16
+    opt = plan.make_adamw(model.parameters(), lr=1e-3)
+    assert opt.defaults.get("fused") is True, f"AdamW is not fused on the CPU: {opt.defaults}"
+
+
+# ---- CUDA (skipped without a GPU; see conftest.py) ------------------------------------------------
+
+
+@pytest.mark.cuda
+@settings(max_examples=4)
+@given(case=cache_case())
+def test_cuda_matches_cpu_with_and_without_cache(case):
+    cfg, seed, B, chunks = case
+    cpu = model_of(cfg, seed % 1000, dtype=torch.float32)
+    gpu = GPTModel(cfg, dtype=torch.float32, device="cuda").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    ids = ids_of(cfg, B, sum(chunks), seed)
+    with torch.no_grad():
+        ref = cpu(ids)
+        assert_close("cuda logits", gpu(ids.cuda()), ref, forward_tol("tf32"))
+        cache, start, parts = gpu.new_kv_cache(B), 0, []
+        for n in chunks:
+            parts.append(gpu(ids[:, start:start + n].cuda(), kv_cache=cache))
+            start += n
+        assert_close("cuda cached logits", torch.cat(parts, 1), ref, forward_tol("tf32"))
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_training_step_and_plan():
+    plan = plan_runtime("cuda")
+    cfg = tiny()
+    model = GPTModel(cfg, device="cuda")
+    ref_logits, _ = GPTModel(cfg)(ids_of(cfg, 2, 9, 0), ids_of(cfg, 2, 9, 1))
+    ids, targets = ids_of(cfg, 2, 9, 0).cuda(), ids_of(cfg, 2, 9, 1).cuda()
+    opt = plan.make_adamw(model.parameters(), lr=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, loss = model(ids, targets)
+    assert_close("cuda bf16 logits vs cpu float32", logits, ref_logits.detach(), forward_tol("bfloat16"))
+    loss.backward()
+    opt.step()
+    assert "device cuda" in plan.describe() and plan.compile, plan.describe()
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

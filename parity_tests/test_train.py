@@ -1,0 +1,235 @@
+"""Training in both trees: parity in float64, kill-and-resume, non-finite stops, the commands.
+
+- both trainers, from the same weights on the same batches (float64, gradient accumulation,
+  clipping, warmup + cosine), report the same loss at every step and end at the same weights;
+- gradient accumulation over two micro-batches is one step on their union;
+- a run killed after a checkpoint and resumed ends bit for bit where an uninterrupted run ends
+  (each tree, CPU, with dropout and across epoch boundaries);
+- a non-finite loss stops training with a message naming the step, writes nothing, and the
+  last checkpoint stays loadable and unchanged;
+- `gpt-oracle train` / `generate` / `train --resume` on a tiny config in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from numpy_ref import data as ndata
+from numpy_ref.config import get_config as np_config
+from numpy_ref.model import GPTModel as NumpyGPT
+from numpy_ref.train import Trainer as NumpyTrainer
+from numpy_ref.train_run import TrainSettings as NumpySettings
+from parity_tests.compare import assert_close, assert_dicts_close, load_numpy_params_into_torch, to_numpy
+from parity_tests.tolerances import forward_tol, gradient_tol
+from torch_impl import data as tdata
+from torch_impl.config import get_config as torch_config
+from torch_impl.model import GPTModel as TorchGPT
+from torch_impl.train import Trainer as TorchTrainer
+from torch_impl.train_run import TrainSettings as TorchSettings
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These models are tiny: one thread is fastest, and on a busy 2-core machine several
+    threads spin against each other (10-20x slower). Restored afterwards for other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+IDS = np.random.default_rng(7).integers(0, 101, 300)  # 37 windows of 8: 9 batches of 4 per epoch
+
+
+def _loader(tree: str, batch_size: int = 4, shuffle: bool = True):
+    if tree == "numpy":
+        return ndata.DataLoader(ndata.SlidingWindowDataset(IDS, 8, 8), batch_size, shuffle=shuffle,
+                                drop_last=True, seed=3)
+    return tdata.DataLoader(tdata.SlidingWindowDataset(torch.tensor(IDS), 8, 8), batch_size, shuffle=shuffle,
+                            drop_last=True, seed=3)
+
+
+def _model(tree: str, drop_rate: float = 0.0, seed: int = 0, dtype=None):
+    if tree == "numpy":
+        return NumpyGPT(np_config("tiny", context_length=8, drop_rate=drop_rate), seed=seed)
+    return TorchGPT(torch_config("tiny", context_length=8, drop_rate=drop_rate), seed=seed,
+                    dtype=dtype or torch.float32)
+
+
+def _trainer(tree: str, model, settings: dict, **kwargs):
+    cls, settings_cls = (NumpyTrainer, NumpySettings) if tree == "numpy" else (TorchTrainer, TorchSettings)
+    return cls(model, _loader(tree), _loader(tree), settings_cls(**settings), **kwargs)
+
+
+def _weights(tree: str, model) -> dict[str, np.ndarray]:
+    if tree == "numpy":
+        return {k: v.copy() for k, v in model.params.items()}
+    return {k: to_numpy(v).copy() for k, v in model.state_dict().items()}
+
+
+BASE = dict(steps=14, grad_accum=2, warmup_steps=3, max_lr=1e-2, min_lr=1e-3, grad_clip=0.5, eval_every=7,
+            eval_batches=2, progress=False)
+
+
+def test_both_trainers_agree_step_by_step_in_float64():
+    n_model = _model("numpy", seed=1)
+    t_model = _model("torch", seed=2, dtype=torch.float64)
+    load_numpy_params_into_torch(t_model, n_model.params)
+    n_result = _trainer("numpy", n_model, BASE).fit()
+    t_result = _trainer("torch", t_model, BASE).fit()
+    assert n_result.ok and t_result.ok, (n_result.message, t_result.message)
+    n_steps, t_steps = np.array(n_result.history["steps"]), np.array(t_result.history["steps"])
+    assert n_steps.shape == (14, 3), f"expected 14 logged steps, got {n_steps.shape}"
+    assert np.array_equal(n_steps[:, :2], t_steps[:, :2]), "step numbers / tokens seen differ between the trees"
+    assert n_steps[-1, 1] == 14 * 2 * 4 * 8, f"tokens seen {n_steps[-1, 1]} != steps * accum * B * T"
+    assert_close("training loss per step (torch vs numpy)", t_steps[:, 2], n_steps[:, 2], forward_tol("float64"))
+    assert_close("eval losses (torch vs numpy)", np.array(t_result.history["evals"]),
+                 np.array(n_result.history["evals"]), forward_tol("float64"))
+    assert n_steps[-1, 2] < n_steps[0, 2], f"the loss did not go down: {n_steps[:, 2]}"
+    assert_dicts_close("weights after 14 steps", _weights("torch", t_model), n_model.params, gradient_tol("float64"))
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_gradient_accumulation_equals_one_step_on_the_union(tree):
+    settings = dict(steps=1, optimizer="sgd", max_lr=0.1, min_lr=0.1, grad_clip=None, progress=False)
+    results = []
+    for B, accum in ((4, 1), (2, 2)):
+        model = _model(tree, seed=3, dtype=torch.float64)
+        cls, settings_cls = (NumpyTrainer, NumpySettings) if tree == "numpy" else (TorchTrainer, TorchSettings)
+        cls(model, _loader(tree, B, shuffle=False), None, settings_cls(**settings, grad_accum=accum)).fit()
+        results.append(_weights(tree, model))
+    assert_dicts_close(f"{tree}: 2 micro-batches of 2 vs one batch of 4", results[1], results[0],
+                       gradient_tol("float64"))
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_kill_and_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tree, tmp_path):
+    """Checkpoints every 4 steps; the run dies at step 10 (after the step-8 checkpoint, with two
+    steps lost) and resumes from step 8 into a model with other weights; 20 steps cross two
+    epoch boundaries; dropout 0.1 makes the generator state matter."""
+    settings = dict(steps=20, warmup_steps=3, max_lr=1e-2, min_lr=1e-3, grad_clip=0.5, eval_every=5,
+                    eval_batches=2, checkpoint_every=4, progress=False)
+    full_model = _model(tree, drop_rate=0.1)
+    full = _trainer(tree, full_model, settings, out_dir=tmp_path / "full").fit()
+
+    def die_at_10(trainer):
+        if trainer.step == 10:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        _trainer(tree, _model(tree, drop_rate=0.1), settings, out_dir=tmp_path / "killed", on_step=die_at_10).fit()
+    latest = (tmp_path / "killed" / "latest").read_text().strip()
+    assert latest == "step-00000008", f"the newest checkpoint should be step 8, got {latest}"
+    cls = NumpyTrainer if tree == "numpy" else TorchTrainer
+    resumed = cls.resume(tmp_path / "killed", _model(tree, drop_rate=0.1, seed=99), _loader(tree), _loader(tree))
+    assert (resumed.step, resumed.stream.epoch, resumed.stream.index) == (8, 0, 8), "resumed at the wrong position"
+    result = resumed.fit()
+    assert full.ok and result.ok
+    assert result.history["steps"] == full.history["steps"], "per-step losses differ after resuming"
+    a, b = _weights(tree, full_model), _weights(tree, resumed.model)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{tree}: {k} differs after resume (max abs " \
+                                           f"{np.abs(a[k] - b[k]).max():.3e}); expected bit-for-bit equality"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path):
+    saved = {}
+
+    def poison_after_4(trainer):
+        if trainer.step == 4:
+            saved.update(_weights(tree, trainer.model))
+            if tree == "numpy":
+                trainer.model.params["ln_f.weight"][:] = np.nan
+            else:
+                with torch.no_grad():
+                    trainer.model.ln_f.weight.fill_(float("nan"))
+
+    settings = dict(steps=10, checkpoint_every=2, progress=False)
+    result = _trainer(tree, _model(tree), settings, out_dir=tmp_path, on_step=poison_after_4).fit()
+    assert not result.ok, "a NaN loss must stop training"
+    assert "non-finite loss nan at step 5" in result.message, result.message
+    assert "step-00000004" in result.message, f"the message should name the last good checkpoint: {result.message}"
+    assert result.step == 4, f"no optimiser step may run on a NaN loss; stopped at {result.step}"
+    assert (tmp_path / "latest").read_text().strip() == "step-00000004"
+    assert not (tmp_path / "step-00000005").exists()
+    if tree == "numpy":
+        from numpy_ref.checkpoint import load_checkpoint
+        _, params = load_checkpoint(tmp_path / "step-00000004")
+    else:
+        from torch_impl.checkpoint import load_checkpoint
+        _, params = load_checkpoint(tmp_path / "step-00000004", dtype=torch.float64)
+    # model.safetensors is float32: the checkpointed weights are the step-4 weights, rounded.
+    assert_dicts_close("checkpoint after the NaN stop", {k: to_numpy(v) for k, v in params.items()},
+                       {k: v.astype(np.float32) for k, v in saved.items()}, forward_tol("float32"))
+
+
+def test_train_and_generate_commands_smoke(tmp_path, capsys):
+    from gpt_oracle.cli import main
+
+    out = tmp_path / "run"
+    common = ["--config", "tiny", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1",
+              "--checkpoint-every", "2", "--sample-tokens", "3", "--no-progress"]
+    assert main(["train", "--backend", "torch", "--steps", "4", "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "done: 4 steps" in printed, printed
+    for name in ("run.json", "log.jsonl", "loss.png", "latest", "step-00000004/model.safetensors",
+                 "step-00000002/trainer_state.json"):
+        assert (out / name).exists(), f"train did not write {name}"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train_loss" in r] == [2, 4], log
+    assert all(isinstance(r["sample"], str) and r["sample"].startswith("Every effort moves you") for r in log
+               if "sample" in r), log
+
+    # A run "killed" after step 2: resuming it must end on the uninterrupted run's weights.
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+    shutil.rmtree(killed / "step-00000004")
+    (killed / "latest").write_text("step-00000002\n")
+    assert main(["train", "--resume", str(killed)]) == 0
+    capsys.readouterr()
+    from torch_impl.checkpoint import load_checkpoint
+
+    _, a = load_checkpoint(out / "step-00000004")
+    _, b = load_checkpoint(killed / "step-00000004")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"CLI resume: {k} differs from the uninterrupted run"
+
+    texts = {}
+    for backend in ("torch", "numpy"):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", "Every effort", "--backend", backend,
+                     "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "50", "--seed", "1"]) == 0
+        texts[backend] = capsys.readouterr().out.strip()
+        assert texts[backend].startswith("Every effort") and len(texts[backend]) > len("Every effort"), texts
+    assert texts["torch"] == texts["numpy"], f"same checkpoint and seed, different text: {texts}"
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "x", "--top-p", "1.5", "--temperature", "1"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_numpy_train_command_runs(tmp_path, capsys):
+    from gpt_oracle.cli import main
+
+    assert main(["train", "--backend", "numpy", "--config", "tiny", "--steps", "2", "--batch-size", "1",
+                 "--eval-every", "0", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    state = json.loads((tmp_path / "step-00000002" / "trainer_state.json").read_text())
+    assert state["backend"] == "numpy" and state["step"] == 2 and state["settings"]["steps"] == 2, state
+
+
+def test_settings_validation_names_the_field():
+    for cls in (NumpySettings, TorchSettings):
+        with pytest.raises(ValueError, match="warmup_steps=5 exceeds steps=3"):
+            cls(steps=3, warmup_steps=5)
+        with pytest.raises(ValueError, match="grad_accum must be >= 1, got 0"):
+            cls(grad_accum=0)
+        with pytest.raises(ValueError, match="unknown TrainSettings key"):
+            cls.from_dict({"steps": 3, "lr": 1.0})
+        assert cls.from_dict(cls(steps=7, betas=(0.8, 0.9)).to_dict()) == cls(steps=7, betas=(0.8, 0.9))

@@ -1,0 +1,329 @@
+"""Checkpoints in the Hugging Face GPT-2 layout, and trainer state, with the `safetensors` package.
+
+A model checkpoint is a directory (docs/design.md, "Checkpoints"):
+
+    config.json         GPT2Config's fields plus "gpt_oracle": our GPTConfig.to_dict()
+    model.safetensors   "transformer.<name>" per parameter, "lm_head.weight" when untied; float32
+
+Hugging Face GPT-2 stores its linear weights (in, out) (the `Conv1D` module) and its `lm_head`
+as (V, C), exactly our layout, so no weight is transposed on the way in or out. Its `c_attn`
+always has a bias: without `qkv_bias` we write zeros (the same function) and require zeros back.
+
+Loading accepts what `transformers` writes (with or without the `transformer.` prefix, the
+`attn.bias` / `attn.masked_bias` mask buffers of older files, no `lm_head.weight` when tied, no
+`gpt_oracle` object) and rejects, with a CheckpointError naming the file and the key, malformed
+files, missing or extra tensors, wrong shapes, float64 tensors and non-finite values.
+
+Trainer state: `trainer_state.json` and `optimizer.safetensors` (any dtype, float64 included).
+Every file goes to a temporary file in the same directory, is fsynced and renamed into place.
+`torch.load` is never used: nothing is ever unpickled. numpy_ref/checkpoint.py is the same
+contract written from scratch without torch; parity_tests/test_checkpoint.py swaps files
+between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from torch_impl.config import GPTConfig
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_trainer_state", "load_trainer_state",
+           "checkpoint_shapes", "hf_config_dict", "config_from_hf"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PREFIX = "transformer."
+HEAD = "lm_head.weight"
+MODEL_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # never F64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (or saved); the message names the file and the key."""
+
+
+def checkpoint_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names -> shapes, in docs/design.md's order."""
+    V, Tc, C = config.vocab_size, config.context_length, config.emb_dim
+    shapes = {"wte.weight": (V, C), "wpe.weight": (Tc, C)}
+    for i in range(config.n_layers):
+        h = f"h.{i}."
+        shapes.update({h + "ln_1.weight": (C,), h + "ln_1.bias": (C,), h + "attn.c_attn.weight": (C, 3 * C)})
+        if config.qkv_bias:
+            shapes[h + "attn.c_attn.bias"] = (3 * C,)
+        shapes.update({h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+                       h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+                       h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+                       h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    if not config.tie_embeddings:
+        shapes[HEAD] = (V, C)
+    return shapes
+
+
+def _file_key(name: str) -> str:
+    return name if name == HEAD else PREFIX + name
+
+
+# ---- atomic files ---------------------------------------------------------------------------
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` next to `path`, fsync, rename onto `path`; on failure remove the temp file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    _atomic(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata))
+
+
+# ---- config.json ----------------------------------------------------------------------------
+
+
+def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
+    """Hugging Face GPT2Config fields for `config`, then our own config under `gpt_oracle`."""
+    eot = 50256 if config.vocab_size > 50256 else None  # <|endoftext|>, when the vocabulary has it
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size, "n_positions": config.context_length, "n_ctx": config.context_length,
+        "n_embd": config.emb_dim, "n_layer": config.n_layers, "n_head": config.n_heads,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # tanh-approximated GELU
+        "layer_norm_epsilon": config.ln_eps,
+        "resid_pdrop": config.drop_rate, "embd_pdrop": config.drop_rate, "attn_pdrop": config.drop_rate,
+        "scale_attn_weights": True, "tie_word_embeddings": config.tie_embeddings, "dtype": "float32",
+        "bos_token_id": eot, "eos_token_id": eot,
+        "gpt_oracle": config.to_dict(),
+    }
+
+
+def config_from_hf(hf: Mapping[str, Any], path) -> GPTConfig:
+    """GPTConfig from config.json: the `gpt_oracle` object when present, else the HF fields."""
+    unsupported = {
+        "model_type": (lambda v: v == "gpt2", "'gpt2'"),
+        "activation_function": (lambda v: v in ("gelu_new", "gelu_pytorch_tanh"), "the tanh GELU 'gelu_new'"),
+        "n_inner": (lambda v: v is None or v == 4 * hf.get("n_embd", -1), "null or 4 * n_embd"),
+        "scale_attn_weights": (lambda v: v is True, "true"),
+        "scale_attn_by_inverse_layer_idx": (lambda v: v is False, "false"),
+    }
+    for key, (ok, want) in unsupported.items():
+        if key in hf and not ok(hf[key]):
+            raise CheckpointError(f"{path}: key {key!r} = {hf[key]!r} is not supported (need {want})")
+    if "gpt_oracle" in hf:
+        try:
+            config = GPTConfig.from_dict(hf["gpt_oracle"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: key 'gpt_oracle': {e}") from None
+        pairs = {"vocab_size": config.vocab_size, "n_positions": config.context_length, "n_embd": config.emb_dim,
+                 "n_layer": config.n_layers, "n_head": config.n_heads, "layer_norm_epsilon": config.ln_eps,
+                 "tie_word_embeddings": config.tie_embeddings}
+        for key, ours in pairs.items():
+            if key in hf and hf[key] != ours:
+                raise CheckpointError(f"{path}: key {key!r} = {hf[key]!r} disagrees with gpt_oracle's {ours!r}")
+        return config
+    required = ["vocab_size", "n_embd", "n_layer", "n_head"]
+    missing = [k for k in required if k not in hf] + ([] if "n_positions" in hf or "n_ctx" in hf else ["n_positions"])
+    if missing:
+        raise CheckpointError(f"{path}: key(s) {missing} missing (needed to build a GPT-2 config)")
+    try:
+        return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx")),
+                         emb_dim=hf["n_embd"], n_heads=hf["n_head"], n_layers=hf["n_layer"],
+                         drop_rate=float(hf.get("resid_pdrop", 0.1)),
+                         qkv_bias=True,  # Hugging Face GPT-2's c_attn always has a bias
+                         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),  # GPT2Config's default
+                         ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+# ---- safetensors reading, with errors that name the file and the key --------------------------
+
+
+def _open_tensors(path: Path) -> tuple[dict[str, str], Callable[[], dict[str, torch.Tensor]]]:
+    """(key -> safetensors dtype name, a loader of all tensors on the CPU) after the package's
+    own validation of the header (size, JSON, dtypes, offsets tiling the buffer exactly)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (a safetensors file starts with an 8-byte header length)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: {e}{_culprit(path, size)}") from None
+
+    def load() -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k).clone() for k in f.keys()}  # clone: independent of the file's mmap
+
+    return dtypes, load
+
+
+def _culprit(path: Path, size: int) -> str:
+    """A best-effort ' (tensor ...)' naming which header entry the package's error is about."""
+    try:
+        if size < 8:
+            return f" (the file has {size} bytes, fewer than the 8-byte header length)"
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if 8 + n > size:
+                return f" (the header claims {n} bytes, the file has {size - 8} after the length field)"
+            header = json.loads(f.read(n))
+        buffer = size - 8 - n
+        for key, e in header.items():
+            if key != "__metadata__" and isinstance(e, dict) and max(e.get("data_offsets", [0])) > buffer:
+                return f" (tensor {key!r}: data_offsets {e['data_offsets']} run past the {buffer}-byte buffer)"
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return ""
+
+
+# ---- model checkpoints ----------------------------------------------------------------------
+
+
+def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write `config.json` and `model.safetensors` (float32, on the CPU) into `directory`."""
+    directory = Path(directory)
+    expected = checkpoint_shapes(config)
+    _check_names_and_shapes("state_dict", {k: tuple(v.shape) for k, v in state_dict.items()}, expected)
+    tensors = {}
+    for name in expected:
+        t = state_dict[name].detach()
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"state_dict: key {name!r} has non-finite values; refusing to write a checkpoint "
+                                  f"that cannot be loaded")
+        tensors[_file_key(name)] = t.to(device="cpu", dtype=torch.float32).contiguous().clone()
+    if not config.qkv_bias:
+        for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
+            tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.emb_dim, dtype=torch.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
+    _write_text(directory / CONFIG_FILE, json.dumps(hf_config_dict(config), indent=2) + "\n")
+    return directory
+
+
+def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state_dict) from a checkpoint directory, tensors as `dtype` on `device`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    config = config_from_hf(_read_json(directory / CONFIG_FILE), directory / CONFIG_FILE)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file() and (directory / "pytorch_model.bin").exists():
+        raise CheckpointError(f"{path}: file not found (pytorch_model.bin is a pickle and is never loaded)")
+    dtypes, load = _open_tensors(path)
+    for key, dt in dtypes.items():
+        if dt not in MODEL_DTYPES:
+            why = "GPT-2 checkpoints are float32/bf16/fp16; cast to float32 before saving" if dt == "F64" \
+                else f"expected one of {sorted(MODEL_DTYPES)}"
+            raise CheckpointError(f"{path}: key {key!r} has dtype {dt}: {why}")
+    tensors: dict[str, torch.Tensor] = {}
+    file_keys: dict[str, str] = {}  # our name -> the file's key, for error messages
+    for key, t in load().items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
+            continue  # older files' causal-mask buffers: constants, not parameters
+        if name in tensors:
+            raise CheckpointError(f"{path}: key {key!r} appears both with and without the {PREFIX!r} prefix")
+        tensors[name], file_keys[name] = t, key
+    if config.tie_embeddings and HEAD in tensors:
+        if "wte.weight" not in tensors or not torch.equal(tensors[HEAD], tensors["wte.weight"]):
+            raise CheckpointError(f"{path}: key {HEAD!r} differs from wte.weight but config.json ties them")
+        del tensors[HEAD]
+    if not config.qkv_bias:
+        for i in range(config.n_layers):
+            bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)
+            if bias is not None and bool((bias != 0).any()):
+                raise CheckpointError(f"{path}: key {file_keys[f'h.{i}.attn.c_attn.bias']!r} is non-zero but "
+                                      f"the config has qkv_bias=False")
+    expected = checkpoint_shapes(config)
+    _check_names_and_shapes(str(path), {k: tuple(v.shape) for k, v in tensors.items()}, expected,
+                            lambda k: file_keys.get(k) or _file_key(k))
+    state = {}
+    for name in expected:
+        t = tensors[name]
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise CheckpointError(f"{path}: key {file_keys[name]!r} has {int(bad.sum())} non-finite values "
+                                  f"(first at index {first}: {t[first].item()})")
+        state[name] = t.to(device=device, dtype=dtype)
+    return config, state
+
+
+def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple],
+                            key: Callable[[str], str] = str) -> None:
+    """Same names and shapes; `key(name)` is how an error names a tensor (the file's own key)."""
+    missing = [key(k) for k in expected if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s) {missing}")
+    extra = [key(k) for k in shapes if k not in expected]
+    if extra:
+        raise CheckpointError(f"{where}: unexpected key(s) {extra} for this config")
+    for k, shape in expected.items():
+        if tuple(shapes[k]) != tuple(shape):
+            raise CheckpointError(f"{where}: key {key(k)!r} has shape {tuple(shapes[k])}, the config needs {shape}")
+
+
+# ---- trainer state --------------------------------------------------------------------------
+
+
+def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
+    """`optimizer.safetensors` (dtypes kept, float64 included), then `trainer_state.json`."""
+    directory = Path(directory)
+    text = json.dumps(dict(state), indent=2) + "\n"  # a TypeError here leaves nothing written
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_tensors(directory / OPTIMIZER_FILE, cpu, {"format": "gpt_oracle-trainer"})
+    _write_text(directory / TRAINER_STATE_FILE, text)
+    return directory
+
+
+def load_trainer_state(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(state, tensors on the CPU, dtypes as saved); non-finite floats are an error."""
+    directory = Path(directory)
+    state = _read_json(directory / TRAINER_STATE_FILE)
+    path = directory / OPTIMIZER_FILE
+    _, load = _open_tensors(path)
+    tensors = load()
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: key {key!r} has non-finite values")
+    return state, tensors
