@@ -59,7 +59,14 @@ def embedding_backward(dout: np.ndarray, cache):
     ids, wte_shape, wpe_shape, dtype, pos_offset = cache
     B, T, C = dout.shape
     dwte = np.zeros(wte_shape, dtype=dtype)
-    np.add.at(dwte, ids.reshape(-1), dout.reshape(B * T, C))  # scatter-add: repeated ids accumulate
+    # The scatter-add dwte[v] = sum of dout rows where ids == v, as np.add.at(dwte, ids, rows)
+    # would do it, but grouped: np.add.at runs element by element (~1 us each, 0.2 s for GPT-2's
+    # 256 x 768 rows), so sort the rows by id and sum each run of equal ids with one reduceat.
+    flat = ids.reshape(-1)  # (B, T) -> (N,)
+    order = np.argsort(flat, kind="stable")  # rows grouped by id, each group in position order
+    sorted_ids = flat[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # first row of each id
+    dwte[sorted_ids[starts]] = np.add.reduceat(dout.reshape(B * T, C)[order], starts, axis=0)  # (U, C)
     dwpe = np.zeros(wpe_shape, dtype=dtype)
     dwpe[pos_offset:pos_offset + T] = dout.sum(axis=0)  # (B, T, C) -> (T, C)
     return dwte, dwpe

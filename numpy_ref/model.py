@@ -164,14 +164,14 @@ class GPTModel:
     """
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float64,
-                 params: Mapping[str, np.ndarray] | None = None) -> None:
+                 params: Mapping[str, np.ndarray] | None = None, init: str = "gpt2") -> None:
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"GPTModel dtype must be float32 or float64, got {dtype}")
         self.config = config
         self.dtype = dtype
         if params is None:
-            self.params = init_params(config, np.random.default_rng(seed), dtype)
+            self.params = init_params(config, np.random.default_rng(seed), dtype, scheme=init)
         else:
             self.params = _checked_params(config, params, dtype)
 

@@ -58,3 +58,59 @@ def test_parameter_tables_identical(tie, qkv):
     assert a == b, "parameter tables differ:\n" + "\n".join(f"{x} | {y}" for x, y in zip(a, b) if x != y)
     assert ("lm_head.weight" in dict(a)) == (not tie)
     assert any(k.endswith("c_attn.bias") for k, _ in a) == qkv
+
+
+def _init_stats(params: dict[str, np.ndarray]) -> dict[str, tuple[str, float]]:
+    """Per parameter: ("const", value) when every element is equal, else ("std", std) and the max |x|."""
+    out = {}
+    for k, a in params.items():
+        a = np.asarray(a, dtype=np.float64)
+        out[k] = ("const", float(a.flat[0])) if np.all(a == a.flat[0]) else ("spread", float(a.std()),
+                                                                             float(np.abs(a).max()))
+    return out
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+@pytest.mark.parametrize("scheme", ["gpt2", "book"])
+def test_init_schemes_draw_the_same_distributions_in_both_trees(scheme, qkv):
+    """Same scheme names; per parameter the same constant, or the same distribution: the documented
+    std (0.02, 1, or bound/sqrt(3) for uniform(+-bound), bound = 1/sqrt(fan_in)) and |x| <= bound."""
+    from numpy_ref.model import GPTModel as NpModel
+    from numpy_ref.params import INIT_SCHEMES as NP_SCHEMES
+    from torch_impl.model import INIT_SCHEMES as T_SCHEMES
+    from torch_impl.model import GPTModel as TModel
+
+    assert NP_SCHEMES == T_SCHEMES, f"init schemes differ: numpy_ref {NP_SCHEMES}, torch_impl {T_SCHEMES}"
+    cfg = dict(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+               qkv_bias=qkv, tie_embeddings=False, ln_eps=1e-5)
+    np_params = NpModel(npc.GPTConfig(**cfg), seed=1, init=scheme).params
+    a = _init_stats(np_params)
+    b = _init_stats({k: v.detach().double().numpy() for k, v in TModel(tc.GPTConfig(**cfg), seed=1, init=scheme)
+                     .state_dict().items()})
+    assert list(a) == list(b), f"parameter names differ: {list(a)} vs {list(b)}"
+    C = cfg["emb_dim"]
+    for k in a:
+        assert a[k][0] == b[k][0], f"{k}: numpy_ref is {a[k]}, torch_impl {b[k]}"
+        if a[k][0] == "const":
+            expect = 1.0 if ".ln_" in f".{k}" and k.endswith("weight") else 0.0
+            assert a[k][1] == b[k][1] == expect, f"{k}: constants {a[k][1]}, {b[k][1]}, expected {expect}"
+            continue
+        if scheme == "gpt2":
+            std, bound = 0.02, None
+        elif k in ("wte.weight", "wpe.weight"):
+            std, bound = 1.0, None
+        else:
+            fan_in = 4 * C if k.endswith(("mlp.c_proj.weight", "mlp.c_proj.bias")) else C
+            bound = 1.0 / np.sqrt(fan_in)
+            std = bound / np.sqrt(3.0)
+        n = np_params[k].size
+        tol = 6 * std / np.sqrt(2 * n)  # six standard errors of a sample std
+        for tree, s in (("numpy_ref", a[k]), ("torch_impl", b[k])):
+            assert abs(s[1] - std) <= tol, (
+                f"{tree} {k} ({scheme}): std {s[1]:.5f}, expected {std:.5f} (n={n})")
+            if bound is not None:
+                assert s[2] <= bound, f"{tree} {k} ({scheme}): |x| reaches {s[2]:.5f} > bound {bound:.5f}"
+    with pytest.raises(ValueError, match="xavier"):
+        NpModel(npc.GPTConfig(**cfg), init="xavier")
+    with pytest.raises(ValueError, match="xavier"):
+        TModel(tc.GPTConfig(**cfg), init="xavier")

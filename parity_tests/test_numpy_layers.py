@@ -291,3 +291,29 @@ def test_attention_rejects_a_mask_of_the_wrong_shape():
     args = SPECS["attention"].make_inputs(np.random.default_rng(0), Sizes())
     with pytest.raises(ValueError, match="mask has shape"):
         attention_forward(**args, attn_dropout_mask=np.ones((1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_backward_equals_element_by_element_scatter_add(dtype):
+    """The grouped (sort + reduceat) scatter-add is np.add.at's sum, with ids repeated many times.
+
+    Only the summation order may differ, so each element must agree to within a few roundings of
+    the sum of the magnitudes it adds up."""
+    from numpy_ref.embedding import embedding_backward, embedding_forward
+
+    rng = np.random.default_rng(5)
+    V, Tc, C, B, T = 11, 16, 8, 3, 16
+    wte, wpe = rng.standard_normal((V, C)).astype(dtype), rng.standard_normal((Tc, C)).astype(dtype)
+    ids = rng.integers(0, 4, size=(B, T))  # only ids 0..3: every one repeats ~12 times; 4..10 never occur
+    _, cache = embedding_forward(ids, wte, wpe)
+    dout = rng.standard_normal((B, T, C)).astype(dtype)
+    dwte, _ = embedding_backward(dout, cache)
+    expect, magnitude = np.zeros((V, C), dtype=np.float64), np.zeros((V, C), dtype=np.float64)
+    np.add.at(expect, ids.reshape(-1), dout.reshape(-1, C).astype(np.float64))
+    np.add.at(magnitude, ids.reshape(-1), np.abs(dout.reshape(-1, C)).astype(np.float64))
+    assert dwte.dtype == dtype, f"dwte dtype {dwte.dtype}, expected {dtype}"
+    assert np.all(dwte[4:] == 0), "rows of ids that never occur must stay exactly zero"
+    allowed = 4 * np.finfo(dtype).eps * magnitude
+    bad = np.argwhere(np.abs(dwte - expect) > allowed)
+    assert bad.size == 0, (f"dwte differs from the scatter-add at (row, col) {bad[0].tolist()}: "
+                           f"{dwte[tuple(bad[0])]!r} vs {expect[tuple(bad[0])]!r} (allowed {allowed[tuple(bad[0])]:.2e})")

@@ -298,3 +298,29 @@ def test_adamw_with_clipping_and_schedule_on_gpt_agrees_across_trees():
         assert n_norm > 0.5, f"step {step}: norm {n_norm} never reached the clip, so clipping went untested"
     assert_dicts_close("weights after 12 AdamW steps", {k: to_numpy(v) for k, v in t_model.state_dict().items()},
                        n_model.params, STEP_TOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [1, 7, nopt._BLOCK, 2 * nopt._BLOCK + 13])
+def test_blocked_adamw_equals_the_whole_array_formula_bit_for_bit(dtype, n):
+    """The cache-blocked update is the docstring's formula, element for element, across block edges."""
+    rng = np.random.default_rng(n)
+    p0 = rng.standard_normal((n,)).astype(dtype)
+    grads = [rng.standard_normal((n,)).astype(dtype) for _ in range(3)]
+    lr, wd, (b1, b2), eps = 1e-3, 0.1, (0.9, 0.95), 1e-8
+    opt = nopt.AdamW({"h.0.mlp.c_fc.weight": p0.reshape(n, 1).copy()}, lr=lr, betas=(b1, b2), eps=eps,
+                     weight_decay=wd)
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    for t, g in enumerate(grads, start=1):
+        opt.step({"h.0.mlp.c_fc.weight": g.reshape(n, 1)})
+        p *= 1.0 - lr * wd
+        m = b1 * m + (1.0 - b1) * g
+        v = b2 * v + (1.0 - b2) * g * g
+        p -= (lr / (1.0 - b1**t)) * m / (np.sqrt(v) / math.sqrt(1.0 - b2**t) + eps)
+        got = opt.params["h.0.mlp.c_fc.weight"].reshape(-1)
+        assert got.dtype == dtype, f"step {t}: dtype drifted to {got.dtype}"
+        diff = np.flatnonzero(got != p)
+        assert diff.size == 0, (f"step {t}: {diff.size} of {n} elements differ from the formula, first at {diff[0]}: "
+                                f"{got[diff[0]]!r} vs {p[diff[0]]!r}")
+        assert np.array_equal(opt.exp_avg["h.0.mlp.c_fc.weight"].reshape(-1), m), f"step {t}: exp_avg differs"
+        assert np.array_equal(opt.exp_avg_sq["h.0.mlp.c_fc.weight"].reshape(-1), v), f"step {t}: exp_avg_sq differs"

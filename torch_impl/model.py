@@ -33,6 +33,7 @@ state_dict(): exactly the parameter table of docs/design.md, in its order, and n
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -45,6 +46,8 @@ from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import embedding_forward
 from torch_impl.kv_cache import KVCache
 from torch_impl.layernorm import layernorm_forward
+
+INIT_SCHEMES = ("gpt2", "book")  # see GPTModel.__init__; numpy_ref/params.py has the same
 
 # Explicit dropout masks: key -> shape (P = positions already cached, 0 without a cache).
 # A mask holds 0 or 1/(1 - drop_rate). When `dropout_masks` is given, exactly these masks are
@@ -71,22 +74,40 @@ def _group(**params: nn.Parameter | None) -> nn.Module:
 
 class GPTModel(nn.Module):
     def __init__(self, config: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, init: str = "gpt2") -> None:
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a torch_impl.config.GPTConfig, got {type(config).__name__}")
         self.config = config
         V, Tc, C, L = config.vocab_size, config.context_length, config.emb_dim, config.n_layers
-        # Initialisation (docs/design.md): normal(0, 0.02) weights and embeddings, zero biases,
-        # unit layer-norm weights, drawn from a generator seeded here (never the global one).
+        # Initialisation (docs/design.md), by `init` (INIT_SCHEMES; numpy_ref/params.py has the
+        # same names): "gpt2" draws every weight and embedding from normal(0, 0.02); "book" what
+        # the book's model gets from torch.nn's defaults: embeddings normal(0, 1), linear weights
+        # and biases uniform(+-1/sqrt(fan_in)). Biases are 0 under "gpt2", layer norms 1 and 0
+        # under both. Drawn from a generator seeded here (never the global one).
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"unknown initialisation scheme {init!r}; known: {list(INIT_SCHEMES)}")
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        on_meta = torch.device(device or "cpu").type == "meta"  # shapes only, no values (e.g. counting)
 
-        def normal(*shape: int) -> nn.Parameter:
-            if torch.device(device or "cpu").type == "meta":  # shapes only, no values (e.g. counting)
+        def drawn(shape: tuple[int, ...], draw) -> nn.Parameter:
+            if on_meta:
                 return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
             # Drawn on the CPU, then moved: the same seed gives the same weights on every device.
-            return nn.Parameter(torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
-                                .to(device=device, dtype=dtype))
+            return nn.Parameter(draw(torch.empty(shape, dtype=torch.float32)).to(device=device, dtype=dtype))
+
+        def embedding(*shape: int) -> nn.Parameter:
+            std = 0.02 if init == "gpt2" else 1.0
+            return drawn(shape, lambda t: t.normal_(0.0, std, generator=gen))
+
+        def weight(fan_in: int, *shape: int) -> nn.Parameter:
+            if init == "gpt2":
+                return drawn(shape, lambda t: t.normal_(0.0, 0.02, generator=gen))
+            bound = 1.0 / math.sqrt(fan_in)
+            return drawn(shape, lambda t: t.uniform_(-bound, bound, generator=gen))
+
+        def bias_param(fan_in: int, n: int) -> nn.Parameter:
+            return const(0.0, n) if init == "gpt2" else weight(fan_in, n)
 
         def const(value: float, *shape: int) -> nn.Parameter:
             return nn.Parameter(torch.full(shape, value, dtype=dtype, device=device))
@@ -95,10 +116,11 @@ class GPTModel(nn.Module):
             return _group(weight=const(1.0, C), bias=const(0.0, C))
 
         def linear(c_in: int, c_out: int, bias: bool = True) -> nn.Module:
-            return _group(weight=normal(c_in, c_out), bias=const(0.0, c_out) if bias else None)  # (in, out)
+            # weight (in, out); its fan-in is c_in
+            return _group(weight=weight(c_in, c_in, c_out), bias=bias_param(c_in, c_out) if bias else None)
 
-        self.wte = _group(weight=normal(V, C))
-        self.wpe = _group(weight=normal(Tc, C))
+        self.wte = _group(weight=embedding(V, C))
+        self.wpe = _group(weight=embedding(Tc, C))
         self.h = nn.ModuleList()
         for _ in range(L):
             block = nn.Module()
@@ -113,7 +135,7 @@ class GPTModel(nn.Module):
             self.h.append(block)
         self.ln_f = ln()
         if not config.tie_embeddings:
-            self.lm_head = _group(weight=normal(V, C))  # (V, C), stored like wte
+            self.lm_head = _group(weight=weight(C, V, C))  # (V, C), stored like wte; fan-in C
 
     # ---- the forward -----------------------------------------------------------------------
 

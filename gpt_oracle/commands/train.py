@@ -10,7 +10,12 @@ the GPT-2 tokenizer's 50257 and the context to `--context-length` when given. Th
 chapter-5 run is
 
     gpt-oracle train --backend torch --config 124M --context-length 256 --batch-size 2 \\
-        --epochs 10 --lr 4e-4 --min-lr 4e-4 --weight-decay 0.1 --decay-set all --grad-clip 0
+        --epochs 10 --lr 4e-4 --min-lr 4e-4 --weight-decay 0.1 --decay-set all --grad-clip 0 \\
+        --init book --eval-every 5 --eval-batches 5
+
+(`--init book`: the book's model starts from torch.nn's default initialisation; from GPT-2's
+normal(0, 0.02) the same run stalls near a training loss of 6. benchmarks/results/ holds a
+recorded run.)
 
 The output directory gets `run.json` (these arguments, so `--resume` rebuilds the same data
 and model), `log.jsonl`, `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle
@@ -59,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0 = end only)")
     parser.add_argument("--train-ratio", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=123, help="weights, batch order and dropout")
+    parser.add_argument("--init", choices=["gpt2", "book"], default="gpt2",
+                        help="initial weights: GPT-2's normal(0, 0.02) (default) or the book's torch.nn defaults "
+                             "(embeddings normal(0, 1), linear layers uniform(+-1/sqrt(fan_in)))")
     parser.add_argument("--dtype", choices=["float32", "float64"],
                         help="parameter dtype (default: float64 for numpy, float32 for torch)")
     parser.add_argument("--device", default="cpu", help="torch device")
@@ -115,7 +123,8 @@ def _build(opts: dict):
         from numpy_ref.train import Trainer
         from numpy_ref.train_run import TrainSettings
 
-        model = GPTModel(GPTConfig(**cfg), seed=opts["seed"], dtype=np.dtype(opts["dtype"]))
+        model = GPTModel(GPTConfig(**cfg), seed=opts["seed"], dtype=np.dtype(opts["dtype"]),
+                         init=opts.get("init", "gpt2"))
     else:
         import torch
 
@@ -128,7 +137,8 @@ def _build(opts: dict):
 
         if opts.get("threads"):
             torch.set_num_threads(opts["threads"])
-        model = GPTModel(GPTConfig(**cfg), seed=opts["seed"], dtype=getattr(torch, opts["dtype"]), device=opts["device"])
+        model = GPTModel(GPTConfig(**cfg), seed=opts["seed"], dtype=getattr(torch, opts["dtype"]), device=opts["device"],
+                         init=opts.get("init", "gpt2"))
     encoding = get_encoding("gpt2")
     train_text, val_text = data.split_train_val(text if text is not None else data.load_verdict(), opts["train_ratio"])
     B = opts["batch_size"]
