@@ -5,7 +5,8 @@
   from the timed ones.
 - torch on CPU: its allocator is invisible to tracemalloc; the resident set size is sampled from
   /proc/self/statm every millisecond while the call runs, and the peak above the starting RSS is
-  reported (freed memory the allocator keeps counts as resident).
+  reported. Freed memory that glibc's malloc keeps for reuse would count as resident before the
+  call and hide the call's own peak, so it is handed back first (`malloc_trim(0)`, where libc has it).
 - CUDA: torch.cuda.max_memory_allocated after resetting the peak.
 """
 
@@ -50,8 +51,19 @@ def tracemalloc_peak(fn: Callable[[], object]) -> int:
     return max(0, peak - base)
 
 
+def release_free_memory() -> bool:
+    """Return malloc's free pages to the OS (glibc `malloc_trim(0)`); False where there is none."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
+
 def rss_peak(fn: Callable[[], object], interval_s: float = 0.001) -> int | None:
     """Bytes: the sampled peak RSS during `fn()` above the RSS at its start (None without /proc)."""
+    release_free_memory()
     base = rss_bytes()
     if base is None:
         fn()
