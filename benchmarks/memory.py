@@ -51,14 +51,14 @@ def tracemalloc_peak(fn: Callable[[], object]) -> int:
     return max(0, peak - base)
 
 
-def release_free_memory() -> bool:
-    """Return malloc's free pages to the OS (glibc `malloc_trim(0)`); False where there is none."""
+def release_free_memory() -> None:
+    """Return malloc's free pages to the OS (glibc `malloc_trim(0)`); nothing where libc lacks it."""
     try:
         import ctypes
 
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        return False
+        pass
 
 
 def rss_peak(fn: Callable[[], object], interval_s: float = 0.001) -> int | None:

@@ -86,10 +86,10 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
                      np32.fraction_of_peak(peaks) if np32 else None, 0.45, True, "issue 3"))
     ours, hf = _find(results, "train_step", "torch-fp32", config), _find(results, "train_step", "hf-fp32", config)
     detail = "issue 4"
-    if ours and hf and ours.flops and peaks.get("torch_float32"):
+    if ours and hf and ours.flops and peaks.get(ours.peak_name):
         # The matmuls alone, at the GEMM rate measured in this run, bound any implementation's step.
-        floor_s, goal_s = ours.flops / peaks["torch_float32"], 0.65 * hf.seconds
-        detail += (f"; GEMM floor {floor_s:.2f} s (the step's FLOPs at the measured torch fp32 GEMM rate) vs "
+        floor_s, goal_s = ours.flops / peaks[ours.peak_name], 0.65 * hf.seconds
+        detail += (f"; GEMM floor {floor_s:.2f} s (the step's FLOPs at the measured {ours.peak_name} GEMM rate) vs "
                    f"goal {goal_s:.2f} s" + (": unreachable on this machine" if floor_s > goal_s else ""))
     out.append(entry(f"torch fp32 train step time / HF step time ({config})",
                      ours.seconds / hf.seconds if ours and hf else None, 0.65, False, detail))
@@ -108,11 +108,12 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
     ours_d = _find(results, "decode", "torch-fp32", config, "decode (KV cache)")
     hf_d = _find(results, "decode", "hf-fp32", config, "generate (KV cache)")
     detail = "issue 4"
-    if hf_d and config_d and peaks.get("copy_bandwidth"):
+    bandwidth = peaks.get("cuda_copy_bandwidth" if hf_d and hf_d.peak_name.startswith("cuda") else "copy_bandwidth")
+    if hf_d and config_d and bandwidth:
         # Each decoded token reads every matmul weight once (float32): a memory-bandwidth ceiling.
         from benchmarks.flops import matmul_params
 
-        ceiling = peaks["copy_bandwidth"] / (4 * matmul_params(config_d))
+        ceiling = bandwidth / (4 * matmul_params(config_d))
         detail += (f"; bandwidth ceiling ~{ceiling:.0f} tok/s (matmul weights in float32 / measured copy "
                    f"bandwidth) vs goal {1.5 * hf_d.tokens_per_s:.0f} tok/s")
     out.append(entry(f"torch KV-cache decode tok/s / HF generate tok/s ({config}, B=1)",

@@ -22,7 +22,7 @@ from benchmarks.record import Result
 # "124M" is GPT-2 small as OpenAI released it and as Hugging Face's GPT2LMHeadModel builds it:
 # biases on c_attn and the output head tied to wte, 124,439,808 parameters. (The book's
 # GPT_CONFIG_124M drops the c_attn biases and keeps a separate head, 163,009,536 parameters; the
-# matmul FLOPs are the same, but the optimizer and every decoded token read 38.6M more.)
+# matmul FLOPs and the weights a decoded token reads are the same; the optimizer updates 38.6M more.)
 GPT2_SMALL = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.0,
                   qkv_bias=True, tie_embeddings=True, ln_eps=1e-5)
 CONFIGS = {

@@ -7,8 +7,9 @@ Names and order follow docs/design.md (Hugging Face GPT-2's names without `trans
 `h.{i}.mlp.c_proj.weight` (4C, C) + `.bias` (C,), then `ln_f.weight`/`.bias` and, untied only,
 `lm_head.weight` (V, C). Every linear weight is stored (in, out).
 
-Initialisation: normal(0, 0.02) for weights and embeddings, zeros for biases, ones for
-layer-norm weights, drawn from an explicit np.random.Generator in table order.
+Initialisation, by scheme (`INIT_SCHEMES`): "gpt2" (normal(0, 0.02) weights and embeddings,
+zero biases) or "book" (torch.nn's defaults); layer norms ones and zeros under both; drawn from
+an explicit np.random.Generator in table order.
 """
 
 from __future__ import annotations
@@ -45,56 +46,54 @@ def param_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
     return table
 
 
-def init_value(name: str) -> str:
-    """How `name` is initialised: "normal" (0, 0.02), "zeros" or "ones"."""
-    if name.endswith(".bias"):
-        return "zeros"
-    if name.split(".")[-2].startswith("ln_"):
-        return "ones"  # ln_1, ln_2, ln_f weights
-    return "normal"
-
-
-# Initialisation schemes (the same names in torch_impl/model.py):
-#   "gpt2": GPT-2's: every weight and embedding normal(0, 0.02), biases 0, layer-norm gains 1.
+# Initialisation schemes (torch_impl/model.py has the same names and distributions):
+#   "gpt2": GPT-2's: every weight and embedding normal(0, 0.02), biases 0.
 #   "book": what the book's chapter-4 model gets from torch.nn's defaults: embeddings normal(0, 1)
 #           (nn.Embedding), linear weights and biases uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
-#           (nn.Linear, fan_in = the input width: `in` of a (in, out) weight, C for the (V, C)
-#           head), layer-norm gains 1 and biases 0. The book's chapter-5 run (10 epochs of
-#           the-verdict) drives the training loss below 1 from this start; from "gpt2"'s much
-#           smaller embeddings the same run stalls near 6.
+#           (nn.Linear; fan_in is the layer's input width: `in` of an (in, out) weight, C for
+#           the (V, C) head). The book's chapter-5 run needs it: from "gpt2"'s small embeddings
+#           its training loss stalls near 6 (benchmarks/results/cpu-amd-epyc-2c/train-book-ch5.md).
+# Both: layer-norm gains 1 and biases 0.
 INIT_SCHEMES = ("gpt2", "book")
 
 
-def _fan_in(name: str, shape: tuple[int, ...], config) -> int:
-    """The input width of the linear layer `name` belongs to (for the "book" scheme's bounds)."""
-    if name == "lm_head.weight":
-        return shape[1]  # (V, C): the head maps C features to V logits
-    if name.endswith(".weight"):
-        return shape[0]  # (in, out)
-    # a bias: the fan-in of its layer's weight; only the MLP's c_proj reads 4C features
-    return 4 * config.emb_dim if name.endswith("mlp.c_proj.bias") else config.emb_dim
+def _is_layernorm(name: str) -> bool:
+    return name.split(".")[-2].startswith("ln_")  # ln_1, ln_2, ln_f
+
+
+def _draw_gpt2(name: str, shape: tuple[int, ...], fan_in: int | None, rng: np.random.Generator) -> np.ndarray:
+    if name.endswith(".bias"):
+        return np.zeros(shape)
+    return 0.02 * rng.standard_normal(shape)
+
+
+def _draw_book(name: str, shape: tuple[int, ...], fan_in: int | None, rng: np.random.Generator) -> np.ndarray:
+    if name in ("wte.weight", "wpe.weight"):
+        return rng.standard_normal(shape)
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape)
+
+
+_DRAW = {"gpt2": _draw_gpt2, "book": _draw_book}
 
 
 def init_params(config, rng: np.random.Generator, dtype=np.float64, scheme: str = "gpt2") -> dict[str, np.ndarray]:
-    """A fresh parameter dict (name -> C-contiguous array of `dtype`), drawn from `rng` by `scheme`."""
+    """A fresh parameter dict (name -> C-contiguous array of `dtype`), drawn from `rng` by `scheme`,
+    in table order (a scheme draws nothing for what it sets to a constant)."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"init_params needs an np.random.Generator, got {type(rng).__name__}")
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown initialisation scheme {scheme!r}; known: {list(INIT_SCHEMES)}")
+    table = dict(param_shapes(config))
     params = {}
-    for name, shape in param_shapes(config):
-        kind = init_value(name)
-        if kind == "ones":
-            params[name] = np.ones(shape, dtype=dtype)
-        elif scheme == "gpt2" and kind == "normal":
-            params[name] = (0.02 * rng.standard_normal(shape)).astype(dtype)
-        elif scheme == "gpt2" or name.split(".")[-2].startswith("ln_"):
-            params[name] = np.zeros(shape, dtype=dtype)  # biases; layer-norm biases in both schemes
-        elif name in ("wte.weight", "wpe.weight"):
-            params[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            bound = 1.0 / np.sqrt(_fan_in(name, shape, config))
-            params[name] = rng.uniform(-bound, bound, shape).astype(dtype)
+    for name, shape in table.items():
+        if _is_layernorm(name):
+            params[name] = (np.ones if name.endswith(".weight") else np.zeros)(shape, dtype=dtype)
+            continue
+        # A linear layer's input width: `in` of its (in, out) weight; the (V, C) head reads C.
+        weight = table[name.removesuffix(".bias") + ".weight"] if name.endswith(".bias") else shape
+        fan_in = weight[1] if name == "lm_head.weight" else weight[0]
+        params[name] = _DRAW[scheme](name, shape, fan_in, rng).astype(dtype)
     return params
 
 

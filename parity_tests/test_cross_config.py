@@ -61,7 +61,7 @@ def test_parameter_tables_identical(tie, qkv):
 
 
 def _init_stats(params: dict[str, np.ndarray]) -> dict[str, tuple[str, float]]:
-    """Per parameter: ("const", value) when every element is equal, else ("std", std) and the max |x|."""
+    """Per parameter: ("const", value) when every element is equal, else ("spread", std, max |x|)."""
     out = {}
     for k, a in params.items():
         a = np.asarray(a, dtype=np.float64)
@@ -108,8 +108,9 @@ def test_init_schemes_draw_the_same_distributions_in_both_trees(scheme, qkv):
         for tree, s in (("numpy_ref", a[k]), ("torch_impl", b[k])):
             assert abs(s[1] - std) <= tol, (
                 f"{tree} {k} ({scheme}): std {s[1]:.5f}, expected {std:.5f} (n={n})")
-            if bound is not None:
-                assert s[2] <= bound, f"{tree} {k} ({scheme}): |x| reaches {s[2]:.5f} > bound {bound:.5f}"
+            if bound is not None:  # uniform(-bound, bound): the largest |x| of n draws lies just under it
+                assert 0.9 * bound <= s[2] <= bound, (f"{tree} {k} ({scheme}): max |x| {s[2]:.5f}, expected just "
+                                                      f"under the bound {bound:.5f}")
     with pytest.raises(ValueError, match="xavier"):
         NpModel(npc.GPTConfig(**cfg), init="xavier")
     with pytest.raises(ValueError, match="xavier"):

@@ -300,10 +300,14 @@ def test_adamw_with_clipping_and_schedule_on_gpt_agrees_across_trees():
                        n_model.params, STEP_TOL)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("n", [1, 7, nopt._BLOCK, 2 * nopt._BLOCK + 13])
-def test_blocked_adamw_equals_the_whole_array_formula_bit_for_bit(dtype, n):
-    """The cache-blocked update is the docstring's formula, element for element, across block edges."""
+def test_blocked_adamw_equals_the_whole_array_formula_bit_for_bit(dtype, n, threads, monkeypatch):
+    """The cache-blocked update is the docstring's formula, element for element, across block edges
+    and, with `threads` > 1, split unevenly between threads (every size here counts as large)."""
+    monkeypatch.setattr(nopt, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nopt, "_threads", lambda: threads)
     rng = np.random.default_rng(n)
     p0 = rng.standard_normal((n,)).astype(dtype)
     grads = [rng.standard_normal((n,)).astype(dtype) for _ in range(3)]
@@ -324,3 +328,9 @@ def test_blocked_adamw_equals_the_whole_array_formula_bit_for_bit(dtype, n):
                                 f"{got[diff[0]]!r} vs {p[diff[0]]!r}")
         assert np.array_equal(opt.exp_avg["h.0.mlp.c_fc.weight"].reshape(-1), m), f"step {t}: exp_avg differs"
         assert np.array_equal(opt.exp_avg_sq["h.0.mlp.c_fc.weight"].reshape(-1), v), f"step {t}: exp_avg_sq differs"
+
+
+def test_adamw_rejects_a_gradient_of_another_dtype():
+    opt = nopt.AdamW({"h.0.mlp.c_fc.weight": np.zeros((2, 3), dtype=np.float32)})
+    with pytest.raises(TypeError, match=r"h\.0\.mlp\.c_fc\.weight is float64, the parameter float32"):
+        opt.step({"h.0.mlp.c_fc.weight": np.zeros((2, 3))})

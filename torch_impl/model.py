@@ -100,14 +100,14 @@ class GPTModel(nn.Module):
             std = 0.02 if init == "gpt2" else 1.0
             return drawn(shape, lambda t: t.normal_(0.0, std, generator=gen))
 
-        def weight(fan_in: int, *shape: int) -> nn.Parameter:
+        def linear_param(shape: tuple[int, ...], fan_in: int, is_bias: bool) -> nn.Parameter:
+            """A linear layer's weight or bias; `fan_in` is the layer's input width."""
             if init == "gpt2":
+                if is_bias:
+                    return const(0.0, *shape)
                 return drawn(shape, lambda t: t.normal_(0.0, 0.02, generator=gen))
             bound = 1.0 / math.sqrt(fan_in)
             return drawn(shape, lambda t: t.uniform_(-bound, bound, generator=gen))
-
-        def bias_param(fan_in: int, n: int) -> nn.Parameter:
-            return const(0.0, n) if init == "gpt2" else weight(fan_in, n)
 
         def const(value: float, *shape: int) -> nn.Parameter:
             return nn.Parameter(torch.full(shape, value, dtype=dtype, device=device))
@@ -116,8 +116,8 @@ class GPTModel(nn.Module):
             return _group(weight=const(1.0, C), bias=const(0.0, C))
 
         def linear(c_in: int, c_out: int, bias: bool = True) -> nn.Module:
-            # weight (in, out); its fan-in is c_in
-            return _group(weight=weight(c_in, c_in, c_out), bias=bias_param(c_in, c_out) if bias else None)
+            return _group(weight=linear_param((c_in, c_out), c_in, is_bias=False),  # (in, out)
+                          bias=linear_param((c_out,), c_in, is_bias=True) if bias else None)
 
         self.wte = _group(weight=embedding(V, C))
         self.wpe = _group(weight=embedding(Tc, C))
@@ -135,7 +135,7 @@ class GPTModel(nn.Module):
             self.h.append(block)
         self.ln_f = ln()
         if not config.tie_embeddings:
-            self.lm_head = _group(weight=weight(C, V, C))  # (V, C), stored like wte; fan-in C
+            self.lm_head = _group(weight=linear_param((V, C), C, is_bias=False))  # (V, C), like wte; reads C
 
     # ---- the forward -----------------------------------------------------------------------
 

@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0 = end only)")
     parser.add_argument("--train-ratio", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=123, help="weights, batch order and dropout")
-    parser.add_argument("--init", choices=["gpt2", "book"], default="gpt2",
+    from numpy_ref.params import INIT_SCHEMES  # the same names as torch_impl's (a test checks)
+
+    parser.add_argument("--init", choices=list(INIT_SCHEMES), default="gpt2",
                         help="initial weights: GPT-2's normal(0, 0.02) (default) or the book's torch.nn defaults "
                              "(embeddings normal(0, 1), linear layers uniform(+-1/sqrt(fan_in)))")
     parser.add_argument("--dtype", choices=["float32", "float64"],
