@@ -26,14 +26,7 @@ from torch_impl import generate as tgen
 from torch_impl.config import get_config as torch_config
 from torch_impl.model import GPTModel as TorchGPT
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: one thread is fastest, and on a busy 2-core machine several
-    threads spin against each other (10-20x slower). Restored afterwards for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 V = 101  # the tiny preset's vocabulary

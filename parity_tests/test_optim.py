@@ -25,14 +25,7 @@ from parity_tests.strategies import random_array, seeds
 from parity_tests.tolerances import forward_tol, gradient_tol
 from torch_impl import optim as topt
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: one thread is fastest, and on a busy 2-core machine several
-    threads spin against each other (10-20x slower). Restored afterwards for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 # An optimiser step is a handful of elementwise float64 operations per step on top of the

@@ -32,14 +32,7 @@ from torch_impl.model import GPTModel as TorchGPT
 from torch_impl.train import Trainer as TorchTrainer
 from torch_impl.train_run import TrainSettings as TorchSettings
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: one thread is fastest, and on a busy 2-core machine several
-    threads spin against each other (10-20x slower). Restored afterwards for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 IDS = np.random.default_rng(7).integers(0, 101, 300)  # 37 windows of 8: 9 batches of 4 per epoch
