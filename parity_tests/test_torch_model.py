@@ -522,3 +522,28 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_embedding_gradient_is_reproducible_with_repeated_ids_on_several_threads():
+    """The same backward twice gives the same bits (issue 7: a run is deterministic for its seed).
+    Indexing `wte[ids]` fails this on the CPU: its scatter-add order depends on the threads."""
+    from torch_impl.embedding import embedding_forward
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        wte = torch.randn(5000, 64, generator=g).requires_grad_()
+        wpe = torch.randn(64, 64, generator=g)
+        ids = torch.randint(0, 50, (8, 64), generator=g)  # every id repeats ~10 times
+        upstream = torch.randn(8, 64, 64, generator=g)
+        grads = []
+        for _ in range(20):
+            wte.grad = None
+            (embedding_forward(ids, wte, wpe) * upstream).sum().backward()
+            grads.append(wte.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    for i, gr in enumerate(grads[1:], start=1):
+        bad = (gr != grads[0]).nonzero()
+        assert bad.numel() == 0, f"backward {i} differs from backward 0 at {bad[0].tolist()} ({bad.shape[0]} elements)"

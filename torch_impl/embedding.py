@@ -16,6 +16,7 @@ naming the value and the limit.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
@@ -48,6 +49,9 @@ def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, p
     """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`)."""
     check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)
     T = ids.shape[1]
-    tok = wte[ids]  # (B, T) -> (B, T, C)
+    # F.embedding, not wte[ids]: the backward of advanced indexing on the CPU (index_put_ with
+    # accumulate) adds the rows of repeated ids in a thread-dependent order, so two runs of the
+    # same training differ in the last bits; embedding's own backward is reproducible.
+    tok = F.embedding(ids, wte)  # (B, T) -> (B, T, C)
     pos = wpe[pos_offset:pos_offset + T]  # (Tc, C) -> (T, C)
     return tok + pos  # (B, T, C) + (T, C) -> (B, T, C)
