@@ -6,8 +6,9 @@ float64 (the oracle); the torch tree in the dtype under test.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -94,6 +95,24 @@ def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64
     for name, p in model.named_parameters():
         grads[name] = to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
     return RunResult(to_numpy(logits).astype(np.float64), float(loss.detach().to(torch.float64).cpu()), grads)
+
+
+@contextlib.contextmanager
+def head_slices(rows: int) -> Iterator[None]:
+    """Run torch_impl's output head on the CPU in slices of `rows` vocabulary rows.
+
+    The sliced head (torch_impl/linear.py, HEAD_CHUNK = 512) only runs where V > HEAD_CHUNK,
+    which no test-sized vocabulary reaches; this makes tiny models take it, with uneven slices.
+    `rows` >= V gives the one-GEMM path.
+    """
+    import torch_impl.linear as linear
+
+    before = linear.HEAD_CHUNK
+    linear.HEAD_CHUNK = rows
+    try:
+        yield
+    finally:
+        linear.HEAD_CHUNK = before
 
 
 def random_batch(config_d: Mapping, B: int, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -547,3 +547,77 @@ def test_embedding_gradient_is_reproducible_with_repeated_ids_on_several_threads
     for i, gr in enumerate(grads[1:], start=1):
         bad = (gr != grads[0]).nonzero()
         assert bad.numel() == 0, f"backward {i} differs from backward 0 at {bad[0].tolist()} ({bad.shape[0]} elements)"
+
+
+def _wte_grads_sliced_and_whole(run) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run(model, ids)` -> wte's gradient, on a tied float64 model, with the head in slices of
+    7 vocabulary rows (V = 101: the sliced path, gradient handed to the embedding) and whole."""
+    from parity_tests.models import head_slices
+
+    cfg = tiny(tie_embeddings=True)
+    ids = torch.randint(0, 12, (3, 16), generator=torch.Generator().manual_seed(4))  # ids repeat
+    got = {}
+    for rows in (7, cfg.vocab_size):
+        model = model_of(cfg, seed=3)
+        with head_slices(rows):
+            got[rows] = run(model, ids)
+    return got[7], got[cfg.vocab_size]
+
+
+def test_tied_sliced_head_gradient_matches_the_whole_head_in_every_autograd_use():
+    """The sliced CPU head leaves a tied head's gradient for the embedding's backward to add to
+    (embedding.TiedHeadGrad). wte's gradient must still be the sum of both uses however autograd
+    is driven: .backward(), torch.autograd.grad, and a second .backward() over a retained graph
+    (which must accumulate, not replace)."""
+    def backward(model, ids):
+        model(ids, ids)[1].backward()
+        return model.wte.weight.grad
+
+    def autograd_grad(model, ids):
+        return torch.autograd.grad(model(ids, ids)[1], model.wte.weight)[0]
+
+    def twice(model, ids):
+        loss = model(ids, ids)[1]
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return model.wte.weight.grad
+
+    for name, run in (("backward", backward), ("autograd.grad", autograd_grad), ("backward twice", twice)):
+        sliced, whole = _wte_grads_sliced_and_whole(run)
+        assert_close(f"tied wte grad, sliced vs whole head, {name}", sliced, whole, gradient_tol("float64"))
+
+
+def test_tied_sliced_head_gradient_is_reproducible_on_several_threads():
+    """The in-place scatter of the embedding's rows into the head's gradient gives the same bits
+    every time, with repeated ids and two threads (issue 7: a run is deterministic for its seed)."""
+    from parity_tests.models import head_slices
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = tiny(tie_embeddings=True)
+        model = model_of(cfg, seed=1)
+        ids = torch.randint(0, 5, (4, 16), generator=torch.Generator().manual_seed(0))  # each id ~13 times
+        grads = []
+        with head_slices(7):
+            for _ in range(10):
+                model.zero_grad(set_to_none=True)
+                model(ids, ids)[1].backward()
+                grads.append(model.wte.weight.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    for i, gr in enumerate(grads[1:], start=1):
+        bad = (gr != grads[0]).nonzero()
+        assert bad.numel() == 0, f"backward {i} differs from backward 0 at {bad[0].tolist()} ({bad.shape[0]} elements)"
+
+
+def test_head_is_sliced_on_the_cpu_for_gpt2_sizes_but_not_under_autocast():
+    """Where the sliced head runs: the CPU, V > HEAD_CHUNK, outside autocast (bf16 takes the
+    plain product, which autocast casts)."""
+    from torch_impl.linear import HEAD_CHUNK, head_is_sliced
+
+    wte = torch.empty(50257, 8)
+    assert head_is_sliced(wte), "GPT-2's vocabulary on the CPU should take the sliced head"
+    assert not head_is_sliced(torch.empty(HEAD_CHUNK, 8)), f"V = HEAD_CHUNK = {HEAD_CHUNK} needs no slices"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not head_is_sliced(wte), "under autocast the head must be the plain (cast) product"

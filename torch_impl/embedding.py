@@ -45,13 +45,60 @@ def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offse
                          f"(vocab_size={vocab_size})")
 
 
-def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
-    """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`)."""
+class TiedHeadGrad:
+    """Carries a tied head's (V, C) gradient to the embedding's backward (see embedding_forward).
+
+    With a tied head, wte has two uses and autograd sums their gradients: the head's, dense
+    (V, C), and the embedding's, B*T rows scattered into a second zero-filled (V, C) tensor.
+    On the CPU that sum costs two passes over 154 MB (GPT-2 small) of freshly allocated memory
+    per step. Instead, the head's backward leaves its gradient here and returns none for wte;
+    the embedding's backward (which autograd runs after it: the embedding's upstream gradient
+    is computed from the head's) adds its B*T rows into it in place and returns the total.
+    If the head left nothing here, the embedding's backward starts from zeros: still correct.
+    """
+
+    __slots__ = ("dhead",)
+
+    def __init__(self) -> None:
+        self.dhead: torch.Tensor | None = None
+
+
+class _EmbeddingIntoHeadGrad(torch.autograd.Function):
+    """tok = wte[ids]; backward: dwte = (the head's dhead, or zeros) + scatter-add of dtok rows."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, wte: torch.Tensor, slot: TiedHeadGrad) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.slot, ctx.wte_shape = slot, wte.shape
+        return F.embedding(ids, wte)  # (B, T) -> (B, T, C)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dtok: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        dwte, ctx.slot.dhead = ctx.slot.dhead, None
+        if dwte is None:
+            dwte = dtok.new_zeros(ctx.wte_shape)  # (V, C)
+        # index_add_ on the CPU adds the rows one after another, in the order of ids: reproducible.
+        dwte.index_add_(0, ids.reshape(-1), dtok.reshape(-1, dtok.shape[-1]))  # (B*T, C) rows into (V, C)
+        return None, dwte, None
+
+
+def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, pos_offset: int = 0,
+                      tied_grad: TiedHeadGrad | None = None) -> torch.Tensor:
+    """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`).
+
+    tied_grad: for a tied head whose backward leaves its gradient there (linear.head_forward),
+    so that wte's two gradients are summed in place (see TiedHeadGrad).
+    """
     check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)
     T = ids.shape[1]
-    # F.embedding, not wte[ids]: the backward of advanced indexing on the CPU (index_put_ with
-    # accumulate) adds the rows of repeated ids in a thread-dependent order, so two runs of the
-    # same training differ in the last bits; embedding's own backward is reproducible.
-    tok = F.embedding(ids, wte)  # (B, T) -> (B, T, C)
+    if tied_grad is not None and torch.is_grad_enabled() and wte.requires_grad:
+        tok = _EmbeddingIntoHeadGrad.apply(ids, wte, tied_grad)  # (B, T) -> (B, T, C)
+    else:
+        # F.embedding, not wte[ids]: the backward of advanced indexing on the CPU (index_put_
+        # with accumulate) adds the rows of repeated ids in a thread-dependent order, so two runs
+        # of the same training differ in the last bits; embedding's own backward is reproducible.
+        tok = F.embedding(ids, wte)  # (B, T) -> (B, T, C)
     pos = wpe[pos_offset:pos_offset + T]  # (Tc, C) -> (T, C)
     return tok + pos  # (B, T, C) + (T, C) -> (B, T, C)

@@ -43,9 +43,10 @@ from torch_impl.block import BLOCK_MASK_KEYS, block_forward
 from torch_impl.config import GPTConfig
 from torch_impl.cross_entropy import cross_entropy_forward
 from torch_impl.dropout import check_mask, dropout_forward
-from torch_impl.embedding import embedding_forward
+from torch_impl.embedding import TiedHeadGrad, embedding_forward
 from torch_impl.kv_cache import KVCache
 from torch_impl.layernorm import layernorm_forward
+from torch_impl.linear import head_forward, head_is_sliced
 
 INIT_SCHEMES = ("gpt2", "book")  # see GPTModel.__init__; numpy_ref/params.py has the same
 
@@ -167,7 +168,11 @@ class GPTModel(nn.Module):
         # With explicit masks, randomness is entirely explicit: torch draws no dropout.
         random_dropout = self.training and dropout_masks is None and cfg.drop_rate > 0.0
         masks = dropout_masks or {}
-        x = embedding_forward(ids, self.wte.weight, self.wpe.weight, pos_offset=past)  # (B, T) -> (B, T, C)
+        # A tied head on the sliced (CPU) path hands its gradient to the embedding's backward,
+        # which adds its rows in place: one (V, C) gradient, not two summed (TiedHeadGrad).
+        tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_is_sliced(self.wte.weight) else None
+        x = embedding_forward(ids, self.wte.weight, self.wpe.weight, pos_offset=past,
+                              tied_grad=tied_grad)  # (B, T) -> (B, T, C)
         x = dropout_forward(x, cfg.drop_rate, random_dropout, masks.get("embedding"))
         for i, block in enumerate(self.h):
             prefix = f"h.{i}."
@@ -182,7 +187,7 @@ class GPTModel(nn.Module):
                 raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
-        logits = x @ self.head_weight.T  # (B, T, C) @ (C, V) -> (B, T, V)
+        logits = head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         if targets is None:
             return logits
         return logits, cross_entropy_forward(logits, targets, ignore_index)  # (B, T, V), (B, T) -> ()
