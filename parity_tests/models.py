@@ -101,18 +101,18 @@ def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64
 def head_slices(rows: int) -> Iterator[None]:
     """Run torch_impl's output head on the CPU in slices of `rows` vocabulary rows.
 
-    The sliced head (torch_impl/linear.py, HEAD_CHUNK = 512) only runs where V > HEAD_CHUNK,
+    The sliced head (torch_impl/head.py, HEAD_CHUNK = 512) only runs where V > HEAD_CHUNK,
     which no test-sized vocabulary reaches; this makes tiny models take it, with uneven slices.
     `rows` >= V gives the one-GEMM path.
     """
-    import torch_impl.linear as linear
+    import torch_impl.head as head
 
-    before = linear.HEAD_CHUNK
-    linear.HEAD_CHUNK = rows
+    before = head.HEAD_CHUNK
+    head.HEAD_CHUNK = rows
     try:
         yield
     finally:
-        linear.HEAD_CHUNK = before
+        head.HEAD_CHUNK = before
 
 
 def random_batch(config_d: Mapping, B: int, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

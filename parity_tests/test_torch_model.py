@@ -100,7 +100,15 @@ def test_kv_cache_overflow_and_batch_mismatch_are_value_errors():
             model(ids_of(model.config, 3, 1, 1), kv_cache=cache)
 
 
-def test_bad_targets_and_all_ignored_targets_are_value_errors():
+@pytest.mark.parametrize("rows", [7, None], ids=["sliced head", "whole head"])
+def test_bad_targets_and_all_ignored_targets_are_value_errors(rows):
+    from parity_tests.models import head_slices
+
+    with head_slices(rows or 10**9):
+        _bad_targets_raise()
+
+
+def _bad_targets_raise():
     model = model_of(tiny())
     ids = ids_of(model.config, 2, 4, 0)
     bad = ids.clone()
@@ -445,13 +453,17 @@ def test_tied_head_shares_storage_and_sums_both_gradients():
     assert tied.head_weight[3, 0] == tied.wte.weight[3, 0]
 
 
-def test_loss_is_the_mean_over_counted_targets():
+@pytest.mark.parametrize("rows", [7, None], ids=["sliced head", "whole head"])
+def test_loss_is_the_mean_over_counted_targets(rows):
+    from parity_tests.models import head_slices
+
     cfg = tiny()
     model = model_of(cfg)
     ids = ids_of(cfg, 2, 6, 5)
     targets = ids_of(cfg, 2, 6, 6)
     targets[0, :3] = -1
-    logits, loss = model(ids, targets, ignore_index=-1)
+    with head_slices(rows or 10**9):
+        logits, loss = model(ids, targets, ignore_index=-1)
     logp = torch.log_softmax(logits, -1)
     counted = [(b, t) for b in range(2) for t in range(6) if targets[b, t] != -1]
     expected = -sum(logp[b, t, targets[b, t]] for b, t in counted) / len(counted)
@@ -614,10 +626,63 @@ def test_tied_sliced_head_gradient_is_reproducible_on_several_threads():
 def test_head_is_sliced_on_the_cpu_for_gpt2_sizes_but_not_under_autocast():
     """Where the sliced head runs: the CPU, V > HEAD_CHUNK, outside autocast (bf16 takes the
     plain product, which autocast casts)."""
-    from torch_impl.linear import HEAD_CHUNK, head_is_sliced
+    from torch_impl.head import HEAD_CHUNK, head_is_sliced
 
     wte = torch.empty(50257, 8)
     assert head_is_sliced(wte), "GPT-2's vocabulary on the CPU should take the sliced head"
     assert not head_is_sliced(torch.empty(HEAD_CHUNK, 8)), f"V = HEAD_CHUNK = {HEAD_CHUNK} needs no slices"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not head_is_sliced(wte), "under autocast the head must be the plain (cast) product"
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_sliced_head_gradients_with_ignored_targets_and_the_logits_used_too(tie):
+    """The fused CPU head + loss against the plain path, where the backward has most to get right:
+    ignored targets (weight 0), the logits also used by the caller (their gradient adds to the
+    loss's), and logits alone without targets. Every parameter gradient, random upstream."""
+    from parity_tests.models import head_slices
+
+    cfg = tiny(tie_embeddings=tie)
+    ids = ids_of(cfg, 3, 10, 7)
+    targets = ids_of(cfg, 3, 10, 8)
+    targets[1, 2:7] = -100
+    upstream = torch.randn(3, 10, cfg.vocab_size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def loss_and_logits(model):
+        logits, loss = model(ids, targets, ignore_index=-100)
+        return loss + 0.1 * (logits * upstream).sum()
+
+    def logits_only(model):
+        return (model(ids) * upstream).sum()
+
+    for name, fn in (("loss + logits", loss_and_logits), ("logits only", logits_only)):
+        grads = {}
+        for rows in (7, cfg.vocab_size):
+            model = model_of(cfg, seed=2)
+            with head_slices(rows):
+                fn(model).backward()
+            grads[rows] = {k: p.grad for k, p in model.named_parameters()}
+        assert_dicts_close(f"{name}, tied={tie}: sliced vs whole head", grads[7], grads[cfg.vocab_size],
+                           gradient_tol("float64"))
+
+
+@settings(max_examples=25)
+@given(rows=st.integers(1, 20), c_in=st.sampled_from([8, 16, 24, 30, 96]), c_out=st.integers(1, 40),
+       V=st.integers(1, 60), bias=st.booleans(), seed=seeds())
+def test_decoding_products_split_over_cores_equal_the_plain_product(rows, c_in, c_out, V, bias, seed):
+    """linear_forward and head_forward without autograd on a few rows (decoding) split the product
+    into SPLIT_K batched parts (linear.py). Against the plain product in float64, on both sides of
+    SPLIT_MAX_ROWS and with C_in not divisible by SPLIT_K (which must take the plain path)."""
+    from torch_impl.head import head_forward
+    from torch_impl.linear import linear_forward
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, c_in, generator=g, dtype=torch.float64)
+    w = torch.randn(c_in, c_out, generator=g, dtype=torch.float64)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None
+    head = torch.randn(V, c_in, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        got_linear, got_head = linear_forward(x, w, b), head_forward(x, head)
+    want_linear = x @ w + (b if bias else 0.0)
+    assert_close(f"linear rows={rows} c_in={c_in} c_out={c_out}", got_linear, want_linear, forward_tol("float64"))
+    assert_close(f"head rows={rows} c_in={c_in} V={V}", got_head, x @ head.T, forward_tol("float64"))

@@ -88,7 +88,7 @@ def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, p
                       tied_grad: TiedHeadGrad | None = None) -> torch.Tensor:
     """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`).
 
-    tied_grad: for a tied head whose backward leaves its gradient there (linear.head_forward),
+    tied_grad: for a tied head whose backward leaves its gradient there (head.py),
     so that wte's two gradients are summed in place (see TiedHeadGrad).
     """
     check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)

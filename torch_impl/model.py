@@ -41,12 +41,11 @@ from torch import nn
 
 from torch_impl.block import BLOCK_MASK_KEYS, block_forward
 from torch_impl.config import GPTConfig
-from torch_impl.cross_entropy import cross_entropy_forward
 from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import TiedHeadGrad, embedding_forward
+from torch_impl.head import head_forward, head_is_sliced, head_loss_forward
 from torch_impl.kv_cache import KVCache
 from torch_impl.layernorm import layernorm_forward
-from torch_impl.linear import head_forward, head_is_sliced
 
 INIT_SCHEMES = ("gpt2", "book")  # see GPTModel.__init__; numpy_ref/params.py has the same
 
@@ -187,10 +186,10 @@ class GPTModel(nn.Module):
                 raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
-        logits = head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         if targets is None:
-            return logits
-        return logits, cross_entropy_forward(logits, targets, ignore_index)  # (B, T, V), (B, T) -> ()
+            return head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
+        # logits (B, T, V) and the mean cross-entropy against targets (B, T) -> (); fused on the CPU
+        return head_loss_forward(x, self.head_weight, targets, ignore_index, tied_grad)
 
     def _check_masks(self, masks: Mapping[str, torch.Tensor] | None, B: int, T: int, past: int) -> None:
         if masks is None:

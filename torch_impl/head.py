@@ -1,0 +1,155 @@
+"""The output head: logits = x @ head.T and, given targets, the mean cross-entropy.
+
+    logits = x @ head.T                                   (N, C) @ (C, V) -> (N, V), N = B*T
+    loss   = (1/n) sum_{counted r} (lse(logits[r]) - logits[r, target[r]])       (N, V) -> ()
+
+`head` is stored (V, C) like `wte` (it is `wte` when tied). On CUDA, under autocast and inside
+torch.compile this is just `x @ head.T`, then cross_entropy.py's F.cross_entropy.
+
+On the CPU (float32 / float64, eager) the vocabulary is cut into slices of HEAD_CHUNK rows, for
+two reasons measured on the benchmark machine (benchmarks/, GPT-2 small, B*T = 256):
+- one (N x C) @ (C x V) GEMM with V = 50257 runs at about half the rate of the blocks' GEMMs
+  (MKL), while each (N x 512) slice runs at full rate with its output in cache;
+- with targets, the loss is taken slice by slice while the slice is in cache (a running max and
+  sum of exponentials per row: the online softmax of Milakov & Gimelshein 2018), and the backward
+  builds each slice of dlogits = (softmax - onehot) / n just before the two GEMMs that use it.
+  The (N, V) log-softmax, its gradient and the gather's zero-filled gradient are never made:
+  three fewer 51 MB tensors per step, each one fresh memory the kernel must fault in.
+
+Every logit is the same dot product over C, and every row of dhead the same sum over N rows, as
+in the one-GEMM version; dx sums over the slices in turn, and the loss adds lse and the target
+logit separately, so results agree with the plain path to float rounding (the parity tests draw
+the slice size). numpy_ref/model.py and numpy_ref/cross_entropy.py write the same math in one piece:
+
+    dlogits = (softmax(logits) - onehot(targets)) * dloss / n      (0 on ignored rows)
+    dx      = dlogits @ head                                        (N, V) @ (V, C) -> (N, C)
+    dhead   = dlogits.T @ x                                         (V, N) @ (N, C) -> (V, C)
+
+A tied head's gradient is handed to the embedding's backward (embedding.TiedHeadGrad).
+Shapes: x (B, T, C); head (V, C); targets (B, T) integer; logits (B, T, V); loss ().
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_impl.cross_entropy import check_targets, cross_entropy_forward
+from torch_impl.linear import SPLIT_K, streams_weights
+
+HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
+
+
+def head_is_sliced(head: torch.Tensor) -> bool:
+    """Whether the head runs in vocabulary slices here: the CPU, V > HEAD_CHUNK, no autocast, eager."""
+    return (head.device.type == "cpu" and head.shape[0] > HEAD_CHUNK
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:
+    """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
+    rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
+    if streams_weights(rows.shape[0], head, x):
+        return _head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
+    if not (head_is_sliced(head) and x.dtype == head.dtype):
+        return x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
+    logits, _ = _SlicedHead.apply(x.reshape(-1, x.shape[-1]), head, None, None, tied_grad)  # (N, V)
+    return logits.view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
+
+
+def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None,
+                      tied_grad=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V), mean cross-entropy ()); fused and sliced on the CPU (see top).
+
+    Targets are checked as in cross_entropy.py: integers of shape (B, T), each in [0, V) or equal
+    to ignore_index, not all ignored.
+    """
+    if not (head_is_sliced(head) and x.dtype == head.dtype):
+        logits = x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
+        return logits, cross_entropy_forward(logits, targets, ignore_index)
+    V = head.shape[0]
+    check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)
+    flat = targets.reshape(-1)  # (B, T) -> (N,)
+    counted = torch.ones_like(flat, dtype=torch.bool) if ignore_index is None else flat != ignore_index
+    weights = counted.to(x.dtype) / counted.sum()  # (N,): 1/n on counted rows, 0 on ignored ones
+    rows_target = torch.where(counted, flat, 0)  # an ignored row's weight is 0; any real class will do
+    logits, loss = _SlicedHead.apply(x.reshape(-1, x.shape[-1]), head, rows_target, weights, tied_grad)
+    return logits.view(*x.shape[:-1], V), loss  # (N, V) -> (B, T, V), ()
+
+
+def _head_streamed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """x @ head.T for a few rows without autograd (decoding): the vocabulary split into SPLIT_K
+    blocks, one batched product that torch spreads over the cores (see linear.py: one
+    matrix-vector product streams the weight on one core). Every logit is the same dot product."""
+    V, C = head.shape
+    per = V // SPLIT_K
+    blocks = head[:per * SPLIT_K].view(SPLIT_K, per, C)  # (V, C) -> (K, V/K, C), the tail left out
+    out = torch.bmm(x.expand(SPLIT_K, *x.shape), blocks.transpose(1, 2))  # (K, N, C) @ (K, C, V/K) -> (K, N, V/K)
+    out = out.transpose(0, 1).reshape(x.shape[0], per * SPLIT_K)  # (N, K * V/K)
+    return torch.cat([out, x @ head[per * SPLIT_K:].T], dim=1)  # + the tail rows -> (N, V)
+
+
+class _SlicedHead(torch.autograd.Function):
+    """logits = x @ head.T in slices of HEAD_CHUNK vocabulary rows, and the weighted loss if given.
+
+    forward(x (N, C), head (V, C), targets (N,) or None, weights (N,) or None, tied_grad)
+        -> logits (N, V), loss () (None without targets)
+    """
+
+    @staticmethod
+    def forward(ctx, x, head, targets, weights, tied_grad):
+        N, V = x.shape[0], head.shape[0]
+        logits = x.new_empty(N, V)  # (N, V)
+        run_max = x.new_full((N,), float("-inf"))  # running max of each row's logits
+        run_sum = x.new_zeros(N)  # running sum of exp(logit - run_max)
+        for s in range(0, V, HEAD_CHUNK):
+            z = logits[:, s:s + HEAD_CHUNK]  # (N, S): a view, written in place
+            torch.mm(x, head[s:s + HEAD_CHUNK].T, out=z)  # (N, C) @ (C, S) -> (N, S)
+            if targets is not None:
+                new_max = torch.maximum(run_max, z.amax(dim=1))  # (N,)
+                # Rescale the old sum to the new max, then add this slice: sum_j exp(z_j - new_max).
+                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+                run_max = new_max
+        loss = None
+        lse = None
+        if targets is not None:
+            lse = run_max + torch.log(run_sum)  # (N,): log sum_j exp(logits[r, j])
+            picked = logits.gather(1, targets[:, None]).squeeze(1)  # (N, V) -> (N,): logits[r, target[r]]
+            loss = ((lse - picked) * weights).sum()  # weighted mean over counted rows -> ()
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not an (N, V) of zeros
+        ctx.save_for_backward(x, head, logits, lse, targets, weights)
+        ctx.tied_grad = tied_grad
+        return logits, loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dlogits, dloss):
+        x, head, logits, lse, targets, weights = ctx.saved_tensors
+        N, V = logits.shape
+        row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
+        dx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None  # (N, C)
+        dhead = torch.empty_like(head) if ctx.needs_input_grad[1] else None  # (V, C)
+        buf = x.new_empty(N, min(HEAD_CHUNK, V))  # one slice of dlogits, reused
+        for s in range(0, V, HEAD_CHUNK):
+            e = min(s + HEAD_CHUNK, V)
+            g = buf[:, :e - s]  # (N, S)
+            if row_scale is not None:
+                torch.sub(logits[:, s:e], lse[:, None], out=g)
+                g.exp_().mul_(row_scale[:, None])  # softmax(logits)[:, s:e] * dloss / n
+            else:
+                g.zero_()
+            if dlogits is not None:
+                g.add_(dlogits[:, s:e])  # the caller's own use of the logits
+            if dx is not None:
+                dx.addmm_(g, head[s:e])  # (N, S) @ (S, C) -> (N, C), summed over slices
+            if dhead is not None:
+                torch.mm(g.T, x, out=dhead[s:e])  # (S, N) @ (N, C) -> (S, C)
+        if row_scale is not None:
+            # The -onehot part of (softmax - onehot), for all slices at once: row r adds
+            # -dloss/n times head[target[r]] to dx[r], and -dloss/n times x[r] to dhead[target[r]].
+            if dx is not None:
+                dx.sub_(row_scale[:, None] * head[targets])  # (N, C)
+            if dhead is not None:
+                dhead.index_add_(0, targets, row_scale[:, None] * x, alpha=-1)  # (N, C) rows into (V, C)
+        if dhead is not None and ctx.tied_grad is not None:
+            ctx.tied_grad.dhead, dhead = dhead, None  # the embedding's backward adds to it and returns it
+        return dx, dhead, None, None, None
