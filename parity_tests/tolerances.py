@@ -42,6 +42,11 @@ GRADIENT = {
     "float16": Tol(5e-3, 2e-2, "fp16 activations in forward and backward", per_tensor=True),
 }
 
+# The same bf16 products computed by two kernels (operands in different memory layouts): inputs
+# rounded to bf16 identically, float32 accumulation in another order, output rounded to bf16.
+# Results sit at most one bf16 rounding step apart: 2^-7 of the value at worst.
+BF16_SAME_PRODUCTS = Tol(1e-6, 2.0**-7, "same bf16 products, other kernel: at most one bf16 rounding step")
+
 # Finite differences against the float64 NumPy code itself (central differences, step 1e-6):
 # truncation error ~h^2 and cancellation error ~eps/h, both near 1e-10 relative.
 GRADCHECK = Tol(1e-6, 1e-5, "central differences, h=1e-6, float64")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
-from torch_impl.linear import SPLIT_K, streams_weights
+from torch_impl.linear import SPLIT_K, bf16_linear, slow_bf16_layouts, streams_weights
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
 
@@ -48,6 +48,8 @@ def head_is_sliced(head: torch.Tensor) -> bool:
 def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:
     """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
     rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
+    if slow_bf16_layouts(head.device):  # CPU bf16 autocast without bf16 units: see linear.py
+        return bf16_linear(rows, head, None, w_is_out_in=True).view(*x.shape[:-1], head.shape[0])
     if streams_weights(rows.shape[0], head, x):
         return _head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
     if not (head_is_sliced(head) and x.dtype == head.dtype):
@@ -64,7 +66,7 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
     to ignore_index, not all ignored.
     """
     if not (head_is_sliced(head) and x.dtype == head.dtype):
-        logits = x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
+        logits = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         return logits, cross_entropy_forward(logits, targets, ignore_index)
     V = head.shape[0]
     check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)

@@ -15,12 +15,28 @@ C_in into SPLIT_K parts, one batched GEMM that torch spreads over the cores, and
 
 The same sum, grouped differently: equal to the one-GEMM product to float rounding.
 
+Under bf16 autocast on a CPU without bf16 instructions (AVX2 only), torch's bf16 GEMM is a
+fallback kernel whose speed depends on the operands' layout: on the benchmark machine 10-22
+GFLOP/s when exactly one operand is a transposed view (each output a dot product of two rows
+contiguous along the summed axis), 1-1.4 GFLOP/s when both are plain row-major, which is what
+x @ w with w stored (in, out) and its input gradient dy @ w.T... are not, and what dx = dy @ w
+would be. There `bf16_linear` casts the weight once per use into the layout each product wants:
+
+    y  = x @ (w.T contiguous).T + b     forward: weight cast to (out, in)
+    dx = dy @ (w contiguous).T          backward: weight cast as stored (in, out)
+    dw = x.T @ dy,  db = sum_rows dy    weight gradient: already a good layout
+
+Same products in bf16 as plain autocast would compute (inputs rounded to bf16, float32
+accumulation); only the memory layout of the operands differs.
+
 Shapes: x (..., C_in); w (C_in, C_out); b (C_out,) or None; out (..., C_out).
 """
 
 from __future__ import annotations
 
 import torch
+
+from torch_impl.device import _cpu_has_fast_bf16
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
@@ -33,11 +49,20 @@ def streams_weights(rows: int, w: torch.Tensor, x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def slow_bf16_layouts(device: torch.device) -> bool:
+    """CPU bf16 autocast on a CPU without bf16 instructions: products go through bf16_linear."""
+    return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+            and not _cpu_has_fast_bf16())
+
+
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ w + b, with the bias added inside the GEMM when there is one."""
     rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
     C_in, C_out = w.shape
-    if C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):
+    if slow_bf16_layouts(w.device):
+        out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
+    elif C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):
         part = C_in // SPLIT_K
         xs = rows.view(-1, SPLIT_K, part).transpose(0, 1)  # (N, C_in) -> (K, N, C_in/K)
         out = torch.bmm(xs, w.view(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
@@ -48,3 +73,40 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     else:
         out = torch.addmm(b, rows, w)  # (N, C_in) @ (C_in, C_out) + (C_out,) -> (N, C_out)
     return out.view(*x.shape[:-1], C_out)  # (N, C_out) -> (..., C_out)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool = False) -> torch.Tensor:
+    """x @ W + b in bf16, every product in a fast layout (see top). W is w (in, out), or w.T when
+    `w_is_out_in` (the output head, stored (V, C)). x (N, C_in) -> (N, C_out), bf16."""
+    return _Bf16Linear.apply(x, w, b, w_is_out_in)
+
+
+class _Bf16Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, w_is_out_in):
+        bf16 = torch.bfloat16
+        W = w.T if w_is_out_in else w  # (C_in, C_out), a view
+        xb = x.to(bf16)  # (N, C_in)
+        w_out_in = W.T.to(bf16, memory_format=torch.contiguous_format)  # (C_out, C_in), contiguous
+        y = xb @ w_out_in.T if b is None else torch.addmm(b.to(bf16), xb, w_out_in.T)  # (N, C_out)
+        ctx.save_for_backward(xb, w)
+        ctx.w_is_out_in, ctx.x_dtype, ctx.has_bias = w_is_out_in, x.dtype, b is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        xb, w = ctx.saved_tensors
+        dy = dy.to(torch.bfloat16)  # (N, C_out)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            W = w.T if ctx.w_is_out_in else w
+            w_in_out = W.to(torch.bfloat16, memory_format=torch.contiguous_format)  # (C_in, C_out)
+            dx = (dy @ w_in_out.T).to(ctx.x_dtype)  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+        if ctx.needs_input_grad[1]:
+            # (C_out, N) @ (N, C_in) for a head stored (V, C); (C_in, N) @ (N, C_out) otherwise
+            dw = (dy.T @ xb) if ctx.w_is_out_in else (xb.T @ dy)
+            dw = dw.to(w.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(dim=0)  # (N, C_out) -> (C_out,)
+        return dx, dw, db, None
