@@ -15,7 +15,7 @@ from typing import Callable
 
 from benchmarks import flops as F
 from benchmarks import machine, plots, report
-from benchmarks.record import Result
+from benchmarks.record import Result, guarded
 
 # Benchmark configurations. Dropout is off everywhere: masks are inputs in numpy_ref, and the
 # comparison with Hugging Face needs the same function on both sides.
@@ -151,6 +151,15 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
         results += bench_model(name, config_d, params_by_config[name], B, T, p["backends"], device=device,
                                repeats=p["repeats"], budget_s=p["budget_s"], decode_tokens=p["decode_tokens"],
                                progress=progress, skip=skips, max_step_s=p["max_step_s"])
+    if not quick and report.TARGET_CONFIG in params_by_config:
+        # Issue 4's ratios against Hugging Face once more, the two alternating call by call.
+        from benchmarks.head_to_head import head_to_head
+
+        name = report.TARGET_CONFIG
+        B, T = BATCH[name]
+        results += guarded(lambda: head_to_head(name, resolved[name], params_by_config[name], B, T, device=device,
+                                                decode_tokens=p["decode_tokens"], progress=progress),
+                           "head_to_head", name, "torch-fp32 vs hf-fp32", "alternating pairs")
     if device.startswith("cuda") and not quick and "124M" in params_by_config:
         # Issue 4's CUDA target: GPT-2 124M training in bf16 at B x T = 16 x 1024.
         results += bench_model("124M", resolved["124M"], params_by_config["124M"], 16, 1024,

@@ -180,6 +180,49 @@ def test_targets_are_ratios_of_the_right_measurements():
     assert all(t["value"] is None and t["met"] is None for t in missing), f"nothing measured -> no verdict: {missing}"
 
 
+def test_alternate_takes_turns_and_the_paired_ratio_is_the_median_of_pair_ratios():
+    from benchmarks.head_to_head import alternate, paired_ratio
+
+    calls = []
+    ticks = iter(range(100))
+    t_ours, t_theirs = alternate(lambda: calls.append("ours"), lambda: calls.append("theirs"), 3,
+                                 clock=lambda: float(next(ticks)))
+    assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"], f"call order {calls}"
+    assert len(t_ours) == len(t_theirs) == 3, f"one time per call: {t_ours}, {t_theirs}"
+    # A machine that slows 2x between pairs: every pair's ratio is 0.5, the ratio of medians is not.
+    ours, theirs = [1.0, 2.0, 4.0], [2.0, 4.0, 8.0]
+    assert paired_ratio(ours, theirs) == 0.5, f"paired ratio {paired_ratio(ours, theirs)}"
+    assert paired_ratio([1.0, 10.0, 3.0], [1.0, 1.0, 1.0]) == 3.0, "median over the pairs"
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_ratio([1.0], [])
+
+
+def test_targets_take_the_head_to_head_ratio_where_it_ran():
+    peaks = {"torch_float32": 4e9}
+    results = [_timed_result("train_step", "torch-fp32", 1.0, peak="torch_float32"),
+               _timed_result("train_step", "hf-fp32", 2.0, peak="torch_float32"),
+               Result("head_to_head", "124M", "torch-fp32 vs hf-fp32", "train step time, ours / HF",
+                      extra={"ratio": 0.7, "ours_s": [1.0] * 5, "theirs_s": [1.4] * 5})]
+    fp32 = [t for t in report.targets(results, peaks, None) if t["target"].startswith("torch fp32")][0]
+    assert fp32["value"] == 0.7 and fp32["met"] is False, f"head-to-head ratio expected: {fp32}"
+    assert "median of 5 alternating pairs" in fp32["detail"] and "0.5" in fp32["detail"], fp32["detail"]
+
+
+def test_head_to_head_on_tiny_gives_both_ratios(one_torch_thread):
+    from benchmarks.head_to_head import head_to_head
+    from benchmarks.runner import CONFIGS
+
+    cfg = CONFIGS["tiny"]
+    from benchmarks.backends import numpy_params
+
+    rows = head_to_head("tiny", cfg, numpy_params(cfg), 2, 8, pairs=2, decode_tokens=3)
+    assert [r.what for r in rows] == ["train step time, ours / HF", "KV-cache decode tok/s, ours / HF"], rows
+    for r in rows:
+        expected = (sorted(b / a for a, b in zip(r.extra["ours_s"], r.extra["theirs_s"]))
+                    if r.extra["higher_is_better"] else sorted(a / b for a, b in zip(r.extra["ours_s"], r.extra["theirs_s"])))
+        assert r.extra["ratio"] == pytest.approx(sum(expected) / 2), f"{r.what}: ratio {r.extra['ratio']} vs {expected}"
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread while the harness runs: on a shared 2-core CI machine, spinning
