@@ -47,7 +47,7 @@ def _mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """AMX or AVX-512 BF16: the CPUs where bf16 GEMMs beat float32 ones."""
     capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX"
     return "AMX" in capability or "BF16" in capability
@@ -156,7 +156,7 @@ def plan_runtime(device: str | torch.device | None = None, precision: str = "aut
         elif precision in ("bf16", "fp16"):
             autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         elif precision == "auto" and dev.type == "cpu":
-            if _cpu_has_fast_bf16():
+            if cpu_has_fast_bf16():
                 autocast_dtype = torch.bfloat16
                 reasons.append("CPU with AMX / AVX-512 BF16: bf16 autocast")
             else:

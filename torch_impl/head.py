@@ -54,7 +54,7 @@ def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.T
         return _head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
     if not (head_is_sliced(head) and x.dtype == head.dtype):
         return x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
-    logits, _ = _SlicedHead.apply(x.reshape(-1, x.shape[-1]), head, None, None, tied_grad)  # (N, V)
+    logits, _ = _SlicedHead.apply(rows, head, None, None, tied_grad)  # (N, V)
     return logits.view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
 
 
@@ -84,7 +84,7 @@ def _head_streamed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     matrix-vector product streams the weight on one core). Every logit is the same dot product."""
     V, C = head.shape
     per = V // SPLIT_K
-    blocks = head[:per * SPLIT_K].view(SPLIT_K, per, C)  # (V, C) -> (K, V/K, C), the tail left out
+    blocks = head[:per * SPLIT_K].reshape(SPLIT_K, per, C)  # (V, C) -> (K, V/K, C), the tail left out
     out = torch.bmm(x.expand(SPLIT_K, *x.shape), blocks.transpose(1, 2))  # (K, N, C) @ (K, C, V/K) -> (K, N, V/K)
     out = out.transpose(0, 1).reshape(x.shape[0], per * SPLIT_K)  # (N, K * V/K)
     return torch.cat([out, x @ head[per * SPLIT_K:].T], dim=1)  # + the tail rows -> (N, V)

@@ -18,9 +18,9 @@ The same sum, grouped differently: equal to the one-GEMM product to float roundi
 Under bf16 autocast on a CPU without bf16 instructions (AVX2 only), torch's bf16 GEMM is a
 fallback kernel whose speed depends on the operands' layout: on the benchmark machine 10-22
 GFLOP/s when exactly one operand is a transposed view (each output a dot product of two rows
-contiguous along the summed axis), 1-1.4 GFLOP/s when both are plain row-major, which is what
-x @ w with w stored (in, out) and its input gradient dy @ w.T... are not, and what dx = dy @ w
-would be. There `bf16_linear` casts the weight once per use into the layout each product wants:
+contiguous along the summed axis), 1-1.4 GFLOP/s when both are plain row-major, as in x @ w
+with w stored (in, out). There `bf16_linear` casts the weight once per use into the layout each
+product wants:
 
     y  = x @ (w.T contiguous).T + b     forward: weight cast to (out, in)
     dx = dy @ (w contiguous).T          backward: weight cast as stored (in, out)
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_impl.device import _cpu_has_fast_bf16
+from torch_impl.device import cpu_has_fast_bf16
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
@@ -53,7 +53,7 @@ def slow_bf16_layouts(device: torch.device) -> bool:
     """CPU bf16 autocast on a CPU without bf16 instructions: products go through bf16_linear."""
     return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
-            and not _cpu_has_fast_bf16())
+            and not cpu_has_fast_bf16())
 
 
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     elif C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):
         part = C_in // SPLIT_K
         xs = rows.view(-1, SPLIT_K, part).transpose(0, 1)  # (N, C_in) -> (K, N, C_in/K)
-        out = torch.bmm(xs, w.view(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
+        out = torch.bmm(xs, w.reshape(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
         if b is not None:
             out += b
     elif b is None:
