@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torch_impl.kept_buffers import grad_buffer
+
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
 def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offset: int = 0) -> None:
@@ -64,21 +66,26 @@ class TiedHeadGrad:
 
 
 class _EmbeddingIntoHeadGrad(torch.autograd.Function):
-    """tok = wte[ids]; backward: dwte = (the head's dhead, or zeros) + scatter-add of dtok rows."""
+    """tok = wte[ids]; backward: dwte = (a tied head's dhead, or zeros) + scatter-add of dtok rows.
+
+    The zeros are written into memory kept from the last step (kept_buffers.py), not fresh memory.
+    """
 
     @staticmethod
-    def forward(ctx, ids: torch.Tensor, wte: torch.Tensor, slot: TiedHeadGrad) -> torch.Tensor:
-        ctx.save_for_backward(ids)
-        ctx.slot, ctx.wte_shape = slot, wte.shape
+    def forward(ctx, ids: torch.Tensor, wte: torch.Tensor, slot: TiedHeadGrad | None) -> torch.Tensor:
+        ctx.save_for_backward(ids, wte)
+        ctx.slot = slot
         return F.embedding(ids, wte)  # (B, T) -> (B, T, C)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dtok: torch.Tensor):
-        (ids,) = ctx.saved_tensors
-        dwte, ctx.slot.dhead = ctx.slot.dhead, None
+        ids, wte = ctx.saved_tensors
+        dwte = None
+        if ctx.slot is not None:
+            dwte, ctx.slot.dhead = ctx.slot.dhead, None
         if dwte is None:
-            dwte = dtok.new_zeros(ctx.wte_shape)  # (V, C)
+            dwte = grad_buffer(wte).zero_()  # (V, C)
         # index_add_ on the CPU adds the rows one after another, in the order of ids: reproducible.
         dwte.index_add_(0, ids.reshape(-1), dtok.reshape(-1, dtok.shape[-1]))  # (B*T, C) rows into (V, C)
         return None, dwte, None
@@ -93,7 +100,8 @@ def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, p
     """
     check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)
     T = ids.shape[1]
-    if tied_grad is not None and torch.is_grad_enabled() and wte.requires_grad:
+    training_wte = torch.is_grad_enabled() and wte.requires_grad
+    if training_wte and (tied_grad is not None or (wte.device.type == "cpu" and not torch.compiler.is_compiling())):
         tok = _EmbeddingIntoHeadGrad.apply(ids, wte, tied_grad)  # (B, T) -> (B, T, C)
     else:
         # F.embedding, not wte[ids]: the backward of advanced indexing on the CPU (index_put_

@@ -26,6 +26,8 @@ the slice size). numpy_ref/model.py and numpy_ref/cross_entropy.py write the sam
     dhead   = dlogits.T @ x                                         (V, N) @ (N, C) -> (V, C)
 
 A tied head's gradient is handed to the embedding's backward (embedding.TiedHeadGrad).
+The logits and the head's gradient are written into memory kept from the last step where nobody
+holds it any more (kept_buffers.py): 51 MB and 154 MB of fresh pages per step otherwise.
 Shapes: x (B, T, C); head (V, C); targets (B, T) integer; logits (B, T, V); loss ().
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
+from torch_impl.kept_buffers import grad_buffer, kept_buffer
 from torch_impl.linear import SPLIT_K, bf16_linear, slow_bf16_layouts, streams_weights
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
@@ -100,7 +103,7 @@ class _SlicedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, head, targets, weights, tied_grad):
         N, V = x.shape[0], head.shape[0]
-        logits = x.new_empty(N, V)  # (N, V)
+        logits = kept_buffer(head, "logits", (N, V), x.dtype)  # (N, V), memory kept from the last call
         run_max = x.new_full((N,), float("-inf"))  # running max of each row's logits
         run_sum = x.new_zeros(N)  # running sum of exp(logit - run_max)
         for s in range(0, V, HEAD_CHUNK):
@@ -129,7 +132,7 @@ class _SlicedHead(torch.autograd.Function):
         N, V = logits.shape
         row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
         dx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None  # (N, C)
-        dhead = torch.empty_like(head) if ctx.needs_input_grad[1] else None  # (V, C)
+        dhead = grad_buffer(head) if ctx.needs_input_grad[1] else None  # (V, C), memory kept from the last step
         buf = x.new_empty(N, min(HEAD_CHUNK, V))  # one slice of dlogits, reused
         for s in range(0, V, HEAD_CHUNK):
             e = min(s + HEAD_CHUNK, V)

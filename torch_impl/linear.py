@@ -3,7 +3,9 @@
     y = x @ w + b                                           (..., C_in) -> (..., C_out)
 
 Reference: openai/gpt-2 `model.py` `conv1d`; numpy_ref/linear.py derives the backward
-(dx = dy @ w.T, dw = x.T @ dy summed over rows, db = dy summed over rows); here autograd does it.
+(dx = dy @ w.T, dw = x.T @ dy summed over rows, db = dy summed over rows). Autograd derives it,
+except when training on the CPU, where `_KeptGradLinear` writes it out so that dw lands in memory
+kept from the last step (kept_buffers.py: fresh memory costs a page fault per 4 kB there).
 The bias is fused into the matrix product with `addmm` (one BLAS call writes the output once).
 
 Decoding on the CPU multiplies a handful of rows (one per sequence) by each weight: a
@@ -37,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.device import cpu_has_fast_bf16
+from torch_impl.kept_buffers import grad_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
@@ -68,11 +71,43 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
         out = torch.bmm(xs, w.reshape(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
         if b is not None:
             out += b
+    elif keeps_weight_grad(w, x):
+        out = _KeptGradLinear.apply(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif b is None:
         out = rows @ w  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
     else:
         out = torch.addmm(b, rows, w)  # (N, C_in) @ (C_in, C_out) + (C_out,) -> (N, C_out)
     return out.view(*x.shape[:-1], C_out)  # (N, C_out) -> (..., C_out)
+
+
+def keeps_weight_grad(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """CPU training of a weight in x's dtype, eager, no autocast: dw goes to a kept buffer (kept_buffers.py)."""
+    return (w.device.type == "cpu" and torch.is_grad_enabled() and w.requires_grad and w.is_leaf
+            and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+class _KeptGradLinear(torch.autograd.Function):
+    """x @ w + b, with the backward of the top docstring; dw goes into memory kept from the last step."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return x @ w if b is None else torch.addmm(b, x, w)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ w.T  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+        if ctx.needs_input_grad[1]:
+            dw = grad_buffer(w)  # (C_in, C_out), memory kept from the last step where free
+            torch.mm(x.T, dy, out=dw)  # (C_in, N) @ (N, C_out) -> (C_in, C_out)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(dim=0)  # (N, C_out) -> (C_out,)
+        return dx, dw, db
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool = False) -> torch.Tensor:

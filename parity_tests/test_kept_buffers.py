@@ -1,0 +1,129 @@
+"""torch_impl/kept_buffers.py: CPU gradients and logits reuse last step's memory, and only when
+nobody can see it.
+
+Every test runs the real training path of a tiny float64 model on the CPU (the head in slices of
+7 rows, so the logits and the tied head's gradient take the kept path too) and checks two things:
+that the memory is reused when it is free, and that no tensor anyone still holds changes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from parity_tests.compare import assert_close
+from parity_tests.models import head_slices
+from parity_tests.tolerances import gradient_tol
+from torch_impl import kept_buffers
+from torch_impl.config import get_config
+from torch_impl.model import GPTModel
+
+EXACT = gradient_tol("float64")
+
+
+def _model(tie: bool) -> GPTModel:
+    return GPTModel(get_config("tiny", tie_embeddings=tie), seed=3, dtype=torch.float64).train()
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 101, (2, 6), generator=gen), torch.randint(0, 101, (2, 6), generator=gen)
+
+
+def _backward(model: GPTModel, seed: int) -> None:
+    ids, targets = _batch(seed)
+    with head_slices(7):
+        _, loss = model(ids, targets)
+    loss.backward()
+
+
+def _grads_alone(model: GPTModel, seed: int) -> dict[str, torch.Tensor]:
+    """The gradients of one backward on a fresh copy of the model (its own buffers)."""
+    twin = copy.deepcopy(model)
+    twin.zero_grad(set_to_none=True)
+    _backward(twin, seed)
+    return {n: p.grad.clone() for n, p in twin.named_parameters()}
+
+
+def _matrices(model: GPTModel) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.ndim == 2 and n != "wpe.weight"}
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_free_gradient_memory_is_reused_and_the_values_are_right(tie):
+    model = _model(tie)
+    _backward(model, 0)
+    first = {n: p.grad.data_ptr() for n, p in _matrices(model).items()}
+    model.zero_grad(set_to_none=True)
+    _backward(model, 1)
+    expected = _grads_alone(_model(tie), 1)
+    for name, p in _matrices(model).items():
+        assert p.grad.data_ptr() == first[name], f"{name}: the second step's gradient got new memory"
+    for name, p in model.named_parameters():
+        assert_close(f"{name} gradient, second step", p.grad, expected[name], EXACT)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_gradients_someone_holds_are_never_overwritten(tie):
+    model = _model(tie)
+    _backward(model, 0)
+    held = {n: p.grad for n, p in _matrices(model).items()}  # references, as a logger might keep
+    rows = {n: g[0] for n, g in held.items()}  # views of them
+    values = {n: g.clone() for n, g in held.items()}
+    model.zero_grad(set_to_none=True)
+    _backward(model, 1)
+    expected = _grads_alone(_model(tie), 1)
+    for name, p in _matrices(model).items():
+        assert_close(f"{name} gradient held from step 1", held[name], values[name], EXACT)
+        assert_close(f"{name} row view held from step 1", rows[name], values[name][0], EXACT)
+        assert p.grad.data_ptr() != held[name].data_ptr(), f"{name}: step 2 wrote into memory still held"
+        assert_close(f"{name} gradient, step 2", p.grad, expected[name], EXACT)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_accumulated_gradients_are_the_sum_of_both_steps(tie):
+    model = _model(tie)
+    g0, g1 = _grads_alone(model, 0), _grads_alone(model, 1)
+    _backward(model, 0)
+    _backward(model, 1)  # no zero_grad between: autograd adds into .grad
+    for name, p in model.named_parameters():
+        assert_close(f"{name} accumulated gradient", p.grad, g0[name] + g1[name], EXACT)
+
+
+def test_gradients_returned_by_autograd_grad_survive_the_next_backward():
+    model = _model(True)
+    params = list(_matrices(model).values())
+    ids, targets = _batch(0)
+    with head_slices(7):
+        _, loss = model(ids, targets)
+    got = torch.autograd.grad(loss, params)
+    values = [g.clone() for g in got]
+    _backward(model, 1)
+    for (name, _), g, v in zip(_matrices(model).items(), got, values):
+        assert_close(f"{name} from autograd.grad, after another backward", g, v, EXACT)
+
+
+def test_logits_kept_by_the_caller_survive_and_dropped_logits_are_reused():
+    model = _model(True).eval()
+    ids, _ = _batch(0)
+    with torch.no_grad(), head_slices(7):
+        first = model(ids)
+        value = first.clone()
+        second = model(_batch(1)[0])
+        assert_close("logits held across another forward", first, value, EXACT)
+        assert second.data_ptr() != first.data_ptr(), "the second forward wrote into logits still held"
+        where = second.data_ptr()
+        del second
+        third = model(_batch(2)[0])
+    assert third.data_ptr() == where, "logits nobody holds were not reused"
+    third.add_(1.0)  # a plain tensor, not a view of the kept buffer: in-place edits are allowed
+
+
+def test_release_forgets_every_buffer():
+    model = _model(False)
+    _backward(model, 0)
+    assert len(kept_buffers._kept) > 0, "training on the CPU kept no buffer"
+    kept_buffers.release_kept_buffers()
+    assert len(kept_buffers._kept) == 0, "release_kept_buffers left buffers behind"
