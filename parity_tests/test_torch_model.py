@@ -163,6 +163,9 @@ def test_kv_cached_logits_equal_full_recomputation_at_every_step(case):
     with torch.no_grad():
         full = model(ids)  # (B, T, V), no cache
         cache = model.new_kv_cache(B)
+        # The buffers start uninitialised: positions not yet written must never be read.
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
         start = 0
         for n in chunks:
             got = model(ids[:, start:start + n], kv_cache=cache)
