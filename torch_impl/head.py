@@ -51,10 +51,10 @@ def head_is_sliced(head: torch.Tensor) -> bool:
 def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:
     """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
     rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
+    if streams_weights(rows.shape[0], head, x):  # decoding (never under autocast)
+        return _head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
     if slow_bf16_layouts(head.device):  # CPU bf16 autocast without bf16 units: see linear.py
         return bf16_linear(rows, head, None, w_is_out_in=True).view(*x.shape[:-1], head.shape[0])
-    if streams_weights(rows.shape[0], head, x):
-        return _head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
     if not (head_is_sliced(head) and x.dtype == head.dtype):
         return x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
     logits, _ = _SlicedHead.apply(rows, head, None, None, tied_grad)  # (N, V)

@@ -63,14 +63,14 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     """x @ w + b, with the bias added inside the GEMM when there is one."""
     rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
     C_in, C_out = w.shape
-    if slow_bf16_layouts(w.device):
-        out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
-    elif C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):
+    if C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):  # decoding: checked first, per token
         part = C_in // SPLIT_K
         xs = rows.view(-1, SPLIT_K, part).transpose(0, 1)  # (N, C_in) -> (K, N, C_in/K)
         out = torch.bmm(xs, w.reshape(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
         if b is not None:
             out += b
+    elif slow_bf16_layouts(w.device):
+        out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
     elif keeps_weight_grad(w, x):
         out = _KeptGradLinear.apply(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif b is None:
