@@ -564,6 +564,26 @@ def test_embedding_gradient_is_reproducible_with_repeated_ids_on_several_threads
         assert bad.numel() == 0, f"backward {i} differs from backward 0 at {bad[0].tolist()} ({bad.shape[0]} elements)"
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_torch_func_grad_runs_on_the_cpu_training_path_and_agrees_with_backward(tie):
+    """torch.func transforms cannot run torch_impl's own autograd Functions (sliced head, kept
+    gradient memory); under one the model must take plain torch ops and give the same gradients."""
+    from torch.func import functional_call, grad
+
+    from parity_tests.models import head_slices
+
+    cfg = tiny(tie_embeddings=tie)
+    model = model_of(cfg).train()
+    ids, targets = ids_of(cfg, 2, 6, 7), ids_of(cfg, 2, 6, 8)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with head_slices(7):
+        got = grad(lambda p: functional_call(model, p, (ids, targets))[1])(params)
+        _, loss = model(ids, targets)
+        loss.backward()
+    for name, p in model.named_parameters():
+        assert_close(f"{name}: torch.func.grad vs backward", got[name], p.grad, gradient_tol("float64"))
+
+
 def _wte_grads_sliced_and_whole(run) -> tuple[torch.Tensor, torch.Tensor]:
     """`run(model, ids)` -> wte's gradient, on a tied float64 model, with the head in slices of
     7 vocabulary rows (V = 101: the sliced path, gradient handed to the embedding) and whole."""

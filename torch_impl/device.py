@@ -53,6 +53,17 @@ def cpu_has_fast_bf16() -> bool:
     return "AMX" in capability or "BF16" in capability
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def plain_eager() -> bool:
+    """Eager torch, with no torch.compile tracing and no torch.func transform (grad, vmap, ...)
+    active: where torch_impl's own CPU autograd Functions (head slices, kept-gradient linears, the
+    embedding that takes a tied head's gradient, bf16 layouts) may run. They have no compile or
+    functorch rules, so under either the same math runs as plain torch ops."""
+    return not torch.compiler.is_compiling() and not _functorch_active()
+
+
 @dataclass(frozen=True)
 class RuntimePlan:
     device: torch.device

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torch_impl.device import plain_eager
 from torch_impl.kept_buffers import grad_buffer
 
 
@@ -101,7 +102,7 @@ def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, p
     check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)
     T = ids.shape[1]
     training_wte = torch.is_grad_enabled() and wte.requires_grad
-    if training_wte and (tied_grad is not None or (wte.device.type == "cpu" and not torch.compiler.is_compiling())):
+    if training_wte and (tied_grad is not None or (wte.device.type == "cpu" and plain_eager())):
         tok = _EmbeddingIntoHeadGrad.apply(ids, wte, tied_grad)  # (B, T) -> (B, T, C)
     else:
         # F.embedding, not wte[ids]: the backward of advanced indexing on the CPU (index_put_

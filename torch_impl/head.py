@@ -3,8 +3,9 @@
     logits = x @ head.T                                   (N, C) @ (C, V) -> (N, V), N = B*T
     loss   = (1/n) sum_{counted r} (lse(logits[r]) - logits[r, target[r]])       (N, V) -> ()
 
-`head` is stored (V, C) like `wte` (it is `wte` when tied). On CUDA, under autocast and inside
-torch.compile this is just `x @ head.T`, then cross_entropy.py's F.cross_entropy.
+`head` is stored (V, C) like `wte` (it is `wte` when tied). On CUDA, under autocast, inside
+torch.compile and under torch.func transforms this is just `x @ head.T`, then cross_entropy.py's
+F.cross_entropy.
 
 On the CPU (float32 / float64, eager) the vocabulary is cut into slices of HEAD_CHUNK rows, for
 two reasons measured on the benchmark machine (benchmarks/, GPT-2 small, B*T = 256):
@@ -36,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
+from torch_impl.device import plain_eager
 from torch_impl.kept_buffers import grad_buffer, kept_buffer
 from torch_impl.linear import SPLIT_K, bf16_linear, slow_bf16_layouts, streams_weights
 
@@ -45,7 +47,7 @@ HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fa
 def head_is_sliced(head: torch.Tensor) -> bool:
     """Whether the head runs in vocabulary slices here: the CPU, V > HEAD_CHUNK, no autocast, eager."""
     return (head.device.type == "cpu" and head.shape[0] > HEAD_CHUNK
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and plain_eager())
 
 
 def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:

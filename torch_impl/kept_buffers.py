@@ -31,6 +31,8 @@ import threading
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from torch_impl.device import plain_eager
+
 _kept = WeakIdKeyDictionary()  # owner tensor (a parameter) -> {use: tensor whose storage is kept}
 _lock = threading.Lock()
 _storage_refs = getattr(torch._C, "_storage_Use_Count", None)  # private; without it nothing is kept
@@ -39,7 +41,7 @@ _storage_refs = getattr(torch._C, "_storage_Use_Count", None)  # private; withou
 def keeps_memory(owner: torch.Tensor) -> bool:
     """Whether buffers owned by this tensor are kept: a CPU parameter (leaf), eager."""
     return (_storage_refs is not None and owner.device.type == "cpu" and owner.is_leaf
-            and not torch.compiler.is_compiling())
+            and plain_eager())
 
 
 def _only_ours(buf: torch.Tensor) -> bool:

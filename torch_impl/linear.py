@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_impl.device import cpu_has_fast_bf16
+from torch_impl.device import cpu_has_fast_bf16, plain_eager
 from torch_impl.kept_buffers import grad_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
@@ -49,13 +49,13 @@ def streams_weights(rows: int, w: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether x @ w is a CPU matrix-vector-like product with no autograd: the split pays there."""
     return (rows <= SPLIT_MAX_ROWS and w.device.type == "cpu" and x.dtype == w.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and plain_eager())
 
 
 def slow_bf16_layouts(device: torch.device) -> bool:
     """CPU bf16 autocast on a CPU without bf16 instructions: products go through bf16_linear."""
     return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and plain_eager()
             and not cpu_has_fast_bf16())
 
 
@@ -83,7 +83,7 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 def keeps_weight_grad(w: torch.Tensor, x: torch.Tensor) -> bool:
     """CPU training of a weight in x's dtype, eager, no autocast: dw goes to a kept buffer (kept_buffers.py)."""
     return (w.device.type == "cpu" and torch.is_grad_enabled() and w.requires_grad and w.is_leaf
-            and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu") and plain_eager())
 
 
 class _KeptGradLinear(torch.autograd.Function):
