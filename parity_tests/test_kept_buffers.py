@@ -28,8 +28,10 @@ def _model(tie: bool) -> GPTModel:
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and targets (4, 8): 32 rows, more than linear.SPLIT_MAX_ROWS, so even a forward without
+    gradients takes the sliced head (fewer rows are decoding's split product, which keeps nothing)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 101, (2, 6), generator=gen), torch.randint(0, 101, (2, 6), generator=gen)
+    return torch.randint(0, 101, (4, 8), generator=gen), torch.randint(0, 101, (4, 8), generator=gen)
 
 
 def _backward(model: GPTModel, seed: int) -> None:
@@ -118,6 +120,8 @@ def test_logits_kept_by_the_caller_survive_and_dropped_logits_are_reused():
         del second
         third = model(_batch(2)[0])
     assert third.data_ptr() == where, "logits nobody holds were not reused"
+    kept = kept_buffers._kept[model.wte.weight]["logits"]
+    assert third.data_ptr() == kept.data_ptr(), "the logits do not lie in the head's kept buffer"
     third.add_(1.0)  # a plain tensor, not a view of the kept buffer: in-place edits are allowed
 
 
