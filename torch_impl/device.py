@@ -87,6 +87,8 @@ class RuntimePlan:
             f"AdamW {'fused' if self.fused_adamw else 'foreach'}",
             f"attention {sdpa_kernel_name(self)}",
         ]
+        if self.device.type == "cpu" and not self.compile:
+            parts.append(cpu_kernels(self.autocast_dtype))
         text = ", ".join(parts)
         return text + (f" [{'; '.join(self.reasons)}]" if self.reasons else "")
 
@@ -117,6 +119,16 @@ class RuntimePlan:
         if self.fused_adamw:
             return torch.optim.AdamW(params, fused=True, **kwargs)
         return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def cpu_kernels(autocast_dtype: torch.dtype | None) -> str:
+    """torch_impl's own CPU paths an eager model takes with this autocast dtype (or None)."""
+    if autocast_dtype is None:
+        return ("CPU paths: output head in vocabulary slices with the loss fused (head.py), gradients and "
+                "logits in kept memory (kept_buffers.py), decoding products split over the cores (linear.py)")
+    if autocast_dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"
+    return "CPU paths: torch's autocast kernels"
 
 
 def sdpa_kernel_name(plan: RuntimePlan) -> str:
