@@ -109,25 +109,85 @@ def test_gradients_returned_by_autograd_grad_survive_the_next_backward():
 
 def test_logits_kept_by_the_caller_survive_and_dropped_logits_are_reused():
     model = _model(True).eval()
-    ids, _ = _batch(0)
     with torch.no_grad(), head_slices(7):
-        first = model(ids)
+        first = model(_batch(0)[0])  # in the head's kept buffer
         value = first.clone()
-        second = model(_batch(1)[0])
+        second = model(_batch(1)[0])  # the kept buffer is held: transient memory
         assert_close("logits held across another forward", first, value, EXACT)
         assert second.data_ptr() != first.data_ptr(), "the second forward wrote into logits still held"
-        where = second.data_ptr()
-        del second
+        where = first.data_ptr()
+        del first, second
         third = model(_batch(2)[0])
     assert third.data_ptr() == where, "logits nobody holds were not reused"
     kept = kept_buffers._kept[model.wte.weight]["logits"]
     assert third.data_ptr() == kept.data_ptr(), "the logits do not lie in the head's kept buffer"
-    third.add_(1.0)  # a plain tensor, not a view of the kept buffer: in-place edits are allowed
 
 
-def test_release_forgets_every_buffer():
+def test_a_held_storage_object_is_never_overwritten():
     model = _model(False)
     _backward(model, 0)
-    assert len(kept_buffers._kept) > 0, "training on the CPU kept no buffer"
-    kept_buffers.release_kept_buffers()
-    assert len(kept_buffers._kept) == 0, "release_kept_buffers left buffers behind"
+    p = model.h[0].mlp.c_fc.weight
+    storage = p.grad.untyped_storage()  # kept by the caller; the tensor itself is dropped below
+    value = p.grad.clone()
+    model.zero_grad(set_to_none=True)
+    _backward(model, 1)
+    seen = torch.empty(0, dtype=p.dtype).set_(storage, 0, p.shape)
+    assert_close("gradient storage object held from step 1", seen, value, EXACT)
+
+
+def test_memory_shared_with_another_process_is_never_reused():
+    model = _model(False)
+    _backward(model, 0)
+    p = model.h[0].mlp.c_fc.weight
+    p.grad.share_memory_()  # what torch.multiprocessing does to a tensor put on a queue
+    shared_at = p.grad.data_ptr()
+    model.zero_grad(set_to_none=True)
+    _backward(model, 1)
+    assert p.grad.data_ptr() != shared_at and not p.grad.is_shared(), "step 2 wrote into shared memory"
+    model.zero_grad(set_to_none=True)
+    _backward(model, 2)  # the new buffer is kept from then on
+    assert_close("c_fc gradient after the shared buffer was let go", p.grad, _grads_alone(_model(False), 2)[
+        "h.0.mlp.c_fc.weight"], EXACT)
+
+
+def test_gradient_accumulation_keeps_one_set_of_buffers():
+    model = _model(True)
+    params = list(model.parameters())
+    _backward(model, 0)
+    one_step = kept_buffers.kept_bytes(params)
+    assert one_step >= sum(p.numel() * p.element_size() for p in _matrices(model).values()), (
+        f"training on the CPU kept only {one_step} bytes")
+    _backward(model, 1)
+    _backward(model, 2)  # .grad is held throughout: these go to transient memory
+    assert kept_buffers.kept_bytes(params) == one_step, (
+        f"accumulating kept {kept_buffers.kept_bytes(params)} bytes, one step {one_step}")
+    for name, p in _matrices(model).items():  # the one set kept is .grad itself, not a second copy
+        assert kept_buffers._kept[p]["grad"].data_ptr() == p.grad.data_ptr(), f"{name}: a second buffer was kept"
+
+
+def test_wte_may_change_in_place_between_forward_and_backward_untied():
+    model = _model(False)
+    ids, targets = _batch(0)
+    with head_slices(7):
+        _, loss = model(ids, targets)
+    with torch.no_grad():
+        model.wte.weight.mul_(1.0)  # bumps the version: a saved wte would refuse the backward
+    loss.backward()
+    assert_close("wte gradient", model.wte.weight.grad, _grads_alone(_model(False), 0)["wte.weight"], EXACT)
+
+
+@pytest.mark.parametrize("how", ["release_kept_buffers", "model.double()"])
+def test_release_and_moving_the_model_let_the_buffers_go(how):
+    model = _model(False)
+    _backward(model, 0)
+    assert kept_buffers.kept_bytes(model.parameters()) > 0, "training on the CPU kept no buffer"
+    if how == "release_kept_buffers":
+        kept_buffers.release_kept_buffers(model.parameters())
+    else:
+        model.double()
+    assert kept_buffers.kept_bytes(model.parameters()) == 0, f"{how} left buffers behind"
+    model.zero_grad(set_to_none=True)
+    _backward(model, 1)
+    assert_close("c_attn gradient after release", model.h[0].attn.c_attn.weight.grad,
+                 _grads_alone(_model(False), 1)["h.0.attn.c_attn.weight"], EXACT)
+

@@ -57,7 +57,7 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def plain_eager() -> bool:
-    """Eager torch, with no torch.compile tracing and no torch.func transform (grad, vmap, ...)
+    """Eager torch, with no torch.compile tracing and no torch.func transform (grad, jacrev, ...)
     active: where torch_impl's own CPU autograd Functions (head slices, kept-gradient linears, the
     embedding that takes a tied head's gradient, bf16 layouts) may run. They have no compile or
     functorch rules, so under either the same math runs as plain torch ops."""

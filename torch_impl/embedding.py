@@ -66,7 +66,7 @@ class TiedHeadGrad:
         self.dhead: torch.Tensor | None = None
 
 
-class _EmbeddingIntoHeadGrad(torch.autograd.Function):
+class _EmbeddingKeptGrad(torch.autograd.Function):
     """tok = wte[ids]; backward: dwte = (a tied head's dhead, or zeros) + scatter-add of dtok rows.
 
     The zeros are written into memory kept from the last step (kept_buffers.py), not fresh memory.
@@ -74,19 +74,21 @@ class _EmbeddingIntoHeadGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids: torch.Tensor, wte: torch.Tensor, slot: TiedHeadGrad | None) -> torch.Tensor:
-        ctx.save_for_backward(ids, wte)
-        ctx.slot = slot
+        ctx.save_for_backward(ids)
+        # The parameter itself, not a saved copy of its values: the backward only needs to know
+        # whose buffer to use, so wte may still be changed in place before it runs.
+        ctx.wte, ctx.slot = wte, slot
         return F.embedding(ids, wte)  # (B, T) -> (B, T, C)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dtok: torch.Tensor):
-        ids, wte = ctx.saved_tensors
+        (ids,) = ctx.saved_tensors
         dwte = None
         if ctx.slot is not None:
             dwte, ctx.slot.dhead = ctx.slot.dhead, None
         if dwte is None:
-            dwte = grad_buffer(wte).zero_()  # (V, C)
+            dwte = grad_buffer(ctx.wte).zero_()  # (V, C)
         # index_add_ on the CPU adds the rows one after another, in the order of ids: reproducible.
         dwte.index_add_(0, ids.reshape(-1), dtok.reshape(-1, dtok.shape[-1]))  # (B*T, C) rows into (V, C)
         return None, dwte, None
@@ -97,13 +99,14 @@ def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, p
     """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`).
 
     tied_grad: for a tied head whose backward leaves its gradient there (head.py),
-    so that wte's two gradients are summed in place (see TiedHeadGrad).
+    so that wte's two gradients are summed in place (see TiedHeadGrad). Training on the CPU, the
+    embedding's gradient goes into kept memory even without it (kept_buffers.py).
     """
     check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)
     T = ids.shape[1]
     training_wte = torch.is_grad_enabled() and wte.requires_grad
     if training_wte and (tied_grad is not None or (wte.device.type == "cpu" and plain_eager())):
-        tok = _EmbeddingIntoHeadGrad.apply(ids, wte, tied_grad)  # (B, T) -> (B, T, C)
+        tok = _EmbeddingKeptGrad.apply(ids, wte, tied_grad)  # (B, T) -> (B, T, C)
     else:
         # F.embedding, not wte[ids]: the backward of advanced indexing on the CPU (index_put_
         # with accumulate) adds the rows of repeated ids in a thread-dependent order, so two runs

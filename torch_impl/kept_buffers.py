@@ -13,20 +13,25 @@ So these tensors are written into a buffer kept per (parameter, use):
     torch.mm(x.T, dy, out=dw)           the product writes into memory that is already mapped
     return dw                           autograd makes it w.grad without copying (w.grad was None)
 
-The kept storage is reused only when nothing but this module refers to it any more: after
-zero_grad(set_to_none=True) dropped the old `w.grad` and nobody kept it, a view of it, or a numpy
-array of it. While anything else holds it (w.grad still set, as in gradient accumulation; a
-tensor returned by torch.autograd.grad; last step's logits kept by the caller), the new tensor
-gets new memory and nothing anyone can see is overwritten. The values are the same either way;
-only where they live differs.
+The kept storage is reused only when nothing but this module refers to it: after
+zero_grad(set_to_none=True) dropped the old `w.grad` and nobody kept it, a view of it, its
+storage object, a numpy array of it, or sent it to another process (shared memory is never
+reused). While anything else holds it (w.grad still set, as in gradient accumulation; a tensor
+returned by torch.autograd.grad; last step's logits kept by the caller), the new tensor gets
+transient memory, exactly as without this module, and nothing anyone can see is overwritten.
+The values are the same either way; only where they live differs.
 
-The cost: between steps that memory stays allocated (the next step would allocate it again, so
-the peak is unchanged). `release_kept_buffers()` hands it back.
+The cost: between steps the kept memory stays allocated, one set of gradients plus the logits,
+which the next step would allocate anyway. `release_kept_buffers()` hands it back; moving a
+GPTModel (`.to(...)`, `.double()`, ...) releases its parameters' buffers; `kept_bytes()` says
+how much is held.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from typing import Iterable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -44,36 +49,71 @@ def keeps_memory(owner: torch.Tensor) -> bool:
             and plain_eager())
 
 
+def _storage_object_refs(storage: torch.UntypedStorage) -> int:
+    return sys.getrefcount(storage)
+
+
+def _free_object_refs() -> int:
+    """What _only_ours reads for a storage object nobody else holds (its own names and torch's
+    reference), measured the same way on a fresh tensor."""
+    buf = torch.empty(1)
+    storage = buf.untyped_storage()
+    return _storage_object_refs(storage)
+
+
+_FREE_OBJECT_REFS = _free_object_refs()
+
+
 def _only_ours(buf: torch.Tensor) -> bool:
-    """No tensor but `buf` refers to its storage (the count includes the storage object made here)."""
-    return _storage_refs(buf.untyped_storage()._cdata) <= 2
+    """Nothing but `buf` refers to its storage: no other tensor (the C++ count includes the one
+    Python storage object), nobody holding that storage object, not shared with another process."""
+    storage = buf.untyped_storage()
+    return (_storage_refs(storage._cdata) <= 2 and _storage_object_refs(storage) <= _FREE_OBJECT_REFS
+            and not storage.is_shared())
 
 
 def kept_buffer(owner: torch.Tensor, use: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new uninitialised contiguous tensor of `shape` on owner's device; over the storage kept
-    for (owner, use) when that storage is free and the right size (see top), else over new memory
-    that is kept from then on."""
+    """A new uninitialised contiguous tensor of `shape` on owner's device: over the storage kept
+    for (owner, use) when it is free and the right size (see top); over new memory, kept from then
+    on, when there is none yet; over transient memory while the kept storage is in use."""
     shape = tuple(shape)
     if not keeps_memory(owner):
         return torch.empty(shape, dtype=dtype, device=owner.device)
     with _lock:  # the check and the new alias as one step: a second thread must not take it too
         uses = _kept.setdefault(owner, {})
         kept = uses.get(use)
-        if kept is None or kept.shape != shape or kept.dtype != dtype or not _only_ours(kept):
+        if kept is not None and kept.shape == shape and kept.dtype == dtype and not _only_ours(kept):
+            if not kept.untyped_storage().is_shared():
+                # Still in use (gradient accumulation, a caller's reference): it stays kept and
+                # becomes free again when they let go; this one is transient, as in plain torch.
+                return torch.empty(shape, dtype=dtype, device=owner.device)
+            kept = None  # handed to another process: never ours again
+        if kept is None or kept.shape != shape or kept.dtype != dtype:
             kept = torch.empty(shape, dtype=dtype, device=owner.device)
-            uses[use] = kept  # a buffer still in use stays with its user, freed when they drop it
+            uses[use] = kept
         # A plain tensor over the same storage (not a view: callers may modify it in place).
         return torch.empty(0, dtype=dtype, device=owner.device).set_(kept.untyped_storage(), 0, shape, kept.stride())
 
 
 def grad_buffer(w: torch.Tensor) -> torch.Tensor:
-    """Where to write w's gradient: kept memory when backward runs without create_graph (see top)."""
-    if torch.is_grad_enabled():  # create_graph: the gradient is itself part of a graph; leave it to torch
-        return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    """Where to write w's gradient (see top). The Functions that call this are once_differentiable:
+    with create_graph=True a second derivative through them raises, so kept memory is never part
+    of a graph."""
     return kept_buffer(w, "grad", tuple(w.shape), w.dtype)
 
 
-def release_kept_buffers() -> None:
-    """Forget every kept buffer; the memory is freed once no tensor refers to it."""
+def kept_bytes(owners: Iterable[torch.Tensor] | None = None) -> int:
+    """Bytes held by the kept buffers of `owners` (default: all); some may also be a live `.grad`."""
     with _lock:
-        _kept.clear()
+        groups = list(_kept.values()) if owners is None else [_kept.get(o, {}) for o in owners]
+        return sum(t.untyped_storage().nbytes() for uses in groups for t in uses.values())
+
+
+def release_kept_buffers(owners: Iterable[torch.Tensor] | None = None) -> None:
+    """Forget the kept buffers of `owners` (default: all); the memory is freed once no tensor refers to it."""
+    with _lock:
+        if owners is None:
+            _kept.clear()
+            return
+        for owner in owners:
+            _kept.pop(owner, None)

@@ -44,6 +44,7 @@ from torch_impl.config import GPTConfig
 from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import TiedHeadGrad, embedding_forward
 from torch_impl.head import head_forward, head_is_sliced, head_loss_forward
+from torch_impl.kept_buffers import release_kept_buffers
 from torch_impl.kv_cache import KVCache
 from torch_impl.layernorm import layernorm_forward
 
@@ -223,6 +224,12 @@ class GPTModel(nn.Module):
         if not include_embeddings:
             n -= self.wpe.weight.numel() + self.wte.weight.numel()
         return n
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's funnel for .to() / .cuda() / .double() / ...: the parameters' kept CPU
+        buffers (kept_buffers.py) are released first, they no longer fit what is moved."""
+        release_kept_buffers(self.parameters())
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:
