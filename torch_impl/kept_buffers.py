@@ -50,6 +50,8 @@ def keeps_memory(owner: torch.Tensor) -> bool:
 
 
 def _storage_object_refs(storage: torch.UntypedStorage) -> int:
+    """Python references to the storage object, read through one call so that _only_ours and
+    _free_object_refs count this module's own references the same way."""
     return sys.getrefcount(storage)
 
 
