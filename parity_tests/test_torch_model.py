@@ -481,7 +481,7 @@ def test_runtime_plan_names_what_it_chose():
     text = plan.describe()
     assert plan.device.type == "cpu" and not plan.compile and plan.tf32 is False, text
     for word in ("device cpu", "params float32", "eager", "AdamW fused", "attention SDPA", "vocabulary slices",
-                 "kept memory"):
+                 "kept memory", "decode.py"):
         assert word in text, f"{word!r} missing from {text!r}"
     fp64 = plan_runtime("cpu", precision="fp64")
     assert fp64.param_dtype == torch.float64 and "params float64" in fp64.describe()

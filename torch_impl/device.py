@@ -125,7 +125,8 @@ def cpu_kernels(autocast_dtype: torch.dtype | None) -> str:
     """torch_impl's own CPU paths an eager model takes with this autocast dtype (or None)."""
     if autocast_dtype is None:
         return ("CPU paths: output head in vocabulary slices with the loss fused (head.py), gradients and "
-                "logits in kept memory (kept_buffers.py), decoding products split over the cores (linear.py)")
+                "logits in kept memory (kept_buffers.py), one-token decoding steps in few calls (decode.py) "
+                "with products split over the cores (linear.py)")
     if autocast_dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"
     return "CPU paths: torch's autocast kernels"

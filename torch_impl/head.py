@@ -54,7 +54,7 @@ def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.T
     """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
     rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
     if streams_weights(rows.shape[0], head, x):  # decoding (never under autocast)
-        return _head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
+        return head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
     if slow_bf16_layouts(head.device):  # CPU bf16 autocast without bf16 units: see linear.py
         return bf16_linear(rows, head, None, w_is_out_in=True).view(*x.shape[:-1], head.shape[0])
     if not (head_is_sliced(head) and x.dtype == head.dtype):
@@ -83,7 +83,7 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
     return logits.view(*x.shape[:-1], V), loss  # (N, V) -> (B, T, V), ()
 
 
-def _head_streamed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+def head_streamed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """x @ head.T for a few rows without autograd (decoding): the vocabulary split into SPLIT_K
     blocks, one batched product that torch spreads over the cores (see linear.py: one
     matrix-vector product streams the weight on one core). Every logit is the same dot product."""

@@ -64,11 +64,7 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
     C_in, C_out = w.shape
     if C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):  # decoding: checked first, per token
-        part = C_in // SPLIT_K
-        xs = rows.view(-1, SPLIT_K, part).transpose(0, 1)  # (N, C_in) -> (K, N, C_in/K)
-        out = torch.bmm(xs, w.reshape(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
-        if b is not None:
-            out += b
+        out = streamed_linear(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif slow_bf16_layouts(w.device):
         out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
     elif keeps_weight_grad(w, x):
@@ -78,6 +74,17 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     else:
         out = torch.addmm(b, rows, w)  # (N, C_in) @ (C_in, C_out) + (C_out,) -> (N, C_out)
     return out.view(*x.shape[:-1], C_out)  # (N, C_out) -> (..., C_out)
+
+
+def streamed_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w + b for a few rows, C_in split into SPLIT_K parts (see top; C_in % SPLIT_K == 0).
+    rows (N, C_in) -> (N, C_out). Also called by decode.py, so both paths give the same bits."""
+    C_in, C_out = w.shape
+    part = C_in // SPLIT_K
+    N = rows.shape[0]
+    xs = rows.view(SPLIT_K, 1, part) if N == 1 else rows.view(N, SPLIT_K, part).transpose(0, 1)  # -> (K, N, C_in/K)
+    out = torch.bmm(xs, w.reshape(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
+    return out if b is None else out.add_(b)
 
 
 def keeps_weight_grad(w: torch.Tensor, x: torch.Tensor) -> bool:

@@ -41,6 +41,7 @@ from torch import nn
 
 from torch_impl.block import BLOCK_MASK_KEYS, block_forward
 from torch_impl.config import GPTConfig
+from torch_impl.decode import decode_step, decodes_fast
 from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import TiedHeadGrad, embedding_forward
 from torch_impl.head import head_forward, head_is_sliced, head_loss_forward
@@ -151,7 +152,8 @@ class GPTModel(nn.Module):
         """Logits (B, T, V) for ids (B, T); `(logits, loss)` when targets (B, T) are given.
 
         kv_cache: positions already cached come first (positions P .. P+T-1); it is advanced
-            by T. Run under torch.no_grad().
+            by T. Run under torch.no_grad(). One position per row on the CPU runs decode.py's
+            `decode_step` (the same computation in fewer torch calls, the same bits).
         dropout_masks: explicit dropout (keys and shapes in DROPOUT_MASKS). Without it, dropout
             is torch's own, at `config.drop_rate`, in training mode only.
         last_only: return logits (B, 1, V) for the last position only (what decoding needs; the
@@ -167,6 +169,8 @@ class GPTModel(nn.Module):
             self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], past)
         # With explicit masks, randomness is entirely explicit: torch draws no dropout.
         random_dropout = self.training and dropout_masks is None and cfg.drop_rate > 0.0
+        if targets is None and dropout_masks is None and not random_dropout and decodes_fast(self, ids, kv_cache):
+            return decode_step(self, ids, kv_cache)  # one token per row on the CPU, same bits (decode.py)
         masks = dropout_masks or {}
         # A tied head on the sliced (CPU) path hands its gradient to the embedding's backward,
         # which adds its rows in place: one (V, C) gradient, not two summed (TiedHeadGrad).
