@@ -18,10 +18,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_impl.decode
+import torch_impl.head
+import torch_impl.linear
 import torch_impl.model
 from parity_tests.strategies import seeds
 from torch_impl.config import GPTConfig
-from torch_impl.linear import SPLIT_K, SPLIT_MAX_ROWS
+from torch_impl.linear import SPLIT_K, SPLIT_MAX_ROWS, SPLIT_MIN_BYTES
 from torch_impl.model import GPTModel
 
 
@@ -37,6 +39,15 @@ def counting_decode_steps():
 
     with mock.patch.object(torch_impl.model, "decode_step", spy):
         yield calls
+
+
+@contextmanager
+def split_threshold(n_bytes: int):
+    """linear.SPLIT_MIN_BYTES (also read by head.py) set to n_bytes: 0 makes every product of the
+    tiny test models take the split into SPLIT_K parts that GPT-2-sized weights take."""
+    with mock.patch.object(torch_impl.linear, "SPLIT_MIN_BYTES", n_bytes), \
+            mock.patch.object(torch_impl.head, "SPLIT_MIN_BYTES", n_bytes):
+        yield
 
 
 @contextmanager
@@ -81,16 +92,16 @@ def decode_cases(draw):
                     qkv_bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()), ln_eps=1e-5)
     prompt = draw(st.integers(1, context - 1))
     return (cfg, draw(st.sampled_from([torch.float64, torch.float32])), draw(st.integers(1, 3)), prompt,
-            draw(seeds()))
+            draw(st.sampled_from([0, SPLIT_MIN_BYTES])), draw(seeds()))
 
 
 @given(case=decode_cases())
 def test_decode_step_gives_the_general_forwards_bits(case):
-    cfg, dtype, B, prompt, seed = case
+    cfg, dtype, B, prompt, threshold, seed = case
     model = perturbed_model(cfg, seed % 1000, dtype)
     T = cfg.context_length
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
+    with torch.no_grad(), split_threshold(threshold):
         fast, general = model.new_kv_cache(B), model.new_kv_cache(B)
         for cache in (fast, general):
             cache.k.fill_(float("nan"))  # positions not yet written must never be read
@@ -102,7 +113,7 @@ def test_decode_step_gives_the_general_forwards_bits(case):
             assert calls == [(B, 1)], f"position {t}: decode_step calls {calls}, expected one of shape ({B}, 1)"
             with general_path_only():
                 want = model(ids[:, t:t + 1], kv_cache=general)
-            assert_same_bits(f"logits at position {t} ({dtype}, B={B}, {cfg})", got, want)
+            assert_same_bits(f"logits at position {t} ({dtype}, B={B}, split threshold {threshold}, {cfg})", got, want)
             assert fast.length == general.length == t + 1, f"cache lengths {fast.length}, {general.length} after {t}"
             assert_same_bits(f"cached keys after position {t}", fast.k[:, :, :, :t + 1], general.k[:, :, :, :t + 1])
             assert_same_bits(f"cached values after position {t}", fast.v[:, :, :, :t + 1], general.v[:, :, :, :t + 1])

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -696,20 +697,31 @@ def test_sliced_head_gradients_with_ignored_targets_and_the_logits_used_too(tie)
 def test_decoding_products_split_over_cores_equal_the_plain_product(rows, c_in, c_out, V, bias, seed):
     """linear_forward and head_forward without autograd on a few rows (decoding) split the product
     into SPLIT_K batched parts (linear.py). Against the plain product in float64, on both sides of
-    SPLIT_MAX_ROWS and with C_in not divisible by SPLIT_K (which must take the plain path)."""
+    SPLIT_MAX_ROWS and with C_in not divisible by SPLIT_K (which must take the plain path). The
+    weights here are far under SPLIT_MIN_BYTES, so the threshold is lowered to 0 for the split and
+    left as it is for the plain product; torch.bmm is counted to show which ran."""
+    import torch_impl.head
+    import torch_impl.linear
     from torch_impl.head import head_forward
-    from torch_impl.linear import linear_forward
+    from torch_impl.linear import SPLIT_K, SPLIT_MAX_ROWS, SPLIT_MIN_BYTES, linear_forward
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 1, c_in, generator=g, dtype=torch.float64)
     w = torch.randn(c_in, c_out, generator=g, dtype=torch.float64)
     b = torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None
     head = torch.randn(V, c_in, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        got_linear, got_head = linear_forward(x, w, b), head_forward(x, head)
     want_linear = x @ w + (b if bias else 0.0)
-    assert_close(f"linear rows={rows} c_in={c_in} c_out={c_out}", got_linear, want_linear, forward_tol("float64"))
-    assert_close(f"head rows={rows} c_in={c_in} V={V}", got_head, x @ head.T, forward_tol("float64"))
+    for threshold in (0, SPLIT_MIN_BYTES):
+        with torch.no_grad(), mock.patch.object(torch_impl.linear, "SPLIT_MIN_BYTES", threshold), \
+                mock.patch.object(torch_impl.head, "SPLIT_MIN_BYTES", threshold), \
+                mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+            got_linear, got_head = linear_forward(x, w, b), head_forward(x, head)
+        where = f"rows={rows} c_in={c_in} split threshold {threshold} bytes"
+        split = threshold == 0 and rows <= SPLIT_MAX_ROWS  # the head splits any C, linear needs C_in % K == 0
+        expected_bmm = int(split and c_in % SPLIT_K == 0) + int(split)
+        assert bmm.call_count == expected_bmm, f"{where}: {bmm.call_count} batched products, expected {expected_bmm}"
+        assert_close(f"linear {where} c_out={c_out}", got_linear, want_linear, forward_tol("float64"))
+        assert_close(f"head {where} V={V}", got_head, x @ head.T, forward_tol("float64"))
 
 
 @pytest.mark.parametrize("w_is_out_in,bias", [(False, True), (False, False), (True, False)],

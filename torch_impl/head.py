@@ -39,7 +39,7 @@ import torch
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import plain_eager
 from torch_impl.kept_buffers import grad_buffer, kept_buffer
-from torch_impl.linear import SPLIT_K, bf16_linear, slow_bf16_layouts, streams_weights
+from torch_impl.linear import SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, slow_bf16_layouts, streams_weights
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
 
@@ -86,8 +86,11 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
 def head_streamed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """x @ head.T for a few rows without autograd (decoding): the vocabulary split into SPLIT_K
     blocks, one batched product that torch spreads over the cores (see linear.py: one
-    matrix-vector product streams the weight on one core). Every logit is the same dot product."""
+    matrix-vector product streams the weight on one core; a head under SPLIT_MIN_BYTES is one
+    plain product). Every logit is the same dot product."""
     V, C = head.shape
+    if head.numel() * head.element_size() < SPLIT_MIN_BYTES:
+        return x @ head.T  # (N, C) @ (C, V) -> (N, V): a small head stays in the caches (linear.py)
     per = V // SPLIT_K
     blocks = head[:per * SPLIT_K].reshape(SPLIT_K, per, C)  # (V, C) -> (K, V/K, C), the tail left out
     out = torch.bmm(x.expand(SPLIT_K, *x.shape), blocks.transpose(1, 2))  # (K, N, C) @ (K, C, V/K) -> (K, N, V/K)

@@ -15,7 +15,10 @@ C_in into SPLIT_K parts, one batched GEMM that torch spreads over the cores, and
 
     y = sum_k x[:, part k] @ w[part k, :] + b           (N, C_in/K) @ (C_in/K, C_out), K parts
 
-The same sum, grouped differently: equal to the one-GEMM product to float rounding.
+The same sum, grouped differently: equal to the one-GEMM product to float rounding. A weight
+under SPLIT_MIN_BYTES stays in the caches from one token to the next and is read faster than the
+split's extra calls cost (benchmark machine, one row: 24 us plain vs 38 us split for 256 x 768),
+so it takes the plain product.
 
 Under bf16 autocast on a CPU without bf16 instructions (AVX2 only), torch's bf16 GEMM is a
 fallback kernel whose speed depends on the operands' layout: on the benchmark machine 10-22
@@ -43,6 +46,7 @@ from torch_impl.kept_buffers import grad_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
+SPLIT_MIN_BYTES = 2 << 20  # smaller weights take the plain product (see top)
 
 
 def streams_weights(rows: int, w: torch.Tensor, x: torch.Tensor) -> bool:
@@ -77,9 +81,12 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 
 
 def streamed_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w + b for a few rows, C_in split into SPLIT_K parts (see top; C_in % SPLIT_K == 0).
+    """x @ w + b for a few rows, C_in split into SPLIT_K parts (see top; C_in % SPLIT_K == 0) unless
+    w is under SPLIT_MIN_BYTES.
     rows (N, C_in) -> (N, C_out). Also called by decode.py, so both paths give the same bits."""
     C_in, C_out = w.shape
+    if w.numel() * w.element_size() < SPLIT_MIN_BYTES:
+        return rows @ w if b is None else torch.addmm(b, rows, w)  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
     part = C_in // SPLIT_K
     N = rows.shape[0]
     xs = rows.view(SPLIT_K, 1, part) if N == 1 else rows.view(N, SPLIT_K, part).transpose(0, 1)  # -> (K, N, C_in/K)
