@@ -90,8 +90,9 @@ def decode_cases(draw):
     cfg = GPTConfig(vocab_size=draw(st.integers(2, 70)), context_length=context, emb_dim=n_heads * head_size,
                     n_heads=n_heads, n_layers=draw(st.integers(1, 3)), drop_rate=0.0,
                     qkv_bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()), ln_eps=1e-5)
-    prompt = draw(st.integers(1, context - 1))
-    return (cfg, draw(st.sampled_from([torch.float64, torch.float32])), draw(st.integers(1, 3)), prompt,
+    prompt = draw(st.integers(0, context - 1))  # 0: the first step (P = 0) is a decode step too
+    return (cfg, draw(st.sampled_from([torch.float64, torch.float32])), draw(st.sampled_from([1, 2, 3, SPLIT_MAX_ROWS])),
+            prompt,
             draw(st.sampled_from([0, SPLIT_MIN_BYTES])), draw(seeds()))
 
 
@@ -106,7 +107,11 @@ def test_decode_step_gives_the_general_forwards_bits(case):
         for cache in (fast, general):
             cache.k.fill_(float("nan"))  # positions not yet written must never be read
             cache.v.fill_(float("nan"))
-            model(ids[:, :prompt], kv_cache=cache)  # prefill: the general path on both
+            if prompt > 1:
+                model(ids[:, :prompt], kv_cache=cache)  # prefill (T > 1): the general path
+            elif prompt == 1:
+                with general_path_only():  # so that a wrong P = 0 step on the decode path cannot hide here
+                    model(ids[:, :1], kv_cache=cache)
         for t in range(prompt, T):
             with counting_decode_steps() as calls:
                 got = model(ids[:, t:t + 1], kv_cache=fast)
@@ -117,6 +122,8 @@ def test_decode_step_gives_the_general_forwards_bits(case):
             assert fast.length == general.length == t + 1, f"cache lengths {fast.length}, {general.length} after {t}"
             assert_same_bits(f"cached keys after position {t}", fast.k[:, :, :, :t + 1], general.k[:, :, :, :t + 1])
             assert_same_bits(f"cached values after position {t}", fast.v[:, :, :, :t + 1], general.v[:, :, :, :t + 1])
+            for name, buf in (("keys", fast.k), ("values", fast.v)):
+                assert bool(buf[:, :, :, t + 1:].isnan().all()), f"cached {name} past position {t} were written"
 
 
 def test_generate_takes_the_decode_path_and_gives_the_same_tokens():
@@ -151,7 +158,9 @@ NOT_TAKEN = {
     "gradient recording on": lambda m: _one_step(m),
     "two positions at once": lambda m: _one_step(m, T=2),
     f"more than {SPLIT_MAX_ROWS} rows": lambda m: _one_step(m, B=SPLIT_MAX_ROWS + 1),
-    "bf16 autocast": lambda m: _autocast(lambda: _one_step(m, cache_dtype=torch.bfloat16)),
+    "bf16 autocast, float32 cache": lambda m: _autocast(lambda: _one_step(m)),
+    "bf16 autocast, bf16 cache": lambda m: _autocast(lambda: _one_step(m, cache_dtype=torch.bfloat16)),
+    "torch.compile tracing": lambda m: _one_step(torch.compile(m, backend="eager")),
     "a cache in another dtype": lambda m: _refused(lambda: _one_step(m, cache_dtype=torch.float64)),
     "explicit dropout masks": lambda m: _one_step(m, dropout_masks={}),
     "no cache": lambda m: m(torch.zeros(1, 1, dtype=torch.int64)),
@@ -187,24 +196,121 @@ def test_decode_path_needs_c_divisible_by_split_k_and_no_random_dropout():
     assert len(calls) == 2, f"decode_step ran {len(calls)} times for the two cases that may take it"
 
 
-def test_bad_input_on_the_decode_path_raises_and_leaves_the_cache_as_it_was():
+def _error_of(fn) -> tuple[type, str]:
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.type, str(info.value)
+
+
+def _filled_cache(model: GPTModel, cache=None):
+    """A new cache (or `cache`) with 0.5 everywhere: "unchanged" is then a whole-buffer comparison
+    (uninitialised memory may hold NaN, which equals nothing)."""
+    cache = model.new_kv_cache(1) if cache is None else cache
+    cache.k.fill_(0.5)
+    cache.v.fill_(0.5)
+    return cache
+
+
+def _same_refusal(model: GPTModel, cache, ids, what: str) -> None:
+    """ids refused by the decode path with the general path's exception and message, and the cache
+    (every buffer element and its length) left as it was."""
+    before = (cache.length, cache.k.clone(), cache.v.clone())
+    with counting_decode_steps() as calls:
+        fast = _error_of(lambda: model(ids, kv_cache=cache))
+    assert len(calls) == 1, f"{what}: the decode path was not taken ({calls})"
+    with general_path_only():
+        general = _error_of(lambda: model(ids, kv_cache=cache))
+    assert fast == general, f"{what}: decode path raised {fast}, the general path {general}"
+    assert cache.length == before[0], f"{what}: the cache moved from length {before[0]} to {cache.length}"
+    assert torch.equal(cache.k, before[1]) and torch.equal(cache.v, before[2]), f"{what}: the cache was written"
+
+
+def test_bad_input_on_the_decode_path_raises_the_general_paths_errors_and_leaves_the_cache():
     model = GPTModel(_tiny(), seed=0).eval()
-    with torch.no_grad(), counting_decode_steps() as calls:
-        cache = model.new_kv_cache(1)
+    with torch.no_grad():
+        cache = _filled_cache(model)
         model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
-        keys = cache.k.clone()
-        with pytest.raises(ValueError, match=r"token id 50 at position \(batch 0, time 0\) is outside \[0, 50\)"):
-            model(torch.tensor([[50]]), kv_cache=cache)
-        with pytest.raises(ValueError, match=r"token id -1 .* outside \[0, 50\)"):
-            model(torch.tensor([[-1]]), kv_cache=cache)
-        with pytest.raises(TypeError, match="integer dtype, got torch.float32"):
-            model(torch.tensor([[1.0]]), kv_cache=cache)
-        assert cache.length == 3, f"a refused token moved the cache to length {cache.length}"
-        assert torch.equal(cache.k, keys), "a refused token wrote into the key cache"
+        _same_refusal(model, cache, torch.tensor([[50]]), "id = V")
+        _same_refusal(model, cache, torch.tensor([[-1]]), "id -1")
+        _same_refusal(model, cache, torch.tensor([[1.0]]), "a float id")
+        _, message = _error_of(lambda: model(torch.tensor([[50]]), kv_cache=cache))
+        assert "token id 50 at position (batch 0, time 0) is outside [0, 50)" in message, message
         for t in range(3, 8):
             model(torch.tensor([[t]]), kv_cache=cache)  # fills the context (8)
-        keys = cache.k.clone()
-        with pytest.raises(ValueError, match="after 8 cached positions exceeds the context length 8"):
-            model(torch.tensor([[1]]), kv_cache=cache)
-        assert cache.length == 8 and torch.equal(cache.k, keys), "a token past the context changed the cache"
-    assert len(calls) == 9, f"decode_step ran {len(calls)} times; 4 refused + 5 accepted + 1 refused expected"
+        _same_refusal(model, cache, torch.tensor([[1]]), "a token past the context")
+        _, message = _error_of(lambda: model(torch.tensor([[1]]), kv_cache=cache))
+        assert "after 8 cached positions exceeds the context length 8" in message, message
+
+
+def test_a_cache_shorter_than_the_context_overflows_with_the_general_paths_error():
+    from torch_impl.kv_cache import KVCache
+
+    model = GPTModel(_tiny(), seed=0).eval()
+    cfg = model.config
+    with torch.no_grad():
+        cache = _filled_cache(model, KVCache(cfg.n_layers, 1, cfg.n_heads, 4, cfg.head_size))  # 4 positions, not 8
+        model(torch.tensor([[1, 2, 3, 4]]), kv_cache=cache)
+        _same_refusal(model, cache, torch.tensor([[1]]), "a fifth position in a 4-position cache")
+
+
+def test_the_decode_path_checks_ids_against_the_tables_as_the_general_path_does():
+    """Embedding tables replaced with other sizes than the config's: the same logits or errors."""
+    with torch.no_grad():
+        grown = GPTModel(_tiny(), seed=0).eval()
+        grown.wte.weight = torch.nn.Parameter(torch.randn(60, 16, generator=torch.Generator().manual_seed(1)))
+        cache_a, cache_b = grown.new_kv_cache(1), grown.new_kv_cache(1)
+        with counting_decode_steps() as calls:
+            got = grown(torch.tensor([[55]]), kv_cache=cache_a)
+        with general_path_only():
+            want = grown(torch.tensor([[55]]), kv_cache=cache_b)
+        assert len(calls) == 1, f"the decode path was not taken ({calls})"
+        assert_same_bits("logits with a 60-row wte (config V = 50), id 55", got, want)
+
+        cut = GPTModel(_tiny(), seed=0).eval()
+        cut.wte.weight = torch.nn.Parameter(cut.wte.weight[:40].clone())
+        cut.wpe.weight = torch.nn.Parameter(cut.wpe.weight[:4].clone())
+        cache = _filled_cache(cut)
+        _same_refusal(cut, cache, torch.tensor([[45]]), "id 45 with a 40-row wte")
+        cut(torch.tensor([[1, 2, 3, 4]]), kv_cache=cache)
+        _same_refusal(cut, cache, torch.tensor([[1]]), "position 4 with a 4-row wpe")
+
+
+def test_a_float64_wpe_in_a_float32_model_fails_on_both_paths_alike():
+    model = GPTModel(_tiny(), seed=0).eval()
+    model.wpe.weight = torch.nn.Parameter(model.wpe.weight.double())
+    with torch.no_grad():
+        _same_refusal(model, _filled_cache(model), torch.tensor([[1]]), "float64 wpe, float32 everything else")
+
+
+def test_parametrized_weights_are_used_on_both_paths():
+    """torch.nn.utils.parametrize: the block reads the computed weight (model._block_params), on the
+    general path and on the decode path, like a model whose weight holds that value."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    cfg = _tiny(n_layers=2)
+    plain, param = GPTModel(cfg, seed=0).eval(), GPTModel(cfg, seed=0).eval()
+    with torch.no_grad():
+        plain.h[1].attn.c_attn.weight.mul_(2)
+    parametrize.register_parametrization(param.h[1].attn.c_attn, "weight", Doubled())
+    ids = torch.tensor([[3, 9, 4]])
+    with torch.no_grad():
+        assert_same_bits("logits, parametrized vs doubled weight", param(ids), plain(ids))
+        caches = [m.new_kv_cache(1) for m in (param, plain)]
+        for m, c in zip((param, plain), caches):
+            m(ids, kv_cache=c)
+        with counting_decode_steps() as calls:
+            got, want = param(ids[:, :1], kv_cache=caches[0]), plain(ids[:, :1], kv_cache=caches[1])
+        assert len(calls) == 2, f"the decode path ran {len(calls)} times for two steps"
+        assert_same_bits("decoded logits, parametrized vs doubled weight", got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_decode_path_is_not_taken_on_cuda():
+    model = GPTModel(_tiny(), seed=0, device="cuda").eval()
+    with torch.no_grad(), counting_decode_steps() as calls:
+        _one_step(model)
+    assert calls == [], f"decode_step ran on CUDA ({calls})"

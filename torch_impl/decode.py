@@ -53,11 +53,11 @@ def decode_step(model, ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
     writes position P of every layer's cache, then advances it by 1. Runs under torch.no_grad()."""
     cfg = model.config
     P = kv_cache.length
-    check_ids(ids, cfg.vocab_size, cfg.context_length, pos_offset=P)  # the model's own errors
-    kv_cache.check_room(1)  # before anything is written
+    wte, wpe = model.wte.weight, model.wpe.weight
+    check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset=P)  # embedding.py's errors, against the same tables
+    kv_cache.layer(0).check_room(1)  # attention's overflow error, before anything is written
     B, C, nh, hs, eps = ids.shape[0], cfg.emb_dim, cfg.n_heads, cfg.head_size, cfg.ln_eps
-    x = F.embedding(ids, model.wte.weight).view(B, C)  # (B, 1) -> (B, C)
-    x.add_(model.wpe.weight[P])  # + wpe[P] (C,)
+    x = F.embedding(ids, wte).view(B, C) + wpe[P]  # (B, 1) -> (B, C), + wpe[P] (C,)
     for i, block in enumerate(model.h):
         attn, mlp = block.attn, block.mlp
         a = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps)  # (B, C)

@@ -34,6 +34,7 @@ state_dict(): exactly the parameter table of docs/design.md, in its order, and n
 from __future__ import annotations
 
 import math
+import operator
 from typing import Mapping
 
 import torch
@@ -72,6 +73,19 @@ def _group(**params: nn.Parameter | None) -> nn.Module:
     for name, p in params.items():
         node.register_parameter(name, p)
     return node
+
+
+_BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                 "mlp.c_proj.weight", "mlp.c_proj.bias")
+_BLOCK_GETTERS = tuple((name, operator.attrgetter(name)) for name in _BLOCK_PARAMS)
+
+
+def _block_params(block: nn.Module) -> dict[str, torch.Tensor | None]:
+    """A block's tensors by their GPT-2 names (block.py's `p`; `attn.c_attn.bias` None without
+    qkv bias), read as attributes: a parametrized or pruned weight (torch.nn.utils.parametrize,
+    torch.nn.utils.prune) gives its computed value, as nn.Linear would use it."""
+    return {name: get(block) for name, get in _BLOCK_GETTERS}
 
 
 class GPTModel(nn.Module):
@@ -181,7 +195,7 @@ class GPTModel(nn.Module):
         for i, block in enumerate(self.h):
             prefix = f"h.{i}."
             block_masks = {k[len(prefix):]: m for k, m in masks.items() if k.startswith(prefix)} if masks else None
-            x = block_forward(x, dict(block.named_parameters()), cfg.n_heads, cfg.ln_eps,
+            x = block_forward(x, _block_params(block), cfg.n_heads, cfg.ln_eps,
                               kv_cache=kv_cache.layer(i) if kv_cache is not None else None, masks=block_masks,
                               drop_p=cfg.drop_rate, training=random_dropout)  # (B, T, C) -> (B, T, C)
         if kv_cache is not None:
