@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -584,6 +585,51 @@ def test_torch_func_grad_runs_on_the_cpu_training_path_and_agrees_with_backward(
         loss.backward()
     for name, p in model.named_parameters():
         assert_close(f"{name}: torch.func.grad vs backward", got[name], p.grad, gradient_tol("float64"))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_per_sample_gradients_with_vmap_equal_one_sample_at_a_time(tie):
+    """torch.func.vmap(grad(...)) over the batch (per-sample gradients, as in DP-SGD): the id and
+    target checks cannot branch on values under vmap, so they step aside (device.under_vmap), and
+    attention takes the explicit path (SDPA has no batching rule); the result must equal grad of
+    each sample alone, where the checks run, with no warning."""
+    from torch.func import functional_call, grad, vmap
+
+    cfg = tiny(tie_embeddings=tie)
+    model = model_of(cfg).train()
+    ids, targets = ids_of(cfg, 3, 6, 11), ids_of(cfg, 3, 6, 12)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, x, y):  # one sample: x, y (T,)
+        return functional_call(model, p, (x[None], y[None]))[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a per-sample fallback for an op without a vmap rule
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, ids, targets)
+    for i in range(3):
+        alone = grad(loss)(params, ids[i], targets[i])
+        for name in params:
+            assert_close(f"sample {i} {name}: vmap(grad) vs grad alone", per_sample[name][i], alone[name],
+                         gradient_tol("float64"))
+    logits = vmap(lambda x: model(x[None])[0])(ids)  # (3, T, V)
+    assert_close("vmap-ed logits vs the batch forward", logits, model(ids), forward_tol("float64"))
+
+
+def test_bad_ids_and_ignored_targets_under_vmap_still_raise():
+    from torch.func import vmap
+
+    cfg = tiny()
+    model = model_of(cfg)
+    ids = ids_of(cfg, 2, 4, 0)
+    ids[1, 2] = cfg.vocab_size  # out of range: F.embedding's own IndexError, never a wrap-around
+    with pytest.raises(IndexError, match="index out of range"):
+        vmap(lambda x: model(x[None]))(ids)
+    ids[1, 2] = -1
+    with pytest.raises(IndexError, match="index out of range"):
+        vmap(lambda x: model(x[None]))(ids)
+    good = ids_of(cfg, 2, 4, 0)
+    with pytest.raises(ValueError, match="ignore_index=0 is not supported under torch.func.vmap"):
+        vmap(lambda x: model(x[None], x[None], ignore_index=0)[1])(good)
 
 
 def _wte_grads_sliced_and_whole(run) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torch_impl.device import under_vmap
+
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
 def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None) -> None:
@@ -31,6 +33,14 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)} "
                          f"without its last (vocabulary) axis")
     V = logits.shape[-1]
+    if under_vmap():
+        # No branch on values under torch.func.vmap. F.cross_entropy still raises for a target
+        # outside [0, V); a sample whose targets were all ignored would be 0/0, so ignore_index
+        # is refused here rather than let that NaN through.
+        if ignore_index is not None:
+            raise ValueError(f"ignore_index={ignore_index} is not supported under torch.func.vmap: a sample with "
+                             f"every target ignored would get a NaN loss that cannot be checked there")
+        return
     counted = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
     bad = counted & ((targets < 0) | (targets >= V))  # (B, T)
     # One reduction, one host sync: both error conditions come back together.

@@ -56,6 +56,16 @@ def cpu_has_fast_bf16() -> bool:
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def under_vmap() -> bool:
+    """Whether a torch.func.vmap transform is active (at any level): no branch on tensor values."""
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # torch without functorch's Python interpreters: no vmap either
+        return False
+    return _functorch_active() and any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def plain_eager() -> bool:
     """Eager torch, with no torch.compile tracing and no torch.func transform (grad, jacrev, ...)
     active: where torch_impl's own CPU autograd Functions (head slices, kept-gradient linears, the
