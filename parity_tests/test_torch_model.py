@@ -590,9 +590,9 @@ def test_torch_func_grad_runs_on_the_cpu_training_path_and_agrees_with_backward(
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_per_sample_gradients_with_vmap_equal_one_sample_at_a_time(tie):
     """torch.func.vmap(grad(...)) over the batch (per-sample gradients, as in DP-SGD): the id and
-    target checks cannot branch on values under vmap, so they step aside (device.under_vmap), and
-    attention takes the explicit path (SDPA has no batching rule); the result must equal grad of
-    each sample alone, where the checks run, with no warning."""
+    target checks cannot branch on values under vmap, so they check by indexing there
+    (device.check_range_under_vmap), and attention takes the explicit path (SDPA has no batching
+    rule); the result must equal grad of each sample alone, with no warning."""
     from torch.func import functional_call, grad, vmap
 
     cfg = tiny(tie_embeddings=tie)
@@ -621,13 +621,19 @@ def test_bad_ids_and_ignored_targets_under_vmap_still_raise():
     cfg = tiny()
     model = model_of(cfg)
     ids = ids_of(cfg, 2, 4, 0)
-    ids[1, 2] = cfg.vocab_size  # out of range: F.embedding's own IndexError, never a wrap-around
-    with pytest.raises(IndexError, match="index out of range"):
-        vmap(lambda x: model(x[None]))(ids)
-    ids[1, 2] = -1
-    with pytest.raises(IndexError, match="index out of range"):
-        vmap(lambda x: model(x[None]))(ids)
+    V = cfg.vocab_size
+    for bad in (V, -1):
+        ids[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"token id \(vocab_size={V}\) is outside \[0, {V}\) under "
+                                             rf"torch.func.vmap \(torch: index {bad} is out of bounds"):
+            vmap(lambda x: model(x[None]))(ids)
     good = ids_of(cfg, 2, 4, 0)
+    for bad in (V, -1, -100):  # -100: F.cross_entropy's default ignore_index, must not be skipped silently
+        targets = good.clone()
+        targets[0, 3] = bad
+        with pytest.raises(ValueError, match=rf"target \(vocab_size={V}\) is outside \[0, {V}\) under "
+                                             rf"torch.func.vmap \(torch: index {bad} is out of bounds"):
+            vmap(lambda x, y: model(x[None], y[None])[1])(good, targets)
     with pytest.raises(ValueError, match="ignore_index=0 is not supported under torch.func.vmap"):
         vmap(lambda x: model(x[None], x[None], ignore_index=0)[1])(good)
 

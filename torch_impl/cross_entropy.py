@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import under_vmap
+from torch_impl.device import check_range_under_vmap, under_vmap
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
@@ -34,12 +34,12 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"without its last (vocabulary) axis")
     V = logits.shape[-1]
     if under_vmap():
-        # No branch on values under torch.func.vmap. F.cross_entropy still raises for a target
-        # outside [0, V); a sample whose targets were all ignored would be 0/0, so ignore_index
-        # is refused here rather than let that NaN through.
+        # No branch on values under torch.func.vmap: the range check by indexing. A sample whose
+        # targets were all ignored would be 0/0 and cannot be caught there, so ignore_index is refused.
         if ignore_index is not None:
             raise ValueError(f"ignore_index={ignore_index} is not supported under torch.func.vmap: a sample with "
                              f"every target ignored would get a NaN loss that cannot be checked there")
+        check_range_under_vmap(targets, V, f"a target (vocab_size={V}) is")
         return
     counted = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
     bad = counted & ((targets < 0) | (targets >= V))  # (B, T)

@@ -66,6 +66,15 @@ def under_vmap() -> bool:
     return _functorch_active() and any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
+def check_range_under_vmap(values: torch.Tensor, n: int, what: str) -> None:
+    """ValueError if any of the integer `values` lies outside [0, n), without branching on them (as
+    torch.func.vmap requires): index_select raises for an index out of range, re-raised naming `what`."""
+    try:
+        torch.zeros(n, 1, device=values.device).index_select(0, values.reshape(-1))
+    except (RuntimeError, IndexError) as exc:
+        raise ValueError(f"{what} outside [0, {n}) under torch.func.vmap (torch: {exc})") from exc
+
+
 def plain_eager() -> bool:
     """Eager torch, with no torch.compile tracing and no torch.func transform (grad, jacrev, ...)
     active: where torch_impl's own CPU autograd Functions (head slices, kept-gradient linears, the
