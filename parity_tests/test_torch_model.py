@@ -591,7 +591,7 @@ def test_torch_func_grad_runs_on_the_cpu_training_path_and_agrees_with_backward(
 def test_per_sample_gradients_with_vmap_equal_one_sample_at_a_time(tie):
     """torch.func.vmap(grad(...)) over the batch (per-sample gradients, as in DP-SGD): the id and
     target checks cannot branch on values under vmap, so they check by indexing there
-    (device.check_range_under_vmap), and attention takes the explicit path (SDPA has no batching
+    (device.vmapped_values), and attention takes the explicit path (SDPA has no batching
     rule); the result must equal grad of each sample alone, with no warning."""
     from torch.func import functional_call, grad, vmap
 
@@ -615,27 +615,61 @@ def test_per_sample_gradients_with_vmap_equal_one_sample_at_a_time(tie):
     assert_close("vmap-ed logits vs the batch forward", logits, model(ids), forward_tol("float64"))
 
 
-def test_bad_ids_and_ignored_targets_under_vmap_still_raise():
-    from torch.func import vmap
+def test_bad_ids_and_targets_under_vmap_raise_naming_the_value_and_the_limit():
+    from torch.func import grad, vmap
 
     cfg = tiny()
-    model = model_of(cfg)
-    ids = ids_of(cfg, 2, 4, 0)
     V = cfg.vocab_size
-    for bad in (V, -1):
-        ids[1, 2] = bad
-        with pytest.raises(ValueError, match=rf"token id \(vocab_size={V}\) is outside \[0, {V}\) under "
-                                             rf"torch.func.vmap \(torch: index {bad} is out of bounds"):
-            vmap(lambda x: model(x[None]))(ids)
+    model = model_of(cfg)
     good = ids_of(cfg, 2, 4, 0)
+    edges = good.clone()
+    edges[0, 0], edges[1, 3] = 0, V - 1  # the first and last valid ids pass
+    vmap(lambda x: model(x[None]))(edges)
+    vmap(lambda x, y: model(x[None], y[None])[1])(good, edges)
+    for bad in (V, -1):
+        ids = good.clone()
+        ids[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside \[0, {V}\) \(vocab_size={V}; under "
+                                             rf"torch.func.vmap, at index \(1, 0, 2\)"):  # x[None]: (2, 1, 4)
+            vmap(lambda x: model(x[None]))(ids)
     for bad in (V, -1, -100):  # -100: F.cross_entropy's default ignore_index, must not be skipped silently
         targets = good.clone()
         targets[0, 3] = bad
-        with pytest.raises(ValueError, match=rf"target \(vocab_size={V}\) is outside \[0, {V}\) under "
-                                             rf"torch.func.vmap \(torch: index {bad} is out of bounds"):
+        with pytest.raises(ValueError, match=rf"target {bad} is outside \[0, {V}\) \(vocab_size={V}; under "
+                                             rf"torch.func.vmap, at index \(0, 0, 3\)"):
             vmap(lambda x, y: model(x[None], y[None])[1])(good, targets)
-    with pytest.raises(ValueError, match="ignore_index=0 is not supported under torch.func.vmap"):
+    with pytest.raises(ValueError, match="ignore_index=0 is not supported with targets batched by torch.func.vmap"):
         vmap(lambda x: model(x[None], x[None], ignore_index=0)[1])(good)
+    # grad alone batches nothing: the ordinary checks run, with the position in (B, T).
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ids = good.clone()
+    ids[1, 2] = V
+    with pytest.raises(ValueError, match=rf"token id {V} at position \(batch 1, time 2\) is outside \[0, {V}\)"):
+        grad(lambda p: torch.func.functional_call(model, p, (ids, good))[1])(params)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside jacfwd
+def test_ignore_index_works_under_transforms_that_do_not_batch_the_targets():
+    """jacfwd / hessian use vmap inside, and an ensemble vmaps over parameters: the targets are not
+    batched there, so ignore_index works and the ordinary checks run, as under plain grad."""
+    from torch.func import functional_call, grad, jacfwd
+
+    cfg = tiny()
+    model = model_of(cfg)
+    ids = ids_of(cfg, 2, 4, 3)
+    targets = ids_of(cfg, 2, 4, 4)
+    targets[0, :2] = -100
+    bias = model.ln_f.bias.detach()
+
+    def loss(b):
+        return functional_call(model, {"ln_f.bias": b}, (ids, targets), {"ignore_index": -100})[1]
+
+    assert_close("jacfwd vs grad of the loss with ignore_index", jacfwd(loss)(bias), grad(loss)(bias),
+                 gradient_tol("float64"))
+    bad = targets.clone()
+    bad[1, 1] = cfg.vocab_size
+    with pytest.raises(ValueError, match=rf"target {cfg.vocab_size} at position \(1, 1\) is outside"):
+        jacfwd(lambda b: functional_call(model, {"ln_f.bias": b}, (ids, bad), {"ignore_index": -100})[1])(bias)
 
 
 def _wte_grads_sliced_and_whole(run) -> tuple[torch.Tensor, torch.Tensor]:

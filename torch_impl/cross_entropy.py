@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import check_range_under_vmap, under_vmap
+from torch_impl.device import check_range_vmapped, vmapped_values
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
@@ -33,13 +33,14 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)} "
                          f"without its last (vocabulary) axis")
     V = logits.shape[-1]
-    if under_vmap():
-        # No branch on values under torch.func.vmap: the range check by indexing. A sample whose
-        # targets were all ignored would be 0/0 and cannot be caught there, so ignore_index is refused.
+    plain = vmapped_values(targets)
+    if plain is not None:
+        # Batched by torch.func.vmap: the range is checked on the plain values under the batch; a
+        # sample whose targets were all ignored would be 0/0, per sample, so ignore_index is refused.
         if ignore_index is not None:
-            raise ValueError(f"ignore_index={ignore_index} is not supported under torch.func.vmap: a sample with "
-                             f"every target ignored would get a NaN loss that cannot be checked there")
-        check_range_under_vmap(targets, V, f"a target (vocab_size={V}) is")
+            raise ValueError(f"ignore_index={ignore_index} is not supported with targets batched by torch.func.vmap: "
+                             f"a sample with every target ignored would get a NaN loss")
+        check_range_vmapped(plain, V, "target")
         return
     counted = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
     bad = counted & ((targets < 0) | (targets >= V))  # (B, T)

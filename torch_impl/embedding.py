@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import check_range_under_vmap, plain_eager, under_vmap
+from torch_impl.device import check_range_vmapped, plain_eager, vmapped_values
 from torch_impl.kept_buffers import grad_buffer
 
 
@@ -41,8 +41,9 @@ def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offse
     if pos_offset + T > context_length:
         past = f" after {pos_offset} cached positions" if pos_offset else ""
         raise ValueError(f"sequence length T={T}{past} exceeds the context length {context_length}")
-    if under_vmap():  # no branch on values there: the range check by indexing
-        check_range_under_vmap(ids, vocab_size, f"a token id (vocab_size={vocab_size}) is")
+    plain = vmapped_values(ids)
+    if plain is not None:  # batched by torch.func.vmap: its values cannot be branched on, the plain ones can
+        check_range_vmapped(plain, vocab_size, "token id")
         return
     bad = (ids < 0) | (ids >= vocab_size)  # (B, T)
     if bool(bad.any()):
