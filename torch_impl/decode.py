@@ -13,7 +13,7 @@ computation written for T = 1, with ~30 calls per layer and the residuals added 
         k_cache[:, :, P] = k,  v_cache[:, :, P] = v              into (B, nh, Tc, hs)
         y = softmax(q k_cache[:, :, :P+1]^T / sqrt(hs)) v_cache[:, :, :P+1]     (B, nh, 1, hs) -> (B, C)
         x += y @ w_proj + b_proj                                 (B, C)
-        x += gelu(ln_2(x) @ w_fc + b_fc) @ w_fc_proj + b_fc_proj (B, C) -> (B, 4C) -> (B, C)
+        x += gelu(ln_2(x) @ w_fc + b_fc) @ w_mproj + b_mproj     (B, C) -> (B, 4C) -> (B, C)  (mlp.c_proj)
     logits = ln_f(x) @ head.T                                    (B, C) -> (B, 1, V)
 
 The one new query is the last position, so it sees every cached key: no mask (attention.py says
