@@ -27,13 +27,17 @@ class LayerKV:
     v: np.ndarray  # (B, nh, Tc, hs)
     past: int  # P
 
+    def check_room(self, T: int) -> None:
+        """ValueError if T new positions do not fit after the P cached ones."""
+        if self.past + T > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {self.past} cached + {T} new positions exceed the context "
+                             f"length {self.k.shape[2]}")
+
     def append(self, k_new: np.ndarray, v_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write the chunk's keys/values at P .. P+T-1; return all keys/values 0 .. P+T-1."""
         T = k_new.shape[2]
         end = self.past + T
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache overflow: {self.past} cached + {T} new positions exceed the context "
-                             f"length {self.k.shape[2]}")
+        self.check_room(T)
         if k_new.shape[0] != self.k.shape[0]:
             raise ValueError(f"batch size {k_new.shape[0]} differs from the KV cache's {self.k.shape[0]}")
         self.k[:, :, self.past:end] = k_new  # (B, nh, T, hs) into (B, nh, Tc, hs)
