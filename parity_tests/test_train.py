@@ -134,6 +134,42 @@ def test_kill_and_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tree, 
 
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_finished_run_resumed_and_killed_while_saving_keeps_latest_whole(tree, tmp_path, monkeypatch):
+    """fit() saves at its end; a resumed finished run saves the same step again. Killed in the
+    middle of that save, `latest` must still name a complete checkpoint that resumes."""
+    ckpt_mod = __import__(f"{'numpy_ref' if tree == 'numpy' else 'torch_impl'}.checkpoint", fromlist=["x"])
+    cls = NumpyTrainer if tree == "numpy" else TorchTrainer
+    settings = dict(steps=4, checkpoint_every=2, progress=False)
+    assert _trainer(tree, _model(tree), settings, out_dir=tmp_path).fit().ok
+    assert (tmp_path / "latest").read_text().strip() == "step-00000004"
+    before = _weights(tree, cls.resume(tmp_path, _model(tree, seed=5), _loader(tree), _loader(tree)).model)
+
+    real = ckpt_mod.save_trainer_state
+
+    def killed(*args, **kwargs):
+        raise _Kill
+
+    monkeypatch.setattr(ckpt_mod, "save_trainer_state", killed)
+    with pytest.raises(_Kill):
+        cls.resume(tmp_path, _model(tree, seed=5), _loader(tree), _loader(tree)).fit()
+    monkeypatch.setattr(ckpt_mod, "save_trainer_state", real)
+    latest = (tmp_path / "latest").read_text().strip()
+    assert latest == "step-00000004", f"a killed save must not switch 'latest'; it names {latest}"
+    again = cls.resume(tmp_path, _model(tree, seed=5), _loader(tree), _loader(tree))
+    assert again.step == 4, f"resumed at step {again.step}, expected 4"
+    after = _weights(tree, again.model)
+    for k in before:
+        assert np.array_equal(before[k], after[k]), f"{tree}: {k} of the checkpoint changed after a killed save"
+
+    assert again.fit().ok  # this time the save completes: into a sibling, then 'latest' switches
+    latest = (tmp_path / "latest").read_text().strip()
+    assert latest == "step-00000004-1", f"the re-save should go to step-00000004-1, 'latest' names {latest}"
+    final = _weights(tree, cls.resume(tmp_path, _model(tree, seed=5), _loader(tree), _loader(tree)).model)
+    for k in before:
+        assert np.array_equal(before[k], final[k]), f"{tree}: {k} differs in the re-saved checkpoint"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path):
     saved = {}
 

@@ -6,8 +6,9 @@ function), one sub-directory per checkpoint, `step-00000010/` (a model checkpoin
 both written by torch_impl/checkpoint.py) and `latest`, a one-line file naming the newest complete
 checkpoint. A checkpoint directory is written in full before `latest` is switched to it (write
 a temporary file, then rename), so a run killed at any moment leaves `latest` pointing at a
-complete checkpoint; the two newest are kept. numpy_ref/train_run.py is the same file for the
-NumPy tree.
+complete checkpoint; the two newest are kept. The checkpoint `latest` names is never rewritten:
+saving the same step again (a finished run resumed) writes `step-00000010-1/` and switches to it.
+numpy_ref/train_run.py is the same file for the NumPy tree.
 """
 
 from __future__ import annotations
@@ -149,9 +150,15 @@ def save_run(out_dir, step: int, config, params, state: dict, tensors: dict, *, 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
+    pointer = out_dir / "latest"
+    live = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    base = name = f"step-{step:08d}"
+    k = 0
+    while name == live:  # never rewrite the checkpoint 'latest' names (a finished run resumed saves its step
+        k += 1           # again): write a sibling, then switch, so a kill midway leaves 'latest' whole
+        name = f"{base}-{k}"
     ckpt = out_dir / name
-    if ckpt.exists():
+    if ckpt.exists():  # a directory nothing points to, e.g. from a save killed midway
         shutil.rmtree(ckpt)
     save_checkpoint(ckpt, config, params)
     save_trainer_state(ckpt, {**state, "backend": backend}, tensors)
