@@ -64,7 +64,8 @@ def compare_gradients(analytic: Sequence[np.ndarray | None], numeric: Sequence[n
                       atol: float, rtol: float) -> list[float]:
     """Raise AssertionError naming the input, the worst element and both values on a mismatch.
 
-    Passes where `|analytic - numeric| <= atol + rtol * |numeric|` elementwise. Returns the
+    Passes where `|analytic - numeric| <= atol + rtol * |numeric|` elementwise, both finite
+    (a NaN or infinity on either side fails). Returns the
     max absolute error per input (0.0 for constants).
     """
     errors = []
@@ -77,9 +78,13 @@ def compare_gradients(analytic: Sequence[np.ndarray | None], numeric: Sequence[n
         a = np.asarray(a, dtype=np.float64)
         if a.shape != n.shape:
             raise AssertionError(f"gradcheck: analytic gradient of input {i} has shape {a.shape}, expected {n.shape}")
-        diff = np.abs(a - n)
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, counted as a mismatch below
+            diff = np.abs(a - n)
         diff = np.where(np.isnan(diff), np.inf, diff)
-        excess = diff - (atol + rtol * np.abs(n))
+        # A NaN or infinite gradient on either side vouches for nothing: it counts as a mismatch
+        # (a NaN in `excess` would be skipped by argmax's comparison and hide the rest).
+        finite = np.isfinite(a) & np.isfinite(n)
+        excess = np.where(finite, diff - (atol + rtol * np.abs(np.where(finite, n, 0.0))), np.inf)
         worst = np.unravel_index(int(np.argmax(excess)), n.shape) if n.size else ()
         if n.size and excess[worst] > 0:
             raise AssertionError(

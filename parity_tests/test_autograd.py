@@ -132,6 +132,20 @@ def test_gradcheck_reports_a_wrong_gradient():
     assert errors[0] < GRADCHECK.atol, f"correct VJP of x^2 off by {errors[0]}"
 
 
+
+def test_gradcheck_fails_on_non_finite_gradients():
+    """A NaN numerical gradient (sqrt at 0) must not hide a wrong gradient elsewhere, and a NaN or
+    infinity on either side is itself a failure that names the element."""
+    from numpy_ref.gradcheck import compare_gradients
+
+    with pytest.raises(AssertionError, match=r"worst element \(0,\): analytic 0.0 vs numerical nan"):
+        compare_gradients([np.array([0.0, 5.0])], [np.array([np.nan, 1.0])], 1e-6, 1e-5)
+    for a, n in (([np.nan], [1.0]), ([1.0], [np.inf]), ([np.inf], [np.inf])):
+        with pytest.raises(AssertionError, match=r"input 0"):
+            compare_gradients([np.array(a)], [np.array(n)], 1e-6, 1e-5)
+    with pytest.raises(AssertionError, match=r"input 0"), np.errstate(invalid="ignore"):  # sqrt(-eps): NaN
+        gradcheck_vjp(np.sqrt, lambda G: (G * 123.0,), [np.array([0.0, 4.0, 9.0])])
+
 # ---- the custom-op hook --------------------------------------------------------------------
 
 
