@@ -160,12 +160,16 @@ def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarra
     tensors = {}
     for name, _ in table:
         value = np.asarray(params[name])
-        bad = ~np.isfinite(value)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
+            stored = value.astype(np.float32)  # what the file holds
+        bad = ~np.isfinite(stored)
         if bad.any():
-            raise CheckpointError(f"params: key {name!r} has {int(bad.sum())} non-finite values; refusing to write "
-                                  f"a checkpoint that cannot be loaded")
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise CheckpointError(f"params: key {name!r} has {int(bad.sum())} values that are not finite in float32 "
+                                  f"(first at index {first}: {float(value[first])!r}; float32 holds |x| < 3.4e38); "
+                                  f"refusing to write a checkpoint that cannot be loaded")
         key = name if name == HEAD else PREFIX + name
-        tensors[key] = value.astype(np.float32)
+        tensors[key] = stored
     if not config.qkv_bias:
         C = config.emb_dim
         for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias

@@ -235,6 +235,24 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tree, failure, monk
         assert all(np.array_equal(params[k], old[k]) for k in old), f"{tree}: the old checkpoint no longer loads"
 
 
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])  # 1e39 is finite in float64, inf in the float32 file
+def test_save_refuses_values_the_float32_file_cannot_hold(tree, bad):
+    cfg = cc.tiny()
+    params = {k: v.astype(np.float64) for k, v in cc.random_params(cfg, 1).items()}
+    params["ln_f.bias"][3] = bad
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "ckpt"
+        error = (nck if tree == "numpy_ref" else tck).CheckpointError
+        with pytest.raises(error, match=r"key 'ln_f.bias' has 1 values that are not finite in float32 "
+                                                  r"\(first at index \(3,\)"):
+            if tree == "numpy_ref":
+                nck.save_checkpoint(d, cc.numpy_config(cfg), params)
+            else:
+                tck.save_checkpoint(d, cc.torch_config(cfg), {k: torch.from_numpy(v) for k, v in params.items()})
+        assert not d.exists(), f"{tree}: a refused save still wrote {sorted(p.name for p in d.iterdir())}"
+
 def test_failed_trainer_state_save_leaves_no_partial_state(monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

@@ -224,10 +224,14 @@ def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch
     tensors = {}
     for name in expected:
         t = state_dict[name].detach()
-        if not torch.isfinite(t).all():
-            raise CheckpointError(f"state_dict: key {name!r} has non-finite values; refusing to write a checkpoint "
-                                  f"that cannot be loaded")
-        tensors[_file_key(name)] = t.to(device="cpu", dtype=torch.float32).contiguous().clone()
+        stored = t.to(device="cpu", dtype=torch.float32).contiguous().clone()  # what the file holds
+        bad = ~torch.isfinite(stored)
+        if bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise CheckpointError(f"state_dict: key {name!r} has {int(bad.sum())} values that are not finite in "
+                                  f"float32 (first at index {first}: {float(t.cpu()[first])!r}; float32 holds "
+                                  f"|x| < 3.4e38); refusing to write a checkpoint that cannot be loaded")
+        tensors[_file_key(name)] = stored
     if not config.qkv_bias:
         for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.emb_dim, dtype=torch.float32)
