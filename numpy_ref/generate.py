@@ -4,13 +4,13 @@
 with the algorithm of docs/design.md, "Sampling" (torch_impl/generate.py implements the same):
 
     temperature 0 (or None): argmax, ties to the lowest id; the coin is not used
-    z = logits / temperature
+    z = (logits - max logits) / temperature   (the softmax of logits / temperature; z <= 0, no overflow)
     top_k: keep ids with z >= the k-th largest z (k clamped to V; ties at the k-th value stay)
     top_p: order the kept ids by z descending (ties: lower id first), p = softmax over them,
            keep the shortest prefix whose cumulative p is >= top_p (at least one id)
     p = softmax(z) over the kept ids; walk them in ascending id order accumulating p and return
     the first id whose cumulative p is > coin (coin uniform in [0, 1)); if rounding leaves
-    none, the last kept id. This is inverse-CDF sampling (llm.c's `sample_mult`), so two
+    none, the last kept id with p > 0. This is inverse-CDF sampling (llm.c's `sample_mult`), so two
     backends given the same coin pick the same token.
 
 `generate(model, ids, max_new_tokens, ...)` appends tokens to ids (B, T) -> (B, T + n). The
@@ -37,8 +37,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _check_options(temperature, top_k, top_p) -> None:
-    if temperature is not None and not (isinstance(temperature, numbers.Real) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature is not None and not (isinstance(temperature, numbers.Real) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
@@ -61,7 +61,8 @@ def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: i
     if coin is None or not 0.0 <= coin < 1.0:
         raise ValueError(f"sampling (temperature {temperature}) needs a coin in [0, 1), got {coin!r}")
     V = logits.shape[0]
-    z = logits / temperature  # (V,)
+    with np.errstate(over="ignore"):  # a logit far below the max may go to -inf: probability 0, as it should
+        z = (logits - np.max(logits)) / temperature  # (V,) <= 0: the max is 0, small temperatures cannot overflow
     keep = np.ones(V, dtype=bool)  # (V,)
     if top_k is not None:
         k = min(int(top_k), V)  # clamp: top-k over more ids than exist keeps them all
@@ -76,9 +77,10 @@ def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: i
         keep = np.zeros(V, dtype=bool)
         keep[order[:n]] = True
     ids = np.flatnonzero(keep)  # (K,) ascending ids
-    cum = np.cumsum(_softmax(z[ids]))  # (K,) the CDF in id order
+    p = _softmax(z[ids])  # (K,)
+    cum = np.cumsum(p)  # (K,) the CDF in id order
     above = np.flatnonzero(cum > coin)
-    return int(ids[above[0]]) if above.size else int(ids[-1])
+    return int(ids[above[0]]) if above.size else int(ids[np.flatnonzero(p > 0)[-1]])  # rounding: last with p > 0
 
 
 def _check_ids(ids) -> np.ndarray:

@@ -103,7 +103,9 @@ def test_top_k_larger_than_vocab_is_clamped_and_temperature_zero_is_greedy():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(temperature=-1.0, coin=0.5), "temperature must be a number >= 0"),
+    (dict(temperature=-1.0, coin=0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf"), coin=0.5), r"temperature must be a finite number >= 0 \(0 = greedy\), got inf"),
+    (dict(temperature=float("nan"), coin=0.5), r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
     (dict(temperature=1.0, top_k=0, coin=0.5), "top_k must be an int >= 1 or None, got 0"),
     (dict(temperature=1.0, top_p=0.0, coin=0.5), r"top_p must be in \(0, 1\] or None, got 0.0"),
     (dict(temperature=1.0, top_p=1.5, coin=0.5), r"top_p must be in \(0, 1\] or None, got 1.5"),
@@ -125,6 +127,37 @@ def test_sample_next_rejects_nan_logits_naming_the_id():
     with pytest.raises(ValueError, match="NaN at id 2"):
         tgen.sample_next(torch.tensor(row), temperature=1.0, coin=0.1)
 
+
+
+@pytest.mark.parametrize("row,temperature,expected", [
+    ([1.0, 2.0, 0.5], 1e-310, 1),  # 2 / 1e-310 overflows: the limit is greedy
+    ([9.0, 8.0, 0.0], 1e-308, 0),
+    ([1e308, -1e308, 0.0], 0.5, 0),  # 1e308 / 0.5 overflows; the other two have probability 0
+])
+def test_a_tiny_temperature_or_huge_logits_give_the_limit_not_a_nan_pick(row, temperature, expected):
+    """(logits - max) / temperature cannot overflow: the pick is the argmax for every coin, in both
+    trees (dividing first gave inf, a NaN softmax and the last id whatever the coin)."""
+    for c in (0.0, 0.3, 0.9, 0.999):
+        assert ngen.sample_next(np.array(row), temperature=temperature, coin=c) == expected, f"numpy, coin {c}"
+        t = tgen.sample_next(torch.tensor(row, dtype=torch.float64), temperature=temperature, coin=c)
+        assert t == expected, f"torch picked {t} for coin {c}, expected {expected}"
+
+
+def test_rounding_never_picks_a_token_of_probability_zero():
+    """Ten equal logits and one -inf: a coin just under 1 may pass every rounded CDF value; the
+    fallback is the last id with probability > 0 (id 9), never the -inf id 10."""
+    row = [0.0] * 10 + [float("-inf")]
+    coin = float(np.nextafter(1.0, 0.0))
+    assert ngen.sample_next(np.array(row), temperature=1.0, coin=coin) == 9
+    assert tgen.sample_next(torch.tensor(row, dtype=torch.float64), temperature=1.0, coin=coin) == 9
+
+
+def test_torch_sample_next_reads_a_list_in_float64():
+    """A Python list goes straight to float64 (torch.as_tensor alone would round it to float32 and
+    tie these two logits): the same pick as numpy_ref and as a float64 tensor."""
+    row = [0.1, 0.1 + 1e-9]
+    kw = dict(temperature=0.0)
+    assert tgen.sample_next(row, **kw) == ngen.sample_next(np.array(row), **kw) == 1
 
 # ---- generate ---------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Text generation with torch: the sampling step and the KV-cached decoding loop.
 
 The algorithm is docs/design.md, "Sampling" (numpy_ref/generate.py writes every step out):
-temperature 0 is argmax (lowest id on ties); otherwise z = logits / temperature, top-k keeps
+temperature 0 is argmax (lowest id on ties); otherwise z = (logits - max) / temperature, top-k keeps
 z >= the k-th largest (k clamped to V), top-p keeps the shortest prefix of the kept ids sorted
 by z descending (ties: lower id first) whose cumulative softmax is >= top_p, and the token is
-the first kept id, in ascending id order, whose cumulative probability exceeds the coin.
+the first kept id, in ascending id order, whose cumulative probability exceeds the coin (if
+rounding leaves none, the last kept id with probability > 0).
 
 Sampling runs on the host in float64 on one row at a time: it is a few vector ops over V, and
 doing it in float64 is what makes the same coin pick the same token as the NumPy oracle. The
@@ -22,8 +23,8 @@ import torch
 
 
 def _check_options(temperature, top_k, top_p) -> None:
-    if temperature is not None and not (isinstance(temperature, numbers.Real) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature is not None and not (isinstance(temperature, numbers.Real) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
@@ -34,7 +35,9 @@ def sample_next(logits: torch.Tensor, *, temperature: float | None = 0.0, top_k:
                 top_p: float | None = None, coin: float | None = None) -> int:
     """One id from a row of logits (V,)."""
     _check_options(temperature, top_k, top_p)
-    logits = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
+    if not isinstance(logits, torch.Tensor):  # a list or array: straight to float64 (as_tensor would pick float32)
+        logits = torch.as_tensor(logits, dtype=torch.float64)
+    logits = logits.detach().to(device="cpu", dtype=torch.float64)
     if logits.ndim != 1 or logits.numel() == 0:
         raise ValueError(f"logits must be one non-empty row (V,), got shape {tuple(logits.shape)}")
     nan = torch.isnan(logits)
@@ -47,7 +50,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float | None = 0.0, top_k:
     if coin is None or not 0.0 <= coin < 1.0:
         raise ValueError(f"sampling (temperature {temperature}) needs a coin in [0, 1), got {coin!r}")
     V = logits.shape[0]
-    z = logits / temperature  # (V,)
+    z = (logits - logits.max()) / temperature  # (V,) <= 0: the max is 0, small temperatures cannot overflow
     keep = torch.ones(V, dtype=torch.bool)  # (V,)
     if top_k is not None:
         kth_largest = torch.topk(z, min(int(top_k), V)).values[-1]  # k clamped to V
@@ -61,9 +64,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float | None = 0.0, top_k:
         keep = torch.zeros(V, dtype=torch.bool)
         keep[order[: min(n, len(order))]] = True
     ids = keep.nonzero().squeeze(1)  # (K,) ascending ids
-    cum = torch.cumsum(torch.softmax(z[ids], dim=0), dim=0)  # (K,) the CDF in id order
+    p = torch.softmax(z[ids], dim=0)  # (K,)
+    cum = torch.cumsum(p, dim=0)  # (K,) the CDF in id order
     above = (cum > coin).nonzero()
-    return int(ids[above[0, 0]]) if above.numel() else int(ids[-1])
+    return int(ids[above[0, 0]]) if above.numel() else int(ids[(p > 0).nonzero()[-1, 0]])  # rounding: last with p > 0
 
 
 def _check_ids(ids) -> torch.Tensor:
