@@ -174,9 +174,10 @@ def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarra
         C = config.emb_dim
         for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = np.zeros(3 * C, dtype=np.float32)
+    config_text = json.dumps(hf_config_dict(config), indent=2) + "\n"  # before any write: a TypeError writes nothing
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-    _write_json(directory / CONFIG_FILE, hf_config_dict(config))
+    atomic_write(directory / CONFIG_FILE, lambda f: f.write(config_text.encode("utf-8")))
     return directory
 
 

@@ -11,6 +11,8 @@ separate output head). `tiny` is for tests.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -34,12 +36,21 @@ class GPTConfig:
                 raise TypeError(f"GPTConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
             if value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+        for name in ("drop_rate", "ln_eps"):  # any real number; kept as a Python float (JSON-ready)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"GPTConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, float(value))
+        for name in ("qkv_bias", "tie_embeddings"):  # a string such as "false" would count as True
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"GPTConfig.{name} must be True or False, got {value!r} ({type(value).__name__})")
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate={self.drop_rate!r} must be in [0, 1)")
-        if not self.ln_eps >= 0.0:
-            raise ValueError(f"GPTConfig.ln_eps={self.ln_eps!r} must be >= 0")
+        if not (self.ln_eps >= 0.0 and math.isfinite(self.ln_eps)):
+            raise ValueError(f"GPTConfig.ln_eps={self.ln_eps!r} must be finite and >= 0")
 
     @property
     def head_size(self) -> int:

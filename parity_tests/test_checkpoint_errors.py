@@ -91,6 +91,9 @@ CASES = {
     "bad config JSON": ({}, lambda d: (d / CONFIG).write_text("{\"n_embd\": 32,"), CONFIG, None),
     "unknown gpt_oracle field": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
         {**json.loads((d / CONFIG).read_text()), "gpt_oracle": {**cc.TINY, "bogus": 1}})), CONFIG, "bogus"),
+    "a flag as a string": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
+        {**json.loads((d / CONFIG).read_text()), "gpt_oracle": {**cc.TINY, "qkv_bias": "false"}})), CONFIG,
+        "gpt_oracle"),
     "config fields disagree": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
         {**json.loads((d / CONFIG).read_text()), "n_embd": 64})), CONFIG, "n_embd"),
     "unsupported activation": ({}, lambda d: (d / CONFIG).write_text(json.dumps(

@@ -40,6 +40,31 @@ def test_both_trees_reject_the_same_bad_configs(bad):
             mod.GPTConfig(**base)
 
 
+
+@pytest.mark.parametrize("bad,error", [(dict(drop_rate="0.1"), TypeError), (dict(ln_eps=None), TypeError),
+                                       (dict(drop_rate=True), TypeError), (dict(qkv_bias="no"), TypeError),
+                                       (dict(tie_embeddings=1), TypeError), (dict(ln_eps=float("inf")), ValueError),
+                                       (dict(drop_rate=float("nan")), ValueError)])
+def test_both_trees_name_the_field_of_a_value_of_the_wrong_type(bad, error):
+    """A string, None or bool where a number goes, anything but True/False for a flag ("no" and
+    "false" are truthy strings): the error names the field, in both trees."""
+    (name, value), = bad.items()
+    for mod in (npc, tc):
+        with pytest.raises(error, match=f"GPTConfig.{name}"):
+            mod.GPTConfig(**dict(npc.get_config("tiny").to_dict(), **bad))
+
+
+def test_numpy_scalars_become_python_floats_in_both_trees():
+    """np.float32(0.1) is a number: accepted and stored as the Python float it equals, so the
+    config stays JSON-serialisable (a checkpoint's config.json)."""
+    import json
+
+    for mod in (npc, tc):
+        c = mod.get_config("tiny", drop_rate=np.float32(0.1), ln_eps=np.float64(1e-5))
+        assert type(c.drop_rate) is float and c.drop_rate == float(np.float32(0.1)), repr(c.drop_rate)
+        assert type(c.ln_eps) is float, repr(c.ln_eps)
+        json.dumps(c.to_dict())
+
 def test_unknown_key_is_rejected_by_name_in_both():
     d = dict(npc.get_config("tiny").to_dict(), n_embd=32)
     for mod in (npc, tc):

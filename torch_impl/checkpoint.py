@@ -235,9 +235,10 @@ def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch
     if not config.qkv_bias:
         for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.emb_dim, dtype=torch.float32)
+    config_text = json.dumps(hf_config_dict(config), indent=2) + "\n"  # before any write: a TypeError writes nothing
     directory.mkdir(parents=True, exist_ok=True)
     _save_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    _write_text(directory / CONFIG_FILE, json.dumps(hf_config_dict(config), indent=2) + "\n")
+    _write_text(directory / CONFIG_FILE, config_text)
     return directory
 
 
