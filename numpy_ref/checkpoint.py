@@ -202,9 +202,9 @@ def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, n
     tensors, file_keys = _strip_names(path, raw)
     expected = dict(param_shapes(config))
     if config.tie_embeddings and HEAD in tensors:
-        if not np.array_equal(tensors[HEAD], tensors.get("wte.weight")):
+        if "wte.weight" in tensors and not np.array_equal(tensors[HEAD], tensors["wte.weight"]):
             raise CheckpointError(f"{path}: key {HEAD!r} differs from wte.weight but config.json ties them")
-        del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice
+        del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice (a missing wte: named below)
     if not config.qkv_bias:
         for i in range(config.n_layers):
             bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)

@@ -70,6 +70,9 @@ CASES = {
     "bad header JSON": ({}, lambda d: _patch_bytes(d, lambda b: b[:8] + b"[" + b[9:]), WEIGHTS, None),
     "missing key": ({}, lambda d: _rewrite(d, _del("transformer.h.1.mlp.c_fc.bias")), WEIGHTS,
                     "transformer.h.1.mlp.c_fc.bias"),
+    "tied, wte missing, lm_head present": (
+        {"tie_embeddings": True}, lambda d: _rewrite(d, lambda t: t.update(
+            {"lm_head.weight": t.pop("transformer.wte.weight")})), WEIGHTS, "transformer.wte.weight"),
     "missing lm_head": ({}, lambda d: _rewrite(d, _del("lm_head.weight")), WEIGHTS, "lm_head.weight"),
     "extra key": ({}, lambda d: _rewrite(d, lambda t: t.update({"transformer.h.0.attn.extra": np.zeros(3, np.float32)})),
                   WEIGHTS, "transformer.h.0.attn.extra"),

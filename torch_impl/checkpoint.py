@@ -269,9 +269,9 @@ def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
             raise CheckpointError(f"{path}: key {key!r} appears both with and without the {PREFIX!r} prefix")
         tensors[name], file_keys[name] = t, key
     if config.tie_embeddings and HEAD in tensors:
-        if "wte.weight" not in tensors or not torch.equal(tensors[HEAD], tensors["wte.weight"]):
+        if "wte.weight" in tensors and not torch.equal(tensors[HEAD], tensors["wte.weight"]):
             raise CheckpointError(f"{path}: key {HEAD!r} differs from wte.weight but config.json ties them")
-        del tensors[HEAD]
+        del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice (a missing wte: named below)
     if not config.qkv_bias:
         for i in range(config.n_layers):
             bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)
