@@ -58,11 +58,13 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
                 dropout_masks: Mapping[str, np.ndarray] | None = None, kv_cache: KVCache | None = None,
                 ignore_index: int | None = None, last_only: bool = False):
     """(logits, loss, cache); loss is None without targets. See the module docstring."""
+    if last_only and targets is not None:
+        raise ValueError("last_only=True returns the last position's logits only; it cannot take targets")
     dtype = params["wte.weight"].dtype
     past = 0 if kv_cache is None else kv_cache.length
     ids = np.asarray(ids)
-    if kv_cache is not None and ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
-        raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
+    if kv_cache is not None:
+        _check_cache(kv_cache, config, ids, dtype)
     masks = _split_masks(dropout_masks, config, ids, past, dtype)
     x, emb = embedding_forward(ids, params["wte.weight"], params["wpe.weight"], pos_offset=past)  # (B, T) -> (B, T, C)
     mask_e = masks["embedding"]
@@ -73,11 +75,7 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
         p = {name: params[f"h.{i}.{name}"] for name, _ in block_param_shapes(config)}
         x, c = block_forward(x, p, config, masks[i], kv_cache=kv_cache.layer(i) if kv_cache is not None else None)
         blocks.append(c)  # (B, T, C) -> (B, T, C)
-    if kv_cache is not None:
-        kv_cache.advance(ids.shape[1])
     if last_only:
-        if targets is not None:
-            raise ValueError("last_only=True returns the last position's logits only; it cannot take targets")
         x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
     f, ln_f = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.ln_eps)  # (B, T, C)
     B, T, C = f.shape
@@ -86,9 +84,24 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     logits = (f2 @ head.T).reshape(B, T, -1)  # (BT, C) @ (C, V) -> (BT, V) -> (B, T, V)
     assert logits.dtype == dtype, f"logits drifted to {logits.dtype} from the parameters' {dtype}"
     loss, ce = (None, None) if targets is None else cross_entropy_forward(logits, targets, ignore_index)
+    if kv_cache is not None:  # only now: a call that raised (bad targets) leaves the cache's length as it was
+        kv_cache.advance(ids.shape[1])
     cache = dict(config=config, emb=emb, mask_e=mask_e, blocks=blocks, ln_f=ln_f, f2=f2, head=head, ce=ce,
                  dtype=dtype, kv=kv_cache is not None)
     return logits, loss, cache
+
+
+def _check_cache(kv_cache: KVCache, config, ids: np.ndarray, dtype) -> None:
+    """ValueError unless the cache fits: ids' batch size, and (L, B, nh, Tc, hs) with the model's
+    L, nh and hs in the parameters' dtype (a float32 cache would round a float64 model's keys)."""
+    if ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
+        raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
+    L, _, nh, _, hs = kv_cache.k.shape
+    if (L, nh, hs) != (config.n_layers, config.n_heads, config.head_size):
+        raise ValueError(f"the KV cache has n_layers={L}, n_heads={nh}, head_size={hs}; this model needs "
+                         f"{config.n_layers}, {config.n_heads}, {config.head_size} (make it with model.new_kv_cache)")
+    if kv_cache.k.dtype != dtype:
+        raise ValueError(f"the KV cache is {kv_cache.k.dtype}; the parameters are {dtype} (model.new_kv_cache)")
 
 
 def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:

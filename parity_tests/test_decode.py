@@ -168,8 +168,8 @@ NOT_TAKEN = {
 
 
 def _refused(fn):
-    """The general path's own error: attention over float32 queries and float64 cached keys."""
-    with pytest.raises(RuntimeError, match="same dtype"):
+    """The model's own error for a cache in another dtype, raised before either path runs."""
+    with pytest.raises(ValueError, match=r"the KV cache is torch.float64 on cpu; this model's keys are torch.float32"):
         fn()
 
 

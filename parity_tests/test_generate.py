@@ -17,12 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from numpy_ref import generate as ngen
+from numpy_ref import kv_cache as nkv
 from numpy_ref.config import get_config as np_config
 from numpy_ref.model import GPTModel as NumpyGPT
 from parity_tests.compare import assert_close, load_numpy_params_into_torch, to_numpy
 from parity_tests.strategies import seeds
 from parity_tests.tolerances import forward_tol
 from torch_impl import generate as tgen
+from torch_impl import kv_cache as tkv
 from torch_impl.config import get_config as torch_config
 from torch_impl.model import GPTModel as TorchGPT
 
@@ -186,6 +188,55 @@ def test_generate_gives_the_same_tokens_in_both_trees(seed, B, T, n, mode):
     assert np.array_equal(n_nocache, n_out), "numpy: KV-cached tokens differ from recomputation"
     assert np.array_equal(to_numpy(t_nocache), n_out), "torch: KV-cached tokens differ from recomputation"
 
+
+def _forward_with_cache(tree, model, ids, targets=None, **kw):
+    """The model on ids (B, T) with a KV cache, in either tree; targets go through the loss."""
+    if tree == "numpy":
+        from numpy_ref.model import gpt_forward
+
+        return gpt_forward(model.params, np.asarray(ids), model.config, targets, **kw)[0]
+    with torch.no_grad():
+        out = model(torch.tensor(ids), None if targets is None else torch.tensor(targets), **kw)
+    return to_numpy(out[0] if isinstance(out, tuple) else out)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_call_that_raises_leaves_the_kv_cache_length_unchanged(tree):
+    """Bad targets or last_only with targets raise; the cache's length stays where it was, and the
+    next good call continues from there with the logits of full recomputation."""
+    n_model, t_model = _models(context_length=16, seed=2)
+    model = n_model if tree == "numpy" else t_model
+    ids = np.random.default_rng(3).integers(0, V, (1, 6))
+    cache = model.new_kv_cache(1)
+    _forward_with_cache(tree, model, ids[:, :3], kv_cache=cache)
+    bad_targets = np.array([[1, 2, V]])
+    for targets, kw, match in ((bad_targets, {}, f"{V}"), (ids[:, 3:], dict(last_only=True), "last_only")):
+        with pytest.raises(ValueError, match=match):
+            _forward_with_cache(tree, model, ids[:, 3:], targets, kv_cache=cache, **kw)
+        assert cache.length == 3, f"{tree}: a call that raised ({match}) moved the cache to length {cache.length}"
+    got = _forward_with_cache(tree, model, ids[:, 3:], kv_cache=cache)
+    full = _forward_with_cache(tree, model, ids)[:, 3:]
+    assert_close(f"{tree}: cached logits after refused calls", got, full, forward_tol("float64"))
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_kv_cache_made_for_another_model_is_refused_by_name(tree):
+    """Another layer count, head count or dtype: a ValueError naming both sides (not an IndexError
+    deep inside attention, and in NumPy not a silent float32 rounding of float64 keys)."""
+    n_model, t_model = _models(context_length=16, seed=2)
+    model, cache_cls = (n_model, nkv.KVCache) if tree == "numpy" else (t_model, tkv.KVCache)
+    cfg = model.config
+    other = dict(float32=np.float32) if tree == "numpy" else dict(float32=torch.float32)
+    cases = [(dict(n_layers=cfg.n_layers - 1), "n_layers=1"),
+             (dict(n_heads=2, head_size=cfg.emb_dim // 2), "n_heads=2"),
+             (dict(dtype=other["float32"]), "float32")]
+    for change, match in cases:
+        args = dict(dict(n_layers=cfg.n_layers, batch_size=1, n_heads=cfg.n_heads,
+                         context_length=cfg.context_length, head_size=cfg.head_size), **change)
+        cache = cache_cls(**args)
+        with pytest.raises(ValueError, match=match):
+            _forward_with_cache(tree, model, [[1, 2]], kv_cache=cache)
+        assert cache.length == 0, f"{tree}: a refused cache was advanced to {cache.length}"
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_kv_cache_logits_equal_full_recomputation_at_every_step(tree):

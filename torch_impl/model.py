@@ -173,12 +173,15 @@ class GPTModel(nn.Module):
         last_only: return logits (B, 1, V) for the last position only (what decoding needs; the
             head is the largest matmul). Not allowed with targets.
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
         cfg = self.config
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
                 raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
+            self._check_cache(kv_cache)
         if isinstance(ids, torch.Tensor) and ids.ndim == 2:
             self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], past)
         # With explicit masks, randomness is entirely explicit: torch draws no dropout.
@@ -198,17 +201,32 @@ class GPTModel(nn.Module):
             x = block_forward(x, _block_params(block), cfg.n_heads, cfg.ln_eps,
                               kv_cache=kv_cache.layer(i) if kv_cache is not None else None, masks=block_masks,
                               drop_p=cfg.drop_rate, training=random_dropout)  # (B, T, C) -> (B, T, C)
-        if kv_cache is not None:
-            kv_cache.advance(ids.shape[1])
         if last_only:
-            if targets is not None:
-                raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
         if targets is None:
-            return head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
-        # logits (B, T, V) and the mean cross-entropy against targets (B, T) -> (); fused on the CPU
-        return head_loss_forward(x, self.head_weight, targets, ignore_index, tied_grad)
+            out = head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
+        else:  # logits (B, T, V) and the mean cross-entropy against targets (B, T) -> (); fused on the CPU
+            out = head_loss_forward(x, self.head_weight, targets, ignore_index, tied_grad)
+        if kv_cache is not None:  # only now: a call that raised (bad targets) leaves the cache's length as it was
+            kv_cache.advance(ids.shape[1])
+        return out
+
+    def _check_cache(self, kv_cache: KVCache) -> None:
+        """ValueError unless the cache was made for this model: (L, B, nh, Tc, hs) with this L, nh
+        and hs, on the weights' device, and outside autocast in the weights' dtype (under autocast
+        either the weights' or the autocast dtype: attention casts what it reads)."""
+        cfg = self.config
+        L, _, nh, _, hs = kv_cache.k.shape
+        if (L, nh, hs) != (cfg.n_layers, cfg.n_heads, cfg.head_size):
+            raise ValueError(f"the KV cache has n_layers={L}, n_heads={nh}, head_size={hs}; this model needs "
+                             f"{cfg.n_layers}, {cfg.n_heads}, {cfg.head_size} (make it with model.new_kv_cache)")
+        w = self.wte.weight
+        dev = w.device.type
+        allowed = (w.dtype, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else (w.dtype,)
+        if kv_cache.k.device != w.device or kv_cache.k.dtype not in allowed:
+            raise ValueError(f"the KV cache is {kv_cache.k.dtype} on {kv_cache.k.device}; this model's keys are "
+                             f"{w.dtype} on {w.device} (model.new_kv_cache(B))")
 
     def _check_masks(self, masks: Mapping[str, torch.Tensor] | None, B: int, T: int, past: int) -> None:
         if masks is None:
