@@ -37,6 +37,7 @@ or `momentum_buffer.<name>` (SGD) to arrays; torch_impl/optim.py uses the same k
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
@@ -138,6 +139,55 @@ def _check_grads(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarra
                             f"would silently change precision")
 
 
+def _check_lr(lr) -> float:
+    """A learning rate: a finite number >= 0 (a NaN would turn every weight into NaN)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    return float(lr)
+
+
+def _load_arrays(params: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray], slots: tuple[str, ...],
+                 required: bool) -> dict[str, dict[str, np.ndarray]]:
+    """{slot: {name: a copy in the parameter's dtype}} from `<slot>.<name>` arrays, every key and
+    shape checked before anything is kept (a failed load changes nothing)."""
+    known = {f"{slot}.{k}" for slot in slots for k in params}
+    unknown = sorted(k for k in arrays if k not in known)
+    if unknown:
+        raise ValueError(f"optimiser state has unknown array(s) {unknown[:3]}; expected keys "
+                         f"'<slot>.<parameter>' with slot in {slots}")
+    out: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in slots}
+    for slot in slots:
+        for k, p in params.items():
+            key = f"{slot}.{k}"
+            if key not in arrays:
+                if required:
+                    raise KeyError(f"optimiser state lacks {key}")
+                continue
+            a = np.asarray(arrays[key])
+            if a.shape != p.shape:
+                raise ValueError(f"optimiser state {key} has shape {a.shape}, the parameter {p.shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"optimiser state {key} has non-finite values")
+            out[slot][k] = a.astype(p.dtype, copy=True)
+    return out
+
+
+def _state_int(state: Mapping, key: str) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"optimiser state {key!r} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_decay_set(state: Mapping, decays: Mapping[str, bool]) -> None:
+    saved = sorted(state.get("decay", []))
+    here = sorted(k for k, d in decays.items() if d)
+    if saved != here:
+        diff = sorted(set(saved) ^ set(here))
+        raise ValueError(f"optimiser state decays another set of parameters (they differ on {diff[:3]}); "
+                         f"build the optimiser with the same decay rule")
+
+
 # Elements per block of the AdamW update: the six arrays a block touches (p, g, m, v and two
 # scratch buffers) take 768 KiB in float32, 1.5 MiB in float64: they stay in L2 or L3 cache.
 # Smaller blocks cost more in NumPy's per-call overhead than they save.
@@ -236,7 +286,7 @@ class AdamW:
         """One update of every parameter with its gradient; `lr` overrides self.lr from now on."""
         _check_grads(self.params, grads)
         if lr is not None:
-            self.lr = lr
+            self.lr = _check_lr(lr)
         self.step_count += 1
         t, lr = self.step_count, self.lr
         beta1, beta2 = self.betas
@@ -256,20 +306,25 @@ class AdamW:
         return state, arrays
 
     def load_state_dict(self, state: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
-        """Restore `state_dict()`'s output (exactly: resuming continues bit for bit)."""
+        """Restore `state_dict()`'s output (exactly: resuming continues bit for bit): the moments,
+        the step, and lr, betas, eps and weight_decay (as torch's load_state_dict restores its
+        groups' settings). Everything is checked first: a failed load changes nothing. An
+        optimiser that never stepped may come without moments (they are zero)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
-        for k, p in self.params.items():
-            for prefix, store in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-                key = f"{prefix}.{k}"
-                if key not in arrays:
-                    raise KeyError(f"optimiser state lacks {key}")
-                a = np.asarray(arrays[key])
-                if a.shape != p.shape:
-                    raise ValueError(f"optimiser state {key} has shape {a.shape}, the parameter {p.shape}")
-                store[k] = a.astype(p.dtype, copy=True)
-        self.step_count = int(state["step"])
-        self.lr = float(state["lr"])
+        step = _state_int(state, "step")
+        moments = _load_arrays(self.params, arrays, ("exp_avg", "exp_avg_sq"), required=step > 0)
+        lr = _check_lr(state["lr"])
+        betas = tuple(float(b) for b in state["betas"])
+        eps, weight_decay = float(state["eps"]), float(state["weight_decay"])
+        if not (len(betas) == 2 and all(0 <= b < 1 for b in betas) and eps >= 0 and weight_decay >= 0):
+            raise ValueError(f"optimiser state has betas={state['betas']!r}, eps={state['eps']!r}, "
+                             f"weight_decay={state['weight_decay']!r}; need betas in [0, 1), eps, weight_decay >= 0")
+        _check_decay_set(state, self.decays)
+        zeros = {k: np.zeros_like(p) for k, p in self.params.items()}
+        self.exp_avg = {k: moments["exp_avg"].get(k, zeros[k]) for k in self.params}
+        self.exp_avg_sq = {k: moments["exp_avg_sq"].get(k, zeros[k].copy()) for k in self.params}
+        self.step_count, self.lr, self.betas, self.eps, self.weight_decay = step, lr, betas, eps, weight_decay
 
 
 class SGD:
@@ -292,7 +347,7 @@ class SGD:
     def step(self, grads: Mapping[str, np.ndarray], lr: float | None = None) -> None:
         _check_grads(self.params, grads)
         if lr is not None:
-            self.lr = lr
+            self.lr = _check_lr(lr)
         self.step_count += 1
         for k, p in self.params.items():
             g = grads[k]
@@ -314,13 +369,23 @@ class SGD:
         return state, {f"momentum_buffer.{k}": b.copy() for k, b in self.momentum_buffer.items()}
 
     def load_state_dict(self, state: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore `state_dict()`'s output: buffers, step, lr, momentum, weight_decay; all checked
+        first (a failed load changes nothing). With momentum, a stepped optimiser has a buffer
+        for every parameter (each is made at its first step)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
-        prefix = "momentum_buffer."
-        self.momentum_buffer = {k[len(prefix):]: np.asarray(a).astype(self.params[k[len(prefix):]].dtype, copy=True)
-                                for k, a in arrays.items() if k.startswith(prefix)}
-        self.step_count = int(state["step"])
-        self.lr = float(state["lr"])
+        step = _state_int(state, "step")
+        lr = _check_lr(state["lr"])
+        momentum, weight_decay = float(state["momentum"]), float(state["weight_decay"])
+        if not (0 <= momentum < 1 and weight_decay >= 0):
+            raise ValueError(f"optimiser state has momentum={state['momentum']!r}, "
+                             f"weight_decay={state['weight_decay']!r}; need 0 <= momentum < 1, weight_decay >= 0")
+        buffers = _load_arrays(self.params, arrays, ("momentum_buffer",), required=momentum > 0 and step > 0)
+        if buffers["momentum_buffer"] and not (momentum > 0 and step > 0):
+            raise ValueError(f"optimiser state has momentum buffers but momentum={momentum} and step={step}")
+        _check_decay_set(state, self.decays)
+        self.momentum_buffer = buffers["momentum_buffer"]
+        self.step_count, self.lr, self.momentum, self.weight_decay = step, lr, momentum, weight_decay
 
 
 def build_optimizer(params: dict[str, np.ndarray], kind: str = "adamw", **kwargs) -> AdamW | SGD:

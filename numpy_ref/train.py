@@ -91,10 +91,16 @@ class Trainer:
 
     def restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         if self.model.dtype != np.float32:
-            for k, p in self.model.params.items():
-                p[...] = arrays[f"param.{k}"]  # in place: the optimiser holds these arrays
+            missing = [f"param.{k}" for k, p in self.model.params.items()
+                       if np.shape(arrays.get(f"param.{k}")) != p.shape]
+            if missing:  # checked before anything changes
+                raise KeyError(f"trainer state lacks (or has the wrong shape for) {missing[:3]}")
+        # The optimiser checks its whole state before changing anything; then the weights.
         self.optimizer.load_state_dict(state["optimizer"], {k: v for k, v in arrays.items()
                                                             if not k.startswith("param.")})
+        if self.model.dtype != np.float32:
+            for k, p in self.model.params.items():
+                p[...] = arrays[f"param.{k}"]  # in place: the optimiser holds these arrays
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.rng.bit_generator.state = state["rng"]

@@ -327,3 +327,146 @@ def test_adamw_rejects_a_gradient_of_another_dtype():
     opt = nopt.AdamW({"h.0.mlp.c_fc.weight": np.zeros((2, 3), dtype=np.float32)})
     with pytest.raises(TypeError, match=r"h\.0\.mlp\.c_fc\.weight is float64, the parameter float32"):
         opt.step({"h.0.mlp.c_fc.weight": np.zeros((2, 3))})
+
+
+# ---- loading optimiser state: before the first step, settings, failures ----------------------
+
+
+def _torch_snapshot(opt) -> dict:
+    """Every group setting and every state tensor of a torch optimiser, copied."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+             for i, st in enumerate(opt.state.values())}
+    return {"groups": groups, "state": state}
+
+
+def _same_snapshot(a: dict, b: dict) -> bool:
+    if a["groups"] != b["groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(torch.equal(x, b["state"][i][k]) if isinstance(x, torch.Tensor) else x == b["state"][i][k]
+               for i, st in a["state"].items() for k, x in st.items())
+
+
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_state_saved_before_the_first_step_loads_in_both_trees(kind, source):
+    """A run saved before any step (numpy_ref keeps zero moments, torch none) loads into either
+    tree, and the next step equals a fresh optimiser's step."""
+    params = _params(5)
+    extra = {"momentum": 0.9} if kind == "sgd" else {}
+    if source == "numpy":
+        state, arrays = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.01,
+                                             weight_decay=0.1, **extra).state_dict()
+    else:
+        holder0 = _Holder(params)
+        state, arrays = topt.optimizer_state(topt.build_optimizer(holder0, kind, lr=0.01, weight_decay=0.1, **extra),
+                                             holder0)
+        arrays = {k: to_numpy(v) for k, v in arrays.items()}
+    assert state["step"] == 0
+    fresh_t, loaded_t = _Holder(params), _Holder(params)
+    opts_t = [topt.build_optimizer(h, kind, lr=0.01, weight_decay=0.1, **extra) for h in (fresh_t, loaded_t)]
+    topt.load_optimizer_state(opts_t[1], loaded_t, state, {k: torch.tensor(v) for k, v in arrays.items()})
+    fresh_n, loaded_n = (nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.01,
+                                              weight_decay=0.1, **extra) for _ in range(2))
+    loaded_n.load_state_dict(state, arrays)
+    for t in range(2):
+        grads = _grads(t)
+        for h, o in zip((fresh_t, loaded_t), opts_t):
+            _set_grads(h, grads)
+            o.step()
+        fresh_n.step(grads)
+        loaded_n.step(grads)
+    for k, v in _torch_params(fresh_t).items():
+        assert np.array_equal(v, _torch_params(loaded_t)[k]), f"torch, {kind} from {source}: {k} differs"
+        assert np.array_equal(fresh_n.params[k], loaded_n.params[k]), f"numpy, {kind} from {source}: {k} differs"
+
+
+def test_loading_restores_the_saved_settings_in_both_trees():
+    """betas, eps and weight_decay (AdamW) come from the state, as torch's own load_state_dict
+    restores its groups' settings: an optimiser built with other values takes the saved ones."""
+    params = _params(6)
+    n_opt = nopt.AdamW({k: v.copy() for k, v in params.items()}, lr=0.02, betas=(0.8, 0.9), eps=1e-6,
+                       weight_decay=0.3)
+    n_opt.step(_grads(0))
+    state, arrays = n_opt.state_dict()
+    other = nopt.AdamW({k: v.copy() for k, v in params.items()}, lr=1.0, betas=(0.5, 0.5), eps=1e-3, weight_decay=0.7)
+    other.load_state_dict(state, arrays)
+    assert (other.lr, other.betas, other.eps, other.weight_decay) == (0.02, (0.8, 0.9), 1e-6, 0.3), \
+        f"numpy kept its own settings: {(other.lr, other.betas, other.eps, other.weight_decay)}"
+    holder = _Holder(params)
+    t_opt = topt.build_optimizer(holder, "adamw", lr=1.0, betas=(0.5, 0.5), eps=1e-3, weight_decay=0.7)
+    topt.load_optimizer_state(t_opt, holder, state, {k: torch.tensor(v) for k, v in arrays.items()})
+    decay_group, plain_group = t_opt.param_groups
+    got = (decay_group["lr"], decay_group["betas"], decay_group["eps"], decay_group["weight_decay"],
+           plain_group["weight_decay"])
+    assert got == (0.02, (0.8, 0.9), 1e-6, 0.3, 0.0), f"torch settings after loading: {got}"
+
+
+def _broken_states(kind: str, state: dict, arrays: dict) -> dict:
+    """name -> (state, arrays, error type, message pattern), each broken in one way."""
+    first = next(iter(arrays))
+    wrong_shape = dict(arrays, **{first: np.zeros((3, 3))})
+    missing = {k: v for k, v in arrays.items() if k != sorted(arrays)[-1]}
+    cases = {
+        "a missing array": (state, missing, KeyError, "lacks"),
+        "a wrong shape": (state, wrong_shape, ValueError, r"has shape \(3, 3\)"),
+        "an unknown array": (state, dict(arrays, zzz=np.zeros(2)), ValueError, "unknown .*zzz"),
+        "a NaN learning rate": (dict(state, lr=float("nan")), arrays, ValueError, "'?lr'? must be a finite number"),
+        "another kind": (dict(state, kind="sgd" if kind == "adamw" else "adamw"), arrays, ValueError, "is for"),
+        "another decay set": (dict(state, decay=state["decay"][:-1]), arrays, ValueError, "another set"),
+    }
+    if kind == "sgd":
+        cases["buffers without momentum"] = (dict(state, momentum=0.0), arrays, (ValueError, KeyError),
+                                             "momentum")
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_a_failed_load_changes_nothing_in_either_tree(kind):
+    """Each broken state raises naming the problem; the optimiser that refused it has the same
+    moments, buffers and settings as before and still steps."""
+    params = _params(7)
+    extra = {"momentum": 0.9} if kind == "sgd" else {}
+    src = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.01, weight_decay=0.1, **extra)
+    for t in range(2):
+        src.step(_grads(t))
+    state, arrays = src.state_dict()
+    for what, (bad_state, bad_arrays, error, match) in _broken_states(kind, state, arrays).items():
+        n_opt = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.05, weight_decay=0.2,
+                                     **extra)
+        n_opt.step(_grads(9))
+        before_state, before_arrays = n_opt.state_dict()
+        with pytest.raises(error, match=match):
+            n_opt.load_state_dict(bad_state, bad_arrays)
+        after_state, after_arrays = n_opt.state_dict()
+        assert after_state == before_state, f"numpy {kind}, {what}: settings changed by a failed load"
+        assert after_arrays.keys() == before_arrays.keys() and all(
+            np.array_equal(after_arrays[k], before_arrays[k]) for k in before_arrays), \
+            f"numpy {kind}, {what}: moments or buffers changed by a failed load"
+        n_opt.step(_grads(10))
+
+        holder = _Holder(params)
+        t_opt = topt.build_optimizer(holder, kind, lr=0.05, weight_decay=0.2, **extra)
+        _set_grads(holder, _grads(9))
+        t_opt.step()
+        before = _torch_snapshot(t_opt)
+        with pytest.raises(error, match=match):
+            topt.load_optimizer_state(t_opt, holder, bad_state, {k: torch.tensor(v) for k, v in bad_arrays.items()})
+        assert _same_snapshot(before, _torch_snapshot(t_opt)), f"torch {kind}, {what}: a failed load changed it"
+        _set_grads(holder, _grads(10))
+        t_opt.step()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("lr", [float("nan"), -1.0, float("inf")])
+def test_a_bad_per_step_learning_rate_is_refused_before_any_update(kind, lr):
+    params = _params(8)
+    n_opt = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.01)
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        n_opt.step(_grads(0), lr=lr)
+    assert all(np.array_equal(n_opt.params[k], params[k]) for k in params), "numpy: weights changed"
+    assert n_opt.step_count == 0, f"numpy: the refused step was counted ({n_opt.step_count})"
+    t_opt = topt.build_optimizer(_Holder(params), kind, lr=0.01)
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        topt.set_lr(t_opt, lr)
+    assert all(g["lr"] == 0.01 for g in t_opt.param_groups), "torch: a refused lr was set"

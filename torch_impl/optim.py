@@ -24,6 +24,7 @@ from the checkpoint form shared with numpy_ref: a JSON-ready dict plus tensors k
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -130,6 +131,9 @@ def build_optimizer(model: nn.Module, kind: str = "adamw", *, lr: float = 1e-3, 
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate; a finite number >= 0 (a NaN would turn every weight into NaN)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     for group in opt.param_groups:
         group["lr"] = lr
 
@@ -174,37 +178,89 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> tuple[dict,
 
 def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Mapping,
                          tensors: Mapping[str, torch.Tensor]) -> None:
-    """Restore `optimizer_state`'s output exactly, so a resumed run continues bit for bit."""
+    """Restore `optimizer_state`'s output exactly, so a resumed run continues bit for bit: the
+    moments or buffers, the step, and lr, betas, eps (AdamW), momentum (SGD) and weight_decay
+    (as torch's own load_state_dict restores its groups' settings). Everything is checked before
+    the optimiser changes. State saved before the first step may have no moments (torch keeps
+    none) or all-zero ones (numpy_ref keeps zeros): both load as a fresh optimiser."""
     kind = _kind(opt)
     if state.get("kind") != kind:
         raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {kind!r}")
     names = {id(p): n for n, p in model.named_parameters()}
-    step = int(state["step"])
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"optimiser state 'step' must be an int >= 0, got {step!r}")
+    settings = _checked_settings(kind, state)
+    slots = _TENSOR_KEYS[kind]
+    known = {f"{slot}.{n}" for slot in slots for n in names.values()}
+    unknown = sorted(k for k in tensors if k not in known)
+    if unknown:
+        raise ValueError(f"optimiser state has unknown tensor(s) {unknown[:3]}; expected keys "
+                         f"'<slot>.<parameter>' with slot in {slots}")
+    decayed = sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    if settings["weight_decay"] > 0 and sorted(state.get("decay", [])) != decayed:
+        diff = sorted(set(state.get("decay", [])) ^ set(decayed))
+        raise ValueError(f"optimiser state decays another set of parameters (they differ on {diff[:3]}); "
+                         f"build the optimiser with the same decay rule")
+    stepped = step > 0 and (kind == "adamw" or settings["momentum"] > 0)  # then every parameter has its slots
     # torch's own state_dict() form: parameters numbered in group order. load_state_dict then
     # moves and casts each entry as the optimiser wants (e.g. `step` on the device when fused).
     saved = opt.state_dict()
     per_param, index = {}, 0
-    for group_saved in saved["param_groups"]:
-        group_saved["lr"] = float(state["lr"])
     for group in opt.param_groups:
         for p in group["params"]:
             name = names[id(p)]
             st = {}
-            for slot in _TENSOR_KEYS[kind]:
+            for slot in slots:
                 key = f"{slot}.{name}"
                 if key not in tensors:
-                    if kind == "sgd":
-                        continue  # no momentum, or not yet stepped: no buffer
-                    raise KeyError(f"optimiser state lacks {key}")
+                    if stepped:
+                        raise KeyError(f"optimiser state lacks {key}")
+                    continue
                 t = torch.as_tensor(tensors[key])
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"optimiser state {key} has shape {tuple(t.shape)}, the parameter "
                                      f"{tuple(p.shape)}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"optimiser state {key} has non-finite values")
+                if not stepped and bool((t != 0).any()):
+                    raise ValueError(f"optimiser state {key} is non-zero at step {step} (momentum "
+                                     f"{settings.get('momentum', '-')}): the state is inconsistent")
                 st[slot] = t.to(device=p.device, dtype=p.dtype).clone()
-            if kind == "adamw" and step > 0:
-                st["step"] = torch.tensor(float(step), dtype=torch.float32)
-            if st:
+            if stepped:  # a fresh optimiser (not stepped) keeps no state: zero moments, the same thing
+                if kind == "adamw":
+                    st["step"] = torch.tensor(float(step), dtype=torch.float32)
                 per_param[index] = st
             index += 1
+    for group_saved in saved["param_groups"]:
+        group_saved["lr"] = settings["lr"]
+        if group_saved["weight_decay"] > 0:
+            group_saved["weight_decay"] = settings["weight_decay"]
+        if kind == "adamw":
+            group_saved["betas"], group_saved["eps"] = settings["betas"], settings["eps"]
+        else:
+            group_saved["momentum"] = settings["momentum"]
     saved["state"] = per_param
     opt.load_state_dict(saved)
+
+
+def _checked_settings(kind: str, state: Mapping) -> dict:
+    """lr, weight_decay and betas/eps (AdamW) or momentum (SGD) from a saved state, checked."""
+    def number(key):
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"optimiser state {key!r} must be a finite number >= 0, got {v!r}")
+        return float(v)
+
+    out = {"lr": number("lr"), "weight_decay": number("weight_decay")}
+    if kind == "adamw":
+        betas = state.get("betas")
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"optimiser state 'betas' must be two numbers in [0, 1), got {betas!r}")
+        out.update(betas=tuple(float(b) for b in betas), eps=number("eps"))
+    else:
+        out["momentum"] = number("momentum")
+        if not out["momentum"] < 1:
+            raise ValueError(f"optimiser state 'momentum' must be < 1, got {out['momentum']!r}")
+    return out

@@ -114,11 +114,17 @@ class Trainer:
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if self.model.dtype != torch.float32:
+            missing = [f"param.{k}" for k, v in self.model.state_dict().items()
+                       if f"param.{k}" not in tensors or tuple(tensors[f"param.{k}"].shape) != tuple(v.shape)]
+            if missing:  # checked before anything changes
+                raise KeyError(f"trainer state lacks (or has the wrong shape for) {missing[:3]}")
+        # The optimiser's state is checked whole before it changes anything; then the weights.
+        load_optimizer_state(self.optimizer, self.model, state["optimizer"],
+                             {k: v for k, v in tensors.items() if not k.startswith("param.")})
+        if self.model.dtype != torch.float32:
             with torch.no_grad():
                 for k, v in self.model.state_dict().items():
                     v.copy_(tensors[f"param.{k}"])
-        load_optimizer_state(self.optimizer, self.model, state["optimizer"],
-                             {k: v for k, v in tensors.items() if not k.startswith("param.")})
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
