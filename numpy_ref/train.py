@@ -19,8 +19,9 @@ Randomness is explicit: the dropout masks come from an np.random.Generator seede
 the batch order from the DataLoader's seed. A checkpoint stores the step, the generator's
 state, the data position, the optimiser state (float64 moments) and exact copies of the weights
 (model.safetensors holds float32), so a killed and resumed run ends bit for bit where an
-uninterrupted run ends. A non-finite loss or gradient norm stops the run before the weights
-change and saves nothing, so the last good checkpoint stays as it was.
+uninterrupted run ends. A non-finite loss or gradient norm (checked with or without clipping)
+stops the run before the weights change and saves nothing, so the last good checkpoint stays as
+it was.
 
 torch_impl/train.py is the same loop on autograd; in float64 the two agree step by step.
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from numpy_ref.optim import build_optimizer, clip_grad_norm, lr_at_step
+from numpy_ref.optim import build_optimizer, clip_grad_norm, global_grad_norm, lr_at_step
 from numpy_ref.train_log import TextProgress
 from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
                                  load_run, record_eval, save_run)
@@ -128,10 +129,10 @@ class Trainer:
                 grads[k] += g / s.grad_accum  # d(loss / grad_accum)/dparam, summed over micro-batches
             total += value
             self.tokens_seen += inputs.size
-        if s.grad_clip is not None:
-            norm = clip_grad_norm(grads, s.grad_clip)
-            if not math.isfinite(norm):
-                raise NonFiniteLoss(f"non-finite gradient norm {norm} at step {self.step + 1}")
+        # The norm is checked with or without clipping: a finite loss can still have an inf gradient.
+        norm = clip_grad_norm(grads, s.grad_clip) if s.grad_clip is not None else global_grad_norm(grads)
+        if not math.isfinite(norm):
+            raise NonFiniteLoss(f"non-finite gradient norm {norm} at step {self.step + 1}")
         lr = lr_at_step(self.step, max_lr=s.max_lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
                         total_steps=s.steps)
         self.optimizer.step(grads, lr=lr)

@@ -262,3 +262,43 @@ def test_settings_validation_names_the_field():
         with pytest.raises(ValueError, match="unknown TrainSettings key"):
             cls.from_dict({"steps": 3, "lr": 1.0})
         assert cls.from_dict(cls(steps=7, betas=(0.8, 0.9)).to_dict()) == cls(steps=7, betas=(0.8, 0.9))
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_an_infinite_gradient_stops_the_run_without_clipping_too(tree, tmp_path, monkeypatch):
+    """grad_clip=None: the gradient norm is still checked, so an inf gradient with a finite loss
+    stops the run before the optimiser touches the weights."""
+    model = _model(tree)
+    before = _weights(tree, model)
+    if tree == "numpy":
+        real = model.backward
+
+        def poisoned(cache, dloss=1.0):
+            grads = real(cache, dloss)
+            grads["ln_f.weight"][0] = np.inf
+            return grads
+
+        monkeypatch.setattr(model, "backward", poisoned)
+    else:
+        model.ln_f.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    result = _trainer(tree, model, dict(steps=3, grad_clip=None, progress=False), out_dir=tmp_path).fit()
+    assert not result.ok and "non-finite gradient norm inf at step 1" in result.message, result.message
+    after = _weights(tree, model)
+    for k in before:
+        assert np.array_equal(before[k], after[k]), f"{tree}: {k} changed although the gradient was inf"
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(max_lr=1e-5), ValueError, "min_lr=4e-05 exceeds max_lr=1e-05"),
+    (dict(max_lr=float("nan")), ValueError, "max_lr must be a finite number"),
+    (dict(steps=2.5), TypeError, "steps must be an int"),
+    (dict(eval_batches=1.5), TypeError, "eval_batches must be an int"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas must be two numbers"),
+    (dict(grad_clip=float("inf")), ValueError, "grad_clip must be a finite number > 0"),
+    (dict(momentum=1.0), ValueError, "momentum must be < 1"),
+])
+def test_train_settings_refuse_bad_values_in_both_trees(bad, error, match):
+    """Refused when the settings are made, not after the first forward and backward."""
+    for cls in (NumpySettings, TorchSettings):
+        with pytest.raises(error, match=f"TrainSettings.{match}"):
+            cls(**bad)

@@ -21,8 +21,9 @@ data position (epoch, batch within the epoch), the optimiser state and the loss 
 run killed and resumed from its last checkpoint ends bit for bit where an uninterrupted run
 ends (on CPU; GPU kernels may not be deterministic).
 
-A non-finite loss or gradient norm stops the run before the optimiser touches the weights,
-with a message; nothing is saved, so the last good checkpoint stays as it was.
+A non-finite loss or gradient norm (checked with or without clipping) stops the run before the
+optimiser touches the weights, with a message; nothing is saved, so the last good checkpoint
+stays as it was.
 
 numpy_ref/train.py is the same loop over the NumPy model with hand-written backward passes.
 """
@@ -151,10 +152,13 @@ class Trainer:
             (loss / s.grad_accum).backward()  # accumulates into .grad
             total += value
             self.tokens_seen += inputs.numel()
+        # The norm is checked with or without clipping: a finite loss can still have an inf gradient.
         if s.grad_clip is not None:
             norm = clip_grad_norm(model.parameters(), s.grad_clip)
-            if not math.isfinite(norm):
-                raise NonFiniteLoss(f"non-finite gradient norm {norm} at step {self.step + 1}")
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        if not math.isfinite(norm):
+            raise NonFiniteLoss(f"non-finite gradient norm {norm} at step {self.step + 1}")
         set_lr(self.optimizer, lr_at_step(self.step, max_lr=s.max_lr, min_lr=s.min_lr,
                                           warmup_steps=s.warmup_steps, total_steps=s.steps))
         self.optimizer.step()

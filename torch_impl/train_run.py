@@ -14,6 +14,8 @@ numpy_ref/train_run.py is the same file for the NumPy tree.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -50,6 +52,22 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "eval_batches", "warmup_steps", "eval_every", "checkpoint_every",
+                     "sample_tokens", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"TrainSettings.{name} must be an int, got {value!r} ({type(value).__name__})")
+        for name in ("max_lr", "min_lr", "weight_decay", "eps", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"TrainSettings.{name} must be a finite number >= 0, got {value!r}")
+        if self.min_lr > self.max_lr:
+            raise ValueError(f"TrainSettings.min_lr={self.min_lr} exceeds max_lr={self.max_lr} (the cosine "
+                             f"goes from max_lr down to min_lr)")
+        if not (len(self.betas) == 2 and all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"TrainSettings.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not self.momentum < 1:
+            raise ValueError(f"TrainSettings.momentum must be < 1, got {self.momentum!r}")
         for name in ("steps", "grad_accum", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
@@ -58,8 +76,9 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"TrainSettings.warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainSettings.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, numbers.Real)
+                                               and 0 < self.grad_clip < math.inf):
+            raise ValueError(f"TrainSettings.grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"TrainSettings.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
 
