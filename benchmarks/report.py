@@ -184,7 +184,8 @@ def markdown_summary(payload: dict, results: list[Result], plots: list[str]) -> 
     lines = [f"# Benchmark summary: {payload['meta']['machine_name']}", "",
              f"{'Quick run' if payload['meta']['quick'] else 'Full run'} of `gpt-oracle bench` on "
              f"{payload['meta']['date']}, {payload['meta']['seconds']:.0f} s. FLOPs by the formula in "
-             "`benchmarks/README.md`; \"of peak\" divides by the GEMM rate measured at the start of the same run.", "",
+             "`benchmarks/README.md`; \"of peak\" divides by the higher of the GEMM rates measured at the start and "
+             "at the end of the same run.", "",
              "## Machine", "",
              f"- CPU: {cpu['model']}, {cpu['usable_cpus']} usable cores, SIMD {', '.join(cpu['simd']) or '-'}"
              + (f"; GPU: {m['cuda']['name']}" if m.get("cuda") else ""),

@@ -74,13 +74,3 @@ def sample_ids(config_d: Mapping, seed: int, B: int = 2, T: int | None = None) -
     ids = np.random.default_rng(seed).integers(0, config_d["vocab_size"], size=(B, T))
     ids[0, 0], ids[-1, -1] = 0, config_d["vocab_size"] - 1
     return ids.astype(np.int64)
-
-
-def model_modules():
-    """(numpy_ref.model, torch_impl.model), or None where either is not importable yet."""
-    try:
-        import numpy_ref.model as nm
-        import torch_impl.model as tm
-    except ImportError:
-        return None
-    return nm, tm

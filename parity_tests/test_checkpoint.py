@@ -18,7 +18,9 @@ from safetensors.numpy import save as official_save_np
 from safetensors.torch import save_file as official_save_torch
 
 import numpy_ref.checkpoint as nck
+import numpy_ref.model as nm
 import torch_impl.checkpoint as tck
+import torch_impl.model as tm
 from numpy_ref.safetensors_io import read_safetensors, write_safetensors
 from parity_tests import checkpoint_cases as cc
 from parity_tests.compare import assert_close, assert_dicts_close, to_numpy
@@ -157,10 +159,6 @@ def test_trainer_state_round_trip_and_interchange():
 
 @pytest.mark.parametrize("tie,qkv_bias", [(False, False), (True, True)])
 def test_cross_tree_checkpoint_gives_the_same_logits(tie, qkv_bias):
-    mods = cc.model_modules()
-    if mods is None:
-        pytest.skip("numpy_ref.model or torch_impl.model is not importable yet")
-    nm, tm = mods
     cfg = cc.tiny(tie_embeddings=tie, qkv_bias=qkv_bias)
     ids = cc.sample_ids(cfg, 1)
     with tempfile.TemporaryDirectory() as d:
@@ -197,10 +195,7 @@ def test_transformers_loads_our_checkpoint_with_the_same_logits(tie, qkv_bias):
         assert not problems, f"transformers reported loading problems: {problems}"
         assert hf.config.tie_word_embeddings == tie, f"tie_word_embeddings {hf.config.tie_word_embeddings} != {tie}"
         got = cc.hf_logits(hf, ids)
-    mods = cc.model_modules()
-    if mods is None:
-        pytest.skip("numpy_ref.model is not importable yet")
-    ref = mods[0].GPTModel(cc.numpy_config(cfg), params=params)(ids)
+    ref = nm.GPTModel(cc.numpy_config(cfg), params=params)(ids)
     assert_close(f"transformers logits vs numpy_ref (tie={tie}, qkv_bias={qkv_bias})", got, ref,
                  forward_tol("float64"))
 
@@ -214,10 +209,7 @@ def _check_loaded_from_hf(d, cfg, hf_model, what):
     tconfig, state = tck.load_checkpoint(d, dtype=torch.float64)
     assert tconfig.to_dict() == want, f"torch_impl config derived from {what}: {tconfig.to_dict()} != {want}"
     assert_dicts_close(f"torch_impl vs numpy_ref params from {what}", state, params, EXACT, order=list(params))
-    mods = cc.model_modules()
-    if mods is None:
-        pytest.skip("numpy_ref.model is not importable yet")
-    got = mods[0].GPTModel(config, params=params)(ids)
+    got = nm.GPTModel(config, params=params)(ids)
     assert_close(f"numpy_ref logits vs transformers ({what})", got, expected, forward_tol("float64"))
 
 
