@@ -61,6 +61,8 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR) -> dict[b
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
+    # Lone surrogates cannot be UTF-8 encoded: U+FFFD in their place, as the tokenizer's encode does.
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     piece_counts = Counter(piece.encode("utf-8") for piece in regex.findall(pat_str, text))
     words = [list(piece) for piece in piece_counts]  # each distinct piece as byte ids
     freqs = list(piece_counts.values())

@@ -21,6 +21,8 @@ this raises ValueError (never NaN).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -32,6 +34,8 @@ def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None 
     if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets shape {targets.shape} must be the logits shape {logits.shape} "
                          f"without its last axis")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"cross_entropy: ignore_index must be an int or None, got {ignore_index!r}")
     V = logits.shape[-1]
     counted = np.ones(targets.shape, dtype=bool) if ignore_index is None else targets != ignore_index
     outside = counted & ((targets < 0) | (targets >= V))

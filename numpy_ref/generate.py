@@ -119,10 +119,12 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     B = ids.shape[0]
     V, Tc = model.config.vocab_size, model.config.context_length
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)):
+        raise TypeError(f"eos_id must be an int token id or None, got {eos_id!r} ({type(eos_id).__name__})")
     if eos_id is not None and not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
     sampling = bool(temperature)
-    if coins is None and sampling:
+    if coins is None and sampling and max_new_tokens > 0:
         if rng is None:
             raise ValueError("sampling with temperature > 0 needs coins or an rng (np.random.Generator)")
         coins = rng.random((max_new_tokens, B))  # (n, B)

@@ -152,7 +152,7 @@ def _split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray
         else:
             parts = key.split(".", 2) + ["", ""]  # "h.{i}.{local}"; padded so a short key cannot IndexError
             local = parts[2]
-            in_range = parts[0] == "h" and parts[1].isdigit() and int(parts[1]) < config.n_layers
+            in_range = parts[0] == "h" and parts[1] in {str(i) for i in range(config.n_layers)}  # not "01", "\u0661"
             if not in_range or local not in expected_block:
                 raise ValueError(f"unknown dropout mask {key!r}; known: {MASK_KEYS} with i < {config.n_layers}")
             shape, target = expected_block[local], (int(parts[1]), local)

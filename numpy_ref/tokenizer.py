@@ -33,6 +33,7 @@ import functools
 import hashlib
 import heapq
 import importlib.resources
+import operator
 from itertools import chain
 from pathlib import Path
 from typing import AbstractSet, Collection, Literal
@@ -243,6 +244,7 @@ class Encoding:
 
     # ---- decoding ---------------------------------------------------------------------------
     def decode_single_token_bytes(self, token: int) -> bytes:
+        operator.index(token)  # TypeError for 3.0, as tiktoken: a float equal to an id must not decode as it
         try:
             return self._decoder[token]
         except (KeyError, TypeError):
@@ -252,11 +254,16 @@ class Encoding:
         return [self.decode_single_token_bytes(t) for t in tokens]
 
     def decode_bytes(self, tokens: list[int]) -> bytes:
+        tokens = tokens if isinstance(tokens, (list, tuple)) else list(tokens)  # read twice below
         try:
-            return b"".join(self._decoder[t] for t in tokens)
+            out = b"".join(self._decoder[t] for t in tokens)
         except (KeyError, TypeError):
             # The slow path only to name the first bad id (decode_single_token_bytes raises).
             return b"".join(self.decode_single_token_bytes(t) for t in tokens)
+        if any(type(t) is not int for t in tokens):  # 3.0 hashes like 3: found, but not an id (tiktoken: TypeError)
+            for t in tokens:
+                operator.index(t)
+        return out
 
     def decode(self, tokens: list[int], errors: str = "replace") -> str:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD (errors="replace")."""

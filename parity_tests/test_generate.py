@@ -280,6 +280,18 @@ def test_stop_token_pads_finished_rows_and_ends_when_all_stopped():
     assert single.shape == (1, 4 + 3) and single[0, -1] == eos, f"one row stops right after eos: {single.tolist()}"
 
 
+def test_eos_id_must_be_an_int_and_no_new_tokens_needs_no_coins():
+    """eos_id 93.5 never matched and True acted as 1: both are a TypeError in both trees. With
+    max_new_tokens = 0 nothing is sampled, so sampling without coins or rng is not an error."""
+    n_model, t_model = _models()
+    ids = np.array([[1, 2]])
+    for gen, model, conv in ((ngen.generate, n_model, np.asarray), (tgen.generate, t_model, torch.tensor)):
+        for bad in (93.5, True):
+            with pytest.raises(TypeError, match="eos_id must be an int token id"):
+                gen(model, conv(ids), 3, eos_id=bad)
+        out = gen(model, conv(ids), 0, temperature=1.0)
+        assert np.array_equal(to_numpy(out), ids), f"{gen.__module__}: 0 new tokens changed the ids: {out}"
+
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_long_prompts_are_cropped_to_the_context(tree):
     """A prompt longer than the context gives the tokens of its last Tc ids, and every step

@@ -304,8 +304,11 @@ def test_bad_dropout_masks_and_backward_misuse():
     cfg = get_config("tiny")
     model = GPTModel(cfg)
     ids = np.zeros((1, 3), dtype=np.int64)
-    with pytest.raises(ValueError, match="unknown dropout mask 'h.5.attn.out'"):
-        model.forward(ids, ids, dropout_masks={"h.5.attn.out": np.ones((1, 3, 32))})
+    for key in ("h.5.attn.out", "h.01.attn.out", "h.\u0661.attn.out"):  # past L, a leading zero, an Arabic-Indic 1
+        with pytest.raises(ValueError, match=f"unknown dropout mask '{key}'"):
+            model.forward(ids, ids, dropout_masks={key: np.ones((1, 3, 32))})
+    with pytest.raises(TypeError, match="ignore_index must be an int or None"):
+        model.forward(ids, ids, ignore_index=3.5)
     with pytest.raises(ValueError, match=r"'h.0.attn.weights' has shape \(1, 4, 3, 2\); expected \(1, 4, 3, 3\)"):
         model.forward(ids, ids, dropout_masks={"h.0.attn.weights": np.ones((1, 4, 3, 2))})
     _, loss, cache = model.forward(ids)

@@ -15,6 +15,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 import tiktoken
@@ -218,6 +219,29 @@ def test_decode_of_an_unknown_id_names_it(ours):
         ours.decode([1, 50257])
     with pytest.raises(ValueError, match=r"-1"):
         ours.decode_single_token_bytes(-1)
+
+
+
+def test_decode_refuses_a_float_id_as_tiktoken_does(ours, theirs):
+    """3.0 hashes like 3 (a dict lookup would find it); tiktoken raises TypeError, and so do we.
+    Integers of other types (np.int64, bool) decode as tiktoken decodes them."""
+    for bad in ([3.0], [1, np.float64(3.0)]):
+        with pytest.raises(TypeError):
+            theirs.decode(bad)
+        with pytest.raises(TypeError, match="float"):
+            ours.decode(bad)
+    with pytest.raises(TypeError, match="float"):
+        ours.decode_single_token_bytes(3.0)
+    for fine in ([np.int64(3), 5], [True, 7]):
+        assert ours.decode(fine) == theirs.decode(fine), f"{fine}: {ours.decode(fine)!r} vs {theirs.decode(fine)!r}"
+
+
+def test_bpe_training_takes_lone_surrogates_as_encode_does():
+    """A lone surrogate cannot be UTF-8 encoded; training replaces it with U+FFFD as encode does,
+    so a text the tokenizer accepts never crashes the trainer."""
+    with_surrogate = bpe_train.train_bpe("ab\ud800cd abab \ud800\ud800", 262)
+    replaced = bpe_train.train_bpe("ab\ufffdcd abab \ufffd\ufffd", 262)
+    assert with_surrogate == replaced, "training on a lone surrogate differs from training on U+FFFD"
 
 
 # ---- tiktoken offline ----------------------------------------------------------------------

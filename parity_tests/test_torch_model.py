@@ -67,6 +67,44 @@ def test_float_ids_are_a_type_error_naming_the_dtype():
         model(torch.zeros(1, 3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("rows", [7, None], ids=["sliced head", "whole head"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32])
+def test_every_integer_dtype_of_ids_and_targets_gives_the_int64_result(dtype, rows):
+    """Ids and targets of any integer dtype but uint64 are read as int64: the same logits, loss and
+    gradients as int64, on both head paths (int32 targets once worked only on the sliced one)."""
+    from parity_tests.models import head_slices
+
+    model = model_of(tiny())
+    ids = ids_of(model.config, 2, 5, 3).clamp(max=100)
+    with head_slices(rows or 10**9):
+        ref_logits, ref_loss = model(ids, ids)
+        ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+        logits, loss = model(ids.to(dtype), ids.to(dtype))
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss), f"{dtype}: logits or loss differ"
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert torch.equal(g, r), f"{dtype}: gradient of {name} differs from int64's"
+
+
+def test_ids_out_of_range_for_the_vocabulary_are_named_in_any_dtype():
+    """The range check is done in int64: in int16, V = 50257 wraps, and a valid id 5 was reported
+    as outside [0, 50257); uint64 is refused by name (its values may not fit in int64)."""
+    big = model_of(GPTConfig(**dict(tiny().to_dict(), vocab_size=50257, emb_dim=8, n_heads=2)))
+    big(torch.tensor([[5, 50256]], dtype=torch.int32))
+    big(torch.tensor([[5, 30000]], dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"token id 200 at position \(batch 0, time 1\) is outside \[0, 101\)"):
+        model_of(tiny())(torch.tensor([[5, 200]], dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint64"):
+        model_of(tiny())(torch.tensor([[5]], dtype=torch.uint64))
+
+
+def test_ignore_index_must_be_an_int():
+    model = model_of(tiny())
+    ids = ids_of(model.config, 1, 4, 0)
+    for bad in (3.5, True, "3"):
+        with pytest.raises(TypeError, match="ignore_index must be an int or None"):
+            model(ids, ids, ignore_index=bad)
+
 @pytest.mark.parametrize("shape", [(3,), (1, 2, 3)])
 def test_ids_not_2d_are_a_value_error_naming_the_shape(shape):
     with pytest.raises(ValueError, match=re_escape(str(shape))):

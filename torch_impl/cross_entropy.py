@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import check_range_vmapped, vmapped_values
+from torch_impl.device import as_int64_index, check_range_vmapped, vmapped_values
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
-def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None) -> None:
-    """Targets must be integers of shape logits.shape[:-1], each in [0, V) or equal to ignore_index."""
+def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """Targets must be integers of shape logits.shape[:-1], each in [0, V) or equal to ignore_index;
+    returned as int64 (any integer dtype converts exactly; uint64 is refused)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of integers, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -32,6 +33,9 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)} "
                          f"without its last (vocabulary) axis")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    targets = as_int64_index(targets, "targets")  # compared with V in int64, and the loss takes int64
     V = logits.shape[-1]
     plain = vmapped_values(targets)
     if plain is not None:
@@ -41,7 +45,7 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
             raise ValueError(f"ignore_index={ignore_index} is not supported with targets batched by torch.func.vmap: "
                              f"a sample with every target ignored would get a NaN loss")
         check_range_vmapped(plain, V, "target")
-        return
+        return targets
     counted = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
     bad = counted & ((targets < 0) | (targets >= V))  # (B, T)
     # One reduction, one host sync: both error conditions come back together.
@@ -52,11 +56,12 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"(vocab_size={V}, ignore_index={ignore_index})")
     if n_counted == 0:
         raise ValueError(f"every target equals ignore_index={ignore_index}: the mean loss over 0 targets is undefined")
+    return targets
 
 
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
     """Mean over counted positions of -log softmax(logits)[target]."""
-    check_targets(logits, targets, ignore_index)
+    targets = check_targets(logits, targets, ignore_index)  # (B, T) int64
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (B, T, V) -> (B*T, V)
     flat_targets = targets.reshape(-1)  # (B, T) -> (B*T,)
     if ignore_index is None:

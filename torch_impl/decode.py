@@ -54,7 +54,7 @@ def decode_step(model, ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
     cfg = model.config
     P = kv_cache.length
     wte, wpe = model.wte.weight, model.wpe.weight
-    check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset=P)  # embedding.py's errors, against the same tables
+    ids = check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset=P)  # embedding.py's errors and int64, same tables
     kv_cache.layer(0).check_room(1)  # attention's overflow error, before anything is written
     B, C, nh, hs, eps = ids.shape[0], cfg.emb_dim, cfg.n_heads, cfg.head_size, cfg.ln_eps
     x = F.embedding(ids, wte).view(B, C) + wpe[P]  # (B, 1) -> (B, C), + wpe[P] (C,)

@@ -89,6 +89,17 @@ def vmapped_values(t: torch.Tensor) -> torch.Tensor | None:
         t = get_unwrapped(t)
 
 
+def as_int64_index(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Integer ids or targets as int64, the index type embedding, gather and the loss take.
+    Every narrower or unsigned integer dtype converts exactly (and is then range-checked in int64,
+    not in its own dtype, where V itself could wrap around); uint64 may not fit and is refused."""
+    if t.dtype == torch.int64:
+        return t
+    if t.dtype == torch.uint64:
+        raise TypeError(f"{what} of dtype torch.uint64 may not fit in int64; pass int64 (or int32)")
+    return t.to(torch.int64)
+
+
 def check_range_vmapped(plain: torch.Tensor, n: int, what: str) -> None:
     """ValueError naming the first value of `plain` (from vmapped_values) outside [0, n)."""
     bad = (plain < 0) | (plain >= n)

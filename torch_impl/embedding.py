@@ -18,13 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import check_range_vmapped, plain_eager, vmapped_values
+from torch_impl.device import as_int64_index, check_range_vmapped, plain_eager, vmapped_values
 from torch_impl.kept_buffers import grad_buffer
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
-def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offset: int = 0) -> None:
-    """Raise the design.md errors for ids that the model cannot embed; return None otherwise.
+def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offset: int = 0) -> torch.Tensor:
+    """Raise the design.md errors for ids that the model cannot embed; return them as int64
+    (any integer dtype is accepted and converted exactly; uint64 is refused).
 
     The range check is one reduction; it syncs with the device once per forward (where the
     device is not the CPU), which costs microseconds next to a GPT-2 forward.
@@ -41,15 +42,17 @@ def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offse
     if pos_offset + T > context_length:
         past = f" after {pos_offset} cached positions" if pos_offset else ""
         raise ValueError(f"sequence length T={T}{past} exceeds the context length {context_length}")
+    ids = as_int64_index(ids, "token ids")  # compared with V in int64: in int16, V = 50257 would wrap
     plain = vmapped_values(ids)
     if plain is not None:  # batched by torch.func.vmap: its values cannot be branched on, the plain ones can
         check_range_vmapped(plain, vocab_size, "token id")
-        return
+        return ids
     bad = (ids < 0) | (ids >= vocab_size)  # (B, T)
     if bool(bad.any()):
         b, t = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"token id {int(ids[b, t])} at position (batch {b}, time {t}) is outside [0, {vocab_size}) "
                          f"(vocab_size={vocab_size})")
+    return ids
 
 
 class TiedHeadGrad:
@@ -106,7 +109,7 @@ def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, p
     so that wte's two gradients are summed in place (see TiedHeadGrad). Training on the CPU, the
     embedding's gradient goes into kept memory even without it (kept_buffers.py).
     """
-    check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)
+    ids = check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)  # (B, T) int64
     T = ids.shape[1]
     training_wte = torch.is_grad_enabled() and wte.requires_grad
     if training_wte and (tied_grad is not None or (wte.device.type == "cpu" and plain_eager())):

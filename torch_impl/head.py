@@ -74,7 +74,7 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
         logits = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         return logits, cross_entropy_forward(logits, targets, ignore_index)
     V = head.shape[0]
-    check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)
+    targets = check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)  # (B, T) int64
     flat = targets.reshape(-1)  # (B, T) -> (N,)
     counted = torch.ones_like(flat, dtype=torch.bool) if ignore_index is None else flat != ignore_index
     weights = counted.to(x.dtype) / counted.sum()  # (N,): 1/n on counted rows, 0 on ignored ones
