@@ -1,16 +1,21 @@
 """The whole model, both trees: logits, loss and every parameter gradient against the float64
 oracle, on hypothesis-drawn configurations (tied and untied head, with and without qkv bias),
-plus metamorphic properties that hold in both trees."""
+in float64, float32 and under CPU bf16 autocast, plus metamorphic properties that hold in both
+trees."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity_tests import models
+from parity_tests.checks import compare_grad_norms, position_grad_scales
 from parity_tests.compare import assert_close, assert_dicts_close
 from parity_tests.strategies import config_dicts, seeds
-from parity_tests.tolerances import forward_tol, gradient_tol
+from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
 
 
 @st.composite
@@ -54,16 +59,52 @@ def test_model_float32_matches_oracle(case, rows):
     _check_model(*case, "float32", rows)
 
 
-@settings(max_examples=4)
-@given(case=model_case())
-def test_model_bf16_autocast_within_budget(case):
-    cfg, seed, B, T = case
+@st.composite
+def bf16_case(draw, tie_embeddings: bool, qkv_bias: bool):
+    """Like model_case, with C = nh * hs >= 8. Layer norm's backward removes two directions
+    (the mean and the normalised input) from a C-wide gradient: at C = 1 nothing is left, at
+    C = 2 an O(eps) residue, and at C = 3-4 often a small difference of large terms, which bf16
+    rounding of the activations cannot resolve on correct code (measured: 20-50 u there, against
+    at most 15 u at C >= 8; test_cross_layers leaves layer norm out of its bf16 property for the
+    same reason). V = 2 and B, T = 1 stay reachable."""
+    n_heads = draw(st.integers(1, 3))
+    head_size = draw(st.integers(-(-8 // n_heads), 8))  # ceil(8 / nh) .. 8, so C >= 8
+    cfg = dict(vocab_size=draw(st.integers(2, 40)), context_length=draw(st.integers(1, 10)),
+               emb_dim=n_heads * head_size, n_heads=n_heads, n_layers=draw(st.integers(1, 2)), drop_rate=0.0,
+               qkv_bias=qkv_bias, tie_embeddings=tie_embeddings, ln_eps=1e-5)
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, cfg["context_length"]))
+    return cfg, draw(seeds()), B, T
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv_bias", "no_qkv_bias"])
+@given(data=st.data())
+def test_model_bf16_autocast_logits_loss_and_every_gradient(tie_embeddings, qkv_bias, data):
+    """CPU bf16 autocast against the float64 oracle: logits and loss elementwise, and every
+    parameter gradient as a whole, ||g_bf16 - g_ref|| <= 32 u s with u = 2^-8 and s the size of
+    its per-position terms (tolerances.GRADIENT_NORM says why, and what was measured). A missing
+    or halved gradient (a tied head that gives wte nothing, a head gradient scaled by 0.5) is an
+    error of ||g|| or ||g|| / 2, 8 or 4 times that bound where the terms do not cancel."""
+    cfg, seed, B, T = data.draw(bf16_case(tie_embeddings, qkv_bias), label="case")
     params = _params(cfg, seed)
+    np_model = models.build_numpy_model(cfg, params=params)
     ids, targets = models.random_batch(cfg, B, T, seed)
-    ref = models.run_numpy(models.build_numpy_model(cfg, params=params), ids, targets)
+    ref = models.run_numpy(np_model, ids, targets)
     got = models.run_torch(models.build_torch_model(cfg, params, dtype="bfloat16"), ids, targets, dtype="bfloat16")
-    assert_close("logits", got.logits, ref.logits, forward_tol("bfloat16"))
-    assert_close("loss", np.array(got.loss), np.array(ref.loss), forward_tol("bfloat16"))
+    assert_close(f"bf16 logits ({cfg}, B={B}, T={T})", got.logits, ref.logits, forward_tol("bfloat16"))
+    assert_close("bf16 loss", np.array(got.loss), np.array(ref.loss), forward_tol("bfloat16"))
+    scales = position_grad_scales(np_model, ids, targets)
+    results = compare_grad_norms("bf16 grads", got.grads, ref.grads, scales, gradient_norm_tol("bfloat16"),
+                                 order=list(params))
+    bad = [r for r in results if not r.ok]
+    assert not bad, _first_divergence(bad, f"{cfg}, B={B}, T={T}")
+
+
+def _first_divergence(bad, context: str) -> str:
+    """The first failing tensor in model order, and how many others failed."""
+    others = f" ({len(bad) - 1} more tensors also differ: {[r.name for r in bad[1:4]]}...)" if len(bad) > 1 else ""
+    return f"first divergence ({context}): {bad[0].message()}{others}"
 
 
 # ---- metamorphic properties, both trees ------------------------------------------------------

@@ -7,6 +7,10 @@ precision loses digits relative to the terms it sums, not to the (possibly cance
 so an element near zero in a tensor of ones is judged at the tensor's scale.
 Forward values and gradients have their own entries because a gradient is a longer chain of
 rounding than the value it came from.
+
+Whole-model gradients under bf16 autocast are judged per tensor as a whole instead
+(`GRADIENT_NORM`, `NormTol`): an elementwise rule loose enough for the worst element of every
+tensor also passes a tensor that is all zeros or half its size, when its values are small.
 """
 
 from __future__ import annotations
@@ -38,8 +42,43 @@ GRADIENT = {
     "float64": Tol(1e-9, 1e-7, "backward chains more products; still float64 reassociation only"),
     "float32": Tol(1e-4, 1e-3, "float32 backward: roundoff grows with depth and accumulation"),
     "tf32": Tol(2e-2, 2e-2, "TF32 in both forward and backward matmuls"),
+    # Single layers in pure bf16 on O(1) inputs and upstream gradients (layer-level checks). Too
+    # loose for a whole model's gradients, which are O(1e-3..1e-1): those use GRADIENT_NORM.
     "bfloat16": Tol(5e-2, 1e-1, "bf16 activations in forward and backward; upstream grads are O(1)", per_tensor=True),
     "float16": Tol(5e-3, 2e-2, "fp16 activations in forward and backward", per_tensor=True),
+}
+
+
+@dataclass(frozen=True)
+class NormTol:
+    """Per tensor: ||actual - expected||_2 <= rel * s, where s is the size of the terms the
+    tensor is a mean of (parity_tests/checks.py `position_grad_scales`), not of the mean itself."""
+
+    rel: float
+    why: str
+
+
+# Whole-model gradients under autocast, per parameter tensor (checks.py `compare_grad_norms`).
+# The gradient of the mean loss over N positions is the mean of N per-position gradients g_n.
+# Autocast rounds both operands and the result of every GEMM to bf16, a relative error of at
+# most u = 2^-8 each, so each g_n carries an error of a few u times ||g_n||, and those errors,
+# made by different roundings, add like a random walk: ||error|| ~ k * u * s with
+#     s = sqrt(sum_n ||g_n||^2) / N.
+# s equals ||g|| when the per-position gradients point in unrelated directions (the usual case)
+# and stays at the size of the terms when they cancel: two identical rows with targets 0 and 1
+# of V = 2 have a mean gradient that is a residue bf16 rounds to exactly 0, which a bound
+# relative to ||g|| would call a 100% error on correct code.
+# k: a per-position gradient passes 10-20 bf16 roundings (two operands and a result per GEMM,
+# forward and backward), each at most u: a few u in quadrature, 10-20 u if all were at their
+# worst in the same direction, more where layer norm over few channels amplifies them. Measured
+# on the CPU autocast path: median 1.1 u, 99.9th percentile 4.3 u, worst 14.6 u over 5000
+# hypothesis-drawn models (test_cross_model's bf16_case: C >= 8, 1-2 layers; 100k tensors; the
+# tail is in layer-norm parameters at C = 8 with aligned per-position terms), at most 1.7 u on
+# `gpt-oracle check`'s tiny and small. k = 32 (2^-3) is 2x over that worst case, so the random
+# `dev` profile does not flake, and still 4x below a halved gradient (error 0.5 ||g||) and 8x
+# below a missing one (error ||g||) where s ~ ||g||.
+GRADIENT_NORM = {
+    "bfloat16": NormTol(32 * 2.0**-8, "bf16 unit roundoff u=2^-8; 32 u of the per-position gradient scale s"),
 }
 
 # The same bf16 products computed by two kernels (operands in different memory layouts): inputs
@@ -60,7 +99,16 @@ def gradient_tol(dtype: str) -> Tol:
     return _lookup(GRADIENT, dtype)
 
 
-def _lookup(table: dict[str, Tol], dtype: str) -> Tol:
+def gradient_norm_tol(dtype: str) -> NormTol | None:
+    """The whole-tensor bound for model gradients in `dtype`, or None where `gradient_tol`'s
+    elementwise rule is the one used (float64, float32, tf32, float16)."""
+    try:
+        return _lookup(GRADIENT_NORM, dtype)
+    except KeyError:
+        return None
+
+
+def _lookup(table: dict, dtype: str):
     key = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}.get(dtype, dtype)
     if key not in table:
         raise KeyError(f"no tolerance for dtype {dtype!r}; known: {sorted(table)}")
