@@ -81,6 +81,23 @@ def numpy_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndar
 
 # ---- torch_impl -----------------------------------------------------------------------------
 
+def matmul_precision(device: str, tf32: bool) -> Callable[[], None]:
+    """A function that sets torch's TF32 switches for float32 matmuls on CUDA (a no-op elsewhere).
+    Every timed torch call runs it first: the switches are global, so whatever runner or layer
+    was built or timed before must not leave its setting to the next (a float32 row of Hugging
+    Face or of the layer tables would otherwise run in TF32 and be divided by the float32 peak)."""
+    if not device.startswith("cuda"):
+        return lambda: None
+
+    def apply() -> None:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    return apply
+
+
 def torch_optimizer(model, device: str):
     """torch_impl.optim.build_optimizer: AdamW, fused where torch supports it, GPT-2's decay groups."""
     from torch_impl.optim import build_optimizer
@@ -125,16 +142,16 @@ def torch_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndar
     bf16 = "bf16" in mode
     autocast = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     fwd_model = torch.compile(model) if mode.startswith("compile") else model
-    if dev_type == "cuda":
-        # TF32 only where asked for: fp32 and compile measure float32 matmuls.
-        torch.backends.cuda.matmul.allow_tf32 = mode in ("tf32", "bf16", "compile-bf16")
-        torch.backends.cudnn.allow_tf32 = mode in ("tf32", "bf16", "compile-bf16")
+    # TF32 only where asked for: fp32 and compile measure float32 matmuls.
+    precision = matmul_precision(device, tf32=mode in ("tf32", "bf16", "compile-bf16"))
 
     def forward():
+        precision()
         with torch.no_grad(), autocast():
             return fwd_model(ids_t)
 
     def train_step():
+        precision()
         opt.zero_grad(set_to_none=True)
         with autocast():
             _, loss = _logits_loss(fwd_model(ids_t, targets_t))
@@ -145,6 +162,7 @@ def torch_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndar
     def decode(n: int, use_cache: bool):
         from torch_impl.generate import generate
 
+        precision()
         model.eval()
         try:
             with torch.no_grad(), autocast():
@@ -197,12 +215,15 @@ def hf_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndarray
     opt, opt_name = torch_optimizer_plain(model, device)
     ids_t, targets_t = torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    precision = matmul_precision(device, tf32=False)  # float32 matmuls, whatever ran before
 
     def forward():
+        precision()
         with torch.no_grad():
             return model(input_ids=ids_t).logits
 
     def train_step():
+        precision()
         opt.zero_grad(set_to_none=True)
         # HF shifts labels inside (predicts labels[1:] from ids[:-1]); the compute is the same
         # forward and backward over (B, T), only the loss covers T-1 positions.
@@ -212,6 +233,7 @@ def hf_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndarray
         return loss
 
     def decode(n: int, use_cache: bool):
+        precision()
         model.eval()
         try:
             with torch.no_grad():
@@ -220,7 +242,8 @@ def hf_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndarray
         finally:
             model.train()
 
-    return Runner("hf-fp32", "hf", "torch_float32", forward, train_step, decode, sync, note=f"optimizer: {opt_name}")
+    peak = "cuda_float32" if device.startswith("cuda") else "torch_float32"  # the device's own float32 GEMM rate
+    return Runner("hf-fp32", "hf", peak, forward, train_step, decode, sync, note=f"optimizer: {opt_name}")
 
 
 def torch_optimizer_plain(model, device: str):

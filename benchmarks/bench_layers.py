@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks import flops as F
+from benchmarks.backends import matmul_precision
 from benchmarks.memory import peak_bytes
 from benchmarks.record import Result, guarded
 from benchmarks.stats import time_call
@@ -66,11 +67,15 @@ def _torch_layer(name: str, inputs: dict, mode: str, device: str, diff: tuple[st
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=out.dtype)
     leaves = [args[k] for k in diff if isinstance(args.get(k), torch.Tensor) and args[k].requires_grad]
 
+    precision = matmul_precision(device, tf32=False)  # float32 rows time float32 matmuls (backends.py)
+
     def fwd():
+        precision()
         with torch.no_grad(), ctx():
             return fn(**args)
 
     def bwd():
+        precision()
         return torch.autograd.grad(out, leaves, dout, retain_graph=True, allow_unused=True)
 
     sync = (lambda: torch.cuda.synchronize(device)) if dev == "cuda" else (lambda: None)

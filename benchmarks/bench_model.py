@@ -114,10 +114,11 @@ def _decode(runner: Runner, config_name: str, config_d: dict, n: int, use_cache:
     n = min(n, config_d["context_length"] - 1)
     timing = time_call(lambda: runner.decode(n, use_cache), warmup=1, repeats=max(2, repeats // 2), budget_s=budget_s,
                        sync=runner.sync, slow_s=2 * budget_s)
-    fl = F.decode_flops_total(config_d, 1, n) if use_cache else sum(F.forward_flops(config_d, 1, t) for t in range(1, n + 1))
+    fl = F.generate_flops(config_d, n, use_cache)
     return Result("decode", config_name, runner.backend, label, B=1, T=n, tokens=n, flops=fl,
                   peak_name=runner.peak_name, timing=timing,
-                  note="FLOPs: " + ("KV-cache decode formula" if use_cache else "a full forward per new token"))
+                  note="FLOPs: " + ("KV-cache decode formula" if use_cache else "a full forward per new token, "
+                                                                       "head at the last position"))
 
 
 def bench_sweep(config_name: str, config_d: dict, params: dict, Ts: list[int], backends: list[str], *,

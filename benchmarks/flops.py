@@ -16,6 +16,11 @@ Not counted: biases, layer norms, GELU, softmax, the mask, residual adds, the em
 cross-entropy and the optimizer (all O(C) or O(V) per token, under 1% at GPT-2 sizes).
 
 Decoding with a KV cache, one new token after P cached positions: 2 N_mm + 4 L C (P + 1).
+Decoding n tokens greedily from a 1-token prompt runs n one-token forwards, at P = 0 .. n-1
+(the prompt's forward gives the first token; the last token is never fed back).
+Decoding without a cache recomputes the whole sequence of t = 1 .. n tokens for each new token,
+but the output head only for its last position (both trees' `last_only`, Hugging Face's
+`logits_to_keep`): the forward above minus 2 V C for each of the other t - 1 positions.
 """
 
 from __future__ import annotations
@@ -66,6 +71,16 @@ def decode_flops(config: Any, P: int) -> int:
 def decode_flops_total(config: Any, prompt_len: int, new_tokens: int) -> int:
     """All the decode steps of one sequence with a KV cache (the prompt's prefill not counted)."""
     return sum(decode_flops(config, prompt_len + i) for i in range(new_tokens))
+
+
+def generate_flops(config: Any, new_tokens: int, use_cache: bool) -> int:
+    """Greedy decoding of `new_tokens` from a 1-token prompt, B = 1 (see the top): with a cache,
+    one-token forwards at P = 0 .. n-1; without, a forward over t = 1 .. n tokens each, with the
+    head at the last position only."""
+    V, C, _ = _fields(config)
+    if use_cache:
+        return sum(decode_flops(config, P) for P in range(new_tokens))
+    return sum(forward_flops(config, 1, t) - 2 * V * C * (t - 1) for t in range(1, new_tokens + 1))
 
 
 # ---- per layer, for the layer benchmarks (same rules: matmuls only) --------------------------

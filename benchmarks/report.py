@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from typing import Iterable
 
 from benchmarks.record import Result
@@ -165,7 +167,33 @@ def format_accuracy(acc: list[dict]) -> list[list[str]]:
             for a in acc]
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted
+    write never leaves a truncated file where a previous good one was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _strict(o):
+    """NaN and infinities as null: results.json is strict JSON (JSON has no NaN)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    return o
+
+
 def to_json(payload: dict, path: str) -> None:
+    """results.json: strict JSON (non-finite numbers as null), written atomically."""
     def default(o):
         if hasattr(o, "to_dict"):
             return o.to_dict()
@@ -173,8 +201,8 @@ def to_json(payload: dict, path: str) -> None:
             return o.item()
         return str(o)
 
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, default=default, allow_nan=True)
+    plain = json.loads(json.dumps(payload, default=default, allow_nan=True))  # objects -> JSON types first
+    write_text_atomic(path, json.dumps(_strict(plain), indent=1, allow_nan=False))
 
 
 def markdown_summary(payload: dict, results: list[Result], plots: list[str]) -> str:

@@ -89,22 +89,37 @@ def plan(quick: bool, device: str, configs: list[str] | None) -> dict:
         "budget_s": 1.5 if quick else 10.0,
         "decode_tokens": 8 if quick else 32,
         "max_step_s": 5.0 if quick else 60.0,  # skip a backend whose estimated step is slower than this
-        # bf16 without native bf16 units is slow; --quick shows it on tiny only
-        "skip": {"small": {"torch-bf16": "skipped in --quick (bf16 is timed on tiny)"}} if quick else {},
+        # bf16 on a CPU without native bf16 units is slow; --quick shows it on tiny only there
+        "skip": ({"small": {"torch-bf16": "skipped in --quick on the CPU (bf16 is timed on tiny)"}}
+                 if quick and not device.startswith("cuda") else {}),
     }
 
 
-def _estimated_skips(config_d: dict, B: int, T: int, backends: list[str], peaks: dict, max_step_s: float) -> dict:
+def _estimated_skips(config_d: dict, B: int, T: int, backends: list[str], peaks: dict, max_step_s: float,
+                     device: str = "cpu") -> dict:
     """Backends whose training step, at the measured peak rate, would take longer than max_step_s."""
     skips = {}
     for b in backends:
-        peak = {"torch-bf16": peaks.get("torch_bfloat16"), "numpy-float64": peaks.get("numpy_float64")}.get(b)
+        bf16_peak = peaks.get("cuda_bfloat16" if device.startswith("cuda") else "torch_bfloat16")
+        peak = {"torch-bf16": bf16_peak, "numpy-float64": peaks.get("numpy_float64")}.get(b)
         if peak:
             est = F.training_flops(config_d, B, T) / peak
             if est > max_step_s:
                 skips[b] = (f"skipped: a step would take >= {est:.0f} s even at the measured GEMM peak "
                             f"({peak / 1e9:.1f} GFLOP/s)")
     return skips
+
+
+def check_out_dir(out_dir: str) -> None:
+    """ValueError unless `out_dir` is (or can be made) a writable directory."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir!r} exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out_dir!r} cannot be created: {e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out {out_dir!r} is not writable")
 
 
 def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str = "cpu",
@@ -117,6 +132,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
 
     started = time.perf_counter()
     progress = progress or Progress()
+    check_out_dir(out_dir)  # before minutes of measuring, not after
     p = plan(quick, device, configs)
     resolved = dict(resolve_config(n) for n in p["configs"])
     progress(f"plan: configs {list(resolved)}, backends {p['backends']}")
@@ -147,7 +163,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
         if name not in params_by_config:
             continue
         B, T = BATCH.get(name, (4, min(64, config_d["context_length"])))
-        skips = {**_estimated_skips(config_d, B, T, p["backends"], peaks, p["max_step_s"]), **p["skip"].get(name, {})}
+        skips = {**_estimated_skips(config_d, B, T, p["backends"], peaks, p["max_step_s"], device), **p["skip"].get(name, {})}
         results += bench_model(name, config_d, params_by_config[name], B, T, p["backends"], device=device,
                                repeats=p["repeats"], budget_s=p["budget_s"], decode_tokens=p["decode_tokens"],
                                progress=progress, skip=skips, max_step_s=p["max_step_s"])
@@ -204,9 +220,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
     }
     report.to_json(payload, os.path.join(out_dir, "results.json"))
     table = report.format_table(report.rows_for_table(results, peaks))
-    with open(os.path.join(out_dir, "table.txt"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(report.markdown_summary(payload, results, written))
+    report.write_text_atomic(os.path.join(out_dir, "table.txt"), table + "\n")
+    report.write_text_atomic(os.path.join(out_dir, "summary.md"), report.markdown_summary(payload, results, written))
     payload["_table"] = table
     return payload

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -269,3 +270,87 @@ def test_bench_rejects_an_unknown_config(capsys):
 
     assert main(["bench", "--configs", "gpt9000", "--quiet"]) == 2
     assert "gpt9000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_flops_equal_the_matmuls_torch_counts_in_generate(use_cache):
+    """torch's FlopCounterMode over torch_impl's greedy generate (n tokens from a 1-token prompt)
+    counts every matmul but SDPA's: it must equal generate_flops minus the attention terms.
+    This pins what the count assumes: n one-token forwards at P = 0 .. n-1 with a cache, and
+    without one a forward over t = 1 .. n tokens whose head runs at the last position only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torch_impl.config import GPTConfig
+    from torch_impl.generate import generate
+    from torch_impl.model import GPTModel
+
+    cfg = dict(CONFIGS["tiny"])
+    n, C, L = 6, cfg["emb_dim"], cfg["n_layers"]
+    model = GPTModel(GPTConfig(**cfg), seed=0).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        generate(model, torch.zeros(1, 1, dtype=torch.long), n, use_cache=use_cache)
+    if use_cache:
+        attention = sum(4 * L * C * (P + 1) for P in range(n))
+    else:
+        attention = sum(t * F.attention_flops_per_token(cfg, t) for t in range(1, n + 1))
+    expected = F.generate_flops(cfg, n, use_cache) - attention
+    assert counter.get_total_flops() == expected, \
+        f"use_cache={use_cache}: torch counted {counter.get_total_flops()} matmul FLOPs, the formula {expected}"
+
+
+def test_every_cuda_timing_sets_its_own_matmul_precision(monkeypatch):
+    """The TF32 switches are global: each timed call sets the one its row is divided by (TF32 for
+    the tf32 and bf16 rows, float32 for the rest, Hugging Face included), so a runner timed earlier
+    cannot leave TF32 on for a float32 row. On the CPU the setter touches nothing."""
+    from benchmarks.backends import matmul_precision
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for tf32 in (True, False, True):
+            matmul_precision("cuda:0", tf32)()
+            got = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            assert got == (tf32, tf32), f"after matmul_precision(cuda, {tf32}) the switches are {got}"
+        matmul_precision("cpu", False)()
+        assert torch.backends.cuda.matmul.allow_tf32, "the CPU setter changed the CUDA switch"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_cuda_plans_and_skips_use_the_cuda_peaks():
+    """On CUDA, a bf16 step is estimated at the GPU's bf16 rate (not the CPU's, which would skip it),
+    and --quick does not drop bf16 from the small config as it does on a CPU without bf16 units."""
+    from benchmarks.runner import _estimated_skips, plan
+
+    cfg = dict(CONFIGS["124M"])
+    peaks = {"torch_bfloat16": 1e9, "cuda_bfloat16": 500e12}
+    assert "torch-bf16" in _estimated_skips(cfg, 16, 1024, ["torch-bf16"], peaks, 60.0, "cpu")
+    assert _estimated_skips(cfg, 16, 1024, ["torch-bf16"], peaks, 60.0, "cuda") == {}, "CUDA used the CPU bf16 peak"
+    assert plan(True, "cuda", None)["skip"] == {}, "--quick on CUDA skipped bf16"
+    assert "torch-bf16" in plan(True, "cpu", None)["skip"]["small"]
+
+
+def test_results_are_strict_json_written_atomically_and_a_bad_out_dir_is_refused_first(tmp_path, monkeypatch):
+    """NaN becomes null (strict parsers reject NaN); a write that fails midway leaves the previous
+    file whole; an --out that is a file is refused before any measuring."""
+    from benchmarks.runner import check_out_dir
+
+    path = tmp_path / "results.json"
+    report.to_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": 2}}, str(path))
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) == \
+        {"a": None, "b": [1.5, None], "c": {"d": 2}}
+    good = path.read_text()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(report.os, "replace", fail)
+    with pytest.raises(OSError, match="simulated"):
+        report.to_json({"a": 1}, str(path))
+    monkeypatch.undo()
+    assert path.read_text() == good, "a failed write changed the previous results.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "a temporary file was left behind"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        check_out_dir(str(tmp_path / "afile"))
+    check_out_dir(str(tmp_path / "new" / "dir"))
+    assert (tmp_path / "new" / "dir").is_dir()
