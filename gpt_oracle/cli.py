@@ -3,6 +3,10 @@
 Each subcommand lives in `gpt_oracle/commands/<name>.py` with two functions:
 `add_arguments(parser)` and `run(args) -> int` (the exit status). Modules import the trees
 inside `run`, so `gpt-oracle --help` is fast and works without torch.
+
+Exit status (gpt_oracle/user_input.py): 0 success; 1 a real negative result (`check` or `diff`
+found a mismatch, `train` stopped on a non-finite loss); 2 bad input, reported as one line on
+stderr with nothing written.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from gpt_oracle.user_input import EXIT_USAGE
 
 COMMANDS = {
     "check": "parity sweep of numpy_ref (float64 oracle) against torch_impl; exits non-zero on a mismatch",
@@ -20,16 +26,38 @@ COMMANDS = {
     "bench": "measure the machine, then time both trees against it",
 }
 
+# What exit status 1 means, for the commands that have one.
+FAILED = {
+    "check": "a row is MISMATCH or ERROR",
+    "diff": "a layer is over its tolerance",
+    "train": "a non-finite loss or gradient norm stopped training (the last good checkpoint is kept)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (exit status 2, as argparse's own)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _epilog(name: str) -> str:
+    failed = f"1 {FAILED[name]}; " if name in FAILED else ""
+    return (f"exit status: 0 success; {failed}2 bad input (an option, path, configuration, device or "
+            f"checkpoint that cannot be used), reported as one line on stderr, with nothing written")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpt-oracle",
         description="GPT-2 in NumPy (the oracle) and PyTorch (the fast path), held against each other.",
+        epilog="exit status: 0 success; 1 a real negative result (check/diff mismatch, train stopped on a "
+               "non-finite loss); 2 bad input, as one line on stderr",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"gpt_oracle.commands.{name}")
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_epilog(name))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -37,10 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a usage error was printed; --help (status 0) exits as argparse does
+        if stop.code in (0, None):
+            raise
+        return int(stop.code)
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     return int(args._run(args))
 
 

@@ -72,8 +72,12 @@ def test_tied_config_counts_the_head_once(capsys):
 
 
 def test_unknown_config_fails_with_its_name(capsys):
-    code, out = _run(capsys, "gpt2-huge")
-    assert code == 2 and "gpt2-huge" in out, out
+    parser = argparse.ArgumentParser()
+    info.add_arguments(parser)
+    code = info.run(parser.parse_args(["gpt2-huge"]))
+    captured = capsys.readouterr()
+    assert code == 2 and "gpt2-huge" in captured.err, f"exit {code}, stderr {captured.err!r}"
+    assert captured.out == "", f"an error printed to stdout: {captured.out!r}"
 
 
 def test_console_entry_point():

@@ -3,12 +3,16 @@
 Writes results.json, summary.md, table.txt and PNG plots to --out, prints the table and the
 issue targets as ratios measured in this run. `--quick` is the short plan (tiny and small
 configs, fewer repeats, no torch.compile). See benchmarks/README.md for the FLOP formula.
+
+Exit status 0, or 2 on bad input (the device, a config name), one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
+
+from gpt_oracle.user_input import EXIT_OK, UserError, check_device, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,25 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from benchmarks import report
     from benchmarks.runner import Progress, resolve_config, run_bench
 
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            print(f"--device {args.device}: torch sees no CUDA device", file=sys.stderr)
-            return 2
-    elif args.device != "cpu":
-        print(f"--device {args.device!r}: expected cpu or cuda[:N]", file=sys.stderr)
-        return 2
+    check_device(args.device)
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise UserError(f"--device {args.device}: bench runs on cpu or cuda[:N]")
     for name in args.configs or []:
-        try:
+        with user_input("--configs"):
             resolve_config(name)
-        except ValueError as exc:
-            print(f"--configs: {exc}", file=sys.stderr)
-            return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
     payload = run_bench(quick=args.quick, out_dir=args.out, device=args.device, configs=args.configs,
                         progress=Progress(enabled=not args.quiet), tokenizer=not args.no_tokenizer)
     print(payload["_table"])
@@ -49,4 +47,4 @@ def run(args: argparse.Namespace) -> int:
     print(report.format_table(report.format_accuracy(payload["accuracy"]), report.ACC_HEADER))
     print(f"\nwrote {args.out}/results.json, summary.md, table.txt, {', '.join(payload['plots']) or 'no plots'} "
           f"({payload['meta']['seconds']:.0f} s)")
-    return 0
+    return EXIT_OK

@@ -1,19 +1,25 @@
 """`gpt-oracle check`: the parity sweep of numpy_ref (float64 oracle) against torch_impl.
 
 With no arguments it runs on embedded defaults (random-weight `tiny` and `small` models, the
-packaged corpus; nothing downloaded), prints one table and exits 1 on any mismatch or error.
+packaged corpus; nothing downloaded), prints one table and exits 1 on any mismatch or error
+row, 2 on bad input (checked before the sweep starts: configurations, device, checkpoint, the
+--json path). `--json PATH` writes the table as strict JSON (a non-finite error is null), to a
+temporary file renamed into place, so an existing file is replaced whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_output_file, \
+    reports_user_errors, user_input
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the table as strict JSON to PATH (non-finite errors as null)")
     parser.add_argument("--device", default="cpu", help="torch device for the fast path (cpu, cuda, cuda:1, mps)")
     parser.add_argument("--dtype", action="append", choices=["float64", "float32", "tf32", "bfloat16", "float16"],
                         help="torch dtype(s) to check (repeatable; default: float64, float32, bfloat16)")
@@ -23,36 +29,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _configs(names: list[str] | None) -> dict[str, dict] | None:
-    if not names:
-        return None
-    from numpy_ref.config import get_config
+def parity_config(name: str) -> dict:
+    """The configuration dict `check` and `diff` mean by NAME: one of the embedded defaults
+    (tiny, small) or a numpy_ref preset or alias; a UserError naming the known ones otherwise."""
+    from numpy_ref.config import ALIASES, PRESETS, get_config
 
     from parity_tests.checks import DEFAULT_CONFIGS
 
+    if name in DEFAULT_CONFIGS:
+        return dict(DEFAULT_CONFIGS[name])
+    if ALIASES.get(name, name) not in PRESETS:
+        known = sorted(set(DEFAULT_CONFIGS) | set(PRESETS)) + sorted(ALIASES)
+        raise UserError(f"--config {name!r}: unknown configuration; expected one of {', '.join(known)}")
+    return dict(get_config(name).to_dict())
+
+
+def _configs(names: list[str] | None) -> dict[str, dict] | None:
+    if not names:
+        return None
     out = {}
     for name in names:
-        out[name] = dict(DEFAULT_CONFIGS[name]) if name in DEFAULT_CONFIGS else dict(get_config(name).to_dict())
+        out[name] = parity_config(name)
         out[name]["drop_rate"] = 0.0  # parity is checked without random dropout
     return out
 
 
+def _check_checkpoint(directory: str) -> None:
+    """Load the checkpoint once before the sweep, so a bad one is one line, not rows at the end."""
+    import numpy as np
+
+    from numpy_ref.checkpoint import load_checkpoint
+
+    with user_input("--checkpoint"):  # the loader names the path
+        load_checkpoint(directory, dtype=np.float32)
+
+
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
+    from gpt_oracle.json_file import write_json
     from parity_tests.checks import DEFAULT_DTYPES, format_table, run_check
 
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            print(f"--device {args.device}: torch sees no CUDA device", file=sys.stderr)
-            return 2
+    configs = _configs(args.config)
+    check_device(args.device)
+    if args.checkpoint:
+        _check_checkpoint(args.checkpoint)
+    if args.json:
+        check_output_file("--json", args.json)
     start = time.perf_counter()
     progress = None if args.quiet else (lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
-    rows = run_check(configs=_configs(args.config), dtypes=tuple(args.dtype or DEFAULT_DTYPES), device=args.device,
+    rows = run_check(configs=configs, dtypes=tuple(args.dtype or DEFAULT_DTYPES), device=args.device,
                      checkpoint=args.checkpoint, progress=progress)
     print(format_table(rows))
     print(f"({time.perf_counter() - start:.1f} s)")
+    ok = all(r.ok for r in rows)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"rows": [r.to_dict() for r in rows], "ok": all(r.ok for r in rows)}, f, indent=2, allow_nan=True)
-    return 0 if all(r.ok for r in rows) else 1
+        write_json(args.json, {"rows": [r.to_dict() for r in rows], "ok": ok})
+    return EXIT_OK if ok else EXIT_FAILED

@@ -9,52 +9,68 @@ default) is greedy. The uniform draws that pick sampled tokens come from
 `numpy.random.default_rng(seed)` for both backends, so the same seed gives the same text from
 either tree (up to float32 rounding in the torch logits). Generation stops at `<|endoftext|>`
 unless `--no-stop`.
+
+Exit status 0, or 2 on bad input (an option, the prompt, the device or the checkpoint), reported
+as one line on stderr before the model runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from gpt_oracle.user_input import EXIT_OK, UserError, check_device, non_negative_int, reports_user_errors, \
+    user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or training output directory")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=50, help=">= 0 (default: 50)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (clamped to the vocabulary)")
     parser.add_argument("--top-p", type=float, help="keep the smallest set with probability >= p")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the uniform draws")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the uniform draws, >= 0 (default: 0)")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
     parser.add_argument("--dtype", choices=["float32", "float64"], help="default: float64 numpy, float32 torch")
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--device", default="cpu", help="torch device (the numpy backend runs on the CPU only)")
 
 
 def _checkpoint_dir(path: Path) -> Path:
+    """`path` itself when it holds a config.json, else the checkpoint its `latest` file names
+    (a training output folder); a UserError when neither is there."""
+    if (path / "config.json").is_file():
+        return path
     pointer = path / "latest"
-    if not (path / "config.json").is_file() and pointer.is_file():
-        return path / pointer.read_text(encoding="utf-8").strip()
-    return path
+    if not pointer.is_file():
+        where = "no config.json there (nor a 'latest' file)" if path.is_dir() else "no such directory"
+        raise UserError(f"--checkpoint {path}: {where}")
+    with user_input(f"--checkpoint {path}"):
+        name = pointer.read_text(encoding="utf-8").strip()
+    if not name or not (path / name).is_dir():
+        raise UserError(f"--checkpoint {path}: 'latest' names the checkpoint {name!r}, which does not exist there")
+    return path / name
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The library's own checks of each sampling option (a pick from a one-token row), before
+    the model is loaded."""
+    from numpy_ref.generate import sample_next
+
+    for option, name in (("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p")):
+        value = getattr(args, name)
+        with user_input(f"{option} {value}"):
+            sample_next([0.0], coin=0.0, **{name: value})
+
+
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    check_device(args.device, args.backend)
+    _check_sampling(args)
     ckpt = _checkpoint_dir(Path(args.checkpoint))
-    if not (ckpt / "config.json").is_file():
-        print(f"--checkpoint {args.checkpoint}: no config.json there (nor a 'latest' checkpoint)", file=sys.stderr)
-        return 2
-    if args.max_new_tokens < 0:
-        print(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}", file=sys.stderr)
-        return 2
-    try:
-        return _generate(args, ckpt)
-    except ValueError as err:  # a bad option or prompt (the message names the value)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return _generate(args, ckpt)
 
 
 def _generate(args: argparse.Namespace, ckpt: Path) -> int:
@@ -67,9 +83,10 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         from numpy_ref.model import GPTModel
         from numpy_ref.tokenizer import get_encoding
 
-        model = GPTModel.from_pretrained(ckpt, dtype=np.dtype(args.dtype or "float64"))
         encoding = get_encoding("gpt2")
-        ids = np.array([encoding.encode(args.prompt)], dtype=np.int64)  # (1, T)
+        ids = np.array([_encode(encoding, args.prompt)], dtype=np.int64)  # (1, T)
+        with user_input("--checkpoint"):  # the loader names the path
+            model = GPTModel.from_pretrained(ckpt, dtype=np.dtype(args.dtype or "float64"))
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
         out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
                        **options)[0].tolist()
@@ -80,13 +97,22 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         from torch_impl.model import GPTModel
         from torch_impl.tokenizer import get_encoding
 
-        model = GPTModel.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or "float32"), device=args.device)
         encoding = get_encoding("gpt2")
-        ids = torch.tensor([encoding.encode(args.prompt)], dtype=torch.int64)  # (1, T)
+        ids = torch.tensor([_encode(encoding, args.prompt)], dtype=torch.int64)  # (1, T)
+        with user_input("--checkpoint"):  # the loader names the path
+            model = GPTModel.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or "float32"), device=args.device)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
         out = generate(model, ids, args.max_new_tokens, coins=torch.from_numpy(coins), eos_id=eos,
                        use_cache=not args.no_cache, **options)[0].tolist()
     if eos is not None and out[-1] == eos:
         out = out[: out.index(eos, ids.shape[1])]  # drop the stop token (and anything padded after it)
     print(encoding.decode(out))
-    return 0
+    return EXIT_OK
+
+
+def _encode(encoding, prompt: str) -> list[int]:
+    with user_input("--prompt"):
+        ids = encoding.encode(prompt)  # a special token such as <|endoftext|> in the text is refused
+    if not ids:
+        raise UserError("--prompt '': the prompt must hold at least one token")
+    return ids

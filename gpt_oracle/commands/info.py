@@ -4,8 +4,11 @@ For gpt2-small this reproduces the figures of chapter 4 of "Build a Large Langua
 Scratch)": 163,009,536 parameters, 124,412,160 counting the output head as tied to the token
 embedding (the GPT-2 paper's "124M"), and 621.83 MB in float32 (bytes / 1024**2).
 CONFIG is a preset name or alias (tiny, gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M,
-gpt2-xl/1558M) or a checkpoint directory (its config.json's `gpt_oracle` object). Uses only
-numpy_ref (no torch import).
+gpt2-xl/1558M) or a checkpoint directory (its config.json's `gpt_oracle` object, which must
+hold every GPTConfig field). Uses only numpy_ref (no torch import).
+
+Exit status 0, or 2 on an unknown name or an unreadable or incomplete config.json (one line on
+stderr).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from gpt_oracle.user_input import EXIT_OK, UserError, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,16 +29,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_config(name: str):
     """A preset (or alias) by name, or the GPTConfig stored in a checkpoint directory."""
-    from numpy_ref.config import GPTConfig, get_config
+    import dataclasses
 
-    if os.path.isdir(name):
-        path = os.path.join(name, "config.json")
+    from numpy_ref.config import ALIASES, PRESETS, GPTConfig, get_config
+
+    if not os.path.isdir(name):
+        if ALIASES.get(name, name) not in PRESETS:
+            raise UserError(f"{name!r} is neither a preset ({', '.join([*PRESETS, *ALIASES])}) nor a directory")
+        return get_config(name)
+    path = os.path.join(name, "config.json")
+    with user_input(None):
         with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-        if "gpt_oracle" not in stored:
-            raise ValueError(f"{path} has no 'gpt_oracle' object holding a GPTConfig")
-        return GPTConfig.from_dict(stored["gpt_oracle"])
-    return get_config(name)
+            text = f.read()
+    with user_input(f"{path}: not valid JSON"):
+        stored = json.loads(text)
+    if not isinstance(stored, dict) or "gpt_oracle" not in stored:
+        raise UserError(f"{path}: has no 'gpt_oracle' object holding a GPTConfig")
+    ours = stored["gpt_oracle"]
+    if not isinstance(ours, dict):
+        raise UserError(f"{path}: 'gpt_oracle' must be a JSON object holding a GPTConfig, got "
+                        f"{type(ours).__name__} {json.dumps(ours)[:40]}")
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ours]
+    if missing:  # a default filled in for a missing field would describe another model
+        raise UserError(f"{path}: 'gpt_oracle' lacks the field(s) {missing}")
+    with user_input(f"{path}: 'gpt_oracle'"):
+        return GPTConfig.from_dict(ours)
 
 
 def describe(name: str) -> dict:
@@ -60,14 +80,11 @@ def format_text(d: dict) -> str:
     ])
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from numpy_ref.config import PRESETS
 
     names = list(PRESETS) if args.all else args.config
-    try:
-        rows = [describe(n) for n in names]
-    except (ValueError, OSError) as exc:
-        print(f"gpt-oracle info: {exc}")
-        return 2
+    rows = [describe(n) for n in names]
     print(json.dumps(rows, indent=2) if args.json else "\n".join(format_text(r) for r in rows))
-    return 0
+    return EXIT_OK

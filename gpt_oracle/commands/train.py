@@ -20,50 +20,69 @@ recorded run.)
 The output directory gets `run.json` (these arguments, so `--resume` rebuilds the same data
 and model), `log.jsonl`, `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle
 generate --checkpoint DIR` reads it). `--resume DIR` continues an interrupted run exactly (on
-CPU, bit for bit); every other option is then taken from DIR/run.json. Exit status 1 when a
-non-finite loss stopped training.
+CPU, bit for bit); every other option is then taken from DIR/run.json (checked as the command
+line's; an option given alongside --resume is an error). A new run refuses an
+--out that already holds a run (run.json, log.jsonl, `latest`, step-* checkpoints): pass
+--resume to continue it, --overwrite to delete it first, or another --out.
+
+Exit status: 0 done; 1 a non-finite loss or gradient norm stopped training (the last good
+checkpoint is kept); 2 bad input (an option, the data file, the device, --out, or a --resume
+folder that is incomplete or mixes two runs), one line on stderr, checked before anything is
+written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from gpt_oracle import run_folder
+from gpt_oracle.json_file import write_json
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, non_negative_int, number_in, \
+    one_line, positive_int, reports_user_errors, user_input
 
 # The default model: small enough for minutes on 2 cores, big enough to learn the text a bit.
 VERDICT_CONFIG = dict(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.1,
                       qkv_bias=False, tie_embeddings=False, ln_eps=1e-5)
 GPT2_VOCAB = 50257
+# run.json keys that runs written before the option existed lack, with the value those runs used.
+ADDED_LATER = {"init": "gpt2"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which tree trains (default torch)")
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: the embedded the-verdict)")
     parser.add_argument("--config", default="verdict", help="'verdict' (default) or a preset name (tiny, 124M, ...)")
-    parser.add_argument("--steps", type=int, help="optimiser steps (default: --epochs worth)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs when --steps is not given (default 10)")
+    parser.add_argument("--steps", type=positive_int, help="optimiser steps, >= 1 (default: --epochs worth)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs when --steps is not given (default 10)")
     parser.add_argument("--out", metavar="DIR", help="output directory (default runs/train-BACKEND)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    parser.add_argument("--context-length", type=int, help="sequence length (and the model's context)")
-    parser.add_argument("--stride", type=int, help="window stride (default: the context length)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR from its last checkpoint, with the options of DIR/run.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in --out (run.json, log.jsonl, loss.png, latest, step-* "
+                             "checkpoints; nothing else) before starting")
+    parser.add_argument("--context-length", type=positive_int, help="sequence length (and the model's context)")
+    parser.add_argument("--stride", type=positive_int, help="window stride, >= 1 (default: the context length)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimiser step")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
-    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--lr", type=number_in(0.0), default=1e-3, help="peak learning rate")
+    parser.add_argument("--min-lr", type=number_in(0.0), help="final learning rate of the cosine (default lr/10)")
+    parser.add_argument("--warmup", type=non_negative_int, default=0, help="linear warmup steps (at most --steps)")
+    parser.add_argument("--weight-decay", type=number_in(0.0), default=0.1)
     parser.add_argument("--decay-set", choices=["gpt2", "all"], default="gpt2",
                         help="gpt2: decay linear weights only; all: every parameter (the book's chapter 5)")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clipping; 0 = off")
-    parser.add_argument("--dropout", type=float, help="override the config's drop_rate")
-    parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (0 = never)")
-    parser.add_argument("--eval-batches", type=int, default=5)
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0 = end only)")
-    parser.add_argument("--train-ratio", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=123, help="weights, batch order and dropout")
+    parser.add_argument("--grad-clip", type=number_in(0.0), default=1.0, help="global-norm clipping; 0 = off")
+    parser.add_argument("--dropout", type=number_in(0.0, 1.0), help="override the config's drop_rate, in [0, 1)")
+    parser.add_argument("--eval-every", type=non_negative_int, default=10, help="steps between evaluations (0 = never)")
+    parser.add_argument("--eval-batches", type=positive_int, default=5, help="batches of each set per evaluation")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=50,
+                        help="steps between checkpoints (0 = end only)")
+    parser.add_argument("--train-ratio", type=number_in(0.0, 1.0, low_open=True), default=0.9,
+                        help="the first part of the text trained on, in (0, 1); the rest validates")
+    parser.add_argument("--seed", type=non_negative_int, default=123, help="weights, batch order and dropout")
     from numpy_ref.params import INIT_SCHEMES  # the same names as torch_impl's (a test checks)
 
     parser.add_argument("--init", choices=list(INIT_SCHEMES), default="gpt2",
@@ -71,29 +90,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(embeddings normal(0, 1), linear layers uniform(+-1/sqrt(fan_in)))")
     parser.add_argument("--dtype", choices=["float32", "float64"],
                         help="parameter dtype (default: float64 for numpy, float32 for torch)")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device (the numpy backend runs on the CPU only)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--prompt", default="Every effort moves you", help="sample prompt at each evaluation")
-    parser.add_argument("--sample-tokens", type=int, default=20)
+    parser.add_argument("--sample-tokens", type=non_negative_int, default=20,
+                        help="greedy tokens sampled at each evaluation (0 = no sample)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_options(args: argparse.Namespace) -> dict:
     """Everything that defines the run, as saved in run.json."""
-    opts = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "resume")}
+    opts = {k: v for k, v in vars(args).items()
+            if not k.startswith("_") and k not in ("command", "resume", "overwrite")}
     opts["dtype"] = args.dtype or ("float64" if args.backend == "numpy" else "float32")
     return opts
 
 
 def _config_dict(opts: dict) -> dict:
+    from numpy_ref.config import ALIASES, PRESETS, get_config
+
     if opts["config"] == "verdict":
         cfg = dict(VERDICT_CONFIG)
-    else:
-        from numpy_ref.config import get_config
-
+    elif ALIASES.get(opts["config"], opts["config"]) in PRESETS:
         cfg = get_config(opts["config"]).to_dict()
+    else:
+        known = ", ".join(["verdict", *sorted(PRESETS), *sorted(ALIASES)])
+        raise UserError(f"--config {opts['config']!r}: unknown configuration; expected one of {known}")
     cfg["vocab_size"] = GPT2_VOCAB  # the GPT-2 tokenizer's ids must all be valid
-    if opts.get("context_length"):
+    if opts.get("context_length") is not None:
         cfg["context_length"] = opts["context_length"]
     if opts.get("dropout") is not None:
         cfg["drop_rate"] = opts["dropout"]
@@ -109,12 +133,33 @@ def _settings_dict(opts: dict, steps: int) -> dict:
                 sample_tokens=opts["sample_tokens"], seed=opts["seed"], progress=not opts["no_progress"])
 
 
+def _steps(opts: dict, batches_per_epoch: int) -> int:
+    """--steps, or the optimiser steps in --epochs epochs; checked against --warmup."""
+    if opts["steps"] is not None:
+        steps = opts["steps"]
+    else:
+        steps = opts["epochs"] * batches_per_epoch // opts["grad_accum"]
+        if steps < 1:
+            raise UserError(f"--epochs {opts['epochs']} of {batches_per_epoch} batch(es) with --grad-accum "
+                            f"{opts['grad_accum']} make {steps} optimiser steps; pass --steps or more --epochs")
+    if opts["warmup"] > steps:
+        raise UserError(f"--warmup {opts['warmup']} exceeds the run's {steps} optimiser steps")
+    return steps
+
+
 def _build(opts: dict):
-    """(tree modules, model, train loader, val loader, encoding, settings) for the options."""
-    text = Path(opts["data"]).read_text(encoding="utf-8") if opts["data"] else None
+    """(Trainer class, model, train loader, val loader, encoding, settings) for the options (as
+    argparse typed and range-checked them). What argparse cannot check (the data file, the
+    config name, the device, whether the text fills a batch, the step count) is checked here,
+    a UserError naming the option, before the model is made."""
+    source = opts["data"] or "the embedded the-verdict"
+    if opts["data"]:
+        with user_input("--data"):  # the error names the path
+            text = Path(opts["data"]).read_text(encoding="utf-8")
+    else:
+        text = None
     cfg = _config_dict(opts)
-    T = cfg["context_length"]
-    stride = opts["stride"] or T
+    check_device(opts["device"], opts["backend"])
     if opts["backend"] == "numpy":
         import numpy as np
 
@@ -125,8 +170,8 @@ def _build(opts: dict):
         from numpy_ref.train import Trainer
         from numpy_ref.train_run import TrainSettings
 
-        model = GPTModel(GPTConfig(**cfg), seed=opts["seed"], dtype=np.dtype(opts["dtype"]),
-                         init=opts.get("init", "gpt2"))
+        def make_model(config):
+            return GPTModel(config, seed=opts["seed"], dtype=np.dtype(opts["dtype"]), init=opts["init"])
     else:
         import torch
 
@@ -137,20 +182,32 @@ def _build(opts: dict):
         from torch_impl.train import Trainer
         from torch_impl.train_run import TrainSettings
 
-        if opts.get("threads"):
+        def make_model(config):
+            return GPTModel(config, seed=opts["seed"], dtype=getattr(torch, opts["dtype"]), device=opts["device"],
+                            init=opts["init"])
+
+        if opts.get("threads") is not None:
             torch.set_num_threads(opts["threads"])
-        model = GPTModel(GPTConfig(**cfg), seed=opts["seed"], dtype=getattr(torch, opts["dtype"]), device=opts["device"],
-                         init=opts.get("init", "gpt2"))
+    with user_input(f"--config {opts['config']}"):
+        config = GPTConfig(**cfg)
     encoding = get_encoding("gpt2")
-    train_text, val_text = data.split_train_val(text if text is not None else data.load_verdict(), opts["train_ratio"])
+    T = config.context_length
+    stride = opts["stride"] if opts["stride"] is not None else T
     B = opts["batch_size"]
-    train = data.create_dataloader(train_text, batch_size=B, max_length=T, stride=stride, shuffle=True,
-                                   drop_last=True, seed=opts["seed"], encoding=encoding)
-    val = data.create_dataloader(val_text, batch_size=B, max_length=T, stride=stride, shuffle=False,
-                                 drop_last=False, seed=opts["seed"], encoding=encoding)
-    steps = opts["steps"] or opts["epochs"] * len(train) // opts["grad_accum"]
-    settings = TrainSettings(**_settings_dict(opts, max(1, steps)))
-    return Trainer, model, train, val, encoding, settings
+    train_text, val_text = data.split_train_val(text if text is not None else data.load_verdict(), opts["train_ratio"])
+    with user_input(f"the training text (the first {opts['train_ratio']:.0%} of {source})"):
+        train = data.create_dataloader(train_text, batch_size=B, max_length=T, stride=stride, shuffle=True,
+                                       drop_last=True, seed=opts["seed"], encoding=encoding)
+    with user_input(f"the validation text (the last {1 - opts['train_ratio']:.0%} of {source})"):
+        val = data.create_dataloader(val_text, batch_size=B, max_length=T, stride=stride, shuffle=False,
+                                     drop_last=False, seed=opts["seed"], encoding=encoding)
+    steps = _steps(opts, len(train))
+    if opts["min_lr"] is not None and opts["min_lr"] > opts["lr"]:
+        raise UserError(f"--min-lr {opts['min_lr']} exceeds --lr {opts['lr']} (the cosine goes from --lr down "
+                        f"to --min-lr)")
+    with user_input("training settings"):
+        settings = TrainSettings(**_settings_dict(opts, steps))
+    return Trainer, make_model(config), train, val, encoding, settings
 
 
 def _reporting() -> dict:
@@ -160,35 +217,102 @@ def _reporting() -> dict:
     return dict(progress_cls=TqdmProgress, plot=save_loss_plot)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.resume:
-        out = Path(args.resume)
-        run_file = out / "run.json"
-        if not run_file.is_file():
-            print(f"--resume {out}: no run.json there (is it a gpt-oracle train output directory?)", file=sys.stderr)
-            return 2
-        opts = json.loads(run_file.read_text(encoding="utf-8"))
-        Trainer, model, train, val, encoding, _ = _build(opts)
-        trainer = Trainer.resume(out, model, train, val, encoding=encoding, **_reporting())
-        print(f"resuming {out} at step {trainer.step} of {trainer.settings.steps} ({opts['backend']})", file=sys.stderr)
-    else:
-        opts = _run_options(args)
-        out = Path(args.out or f"runs/train-{args.backend}")
-        Trainer, model, train, val, encoding, settings = _build(opts)
+# ---- starting and resuming ---------------------------------------------------------------
+
+
+def _start(args: argparse.Namespace):
+    opts = _run_options(args)
+    out = Path(args.out or f"runs/train-{args.backend}")
+    old = run_folder.check_new_out(out, args.overwrite)
+    Trainer, model, train, val, encoding, settings = _build(opts)
+    with user_input(f"--out {out}"):
+        run_folder.remove_run(out, old)  # only now that every option was checked: a bad one deletes nothing
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "run.json.tmp"
-        tmp.write_text(json.dumps(opts, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "run.json")
-        trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, **_reporting())
-        n_params = model.num_parameters()
-        print(f"training {n_params:,} parameters ({opts['backend']}, {opts['dtype']}) for {settings.steps} steps "
-              f"of {opts['batch_size']}x{model.config.context_length} tokens; output in {out}", file=sys.stderr)
+        write_json(out / "run.json", opts)
+    trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, **_reporting())
+    print(f"training {model.num_parameters():,} parameters ({opts['backend']}, {opts['dtype']}) for "
+          f"{settings.steps} steps of {opts['batch_size']}x{model.config.context_length} tokens; output in {out}",
+          file=sys.stderr)
+    return trainer
+
+
+class _RunJsonParser(argparse.ArgumentParser):
+    """This command's parser, reading run.json: an error is raised, not printed and exited on."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def _read_run_json(out: Path) -> dict:
+    """run.json's options, checked as the command line's are (the same types and limits):
+    each is given back to this command's parser. Every option must be there."""
+    if not out.is_dir():
+        raise UserError(f"--resume {out}: no such directory")
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        raise UserError(f"--resume {out}: no run.json there (is it a gpt-oracle train output directory?)")
+    with user_input(f"--resume {out}: run.json is not valid JSON"):
+        stored = json.loads(run_file.read_text(encoding="utf-8"))
+    if not isinstance(stored, dict):
+        raise UserError(f"--resume {out}: run.json must hold a JSON object, got {type(stored).__name__}")
+    parser = _RunJsonParser(add_help=False)
+    add_arguments(parser)
+    defaults = _run_options(parser.parse_args([]))
+    stored = {**ADDED_LATER, **stored}
+    missing, unknown = sorted(set(defaults) - set(stored)), sorted(set(stored) - set(defaults))
+    if missing:  # a default filled in would train another run than the one checkpointed
+        raise UserError(f"--resume {out}: run.json lacks the option(s) {missing}")
+    if unknown:
+        raise UserError(f"--resume {out}: run.json has unknown option(s) {unknown}")
+    argv = []
+    for key, value in stored.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(defaults[key], bool):  # a store_true flag
+            if not isinstance(value, bool):
+                raise UserError(f"--resume {out}: run.json: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif value is not None:
+            argv.append(f"{flag}={value}")
+    try:
+        return _run_options(parser.parse_args(argv))
+    except UserError as err:
+        raise UserError(f"--resume {out}: run.json: {err}") from err
+
+
+def _resume(args: argparse.Namespace):
+    out = Path(args.resume)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    given = [k for k, v in vars(parser.parse_args([])).items() if k != "resume" and getattr(args, k) != v]
+    if given:  # ignored, they would look applied
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"--resume {out} takes every option from {out / 'run.json'}; {flags} cannot go with it")
+    opts = _read_run_json(out)
+    try:
+        Trainer, model, train, val, encoding, settings = _build(opts)
+    except UserError as err:
+        raise UserError(f"--resume {out}: run.json: {err}") from err
+    ckpt = run_folder.latest_checkpoint(out)
+    run_folder.check_same_model(out, ckpt, opts["backend"], model.config)
+    try:  # reading the checkpoint writes nothing
+        with user_input(f"--resume {out}"):  # the loaders' messages name the file
+            trainer = Trainer.resume(out, model, train, val, encoding=encoding, **_reporting())
+    except KeyError as exc:  # a trainer state without a key the trainer reads
+        raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
+    run_folder.check_same_settings(out, ckpt, trainer.settings, settings)
+    print(f"resuming {out} at step {trainer.step} of {trainer.settings.steps} ({opts['backend']})", file=sys.stderr)
+    return trainer
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    trainer = _resume(args) if args.resume else _start(args)
     result = trainer.fit()
     evals = result.history["evals"]
     last = f"; last eval: train loss {evals[-1][2]:.4f}, val loss {evals[-1][3]:.4f}" if evals else ""
     if not result.ok:
         print(f"error: {result.message}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"done: {result.step} steps, {result.tokens_seen:,} tokens seen, {result.seconds:.1f} s{last}; "
           f"checkpoint {result.checkpoint}")
-    return 0
+    return EXIT_OK

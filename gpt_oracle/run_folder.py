@@ -1,0 +1,94 @@
+"""A `gpt-oracle train` output folder: may a new run start there, and is it one run to resume?
+
+A run folder holds run.json (the command's options), log.jsonl, loss.png, `latest` and the
+checkpoints step-NNNNNNNN[-k]/ (numpy_ref/train_run.py and torch_impl/train_run.py write them).
+A new run never lands in a folder that holds one: the new run.json would replace the old while
+the old checkpoints and `latest` stayed, and `--resume` would then continue the old run under
+the new run.json. Resuming checks that `latest` names an existing checkpoint and that the
+checkpoint's model and settings are the ones run.json describes. Each check raises a UserError
+naming the folder; none writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from gpt_oracle.user_input import UserError, user_input
+
+RUN_FILES = ("run.json", "log.jsonl", "loss.png", "latest", "loss.tmp.png", "latest.tmp")
+CHECKPOINT_DIR = re.compile(r"step-\d{8}(-\d+)?")
+
+
+def run_contents(out: Path) -> list[str]:
+    """The names in `out` that a previous run left there."""
+    if not out.is_dir():
+        return []
+    names = [name for name in RUN_FILES if (out / name).exists()]
+    return names + sorted(p.name for p in out.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name))
+
+
+def check_new_out(out: Path, overwrite: bool) -> list[str]:
+    """What `remove_run` will delete under --overwrite; a UserError when `out` cannot take a new run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if (out / "trainer_state.json").exists():
+        raise UserError(f"--out {out}: is a checkpoint directory (it holds trainer_state.json); choose another --out")
+    found = run_contents(out)
+    if found and not overwrite:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise UserError(f"--out {out}: already holds a training run ({shown}); pass --resume {out} to continue it, "
+                        f"--overwrite to delete it and start again, or choose another --out")
+    return found
+
+
+def remove_run(out: Path, names: list[str]) -> None:
+    """Delete what `check_new_out` found (and nothing else in `out`)."""
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The checkpoint `latest` names, checked to exist."""
+    pointer = out / "latest"
+    if not pointer.is_file():
+        raise UserError(f"--resume {out}: no checkpoint to resume from yet (no 'latest' file); the run stopped "
+                        f"before its first checkpoint: start it again with --overwrite")
+    with user_input(f"--resume {out}"):
+        name = pointer.read_text(encoding="utf-8").strip()
+    if not name or not (out / name).is_dir():
+        raise UserError(f"--resume {out}: 'latest' names the checkpoint {name!r}, which does not exist there")
+    return out / name
+
+
+def check_same_model(out: Path, ckpt: Path, backend: str, config) -> None:
+    """A UserError when the checkpoint holds another model than `config` (run.json's): a folder
+    that mixes two runs. Read before the weights, whose shapes would not fit."""
+    if backend == "numpy":
+        from numpy_ref.checkpoint import config_from_hf
+    else:
+        from torch_impl.checkpoint import config_from_hf
+
+    path = ckpt / "config.json"
+    with user_input(f"--resume {out}: {path}"):
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    with user_input(f"--resume {out}"):  # the loader's message names the file
+        saved = config_from_hf(stored, path).to_dict()
+    wanted = config.to_dict()
+    differ = [f"{k} {saved[k]!r} vs {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
+    if differ:
+        raise UserError(f"--resume {out}: {ckpt.name} holds another model than run.json describes "
+                        f"({', '.join(differ)}); the folder mixes two runs")
+
+
+def check_same_settings(out: Path, ckpt: Path, saved, wanted) -> None:
+    """A UserError when the checkpoint was trained with other TrainSettings than run.json's
+    (the progress bar aside): a folder that mixes two runs."""
+    saved, wanted = saved.to_dict(), wanted.to_dict()
+    differ = [f"{k} {saved.get(k)!r} vs {wanted[k]!r}" for k in wanted if k != "progress" and saved.get(k) != wanted[k]]
+    if differ:
+        raise UserError(f"--resume {out}: {ckpt.name} was trained with other settings than run.json's "
+                        f"({', '.join(differ)}); the folder mixes two runs")

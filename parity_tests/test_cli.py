@@ -1,0 +1,293 @@
+"""`gpt-oracle` on bad input: exit status 2, one line on stderr naming the value, no traceback,
+nothing written or changed; real results keep their own status (1 for a mismatch).
+
+Every case calls `gpt_oracle.cli.main` in-process and compares a snapshot (every file's bytes)
+of the folders involved before and after. The one trained run is `tiny` for 2 steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_oracle.cli import main
+from gpt_oracle.json_file import write_json
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_USAGE
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRAIN = ["--config", "tiny", "--batch-size", "2", "--eval-every", "0", "--sample-tokens", "0", "--no-progress"]
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    """Path -> sha256 of every file under the roots (a missing root is an empty snapshot)."""
+    out = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")) if Path(root).exists() else []:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def _user_error(capsys, argv: list[str], *needles: str, untouched: tuple[Path, ...] = ()) -> str:
+    """main(argv) must exit 2 with one stderr line naming every needle, and leave `untouched` as it was."""
+    before = _snapshot(*untouched)
+    status = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert status == EXIT_USAGE, f"{argv}: exit status {status}, stderr {captured.err!r}"
+    assert len(lines) == 1, f"{argv}: expected one line on stderr, got {captured.err!r}"
+    assert "Traceback" not in captured.err + captured.out, captured.err
+    assert lines[0].startswith(f"gpt-oracle {argv[0]}: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{argv}: {needle!r} not in {lines[0]!r}"
+    assert _snapshot(*untouched) == before, f"{argv} changed files it must not touch"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 2-step run with checkpoints step-00000001 and step-00000002 (do not modify)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--steps", "2", "--checkpoint-every", "1", "--out", str(out), *TRAIN]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+# ---- A: user errors are one line and exit 2 -------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--config", "bogus"], ["bogus", "tiny"]),
+    (["--checkpoint", "/nonexistent"], ["/nonexistent", "not found"]),
+    (["--batch", "-1"], ["--batch", "-1", ">= 1"]),
+    (["--batch", "0"], ["--batch", ">= 1"]),
+    (["--time", "-3"], ["--time", "-3"]),
+    (["--seed", "-1"], ["--seed", ">= 0"]),
+    (["--device", "cuda:99"], ["cuda:99"]),
+    (["--device", "bogus"], ["bogus", "cpu"]),
+])
+def test_diff_refuses_bad_input(capsys, argv, needles):
+    _user_error(capsys, ["diff", *argv], *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["diff"], ["check"], ["generate", "--checkpoint", ".", "--prompt", "x"],
+                                     ["train", "--config", "tiny", "--out", "OUT"]])
+def test_cuda_without_cuda_is_one_line(capsys, command, tmp_path):
+    argv = [str(tmp_path / "x") if a == "OUT" else a for a in command]
+    _user_error(capsys, [*argv, "--device", "cuda"], "--device cuda", "CUDA", untouched=(tmp_path,))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--data", "/nonexistent.txt"], ["/nonexistent.txt", "No such file"]),
+    (["--config", "bogus"], ["bogus", "verdict"]),
+    (["--device", "cuda:99"], ["cuda:99"]),
+    (["--threads", "-1"], ["--threads", "-1"]),
+    (["--threads", "0"], ["--threads", ">= 1"]),
+    (["--warmup", "-5"], ["--warmup", "-5"]),
+    (["--warmup", "50", "--steps", "4"], ["--warmup 50", "4"]),
+    (["--eval-every", "-1"], ["--eval-every"]),
+    (["--eval-batches", "0"], ["--eval-batches"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every"]),
+    (["--sample-tokens", "-1"], ["--sample-tokens"]),
+    (["--lr", "-1"], ["--lr", "-1"]),
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--min-lr", "0.5", "--lr", "0.1"], ["--min-lr 0.5", "--lr 0.1"]),
+    (["--dropout", "1"], ["--dropout", "[0, 1)"]),
+    (["--train-ratio", "1"], ["--train-ratio"]),
+    # B: these trained one step (or silently meant something else) before
+    (["--steps", "-5"], ["--steps", "-5"]),
+    (["--steps", "0"], ["--steps", ">= 1"]),
+    (["--epochs", "-3"], ["--epochs", "-3"]),
+    (["--stride", "0"], ["--stride", ">= 1"]),
+    (["--epochs", "1", "--grad-accum", "100000"], ["--epochs 1", "--grad-accum 100000", "0 optimiser steps"]),
+    (["--context-length", "8192"], ["the training text", "too few"]),  # longer than the embedded text
+])
+def test_train_refuses_bad_input_and_writes_nothing(capsys, tmp_path, argv, needles):
+    out = tmp_path / "new"
+    _user_error(capsys, ["train", "--out", str(out), *TRAIN, *argv], *needles, untouched=(tmp_path,))
+    assert not out.exists(), "a refused run created its output folder"
+
+
+def _truncate(path: Path, n: int = 50) -> None:
+    path.write_bytes(path.read_bytes()[:n])
+
+
+@pytest.mark.parametrize("breaks, needles", [
+    (lambda d: _truncate(d / "step-00000002" / "model.safetensors"), ["model.safetensors"]),
+    (lambda d: _truncate(d / "step-00000002" / "optimizer.safetensors"), ["optimizer.safetensors"]),
+    (lambda d: _truncate(d / "step-00000002" / "trainer_state.json"), ["trainer_state.json", "not valid JSON"]),
+    (lambda d: _truncate(d / "run.json"), ["run.json", "not valid JSON"]),
+    (lambda d: (d / "latest").write_text("step-00000009\n"), ["latest", "step-00000009", "does not exist"]),
+    (lambda d: [shutil.rmtree(p) for p in d.glob("step-*")] and (d / "latest").unlink(), ["no checkpoint"]),
+    (lambda d: (d / "run.json").unlink(), ["no run.json"]),
+])
+def test_resume_of_a_half_written_run_is_one_line(capsys, run_copy, breaks, needles):
+    breaks(run_copy)
+    _user_error(capsys, ["train", "--resume", str(run_copy)], str(run_copy), *needles, untouched=(run_copy,))
+
+
+@pytest.mark.parametrize("change, needles", [
+    (dict(steps=-5), ["run.json", "--steps", "-5"]),
+    (dict(batch_size="x"), ["run.json", "--batch-size", "'x'"]),
+    (dict(no_progress="yes"), ["run.json", "no_progress", "true or false"]),
+    (dict(config="bogus"), ["run.json", "bogus"]),
+    (dict(seed=None), ["run.json", "seed"]),
+    (dict(colour="red"), ["run.json", "unknown", "colour"]),
+])
+def test_resume_checks_run_json_as_the_command_line(capsys, run_copy, change, needles):
+    opts = json.loads((run_copy / "run.json").read_text())
+    opts = {k: v for k, v in {**opts, **change}.items() if not (k in change and v is None)}  # None: remove
+    (run_copy / "run.json").write_text(json.dumps(opts))
+    _user_error(capsys, ["train", "--resume", str(run_copy)], *needles, untouched=(run_copy,))
+
+
+def test_resume_refuses_options_it_would_ignore(capsys, run_copy):
+    _user_error(capsys, ["train", "--resume", str(run_copy), "--steps", "9", "--overwrite"], "--steps, --overwrite",
+                "run.json", untouched=(run_copy,))
+
+
+def test_resume_refuses_a_folder_that_mixes_two_runs(capsys, run_copy):
+    """run.json rewritten by another run while the old checkpoints stayed: never continue silently."""
+    opts = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**opts, "steps": 7}))
+    _user_error(capsys, ["train", "--resume", str(run_copy)], "steps 2 vs 7", "mixes two runs",
+                untouched=(run_copy,))
+    (run_copy / "run.json").write_text(json.dumps({**opts, "config": "verdict"}))
+    _user_error(capsys, ["train", "--resume", str(run_copy)], "emb_dim 32 vs 64", "mixes two runs",
+                untouched=(run_copy,))
+
+
+def test_check_validates_everything_before_the_sweep(capsys, tmp_path, monkeypatch):
+    from parity_tests import checks
+
+    monkeypatch.setattr(checks, "run_check", lambda **kw: pytest.fail("the sweep ran despite bad input"))
+    _user_error(capsys, ["check", "--config", "bogus"], "bogus", "small")
+    _user_error(capsys, ["check", "--json", str(tmp_path / "no" / "dir" / "x.json")], "--json", "does not exist",
+                untouched=(tmp_path,))
+    _user_error(capsys, ["check", "--json", str(tmp_path)], "is a directory", untouched=(tmp_path,))
+    _user_error(capsys, ["check", "--device", "bogus"], "--device 'bogus'")  # E: was ~30 ERROR rows
+    _user_error(capsys, ["check", "--checkpoint", "/bad"], "/bad")  # E: was reported after the sweep
+
+
+def test_generate_refuses_bad_input(capsys, trained, run_copy):
+    common = ["generate", "--prompt", "Every effort", "--checkpoint"]
+    _user_error(capsys, [*common, str(trained), "--device", "bogus"], "bogus")
+    _user_error(capsys, [*common, str(trained), "--device", "cuda:99"], "cuda:99")
+    _user_error(capsys, [*common, str(trained), "--backend", "numpy", "--device", "cuda"], "numpy", "CPU")
+    _user_error(capsys, [*common, str(trained), "--seed", "-1"], "--seed", "-1")  # E: named no option
+    _user_error(capsys, [*common, str(trained), "--top-p", "1.5", "--temperature", "1"], "--top-p 1.5")
+    _user_error(capsys, [*common, str(trained), "--temperature", "-1"], "--temperature")
+    _user_error(capsys, [*common, str(trained.parent / "nope")], "nope", "no such directory")
+    (run_copy / "latest").write_text("step-00000009\n")
+    _user_error(capsys, [*common, str(run_copy)], "'latest' names", "step-00000009")  # E: said "no config.json"
+    _user_error(capsys, [*common[:2], "", "--checkpoint", str(trained)], "--prompt", "at least one token")
+
+
+def _config_dir(tmp_path: Path, ours) -> str:
+    d = tmp_path / "ckpt"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"gpt_oracle": ours}))
+    return str(d)
+
+
+def test_info_reports_bad_configs_on_stderr(capsys, tmp_path):
+    from numpy_ref.config import get_config
+
+    full = get_config("tiny").to_dict()
+    _user_error(capsys, ["info", _config_dir(tmp_path / "a", {**full, "n_layers": 2.5})], "n_layers", "2.5")
+    _user_error(capsys, ["info", _config_dir(tmp_path / "b", [])], "'gpt_oracle'", "list")  # B: was gpt2-small
+    _user_error(capsys, ["info", _config_dir(tmp_path / "c", {"n_layers": 2})], "lacks", "emb_dim")
+    _user_error(capsys, ["info", "gpt2-huge"], "gpt2-huge", "gpt2-small")  # E: on stderr, not stdout
+    assert main(["info", _config_dir(tmp_path / "d", full)]) == 0 and "L=2" in capsys.readouterr().out
+
+
+def test_help_documents_the_exit_statuses(capsys):
+    for command in ("check", "diff", "info", "train", "generate", "bench"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "exit status: 0 success" in text and "2 bad input" in text, (command, text)
+    assert main(["diff", "--no-such-option"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-such-option" in err, err
+
+
+# ---- C: a new run never lands in a folder that holds one ------------------------------------
+
+
+def test_train_refuses_an_out_folder_that_holds_a_run(capsys, run_copy):
+    line = _user_error(capsys, ["train", "--steps", "1", "--out", str(run_copy), *TRAIN], "already holds",
+                       "--resume", "--overwrite", untouched=(run_copy,))
+    assert "run.json" in line and "step-00000001" in line, line
+    # --overwrite with a bad option deletes nothing: the options are checked first.
+    _user_error(capsys, ["train", "--steps", "1", "--warmup", "9", "--overwrite", "--out", str(run_copy), *TRAIN],
+                "--warmup 9", untouched=(run_copy,))
+
+
+def test_overwrite_replaces_the_old_run_and_keeps_other_files(capsys, run_copy):
+    (run_copy / "notes.txt").write_text("mine")
+    assert main(["train", "--steps", "1", "--overwrite", "--out", str(run_copy), *TRAIN]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in run_copy.glob("step-*")) == ["step-00000001"]
+    assert (run_copy / "latest").read_text().strip() == "step-00000001"
+    assert json.loads((run_copy / "run.json").read_text())["steps"] == 1
+    assert [json.loads(line)["step"] for line in (run_copy / "log.jsonl").read_text().splitlines()] == [1]
+    assert (run_copy / "notes.txt").read_text() == "mine"
+
+
+# ---- D: check --json is strict JSON, replaced whole or not at all ---------------------------
+
+
+def _fake_rows(ok: bool):
+    from parity_tests.checks import Row
+
+    return [Row("demo ok", "float64", 0.0, 0.0, "exact", "ok"),
+            Row("demo error", "float64", float("nan"), float("inf"), "-", "ok" if ok else "ERROR", "boom")]
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_check_json_is_strict_and_keeps_the_status(capsys, tmp_path, monkeypatch, ok):
+    from parity_tests import checks
+
+    monkeypatch.setattr(checks, "run_check", lambda **kw: _fake_rows(ok))
+    path = tmp_path / "check.json"
+    path.write_text("old")
+    assert main(["check", "--quiet", "--json", str(path)]) == (0 if ok else EXIT_FAILED)
+    capsys.readouterr()
+    text = path.read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["ok"] is ok and data["rows"][1]["max_abs"] is None and data["rows"][1]["max_rel"] is None, data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json"], "a temporary file was left"
+
+
+def test_an_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "check.json"
+    path.write_text('{"old": true}\n')
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"new": [1.0, float("nan")]})
+    assert path.read_text() == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["check.json"], "a temporary file was left"
+    monkeypatch.undo()
+    write_json(path, {"new": [1.0, float("nan"), float("-inf")]})
+    assert json.loads(path.read_text()) == {"new": [1.0, None, None]}
