@@ -72,6 +72,18 @@ def test_unknown_key_is_rejected_by_name_in_both():
             mod.GPTConfig.from_dict(d)
 
 
+
+def test_from_dict_needs_every_field_in_both_trees():
+    """A partial or non-dict `gpt_oracle` object must not fall back to the defaults (gpt2-small)."""
+    full = npc.get_config("tiny").to_dict()
+    partial = {k: v for k, v in full.items() if k != "n_layers"}
+    for mod in (npc, tc):
+        assert mod.GPTConfig.from_dict(full) == mod.get_config("tiny")
+        with pytest.raises(ValueError, match=r"missing GPTConfig key\(s\) \['n_layers'\]"):
+            mod.GPTConfig.from_dict(partial)
+        with pytest.raises(TypeError, match="mapping"):
+            mod.GPTConfig.from_dict([])
+
 @pytest.mark.parametrize("tie,qkv", [(False, True), (True, False), (True, True), (False, False)])
 def test_parameter_tables_identical(tie, qkv):
     from numpy_ref.model import GPTModel as NpModel

@@ -63,8 +63,14 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
-        """The inverse of `to_dict`; an unknown key is a ValueError naming it."""
+        """The inverse of `to_dict`: every field, no other key (a checkpoint's `gpt_oracle` object
+        must not fall back to defaults); an unknown or missing key is a ValueError naming it."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a GPTConfig dict must be a mapping of its fields, got {type(d).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in known if k not in d]
+        if missing:
+            raise ValueError(f"missing GPTConfig key(s) {missing}; every field is needed: {known}")
         unknown = [k for k in d if k not in known]
         if unknown:
             raise ValueError(f"unknown GPTConfig key(s) {unknown}; known keys are {known}")
