@@ -8,12 +8,15 @@ the oracle layer of the same name (see `parity_tests.layer_specs.SPECS`: `x, w, 
     report = check_layer("layernorm", my_layernorm, dtype="float32", device="cuda")
 
 Hypothesis draws sizes (batch, time, heads, head size, vocabulary) and input values; for each
-draw your function runs on torch tensors of `dtype` on `device`, its output and its input
-gradients (through torch autograd, against a random upstream gradient) are compared with the
-oracle's. The oracle runs on the *same* values your function saw (inputs are rounded to `dtype`
-first), so the comparison measures your arithmetic, not the rounding of the inputs. A mismatch
-raises AssertionError naming the layer, the tensor, its shape and dtype, the errors, the
-tolerance and the worst element; hypothesis shrinks it to a small failing case first.
+draw your function runs on torch tensors of `dtype` on `device` and returns one tensor, of the
+oracle's shape and of that same dtype (compute in higher precision inside if you like, but cast
+the result back: a float64 result would leave the float32 arithmetic untested); its output and
+its input gradients (through torch autograd, against a random upstream gradient) are compared
+with the oracle's. The oracle runs on the *same* values your function saw (inputs are rounded
+to `dtype` first), so the comparison measures your arithmetic, not the rounding of the inputs.
+A mismatch raises AssertionError naming the layer, the tensor, its shape and dtype, the errors,
+the tolerance and the worst element; hypothesis shrinks it to a small failing case first. So
+does an output that is not such a tensor, saying what came back.
 
 A NumPy implementation (forward returning `(out, cache)`, backward returning the gradients)
 is checked with `check_numpy_layer` the same way.
@@ -22,15 +25,24 @@ is checked with `check_numpy_layer` the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from parity_tests.compare import Comparison, compare
-from parity_tests.layer_specs import LayerSpec, Sizes, get_spec, run_oracle
+from parity_tests.layer_specs import LayerSpec, OracleResult, Sizes, get_spec, run_oracle
 from parity_tests.tolerances import Tol, forward_tol, gradient_tol
+
+if TYPE_CHECKING:
+    import torch
+
+
+# One failure is raised, the first found (shrunk), not an ExceptionGroup of every distinct one;
+# and no "explain" phase, which re-runs the function under test some 300 times after a failure to
+# say which drawn values mattered (the message already names the sizes and the seed).
+_ONE_FAILURE = dict(report_multiple_bugs=False, phases=[p for p in Phase if p is not Phase.explain])
 
 
 @dataclass
@@ -44,7 +56,7 @@ class Report:
     examples: int = 0
 
     def worst(self) -> dict[str, float]:
-        """Worst max-abs error per tensor (`out`, `dx`, `dw`, ...) over every draw."""
+        """Worst max-abs error per tensor (`out`, `dx`, `dw`, ...) over every draw and row group."""
         out: dict[str, float] = {}
         for c in self.comparisons:
             key = c.name.rsplit(" ", 1)[1]
@@ -64,6 +76,27 @@ def sizes(draw, max_batch: int = 3, max_time: int = 9, max_heads: int = 4, max_h
         V=draw(st.integers(2, 40)),
         Tc=draw(st.integers(T, max_time + 3)),
     )
+
+
+# Accepted spellings of each dtype (a torch.dtype is read by its name: torch.float32 -> "float32").
+DTYPES = {
+    "float64": ("float64", "fp64", "double"),
+    "float32": ("float32", "fp32", "float"),
+    "tf32": ("tf32",),  # float32 tensors, matmuls in TF32 (torch.backends.cuda.matmul.allow_tf32)
+    "bfloat16": ("bfloat16", "bf16"),
+    "float16": ("float16", "fp16", "half"),
+}
+
+
+def canonical_dtype(dtype) -> str:
+    """The harness's name for `dtype`: "fp32", "float32" and torch.float32 all give "float32"."""
+    text = str(dtype).removeprefix("torch.") if type(dtype).__module__ == "torch" else dtype
+    if isinstance(text, str):
+        for name, spellings in DTYPES.items():
+            if text.lower() in spellings:
+                return name
+    known = ", ".join(f"{name} ({'/'.join(spellings)})" for name, spellings in DTYPES.items())
+    raise ValueError(f"dtype={dtype!r} is not one the oracle checks; use one of: {known}, or the torch dtype")
 
 
 def _quantize(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -90,13 +123,91 @@ def _torch_dtype(dtype: str):
     }[dtype]
 
 
-def compare_torch_layer(
-    spec: LayerSpec, fn: Callable, inputs: dict, *, dtype: str, device: str = "cpu",
-    tol_forward: Tol | None = None, tol_grad: Tol | None = None, label: str = "", upstream_seed: int = 0,
+def _compare_outputs(
+    spec: LayerSpec, prefix: str, out, grads: dict, oracle: OracleResult, tol_f: Tol, tol_g: Tol,
 ) -> list[Comparison]:
-    """One input set: run `fn` in torch and the oracle in float64; return every comparison."""
+    """`out` and each gradient against the oracle's, split into the spec's row groups if it has any.
+
+    A tensor shaped like the rows (the output, and dx where x is shaped like it) is compared once
+    per group, the other groups' elements set to 0 in both (so shapes and worst indices stay those
+    of the whole tensor, and a per-tensor scale is the group's own); the rest is compared whole.
+    """
+    groups = spec.row_groups(oracle.inputs) if spec.row_groups else {}
+    if groups and not np.all(sum(m.astype(int) for m in groups.values()) == 1):
+        raise AssertionError(f"{spec.name}: row groups {sorted(groups)} must put every row in exactly one group")
+
+    def one(tensor: str, actual, expected, tol: Tol) -> list[Comparison]:
+        shape = tuple(np.shape(expected))
+        results = []
+        for group, mask in groups.items():
+            if shape[: mask.ndim] != mask.shape or not mask.any():
+                continue
+            keep = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
+            name = f"{prefix} ({group}) {tensor}" if group else f"{prefix} {tensor}"
+            results.append(compare(name, _where(keep, actual), np.where(keep, expected, 0.0), tol))
+        return results or [compare(f"{prefix} {tensor}", actual, expected, tol)]
+
+    results = one("out", out, oracle.out, tol_f)
+    for k in spec.differentiable:
+        results += one(f"d{k}", grads[k], oracle.grads[k], tol_g)
+    return results
+
+
+def _where(keep: np.ndarray, actual):
+    """`actual` where `keep`, else 0, in `actual`'s own type and dtype (a bf16 tensor stays one)."""
+    if type(actual).__module__.startswith("torch"):
+        import torch
+
+        zero = torch.zeros((), dtype=actual.dtype, device=actual.device)
+        return torch.where(torch.from_numpy(keep).to(actual.device), actual.detach(), zero)
+    return np.where(keep, actual, 0.0)
+
+
+def _check_torch_output(spec: LayerSpec, label: str, out, expected: np.ndarray, tdtype) -> None:
+    """What `fn` returned must be a tensor of the oracle's shape, in the dtype asked for, with a
+    graph to the inputs; otherwise an AssertionError that says which and what came back."""
     import torch
 
+    where = f"{label}{spec.name}: the function under test returned"
+    if isinstance(out, (tuple, list)):
+        raise AssertionError(
+            f"{where} {_describe(out)}; expected the output tensor alone, of shape {tuple(expected.shape)} "
+            f"(gradients come from autograd: return out, not (out, cache))"
+        )
+    if not isinstance(out, torch.Tensor):
+        raise AssertionError(
+            f"{where} {_describe(out)}; expected a torch.Tensor of shape {tuple(expected.shape)} and dtype "
+            f"{tdtype}, computed from the input tensors with torch operations"
+        )
+    if tuple(out.shape) != tuple(expected.shape):
+        raise AssertionError(f"{where} shape {tuple(out.shape)}; the oracle's output has shape {tuple(expected.shape)}")
+    if out.dtype != tdtype:
+        # Compared as it is, a float64 result would pass a float32 check without its float32
+        # arithmetic ever being tested; compute in higher precision inside if you like, and cast back.
+        raise AssertionError(
+            f"{where} dtype {out.dtype}; the inputs were {tdtype} and the output must be too "
+            f"(a kernel that accumulates in higher precision casts its result back, e.g. .to(x.dtype))"
+        )
+    if spec.differentiable and not out.requires_grad:
+        raise AssertionError(
+            f"{where} a tensor that does not require grad, so the gradients for {', '.join(spec.differentiable)} "
+            f"cannot be checked: compute it from the inputs without .detach(), .numpy(), .data or torch.no_grad(), "
+            f"or wrap your kernel in a torch.autograd.Function with a backward"
+        )
+
+
+def compare_torch_layer(
+    spec: LayerSpec, fn: Callable, inputs: dict, *, dtype: str | torch.dtype, device: str = "cpu",
+    tol_forward: Tol | None = None, tol_grad: Tol | None = None, label: str = "", upstream_seed: int = 0,
+) -> list[Comparison]:
+    """One input set: run `fn` in torch and the oracle in float64; return every comparison.
+
+    An output that is not a tensor, or not of the oracle's shape, or not of `dtype`, or without
+    a graph to the inputs, raises AssertionError saying so (before any gradient is computed).
+    """
+    import torch
+
+    dtype = canonical_dtype(dtype)
     quantized = {k: (_quantize(v, dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in inputs.items()}
     oracle = run_oracle(spec, quantized, upstream_seed=upstream_seed)
     tdtype = _torch_dtype(dtype)
@@ -113,36 +224,35 @@ def compare_torch_layer(
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
         out = fn(**targs)
+        _check_torch_output(spec, label, out, oracle.out, tdtype)
         diff_inputs = [targs[k] for k in spec.differentiable]
         upstream = torch.as_tensor(oracle.upstream, dtype=out.dtype, device=out.device)
         grads = torch.autograd.grad(out, diff_inputs, upstream, allow_unused=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
-    tol_f = tol_forward or forward_tol(dtype)
-    tol_g = tol_grad or gradient_tol(dtype)
-    prefix = f"{label}{spec.name}"
-    results = [compare(f"{prefix} out", out, oracle.out, tol_f)]
-    for k, g in zip(spec.differentiable, grads):
-        if g is None:
-            g = torch.zeros_like(targs[k])
-        results.append(compare(f"{prefix} d{k}", g, oracle.grads[k], tol_g))
-    return results
+    # An input the output does not depend on gets no gradient from autograd: that is a zero one.
+    grads = {k: (torch.zeros_like(targs[k]) if g is None else g) for k, g in zip(spec.differentiable, grads)}
+    return _compare_outputs(spec, f"{label}{spec.name}", out, grads, oracle,
+                            tol_forward or forward_tol(dtype), tol_grad or gradient_tol(dtype))
 
 
 def check_layer(
-    name: str, fn: Callable, *, dtype: str = "float32", device: str = "cpu", max_examples: int = 25,
+    name: str, fn: Callable, *, dtype: str | torch.dtype = "float32", device: str = "cpu", max_examples: int = 25,
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, derandomize: bool = False,
 ) -> Report:
     """Check a torch implementation of oracle layer `name` over hypothesis-drawn inputs.
 
     `fn` takes the layer's keyword arguments as torch tensors (static ones, like `eps` and
-    `n_heads`, as Python values) and returns the output; gradients come from torch autograd.
-    Raises AssertionError on the first mismatch (after shrinking); returns a Report otherwise.
+    `n_heads`, as Python values) and returns the output, a tensor of the inputs' dtype; gradients
+    come from torch autograd. `dtype` is a name ("float32", "fp32", "bf16", "tf32", ...) or a
+    torch dtype. Raises AssertionError on the first mismatch (after shrinking), or when `fn`
+    returns something other than such a tensor; returns a Report otherwise.
     """
     spec = get_spec(name)
+    dtype = canonical_dtype(dtype)
     report = Report(layer=name, dtype=dtype)
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None)
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
     @given(s=sizes(), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s)
@@ -163,23 +273,29 @@ def check_numpy_layer(
     name: str, forward: Callable, backward: Callable, *, max_examples: int = 25,
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, derandomize: bool = False,
 ) -> Report:
-    """Check a float64 NumPy pair (forward -> (out, cache); backward(dout, cache) -> grads)."""
+    """Check a float64 NumPy pair (forward -> (out, cache); backward(dout, cache) -> grads).
+
+    `backward` returns one gradient per differentiable input, in `SPECS[name].differentiable`'s
+    order, as a tuple or list (a single array where there is only one); any other count or form
+    raises AssertionError naming what was expected and what came back.
+    """
     spec = get_spec(name)
     report = Report(layer=name, dtype="float64")
     tol_f = tol_forward or forward_tol("float64")
     tol_g = tol_grad or gradient_tol("float64")
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None)
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
     @given(s=sizes(), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s)
         oracle = run_oracle(spec, inputs, upstream_seed=seed)
-        out, cache = forward(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()})
-        grads = backward(oracle.upstream, cache)
-        grads = grads if isinstance(grads, tuple) else (grads,)
         label = f"[sizes={s}, seed={seed}] {name}"
-        results = [compare(f"{label} out", out, oracle.out, tol_f)]
-        results += [compare(f"{label} d{k}", g, oracle.grads[k], tol_g) for k, g in zip(spec.differentiable, grads)]
+        returned = forward(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()})
+        if not (isinstance(returned, tuple) and len(returned) == 2):
+            raise AssertionError(f"{label}: forward returned {_describe(returned)}; expected a tuple (out, cache)")
+        out, cache = returned
+        grads = _gradient_list(label, spec, backward(oracle.upstream, cache))
+        results = _compare_outputs(spec, label, out, dict(zip(spec.differentiable, grads)), oracle, tol_f, tol_g)
         bad = [r for r in results if not r.ok]
         assert not bad, f"{name} (numpy) differs from the oracle: " + bad[0].message()
         report.comparisons.extend(results)
@@ -187,3 +303,40 @@ def check_numpy_layer(
 
     _property()
     return report
+
+
+def _gradient_list(label: str, spec: LayerSpec, returned) -> list:
+    """A backward's gradients as a list, one per differentiable input, or an AssertionError that
+    says how many were expected (for which inputs) and what came back."""
+    expected = len(spec.differentiable)
+    names = ", ".join(f"d{k}" for k in spec.differentiable)
+    if isinstance(returned, (tuple, list)):
+        grads = list(returned)
+    elif expected == 1:
+        grads = [returned]  # the house form for one gradient: gelu_backward returns dx alone
+    else:
+        raise AssertionError(
+            f"{label}: backward returned {_describe(returned)}; expected a tuple of {expected} gradients "
+            f"({names}), one for each of {', '.join(spec.differentiable)} in that order"
+        )
+    if len(grads) != expected:
+        raise AssertionError(
+            f"{label}: backward returned {len(grads)} gradient{'s' if len(grads) != 1 else ''}; expected {expected} "
+            f"({names}), one for each of {', '.join(spec.differentiable)} in that order"
+        )
+    for k, g in zip(spec.differentiable, grads):
+        if not (isinstance(g, np.ndarray) or np.isscalar(g)) or np.asarray(g).dtype.kind != "f":
+            raise AssertionError(f"{label}: backward's gradient d{k} is {_describe(g)}; expected a float array")
+    return grads
+
+
+def _describe(value) -> str:
+    """A short description of a returned value for an error message: its type, and shape or length."""
+    if isinstance(value, np.ndarray):
+        return f"a numpy.ndarray of shape {value.shape} and dtype {value.dtype}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if value is None:
+        return "None"
+    module = type(value).__module__
+    return f"a {type(value).__name__}" if module == "builtins" else f"a {module}.{type(value).__name__}"

@@ -1,11 +1,13 @@
 """The user-facing oracle API (README, "Checking your own kernel against the oracle")."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from parity_tests.layer_specs import SPECS, Sizes, run_oracle
-from parity_tests.oracle import check_layer, check_numpy_layer
+from parity_tests.oracle import check_layer, check_numpy_layer, compare_torch_layer
 
 
 def my_layernorm(x, w, b, eps):  # the README's example, verbatim
@@ -52,3 +54,145 @@ def test_every_spec_builds_valid_inputs_and_the_oracle_runs(name):
     for k in spec.differentiable:
         assert result.grads[k].shape == np.shape(inputs[k]), f"{name}: d{k} shape {result.grads[k].shape}"
     assert np.all(np.isfinite(result.out)), f"{name}: non-finite oracle output"
+
+
+# ---- a NumPy backward must return one gradient per differentiable input ----------------------
+
+
+def _numpy_layernorm():
+    from numpy_ref.layernorm import layernorm_backward, layernorm_forward
+
+    return layernorm_forward, layernorm_backward
+
+
+@pytest.mark.parametrize("returns, match", [
+    (lambda grads: grads[:2],
+     r"layernorm: backward returned 2 gradients; expected 3 \(dx, dw, db\), one for each of x, w, b in that order"),
+    (lambda grads: grads + grads[:1], r"layernorm: backward returned 4 gradients; expected 3 \(dx, dw, db\)"),
+    (lambda grads: grads[0], r"layernorm: backward returned a numpy.ndarray of shape \(.*\) and dtype float64; "
+                             r"expected a tuple of 3 gradients \(dx, dw, db\), one for each of x, w, b"),
+    (lambda grads: (grads[0], None, grads[2]), r"layernorm: backward's gradient dw is None; expected a float array"),
+], ids=["forgets-db", "one-too-many", "dx-alone", "none-for-dw"])
+def test_numpy_backward_with_the_wrong_gradients_fails_naming_what_was_expected(returns, match):
+    forward, backward = _numpy_layernorm()
+    with pytest.raises(AssertionError, match=match):
+        check_numpy_layer("layernorm", forward, lambda dout, cache: returns(backward(dout, cache)),
+                          max_examples=5, derandomize=True)
+
+
+def test_numpy_backward_may_return_a_list():
+    forward, backward = _numpy_layernorm()
+    report = check_numpy_layer("layernorm", forward, lambda dout, cache: list(backward(dout, cache)),
+                               max_examples=5, derandomize=True)
+    assert set(report.worst()) == {"out", "dx", "dw", "db"}, f"report covers {sorted(report.worst())}"
+    assert all(c.max_abs == 0.0 for c in report.comparisons), [c.message() for c in report.comparisons if c.max_abs]
+
+
+def test_numpy_forward_without_its_cache_fails_naming_what_came_back():
+    forward, backward = _numpy_layernorm()
+    with pytest.raises(AssertionError, match=r"layernorm: forward returned a numpy.ndarray of shape .*; "
+                                             r"expected a tuple \(out, cache\)"):
+        check_numpy_layer("layernorm", lambda **kw: forward(**kw)[0], backward, max_examples=5, derandomize=True)
+
+
+# ---- what a torch function returns is checked before any gradient is taken --------------------
+
+
+@pytest.mark.parametrize("mistake, match", [
+    (lambda out: out.transpose(-1, -2), r"returned shape \(\d+, \d+, \d+\); the oracle's output has shape"),
+    (lambda out: out.reshape(-1), r"returned shape \(\d+,\); the oracle's output has shape \(\d+, \d+, \d+\)"),
+    (lambda out: (out, None), r"returned a tuple of 2 items; expected the output tensor alone, of shape"),
+    (lambda out: out.detach().numpy(), r"returned a numpy.ndarray of shape .*; expected a torch.Tensor of shape "
+                                       r"\(\d+, \d+, \d+\) and dtype torch.float32"),
+    (lambda out: out.detach(), r"returned a tensor that does not require grad, so the gradients for x, w, b "
+                               r"cannot be checked"),
+], ids=["transposed", "flattened", "tuple", "numpy", "detached"])
+def test_a_wrong_kind_of_output_is_named_with_the_layer(mistake, match):
+    with pytest.raises(AssertionError, match=r"layernorm: the function under test " + match):
+        check_layer("layernorm", lambda **kw: mistake(my_layernorm(**kw)), dtype="float32", max_examples=5,
+                    derandomize=True)
+
+
+def test_a_float32_check_refuses_a_float64_result():
+    # Upcast inside and return float64: the float32 arithmetic would never be tested.
+    def upcast(x, w, b, eps):
+        return my_layernorm(x.double(), w.double(), b.double(), eps)
+
+    with pytest.raises(AssertionError, match=r"layernorm: the function under test returned dtype torch.float64; "
+                                             r"the inputs were torch.float32 and the output must be too"):
+        check_layer("layernorm", upcast, dtype="float32", max_examples=5, derandomize=True)
+
+
+@pytest.mark.parametrize("dtype, name", [
+    ("fp32", "float32"), ("FP32", "float32"), (torch.float32, "float32"), ("bf16", "bfloat16"),
+    (torch.bfloat16, "bfloat16"), ("fp64", "float64"), (torch.float64, "float64"),
+])
+def test_dtype_aliases_and_torch_dtypes_are_accepted(dtype, name):
+    def in_float32(x, w, b, eps):  # statistics in float32 whatever the input, result in the input's dtype
+        return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], w.float(), b.float(), eps).to(x.dtype)
+
+    fn = my_layernorm if name == "float64" else in_float32
+    report = check_layer("layernorm", fn, dtype=dtype, max_examples=3, derandomize=True)
+    assert report.dtype == name, f"dtype={dtype!r} was read as {report.dtype!r}"
+    dtypes = {c.dtype for c in report.comparisons}
+    assert report.comparisons and dtypes == {name}, f"compared in {dtypes}, asked for {name}"
+
+
+@pytest.mark.parametrize("dtype", ["float8", torch.int32, None])
+def test_an_unknown_dtype_lists_the_valid_names(dtype):
+    with pytest.raises(ValueError, match=rf"dtype={re.escape(repr(dtype))} is not one the oracle checks; use one of: "
+                                         r"float64 \(float64/fp64/double\), float32 \(float32/fp32/float\), .*bf16"):
+        check_layer("layernorm", my_layernorm, dtype=dtype)
+
+
+# ---- layer norm's eps must matter somewhere ----------------------------------------------------
+
+
+def eps_outside_the_root(x, w, b, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / (torch.sqrt(var) + eps) * w + b
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eps_outside_the_square_root_fails(dtype):
+    # With var ~ 4 in every row, eps = 1e-5 moved the output by ~1e-6 relative: float32 passed it.
+    with pytest.raises(AssertionError, match=r"layernorm .*MISMATCH"):
+        check_layer("layernorm", eps_outside_the_root, dtype=dtype, max_examples=10, derandomize=True)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_layernorm_rows_with_var_near_eps_are_judged_on_their_own(dtype):
+    spec = SPECS["layernorm"]
+    inputs = spec.make_inputs(np.random.default_rng(0), Sizes(B=2, T=4, nh=2, hs=4))
+    var = inputs["x"].var(axis=-1).reshape(-1)
+    assert np.sum(var == 0.0) == 1 and np.sum((var > 0) & (var < 10 * inputs["eps"])) == 2, f"row variances {var}"
+
+    small = "layernorm (rows with var < 100 eps)"
+    wrong = {r.name: r for r in compare_torch_layer(spec, eps_outside_the_root, inputs, dtype=dtype)}
+    assert not wrong[f"{small} out"].ok and wrong[f"{small} out"].max_abs > 0.5, wrong[f"{small} out"].message()
+    if dtype != "float64":  # the ordinary rows alone cannot see where eps is
+        assert wrong["layernorm out"].ok, wrong["layernorm out"].message()
+
+    # The same rows' dx is ~300x the others' and is judged at its own scale: with one bf16
+    # tolerance for the whole tensor (rtol of its largest value), the ordinary rows' dx could be
+    # halved unseen.
+    rows = torch.from_numpy(inputs["x"].var(axis=-1) >= 100 * inputs["eps"])[..., None]
+
+    class HalvedOrdinaryDx(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, dx):
+            return torch.where(rows, dx / 2, dx)
+
+    def layernorm_halved_dx(x, w, b, eps):
+        return torch.nn.functional.layer_norm(HalvedOrdinaryDx.apply(x), x.shape[-1:], w, b, eps)
+
+    right = compare_torch_layer(spec, spec.torch_forward(), inputs, dtype=dtype)
+    assert all(r.ok for r in right), [r.message() for r in right if not r.ok]
+    halved = {r.name: r for r in compare_torch_layer(spec, layernorm_halved_dx, inputs, dtype=dtype)}
+    assert not halved["layernorm dx"].ok, halved["layernorm dx"].message()
+    assert halved[f"{small} dx"].ok, halved[f"{small} dx"].message()
