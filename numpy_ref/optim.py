@@ -172,6 +172,23 @@ def _load_arrays(params: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarr
     return out
 
 
+def _state_number(state: Mapping, key: str, below: float = math.inf) -> float:
+    """A saved setting: a finite number in [0, below) (an inf weight decay or eps would make
+    every weight inf or NaN at the next step)."""
+    v = state.get(key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < below or not math.isfinite(v):
+        raise ValueError(f"optimiser state {key!r} must be a finite number in [0, {below}), got {v!r}")
+    return float(v)
+
+
+def _state_betas(state: Mapping) -> tuple[float, float]:
+    betas = state.get("betas")
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimiser state 'betas' must be two numbers in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
 def _state_int(state: Mapping, key: str) -> int:
     value = state.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -180,6 +197,10 @@ def _state_int(state: Mapping, key: str) -> int:
 
 
 def _check_decay_set(state: Mapping, decays: Mapping[str, bool]) -> None:
+    """With a weight decay, the saved decay set must be this optimiser's (without one the set
+    does nothing, and torch saves it empty)."""
+    if not state.get("weight_decay"):
+        return
     saved = sorted(state.get("decay", []))
     here = sorted(k for k, d in decays.items() if d)
     if saved != here:
@@ -314,12 +335,9 @@ class AdamW:
             raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
         step = _state_int(state, "step")
         moments = _load_arrays(self.params, arrays, ("exp_avg", "exp_avg_sq"), required=step > 0)
-        lr = _check_lr(state["lr"])
-        betas = tuple(float(b) for b in state["betas"])
-        eps, weight_decay = float(state["eps"]), float(state["weight_decay"])
-        if not (len(betas) == 2 and all(0 <= b < 1 for b in betas) and eps >= 0 and weight_decay >= 0):
-            raise ValueError(f"optimiser state has betas={state['betas']!r}, eps={state['eps']!r}, "
-                             f"weight_decay={state['weight_decay']!r}; need betas in [0, 1), eps, weight_decay >= 0")
+        lr = _check_lr(state.get("lr"))
+        betas = _state_betas(state)
+        eps, weight_decay = _state_number(state, "eps"), _state_number(state, "weight_decay")
         _check_decay_set(state, self.decays)
         zeros = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg = {k: moments["exp_avg"].get(k, zeros[k]) for k in self.params}
@@ -370,21 +388,22 @@ class SGD:
 
     def load_state_dict(self, state: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
         """Restore `state_dict()`'s output: buffers, step, lr, momentum, weight_decay; all checked
-        first (a failed load changes nothing). With momentum, a stepped optimiser has a buffer
-        for every parameter (each is made at its first step)."""
+        first (a failed load changes nothing). With momentum, the buffers are there for every
+        parameter (each is made at its first step) or for none (never stepped); the step is not
+        used to tell (torch's SGD keeps no step, and its state says 0). Without momentum, none."""
         if state.get("kind") != self.kind:
             raise ValueError(f"optimiser state is for {state.get('kind')!r}, not {self.kind!r}")
         step = _state_int(state, "step")
-        lr = _check_lr(state["lr"])
-        momentum, weight_decay = float(state["momentum"]), float(state["weight_decay"])
-        if not (0 <= momentum < 1 and weight_decay >= 0):
-            raise ValueError(f"optimiser state has momentum={state['momentum']!r}, "
-                             f"weight_decay={state['weight_decay']!r}; need 0 <= momentum < 1, weight_decay >= 0")
-        buffers = _load_arrays(self.params, arrays, ("momentum_buffer",), required=momentum > 0 and step > 0)
-        if buffers["momentum_buffer"] and not (momentum > 0 and step > 0):
-            raise ValueError(f"optimiser state has momentum buffers but momentum={momentum} and step={step}")
+        lr = _check_lr(state.get("lr"))
+        momentum, weight_decay = _state_number(state, "momentum", below=1.0), _state_number(state, "weight_decay")
+        buffers = _load_arrays(self.params, arrays, ("momentum_buffer",), required=False)["momentum_buffer"]
+        if buffers and not momentum:
+            raise ValueError(f"optimiser state has momentum buffers but momentum={momentum}")
+        missing = [k for k in self.params if k not in buffers]
+        if buffers and missing:
+            raise KeyError(f"optimiser state lacks momentum_buffer.{missing[0]} (has buffers for other parameters)")
         _check_decay_set(state, self.decays)
-        self.momentum_buffer = buffers["momentum_buffer"]
+        self.momentum_buffer = buffers
         self.step_count, self.lr, self.momentum, self.weight_decay = step, lr, momentum, weight_decay
 
 

@@ -470,3 +470,53 @@ def test_a_bad_per_step_learning_rate_is_refused_before_any_update(kind, lr):
     with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
         topt.set_lr(t_opt, lr)
     assert all(g["lr"] == 0.01 for g in t_opt.param_groups), "torch: a refused lr was set"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_torch_sgd_state_round_trips_in_both_trees(momentum):
+    """torch's SGD keeps no step count, so its saved state says step 0 even after steps; with
+    momentum the buffers are what says it has stepped. Saved from torch after 3 steps, the state
+    loads into torch and into numpy_ref, and the next steps agree with the uninterrupted run."""
+    params = _params(11)
+    holder = _Holder(params)
+    t_opt = topt.build_optimizer(holder, "sgd", lr=0.01, momentum=momentum, weight_decay=0.1)
+    for t in range(3):
+        _set_grads(holder, _grads(t))
+        t_opt.step()
+    state, tensors = topt.optimizer_state(t_opt, holder)
+    assert state["step"] == 0 and bool(tensors) == (momentum > 0), (state["step"], sorted(tensors))
+    weights = _torch_params(holder)
+    resumed = _Holder(weights)
+    t_opt2 = topt.build_optimizer(resumed, "sgd", lr=0.01, momentum=momentum, weight_decay=0.1)
+    topt.load_optimizer_state(t_opt2, resumed, state, tensors)
+    n_opt = nopt.build_optimizer({k: v.copy() for k, v in weights.items()}, "sgd", lr=0.01, momentum=momentum,
+                                 weight_decay=0.1)
+    n_opt.load_state_dict(state, {k: to_numpy(v) for k, v in tensors.items()})
+    for t in range(3, 5):
+        for h, o in ((holder, t_opt), (resumed, t_opt2)):
+            _set_grads(h, _grads(t))
+            o.step()
+        n_opt.step(_grads(t))
+    assert_dicts_close(f"torch SGD resumed (momentum {momentum})", _torch_params(resumed), _torch_params(holder),
+                       STEP_TOL)
+    assert_dicts_close(f"numpy SGD from torch's state (momentum {momentum})", n_opt.params, _torch_params(holder),
+                       STEP_TOL)
+
+
+def test_state_without_weight_decay_crosses_trees_and_bad_settings_are_refused_in_both():
+    """With weight_decay 0 the decay set does nothing (torch saves it empty): numpy loads it. A
+    saved eps or weight decay of inf, or betas as strings, is refused by both trees."""
+    params = _params(12)
+    holder = _Holder(params)
+    t_opt = topt.build_optimizer(holder, "adamw", lr=0.01, weight_decay=0.0)
+    _set_grads(holder, _grads(0))
+    t_opt.step()
+    state, tensors = topt.optimizer_state(t_opt, holder)
+    arrays = {k: to_numpy(v) for k, v in tensors.items()}
+    nopt.AdamW({k: v.copy() for k, v in params.items()}, lr=0.01, weight_decay=0.0).load_state_dict(state, arrays)
+    for bad in (dict(eps=float("inf")), dict(weight_decay=float("inf")), dict(betas=["0.9", "0.99"])):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            nopt.AdamW({k: v.copy() for k, v in params.items()}).load_state_dict(dict(state, **bad), arrays)
+        h = _Holder(params)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            topt.load_optimizer_state(topt.build_optimizer(h, "adamw"), h, dict(state, **bad), tensors)

@@ -104,6 +104,10 @@ def test_ignore_index_must_be_an_int():
     for bad in (3.5, True, "3"):
         with pytest.raises(TypeError, match="ignore_index must be an int or None"):
             model(ids, ids, ignore_index=bad)
+    import numpy as np
+
+    assert torch.equal(model(ids, ids, ignore_index=np.int64(int(ids[0, 0])))[1],
+                       model(ids, ids, ignore_index=int(ids[0, 0]))[1]), "a numpy integer ignore_index differs"
 
 @pytest.mark.parametrize("shape", [(3,), (1, 2, 3)])
 def test_ids_not_2d_are_a_value_error_naming_the_shape(shape):

@@ -16,6 +16,8 @@ Shapes: logits (B, T, V); targets (B, T) integer; out () scalar.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,7 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)} "
                          f"without its last (vocabulary) axis")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
     targets = as_int64_index(targets, "targets")  # compared with V in int64, and the loss takes int64
     V = logits.shape[-1]
@@ -67,4 +69,4 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     if ignore_index is None:
         # check_targets has made every target a real class, so F's default ignore value never matches.
         return F.cross_entropy(flat_logits, flat_targets)  # (B*T, V), (B*T,) -> ()
-    return F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index)  # (B*T, V), (B*T,) -> ()
+    return F.cross_entropy(flat_logits, flat_targets, ignore_index=int(ignore_index))  # (B*T, V), (B*T,) -> ()

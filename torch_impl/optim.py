@@ -202,7 +202,14 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Ma
         diff = sorted(set(state.get("decay", [])) ^ set(decayed))
         raise ValueError(f"optimiser state decays another set of parameters (they differ on {diff[:3]}); "
                          f"build the optimiser with the same decay rule")
-    stepped = step > 0 and (kind == "adamw" or settings["momentum"] > 0)  # then every parameter has its slots
+    # Then every parameter has its slots. AdamW counts its steps; torch's SGD keeps no step (its
+    # state says 0), so there the buffers tell: with momentum, for every parameter or for none.
+    if kind == "adamw":
+        stepped = step > 0
+    else:
+        if tensors and not settings["momentum"] > 0:
+            raise ValueError(f"optimiser state has momentum buffers but momentum={settings['momentum']}")
+        stepped = bool(tensors)
     # torch's own state_dict() form: parameters numbered in group order. load_state_dict then
     # moves and casts each entry as the optimiser wants (e.g. `step` on the device when fused).
     saved = opt.state_dict()
@@ -223,9 +230,8 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Ma
                                      f"{tuple(p.shape)}")
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"optimiser state {key} has non-finite values")
-                if not stepped and bool((t != 0).any()):
-                    raise ValueError(f"optimiser state {key} is non-zero at step {step} (momentum "
-                                     f"{settings.get('momentum', '-')}): the state is inconsistent")
+                if kind == "adamw" and not stepped and bool((t != 0).any()):
+                    raise ValueError(f"optimiser state {key} is non-zero at step 0: the state is inconsistent")
                 st[slot] = t.to(device=p.device, dtype=p.dtype).clone()
             if stepped:  # a fresh optimiser (not stepped) keeps no state: zero moments, the same thing
                 if kind == "adamw":
