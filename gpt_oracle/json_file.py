@@ -3,7 +3,8 @@
 `write_json(path, obj)` writes strict JSON (RFC 8259 has no NaN or Infinity: a non-finite float
 becomes null, which every parser reads) to a temporary file in the same directory, flushes it to
 disk and renames it over `path`. A write interrupted at any moment leaves the old file (or no
-file) at `path`, never a truncated one.
+file) at `path`, never a truncated one. A target that exists and is not a regular file (a FIFO,
+`/dev/stdout`) is written into directly: a rename would replace it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def finite_or_none(obj: Any) -> Any:
 def write_json(path, obj: Any) -> Path:
     path = Path(path)
     text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"  # an error here writes nothing
+    if path.exists() and not path.is_file():  # a FIFO, /dev/stdout: written into, never replaced by a rename
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: the rename is atomic
     f = open(tmp, "x", encoding="utf-8")  # "x": never writes into (or, below, removes) a file it did not create
     try:

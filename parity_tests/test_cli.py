@@ -291,3 +291,33 @@ def test_an_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_json(path, {"new": [1.0, float("nan"), float("-inf")]})
     assert json.loads(path.read_text()) == {"new": [1.0, None, None]}
+
+
+def test_resume_reads_the_zeros_earlier_versions_wrote_for_a_default(capsys, run_copy):
+    """Earlier versions of `train` wrote 0 for "the default" in stride, threads, context_length and
+    steps; resuming such a run reads them as the defaults they meant (the run's own checkpointed
+    settings still have to match, so a 0 that meant something else is still refused)."""
+    opts = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps(dict(opts, stride=0, threads=0)))
+    code = main(["train", "--resume", str(run_copy)])
+    err = capsys.readouterr().err
+    assert code == 0, f"resume of a run.json with legacy zeros exited {code}: {err}"
+
+
+def test_json_output_into_a_fifo_is_written_into_not_replaced(tmp_path):
+    """A target that is not a regular file (a FIFO, /dev/stdout) gets the text; a rename over it
+    would replace it with a regular file and the reader would see nothing."""
+    import os
+    import threading
+
+    from gpt_oracle.json_file import write_json
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    write_json(fifo, {"a": float("nan"), "b": 1})
+    reader.join(timeout=10)
+    assert got and json.loads(got[0]) == {"a": None, "b": 1}, f"the reader got {got!r}"
+    assert fifo.is_fifo(), "the FIFO was replaced by a regular file"

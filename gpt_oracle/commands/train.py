@@ -49,6 +49,7 @@ VERDICT_CONFIG = dict(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4
 GPT2_VOCAB = 50257
 # run.json keys that runs written before the option existed lack, with the value those runs used.
 ADDED_LATER = {"init": "gpt2"}
+LEGACY_ZERO_IS_DEFAULT = ("stride", "threads", "context_length", "steps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +260,8 @@ def _read_run_json(out: Path) -> dict:
     add_arguments(parser)
     defaults = _run_options(parser.parse_args([]))
     stored = {**ADDED_LATER, **stored}
+    # Earlier versions of this command wrote 0 for "the default" in these; 0 is refused now.
+    stored.update({k: None for k in LEGACY_ZERO_IS_DEFAULT if stored.get(k) == 0})
     missing, unknown = sorted(set(defaults) - set(stored)), sorted(set(stored) - set(defaults))
     if missing:  # a default filled in would train another run than the one checkpointed
         raise UserError(f"--resume {out}: run.json lacks the option(s) {missing}")
