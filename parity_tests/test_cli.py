@@ -315,7 +315,7 @@ def test_json_output_into_a_fifo_is_written_into_not_replaced(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)  # never blocks the exit
     reader.start()
     write_json(fifo, {"a": float("nan"), "b": 1})
     reader.join(timeout=10)
