@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # what was typed (train --resume checks it)
     return int(args._run(args))
 
 

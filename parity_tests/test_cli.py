@@ -157,6 +157,9 @@ def test_resume_checks_run_json_as_the_command_line(capsys, run_copy, change, ne
 def test_resume_refuses_options_it_would_ignore(capsys, run_copy):
     _user_error(capsys, ["train", "--resume", str(run_copy), "--steps", "9", "--overwrite"], "--steps, --overwrite",
                 "run.json", untouched=(run_copy,))
+    # an option typed with its default value would be ignored just the same
+    _user_error(capsys, ["train", "--resume", str(run_copy), "--backend", "torch"], "--backend", "run.json",
+                untouched=(run_copy,))
 
 
 def test_resume_refuses_a_folder_that_mixes_two_runs(capsys, run_copy):

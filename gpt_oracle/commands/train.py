@@ -287,6 +287,13 @@ def _resume(args: argparse.Namespace):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     given = [k for k, v in vars(parser.parse_args([])).items() if k != "resume" and getattr(args, k) != v]
+    typed = getattr(args, "_argv", None)  # through the CLI: also an option typed with its default value
+    if typed and "train" in typed:
+        for action in parser._actions:  # only what was typed comes back
+            action.default = argparse.SUPPRESS
+        explicit, _ = parser.parse_known_args(typed[typed.index("train") + 1:])
+        typed_keys = [k for k in vars(explicit) if k != "resume"]
+        given = typed_keys + [k for k in given if k not in typed_keys]
     if given:  # ignored, they would look applied
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UserError(f"--resume {out} takes every option from {out / 'run.json'}; {flags} cannot go with it")
