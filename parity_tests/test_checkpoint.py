@@ -23,7 +23,7 @@ import torch_impl.checkpoint as tck
 import torch_impl.model as tm
 from numpy_ref.safetensors_io import read_safetensors, write_safetensors
 from parity_tests import checkpoint_cases as cc
-from parity_tests.compare import assert_close, assert_dicts_close, to_numpy
+from parity_tests.compare import assert_close, assert_dicts_close
 from parity_tests.strategies import config_dicts, seeds
 from parity_tests.tolerances import Tol, forward_tol
 
