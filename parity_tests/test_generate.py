@@ -239,6 +239,39 @@ def test_a_kv_cache_made_for_another_model_is_refused_by_name(tree):
         assert cache.length == 0, f"{tree}: a refused cache was advanced to {cache.length}"
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_backward_through_a_cached_forward_is_refused_by_name(tree):
+    """The cache is for inference in both trees: numpy_ref's gpt_backward refuses the cache of a
+    cached forward; torch, with gradient recording on, gives the logits of full recomputation over
+    several cached calls, and a backward through them raises the same cause before any gradient is
+    written (not torch's in-place version error, and no half-accumulated .grad)."""
+    n_model, t_model = _models(context_length=16, seed=5)
+    ids = np.random.default_rng(6).integers(0, V, (1, 6))
+    if tree == "numpy":
+        from numpy_ref.model import gpt_backward, gpt_forward
+
+        cache = n_model.new_kv_cache(1)
+        gpt_forward(n_model.params, ids[:, :4], n_model.config, kv_cache=cache)
+        _, _, fwd = gpt_forward(n_model.params, ids[:, 4:], n_model.config, ids[:, 4:], kv_cache=cache)
+        with pytest.raises(ValueError, match="KV cache"):
+            gpt_backward(fwd)
+        return
+    cache = t_model.new_kv_cache(1)
+    assert torch.is_grad_enabled()
+    t_model(torch.tensor(ids[:, :4]), kv_cache=cache)
+    logits, loss = t_model(torch.tensor(ids[:, 4:]), torch.tensor(ids[:, 4:]), kv_cache=cache)
+    with torch.no_grad():
+        full = to_numpy(t_model(torch.tensor(ids))[:, 4:])
+    assert_close("torch: cached logits with gradient recording on", to_numpy(logits.detach()), full,
+                 forward_tol("float64"))
+    assert cache.length == 6, f"the cache holds {cache.length} positions after 4 + 2"
+    for out in (loss, logits.sum()):
+        with pytest.raises(ValueError, match="KV cache"):
+            out.backward()
+    written = [name for name, p in t_model.named_parameters() if p.grad is not None]
+    assert written == [], f"a refused backward wrote gradients for {written}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_kv_cache_logits_equal_full_recomputation_at_every_step(tree):
     n_model, t_model = _models(context_length=16, seed=4)
     ids = np.random.default_rng(1).integers(0, V, (2, 16))

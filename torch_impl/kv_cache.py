@@ -11,7 +11,11 @@ concatenates. `length` (P) is a Python int kept on the host: reading it never sy
 The model writes every layer, then calls `advance(T)`; the new chunk's positions are
 P .. P + T - 1 (the position-embedding offset) and query t of the chunk sees keys 0 .. P + t.
 
-The cache is for inference: the writes are in place, so run the model under `torch.no_grad()`.
+The cache is for inference: the writes are in place, so a graph recorded through it would be
+invalid after the next write. With gradient recording on (and parameters that require grad) the
+model runs a cached forward under `torch.no_grad()` anyway and passes its outputs through
+`inference_only`, whose backward raises a ValueError naming the cause (numpy_ref's
+`gpt_backward` refuses a cached forward the same way) instead of torch's in-place version error.
 """
 
 from __future__ import annotations
@@ -93,3 +97,24 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
         self.length = length
+
+
+def inference_only(out, anchor: torch.Tensor):
+    """The outputs of a cached forward (a tensor or a tuple of them, computed without a graph),
+    joined to `anchor` (a parameter) so that a backward through them reaches `_NoBackward`, which
+    raises before any gradient is written. Values and shapes are unchanged (views)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    joined = _NoBackward.apply(anchor, *outs)
+    return joined if isinstance(out, tuple) else joined[0]
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, *outs):
+        return tuple(o.view_as(o) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise ValueError("backward through a forward that used a KV cache: the cache is for inference (written "
+                         "in place, one position after another); run the model without kv_cache to train or "
+                         "to take gradients")

@@ -47,7 +47,7 @@ from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import TiedHeadGrad, embedding_forward
 from torch_impl.head import head_forward, head_is_sliced, head_loss_forward
 from torch_impl.kept_buffers import release_kept_buffers
-from torch_impl.kv_cache import KVCache
+from torch_impl.kv_cache import KVCache, inference_only
 from torch_impl.layernorm import layernorm_forward
 
 INIT_SCHEMES = ("gpt2", "book")  # see GPTModel.__init__; numpy_ref/params.py has the same
@@ -166,8 +166,10 @@ class GPTModel(nn.Module):
         """Logits (B, T, V) for ids (B, T); `(logits, loss)` when targets (B, T) are given.
 
         kv_cache: positions already cached come first (positions P .. P+T-1); it is advanced
-            by T. Run under torch.no_grad(). One position per row on the CPU runs decode.py's
-            `decode_step` (the same computation in fewer torch calls, the same bits).
+            by T. Inference only: with gradient recording on, the call runs under torch.no_grad()
+            and a backward through its outputs raises (kv_cache.inference_only). One position
+            per row on the CPU runs decode.py's `decode_step` (the same computation in fewer
+            torch calls, the same bits).
         dropout_masks: explicit dropout (keys and shapes in DROPOUT_MASKS). Without it, dropout
             is torch's own, at `config.drop_rate`, in training mode only.
         last_only: return logits (B, 1, V) for the last position only (what decoding needs; the
@@ -175,6 +177,11 @@ class GPTModel(nn.Module):
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
+        if kv_cache is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            with torch.no_grad():  # the cache is written in place: no graph through it (kv_cache.py)
+                out = self.forward(ids, targets, kv_cache=kv_cache, dropout_masks=dropout_masks,
+                                   ignore_index=ignore_index, last_only=last_only)
+            return inference_only(out, self.wte.weight)
         cfg = self.config
         past = 0
         if kv_cache is not None:
