@@ -60,13 +60,13 @@ def test_model_float32_matches_oracle(case, rows):
 
 
 @st.composite
-def bf16_case(draw, tie_embeddings: bool, qkv_bias: bool):
+def autocast_case(draw, tie_embeddings: bool, qkv_bias: bool):
     """Like model_case, with C = nh * hs >= 8. Layer norm's backward removes two directions
     (the mean and the normalised input) from a C-wide gradient: at C = 1 nothing is left, at
     C = 2 an O(eps) residue, and at C = 3-4 often a small difference of large terms, which bf16
     rounding of the activations cannot resolve on correct code (measured: 20-50 u there, against
     at most 15 u at C >= 8; test_cross_layers leaves layer norm out of its bf16 property for the
-    same reason). V = 2 and B, T = 1 stay reachable."""
+    same reason; fp16 behaves alike in its own u). V = 2 and B, T = 1 stay reachable."""
     n_heads = draw(st.integers(1, 3))
     head_size = draw(st.integers(-(-8 // n_heads), 8))  # ceil(8 / nh) .. 8, so C >= 8
     cfg = dict(vocab_size=draw(st.integers(2, 40)), context_length=draw(st.integers(1, 10)),
@@ -77,28 +77,51 @@ def bf16_case(draw, tie_embeddings: bool, qkv_bias: bool):
     return cfg, draw(seeds()), B, T
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv_bias", "no_qkv_bias"])
 @given(data=st.data())
-def test_model_bf16_autocast_logits_loss_and_every_gradient(tie_embeddings, qkv_bias, data):
-    """CPU bf16 autocast against the float64 oracle: logits and loss elementwise, and every
-    parameter gradient as a whole, ||g_bf16 - g_ref|| <= 32 u s with u = 2^-8 and s the size of
-    its per-position terms (tolerances.GRADIENT_NORM says why, and what was measured). A missing
-    or halved gradient (a tied head that gives wte nothing, a head gradient scaled by 0.5) is an
-    error of ||g|| or ||g|| / 2, 8 or 4 times that bound where the terms do not cancel."""
-    cfg, seed, B, T = data.draw(bf16_case(tie_embeddings, qkv_bias), label="case")
+def test_model_autocast_logits_loss_and_every_gradient(dtype, tie_embeddings, qkv_bias, data):
+    """CPU bf16 / fp16 autocast against the float64 oracle: logits and loss elementwise, and every
+    parameter gradient as a whole, ||g_autocast - g_ref|| <= 32 u s with u = 2^-8 (bf16) or
+    2^-11 (fp16) and s the size of its per-position terms (tolerances.GRADIENT_NORM says why, and
+    what was measured). A missing or halved gradient (a tied head that gives wte nothing, a head
+    gradient scaled by 0.5) is an error of ||g|| or ||g|| / 2, 8 or 4 times that bound where the
+    terms do not cancel."""
+    cfg, seed, B, T = data.draw(autocast_case(tie_embeddings, qkv_bias), label="case")
     params = _params(cfg, seed)
     np_model = models.build_numpy_model(cfg, params=params)
     ids, targets = models.random_batch(cfg, B, T, seed)
     ref = models.run_numpy(np_model, ids, targets)
-    got = models.run_torch(models.build_torch_model(cfg, params, dtype="bfloat16"), ids, targets, dtype="bfloat16")
-    assert_close(f"bf16 logits ({cfg}, B={B}, T={T})", got.logits, ref.logits, forward_tol("bfloat16"))
-    assert_close("bf16 loss", np.array(got.loss), np.array(ref.loss), forward_tol("bfloat16"))
+    got = models.run_torch(models.build_torch_model(cfg, params, dtype=dtype), ids, targets, dtype=dtype)
+    assert_close(f"{dtype} logits ({cfg}, B={B}, T={T})", got.logits, ref.logits, forward_tol(dtype))
+    assert_close(f"{dtype} loss", np.array(got.loss), np.array(ref.loss), forward_tol(dtype))
     scales = position_grad_scales(np_model, ids, targets)
-    results = compare_grad_norms("bf16 grads", got.grads, ref.grads, scales, gradient_norm_tol("bfloat16"),
+    results = compare_grad_norms(f"{dtype} grads", got.grads, ref.grads, scales, gradient_norm_tol(dtype),
                                  order=list(params))
     bad = [r for r in results if not r.ok]
     assert not bad, _first_divergence(bad, f"{cfg}, B={B}, T={T}")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_autocast_gradient_bound_catches_a_missing_or_halved_gradient(dtype):
+    """The bound above can fail: on a real autocast run that passes it, every gradient tensor set
+    to zero, and every one halved, is reported (the bound is well below ||g|| / 2 here)."""
+    cfg = dict(vocab_size=30, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
+               qkv_bias=True, tie_embeddings=True, ln_eps=1e-5)
+    params = _params(cfg, 11)
+    np_model = models.build_numpy_model(cfg, params=params)
+    ids, targets = models.random_batch(cfg, 2, 8, 11)
+    ref = models.run_numpy(np_model, ids, targets)
+    got = models.run_torch(models.build_torch_model(cfg, params, dtype=dtype), ids, targets, dtype=dtype)
+    scales, tol = position_grad_scales(np_model, ids, targets), gradient_norm_tol(dtype)
+    passed = compare_grad_norms(f"{dtype} grads", got.grads, ref.grads, scales, tol, order=list(params))
+    assert all(r.ok for r in passed), _first_divergence([r for r in passed if not r.ok], "unchanged")
+    for fault, scale in (("zeroed", 0.0), ("halved", 0.5)):
+        broken = {k: np.asarray(g) * scale for k, g in got.grads.items()}
+        results = compare_grad_norms(f"{dtype} grads {fault}", broken, ref.grads, scales, tol, order=list(params))
+        missed = [r.name for r in results if r.ok]
+        assert not missed, f"{dtype}: {fault} gradients passed the bound for {missed}"
 
 
 def _first_divergence(bad, context: str) -> str:
