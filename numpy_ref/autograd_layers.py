@@ -12,7 +12,8 @@ which ties the hand-derived backwards to an independent derivation.
 
 Shapes: as in the layer files (B batch, T time, C channels, nh heads, hs head size, V vocab).
 Dropout masks: the dict of numpy_ref/model.py (keys "embedding", "h.{i}.attn.weights",
-"h.{i}.attn.out", "h.{i}.mlp.out").
+"h.{i}.attn.out", "h.{i}.mlp.out"), checked by that model's own `split_masks`: an unknown key
+or a wrong shape is refused, never ignored or broadcast.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from numpy_ref.gelu import gelu_backward, gelu_forward
 from numpy_ref.layernorm import layernorm_backward, layernorm_forward
 from numpy_ref.linear import linear_backward, linear_forward
 from numpy_ref.mlp import mlp_backward, mlp_forward
+from numpy_ref.model import split_masks
 from numpy_ref.params import block_param_shapes
 from numpy_ref.tensor import Tensor, custom_op, getitem, masked_fill, matmul, sqrt, transpose
 
@@ -176,18 +178,20 @@ def _drop(x: Tensor, mask: np.ndarray | None) -> Tensor:
 def gpt_forward_autograd(ops: LayerOps, params: Mapping[str, Tensor], ids, config, targets=None, *,
                          dropout_masks: Mapping[str, np.ndarray] | None = None, ignore_index: int | None = None):
     """(logits, loss) as Tensors; loss is None without targets. The model of numpy_ref/model.py."""
-    masks = dropout_masks or {}
     x = ops.embedding(ids, params["wte.weight"], params["wpe.weight"])  # (B, T) -> (B, T, C)
-    x = _drop(x, masks.get("embedding"))
+    # {"embedding": mask or None, i: {"attn.weights": ..., ...}}: keys and shapes checked as the
+    # hand-written model checks them (a mis-typed key must not silently mean "no dropout").
+    masks = split_masks(dropout_masks, config, np.asarray(ids), 0, x.dtype)
+    x = _drop(x, masks["embedding"])
     for i in range(config.n_layers):
         p = {name: params[f"h.{i}.{name}"] for name, _ in block_param_shapes(config)}
         a = ops.layernorm(x, p["ln_1.weight"], p["ln_1.bias"], config.ln_eps)  # (B, T, C)
         a = ops.attention(a, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"), p["attn.c_proj.weight"],
-                          p["attn.c_proj.bias"], config.n_heads, masks.get(f"h.{i}.attn.weights"))  # (B, T, C)
-        x = x + _drop(a, masks.get(f"h.{i}.attn.out"))
+                          p["attn.c_proj.bias"], config.n_heads, masks[i].get("attn.weights"))  # (B, T, C)
+        x = x + _drop(a, masks[i].get("attn.out"))
         m = ops.layernorm(x, p["ln_2.weight"], p["ln_2.bias"], config.ln_eps)  # (B, T, C)
         m = ops.mlp(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"], p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
-        x = x + _drop(m, masks.get(f"h.{i}.mlp.out"))
+        x = x + _drop(m, masks[i].get("mlp.out"))
     f = ops.layernorm(x, params["ln_f.weight"], params["ln_f.bias"], config.ln_eps)  # (B, T, C)
     head = params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]
     logits = matmul(f, transpose(head))  # (B, T, C) @ (C, V) -> (B, T, V)

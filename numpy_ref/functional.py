@@ -60,7 +60,7 @@ def binary_cross_entropy(p, target) -> Tensor:
     y = np.asarray(target.data if isinstance(target, Tensor) else target, dtype=p.dtype)
     if y.shape != p.shape:
         raise ValueError(f"binary_cross_entropy: target shape {y.shape} differs from the input's {p.shape}")
-    outside = (p.data <= 0) | (p.data >= 1)
+    outside = ~((p.data > 0) & (p.data < 1))  # written so that NaN counts as outside too
     if np.any(outside):
         where_bad = tuple(int(i) for i in np.argwhere(outside)[0])
         raise ValueError(f"binary_cross_entropy: probability {float(p.data[where_bad])!r} at {where_bad} is outside (0, 1)")

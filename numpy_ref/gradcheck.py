@@ -68,6 +68,8 @@ def compare_gradients(analytic: Sequence[np.ndarray | None], numeric: Sequence[n
     (a NaN or infinity on either side fails). Returns the
     max absolute error per input (0.0 for constants).
     """
+    if len(analytic) != len(numeric):  # zip would silently check only the shorter list
+        raise AssertionError(f"gradcheck: {len(analytic)} analytic gradients for {len(numeric)} numerical ones")
     errors = []
     for i, (a, n) in enumerate(zip(analytic, numeric)):
         if n is None:

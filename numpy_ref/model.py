@@ -65,7 +65,7 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     ids = np.asarray(ids)
     if kv_cache is not None:
         _check_cache(kv_cache, config, ids, dtype)
-    masks = _split_masks(dropout_masks, config, ids, past, dtype)
+    masks = split_masks(dropout_masks, config, ids, past, dtype)
     x, emb = embedding_forward(ids, params["wte.weight"], params["wpe.weight"], pos_offset=past)  # (B, T) -> (B, T, C)
     mask_e = masks["embedding"]
     if mask_e is not None:
@@ -135,7 +135,7 @@ def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
     return ordered
 
 
-def _split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray, past: int, dtype):
+def split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray, past: int, dtype):
     """{"embedding": mask or None, i: block i's masks by block-local name}, shape-checked and
     in the parameters' dtype (a float64 mask must not promote a float32 model)."""
     out = {"embedding": None, **{i: {} for i in range(config.n_layers)}}

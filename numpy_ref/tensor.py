@@ -7,6 +7,11 @@ and walks it from the output to the inputs, applying each operation's vector-Jac
 (VJP): given the upstream gradient `g = dL/d(out)`, the VJP returns `dL/d(input)` for every
 input. Gradients reaching a tensor along several paths are summed.
 
+Operations keep references to their inputs' arrays, not copies (a Tensor wraps the array it is
+given). Writing into a tensor's `.data` (or the array it wraps) after using it, and before
+`backward`, can make the backward use the new values; PyTorch catches this with a version counter,
+this engine does not, so treat arrays in a graph as read-only until its backward has run.
+
 Every primitive below is one block: the forward, then directly under it its VJP as a named
 function whose comment gives the math. Broadcasting is undone by one helper, `unbroadcast`.
 Layers with hand-derived backward passes plug in as single operations through `custom_op`.
@@ -72,6 +77,11 @@ class Tensor:
     def __len__(self) -> int:
         return len(self.data)
 
+    def __bool__(self) -> bool:
+        # NumPy's rule: one element is true when nonzero, more raise. Without this, Python falls
+        # back on __len__ and any non-empty tensor, Tensor([0.0]) included, would be true.
+        return bool(self.data)
+
     def __repr__(self) -> str:
         op = f", op={self._op}" if self._op else ""
         return f"Tensor({self.data!r}, requires_grad={self.requires_grad}{op})"
@@ -98,7 +108,8 @@ class Tensor:
         """Accumulate d(self)/d(leaf), weighted by `grad`, into every leaf's `.grad`.
 
         `grad` is the upstream gradient, of this tensor's shape and dtype; it may be left out
-        only for a single-element tensor (a loss), where it is 1.
+        only for a single-element tensor (a loss), where it is 1. The graph is kept (torch's
+        `retain_graph=True`): a second call adds the same gradients again.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (made under no_grad, or from constants)")
@@ -152,15 +163,20 @@ class Tensor:
 
 def _as_float_array(data, dtype=None) -> np.ndarray:
     """float32 and float64 arrays are kept as they are; Python numbers, lists and integer or
-    boolean arrays become float64 (or `dtype`). Other float widths are refused, not converted."""
+    boolean arrays become float64 (or `dtype`). Other float widths are refused unless `dtype`
+    asks for the conversion; anything that is not a real number (None, complex, strings,
+    objects) is refused even then, because NumPy would turn None into NaN, drop an imaginary
+    part, or parse "2" as 2.0."""
     if isinstance(data, Tensor):
         data = data.data
+    array = np.asarray(data)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"Tensor data must be real numbers (float, integer or bool), got {data!r:.60} of dtype {array.dtype}")
     if dtype is not None:
         dtype = np.dtype(dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"Tensor dtype must be float32 or float64, got {dtype}")
-        return np.asarray(data, dtype=dtype)
-    array = np.asarray(data)
+        return array.astype(dtype, copy=False)
     if array.dtype in FLOAT_DTYPES:
         return array
     if array.dtype.kind in "biu":
@@ -276,14 +292,24 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
     return grad
 
 
+def _axis_index(axis, ndim: int) -> int:
+    """`axis` from NumPy's range [-ndim, ndim) as an index in [0, ndim); never wrapped silently."""
+    if not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis {axis!r} must be an integer")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
+    return int(axis) % ndim
+
+
 def _normalize_axes(axis, ndim: int) -> tuple[int, ...]:
+    """The sorted, non-negative axes a reduction runs over (all of them for None)."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
-    return tuple(sorted(int(a) % ndim for a in axes))
+    given = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    axes = [_axis_index(a, ndim) for a in given]
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axes {given} name the same axis twice (for an array of {ndim} dimensions)")
+    return tuple(sorted(axes))
 
 
 # ---- elementwise arithmetic ------------------------------------------------------------------
@@ -347,10 +373,12 @@ def pow(a, p) -> Tensor:
 
 
 def pow_vjp(g, a, p, out):
-    # d(a^p)/da = p a^(p-1), d(a^p)/dp = a^p log(a) (taken as 0 where a = 0, as torch does)
-    da = g * p * a ** (p - 1)
+    # d(a^p)/da = p a^(p-1), taken as 0 where p = 0 (a^0 = 1 is flat, even at a = 0 where
+    #   0 * 0^(-1) would be NaN); d(a^p)/dp = a^p log(a), taken as 0 where a = 0 and p >= 0.
+    #   Both conventions are torch's (pow_backward_self, pow_backward_exponent).
     with np.errstate(divide="ignore", invalid="ignore"):
-        dp = np.where(a == 0, 0, g * out * np.log(a))
+        da = np.where(p == 0, 0, g * p * a ** (p - 1))
+        dp = np.where((a == 0) & (p >= 0), 0, g * out * np.log(a))
     return unbroadcast(da, a.shape), unbroadcast(dp, p.shape)
 
 
@@ -463,6 +491,8 @@ def mean(a, axis=None, keepdims: bool = False) -> Tensor:
     """The sum divided by the number of summed elements (composed, so no VJP of its own)."""
     (a,) = _operands(a)
     count = int(np.prod([a.shape[i] for i in _normalize_axes(axis, a.ndim)]))
+    if count == 0:
+        raise ValueError(f"mean over axis {axis} of shape {a.shape}: no elements, the mean is undefined")
     return sum(a, axis, keepdims) * (1.0 / count)
 
 
@@ -479,8 +509,11 @@ def max_vjp(g, a, out, axes, keepdims):
     if not keepdims:
         g = np.expand_dims(g, axes)  # reduced shape -> same ndim as a
     is_max = a == out
-    count = is_max.sum(axis=axes, keepdims=True).astype(a.dtype)
-    return (np.where(is_max, g / count, 0),)
+    count = is_max.sum(axis=axes, keepdims=True).astype(a.dtype)  # (..., 1, ...) per reduced slice
+    # A NaN makes its slice's max NaN, equal to no element (count 0): that slice's gradient is
+    # NaN, as in torch, not a silent zero.
+    share = np.where(count > 0, g / np.maximum(count, 1), np.nan)
+    return (np.where(is_max | (count == 0), share, 0),)
 
 
 # ---- shape -----------------------------------------------------------------------------------
@@ -501,9 +534,10 @@ def reshape_vjp(g, a_shape):
 def permute(a, axes) -> Tensor:
     """Reorder the axes: output axis i is input axis `axes[i]`."""
     (a,) = _operands(a)
-    axes = tuple(int(x) % a.ndim for x in axes)
+    given = tuple(axes)
+    axes = tuple(_axis_index(x, a.ndim) for x in given)
     if sorted(axes) != list(range(a.ndim)):
-        raise ValueError(f"permute: axes {axes} are not a permutation of {a.ndim} axes")
+        raise ValueError(f"permute: axes {given} are not a permutation of {a.ndim} axes")
     out = a.data.transpose(axes)  # (d_0, ..., d_k) -> (d_axes[0], ..., d_axes[k])
     return _make(out, "permute", (a,), permute_vjp, axes)
 
@@ -516,6 +550,7 @@ def permute_vjp(g, axes):
 def transpose(a, axis0: int = -2, axis1: int = -1) -> Tensor:
     """Swap two axes (torch's `transpose(dim0, dim1)`; default: the last two, `k^T` in attention)."""
     (a,) = _operands(a)
+    axis0, axis1 = _axis_index(axis0, a.ndim), _axis_index(axis1, a.ndim)
     axes = list(range(a.ndim))
     axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
     return permute(a, axes)
@@ -536,7 +571,7 @@ def concatenate_vjp(g, sizes, axis):
 def split(a, indices_or_sections, axis: int = 0) -> list[Tensor]:
     """NumPy's `split`, as slices of `a` (so each piece's gradient flows back through indexing)."""
     (a,) = _operands(a)
-    axis = axis % a.ndim
+    axis = _axis_index(axis, a.ndim)
     n = a.shape[axis]
     if isinstance(indices_or_sections, (int, np.integer)):
         sections = int(indices_or_sections)
@@ -574,7 +609,7 @@ def take_along_axis(a, indices, axis: int) -> Tensor:
     indices = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
     if indices.dtype.kind not in "iu":
         raise TypeError(f"take_along_axis: indices must be integers, got {indices.dtype}")
-    axis = axis % a.ndim
+    axis = _axis_index(axis, a.ndim)
     out = np.take_along_axis(a.data, indices, axis=axis)  # size on `axis` -> indices.shape[axis]
     return _make(out, "take_along_axis", (a,), take_along_axis_vjp, a.shape, indices, axis)
 
@@ -624,7 +659,7 @@ def where_vjp(g, condition, a_shape, b_shape):
 def masked_fill(a, mask, value: float) -> Tensor:
     """`a` with `value` wherever `mask` is true (composed from `where`; `value` gets no gradient)."""
     (a,) = _operands(a)
-    return where(mask, Tensor(np.asarray(value, dtype=a.dtype)), a)
+    return where(mask, Tensor(value, dtype=a.dtype), a)  # Tensor() refuses None, which NumPy makes NaN
 
 
 # ---- the custom-op hook ----------------------------------------------------------------------

@@ -13,7 +13,10 @@ from hypothesis import given
 
 import numpy_ref.functional as nf
 import numpy_ref.tensor as nt
-from numpy_ref.gradcheck import gradcheck, gradcheck_vjp
+from numpy_ref.autograd_layers import COMPOSED, FUSED, autograd_loss_and_grads
+from numpy_ref.config import GPTConfig
+from numpy_ref.gradcheck import compare_gradients, gradcheck, gradcheck_vjp
+from numpy_ref.model import GPTModel
 from numpy_ref.tensor import Tensor, no_grad
 from parity_tests import autograd_strategies as ags
 from parity_tests.compare import assert_close
@@ -119,6 +122,28 @@ def test_gradcheck_cross_entropy(args, seed):
               upstream_seed=seed, **TOL)
 
 
+ELEMENTWISE_UNARY = sorted(op for op in UNARY if op not in ("softmax", "log_softmax"))  # no class axis needed
+
+
+@given(shape=shapes(min_dims=1, max_dims=3, max_side=4), seed=seeds())
+def test_gradcheck_operators_indexing_forms_and_0d(shape, seed):
+    """The forms no other test reaches: reflected operators, `.T`, boolean-mask, None, Ellipsis
+    and integer indices, `split` into equal sections, and 0-d inputs to every elementwise op."""
+    x = values(seed, shape, "positive")
+    gradcheck(lambda t: (2.0 - t) * (3.0 / t) + 1.5 ** t, [x], upstream_seed=seed, **TOL)
+    left = values(seed + 1, (2, x.size))
+    gradcheck(lambda t: left @ t.reshape(-1, 1), [x], upstream_seed=seed, **TOL)  # ndarray @ Tensor
+    gradcheck(lambda t: t.T, [x], upstream_seed=seed, **TOL)
+    mask = np.random.default_rng(seed).random(shape) < 0.5
+    gradcheck(lambda t: t[mask], [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: t[None, ..., -1], [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: t[0] * t[-1], [x], upstream_seed=seed, **TOL)
+    gradcheck(lambda t: nt.concatenate(nt.split(t, shape[0], axis=0)[::-1], axis=0), [x], upstream_seed=seed, **TOL)
+    for op in ELEMENTWISE_UNARY:
+        d = UNARY[op]
+        gradcheck(d.numpy_fn, [values(seed, (), d.domains[0])], upstream_seed=seed, **TOL)
+
+
 def test_gradcheck_reports_a_wrong_gradient():
     """The checker can fail: a custom op whose backward forgets a factor 2 is caught and named."""
     square = lambda x: (x * x, x)  # noqa: E731
@@ -145,6 +170,12 @@ def test_gradcheck_fails_on_non_finite_gradients():
             compare_gradients([np.array(a)], [np.array(n)], 1e-6, 1e-5)
     with pytest.raises(AssertionError, match=r"input 0"), np.errstate(invalid="ignore"):  # sqrt(-eps): NaN
         gradcheck_vjp(np.sqrt, lambda G: (G * 123.0,), [np.array([0.0, 4.0, 9.0])])
+
+
+def test_compare_gradients_refuses_a_missing_gradient():
+    """One analytic gradient for two inputs must fail, not check the first and pass."""
+    with pytest.raises(AssertionError, match="1 analytic gradients for 2 numerical ones"):
+        compare_gradients([np.zeros(2)], [np.zeros(2), np.ones(2)], 1e-6, 1e-5)
 
 # ---- the custom-op hook --------------------------------------------------------------------
 
@@ -203,6 +234,16 @@ def test_gradients_accumulate_over_every_use():
     assert x.grad is None, "zero_grad left a gradient behind"
     (x * 3.0).sum().backward()
     assert_close("grad after zero_grad then backward", x.grad, np.full_like(x0, 3.0), EXACT)
+
+
+def test_backward_twice_adds_the_gradient_again():
+    """The graph is kept after a backward (torch's retain_graph=True): a second call adds again."""
+    x0 = values(7, (2, 3))
+    x = Tensor(x0, requires_grad=True)
+    y = (x * x).sum()
+    y.backward()
+    y.backward()
+    assert_close("d/dx of x^2 after two backward calls", x.grad, 4 * x0, EXACT)
 
 
 def test_deep_graph_does_not_recurse():
@@ -374,6 +415,8 @@ def test_dropout_mask_and_generator():
 def test_binary_cross_entropy_rejects_probabilities_outside_0_1():
     with pytest.raises(ValueError, match=r"probability 1.0 at \(1,\) is outside \(0, 1\)"):
         nf.binary_cross_entropy(Tensor(np.array([0.5, 1.0])), np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"probability nan at \(0,\) is outside \(0, 1\)"):  # not a NaN loss
+        nf.binary_cross_entropy(Tensor(np.array([np.nan, 0.5])), np.array([1.0, 0.0]))
 
 
 def test_errors_name_the_value():
@@ -384,6 +427,84 @@ def test_errors_name_the_value():
         nt.split(x, 2, axis=1)
     with pytest.raises(ValueError, match=r"not a permutation of 2 axes"):
         x.permute(0, 0)
+
+
+def test_axes_are_checked_never_wrapped():
+    """An axis outside [-ndim, ndim) is refused by name; `axis % ndim` once made permute(3, 0)
+    of a matrix a silent transpose and split(axis=2) a split along axis 0."""
+    x = Tensor(np.arange(6.0).reshape(2, 3))
+    with pytest.raises(ValueError, match="axis 3 is out of range for an array of 2 dimensions"):
+        x.permute(3, 0)
+    with pytest.raises(ValueError, match="axis -3 is out of range for an array of 2 dimensions"):
+        x.permute(-3, 1)
+    with pytest.raises(ValueError, match="axis 5 is out of range for an array of 2 dimensions"):
+        x.transpose(0, 5)
+    with pytest.raises(ValueError, match="axis -2 is out of range for an array of 1 dimensions"):
+        Tensor(np.ones(3)).transpose()
+    with pytest.raises(ValueError, match="axis 2 is out of range for an array of 2 dimensions"):
+        nt.split(x, 2, axis=2)
+    with pytest.raises(ValueError, match="axis 2 is out of range for an array of 2 dimensions"):
+        nt.take_along_axis(x, np.zeros((2, 1), dtype=np.int64), axis=2)
+    with pytest.raises(ValueError, match=r"axes \(0, -2\) name the same axis twice"):
+        x.sum((0, -2))
+    with pytest.raises(ValueError, match=r"mean over axis 0 of shape \(0, 3\): no elements"):
+        Tensor(np.ones((0, 3))).mean(0)
+
+
+def test_non_numbers_are_refused_not_converted():
+    """NumPy would turn None into NaN, drop an imaginary part and parse "2" as 2.0."""
+    x = Tensor(np.ones(3))
+    for bad in (None, 1j, np.array([1j, 2.0, 3.0]), "2"):
+        with pytest.raises(TypeError, match=r"must be real numbers \(float, integer or bool\), got .* of dtype"):
+            x + bad
+    with pytest.raises(TypeError, match="must be real numbers"):
+        nt.masked_fill(x, np.array([True, False, True]), None)
+    with pytest.raises(TypeError, match="must be real numbers"):
+        Tensor(None, dtype=np.float64)
+    assert_close("x + 2 (an integer constant)", (x + 2).data, np.full(3, 3.0), EXACT)
+    assert_close("x * True (a boolean constant)", (x * True).data, np.ones(3), EXACT)
+
+
+def test_truth_value_follows_numpy():
+    """Without `__bool__`, Python used `__len__`: Tensor([0.0]) was true, Tensor(zeros(3)) too."""
+    assert not Tensor([0.0]) and Tensor([2.0]) and not Tensor(0.0), "a one-element tensor is true iff nonzero"
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(Tensor(np.zeros(3)))
+
+
+def test_pow_gradient_at_zero_follows_torch():
+    """d(a^p)/da = 0 where p = 0 (a^0 = 1 is flat, even at a = 0: not 0 * 0^-1 = NaN), and
+    d(a^p)/dp = 0 where a = 0 and p >= 0; torch's pow_backward_self / pow_backward_exponent."""
+    a = Tensor(np.array([0.0, 0.0, 0.0, 2.0]), requires_grad=True)
+    p = Tensor(np.array([0.0, 1.0, 2.0, 0.0]), requires_grad=True)
+    (a ** p).backward(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert_close("d(a^p)/da", a.grad, np.array([0.0, 2.0, 0.0, 0.0]), EXACT)
+    assert_close("d(a^p)/dp", p.grad, np.array([0.0, 0.0, 0.0, 4.0 * np.log(2.0)]), EXACT)
+    x = Tensor(np.array([0.0, -1.5, 3.0]), requires_grad=True)
+    (x ** 0).sum().backward()
+    assert_close("d(x^0)/dx", x.grad, np.zeros(3), EXACT)
+
+
+def test_max_gradient_propagates_nan():
+    """A NaN makes its slice's max NaN: that slice's gradient is NaN (as torch.amax's), not a
+    silent zero; the other slices are untouched, ties shared evenly."""
+    x = Tensor(np.array([[1.0, np.nan, 3.0], [4.0, 4.0, 2.0]]), requires_grad=True)
+    x.max(axis=1).backward(np.array([2.0, 3.0]))
+    assert_close("max gradient with a NaN in row 0", x.grad, np.array([[np.nan] * 3, [1.5, 1.5, 0.0]]), EXACT)
+
+
+@pytest.mark.parametrize("ops", [FUSED, COMPOSED], ids=lambda ops: ops.name)
+def test_autograd_model_refuses_unknown_or_misshaped_dropout_masks(ops):
+    """gpt_forward_autograd once ignored a mis-typed mask key (no dropout at all) and broadcast a
+    (1, T, C) mask; it now refuses both as numpy_ref/model.py does."""
+    cfg = GPTConfig(vocab_size=7, context_length=4, emb_dim=4, n_heads=2, n_layers=1, drop_rate=0.2)
+    model = GPTModel(cfg, seed=0)
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    masks = model.dropout_masks(2, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"unknown dropout mask 'h.0.attn.weight'"):
+        autograd_loss_and_grads(ops, model.params, ids, ids, cfg, dropout_masks={"h.0.attn.weight": masks["h.0.attn.weights"]})
+    with pytest.raises(ValueError, match=r"dropout mask 'embedding' has shape \(1, 3, 4\); expected \(2, 3, 4\)"):
+        autograd_loss_and_grads(ops, model.params, ids, ids, cfg, dropout_masks={"embedding": masks["embedding"][:1]})
 
 
 @given(shape=shapes(min_dims=1, max_dims=3, max_side=4), axis_seed=seeds(), seed=seeds())

@@ -151,6 +151,44 @@ def test_bce_and_dropout_match_torch(dtype, shape, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@given(shape=shapes(min_dims=1, max_dims=3, max_side=4), seed=seeds())
+def test_operators_and_indexing_forms_match_torch(dtype, shape, seed):
+    """Reflected operators, `.T`, boolean-mask / None / Ellipsis / integer indices, 0-d inputs."""
+    x = to_domain(values(seed, shape), "positive")
+    mask = np.random.default_rng(seed).random(shape) < 0.5
+    m = torch.from_numpy(mask)
+    left = values(seed + 1, (2, x.size)).astype(dtype)
+    t_left = torch.from_numpy(left)
+    assert_all_ok(compare_op("op:reflected", lambda t: (2.0 - t) * (3.0 / t) + 1.5 ** t + (left @ t.reshape(-1, 1)).sum(),
+                             lambda t: (2.0 - t) * (3.0 / t) + 1.5 ** t + (t_left @ t.reshape(-1, 1)).sum(), [x], dtype, seed))
+    reverse = tuple(range(len(shape) - 1, -1, -1))
+    assert_all_ok(compare_op("op:T", lambda t: t.T, lambda t: t.permute(reverse), [x], dtype, seed))
+    assert_all_ok(compare_op("op:getitem forms", lambda t: t[mask].sum() + t[None, ..., -1] * t[0].sum(),
+                             lambda t: t[m].sum() + t[None, ..., -1] * t[0].sum(), [x], dtype, seed))
+    for op in sorted(op for op in UNARY if op not in ("softmax", "log_softmax")):
+        d = UNARY[op]
+        assert_all_ok(compare_op(f"op:{op} 0-d", d.numpy_fn, d.torch_fn, [to_domain(values(seed, ()), d.domains[0])],
+                                 dtype, seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pow_at_zero_matches_torch(dtype):
+    """Base 0 with exponents 0, 1, 2 and -1 (inf, matched as inf): no NaN where torch has 0."""
+    a = np.array([0.0, 0.0, 0.0, 0.0, 2.0, 0.5])
+    p = np.array([0.0, 1.0, 2.0, -1.0, 0.0, -2.0])
+    with np.errstate(divide="ignore"):  # 0 ** -1 = inf in the forward, as in torch
+        assert_all_ok(compare_op("op:pow_tensor at 0", nt.pow, torch.pow, [a, p], dtype, 0))
+    assert_all_ok(compare_op("op:pow at 0", lambda t: t ** 0, lambda t: t ** 0, [a], dtype, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_with_nan_matches_torch(dtype):
+    """A NaN in a reduced slice: NaN gradient over that slice in both, the other slices exact."""
+    x = np.array([[1.0, np.nan, 3.0], [4.0, 4.0, 2.0]])
+    assert_all_ok(compare_op("op:max with nan", lambda t: t.max(1), lambda t: torch.amax(t, dim=1), [x], dtype, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_family_matches_torch_at_1e4(dtype):
     x = np.array([[1e4, 1e4 - 1.0, -1e4, 0.0], [-1e4, -1e4, -1e4 + 2.0, -1e4]])
     for op in ["softmax", "log_softmax", "sigmoid", "gelu"]:
