@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import heapq
+import operator
 import os
 import tempfile
 from collections import Counter
@@ -57,8 +58,11 @@ def _merge_word(word: list[int], pair: tuple[int, int], new_id: int) -> list[int
 
 def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR) -> dict[bytes, int]:
     """Learn `vocab_size` tokens (256 bytes + merges) from `text` -> {token bytes: rank}."""
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if isinstance(vocab_size, bool) or not hasattr(type(vocab_size), "__index__"):  # True is not a size; 300.0 is refused
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    vocab_size = operator.index(vocab_size)  # a numpy integer is read as its value
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
     # Lone surrogates cannot be UTF-8 encoded: U+FFFD in their place, as the tokenizer's encode does.

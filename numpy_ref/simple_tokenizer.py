@@ -16,6 +16,7 @@ Reference: S. Raschka, "Build a Large Language Model (From Scratch)", section 2.
 
 from __future__ import annotations
 
+import operator
 import re
 
 SPLIT_PATTERN = r'([,.:;?_!"()\']|--|\s)'
@@ -31,7 +32,9 @@ def split_text(text: str) -> list[str]:
 def build_vocab(text: str, special_tokens: tuple[str, ...] = ()) -> dict[str, int]:
     """The sorted distinct tokens of `text`, then `special_tokens`, each -> its position."""
     words = sorted(set(split_text(text)))
-    words += [t for t in special_tokens if t not in words]
+    for token in special_tokens:  # once each, so that the ids stay 0 .. len - 1
+        if token not in words:
+            words.append(token)
     return {word: i for i, word in enumerate(words)}
 
 
@@ -59,10 +62,14 @@ class SimpleTokenizerV1:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        for i in ids:
-            if i not in self.int_to_str:
+        # Looked up by operator.index, as the BPE decoder does: 3.0 hashes like 3 and would
+        # otherwise decode as it (TypeError instead); an int-like id (np.int64) decodes as its value.
+        ids = list(ids)  # read twice below
+        indices = [operator.index(i) for i in ids]
+        for i, index in zip(ids, indices):
+            if index not in self.int_to_str:
                 raise KeyError(f"id {i!r} is not in the vocabulary (ids 0 .. {len(self.int_to_str) - 1})")
-        return join_tokens([self.int_to_str[i] for i in ids])
+        return join_tokens([self.int_to_str[index] for index in indices])
 
 
 class SimpleTokenizerV2(SimpleTokenizerV1):

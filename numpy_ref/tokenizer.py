@@ -34,9 +34,11 @@ import hashlib
 import heapq
 import importlib.resources
 import operator
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from itertools import chain
 from pathlib import Path
-from typing import AbstractSet, Collection, Literal
+from typing import Collection, Literal
 
 import regex
 
@@ -204,7 +206,16 @@ class Encoding:
         - `allowed_special`: "all" or a set of special tokens to encode as their single id;
         - `disallowed_special`: "all" (= every special token not allowed) or a collection of
           special tokens whose text raises; `()` encodes remaining special text as ordinary text.
+
+        A string other than "all" as `allowed_special` is a TypeError (tiktoken's too): read as a
+        set of its characters it would allow nothing, so `allowed_special="<|endoftext|>"` would
+        silently encode that text as ordinary text.
         """
+        if isinstance(allowed_special, str) and allowed_special != "all":
+            raise TypeError(
+                f"allowed_special must be 'all' or a set of special tokens, got the string {allowed_special!r}; "
+                f"write allowed_special={{{allowed_special!r}}} for that one token"
+            )
         if allowed_special == "all":
             allowed_special = self.special_tokens_set
         if disallowed_special == "all":
@@ -229,11 +240,15 @@ class Encoding:
         ids += self.encode_ordinary(text[start:])
         return ids
 
-    def encode_batch(self, texts: list[str], **kwargs) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], *, num_threads: int = 8, **kwargs) -> list[list[int]]:
+        """`encode` of each text. `num_threads` is tiktoken's keyword, accepted so that code written
+        for tiktoken runs here; the oracle encodes one text after another."""
         return [self.encode(t, **kwargs) for t in texts]
 
     def encode_single_token(self, text_or_bytes: str | bytes) -> int:
         """The id of one whole token (ordinary bytes or special text); KeyError if it is not one."""
+        if not isinstance(text_or_bytes, (str, bytes)):
+            raise TypeError(f"encode_single_token takes a str or bytes, got {type(text_or_bytes).__name__}")
         data = text_or_bytes.encode("utf-8") if isinstance(text_or_bytes, str) else text_or_bytes
         if data in self._mergeable_ranks:
             return self._mergeable_ranks[data]
@@ -244,16 +259,19 @@ class Encoding:
 
     # ---- decoding ---------------------------------------------------------------------------
     def decode_single_token_bytes(self, token: int) -> bytes:
-        operator.index(token)  # TypeError for 3.0, as tiktoken: a float equal to an id must not decode as it
-        try:
-            return self._decoder[token]
-        except (KeyError, TypeError):
-            raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})") from None
+        # TypeError for 3.0, as tiktoken: a float equal to an id must not decode as it. The lookup
+        # is by the index, not the object: a 0-d torch tensor is an index but hashes by identity.
+        index = operator.index(token)
+        if index not in self._decoder:
+            raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})")
+        return self._decoder[index]
 
     def decode_tokens_bytes(self, tokens: list[int]) -> list[bytes]:
         return [self.decode_single_token_bytes(t) for t in tokens]
 
     def decode_bytes(self, tokens: list[int]) -> bytes:
+        if isinstance(tokens, (AbstractSet, Mapping)):  # no order to decode in (tiktoken: TypeError too)
+            raise TypeError(f"tokens must be a sequence of ids, got a {type(tokens).__name__}")
         tokens = tokens if isinstance(tokens, (list, tuple)) else list(tokens)  # read twice below
         try:
             out = b"".join(self._decoder[t] for t in tokens)
@@ -269,7 +287,8 @@ class Encoding:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD (errors="replace")."""
         return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
-    def decode_batch(self, batch: list[list[int]], errors: str = "replace") -> list[str]:
+    def decode_batch(self, batch: list[list[int]], errors: str = "replace", *, num_threads: int = 8) -> list[str]:
+        """`decode` of each list; `num_threads` as in `encode_batch`."""
         return [self.decode(tokens, errors=errors) for tokens in batch]
 
 

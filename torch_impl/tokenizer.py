@@ -7,17 +7,23 @@ sha256 (this file's own copy of the hash, see `gpt_oracle/data/README.md`), pars
 bypassed (`TIKTOKEN_CACHE_DIR` is irrelevant): a cache entry can neither replace the packaged
 file nor be written by this module. The from-scratch twin is `numpy_ref/tokenizer.py`; a parity
 test holds the two to the same ids.
+
+The encoding is tiktoken's class with two of its failures reported as the oracle reports bad
+input (`Encoding` below); every id it returns is tiktoken's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
+from typing import AbstractSet, Collection, Iterator, Literal
 
 import tiktoken
 import tiktoken.load
@@ -78,10 +84,85 @@ def load_ranks(path: str | Path | None = None, expected_sha256: str | None = GPT
     return load_tiktoken_bpe(path, expected_sha256)
 
 
+class Encoding(tiktoken.Encoding):
+    r"""tiktoken's `Encoding`; the ids are tiktoken's, two failures become numpy_ref's ValueErrors.
+
+    - An id outside the vocabulary: tiktoken raises KeyError, or for a negative id (say an
+      `ignore_index` of -100 decoded with the targets) or one >= 2**63 an OverflowError that names
+      neither the id nor the range. Here: ValueError naming the id and the range.
+    - A run of about a million whitespace characters before a non-space: tiktoken's regex engine
+      (fancy-regex, matching GPT-2's `\s+(?!\S)`) runs out of backtracking stack (openai/tiktoken#15).
+      `encode` then raises a ValueError that names neither the run nor the limit, and
+      `encode_ordinary` a PanicException, which derives from BaseException and so escapes
+      `except Exception`. Here: both a ValueError naming the run and the limit. (numpy_ref
+      encodes such a text; a test checks its ids against tiktoken's on the text cut in two.)
+    The checks run only after tiktoken has failed, so the happy path is tiktoken's own speed.
+    `encode_batch`, `decode_batch` and `decode_tokens_bytes` go through the methods below;
+    `encode_with_unstable` (unused here) is tiktoken's as it is.
+    """
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        with _regex_panic_as_value_error(text):
+            return super().encode_ordinary(text)
+
+    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        with _regex_panic_as_value_error(text):
+            return super().encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+                        disallowed_special: Literal["all"] | Collection[str] = "all"):
+        with _regex_panic_as_value_error(text):
+            return super().encode_to_numpy(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def decode_bytes(self, tokens) -> bytes:
+        try:
+            return super().decode_bytes(tokens)
+        except (KeyError, OverflowError) as exc:
+            self._raise_unknown_id(tokens, exc)
+
+    def decode(self, tokens, errors: str = "replace") -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)  # tiktoken's decode, checked
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        try:
+            return super().decode_single_token_bytes(token)
+        except (KeyError, OverflowError) as exc:
+            self._raise_unknown_id([token], exc)
+
+    def _raise_unknown_id(self, tokens, exc: Exception):
+        """Raise a ValueError for the first id outside 0 .. max_token_value (the vocabulary is
+        contiguous: `get_encoding` checks it with `explicit_n_vocab`); else `exc` itself."""
+        for token in tokens:
+            if not 0 <= token <= self.max_token_value:
+                raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})") from None
+        raise exc
+
+
+@contextlib.contextmanager
+def _regex_panic_as_value_error(text: str) -> Iterator[None]:
+    """Turn tiktoken's regex failure (a PanicException, a BaseException, from `encode_ordinary`;
+    a ValueError from `encode`) into a ValueError naming the longest whitespace run before a
+    non-space; any other exception passes through unchanged."""
+    try:
+        yield
+    except BaseException as exc:
+        panic = type(exc).__name__ == "PanicException"  # pyo3_runtime is not importable by name
+        if not (panic or isinstance(exc, ValueError) and str(exc).startswith("Regex error while tokenizing")):
+            raise
+        runs = [m.span() for m in re.finditer(r"\s+(?=\S)", text)]
+        start, end = max(runs, key=lambda span: span[1] - span[0], default=(0, 0))
+        raise ValueError(
+            f"tiktoken cannot split this text ({len(text):,} characters) into pieces: its regex engine gives up "
+            f"on a run of {end - start:,} whitespace characters before a non-space (from character {start}); "
+            f"runs up to about 1,000,000 characters work (openai/tiktoken#15; tiktoken said: {str(exc).strip()})"
+        ) from exc
+
+
 @functools.lru_cache(maxsize=None)
-def get_encoding(name: str = "gpt2") -> tiktoken.Encoding:
-    """The named tiktoken encoding, built once per process from the packaged ranks, offline."""
+def get_encoding(name: str = "gpt2") -> Encoding:
+    """The named encoding, built once per process from the packaged ranks, offline."""
     if name not in ("gpt2", "r50k_base"):
         raise ValueError(f"unknown encoding {name!r}; this package ships 'gpt2' (alias 'r50k_base')")
-    return tiktoken.Encoding(name=name, pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
-                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+    return Encoding(name=name, pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
+                    special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
