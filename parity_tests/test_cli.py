@@ -199,6 +199,26 @@ def test_generate_refuses_bad_input(capsys, trained, run_copy):
     _user_error(capsys, [*common[:2], "", "--checkpoint", str(trained)], "--prompt", "at least one token")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_generate_reports_an_id_past_the_tokenizer_as_one_line(capsys, tmp_path, backend):
+    """A checkpoint with a padded vocabulary (50304, as some GPT-2 ports use) that samples an id
+    the GPT-2 tokenizer lacks: one line naming the id and both sizes, not a traceback."""
+    from torch_impl.config import GPTConfig
+    from torch_impl.model import GPTModel
+
+    cfg = GPTConfig(vocab_size=50304, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0)
+    model = GPTModel(cfg, seed=0)
+    with torch.no_grad():  # logits = ln_f(x) @ head.T with ln_f(x) = 1: id 50300 wins every greedy step
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[50300] = 1.0
+    model.save_pretrained(tmp_path / "padded")
+    _user_error(capsys, ["generate", "--prompt", "Every effort", "--checkpoint", str(tmp_path / "padded"),
+                         "--backend", backend, "--max-new-tokens", "2"],
+                "50300", "vocab_size is 50304", "50257", untouched=(tmp_path,))
+
+
 def _config_dir(tmp_path: Path, ours) -> str:
     d = tmp_path / "ckpt"
     d.mkdir(parents=True)

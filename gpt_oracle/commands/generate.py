@@ -106,7 +106,12 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
                        use_cache=not args.no_cache, **options)[0].tolist()
     if eos is not None and out[-1] == eos:
         out = out[: out.index(eos, ids.shape[1])]  # drop the stop token (and anything padded after it)
-    print(encoding.decode(out))
+    # A checkpoint whose vocabulary is padded past the tokenizer's (say 50304) can sample an id
+    # with no text: the decoder's ValueError names it, and it is reported as one line.
+    with user_input(f"the generated ids (the checkpoint's vocab_size is {model.config.vocab_size}, the GPT-2 "
+                    f"tokenizer's {encoding.n_vocab})"):
+        text = encoding.decode(out)
+    print(text)
     return EXIT_OK
 
 
