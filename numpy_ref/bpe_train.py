@@ -32,6 +32,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Collection
 
 import regex
 
@@ -56,8 +57,13 @@ def _merge_word(word: list[int], pair: tuple[int, int], new_id: int) -> list[int
     return out
 
 
-def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR) -> dict[bytes, int]:
-    """Learn `vocab_size` tokens (256 bytes + merges) from `text` -> {token bytes: rank}."""
+def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR,
+              special_tokens: Collection[str] = ()) -> dict[bytes, int]:
+    """Learn `vocab_size` tokens (256 bytes + merges) from `text` -> {token bytes: rank}.
+
+    `special_tokens` (e.g. `<|endoftext|>` between documents) are cut out of the text first: they
+    get ids of their own (train_encoding), so no merge learns their characters or spans them.
+    """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if isinstance(vocab_size, bool) or not hasattr(type(vocab_size), "__index__"):  # True is not a size; 300.0 is refused
@@ -67,7 +73,12 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR) -> dict[b
         raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
     # Lone surrogates cannot be UTF-8 encoded: U+FFFD in their place, as the tokenizer's encode does.
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    piece_counts = Counter(piece.encode("utf-8") for piece in regex.findall(pat_str, text))
+    if isinstance(special_tokens, str):
+        raise TypeError(f"special_tokens must be a collection of strings, got the string {special_tokens!r}")
+    # Longest first, so that a special token containing another is cut whole.
+    cut = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True) if t)
+    segments = regex.split(cut, text) if cut else [text]  # the text between special tokens
+    piece_counts = Counter(piece.encode("utf-8") for segment in segments for piece in regex.findall(pat_str, segment))
     words = [list(piece) for piece in piece_counts]  # each distinct piece as byte ids
     freqs = list(piece_counts.values())
 
@@ -145,6 +156,7 @@ def save_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> None:
 
 
 def train_encoding(text: str, vocab_size: int, name: str = "trained", pat_str: str = GPT2_PAT_STR) -> Encoding:
-    """A ready Encoding from `train_bpe`, with `<|endoftext|>` as the id after the last rank."""
-    ranks = train_bpe(text, vocab_size, pat_str)
+    """A ready Encoding from `train_bpe`, with `<|endoftext|>` as the id after the last rank (and
+    cut out of the training text: its characters are not learned as ordinary text)."""
+    ranks = train_bpe(text, vocab_size, pat_str, special_tokens=(ENDOFTEXT,))
     return Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})

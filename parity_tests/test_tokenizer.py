@@ -419,6 +419,23 @@ def test_training_is_deterministic_and_the_saved_file_round_trips_through_tiktok
     assert n_ids < 0.6 * n_bytes, f"144 merges should save 40% of the bytes of their own corpus: {n_ids} ids, {n_bytes} bytes"
 
 
+def test_training_cuts_special_tokens_out_of_the_text():
+    """Documents joined by <|endoftext|>: the separator gets its own id (train_encoding), so no
+    merge may learn its characters or span a document boundary. Trained on the joined text as
+    ordinary text, the frequent separator does become merges (what the cut prevents)."""
+    docs = ["The picture was hung.", "Mrs. Gisburn smiled!", "He painted it twice."] * 20
+    text = EOT.join(docs)
+    plain = bpe_train.train_bpe(text, 290)
+    assert any(b"endoftext" in t or b"<|" in t for t in plain), "the uncut text should have learned the separator"
+    cut = bpe_train.train_bpe(text, 290, special_tokens=(EOT,))
+    learned = [t for t, r in cut.items() if r >= 256]
+    leaked = [t for t in learned if any(part in t for part in (b"<|", b"|>", b"endof", b"oftext"))]
+    assert not leaked, f"merges learned from the separator: {leaked}"
+    assert cut == bpe_train.train_encoding(text, 290)._mergeable_ranks, "train_encoding does not cut <|endoftext|>"
+    with pytest.raises(TypeError, match="collection of strings"):
+        bpe_train.train_bpe(text, 300, special_tokens=EOT)
+
+
 @settings(max_examples=6)
 @given(any_texts)
 def test_trained_encoding_matches_tiktoken_on_any_text(text):
