@@ -28,14 +28,13 @@ from __future__ import annotations
 import base64
 import heapq
 import operator
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Collection
 
 import regex
 
+from numpy_ref.safetensors_io import atomic_write
 from numpy_ref.tokenizer import ENDOFTEXT, GPT2_PAT_STR, Encoding
 
 
@@ -144,15 +143,7 @@ def save_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> None:
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError("ranks must be exactly 0 .. n-1, each once, to be loaded by tiktoken")
     lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\n".join(lines) + b"\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(b"\n".join(lines) + b"\n"))  # a reader never sees half a file
 
 
 def train_encoding(text: str, vocab_size: int, name: str = "trained", pat_str: str = GPT2_PAT_STR) -> Encoding:

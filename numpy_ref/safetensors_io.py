@@ -77,6 +77,7 @@ def atomic_write(path, write: Callable) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, new_file_mode())  # mkstemp makes it 0600; the file gets a new file's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -86,6 +87,14 @@ def atomic_write(path, write: Callable) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 without the process's umask bits
+    (0o644 under the usual umask 022). Reading the umask means setting it: set back at once."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_directory(directory: Path) -> None:

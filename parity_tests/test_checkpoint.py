@@ -4,6 +4,7 @@ package, files swapped between the trees, and interchange with Hugging Face `tra
 Malformed files and atomic writes are in test_checkpoint_errors.py.
 """
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -265,3 +266,25 @@ def test_we_load_a_bf16_checkpoint_identically_in_both_trees():
                 for k, v in hf.state_dict().items()}
     assert_dicts_close("numpy_ref params from a bf16 file", params, expected, EXACT, order=list(params))
     assert_dicts_close("torch_impl state from a bf16 file", state, expected, EXACT, order=list(params))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomically_written_files_get_a_new_files_usual_mode(tmp_path, umask):
+    """The atomic writers go through mkstemp, which makes 0600 files; a checkpoint (both trees)
+    and a saved BPE table must instead get 0666 less the umask, as run.json and the plots do."""
+    from numpy_ref.bpe_train import save_tiktoken_bpe
+    from numpy_ref.config import get_config as np_config
+    from torch_impl.config import get_config as torch_config
+
+    before = os.umask(umask)
+    try:
+        nm.GPTModel(np_config("tiny"), seed=0).save_pretrained(tmp_path / "numpy")
+        tm.GPTModel(torch_config("tiny"), seed=0).save_pretrained(tmp_path / "torch")
+        save_tiktoken_bpe({bytes([i]): i for i in range(256)}, tmp_path / "bytes.tiktoken")
+    finally:
+        os.umask(before)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) >= 5, f"expected two checkpoints and a BPE file, found {files}"
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~umask}
+    assert not wrong, f"under umask {oct(umask)} expected mode {oct(0o666 & ~umask)}, got {wrong}"

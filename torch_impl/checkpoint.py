@@ -83,12 +83,21 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it 0600; the file gets a new file's usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 without the process's umask bits
+    (0o644 under the usual umask 022). Reading the umask means setting it: set back at once."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write_text(path: Path, text: str) -> None:
