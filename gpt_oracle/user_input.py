@@ -160,6 +160,14 @@ def check_device(name: str, backend: str = "torch") -> None:
         raise UserError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
 
 
+def check_dtype_on_device(dtype: str, device: str) -> None:
+    """A UserError for --dtype tf32 off CUDA: TF32 is a mode of NVIDIA tensor cores for float32
+    matmuls; elsewhere the run would be plain float32 judged by TF32's looser tolerance."""
+    if dtype == "tf32" and not device.startswith("cuda"):
+        raise UserError(f"--dtype tf32 on --device {device}: TF32 is a CUDA matmul mode; on {device} the "
+                        f"products are plain float32 (use --dtype float32)")
+
+
 def check_output_file(option: str, path: str) -> None:
     """A UserError unless a file can be written at `path` (its directory exists and takes a new
     file); checked before the work whose result goes there. Nothing at `path` is touched."""

@@ -86,7 +86,8 @@ def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
-        with torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype), enabled=autocast):
+        amp_dtype = getattr(torch, dtype) if autocast else torch.bfloat16  # unused when autocast is off (tf32 too)
+        with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=autocast):
             logits, loss = torch_logits_and_loss(model, ids_t, targets_t)
         loss.backward()
     finally:

@@ -185,6 +185,28 @@ def test_check_validates_everything_before_the_sweep(capsys, tmp_path, monkeypat
     _user_error(capsys, ["check", "--checkpoint", "/bad"], "/bad")  # E: was reported after the sweep
 
 
+def test_tf32_off_cuda_is_refused_by_name(capsys):
+    """TF32 is a CUDA matmul mode: on the CPU `check` / `diff --dtype tf32` would be float32
+    judged by TF32's looser tolerance, so they refuse it (on CUDA models.run_torch runs it)."""
+    for command in ("check", "diff"):
+        _user_error(capsys, [command, "--dtype", "tf32"], "--dtype tf32", "--device cpu", "float32")
+
+
+def test_run_torch_takes_tf32_without_autocast():
+    """models.run_torch("tf32") turns TF32 on and autocast off (once: getattr(torch, "tf32")
+    failed, so every tf32 model row of `check` on CUDA was an ERROR); on the CPU it is float32."""
+    from numpy_ref.config import get_config
+    from parity_tests import models
+
+    cfg = get_config("tiny").to_dict()
+    params = models.build_numpy_model(cfg, seed=0).params
+    ids, targets = models.random_batch(cfg, 2, 8, 0)
+    got = {d: models.run_torch(models.build_torch_model(cfg, params, dtype=d), ids, targets, dtype=d)
+           for d in ("tf32", "float32")}
+    assert got["tf32"].loss == got["float32"].loss, f"CPU tf32 loss {got['tf32'].loss} != float32 {got['float32'].loss}"
+    assert not torch.backends.cuda.matmul.allow_tf32, "run_torch left TF32 switched on"
+
+
 def test_generate_refuses_bad_input(capsys, trained, run_copy):
     common = ["generate", "--prompt", "Every effort", "--checkpoint"]
     _user_error(capsys, [*common, str(trained), "--device", "bogus"], "bogus")

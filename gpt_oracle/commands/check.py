@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_output_file, \
-    reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_dtype_on_device, \
+    check_output_file, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the table as strict JSON to PATH (non-finite errors as null)")
     parser.add_argument("--device", default="cpu", help="torch device for the fast path (cpu, cuda, cuda:1, mps)")
     parser.add_argument("--dtype", action="append", choices=["float64", "float32", "tf32", "bfloat16", "float16"],
-                        help="torch dtype(s) to check (repeatable; default: float64, float32, bfloat16)")
+                        help="torch dtype(s) to check (repeatable; default: float64, float32, bfloat16; tf32 on CUDA only)")
     parser.add_argument("--config", action="append", metavar="NAME",
                         help="configuration(s) to check: tiny, small, or a preset such as gpt2-small (repeatable)")
     parser.add_argument("--checkpoint", metavar="DIR", help="also check real weights from a checkpoint directory")
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     configs = _configs(args.config)
     check_device(args.device)
+    for dtype in args.dtype or ():
+        check_dtype_on_device(dtype, args.device)
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)
     if args.json:

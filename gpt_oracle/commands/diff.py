@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, check_device, non_negative_int, positive_int, \
-    reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, check_device, check_dtype_on_device, non_negative_int, \
+    positive_int, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="tiny, small, or a preset name (default: tiny)")
     parser.add_argument("--checkpoint", metavar="DIR", help="use the weights (and config) of a checkpoint")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32", "bfloat16", "float16"],
-                        help="torch dtype to compare against the float64 oracle (default: float64)")
+                        help="torch dtype to compare against the float64 oracle (default: float64; tf32 on CUDA only)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: cpu)")
     parser.add_argument("--batch", type=positive_int, default=2, help="batch size, >= 1 (default: 2)")
     parser.add_argument("--time", type=positive_int, default=8,
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from parity_tests.diff import diff_models
 
     check_device(args.device)
+    check_dtype_on_device(args.dtype, args.device)
     if args.checkpoint:
         from numpy_ref.checkpoint import load_checkpoint
 
