@@ -51,6 +51,24 @@ def remove_run(out: Path, names: list[str]) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def checkpoint_dir(path: Path, option: str = "--checkpoint") -> Path:
+    """`path` itself when it holds a config.json (a checkpoint folder), else the checkpoint its
+    `latest` file names (a `train` output folder); a UserError naming `option` when neither is
+    there. Every command that reads a checkpoint takes either."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    pointer = path / "latest"
+    if not pointer.is_file():
+        where = "no config.json there (nor a 'latest' file)" if path.is_dir() else "no such directory"
+        raise UserError(f"{option} {path}: {where}")
+    with user_input(f"{option} {path}"):
+        name = pointer.read_text(encoding="utf-8").strip()
+    if not name or not (path / name).is_dir():
+        raise UserError(f"{option} {path}: 'latest' names the checkpoint {name!r}, which does not exist there")
+    return path / name
+
+
 def latest_checkpoint(out: Path) -> Path:
     """The checkpoint `latest` names, checked to exist."""
     pointer = out / "latest"

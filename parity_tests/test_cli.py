@@ -69,7 +69,7 @@ def run_copy(trained, tmp_path) -> Path:
 
 @pytest.mark.parametrize("argv, needles", [
     (["--config", "bogus"], ["bogus", "tiny"]),
-    (["--checkpoint", "/nonexistent"], ["/nonexistent", "not found"]),
+    (["--checkpoint", "/nonexistent"], ["/nonexistent", "no such directory"]),
     (["--batch", "-1"], ["--batch", "-1", ">= 1"]),
     (["--batch", "0"], ["--batch", ">= 1"]),
     (["--time", "-3"], ["--time", "-3"]),
@@ -183,6 +183,22 @@ def test_check_validates_everything_before_the_sweep(capsys, tmp_path, monkeypat
     _user_error(capsys, ["check", "--json", str(tmp_path)], "is a directory", untouched=(tmp_path,))
     _user_error(capsys, ["check", "--device", "bogus"], "--device 'bogus'")  # E: was ~30 ERROR rows
     _user_error(capsys, ["check", "--checkpoint", "/bad"], "/bad")  # E: was reported after the sweep
+
+
+def test_every_command_takes_a_train_folder_as_checkpoint(capsys, trained):
+    """`generate --checkpoint RUN` follows RUN/latest; check, diff and info do the same (they
+    once said "RUN/config.json: file not found"), and all read the same checkpoint."""
+    latest = trained / (trained / "latest").read_text().strip()
+    for argv in (["check", "--config", "tiny", "--dtype", "float64", "--quiet", "--checkpoint", str(trained)],
+                 ["diff", "--checkpoint", str(trained)], ["info", str(trained)], ["info", str(latest)]):
+        status = main(argv)
+        captured = capsys.readouterr()
+        assert status == 0, f"{argv}: exit {status}, stderr {captured.err!r}"
+    assert main(["info", "--json", str(trained)]) == 0
+    from_run = [{k: v for k, v in d.items() if k != "name"} for d in json.loads(capsys.readouterr().out)]
+    assert main(["info", "--json", str(latest)]) == 0
+    from_latest = [{k: v for k, v in d.items() if k != "name"} for d in json.loads(capsys.readouterr().out)]
+    assert from_run == from_latest, f"info of the run folder {from_run} differs from its latest checkpoint's {from_latest}"
 
 
 def test_tf32_off_cuda_is_refused_by_name(capsys):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
+from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_dtype_on_device, \
     check_output_file, reports_user_errors, user_input
 
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch dtype(s) to check (repeatable; default: float64, float32, bfloat16; tf32 on CUDA only)")
     parser.add_argument("--config", action="append", metavar="NAME",
                         help="configuration(s) to check: tiny, small, or a preset such as gpt2-small (repeatable)")
-    parser.add_argument("--checkpoint", metavar="DIR", help="also check real weights from a checkpoint directory")
+    parser.add_argument("--checkpoint", metavar="DIR", help="also check real weights from a checkpoint directory (or a train output folder: its latest)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     for dtype in args.dtype or ():
         check_dtype_on_device(dtype, args.device)
-    if args.checkpoint:
+    if args.checkpoint:  # a checkpoint folder, or a train output folder (its `latest`)
+        args.checkpoint = str(run_folder.checkpoint_dir(Path(args.checkpoint)))
         _check_checkpoint(args.checkpoint)
     if args.json:
         check_output_file("--json", args.json)

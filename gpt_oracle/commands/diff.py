@@ -6,14 +6,16 @@ Exit status 0 when every layer is within its tolerance, 1 when one is not, 2 on 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, check_device, check_dtype_on_device, non_negative_int, \
     positive_int, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="tiny, small, or a preset name (default: tiny)")
-    parser.add_argument("--checkpoint", metavar="DIR", help="use the weights (and config) of a checkpoint")
+    parser.add_argument("--checkpoint", metavar="DIR", help="use the weights (and config) of a checkpoint (or a train output folder: its latest)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32", "bfloat16", "float16"],
                         help="torch dtype to compare against the float64 oracle (default: float64; tf32 on CUDA only)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: cpu)")
@@ -36,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from numpy_ref.checkpoint import load_checkpoint
 
+        ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))  # a checkpoint, or a train folder's latest
         with user_input("--checkpoint"):  # the loader names the path
-            config, params = load_checkpoint(args.checkpoint, dtype=np.float64)
+            config, params = load_checkpoint(ckpt, dtype=np.float64)
         cfg = dict(config.to_dict())
     else:
         cfg = parity_config(args.config)

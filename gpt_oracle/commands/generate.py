@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_OK, UserError, check_device, non_negative_int, reports_user_errors, \
     user_input
 
@@ -38,22 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (the numpy backend runs on the CPU only)")
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    """`path` itself when it holds a config.json, else the checkpoint its `latest` file names
-    (a training output folder); a UserError when neither is there."""
-    if (path / "config.json").is_file():
-        return path
-    pointer = path / "latest"
-    if not pointer.is_file():
-        where = "no config.json there (nor a 'latest' file)" if path.is_dir() else "no such directory"
-        raise UserError(f"--checkpoint {path}: {where}")
-    with user_input(f"--checkpoint {path}"):
-        name = pointer.read_text(encoding="utf-8").strip()
-    if not name or not (path / name).is_dir():
-        raise UserError(f"--checkpoint {path}: 'latest' names the checkpoint {name!r}, which does not exist there")
-    return path / name
-
-
 def _check_sampling(args: argparse.Namespace) -> None:
     """The library's own checks of each sampling option (a pick from a one-token row), before
     the model is loaded."""
@@ -69,7 +54,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_device(args.device, args.backend)
     _check_sampling(args)
-    ckpt = _checkpoint_dir(Path(args.checkpoint))
+    ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
     return _generate(args, ckpt)
 
 

@@ -4,8 +4,9 @@ For gpt2-small this reproduces the figures of chapter 4 of "Build a Large Langua
 Scratch)": 163,009,536 parameters, 124,412,160 counting the output head as tied to the token
 embedding (the GPT-2 paper's "124M"), and 621.83 MB in float32 (bytes / 1024**2).
 CONFIG is a preset name or alias (tiny, gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M,
-gpt2-xl/1558M) or a checkpoint directory (its config.json's `gpt_oracle` object, which must
-hold every GPTConfig field). Uses only numpy_ref (no torch import).
+gpt2-xl/1558M), a checkpoint directory (its config.json's `gpt_oracle` object, which must
+hold every GPTConfig field) or a `train` output folder (the checkpoint its `latest` names).
+Uses only numpy_ref (no torch import).
 
 Exit status 0, or 2 on an unknown name or an unreadable or incomplete config.json (one line on
 stderr).
@@ -16,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
+from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_OK, UserError, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="*", default=["gpt2-small"],
-                        help="preset name(s) or checkpoint directory(ies) (default: gpt2-small)")
+                        help="preset name(s), checkpoint directory(ies) or train output folder(s) (default: gpt2-small)")
     parser.add_argument("--all", action="store_true", help="every preset")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -37,7 +40,7 @@ def load_config(name: str):
         if ALIASES.get(name, name) not in PRESETS:
             raise UserError(f"{name!r} is neither a preset ({', '.join([*PRESETS, *ALIASES])}) nor a directory")
         return get_config(name)
-    path = os.path.join(name, "config.json")
+    path = os.path.join(run_folder.checkpoint_dir(Path(name), "info"), "config.json")  # or a train folder's latest
     with user_input(None):
         with open(path, encoding="utf-8") as f:
             text = f.read()
