@@ -290,6 +290,21 @@ def test_help_documents_the_exit_statuses(capsys):
 # ---- C: a new run never lands in a folder that holds one ------------------------------------
 
 
+def test_resuming_a_finished_run_writes_nothing(capsys, run_copy):
+    """--resume on a run at its last step: exit 0, a line saying so, and no new checkpoint (fit()
+    would save step N again as step-N-1 and move `latest` to it, ~1.9 GB a time at 124M)."""
+    before = _snapshot(run_copy)
+    assert main(["train", "--resume", str(run_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "already finished: step 2 of 2" in out and "step-00000002" in out, out
+    assert _snapshot(run_copy) == before, "resuming a finished run changed its folder"
+
+
+def test_train_threads_is_refused_for_the_numpy_backend(capsys, tmp_path):
+    _user_error(capsys, ["train", "--backend", "numpy", "--threads", "2", "--steps", "1", "--out", str(tmp_path / "r"),
+                         *TRAIN], "--threads 2", "numpy", untouched=(tmp_path,))
+
+
 def test_train_refuses_an_out_folder_that_holds_a_run(capsys, run_copy):
     line = _user_error(capsys, ["train", "--steps", "1", "--out", str(run_copy), *TRAIN], "already holds",
                        "--resume", "--overwrite", untouched=(run_copy,))

@@ -21,7 +21,8 @@ The output directory gets `run.json` (these arguments, so `--resume` rebuilds th
 and model), `log.jsonl`, `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle
 generate --checkpoint DIR` reads it). `--resume DIR` continues an interrupted run exactly (on
 CPU, bit for bit); every other option is then taken from DIR/run.json (checked as the command
-line's; an option given alongside --resume is an error). A new run refuses an
+line's; an option given alongside --resume is an error; a run already at its last step is left
+as it is, exit 0). A new run refuses an
 --out that already holds a run (run.json, log.jsonl, `latest`, step-* checkpoints): pass
 --resume to continue it, --overwrite to delete it first, or another --out.
 
@@ -92,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"],
                         help="parameter dtype (default: float64 for numpy, float32 for torch)")
     parser.add_argument("--device", default="cpu", help="torch device (the numpy backend runs on the CPU only)")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads, torch backend only (default: torch's choice)")
     parser.add_argument("--prompt", default="Every effort moves you", help="sample prompt at each evaluation")
     parser.add_argument("--sample-tokens", type=non_negative_int, default=20,
                         help="greedy tokens sampled at each evaluation (0 = no sample)")
@@ -161,6 +162,9 @@ def _build(opts: dict):
         text = None
     cfg = _config_dict(opts)
     check_device(opts["device"], opts["backend"])
+    if opts.get("threads") is not None and opts["backend"] == "numpy":  # it would be silently ignored
+        raise UserError(f"--threads {opts['threads']}: sets torch's CPU threads; the numpy backend's BLAS takes its "
+                        f"threads from its own environment (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)")
     if opts["backend"] == "numpy":
         import numpy as np
 
@@ -310,13 +314,18 @@ def _resume(args: argparse.Namespace):
     except KeyError as exc:  # a trainer state without a key the trainer reads
         raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
     run_folder.check_same_settings(out, ckpt, trainer.settings, settings)
-    print(f"resuming {out} at step {trainer.step} of {trainer.settings.steps} ({opts['backend']})", file=sys.stderr)
     return trainer
 
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     trainer = _resume(args) if args.resume else _start(args)
+    if args.resume:
+        if trainer.step >= trainer.settings.steps:  # fit() would save the same step again as a new checkpoint
+            print(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing to do "
+                  f"(its checkpoint: {run_folder.latest_checkpoint(Path(args.resume))})")
+            return EXIT_OK
+        print(f"resuming {args.resume} at step {trainer.step} of {trainer.settings.steps}", file=sys.stderr)
     result = trainer.fit()
     evals = result.history["evals"]
     last = f"; last eval: train loss {evals[-1][2]:.4f}, val loss {evals[-1][3]:.4f}" if evals else ""
