@@ -431,10 +431,12 @@ def maximum(a, b) -> Tensor:
 
 
 def maximum_vjp(g, a, b):
-    # d max(a,b)/da = [a > b] + [a = b]/2, d max(a,b)/db = [b > a] + [a = b]/2 (ties split)
+    # d max(a,b)/da = [a > b] + [a = b]/2, d max(a,b)/db = [b > a] + [a = b]/2 (ties split).
+    # Written as "0 where the other side wins" so that a NaN (no side wins, out is NaN) passes g
+    # to both, as torch's maximum backward does, rather than a silent 0.
     half = g * 0.5
-    da = np.where(a > b, g, np.where(a == b, half, 0))
-    db = np.where(b > a, g, np.where(a == b, half, 0))
+    da = np.where(a < b, 0, np.where(a == b, half, g))
+    db = np.where(b < a, 0, np.where(a == b, half, g))
     return unbroadcast(da, a.shape), unbroadcast(db, b.shape)
 
 
@@ -445,8 +447,8 @@ def relu(a) -> Tensor:
 
 
 def relu_vjp(g, out):
-    # d relu(a)/da = [a > 0] (0 at a = 0)
-    return (g * (out > 0),)
+    # d relu(a)/da = [a > 0] (0 at a = 0); a NaN passes g (NaN <= 0 is false), as in torch
+    return (np.where(out <= 0, 0, g),)
 
 
 # ---- matrix product --------------------------------------------------------------------------

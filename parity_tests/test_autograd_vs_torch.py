@@ -189,6 +189,16 @@ def test_max_with_nan_matches_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_and_maximum_with_nan_match_torch(dtype):
+    """A NaN input: relu and maximum pass the upstream gradient through it (to both sides for
+    maximum), as torch does, not a silent 0; ties and ordinary elements as before."""
+    a = np.array([np.nan, 1.0, -2.0, 0.0, 3.0])
+    b = np.array([0.5, np.nan, -2.0, 1.0, 3.0])
+    assert_all_ok(compare_op("op:relu with nan", nt.relu, torch.relu, [a], dtype, 0))
+    assert_all_ok(compare_op("op:maximum with nan", nt.maximum, torch.maximum, [a, b], dtype, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_family_matches_torch_at_1e4(dtype):
     x = np.array([[1e4, 1e4 - 1.0, -1e4, 0.0], [-1e4, -1e4, -1e4 + 2.0, -1e4]])
     for op in ["softmax", "log_softmax", "sigmoid", "gelu"]:
