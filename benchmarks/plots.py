@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from benchmarks.record import Result
+from benchmarks.report import write_file_atomic
 
 
 def _plt():
@@ -134,13 +135,14 @@ def layers(results: list[Result], path: str) -> bool:
 
 
 def write_all(results: list[Result], accuracy: list[dict], out_dir: str) -> list[str]:
-    """Write every plot that has data; returns the file names written."""
+    """Write every plot that has data, each through a temporary file as the other outputs (an
+    interrupted run leaves the previous PNG whole); returns the file names written."""
     written = []
     for name, fn in (("throughput.png", lambda p: throughput(results, p)), ("sweep.png", lambda p: sweep(results, p)),
                      ("error_vs_speed.png", lambda p: error_vs_speed(results, accuracy, p)),
                      ("layers.png", lambda p: layers(results, p))):
         try:
-            if fn(os.path.join(out_dir, name)):
+            if write_file_atomic(os.path.join(out_dir, name), fn):
                 written.append(name)
         except Exception as exc:  # noqa: BLE001 - a plot failing must not lose the numbers
             print(f"plot {name} failed: {type(exc).__name__}: {exc}")

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import tempfile
-from typing import Iterable
+from typing import Callable, Iterable
 
 from benchmarks.record import Result
+from benchmarks.stats import Timing
 
 TARGET_CONFIG = "124M"
 
@@ -20,31 +21,43 @@ TARGET_CONFIG = "124M"
 def _si(x: float | None, unit: str = "") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    # Rounded to the three digits shown before the prefix is chosen: 999,600 is "1 M", not "1e+03 k".
+    x = float(f"{x:.3g}")
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
             return f"{x / factor:.3g} {prefix}{unit}"
     return f"{x:.3g} {unit}".rstrip()
 
 
 def _ms(s: float | None) -> str:
-    if s is None:
+    if s is None or not math.isfinite(s):
         return "-"
-    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+    ms = float(f"{s * 1e3:.3g}")  # rounded first, as in _si: 0.9996 s is "1 s", not "1e+03 ms"
+    return f"{ms:.3g} ms" if ms < 1e3 else f"{s:.3g} s"
+
+
+def _spread(timing: Timing | None) -> str:
+    """The IQR relative to the median, its whole width (not a +- half width); one sample has none."""
+    if timing is None:
+        return ""
+    if timing.repeats < 2:
+        return "1 run"
+    return f"{100 * timing.rel_spread:.0f}%"
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def rows_for_table(results: Iterable[Result], peaks: dict) -> list[list[str]]:
+def rows_for_table(results: Iterable[Result], peaks: dict, note_chars: int | None = 60) -> list[list[str]]:
+    """One row of strings per result; notes cut to `note_chars` (None: whole, as summary.md has them)."""
     rows = []
     for r in results:
-        spread = f"±{100 * r.timing.rel_spread:.0f}%" if r.timing else ""
         mem = r.memory.get("bytes") if r.memory else None
         rows.append([r.section, r.config, r.backend, r.what, f"{r.B}x{r.T}" if r.B else "",
-                     _ms(r.seconds), spread, _si(r.tokens_per_s), _si(r.flop_per_s, "FLOP/s"),
+                     _ms(r.seconds), _spread(r.timing), _si(r.tokens_per_s), _si(r.flop_per_s, "FLOP/s"),
                      _pct(r.fraction_of_peak(peaks)), _si(mem, "B") if mem is not None else "-",
-                     r.status if r.status != "ok" else "", r.note[:60]])
+                     r.status if r.status != "ok" else "", r.note[:note_chars]])
     return rows
 
 
@@ -62,6 +75,16 @@ def markdown_table(rows: list[list[str]], header: list[str]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or None unless both are finite and positive (a median of 0 s is
+    below the clock's resolution: no ratio, rather than a division by zero that loses the run)."""
+    if numerator is None or denominator is None:
+        return None
+    if not (math.isfinite(numerator) and math.isfinite(denominator) and numerator > 0 and denominator > 0):
+        return None
+    return numerator / denominator
 
 
 def _find(results: list[Result], section: str, backend: str, config: str, what: str | None = None) -> Result | None:
@@ -93,7 +116,7 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
         floor_s, goal_s = ours.flops / peaks[ours.peak_name], 0.65 * hf.seconds
         detail += (f"; GEMM floor {floor_s:.2f} s (the step's FLOPs at the measured {ours.peak_name} GEMM rate) vs "
                    f"goal {goal_s:.2f} s" + (": unreachable on this machine" if floor_s > goal_s else ""))
-    value = ours.seconds / hf.seconds if ours and hf else None
+    value = _ratio(ours.seconds, hf.seconds) if ours and hf else None
     value, detail = _prefer_head_to_head(results, config, "train step time, ours / HF", value, detail)
     out.append(entry(f"torch fp32 train step time / HF step time ({config})", value, 0.65, False, detail))
     bf16 = _find(results, "train_step", "torch-bf16", config)
@@ -112,18 +135,23 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
     hf_d = _find(results, "decode", "hf-fp32", config, "generate (KV cache)")
     detail = "issue 4"
     bandwidth = peaks.get("cuda_copy_bandwidth" if hf_d and hf_d.peak_name.startswith("cuda") else "copy_bandwidth")
-    if hf_d and config_d and bandwidth:
+    if hf_d and hf_d.tokens_per_s and config_d and bandwidth:
         # Each decoded token reads every matmul weight once (float32): a memory-bandwidth ceiling.
         from benchmarks.flops import matmul_params
 
         ceiling = bandwidth / (4 * matmul_params(config_d))
         detail += (f"; bandwidth ceiling ~{ceiling:.0f} tok/s (matmul weights in float32 / measured copy "
                    f"bandwidth) vs goal {1.5 * hf_d.tokens_per_s:.0f} tok/s")
-    value = ours_d.tokens_per_s / hf_d.tokens_per_s if ours_d and hf_d else None
+    value = _ratio(ours_d.tokens_per_s, hf_d.tokens_per_s) if ours_d and hf_d else None
     value, detail = _prefer_head_to_head(results, config, "KV-cache decode tok/s, ours / HF", value, detail)
     out.append(entry(f"torch KV-cache decode tok/s / HF generate tok/s ({config}, B=1)", value, 1.5, True, detail))
     ratio = tokenizer.get("ratio") if tokenizer and "ratio" in tokenizer else None
-    out.append(entry("numpy_ref tokenizer time / tiktoken time", ratio, 5.0, False, "issue 6"))
+    detail = "issue 6"
+    if tokenizer and tokenizer.get("ids_equal") is False:
+        detail += "; the two encoders' ids differ on the benchmark text"
+    if tokenizer and tokenizer.get("note"):
+        detail += f"; {tokenizer.get('status', 'n/a')}: {tokenizer['note']}"
+    out.append(entry("numpy_ref tokenizer time / tiktoken time", ratio, 5.0, False, detail))
     big = [r for r in results if r.section == "train_step" and r.status == "ok" and r.backend.startswith("torch-")
            and r.peak_name == "cuda_bfloat16" and r.B * r.T >= 16 * 1024]
     if big:
@@ -139,6 +167,9 @@ def _prefer_head_to_head(results: list[Result], config: str, what: str, blocked:
     two backends' medians from the main tables; the detail names which, and gives the other."""
     h2h = _find(results, "head_to_head", "torch-fp32 vs hf-fp32", config, what)
     if h2h is None or "ratio" not in h2h.extra:
+        failed = [r for r in results if r.section == "head_to_head" and r.config == config and r.status != "ok"]
+        if failed:
+            detail += f"; alternating pairs not measured ({failed[0].status}: {failed[0].note})"
         return blocked, detail + ("; ratio of the two medians in the tables" if blocked is not None else "")
     pairs = len(h2h.extra.get("ours_s", []))
     other = f"{blocked:.3g}" if blocked is not None else "-"
@@ -167,18 +198,42 @@ def format_accuracy(acc: list[dict]) -> list[list[str]]:
             for a in acc]
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted
-    write never leaves a truncated file where a previous good one was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+def _new_file_mode() -> int:
+    """0666 less the umask: the mode open() gives a new file (mkstemp's temporary files get 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_file_atomic(path: str, write: Callable[[str], bool]) -> bool:
+    """Call `write(tmp)` on a temporary name beside `path` (ending like `path`, so that a writer
+    choosing the format by extension chooses the same), then rename it over `path`: an interrupted
+    write never leaves a truncated file where a previous good one was. `write` returns False when
+    it had nothing to write; `path` is then left as it was."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp" + os.path.splitext(name)[1], dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        wrote = write(tmp)
+        if wrote:
+            os.chmod(tmp, _new_file_mode())
+            os.replace(tmp, path)
+            return True
     except BaseException:
         os.unlink(tmp)
         raise
+    os.unlink(tmp)
+    return False
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """`text` into `path`, through a temporary file (write_file_atomic)."""
+    def write(tmp: str) -> bool:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+
+    write_file_atomic(path, write)
 
 
 def _strict(o):
@@ -230,8 +285,9 @@ def markdown_summary(payload: dict, results: list[Result], plots: list[str]) -> 
              "## Error budget: each fast path against the float64 oracle", "",
              markdown_table(format_accuracy(payload["accuracy"]), ACC_HEADER), ""]
     for section, title in (("train_step", "Training step (forward, backward, AdamW)"), ("forward", "Model forward"),
-                           ("decode", "Decoding"), ("sweep", "Sequence-length sweep"), ("layer", "Layers")):
-        rows = rows_for_table([r for r in results if r.section == section], peaks)
+                           ("decode", "Decoding"), ("head_to_head", "Head to head (alternating pairs)"),
+                           ("sweep", "Sequence-length sweep"), ("layer", "Layers")):
+        rows = rows_for_table([r for r in results if r.section == section], peaks, note_chars=None)
         if rows:
             lines += [f"## {title}", "", markdown_table([r[1:] for r in rows], HEADER[1:]), ""]
     tok = payload.get("tokenizer") or {}

@@ -40,7 +40,8 @@ class Timing:
 
     @property
     def rel_spread(self) -> float:
-        """IQR / median: 0.05 means the middle half of the repeats lies within 5% of the median."""
+        """IQR / median: 0.05 means the middle half of the repeats spans 5% of the median (about
+        +-2.5% around it when the spread is symmetric)."""
         return self.iqr / self.median if self.median > 0 else 0.0
 
     def to_dict(self) -> dict:
