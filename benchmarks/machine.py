@@ -202,6 +202,19 @@ def peaks_from(rates: dict, bandwidth: dict) -> dict:
     return peaks
 
 
+def peak_now(name: str, quick: bool = False) -> float | None:
+    """One CPU peak measured again now (as measure_rates measures it), or None for a name this
+    does not re-measure. Used before skipping a backend on a peak that another tenant's load may
+    have lowered at the start of the run."""
+    n = 768 if quick else 2048
+    if name == "numpy_float64":
+        return numpy_gemm_rate(n, "float64")
+    if name == "torch_bfloat16":
+        return max(torch_gemm_rate(256 if quick else 1024, "bfloat16", repeats=1),
+                   torch_gemm_rate(n, "bfloat16", autocast=True))
+    return None
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages: another process competing for the cores shows here."""
     try:

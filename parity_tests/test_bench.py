@@ -345,6 +345,29 @@ def test_cuda_plans_and_skips_use_the_cuda_peaks():
     assert "torch-bf16" in plan(True, "cpu", None)["skip"]["small"]
 
 
+def test_a_skip_re_measures_the_peak_first():
+    """A start-of-run peak lowered by another tenant would skip a backend that runs in time: the
+    peak is measured again before a skip, and only a step still too slow at the higher is skipped."""
+    from benchmarks.runner import _estimated_skips
+
+    cfg = dict(CONFIGS["124M"])
+    low = {"torch_bfloat16": 1e9, "numpy_float64": 1e9}  # ~190 s a step: over 60 s
+    asked = []
+
+    def fast_now(name):
+        asked.append(name)
+        return 50e9  # ~4 s a step
+
+    assert _estimated_skips(cfg, 4, 64, ["torch-bf16", "numpy-float64", "torch-fp32"], low, 60.0, "cpu",
+                            peak_now=fast_now) == {}, "skipped on a start peak the re-measure contradicts"
+    assert sorted(asked) == ["numpy_float64", "torch_bfloat16"], f"re-measured {asked}"
+    still = _estimated_skips(cfg, 4, 64, ["torch-bf16"], low, 60.0, "cpu", peak_now=lambda name: 2e9)
+    assert "torch-bf16" in still and "2.0 GFLOP/s" in still["torch-bf16"], still
+    fine = {"torch_bfloat16": 50e9}
+    assert _estimated_skips(cfg, 4, 64, ["torch-bf16"], fine, 60.0, "cpu", peak_now=fast_now) == {}
+    assert len(asked) == 2, "re-measured a peak with no skip in sight"
+
+
 def test_results_are_strict_json_written_atomically_and_a_bad_out_dir_is_refused_first(tmp_path, monkeypatch):
     """NaN becomes null (strict parsers reject NaN); a write that fails midway leaves the previous
     file whole; an --out that is a file is refused before any measuring."""
