@@ -87,10 +87,16 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _find(results: list[Result], section: str, backend: str, config: str, what: str | None = None) -> Result | None:
+TARGET_BT = (4, 64)  # the issues' batch and sequence length for the training-step targets
+
+
+def _find(results: list[Result], section: str, backend: str, config: str, what: str | None = None,
+          bt: tuple[int, int] | None = None) -> Result | None:
+    """The first ok row that matches; `bt` = (B, T) also pins the shape, so that a failed B=4 x 64
+    row is not silently replaced by the same backend's 16 x 1024 row (CUDA runs both)."""
     for r in results:
         if r.section == section and r.backend == backend and r.config == config and r.status == "ok" and (
-                what is None or r.what == what):
+                what is None or r.what == what) and (bt is None or (r.B, r.T) == bt):
             return r
     return None
 
@@ -106,10 +112,11 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
                 "met": met, "detail": detail}
 
     out = []
-    np32 = _find(results, "train_step", "numpy-float32", config)
+    np32 = _find(results, "train_step", "numpy-float32", config, bt=TARGET_BT)
     out.append(entry(f"numpy float32 train step ({config}) / numpy float32 GEMM rate",
                      np32.fraction_of_peak(peaks) if np32 else None, 0.45, True, "issue 3"))
-    ours, hf = _find(results, "train_step", "torch-fp32", config), _find(results, "train_step", "hf-fp32", config)
+    ours = _find(results, "train_step", "torch-fp32", config, bt=TARGET_BT)
+    hf = _find(results, "train_step", "hf-fp32", config, bt=TARGET_BT)
     detail = "issue 4"
     if ours and hf and ours.flops and peaks.get(ours.peak_name):
         # The matmuls alone, at the GEMM rate measured in this run, bound any implementation's step.
@@ -119,7 +126,7 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
     value = _ratio(ours.seconds, hf.seconds) if ours and hf else None
     value, detail = _prefer_head_to_head(results, config, "train step time, ours / HF", value, detail)
     out.append(entry(f"torch fp32 train step time / HF step time ({config})", value, 0.65, False, detail))
-    bf16 = _find(results, "train_step", "torch-bf16", config)
+    bf16 = _find(results, "train_step", "torch-bf16", config, bt=TARGET_BT)
     detail = "issue 4"
     if bf16 is None:
         skipped = [r for r in results if r.section == "train_step" and r.backend == "torch-bf16" and r.config == config]

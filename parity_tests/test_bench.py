@@ -165,6 +165,22 @@ def _timed_result(section, backend, seconds, what=None, tokens=256, flops=1e9, p
     return r
 
 
+def test_targets_use_the_issue_shape_not_another_row_of_the_same_backend():
+    """CUDA runs torch-fp32 and torch-bf16 at 4 x 64 and at 16 x 1024: when the 4 x 64 row failed,
+    the 16 x 1024 row must not stand in for it in the 4 x 64 targets."""
+    from benchmarks import report
+
+    failed = _timed_result("train_step", "torch-fp32", 1.0, peak="torch_float32")
+    failed.status = "error"
+    big = Result("train_step", "124M", "torch-fp32", "train_step", B=16, T=1024, tokens=16384, flops=1e9,
+                 peak_name="torch_float32")
+    big.timing = summarize([0.5])
+    results = [failed, big, _timed_result("train_step", "hf-fp32", 2.0, peak="torch_float32")]
+    got = {t["target"]: t for t in report.targets(results, {"torch_float32": 1e9}, None)}
+    fp32 = got["torch fp32 train step time / HF step time (124M)"]
+    assert fp32["value"] is None, f"a 16x1024 row stood in for the failed 4x64 one: {fp32}"
+
+
 def test_targets_are_ratios_of_the_right_measurements():
     peaks = {"numpy_float32": 4e9, "torch_bfloat16": 2e9}
     results = [
