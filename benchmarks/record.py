@@ -64,13 +64,22 @@ def unavailable(section: str, config: str, backend: str, what: str, reason: str,
     return Result(section, config, backend, what, status="n/a", note=reason, **kw)
 
 
+PROJECT_PACKAGES = ("numpy_ref", "torch_impl", "benchmarks", "parity_tests", "gpt_oracle")
+
+
 def guarded(make: Callable[[], Result | list[Result]], section: str, config: str, backend: str, what: str
             ) -> list[Result]:
-    """Run one benchmark; a missing module becomes `n/a`, any other exception an `error` row."""
+    """Run one benchmark; a missing optional library (transformers, ...) or a path not written
+    becomes `n/a`, any other exception an `error` row, this project's own failed imports included
+    (a broken numpy_ref / torch_impl / benchmarks module is a defect, not an absent option)."""
     try:
         out = make()
-    except (ImportError, NotImplementedError) as exc:  # a module or path not written (yet)
-        return [unavailable(section, config, backend, what, f"not available: {type(exc).__name__}: {exc}")]
+    except (ImportError, NotImplementedError) as exc:
+        missing = getattr(exc, "name", None) or ""
+        if missing.split(".")[0] not in PROJECT_PACKAGES:
+            return [unavailable(section, config, backend, what, f"not available: {type(exc).__name__}: {exc}")]
+        return [Result(section, config, backend, what, status="error",
+                       note=f"{type(exc).__name__}: {exc} (this project's own module)")]
     except Exception as exc:  # noqa: BLE001 - reported in the results, never swallowed silently
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         return [Result(section, config, backend, what, status="error",

@@ -541,3 +541,20 @@ def test_forward_and_training_flops_equal_the_matmuls_torch_counts(tie_embedding
         f"forward: torch counted {forward.get_total_flops()}, formula {want_forward}"
     assert step.get_total_flops() == want_step, \
         f"forward + backward: torch counted {step.get_total_flops()}, formula {want_step}"
+
+
+def test_a_broken_project_module_is_an_error_row_and_a_missing_library_n_a(monkeypatch):
+    """An optional library that is not installed (transformers) is n/a; one of this project's own
+    modules failing to import is a defect, reported as an error row, not an absent option."""
+    import sys
+
+    def missing_library():
+        import transformers_not_installed  # noqa: F401
+
+    def broken_own_module():
+        monkeypatch.setitem(sys.modules, "torch_impl.generate", None)
+        import torch_impl.generate  # noqa: F401
+
+    assert guarded(missing_library, "train_step", "tiny", "hf-fp32", "train step")[0].status == "n/a"
+    row = guarded(broken_own_module, "decode", "tiny", "torch-fp32", "decode")[0]
+    assert row.status == "error" and "torch_impl.generate" in row.note, (row.status, row.note)
