@@ -46,8 +46,23 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _seed(value) -> int:
+    # random.Random(None) would seed from the operating system: an order nothing can reproduce.
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"seed must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check_drop_last(n_windows: int, batch_size: int, drop_last: bool) -> None:
+    if drop_last and n_windows < batch_size:
+        raise ValueError(f"drop_last with batch_size={batch_size} leaves no batch: "
+                         f"the dataset has only {n_windows} windows")
+
+
 def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     """Text -> (first `train_ratio` of the characters, the rest)."""
+    if not isinstance(train_ratio, numbers.Real):
+        raise TypeError(f"train_ratio must be a number, got {type(train_ratio).__name__} {train_ratio!r}")
     if not 0.0 < train_ratio < 1.0:
         raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
     split = int(train_ratio * len(text))
@@ -65,10 +80,16 @@ class SlidingWindowDataset:
             raise ValueError(f"ids must be a 1-D sequence, got shape {ids.shape}")
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        int64_max = np.iinfo(np.int64).max
+        if ids.dtype == np.uint64 and ids.size and ids.max() > int64_max:  # would wrap to a negative id
+            first = int(np.argmax(ids > int64_max))
+            raise ValueError(f"id {int(ids[first])} at position {first} does not fit in int64 "
+                             f"(max {int64_max}); ids are read as int64")
         if len(ids) < max_length + 1:
             raise ValueError(f"{len(ids)} tokens are too few for max_length={max_length}: "
                              f"one window needs max_length + 1 = {max_length + 1}")
-        starts = np.arange(0, len(ids) - max_length, stride)  # (N,)
+        # A stride past the end gives the one window at 0 whatever its size (and keeps arange in int64).
+        starts = np.arange(0, len(ids) - max_length, min(stride, len(ids)))  # (N,)
         offsets = np.arange(max_length)  # (T,)
         positions = starts[:, None] + offsets[None, :]  # (N, 1) + (1, T) -> (N, T)
         self.inputs = ids.astype(np.int64)[positions]  # (n_ids,) -> (N, T)
@@ -97,10 +118,11 @@ def make_batches(dataset: SlidingWindowDataset, batch_size: int, *, shuffle: boo
                  drop_last: bool = False, rng: random.Random | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """One epoch of (inputs, targets) batches, each (B, T) int64."""
     batch_size = _positive_int("batch_size", batch_size)
+    _check_drop_last(len(dataset), batch_size, drop_last)
     order = batch_order(len(dataset), shuffle, rng)
     batches = []
     for first in range(0, len(order), batch_size):
-        index = np.array(order[first : first + batch_size])  # (B,)
+        index = np.array(order[first : min(first + batch_size, len(order))])  # (B,)
         if drop_last and len(index) < batch_size:
             break
         batches.append((dataset.inputs[index], dataset.targets[index]))  # (N, T) -> (B, T)
@@ -114,20 +136,20 @@ class DataLoader:
     def __init__(self, dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0):
         batch_size = _positive_int("batch_size", batch_size)
-        if drop_last and len(dataset) < batch_size:
-            raise ValueError(f"drop_last with batch_size={batch_size} leaves no batch: "
-                             f"the dataset has only {len(dataset)} windows")
+        _check_drop_last(len(dataset), batch_size, drop_last)
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.rng = random.Random(seed)
+        self.rng = random.Random(_seed(seed))
+        self.epochs_drawn = 0  # iter() calls so far: a resumed stream needs a loader at 0
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.dataset), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self):
+        self.epochs_drawn += 1
         return iter(make_batches(self.dataset, self.batch_size, shuffle=self.shuffle,
                                  drop_last=self.drop_last, rng=self.rng))
 

@@ -11,9 +11,9 @@ One optimiser step (the gradient of the mean loss over `grad_accum` micro-batche
     lr = lr_at_step(step)                                           warmup, then cosine
     optimizer.step(grads, lr)                                       params updated in place
 
-Every `eval_every` steps: the mean loss over the first `eval_batches` unshuffled batches of the
-training and validation sets, a greedy sample from `sample_prompt`, a line in `log.jsonl`, the
-loss plot. Every `checkpoint_every` steps and at the end: a checkpoint (numpy_ref/train_run.py).
+Every `eval_every` steps: the mean loss over every target of the first `eval_batches`
+unshuffled batches of the training and validation sets, a greedy sample from `sample_prompt`, a
+line in `log.jsonl`, the loss plot. Every `checkpoint_every` steps and at the end: a checkpoint (numpy_ref/train_run.py).
 
 Randomness is explicit: the dropout masks come from an np.random.Generator seeded with `seed`;
 the batch order from the DataLoader's seed. A checkpoint stores the step, the generator's
@@ -41,12 +41,15 @@ from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainS
 
 
 def evaluate(model, batches) -> float:
-    """Mean loss over `batches` without dropout."""
-    total = 0.0
+    """Mean loss over every target of `batches`, without dropout: each batch's mean loss weighted
+    by its B * T targets, so a short last batch counts for the targets it holds (the book's
+    `calc_loss_loader` averages per batch; the two agree when the batches have one size)."""
+    total, count = 0.0, 0
     for inputs, targets in batches:
         _, loss, _ = model.forward(inputs, targets)
-        total += float(loss)
-    return total / len(batches)
+        total += float(loss) * targets.size  # (B, T): B * T targets
+        count += targets.size
+    return total / count
 
 
 def _optimizer(model, s: TrainSettings):

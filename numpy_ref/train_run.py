@@ -105,10 +105,15 @@ class BatchStream:
     """Batches of a DataLoader, epoch after epoch, with a position (epoch, index) to resume at.
 
     The loader must be fresh (never iterated): epoch k is its k-th `iter()`, which is what makes
-    `seek` possible: it replays the shuffles of epochs 0 .. k (drawing no other randomness).
+    `seek` possible: it replays the shuffles of epochs 0 .. k (drawing no other randomness). A
+    loader that counts its epochs (`epochs_drawn`, as data.py's does) is refused if it is not.
     """
 
     def __init__(self, loader) -> None:
+        drawn = getattr(loader, "epochs_drawn", 0)
+        if drawn:  # its next shuffle is not epoch 0's: a resumed run would see other batches
+            raise ValueError(f"BatchStream needs a fresh DataLoader; this one was already iterated {drawn} "
+                             f"time(s), so its shuffles would not replay from epoch 0")
         self.loader = loader
         self.epoch = 0  # the epoch the next batch comes from
         self.index = 0  # the position of the next batch within it
@@ -119,6 +124,9 @@ class BatchStream:
         while self._drawn < epoch:
             self._batches = list(iter(self.loader))
             self._drawn += 1
+            if not self._batches:
+                raise ValueError(f"epoch {self._drawn} of the DataLoader has no batches "
+                                 f"({len(self.loader.dataset)} windows, batch_size={self.loader.batch_size})")
 
     def next(self):
         self._draw_until(self.epoch)
@@ -130,18 +138,35 @@ class BatchStream:
         return batch
 
     def seek(self, epoch: int, index: int) -> None:
+        """Position the stream at batch `index` of epoch `epoch`; `index` may equal the batches
+        per epoch (the end of that epoch: the next batch opens the following one)."""
         if self._drawn >= 0:
             raise RuntimeError("BatchStream.seek needs a fresh stream (nothing drawn yet)")
-        self.epoch, self.index = epoch, index
+        for name, value in (("epoch", epoch), ("index", index)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"BatchStream.seek: {name} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"BatchStream.seek: {name} must be >= 0, got {value}")
+        per_epoch = len(self.loader)
+        if index > per_epoch:  # a position saved with other data, batch size or drop_last
+            raise ValueError(f"BatchStream.seek: batch index {index} is past the end of an epoch of "
+                             f"{per_epoch} batches")
+        self.epoch, self.index = int(epoch), int(index)
 
 
 def fixed_batches(loader, n: int) -> list:
-    """The first `n` batches of the loader's dataset in order, unshuffled (the same every time)."""
+    """The loader's first `n` batches, unshuffled (the same every time): windows 0 .. B-1, B .. 2B-1,
+    ...; a last short batch is kept unless the loader drops it. Fewer than `n` if the dataset
+    holds fewer (as the book's `calc_loss_loader`)."""
     ds, B = loader.dataset, loader.batch_size
-    count = min(n, max(1, len(ds) // B))
+    full, rest = divmod(len(ds), B)
+    sizes = [B] * full + ([rest] if rest and not getattr(loader, "drop_last", False) else [])
+    if not sizes:
+        raise ValueError(f"no batch to evaluate: {len(ds)} windows, batch_size={B}, "
+                         f"drop_last={getattr(loader, 'drop_last', False)}")
     batches = []
-    for i in range(count):
-        items = [ds[j] for j in range(i * B, min((i + 1) * B, len(ds)))]
+    for i, size in enumerate(sizes[:n]):
+        items = [ds[j] for j in range(i * B, i * B + size)]
         batches.append(tuple(_stack([it[k] for it in items]) for k in (0, 1)))  # (B, T) each
     return batches
 
@@ -221,7 +246,7 @@ class TrainResult:
 
 def record_eval(trainer, evaluate, progress) -> dict:
     """Losses on the fixed train/val batches, a greedy sample; logged, plotted, returned."""
-    train_loss = evaluate(trainer.model, trainer.eval_sets["train"])
+    train_loss = evaluate(trainer.model, trainer.eval_sets["train"])  # mean over every target of the batches
     val_loss = evaluate(trainer.model, trainer.eval_sets["val"]) if trainer.eval_sets["val"] else float("nan")
     text = trainer.sample()
     trainer.history["evals"].append([trainer.step, trainer.tokens_seen, train_loss, val_loss])

@@ -135,7 +135,8 @@ def test_bad_settings_raise_naming_the_value(tree):
         tree.SlidingWindowDataset(ids, 4.0, 1)
     with pytest.raises(ValueError, match=r"10 tokens are too few for max_length=10.*11"):
         tree.SlidingWindowDataset(ids, 10, 1)
-    tree.SlidingWindowDataset(ids, 9, 1)  # exactly max_length + 1 ids: one window
+    exact = tree.SlidingWindowDataset(ids, 9, 1)  # exactly max_length + 1 ids: one window
+    assert len(exact) == 1 and to_numpy(exact[0][1]).tolist() == ids[1:], f"{len(exact)} windows"
     with pytest.raises(ValueError, match="shape"):
         tree.SlidingWindowDataset([[1, 2], [3, 4]], 1, 1)
     with pytest.raises(TypeError, match="float"):
@@ -149,6 +150,70 @@ def test_bad_settings_raise_naming_the_value(tree):
         tree.DataLoader(dataset, 7, drop_last=True)
     with pytest.raises(ValueError, match="rng"):
         tree.make_batches(dataset, 2, shuffle=True, rng=None)
-    for ratio in (0.0, 1.0, 1.5):
+    for ratio in (0.0, 1.0, 1.5, -0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=f"train_ratio must be in \\(0, 1\\), got {ratio}"):
             tree.split_train_val("some text", ratio)
+    for ratio in ("0.5", None):  # the comparison's own TypeError would not name train_ratio
+        with pytest.raises(TypeError, match="train_ratio must be a number"):
+            tree.split_train_val("some text", ratio)
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_make_batches_refuses_drop_last_with_too_few_windows(tree):
+    # design.md: drop_last with fewer windows than batch_size is a ValueError; make_batches used
+    # to return an empty epoch (no batches, no error) where DataLoader raised.
+    dataset = tree.SlidingWindowDataset(list(range(10)), 4, 1)  # 6 windows
+    with pytest.raises(ValueError, match="batch_size=7.*6 windows"):
+        tree.make_batches(dataset, 7, drop_last=True)
+    assert [len(x) for x, _ in tree.make_batches(dataset, 7)] == [6]
+    assert [len(x) for x, _ in tree.make_batches(dataset, 6, drop_last=True)] == [6]
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_seed_must_be_an_int(tree):
+    # random.Random(None) seeds from the operating system: two loaders made alike shuffled differently.
+    dataset = tree.SlidingWindowDataset(list(range(41)), 4, 4)
+    for seed in (None, "3", 1.5, True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            tree.DataLoader(dataset, 2, shuffle=True, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        tree.create_dataloader("Hello world " * 20, max_length=4, stride=4, seed=None)
+    orders = [[to_numpy(x).tolist() for x, _ in tree.DataLoader(dataset, 2, shuffle=True, seed=s)]
+              for s in (np.int64(3), 3)]
+    assert orders[0] == orders[1], "a NumPy integer seed must shuffle as the same int does"
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_uint64_ids_past_int64_are_refused_not_wrapped(tree):
+    ids = np.array([5, 2**63 + 7, 6], dtype=np.uint64)
+    with pytest.raises(ValueError, match=f"id {2**63 + 7} at position 1 does not fit in int64"):
+        tree.SlidingWindowDataset(ids if tree is np_data else torch.from_numpy(ids), 1, 1)
+    small = np.array([5, 2**63 - 1, 6], dtype=np.uint64)  # the largest int64 is still an id
+    dataset = tree.SlidingWindowDataset(small if tree is np_data else torch.from_numpy(small), 1, 1)
+    assert to_numpy(dataset.inputs).ravel().tolist() == [5, 2**63 - 1]
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_stride_and_batch_size_past_any_length(tree):
+    # Any stride >= n_ids - max_length gives the one window at 0; any batch_size >= the windows one
+    # batch. Beyond int64 they used to fail inside arange / unfold / split without naming the setting.
+    ids = list(range(10))
+    for stride in (7, 10, 2**40, 2**70):
+        dataset = tree.SlidingWindowDataset(ids, 3, stride)
+        assert len(dataset) == 1 and to_numpy(dataset[0][0]).tolist() == [0, 1, 2], f"stride {stride}"
+        assert dataset.stride == stride
+    dataset = tree.SlidingWindowDataset(ids, 3, 1)  # 7 windows
+    for batch_size in (7, 2**40, 2**70):
+        assert [len(x) for x, _ in tree.make_batches(dataset, batch_size)] == [7], f"batch_size {batch_size}"
+        assert len(tree.DataLoader(dataset, batch_size)) == 1
+    with pytest.raises(ValueError, match=f"batch_size={2**70}.*7 windows"):
+        tree.DataLoader(dataset, 2**70, drop_last=True)
+
+
+@pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
+def test_loader_counts_the_epochs_it_has_drawn(tree):
+    # BatchStream (train_run.py) refuses a loader whose shuffles no longer start at epoch 0.
+    loader = tree.DataLoader(tree.SlidingWindowDataset(list(range(41)), 4, 4), 2, shuffle=True, seed=1)
+    assert loader.epochs_drawn == 0 and len(loader) == 5  # len() draws nothing
+    list(loader), list(loader)
+    assert loader.epochs_drawn == 2

@@ -7,6 +7,8 @@
   (each tree, CPU, with dropout and across epoch boundaries);
 - a non-finite loss stops training with a message naming the step, writes nothing, and the
   last checkpoint stays loadable and unchanged;
+- evaluation sees the loaders' first batches, a short last one included, and logs the mean over
+  every target; the batch stream refuses a used loader and a position its loader does not have;
 - `gpt-oracle train` / `generate` / `train --resume` on a tiny config in a temporary directory.
 """
 
@@ -22,14 +24,19 @@ import torch
 from numpy_ref import data as ndata
 from numpy_ref.config import get_config as np_config
 from numpy_ref.model import GPTModel as NumpyGPT
+from numpy_ref import train_run as nrun
 from numpy_ref.train import Trainer as NumpyTrainer
+from numpy_ref.train import evaluate as numpy_evaluate
+from numpy_ref.train_log import TextProgress
 from numpy_ref.train_run import TrainSettings as NumpySettings
 from parity_tests.compare import assert_close, assert_dicts_close, load_numpy_params_into_torch, to_numpy
 from parity_tests.tolerances import forward_tol, gradient_tol
 from torch_impl import data as tdata
 from torch_impl.config import get_config as torch_config
 from torch_impl.model import GPTModel as TorchGPT
+from torch_impl import train_run as trun
 from torch_impl.train import Trainer as TorchTrainer
+from torch_impl.train import evaluate as torch_evaluate
 from torch_impl.train_run import TrainSettings as TorchSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
@@ -302,3 +309,103 @@ def test_train_settings_refuse_bad_values_in_both_trees(bad, error, match):
     for cls in (NumpySettings, TorchSettings):
         with pytest.raises(error, match=f"TrainSettings.{match}"):
             cls(**bad)
+
+
+# ---- evaluation batches and the batch stream -----------------------------------------------
+
+TREE_PARTS = {"numpy": (ndata, nrun, NumpyTrainer, NumpySettings, numpy_evaluate),
+              "torch": (tdata, trun, TorchTrainer, TorchSettings, torch_evaluate)}
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_fixed_batches_are_the_loaders_first_batches_short_one_included(tree):
+    """8 windows in batches of 3: evaluation sees batches of 3, 3 and 2 (windows 0..7 in order,
+    as the unshuffled loader gives them) unless the loader drops the short one; asking for more
+    batches than there are gives all there are. The short batch used to be left out."""
+    data, run, *_ = TREE_PARTS[tree]
+    dataset = data.SlidingWindowDataset(list(range(33)), 4, 4)  # 8 windows, starting at 0, 4, ..., 28
+    kept = data.DataLoader(dataset, 3, shuffle=True, drop_last=False, seed=1)
+    batches = run.fixed_batches(kept, 5)
+    assert [to_numpy(x)[:, 0].tolist() for x, _ in batches] == [[0, 4, 8], [12, 16, 20], [24, 28]], batches
+    in_order = list(data.DataLoader(dataset, 3, shuffle=False, drop_last=False))
+    for b, ((x, y), (x_ref, y_ref)) in enumerate(zip(batches, in_order, strict=True)):
+        assert np.array_equal(to_numpy(x), to_numpy(x_ref)) and np.array_equal(to_numpy(y), to_numpy(y_ref)), \
+            f"{tree}: evaluation batch {b} is not the unshuffled loader's batch {b}"
+    assert kept.epochs_drawn == 0, "fixed_batches must not draw one of the loader's shuffles"
+    assert [len(x) for x, _ in run.fixed_batches(kept, 2)] == [3, 3]
+    dropped = data.DataLoader(dataset, 3, drop_last=True)
+    assert [len(x) for x, _ in run.fixed_batches(dropped, 5)] == [3, 3], "a loader that drops the short batch"
+    few = data.DataLoader(data.SlidingWindowDataset(list(range(9)), 4, 4), 3)  # 2 windows: one short batch
+    assert [len(x) for x, _ in run.fixed_batches(few, 5)] == [2]
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_eval_loss_is_the_mean_over_every_validation_target(tree):
+    """A validation set of 8 windows in batches of 3, 3 and 2: the logged validation loss is the
+    mean over all 8 * T targets, the loss of one batch holding the 8 windows. (It used to be
+    the mean of the first two batches only; a plain mean over the three batches would count the
+    short batch's windows 1.5 times.)"""
+    data, run, cls, settings_cls, evaluate = TREE_PARTS[tree]
+    ids = np.random.default_rng(5).integers(0, 101, 8 * 8 + 1)  # 8 windows of 8
+    dataset = data.SlidingWindowDataset(ids if tree == "numpy" else torch.tensor(ids), 8, 8)
+    val = data.DataLoader(dataset, 3, drop_last=False)
+    model = _model(tree, seed=4, dtype=torch.float64)
+    trainer = cls(model, _loader(tree), val, settings_cls(steps=1, eval_batches=5, progress=False))
+    record = run.record_eval(trainer, evaluate, TextProgress(1, enabled=False))
+    whole = evaluate(model, [(dataset.inputs, dataset.targets)])  # (8, T): every target once
+    three = [evaluate(model, [batch]) for batch in data.make_batches(dataset, 3)]  # (3, T), (3, T), (2, T)
+    assert len(three) == 3 and abs(sum(three) / 3 - whole) > 1e-6, "the case must tell the two means apart"
+    assert abs(record["val_loss"] - whole) <= 1e-12 * abs(whole), \
+        f"{tree}: val loss {record['val_loss']!r}, the mean over every target is {whole!r}"
+    assert trainer.history["evals"][-1][3] == record["val_loss"]
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_resume_refuses_a_data_position_past_the_loaders_epoch(tree, tmp_path):
+    """A checkpoint at batch 8 of a 9-batch epoch resumed with a loader of 4 batches per epoch
+    (other data, batch size or drop_last): an error naming both, where it used to go on silently
+    at the start of the next epoch."""
+    _, _, cls, _, _ = TREE_PARTS[tree]
+    assert _trainer(tree, _model(tree), dict(steps=8, progress=False), out_dir=tmp_path).fit().ok
+    with pytest.raises(ValueError, match="batch index 8 is past the end of an epoch of 4 batches"):
+        cls.resume(tmp_path, _model(tree), _loader(tree, batch_size=8), _loader(tree))
+    resumed = cls.resume(tmp_path, _model(tree), _loader(tree), _loader(tree))
+    assert (resumed.step, resumed.stream.epoch, resumed.stream.index) == (8, 0, 8)
+
+
+class _NoBatches:
+    """A loader whose epochs are empty (e.g. torch's DataLoader with drop_last and too few windows)."""
+    dataset, batch_size, drop_last = [0], 2, True
+
+    def __iter__(self):
+        return iter([])
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_batch_stream_checks_its_loader_and_its_position(tree):
+    _, run, *_ = TREE_PARTS[tree]
+    for epoch, index, error, match in ((0, -1, ValueError, "index must be >= 0, got -1"),
+                                       (-1, 0, ValueError, "epoch must be >= 0, got -1"),
+                                       (0, 10, ValueError, "batch index 10 is past the end of an epoch of 9"),
+                                       (0, 2.0, TypeError, "index must be an int")):
+        with pytest.raises(error, match=match):  # -1 used to wrap to the epoch's last batch
+            run.BatchStream(_loader(tree)).seek(epoch, index)
+    # The end of an epoch is a position: the next batch opens the following epoch, as when run through.
+    through = run.BatchStream(_loader(tree))
+    expected = [through.next() for _ in range(10)][-1]
+    at_end = run.BatchStream(_loader(tree))
+    at_end.seek(0, 9)
+    got = at_end.next()
+    assert (at_end.epoch, at_end.index) == (1, 1) == (through.epoch, through.index)
+    assert all(np.array_equal(to_numpy(a), to_numpy(b)) for a, b in zip(got, expected)), "seek(0, 9) then next"
+    used = _loader(tree)
+    list(used)  # its next shuffle is epoch 1's: replaying from it would resume on other batches
+    with pytest.raises(ValueError, match="already iterated 1 time"):
+        run.BatchStream(used)
+    with pytest.raises(ValueError, match="epoch 0 of the DataLoader has no batches"):
+        run.BatchStream(_NoBatches()).next()
+    with pytest.raises(ValueError, match="no batch to evaluate"):
+        run.fixed_batches(_NoBatches(), 5)

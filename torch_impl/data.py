@@ -40,8 +40,23 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _seed(value) -> int:
+    # random.Random(None) would seed from the operating system: an order nothing can reproduce.
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"seed must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check_drop_last(n_windows: int, batch_size: int, drop_last: bool) -> None:
+    if drop_last and n_windows < batch_size:
+        raise ValueError(f"drop_last with batch_size={batch_size} leaves no batch: "
+                         f"the dataset has only {n_windows} windows")
+
+
 def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     """Text -> (first `train_ratio` of the characters, the rest)."""
+    if not isinstance(train_ratio, numbers.Real):
+        raise TypeError(f"train_ratio must be a number, got {type(train_ratio).__name__} {train_ratio!r}")
     if not 0.0 < train_ratio < 1.0:
         raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
     split = int(train_ratio * len(text))
@@ -59,13 +74,21 @@ class SlidingWindowDataset(Dataset):
             raise ValueError(f"ids must be a 1-D sequence, got shape {tuple(ids.shape)}")
         if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        if ids.dtype == torch.uint64:  # torch compares no uint64: the same bits read as int64 are < 0 past 2**63
+            as_int64 = ids.view(torch.int64)
+            wrapped = (as_int64 < 0).nonzero().flatten()
+            if len(wrapped):
+                first = int(wrapped[0])
+                raise ValueError(f"id {int(as_int64[first]) + 2**64} at position {first} does not fit in int64 "
+                                 f"(max {torch.iinfo(torch.int64).max}); ids are read as int64")
         if len(ids) < max_length + 1:
             raise ValueError(f"{len(ids)} tokens are too few for max_length={max_length}: "
                              f"one window needs max_length + 1 = {max_length + 1}")
         ids = ids.long()
         # unfold starts a window of T+1 ids at 0, stride, ... while it fits: exactly the starts
         # with start + max_length < n_ids, each window holding its inputs and its last target.
-        windows = ids.unfold(0, max_length + 1, stride)  # (n_ids,) -> (N, T+1)
+        # A stride past the end gives the one window at 0 whatever its size (and fits unfold's int64).
+        windows = ids.unfold(0, max_length + 1, min(stride, len(ids)))  # (n_ids,) -> (N, T+1)
         self.inputs = windows[:, :-1].contiguous()  # (N, T+1) -> (N, T)
         self.targets = windows[:, 1:].contiguous()  # (N, T+1) -> (N, T), shifted by one
         self.max_length = max_length
@@ -92,9 +115,11 @@ def make_batches(dataset: SlidingWindowDataset, batch_size: int, *, shuffle: boo
                  drop_last: bool = False, rng: random.Random | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (inputs, targets) batches, each (B, T) int64."""
     batch_size = _positive_int("batch_size", batch_size)
+    _check_drop_last(len(dataset), batch_size, drop_last)
     order = torch.tensor(batch_order(len(dataset), shuffle, rng), dtype=torch.long)  # (N,)
     batches = []
-    for index in order.split(batch_size):  # (N,) -> chunks of (B,)
+    for first in range(0, len(order), batch_size):
+        index = order[first : min(first + batch_size, len(order))]  # (N,) -> (B,)
         if drop_last and len(index) < batch_size:
             break
         batches.append((dataset.inputs[index], dataset.targets[index]))  # (N, T) -> (B, T)
@@ -108,20 +133,20 @@ class DataLoader:
     def __init__(self, dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0):
         batch_size = _positive_int("batch_size", batch_size)
-        if drop_last and len(dataset) < batch_size:
-            raise ValueError(f"drop_last with batch_size={batch_size} leaves no batch: "
-                             f"the dataset has only {len(dataset)} windows")
+        _check_drop_last(len(dataset), batch_size, drop_last)
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.rng = random.Random(seed)
+        self.rng = random.Random(_seed(seed))
+        self.epochs_drawn = 0  # iter() calls so far: a resumed stream needs a loader at 0
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.dataset), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self):
+        self.epochs_drawn += 1
         return iter(make_batches(self.dataset, self.batch_size, shuffle=self.shuffle,
                                  drop_last=self.drop_last, rng=self.rng))
 

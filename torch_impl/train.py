@@ -9,9 +9,9 @@ One optimiser step:
     lr = lr_at_step(step)                                              warmup, then cosine
     optimizer.step(); optimizer.zero_grad()
 
-Every `eval_every` steps: the mean loss over the first `eval_batches` batches of the training
-and validation sets (unshuffled, so every evaluation sees the same batches), a greedy sample
-from `sample_prompt`, one line in `log.jsonl`, and the loss plot. Every `checkpoint_every` steps
+Every `eval_every` steps: the mean loss over every target of the first `eval_batches` batches of
+the training and validation sets (unshuffled, so every evaluation sees the same batches), a
+greedy sample from `sample_prompt`, one line in `log.jsonl`, and the loss plot. Every `checkpoint_every` steps
 and at the end: a checkpoint (see `save_run`).
 
 Randomness is explicit: dropout masks come from a torch.Generator seeded with `seed` (the model
@@ -66,15 +66,18 @@ def dropout_masks(model, B: int, T: int, gen: torch.Generator) -> dict[str, torc
 
 @torch.no_grad()
 def evaluate(model, batches) -> float:
-    """Mean loss over `batches` in eval mode (no dropout)."""
+    """Mean loss over every target of `batches`, in eval mode (no dropout): each batch's mean loss
+    weighted by its B * T targets, so a short last batch counts for the targets it holds (the
+    book's `calc_loss_loader` averages per batch; the two agree when the batches have one size)."""
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     for inputs, targets in batches:
         _, loss = model(inputs.to(model.device), targets.to(model.device))
-        total += float(loss)
+        total += float(loss) * targets.numel()  # (B, T): B * T targets
+        count += targets.numel()
     model.train(was_training)
-    return total / len(batches)
+    return total / count
 
 
 class Trainer:
