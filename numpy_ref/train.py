@@ -93,22 +93,34 @@ class Trainer:
             arrays.update({f"param.{k}": v.copy() for k, v in self.model.params.items()})
         return state, arrays
 
-    def restore(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        if self.model.dtype != np.float32:
-            missing = [f"param.{k}" for k, p in self.model.params.items()
-                       if np.shape(arrays.get(f"param.{k}")) != p.shape]
+    def restore(self, state: dict, arrays: dict[str, np.ndarray], params: dict[str, np.ndarray] | None = None
+                ) -> None:
+        """Position this trainer at a saved state. The trainer's own parts (optimiser, data
+        position, random state) come first, each checked whole; the caller's model is written
+        last (`params`, a checkpoint's weights, then the exact weights a non-float32 run saves
+        beside its float32 checkpoint), so a state refused on the way leaves the model as it was."""
+        exact = self.model.dtype != np.float32
+        for source, prefix, given in (("checkpoint", "", params), ("trainer state", "param.", arrays if exact else None)):
+            if given is None:
+                continue
+            missing = [prefix + k for k, p in self.model.params.items() if np.shape(given.get(prefix + k)) != p.shape]
             if missing:  # checked before anything changes
-                raise KeyError(f"trainer state lacks (or has the wrong shape for) {missing[:3]}")
-        # The optimiser checks its whole state before changing anything; then the weights.
+                raise KeyError(f"{source} lacks (or has the wrong shape for) {missing[:3]}")
+            extra = [k for k in given if k.startswith(prefix) and k[len(prefix):] not in self.model.params]
+            if prefix == "" and extra:  # another model's weights
+                raise KeyError(f"checkpoint has weights this model lacks: {sorted(extra)[:3]}")
+        # The optimiser checks its whole state before changing anything.
         self.optimizer.load_state_dict(state["optimizer"], {k: v for k, v in arrays.items()
                                                             if not k.startswith("param.")})
-        if self.model.dtype != np.float32:
-            for k, p in self.model.params.items():
-                p[...] = arrays[f"param.{k}"]  # in place: the optimiser holds these arrays
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.rng.bit_generator.state = state["rng"]
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.history = state["history"]
+        for k, p in self.model.params.items():  # in place: the optimiser holds these arrays
+            if params is not None:
+                p[...] = params[k]
+            if exact:
+                p[...] = arrays[f"param.{k}"]
 
     def save(self) -> Path | None:
         return save_run(self.out_dir, self.step, self.model.config, self.model.params, *self.state(),
@@ -181,8 +193,6 @@ class Trainer:
         """A trainer positioned exactly at the last checkpoint under `run_dir` (weights loaded
         into `model`); the settings are the saved ones."""
         settings, state, arrays, params = load_run(run_dir, backend="numpy")
-        for k, p in model.params.items():
-            p[...] = params[k]
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
-        trainer.restore(state, arrays)
+        trainer.restore(state, arrays, params)  # the weights last, once the state is accepted
         return trainer

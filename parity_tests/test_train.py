@@ -367,8 +367,12 @@ def test_resume_refuses_a_data_position_past_the_loaders_epoch(tree, tmp_path):
     at the start of the next epoch."""
     _, _, cls, _, _ = TREE_PARTS[tree]
     assert _trainer(tree, _model(tree), dict(steps=8, progress=False), out_dir=tmp_path).fit().ok
+    fresh = _model(tree, seed=9)
+    before = _weights(tree, fresh)
     with pytest.raises(ValueError, match="batch index 8 is past the end of an epoch of 4 batches"):
-        cls.resume(tmp_path, _model(tree), _loader(tree, batch_size=8), _loader(tree))
+        cls.resume(tmp_path, fresh, _loader(tree, batch_size=8), _loader(tree))
+    changed = [k for k, v in _weights(tree, fresh).items() if not np.array_equal(v, before[k])]
+    assert not changed, f"{tree}: a refused resume wrote the checkpoint into the caller's model: {changed[:3]}"
     resumed = cls.resume(tmp_path, _model(tree), _loader(tree), _loader(tree))
     assert (resumed.step, resumed.stream.epoch, resumed.stream.index) == (8, 0, 8)
 

@@ -116,23 +116,36 @@ class Trainer:
             tensors.update({f"param.{k}": v.detach().clone() for k, v in self.model.state_dict().items()})
         return state, tensors
 
-    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-        if self.model.dtype != torch.float32:
-            missing = [f"param.{k}" for k, v in self.model.state_dict().items()
-                       if f"param.{k}" not in tensors or tuple(tensors[f"param.{k}"].shape) != tuple(v.shape)]
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor], params: dict | None = None) -> None:
+        """Position this trainer at a saved state. The trainer's own parts (optimiser, data
+        position, random state) come first, each checked whole; the caller's model is written
+        last (`params`, a checkpoint's weights, then the exact weights a non-float32 run saves
+        beside its float32 checkpoint), so a state refused on the way leaves the model as it was."""
+        exact = self.model.dtype != torch.float32
+        wanted = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        for source, prefix, given in (("checkpoint", "", params), ("trainer state", "param.", tensors if exact else None)):
+            if given is None:
+                continue
+            missing = [prefix + k for k, shape in wanted.items()
+                       if prefix + k not in given or tuple(given[prefix + k].shape) != shape]
             if missing:  # checked before anything changes
-                raise KeyError(f"trainer state lacks (or has the wrong shape for) {missing[:3]}")
-        # The optimiser's state is checked whole before it changes anything; then the weights.
+                raise KeyError(f"{source} lacks (or has the wrong shape for) {missing[:3]}")
+            extra = [k for k in given if k.startswith(prefix) and k[len(prefix):] not in wanted]
+            if prefix == "" and extra:  # another model's weights
+                raise KeyError(f"checkpoint has weights this model lacks: {sorted(extra)[:3]}")
+        # The optimiser's state is checked whole before it changes anything.
         load_optimizer_state(self.optimizer, self.model, state["optimizer"],
                              {k: v for k, v in tensors.items() if not k.startswith("param.")})
-        if self.model.dtype != torch.float32:
-            with torch.no_grad():
-                for k, v in self.model.state_dict().items():
-                    v.copy_(tensors[f"param.{k}"])
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.history = state["history"]
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if params is not None:
+                    v.copy_(torch.as_tensor(params[k]))
+                if exact:
+                    v.copy_(tensors[f"param.{k}"])
 
     def save(self) -> Path | None:
         return save_run(self.out_dir, self.step, self.model.config, self.model.state_dict(), *self.state(),
@@ -208,9 +221,7 @@ class Trainer:
         """A trainer positioned exactly at the last checkpoint under `run_dir` (model weights
         loaded into `model`); the settings are the saved ones."""
         settings, state, tensors, params = load_run(run_dir, backend="torch")
-        with torch.no_grad():
-            model.load_state_dict({k: torch.as_tensor(v).to(model.dtype) for k, v in params.items()})
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
-        trainer.restore(state, tensors)
+        trainer.restore(state, tensors, params)  # the weights last, once the state is accepted
         return trainer
 
