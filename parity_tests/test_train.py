@@ -413,3 +413,20 @@ def test_batch_stream_checks_its_loader_and_its_position(tree):
         run.BatchStream(_NoBatches()).next()
     with pytest.raises(ValueError, match="no batch to evaluate"):
         run.fixed_batches(_NoBatches(), 5)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_log_lines_are_strict_json_without_validation_data(tree, tmp_path):
+    """No validation loader: the validation loss is NaN in the history, and null in log.jsonl
+    (NaN is not JSON: a strict reader refused every evaluation line)."""
+    cls, settings_cls = (NumpyTrainer, NumpySettings) if tree == "numpy" else (TorchTrainer, TorchSettings)
+    trainer = cls(_model(tree), _loader(tree), None, settings_cls(steps=2, eval_every=1, eval_batches=1,
+                                                                    progress=False), out_dir=tmp_path)
+    assert trainer.fit().ok
+
+    def refuse(constant):
+        raise ValueError(f"{tree}: log.jsonl holds {constant}, which is not JSON")
+
+    log = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val_loss" in r]
+    assert evals and all(r["val_loss"] is None and isinstance(r["train_loss"], float) for r in evals), evals
