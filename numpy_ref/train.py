@@ -36,8 +36,8 @@ import numpy as np
 
 from numpy_ref.optim import build_optimizer, clip_grad_norm, global_grad_norm, lr_at_step
 from numpy_ref.train_log import TextProgress
-from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
-                                 load_run, record_eval, save_run)
+from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
+                                 fixed_batches, finish_run, load_run, record_eval, save_run)
 
 
 def evaluate(model, batches) -> float:
@@ -85,7 +85,8 @@ class Trainer:
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         opt_state, arrays = self.optimizer.state_dict()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
-                 "data": {"epoch": self.stream.epoch, "index": self.stream.index},
+                 "data": {"epoch": self.stream.epoch, "index": self.stream.index,
+                          "fingerprint": self.stream.fingerprint},
                  "rng": self.rng.bit_generator.state, "optimizer": opt_state, "history": self.history,
                  "dtype": str(self.model.dtype)}
         if self.model.dtype != np.float32:
@@ -112,6 +113,7 @@ class Trainer:
         # The optimiser checks its whole state before changing anything.
         self.optimizer.load_state_dict(state["optimizer"], {k: v for k, v in arrays.items()
                                                             if not k.startswith("param.")})
+        check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.rng.bit_generator.state = state["rng"]
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

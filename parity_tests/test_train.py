@@ -370,11 +370,67 @@ def test_resume_refuses_a_data_position_past_the_loaders_epoch(tree, tmp_path):
     fresh = _model(tree, seed=9)
     before = _weights(tree, fresh)
     with pytest.raises(ValueError, match="batch index 8 is past the end of an epoch of 4 batches"):
-        cls.resume(tmp_path, fresh, _loader(tree, batch_size=8), _loader(tree))
+        cls.resume(tmp_path, fresh, _Unfingerprinted(_loader(tree, batch_size=8)), _loader(tree))
     changed = [k for k, v in _weights(tree, fresh).items() if not np.array_equal(v, before[k])]
     assert not changed, f"{tree}: a refused resume wrote the checkpoint into the caller's model: {changed[:3]}"
     resumed = cls.resume(tmp_path, _model(tree), _loader(tree), _loader(tree))
     assert (resumed.step, resumed.stream.epoch, resumed.stream.index) == (8, 0, 8)
+
+
+class _Unfingerprinted:
+    """A loader whose dataset exposes no windows to fingerprint (a user's own loader): a resume
+    on other data is then caught only by `seek`'s position check."""
+
+    def __init__(self, loader) -> None:
+        self._loader, self.batch_size, self.drop_last = loader, loader.batch_size, loader.drop_last
+        self.dataset = _Items(loader.dataset)
+
+    def __iter__(self):
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
+class _Items:
+    """len() and [i] of a dataset, nothing else."""
+
+    def __init__(self, dataset) -> None:
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, i):
+        return self._dataset[i]
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_resume_refuses_other_data_by_its_fingerprint(tree, tmp_path):
+    """Other text with the same number of batches, or another shuffle seed, passes the position
+    check; the data fingerprint saved with the checkpoint refuses both, before the model changes.
+    The same data resume, and an unfingerprinted checkpoint (older runs) is accepted."""
+    data, _, cls, _, _ = TREE_PARTS[tree]
+    assert _trainer(tree, _model(tree), dict(steps=3, progress=False), out_dir=tmp_path).fit().ok
+    other_ids = (IDS + 1) % 101
+    for what, loader in (
+            ("other text", data.DataLoader(data.SlidingWindowDataset(
+                other_ids if tree == "numpy" else torch.tensor(other_ids), 8, 8), 4, shuffle=True, drop_last=True,
+                seed=3)),
+            ("another seed", data.DataLoader(_loader(tree).dataset, 4, shuffle=True, drop_last=True, seed=4))):
+        assert len(loader) == len(_loader(tree)), what
+        fresh = _model(tree, seed=9)
+        before = _weights(tree, fresh)
+        with pytest.raises(ValueError, match="the training data differ from the checkpoint's"):
+            cls.resume(tmp_path, fresh, loader, _loader(tree))
+        assert all(np.array_equal(v, before[k]) for k, v in _weights(tree, fresh).items()), what
+    assert cls.resume(tmp_path, _model(tree), _loader(tree), _loader(tree)).step == 3
+    state_file = tmp_path / (tmp_path / "latest").read_text().strip() / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["data"]["fingerprint"]  # as written before fingerprints
+    state_file.write_text(json.dumps(state))
+    reseeded = data.DataLoader(_loader(tree).dataset, 4, shuffle=True, drop_last=True, seed=4)
+    assert cls.resume(tmp_path, _model(tree), reseeded, _loader(tree)).step == 3
 
 
 class _NoBatches:
@@ -430,3 +486,19 @@ def test_log_lines_are_strict_json_without_validation_data(tree, tmp_path):
     log = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "val_loss" in r]
     assert evals and all(r["val_loss"] is None and isinstance(r["train_loss"], float) for r in evals), evals
+
+
+def test_data_fingerprints_agree_across_trees_and_see_each_setting():
+    """The same windows, batch size, drop_last, shuffle and seed: one fingerprint in both trees;
+    changing any one of them changes it."""
+    base = nrun.data_fingerprint(_loader("numpy"))
+    assert base == trun.data_fingerprint(_loader("torch")), "the trees fingerprint the same data differently"
+    ds = _loader("numpy").dataset
+    changed = {"batch size": ndata.DataLoader(ds, 3, shuffle=True, drop_last=True, seed=3),
+               "shuffle": ndata.DataLoader(ds, 4, shuffle=False, drop_last=True, seed=3),
+               "drop_last": ndata.DataLoader(ds, 4, shuffle=True, drop_last=False, seed=3),
+               "seed": ndata.DataLoader(ds, 4, shuffle=True, drop_last=True, seed=4),
+               "one id": ndata.DataLoader(ndata.SlidingWindowDataset(np.r_[IDS[:5], (IDS[5] + 1) % 101, IDS[6:]], 8, 8),
+                                          4, shuffle=True, drop_last=True, seed=3)}
+    same = [what for what, loader in changed.items() if nrun.data_fingerprint(loader) == base]
+    assert not same, f"the fingerprint does not see a change of {same}"

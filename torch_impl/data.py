@@ -138,7 +138,8 @@ class DataLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.rng = random.Random(_seed(seed))
+        self.seed = _seed(seed)  # kept: a resumed run checks it drew the same order (train_run.py)
+        self.rng = random.Random(self.seed)
         self.epochs_drawn = 0  # iter() calls so far: a resumed stream needs a loader at 0
 
     def __len__(self) -> int:

@@ -39,8 +39,8 @@ import torch
 from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_state, lr_at_step, optimizer_state,
                               set_lr)
 from torch_impl.train_log import TextProgress
-from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, fixed_batches, finish_run,
-                                  load_run, record_eval, save_run)
+from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
+                                  fixed_batches, finish_run, load_run, record_eval, save_run)
 
 
 def dropout_masks(model, B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
@@ -108,7 +108,8 @@ class Trainer:
         """(JSON-ready trainer state, tensors) for `save_run`."""
         opt_state, tensors = optimizer_state(self.optimizer, self.model)
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
-                 "data": {"epoch": self.stream.epoch, "index": self.stream.index},
+                 "data": {"epoch": self.stream.epoch, "index": self.stream.index,
+                          "fingerprint": self.stream.fingerprint},
                  "rng": self.gen.get_state().tolist(), "optimizer": opt_state, "history": self.history,
                  "dtype": str(self.model.dtype).replace("torch.", "")}
         if self.model.dtype != torch.float32:
@@ -136,6 +137,7 @@ class Trainer:
         # The optimiser's state is checked whole before it changes anything.
         load_optimizer_state(self.optimizer, self.model, state["optimizer"],
                              {k: v for k, v in tensors.items() if not k.startswith("param.")})
+        check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

@@ -14,6 +14,7 @@ numpy_ref/train_run.py is the same file for the NumPy tree.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import numbers
 import os
@@ -21,6 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from torch_impl.train_log import append_log
 
@@ -113,6 +116,7 @@ class BatchStream:
             raise ValueError(f"BatchStream needs a fresh DataLoader; this one was already iterated {drawn} "
                              f"time(s), so its shuffles would not replay from epoch 0")
         self.loader = loader
+        self.fingerprint = data_fingerprint(loader)  # saved with the position; a resume compares it
         self.epoch = 0  # the epoch the next batch comes from
         self.index = 0  # the position of the next batch within it
         self._batches = None
@@ -150,6 +154,31 @@ class BatchStream:
             raise ValueError(f"BatchStream.seek: batch index {index} is past the end of an epoch of "
                              f"{per_epoch} batches")
         self.epoch, self.index = int(epoch), int(index)
+
+
+def data_fingerprint(loader) -> str | None:
+    """sha256 of what a BatchStream draws: the dataset's windows (inputs and targets, as
+    little-endian int64) and the loader's batch size, drop_last, shuffle and seed. Equal data
+    give equal fingerprints in both trees. None for a loader without such a dataset (nothing to
+    compare: the position check of `seek` still applies)."""
+    ds = getattr(loader, "dataset", None)
+    if getattr(ds, "inputs", None) is None or getattr(ds, "targets", None) is None:
+        return None
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(ds.inputs.shape), getattr(loader, "batch_size", None), getattr(loader, "drop_last", None),
+                        getattr(loader, "shuffle", None), getattr(loader, "seed", None))).encode())
+    for ids in (ds.inputs, ds.targets):  # (N, T) each
+        digest.update(ids.to(torch.int64).contiguous().cpu().numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(saved: str | None, current: str | None) -> None:
+    """ValueError when a checkpoint's data fingerprint and this run's differ (either missing:
+    an older checkpoint or a custom loader, nothing to compare)."""
+    if saved and current and saved != current:
+        raise ValueError(f"the training data differ from the checkpoint's (fingerprint {current[:12]} vs saved "
+                         f"{saved[:12]}): another text, batch size, drop_last, shuffle or seed; resuming would "
+                         f"train on other batches than the run it continues")
 
 
 def fixed_batches(loader, n: int) -> list:
