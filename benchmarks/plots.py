@@ -134,9 +134,10 @@ def layers(results: list[Result], path: str) -> bool:
     return True
 
 
-def write_all(results: list[Result], accuracy: list[dict], out_dir: str) -> list[str]:
+def write_all(results: list[Result], accuracy: list[dict], out_dir: str, errors: list[str] | None = None) -> list[str]:
     """Write every plot that has data, each through a temporary file as the other outputs (an
-    interrupted run leaves the previous PNG whole); returns the file names written."""
+    interrupted run leaves the previous PNG whole); returns the file names written. A plot that
+    fails is printed and, given `errors`, appended there (results.json records it)."""
     written = []
     for name, fn in (("throughput.png", lambda p: throughput(results, p)), ("sweep.png", lambda p: sweep(results, p)),
                      ("error_vs_speed.png", lambda p: error_vs_speed(results, accuracy, p)),
@@ -145,5 +146,8 @@ def write_all(results: list[Result], accuracy: list[dict], out_dir: str) -> list
             if write_file_atomic(os.path.join(out_dir, name), fn):
                 written.append(name)
         except Exception as exc:  # noqa: BLE001 - a plot failing must not lose the numbers
-            print(f"plot {name} failed: {type(exc).__name__}: {exc}")
+            message = f"plot {name} failed: {type(exc).__name__}: {exc}"
+            print(message)
+            if errors is not None:
+                errors.append(message)
     return written

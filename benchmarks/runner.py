@@ -212,7 +212,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
     tgts = report.targets(results, peaks, tok, target_config, resolved[target_config])
     os.makedirs(out_dir, exist_ok=True)
     progress("plots")
-    written = plots.write_all(results, accuracy, out_dir)
+    written = plots.write_all(results, accuracy, out_dir, errors)  # a failed plot is named in "errors"
     payload = {
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "quick": quick, "device": device, "configs": resolved, "plan": p,

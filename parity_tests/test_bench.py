@@ -495,8 +495,10 @@ def test_plots_are_written_atomically(tmp_path, monkeypatch):
         raise RuntimeError("interrupted (simulated)")
 
     monkeypatch.setattr(plots, "throughput", lambda results, path: half_written(path))
-    written = plots.write_all([row], [], str(tmp_path))
+    errors = []
+    written = plots.write_all([row], [], str(tmp_path), errors)
     assert "throughput.png" not in written, written
+    assert errors and "throughput.png" in errors[0] and "interrupted (simulated)" in errors[0], errors
     assert (tmp_path / "throughput.png").read_bytes() == old, "a failed plot overwrote the previous PNG"
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name], f"temporaries left: {os.listdir(tmp_path)}"
 
