@@ -68,11 +68,6 @@ def decode_flops(config: Any, P: int) -> int:
     return 2 * matmul_params(config) + 4 * L * C * (P + 1)
 
 
-def decode_flops_total(config: Any, prompt_len: int, new_tokens: int) -> int:
-    """All the decode steps of one sequence with a KV cache (the prompt's prefill not counted)."""
-    return sum(decode_flops(config, prompt_len + i) for i in range(new_tokens))
-
-
 def generate_flops(config: Any, new_tokens: int, use_cache: bool) -> int:
     """Greedy decoding of `new_tokens` from a 1-token prompt, B = 1 (see the top): with a cache,
     one-token forwards at P = 0 .. n-1; without, a forward over t = 1 .. n tokens each, with the
@@ -100,15 +95,3 @@ def layer_forward_flops(name: str, B: int, T: int, C: int, V: int) -> int:
 def layer_backward_flops(name: str, B: int, T: int, C: int, V: int) -> int:
     """Backward = 2 x forward for matmul layers (dX and dW)."""
     return 2 * layer_forward_flops(name, B, T, C, V)
-
-
-def achieved(flops: float, seconds: float) -> float:
-    """FLOP/s."""
-    return flops / seconds if seconds > 0 else float("inf")
-
-
-def fraction_of_peak(flops_per_s: float, peak_flops_per_s: float | None) -> float | None:
-    """Achieved / measured peak (MFU against the machine's measured GEMM rate)."""
-    if not peak_flops_per_s:
-        return None
-    return flops_per_s / peak_flops_per_s
