@@ -221,6 +221,25 @@ def test_kv_cached_logits_equal_full_recomputation_at_every_step(case):
             start += n
 
 
+@pytest.mark.parametrize("frozen", [(), ("wte.weight",), ("wte.weight", "wpe.weight")],
+                         ids=["all trainable", "wte frozen", "embeddings frozen"])
+def test_backward_through_a_cached_forward_is_the_named_value_error(frozen):
+    """A forward with a KV cache is inference (kv_cache.inference_only): a backward through its
+    logits or loss raises the ValueError that names the cache, as numpy_ref's gpt_backward does,
+    also when the embeddings are frozen (it once gave torch's "does not require grad" there)."""
+    model = model_of(tiny())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    ids = ids_of(model.config, 2, 5, 0)
+    logits = model(ids, kv_cache=model.new_kv_cache(2))
+    with pytest.raises(ValueError, match="backward through a forward that used a KV cache"):
+        logits.sum().backward()
+    _, loss = model(ids, ids, kv_cache=model.new_kv_cache(2))
+    with pytest.raises(ValueError, match="backward through a forward that used a KV cache"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters()), "a refused backward wrote a gradient"
+
+
 def test_kv_cache_reset_and_crop_reuse_the_buffers():
     model = model_of(tiny())
     ids = ids_of(model.config, 1, 8, 3)
@@ -521,7 +540,7 @@ def test_loss_is_the_mean_over_counted_targets(rows):
 
 
 def test_runtime_plan_names_what_it_chose():
-    plan = plan_runtime("cpu")
+    plan = plan_runtime("cpu", precision="fp32")  # "auto" picks bf16 on CPUs with bf16 units (next test)
     text = plan.describe()
     assert plan.device.type == "cpu" and not plan.compile and plan.tf32 is False, text
     for word in ("device cpu", "params float32", "eager", "AdamW fused", "attention SDPA", "vocabulary slices",
@@ -538,6 +557,29 @@ def test_runtime_plan_names_what_it_chose():
         assert model(ids_of(tiny(), 1, 3, 0)).dtype == torch.bfloat16
     opt = plan.make_adamw(model.parameters(), lr=1e-3)
     assert opt.defaults.get("fused") is True, f"AdamW is not fused on the CPU: {opt.defaults}"
+
+
+@pytest.mark.parametrize("units", [(), ("_is_amx_tile_supported",), ("_is_avx512_bf16_supported",)],
+                         ids=["AVX2 only", "AMX", "AVX-512 BF16"])
+def test_cpus_with_bf16_units_are_recognised_and_get_bf16_autocast(units):
+    """device.cpu_has_fast_bf16 asks torch.cpu's feature tests. It once looked for "AMX" or "BF16" in
+    torch.backends.cpu.get_cpu_capability(), which only ever names the vector width ("AVX2",
+    "AVX512"), so no CPU had bf16 units: "auto" stayed in float32 and CPU bf16 autocast took the
+    layout workaround meant for AVX2-only CPUs (linear.slow_bf16_layouts)."""
+    from torch_impl.device import cpu_has_fast_bf16
+    from torch_impl.linear import slow_bf16_layouts
+
+    features = {name: (lambda present=name in units: present)
+                for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")}
+    with mock.patch.multiple(torch.cpu, **features), \
+            mock.patch.object(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512"):
+        assert cpu_has_fast_bf16() == bool(units), f"{units or 'no bf16 units'}: cpu_has_fast_bf16() is wrong"
+        plan = plan_runtime("cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            workaround = slow_bf16_layouts(torch.device("cpu"))
+    expected = torch.bfloat16 if units else None
+    assert plan.autocast_dtype == expected, f"{units}: auto plan autocast {plan.autocast_dtype}, expected {expected}"
+    assert workaround == (not units), f"{units}: bf16 layout workaround {'on' if workaround else 'off'}"
 
 
 # ---- CUDA (skipped without a GPU; see conftest.py) ------------------------------------------------
@@ -655,6 +697,38 @@ def test_per_sample_gradients_with_vmap_equal_one_sample_at_a_time(tie):
                          gradient_tol("float64"))
     logits = vmap(lambda x: model(x[None])[0])(ids)  # (3, T, V)
     assert_close("vmap-ed logits vs the batch forward", logits, model(ids), forward_tol("float64"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside forward AD
+@pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad dual level"])
+def test_forward_mode_derivative_of_the_loss_equals_the_gradient_times_the_tangent(how):
+    """Forward-mode AD through the whole model on the CPU, a tied head sliced into 7-row parts
+    outside forward AD: the directional derivative of the loss equals <gradient, tangent> from the
+    ordinary backward. torch's fused attention kernel and torch_impl's own autograd Functions have
+    no forward derivative; they once raised NotImplementedError here, so under forward AD
+    attention takes its explicit path and the rest plain torch ops."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, jvp
+
+    from parity_tests.models import head_slices
+
+    cfg = tiny(tie_embeddings=True)
+    model = model_of(cfg).train()
+    ids, targets = ids_of(cfg, 2, 6, 7), ids_of(cfg, 2, 6, 8)
+    gen = torch.Generator().manual_seed(1)
+    tangents = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()}
+    with head_slices(7):
+        _, loss = model(ids, targets)
+        loss.backward()
+        expected = sum((p.grad * tangents[n]).sum() for n, p in model.named_parameters())
+        if how == "torch.func.jvp":
+            params = {n: p.detach() for n, p in model.named_parameters()}
+            _, got = jvp(lambda p: functional_call(model, p, (ids, targets))[1], (params,), (tangents,))
+        else:
+            with fwAD.dual_level():
+                duals = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in model.named_parameters()}
+                got = fwAD.unpack_dual(functional_call(model, duals, (ids, targets))[1]).tangent
+    assert_close(f"{how}: directional derivative of the loss", got, expected, gradient_tol("float64"))
 
 
 def test_bad_ids_and_targets_under_vmap_raise_naming_the_value_and_the_limit():
@@ -817,6 +891,28 @@ def test_sliced_head_gradients_with_ignored_targets_and_the_logits_used_too(tie)
             grads[rows] = {k: p.grad for k, p in model.named_parameters()}
         assert_dicts_close(f"{name}, tied={tie}: sliced vs whole head", grads[7], grads[cfg.vocab_size],
                            gradient_tol("float64"))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_logits_changed_in_place_before_the_backward_as_through_the_plain_head(tie):
+    """Logits without targets, then changed in place by the caller (a token masked, as samplers and
+    constrained losses do) before a backward through them: plain x @ head.T allows it (its
+    backward does not read its output), so the sliced CPU head must too, with the same gradients.
+    It once saved the logits it never reads there and raised autograd's in-place error."""
+    from parity_tests.models import head_slices
+
+    cfg = tiny(tie_embeddings=tie)
+    ids, targets = ids_of(cfg, 3, 10, 7), ids_of(cfg, 3, 10, 8)
+    grads = {}
+    for rows in (7, cfg.vocab_size):
+        model = model_of(cfg, seed=2)
+        with head_slices(rows):
+            logits = model(ids)
+            logits[..., 5] = -30.0  # token 5 masked in place
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        grads[rows] = {k: p.grad for k, p in model.named_parameters()}
+    assert_dicts_close(f"tied={tie}: logits masked in place, sliced vs whole head", grads[7], grads[cfg.vocab_size],
+                       gradient_tol("float64"))
 
 
 @settings(max_examples=25)

@@ -22,7 +22,8 @@ Two algorithms for the weighted sum, as two named functions:
   dropout, when asked for, is drawn by torch.
 - `explicit_attention`: the scores, softmax and an explicit dropout mask multiplied in, step by
   step. SDPA cannot take a dropout mask, so this is the path the parity tests use to feed both
-  trees the same attention-dropout draws; torch.func.vmap takes it too (SDPA has no vmap rule).
+  trees the same attention-dropout draws; torch.func.vmap and forward-mode AD take it too (SDPA
+  has no vmap rule and its fused kernels no forward derivative).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import under_vmap
+from torch_impl.device import under_forward_ad, under_vmap
 from torch_impl.kv_cache import LayerKV
 from torch_impl.linear import linear_forward
 
@@ -87,9 +88,10 @@ def attention_forward(x: torch.Tensor, w_attn: torch.Tensor, b_attn: torch.Tenso
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)  # (B, nh, T, hs) -> (B, nh, P + T, hs)
-    if attn_dropout_mask is not None or (attn_dropout_p == 0.0 and under_vmap()):
-        # Explicit masks need the explicit path; so does torch.func.vmap, for which torch's SDPA
-        # kernels have no batching rule (a slow per-sample fallback with a warning).
+    if attn_dropout_mask is not None or (attn_dropout_p == 0.0 and (under_vmap() or under_forward_ad())):
+        # Explicit masks need the explicit path; so do torch.func.vmap, for which torch's SDPA
+        # kernels have no batching rule (a slow per-sample fallback with a warning), and
+        # forward-mode AD (torch.func.jvp, forward_ad), for which the fused kernels have no derivative.
         y = explicit_attention(q, k, v, attn_dropout_mask)  # -> (B, nh, T, hs)
     else:
         y = sdpa_attention(q, k, v, attn_dropout_p)  # -> (B, nh, T, hs)

@@ -48,9 +48,12 @@ def _mps_available() -> bool:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: the CPUs where bf16 GEMMs beat float32 ones."""
-    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512", "AMX"
-    return "AMX" in capability or "BF16" in capability
+    """AMX or AVX-512 BF16: the CPUs where bf16 GEMMs beat float32 ones. Asked of torch.cpu's
+    feature tests (private, present across the 2.x releases): torch.backends.cpu.get_cpu_capability()
+    names only the vector width ("AVX2", "AVX512", ...), never AMX or BF16."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool((amx is not None and amx()) or (avx512_bf16 is not None and avx512_bf16()))
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -70,6 +73,23 @@ def under_vmap() -> bool:
     if not _functorch_active() or retrieve_all_functorch_interpreters is None:
         return False
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def under_forward_ad() -> bool:
+    """Whether forward-mode AD is active: torch.func.jvp (at any level; jacfwd runs it under vmap)
+    or a torch.autograd.forward_ad dual level. torch's fused SDPA kernels have no forward
+    derivative, so attention takes its explicit path there."""
+    if _forward_ad_level() >= 0:
+        return True
+    if not _functorch_active() or retrieve_all_functorch_interpreters is None:
+        return False
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def _forward_ad_level() -> int:
+    """The innermost torch.autograd.forward_ad dual level entered, -1 outside every one (a private
+    module global, read once per call; present across the 2.x releases)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1)
 
 
 def vmapped_values(t: torch.Tensor) -> torch.Tensor | None:
@@ -110,11 +130,12 @@ def check_range_vmapped(plain: torch.Tensor, n: int, what: str) -> None:
 
 
 def plain_eager() -> bool:
-    """Eager torch, with no torch.compile tracing and no torch.func transform (grad, jacrev, ...)
-    active: where torch_impl's own CPU autograd Functions (head slices, kept-gradient linears, the
-    embedding that takes a tied head's gradient, bf16 layouts) may run. They have no compile or
-    functorch rules, so under either the same math runs as plain torch ops."""
-    return not torch.compiler.is_compiling() and not _functorch_active()
+    """Eager torch, with no torch.compile tracing, no torch.func transform (grad, jacrev, ...) and
+    no torch.autograd.forward_ad dual level active: where torch_impl's own CPU autograd Functions
+    (head slices, kept-gradient linears, the embedding that takes a tied head's gradient, bf16
+    layouts) and decode.py's step may run. They have no compile, functorch or forward-derivative
+    rules, so under any of these the same math runs as plain torch ops."""
+    return not torch.compiler.is_compiling() and not _functorch_active() and _forward_ad_level() < 0
 
 
 @dataclass(frozen=True)

@@ -126,15 +126,20 @@ class _SlicedHead(torch.autograd.Function):
             picked = logits.gather(1, targets[:, None]).squeeze(1)  # (N, V) -> (N,): logits[r, target[r]]
             loss = ((lse - picked) * weights).sum()  # weighted mean over counted rows -> ()
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not an (N, V) of zeros
-        ctx.save_for_backward(x, head, logits, lse, targets, weights)
+        # Only the loss's backward reads the logits (its softmax). Without targets they are not
+        # saved, so the caller may change them in place (mask a token) and still backpropagate, as
+        # through a plain x @ head.T. With targets they are saved instead of an (N, V) log-softmax:
+        # changing them before the backward is autograd's in-place error (F.cross_entropy keeps
+        # its own copy and allows it).
+        ctx.save_for_backward(x, head, logits if targets is not None else None, lse, targets, weights)
         ctx.tied_grad = tied_grad
         return logits, loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dlogits, dloss):
-        x, head, logits, lse, targets, weights = ctx.saved_tensors
-        N, V = logits.shape
+        x, head, logits, lse, targets, weights = ctx.saved_tensors  # logits None without targets
+        N, V = x.shape[0], head.shape[0]
         row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
         dx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None  # (N, C)
         dhead = grad_buffer(head) if ctx.needs_input_grad[1] else None  # (V, C), memory kept from the last step

@@ -177,11 +177,15 @@ class GPTModel(nn.Module):
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
-        if kv_cache is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        recording = kv_cache is not None and torch.is_grad_enabled()
+        trainable = next((p for p in self.parameters() if p.requires_grad), None) if recording else None
+        if trainable is not None:
             with torch.no_grad():  # the cache is written in place: no graph through it (kv_cache.py)
                 out = self.forward(ids, targets, kv_cache=kv_cache, dropout_masks=dropout_masks,
                                    ignore_index=ignore_index, last_only=last_only)
-            return inference_only(out, self.wte.weight)
+            # Joined to a parameter that takes gradients (wte may be frozen), so that a backward
+            # reaches inference_only's error rather than "does not require grad".
+            return inference_only(out, trainable)
         cfg = self.config
         past = 0
         if kv_cache is not None:
