@@ -7,8 +7,9 @@
 torch.compile and under torch.func transforms this is just `x @ head.T`, then cross_entropy.py's
 F.cross_entropy.
 
-On the CPU (float32 / float64, eager) the vocabulary is cut into slices of HEAD_CHUNK rows, for
-two reasons measured on the benchmark machine (benchmarks/, GPT-2 small, B*T = 256):
+On the CPU (parameters of any float dtype, no autocast, eager) the vocabulary is cut into slices
+of HEAD_CHUNK rows, for two reasons measured on the benchmark machine (benchmarks/, GPT-2 small,
+B*T = 256):
 - one (N x C) @ (C x V) GEMM with V = 50257 runs at about half the rate of the blocks' GEMMs
   (MKL), while each (N x 512) slice runs at full rate with its output in cache;
 - with targets, the loss is taken slice by slice while the slice is in cache (a running max and
