@@ -31,6 +31,7 @@ batched matmuls: no Python loop over heads or positions.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -48,9 +49,18 @@ def attention_forward(x: np.ndarray, w_attn: np.ndarray, b_attn: np.ndarray | No
                       kv_cache=None):
     """(out, cache). `kv_cache`: a `LayerKV` (numpy_ref/kv_cache.py) for inference; the new
     chunk's keys and values are appended to it and queries attend to all P + T of them."""
+    if x.ndim != 3:
+        raise ValueError(f"attention: x must be (B, T, C), got shape {x.shape}")
     B, T, C = x.shape
+    if isinstance(n_heads, bool) or not isinstance(n_heads, numbers.Integral):
+        raise TypeError(f"attention: n_heads must be an int, got {n_heads!r} ({type(n_heads).__name__})")
+    if n_heads < 1:
+        raise ValueError(f"attention: n_heads must be >= 1, got {n_heads}")
     if C % n_heads != 0:
         raise ValueError(f"attention: C={C} is not divisible by n_heads={n_heads}")
+    if w_attn.shape != (C, 3 * C) or w_proj.shape != (C, C):
+        raise ValueError(f"attention: w_attn {w_attn.shape} and w_proj {w_proj.shape} must be {(C, 3 * C)} and "
+                         f"{(C, C)} for C={C}")
     hs = C // n_heads
     qkv, lin_attn = linear_forward(x, w_attn, b_attn)  # (B, T, C) -> (B, T, 3C)
     qkv = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)  # (B, T, 3C) -> (3, B, nh, T, hs)
@@ -101,7 +111,7 @@ def attention_backward(dout: np.ndarray, cache):
     ds = da - (da * a).sum(axis=-1, keepdims=True)  # (B, nh, T, T) - (B, nh, T, 1)
     ds *= a  # softmax VJP: a * (da - <da, a>)
     ds *= cache["scale"]  # through s = q k^T * scale
-    dqkv = np.empty((B, T, 3, nh, hs), dtype=dout.dtype)
+    dqkv = np.empty((B, T, 3, nh, hs), dtype=dout.dtype)  # [dq | dk | dv] per head; merged to (B, T, 3C) below
     dqkv[:, :, 0] = (ds @ k).transpose(0, 2, 1, 3)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, T, nh, hs)
     dqkv[:, :, 1] = (ds.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)  # -> (B, T, nh, hs)
     dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)  # (B, nh, T, hs) -> (B, T, nh, hs)

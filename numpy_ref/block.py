@@ -39,7 +39,7 @@ def block_forward(x: np.ndarray, p: Mapping[str, np.ndarray], config, masks: Map
                   *, kv_cache=None):
     """(out, cache). `config` supplies n_heads and ln_eps; `kv_cache` is a LayerKV (inference)."""
     masks = masks or {}
-    unknown = sorted(set(masks) - set(BLOCK_MASK_KEYS))
+    unknown = [key for key in masks if key not in BLOCK_MASK_KEYS]  # not sorted: keys of mixed types
     if unknown:
         raise ValueError(f"unknown block dropout mask(s) {unknown}; known: {BLOCK_MASK_KEYS}")
     a, ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], config.ln_eps)  # (B, T, C)

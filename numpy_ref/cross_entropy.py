@@ -15,8 +15,8 @@ Reference: llm.c `crossentropy_softmax_backward`; PyTorch `F.cross_entropy(ignor
 Shapes: logits (..., V), targets (...) integers, loss a 0-d array of the logits' dtype.
 
 Bad input: non-integer targets are a TypeError; a counted target outside [0, V) is a
-ValueError naming it, its position and V; if every target is ignored the mean is undefined and
-this raises ValueError (never NaN).
+ValueError naming it, its position and V; if there are no targets, or every target is ignored,
+the mean is undefined and this raises ValueError (never NaN).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None 
                          f"without its last axis")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"cross_entropy: ignore_index must be an int or None, got {ignore_index!r}")
+    if targets.size == 0:  # B = 0 or T = 0: nothing to average, whatever ignore_index is
+        raise ValueError(f"cross_entropy: no targets (shape {targets.shape}); the mean loss is undefined")
     V = logits.shape[-1]
     counted = np.ones(targets.shape, dtype=bool) if ignore_index is None else targets != ignore_index
     outside = counted & ((targets < 0) | (targets >= V))
@@ -55,7 +57,7 @@ def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None 
     np.exp(p, out=p)
     s = p.sum(axis=1, keepdims=True)  # (N, V) -> (N, 1)
     p /= s  # softmax, (N, V)
-    loss = (np.log(s[rows, 0]) - z_y).sum() / n  # -(1/n) sum log p_y, from log-sum-exp: no log(0)
+    loss = (np.log(s[rows, 0]) - z_y).sum() / n  # (n,) -> (): -(1/n) sum log p_y, from log-sum-exp: no log(0)
     ignored = np.flatnonzero(~counted.reshape(-1))  # (N - n,)
     return np.asarray(loss, dtype=logits.dtype), (p, y, rows, ignored, n, logits.shape)
 

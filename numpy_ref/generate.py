@@ -14,7 +14,8 @@ with the algorithm of docs/design.md, "Sampling" (torch_impl/generate.py impleme
     backends given the same coin pick the same token.
 
 `generate(model, ids, max_new_tokens, ...)` appends tokens to ids (B, T) -> (B, T + n). The
-context fed to the model is the last `context_length` ids. With `use_cache` (the default) the
+context fed to the model is the last `context_length` ids (every prompt id, cropped or not, must
+lie in [0, V): a ValueError names the first that does not). With `use_cache` (the default) the
 prompt is run once into a KV cache and each new token costs one position; once the sequence
 is longer than the context, the window slides, every position embedding changes, and the
 cache is rebuilt from the cropped window (exactly what full recomputation computes).
@@ -74,7 +75,7 @@ def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: i
         cum = np.cumsum(_softmax(z[order]))  # (K,)
         reached = np.flatnonzero(cum >= top_p)
         n = int(reached[0]) + 1 if reached.size else len(order)  # shortest prefix, >= 1 id
-        keep = np.zeros(V, dtype=bool)
+        keep = np.zeros(V, dtype=bool)  # (V,)
         keep[order[:n]] = True
     ids = np.flatnonzero(keep)  # (K,) ascending ids
     p = _softmax(z[ids])  # (K,)
@@ -83,12 +84,19 @@ def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: i
     return int(ids[above[0]]) if above.size else int(ids[np.flatnonzero(p > 0)[-1]])  # rounding: last with p > 0
 
 
-def _check_ids(ids) -> np.ndarray:
+def _check_ids(ids, vocab_size: int) -> np.ndarray:
+    """The prompt as int64, every id checked against V: the model sees only the last Tc of them,
+    but all of them are returned, so an id cropped away must not pass unchecked either."""
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"ids must be a non-empty 2-D array (B, T), got shape {ids.shape}")
+    bad = (ids < 0) | (ids >= vocab_size)  # (B, T); in the ids' own dtype, before a uint64 could wrap
+    if bad.any():
+        b, t = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"token id {int(ids[b, t])} at position (batch {b}, time {t}) is outside [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size})")
     return ids.astype(np.int64)
 
 
@@ -113,12 +121,12 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
     use_cache: decode with a KV cache (default) or recompute the whole window at every step;
         both give the same tokens.
     """
-    ids = _check_ids(ids)
+    V, Tc = model.config.vocab_size, model.config.context_length
+    ids = _check_ids(ids, V)
     _check_options(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     B = ids.shape[0]
-    V, Tc = model.config.vocab_size, model.config.context_length
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)):
         raise TypeError(f"eos_id must be an int token id or None, got {eos_id!r} ({type(eos_id).__name__})")
     if eos_id is not None and not 0 <= eos_id < V:

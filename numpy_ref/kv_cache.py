@@ -14,6 +14,7 @@ Going past the context length is a ValueError naming both numbers.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,8 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         """Keep only the first `length` positions."""
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+            raise TypeError(f"a KV cache crop length must be an int, got {length!r} ({type(length).__name__})")
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
         self.length = length

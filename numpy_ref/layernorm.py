@@ -28,6 +28,9 @@ import numpy as np
 
 def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5):
     """(out, cache); the cache keeps xhat and rstd (mu and var are not needed again)."""
+    C = x.shape[-1]
+    if w.shape != (C,) or b.shape != (C,):  # a (1,) w would broadcast, and dw come back (C,)
+        raise ValueError(f"layernorm: w {w.shape} and b {b.shape} must both be ({C},) for x of shape {x.shape}")
     mu = x.mean(axis=-1, keepdims=True)  # (..., C) -> (..., 1)
     xc = x - mu  # (..., C)
     var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., C) -> (..., 1)

@@ -23,6 +23,8 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None):
     C_in, C_out = w.shape
     if x.shape[-1] != C_in:
         raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {C_in} (w shape {w.shape})")
+    if b is not None and b.shape != (C_out,):  # a (1,) bias would broadcast, and db come back (C_out,)
+        raise ValueError(f"linear: bias has shape {b.shape}; the weight {w.shape} needs ({C_out},)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, C_in)  # (..., C_in) -> (N, C_in), a view for a contiguous x
     out = x2 @ w  # (N, C_in) @ (C_in, C_out) -> (N, C_out)

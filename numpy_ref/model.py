@@ -147,6 +147,8 @@ def split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray,
     C, nh = config.emb_dim, config.n_heads
     expected_block = {"attn.weights": (B, nh, T, past + T), "attn.out": (B, T, C), "mlp.out": (B, T, C)}
     for key, mask in masks.items():
+        if not isinstance(key, str):
+            raise TypeError(f"dropout mask keys are strings, got {key!r} ({type(key).__name__}); known: {MASK_KEYS}")
         if key == "embedding":
             shape, target = (B, T, C), None
         else:

@@ -317,3 +317,51 @@ def test_embedding_backward_equals_element_by_element_scatter_add(dtype):
     bad = np.argwhere(np.abs(dwte - expect) > allowed)
     assert bad.size == 0, (f"dwte differs from the scatter-add at (row, col) {bad[0].tolist()}: "
                            f"{dwte[tuple(bad[0])]!r} vs {expect[tuple(bad[0])]!r} (allowed {allowed[tuple(bad[0])]:.2e})")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # A (1,) bias or gain broadcasts silently in NumPy, and its gradient would come back (C,).
+    (lambda: linear_forward(np.ones((2, 3, 4)), np.ones((4, 5)), np.ones(1)), ValueError,
+     r"linear: bias has shape \(1,\); the weight \(4, 5\) needs \(5,\)"),
+    (lambda: layernorm_forward(np.ones((2, 3, 4)), np.ones(1), np.zeros(4)), ValueError,
+     r"layernorm: w \(1,\) and b \(4,\) must both be \(4,\)"),
+    (lambda: attention_forward(np.ones((3, 6)), np.ones((6, 18)), None, np.ones((6, 6)), np.ones(6), 2), ValueError,
+     r"x must be \(B, T, C\), got shape \(3, 6\)"),
+    (lambda: attention_forward(np.ones((1, 3, 6)), np.ones((6, 18)), None, np.ones((6, 6)), np.ones(6), 0),
+     ValueError, "n_heads must be >= 1, got 0"),
+    (lambda: attention_forward(np.ones((1, 3, 6)), np.ones((6, 18)), None, np.ones((6, 6)), np.ones(6), 2.0),
+     TypeError, "n_heads must be an int, got 2.0"),
+    (lambda: attention_forward(np.ones((1, 3, 6)), np.ones((6, 12)), None, np.ones((6, 6)), np.ones(6), 2),
+     ValueError, r"w_attn \(6, 12\) and w_proj \(6, 6\) must be \(6, 18\) and \(6, 6\)"),
+    (lambda: embedding_forward(np.zeros((1, 2), dtype=np.int64), np.zeros((5, 2)), np.zeros((3, 2)), pos_offset=-1),
+     ValueError, "pos_offset .* must be an int >= 0, got -1"),
+    (lambda: cross_entropy_forward(np.zeros((0, 3, 5)), np.zeros((0, 3), dtype=np.int64)), ValueError,
+     r"no targets \(shape \(0, 3\)\)"),
+], ids=["linear-bias", "layernorm-w", "attention-x", "attention-nh0", "attention-nh-float", "attention-w_attn",
+        "embedding-offset", "cross_entropy-empty"])
+def test_layers_reject_wrong_shapes_naming_them(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("V", [1, 2])
+@pytest.mark.parametrize("ignored", ["none", "all but one"])
+def test_cross_entropy_backward_at_tiny_vocabularies_and_one_counted_target(V, ignored):
+    rng = np.random.default_rng(V)
+    logits = 2.0 * rng.standard_normal((2, 3, V))
+    targets = rng.integers(0, V, (2, 3))
+    if ignored == "all but one":
+        targets[:] = -100
+        targets[1, 2] = V - 1
+    _check_pair(lambda logits: cross_entropy_forward(logits, targets, -100), cross_entropy_backward,
+                dict(logits=logits), ("logits",), seed=V, scalar=True)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_attention_backward_with_an_all_zero_dropout_mask(T):
+    """Every attention weight dropped: out is b_proj alone, so every gradient but db_proj must be
+    exactly what finite differences see (zero), at T = 1 too."""
+    rng = np.random.default_rng(T)
+    args = SPECS["attention"].make_inputs(rng, Sizes(B=2, T=T, nh=2, hs=3))
+    args["attn_dropout_mask"] = np.zeros((2, 2, T, T))
+    _check_pair(attention_forward, attention_backward, args, SPECS["attention"].differentiable, seed=T)

@@ -169,7 +169,10 @@ def test_dropout_off_and_all_ones_masks_are_identical(case):
     cfg, seed, B, T = case
     model = _model(cfg, seed)
     ids, targets = _batch(cfg, B, T, seed)
-    ones = {k: np.ones_like(v) for k, v in model.dropout_masks(B, T, np.random.default_rng(0)).items()}
+    # The mask shapes of a model that drops (drop_rate 0 draws no masks: the check would be empty).
+    dropping = GPTModel(GPTConfig(**dict(cfg.to_dict(), drop_rate=0.5)), params=model.params)
+    ones = {k: np.ones_like(v) for k, v in dropping.dropout_masks(B, T, np.random.default_rng(0)).items()}
+    assert len(ones) == 1 + 3 * cfg.n_layers, f"expected a mask at every dropout site, got {sorted(ones)}"
     logits, loss, cache = model.forward(ids, targets)
     logits1, loss1, cache1 = model.forward(ids, targets, dropout_masks=ones)
     assert_close("logits with all-ones masks", logits1, logits, EXACT)
@@ -317,3 +320,39 @@ def test_bad_dropout_masks_and_backward_misuse():
         model.backward(cache)
     with pytest.raises(ValueError, match="ignore_index=-100"):
         model.forward(ids, np.full((1, 3), -100), ignore_index=-100)
+
+
+def test_generate_checks_every_prompt_id_even_those_cropped_away():
+    """Ids before the last Tc were never fed to the model, and came back unchecked in the output
+    (also with max_new_tokens=0); a uint64 id past int64 was reported as the negative it wraps to."""
+    from numpy_ref.generate import generate
+
+    model = GPTModel(get_config("tiny", context_length=4))
+    prompt = np.array([[-5, 1000, 1, 2, 3, 4]])  # the bad ids lie before the 4-id window
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=r"token id -5 at position \(batch 0, time 0\) is outside \[0, 101\)"):
+            generate(model, prompt, 2, use_cache=use_cache)
+    with pytest.raises(ValueError, match="token id 1000 at position"):
+        generate(model, prompt[:, 1:], 0)
+    with pytest.raises(ValueError, match="token id 18446744073709551615 at position"):
+        generate(model, np.array([[2**64 - 1, 1]], dtype=np.uint64), 1)
+
+
+def test_mask_keys_of_the_wrong_type_and_kv_crop_lengths_are_rejected_by_name():
+    from numpy_ref.block import block_forward
+    from numpy_ref.params import block_param_shapes
+
+    cfg = get_config("tiny")
+    model = GPTModel(cfg)
+    ids = np.zeros((1, 3), dtype=np.int64)
+    with pytest.raises(TypeError, match="dropout mask keys are strings, got 0 \\(int\\)"):
+        model.forward(ids, ids, dropout_masks={0: np.ones((1, 3, 32))})
+    block_params = {name: model.params[f"h.0.{name}"] for name, _ in block_param_shapes(cfg)}
+    with pytest.raises(ValueError, match=r"unknown block dropout mask\(s\) \[0, 'x'\]"):
+        block_forward(np.zeros((1, 3, 32)), block_params, cfg, {0: np.ones(1), "x": np.ones(1)})
+    cache = model.new_kv_cache(1)
+    model(ids, kv_cache=cache)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="crop length must be an int"):
+            cache.crop(bad)
+    assert cache.length == 3, f"a refused crop changed the length to {cache.length}"
