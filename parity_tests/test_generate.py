@@ -373,3 +373,21 @@ def test_rng_draws_the_coins_and_bad_arguments_raise():
             gen(model, conv(ids), 4, eos_id=101)
         with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
             gen(model, conv(ids), -1)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_generate_checks_every_prompt_id_in_both_trees(tree):
+    """Ids before the last Tc never reach the model but come back in the output: both trees
+    refuse them by name, with no tokens drawn (max_new_tokens=0 too), a uint64 id past int64
+    named as itself, not as the negative it wraps to."""
+    n_model, t_model = _models(context_length=4)
+    model, gen = (n_model, ngen.generate) if tree == "numpy" else (t_model, tgen.generate)
+    as_ids = (lambda a: a) if tree == "numpy" else torch.from_numpy
+    prompt = np.array([[-5, 1000, 1, 2, 3, 4]])  # the bad ids lie before the 4-id window
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=rf"token id -5 at position \(batch 0, time 0\) is outside \[0, {V}\)"):
+            gen(model, as_ids(prompt), 2, use_cache=use_cache)
+    with pytest.raises(ValueError, match="token id 1000 at position"):
+        gen(model, as_ids(prompt[:, 1:]), 0)
+    with pytest.raises(ValueError, match="token id 18446744073709551615 at position"):
+        gen(model, as_ids(np.array([[2**64 - 1, 1]], dtype=np.uint64)), 1)

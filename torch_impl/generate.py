@@ -70,13 +70,23 @@ def sample_next(logits: torch.Tensor, *, temperature: float | None = 0.0, top_k:
     return int(ids[above[0, 0]]) if above.numel() else int(ids[(p > 0).nonzero()[-1, 0]])  # rounding: last with p > 0
 
 
-def _check_ids(ids) -> torch.Tensor:
+def _check_ids(ids, vocab_size: int) -> torch.Tensor:
+    """The prompt as int64, every id checked against V: the model sees only the last Tc of them,
+    but all of them are returned, so an id cropped away must not pass unchecked either."""
     ids = torch.as_tensor(ids)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"ids must be a non-empty 2-D tensor (B, T), got shape {tuple(ids.shape)}")
-    return ids.to(torch.int64)
+    # torch compares no uint64: read as int64, an id past 2**63 is negative (and out of range).
+    wide = ids.view(torch.int64) if ids.dtype == torch.uint64 else ids.to(torch.int64)  # (B, T)
+    bad = (wide < 0) | (wide >= vocab_size)  # (B, T)
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        value = int(wide[b, t]) + (2**64 if ids.dtype == torch.uint64 and int(wide[b, t]) < 0 else 0)
+        raise ValueError(f"token id {value} at position (batch {b}, time {t}) is outside [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size})")
+    return wide
 
 
 def _check_coins(coins, n: int, B: int) -> torch.Tensor:
@@ -101,12 +111,12 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
     eos_id: a row that produced it is padded with it; all rows stopped ends early.
     The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
-    ids = _check_ids(ids)
+    V, Tc = model.config.vocab_size, model.config.context_length
+    ids = _check_ids(ids, V)
     _check_options(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     B = ids.shape[0]
-    V, Tc = model.config.vocab_size, model.config.context_length
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)):
         raise TypeError(f"eos_id must be an int token id or None, got {eos_id!r} ({type(eos_id).__name__})")
     if eos_id is not None and not 0 <= eos_id < V:
