@@ -38,11 +38,18 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _check_options(temperature, top_k, top_p) -> None:
-    if temperature is not None and not (isinstance(temperature, numbers.Real) and 0 <= temperature < float("inf")):
+    """A wrong type is a TypeError (a bool too: True is not a temperature of 1), a value out of
+    range a ValueError, each naming the option (docs/design.md, "Bad input")."""
+    for name, value, kind in (("temperature", temperature, numbers.Real), ("top_k", top_k, numbers.Integral),
+                              ("top_p", top_p, numbers.Real)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            expected = "an int" if kind is numbers.Integral else "a number"
+            raise TypeError(f"{name} must be {expected} or None, got {value!r} ({type(value).__name__})")
+    if temperature is not None and not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+    if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+    if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

@@ -122,6 +122,23 @@ def test_sample_next_rejects_bad_arguments(kw, match):
         tgen.sample_next(torch.tensor(row), **kw)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=True, coin=0.5), r"temperature must be a number or None, got True \(bool\)"),
+    (dict(temperature="hot", coin=0.5), "temperature must be a number or None, got 'hot'"),
+    (dict(temperature=1.0, top_k=2.0, coin=0.5), r"top_k must be an int or None, got 2.0 \(float\)"),
+    (dict(temperature=1.0, top_k=True, coin=0.5), "top_k must be an int or None, got True"),
+    (dict(temperature=1.0, top_p=True, coin=0.5), "top_p must be a number or None, got True"),
+])
+def test_sample_next_refuses_wrong_types_with_a_type_error(kw, match):
+    """A wrong type is a TypeError in both trees (True once acted as a temperature of 1), as
+    docs/design.md says for every setting; out-of-range values stay ValueErrors (above)."""
+    row = np.zeros(5)
+    with pytest.raises(TypeError, match=match):
+        ngen.sample_next(row, **kw)
+    with pytest.raises(TypeError, match=match):
+        tgen.sample_next(torch.tensor(row), **kw)
+
+
 def test_sample_next_rejects_nan_logits_naming_the_id():
     row = np.array([0.0, 1.0, np.nan])
     with pytest.raises(ValueError, match="NaN at id 2"):
