@@ -17,11 +17,15 @@ function) and on load require zeros.
 
 What `load_checkpoint` accepts from other writers: keys with or without the `transformer.`
 prefix; the `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` buffers of older files (causal mask
-constants, not parameters: ignored); no `lm_head.weight` in a tied file; a `config.json`
-without our `gpt_oracle` object (the GPTConfig is derived from the Hugging Face fields).
-What it rejects, each with a CheckpointError naming the file and the key: malformed safetensors
-(see numpy_ref/safetensors_io.py), missing or extra tensors, wrong shapes, float64 tensors,
-non-finite values, and Hugging Face options that change the computation.
+constants, not parameters: ignored, whatever their dtype: float, uint8 or bool); no
+`lm_head.weight` in a tied file; a sharded checkpoint (no `model.safetensors`, but
+`model.safetensors.index.json` and the shards it lists, as `save_pretrained` writes past its
+`max_shard_size`); a `config.json` without our `gpt_oracle` object (the GPTConfig is derived
+from the Hugging Face fields). What it rejects, each with a CheckpointError naming the file and
+the key: malformed safetensors (see numpy_ref/safetensors_io.py), an index that disagrees with
+its shards, missing or extra tensors, wrong shapes, float64 tensors, non-finite values, and
+Hugging Face options that change the computation or that one GPTConfig cannot hold (three
+different dropout rates).
 
 Trainer state: `trainer_state.json` (any JSON-ready dict) and `optimizer.safetensors` (any
 arrays, float64 included, so that a float64 run resumes bit for bit). Every file is written to
@@ -45,6 +49,7 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_traine
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint: tensor name -> shard file
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PREFIX = "transformer."
@@ -86,7 +91,9 @@ def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
 # Hugging Face field -> (our field, how to check it against ours when both are present)
 _HF_TO_OURS = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim",
                "n_layer": "n_layers", "n_head": "n_heads", "layer_norm_epsilon": "ln_eps",
-               "tie_word_embeddings": "tie_embeddings"}
+               "tie_word_embeddings": "tie_embeddings", "resid_pdrop": "drop_rate", "embd_pdrop": "drop_rate",
+               "attn_pdrop": "drop_rate"}
+_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")  # GPT2Config's three rates; our one drop_rate
 
 
 def config_from_hf(hf: Mapping[str, Any], path) -> GPTConfig:
@@ -107,11 +114,15 @@ def config_from_hf(hf: Mapping[str, Any], path) -> GPTConfig:
         missing.append("n_positions")
     if missing:
         raise CheckpointError(f"{path}: key(s) {missing} missing (needed to build a GPT-2 config)")
+    drops = {k: hf.get(k, 0.1) for k in _DROPOUTS}  # 0.1: GPT2Config's default for each
+    if any(v != drops["resid_pdrop"] for v in drops.values()):
+        raise CheckpointError(f"{path}: keys {drops} differ; this GPT-2 has one drop_rate for the embeddings, "
+                              f"the attention weights and the residual branches")
     try:
         return GPTConfig(
             vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx")),
             emb_dim=hf["n_embd"], n_heads=hf["n_head"], n_layers=hf["n_layer"],
-            drop_rate=float(hf.get("resid_pdrop", 0.1)), qkv_bias=True,  # HF GPT-2 always has a c_attn bias
+            drop_rate=float(drops["resid_pdrop"]), qkv_bias=True,  # HF GPT-2 always has a c_attn bias
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),  # GPT2Config's default
             ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
     except (TypeError, ValueError) as e:
@@ -187,31 +198,20 @@ def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, n
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     config = config_from_hf(_read_json(directory / CONFIG_FILE), directory / CONFIG_FILE)
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        hint = " (pytorch_model.bin is a pickle and is never loaded; convert it to safetensors)" \
-            if (directory / "pytorch_model.bin").exists() else ""
-        raise CheckpointError(f"{path}: file not found{hint}")
-    entries, _, _ = read_header(path)  # validate dtypes before reading any data
-    for name, info in entries.items():
-        if info.dtype not in MODEL_DTYPES:
-            why = "GPT-2 checkpoints are float32/bf16/fp16; cast to float32 before saving" if info.dtype == "F64" \
-                else f"expected one of {MODEL_DTYPES}"
-            raise CheckpointError(f"{path}: key {name!r} has dtype {info.dtype}: {why}")
-    raw, _ = read_safetensors(path)
-    tensors, file_keys = _strip_names(path, raw)
+    where, raw, file_of = _read_weights(directory)
+    tensors, file_keys = _strip_names(raw, file_of)
     expected = dict(param_shapes(config))
     if config.tie_embeddings and HEAD in tensors:
         if "wte.weight" in tensors and not np.array_equal(tensors[HEAD], tensors["wte.weight"]):
-            raise CheckpointError(f"{path}: key {HEAD!r} differs from wte.weight but config.json ties them")
+            raise CheckpointError(f"{file_of[HEAD]}: key {HEAD!r} differs from wte.weight but config.json ties them")
         del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice (a missing wte: named below)
     if not config.qkv_bias:
         for i in range(config.n_layers):
             bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)
             if bias is not None and np.any(bias != 0):
-                raise CheckpointError(f"{path}: key {file_keys[f'h.{i}.attn.c_attn.bias']!r} is non-zero but the "
-                                      f"config has qkv_bias=False")
-    _check_names_and_shapes(str(path), {k: v.shape for k, v in tensors.items()}, expected,
+                key = file_keys[f"h.{i}.attn.c_attn.bias"]
+                raise CheckpointError(f"{file_of[key]}: key {key!r} is non-zero but the config has qkv_bias=False")
+    _check_names_and_shapes(str(where), {k: v.shape for k, v in tensors.items()}, expected,
                             lambda k: file_keys.get(k, _file_key(k)))
     params = {}
     for name in expected:
@@ -219,8 +219,8 @@ def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, n
         bad = ~np.isfinite(value)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise CheckpointError(f"{path}: key {file_keys[name]!r} has {int(bad.sum())} non-finite values "
-                                  f"(first at index {first}: {value[first]})")
+            raise CheckpointError(f"{file_of[file_keys[name]]}: key {file_keys[name]!r} has {int(bad.sum())} "
+                                  f"non-finite values (first at index {first}: {value[first]})")
         params[name] = np.ascontiguousarray(value, dtype=dtype)
     return config, params
 
@@ -229,16 +229,73 @@ def _file_key(name: str) -> str:
     return name if name == HEAD else PREFIX + name
 
 
-def _strip_names(path: Path, raw: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _weight_files(directory: Path) -> tuple[Path, dict[Path, set[str] | None]]:
+    """(the file that lists the weights, {safetensors file: the keys the index puts in it, or None
+    for a lone model.safetensors}). As in transformers, model.safetensors wins over an index."""
+    path, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if path.is_file() or not index.is_file():
+        if not path.is_file():
+            hint = " (pytorch_model.bin is a pickle and is never loaded; convert it to safetensors)" \
+                if (directory / "pytorch_model.bin").exists() else ""
+            raise CheckpointError(f"{path}: file not found{hint}")
+        return path, {path: None}
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: key 'weight_map' must be an object of tensor name -> shard file name, "
+                              f"got {type(weight_map).__name__}")
+    shards: dict[Path, set[str]] = {}
+    for key, file in weight_map.items():
+        # a bare name in this directory: an index must not point the reader at any other file
+        if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+            raise CheckpointError(f"{index}: key {key!r}: shard {file!r} is not a file name in {directory}")
+        shards.setdefault(directory / file, set()).add(key)
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: file not found (a shard listed in {index})")
+    return index, shards
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, np.ndarray], dict[str, Path]]:
+    """(the file that lists the weights, the file's key -> array, the file's key -> the file holding it)
+    from model.safetensors or the shards of model.safetensors.index.json, each shard holding exactly
+    the keys the index gives it. Every header and dtype is checked before any data is read."""
+    where, shards = _weight_files(directory)
+    for path, listed in shards.items():
+        entries, _, _ = read_header(path)
+        for key, info in entries.items():
+            if info.dtype not in MODEL_DTYPES and not _is_mask_buffer(key):
+                why = "GPT-2 checkpoints are float32/bf16/fp16; cast to float32 before saving" \
+                    if info.dtype == "F64" else f"expected one of {MODEL_DTYPES}"
+                raise CheckpointError(f"{path}: key {key!r} has dtype {info.dtype}: {why}")
+        if listed is not None and set(entries) != listed:
+            stray, absent = sorted(set(entries) - listed), sorted(listed - set(entries))
+            raise CheckpointError(f"{path}: disagrees with {where}: key(s) {stray} are not listed for this shard, "
+                                  f"key(s) {absent} are listed but missing")
+    raw, file_of = {}, {}
+    for path in shards:
+        tensors, _ = read_safetensors(path)
+        raw.update(tensors)
+        file_of.update(dict.fromkeys(tensors, path))
+    return where, raw, file_of
+
+
+def _is_mask_buffer(key: str) -> bool:
+    """`h.{i}.attn.bias` / `h.{i}.attn.masked_bias`, with or without the prefix: the causal-mask
+    buffers older GPT-2 files carry (float, uint8 or bool constants, not parameters)."""
+    parts = (key[len(PREFIX):] if key.startswith(PREFIX) else key).split(".")
+    return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
+
+
+def _strip_names(raw: Mapping[str, np.ndarray],
+                 file_of: Mapping[str, Path]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(our name -> array, our name -> the file's key): drop `transformer.` and the mask buffers."""
     out, file_keys = {}, {}
     for key, value in raw.items():
+        if _is_mask_buffer(key):
+            continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        parts = name.split(".")
-        if len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
-            continue  # the causal-mask buffers of older GPT-2 files: constants, not parameters
         if name in out:
-            raise CheckpointError(f"{path}: key {key!r} appears both with and without the {PREFIX!r} prefix")
+            raise CheckpointError(f"{file_of[key]}: key {key!r} appears both with and without the {PREFIX!r} prefix")
         out[name], file_keys[name] = value, key
     return out, file_keys
 
@@ -261,9 +318,15 @@ def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: M
 
 
 def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
-    """`optimizer.safetensors` (any dtype, float64 kept exactly), then `trainer_state.json`."""
+    """`optimizer.safetensors` (any dtype, float64 kept exactly), then `trainer_state.json`.
+    Non-finite floats are refused before anything is written, as load_trainer_state refuses them."""
     directory = Path(directory)
     text = json.dumps(dict(state), indent=2) + "\n"  # fails before anything is written
+    for name, value in tensors.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"tensors: key {name!r} has non-finite values; refusing to write a trainer "
+                                  f"state that cannot be loaded")
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / OPTIMIZER_FILE, dict(tensors), metadata={"format": "gpt_oracle-trainer"})
     atomic_write(directory / TRAINER_STATE_FILE, lambda f: f.write(text.encode("utf-8")))

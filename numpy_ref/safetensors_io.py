@@ -29,6 +29,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -77,8 +78,8 @@ def atomic_write(path, write: Callable) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, new_file_mode())  # mkstemp makes it 0600; the file gets a new file's usual mode
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever happens below
+            os.chmod(tmp, new_file_mode())  # mkstemp makes it 0600; the file gets a new file's usual mode
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -181,18 +182,22 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str] | None, int
 
 def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        if dup:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # counted, not searched: a header may hold a million keys
+            dup = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
             raise CheckpointError(f"{path}: header key(s) {dup} appear more than once")
-        return dict(pairs)
+        return obj
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except CheckpointError:
+        raise
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: header is not valid UTF-8 ({e})") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, and an integer too long for int()
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None)
@@ -217,6 +222,10 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, TensorInfo], dict[s
         if offsets[1] - offsets[0] != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes but "
                                   f"data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        try:  # NumPy's own limits (number of dimensions; elements, even when a zero makes it empty), on 0 bytes
+            np.empty([0] * len(shape) if nbytes else shape, dtype=DTYPES[dtype])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} cannot be a NumPy array ({e})") from None
         entries[name] = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
     return entries, metadata
 

@@ -231,7 +231,10 @@ def test_we_load_what_transformers_saves(tie):
         _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, f"GPT2LMHeadModel.save_pretrained (tied={tie})")
 
 
-def test_we_load_an_old_style_gpt2_file_without_prefix_and_with_mask_buffers():
+# The mask buffer's dtype followed transformers' code: float in the original GPT-2 files, then
+# uint8, then bool, until it stopped being saved; all three are still in published files.
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.uint8, torch.bool])
+def test_we_load_an_old_style_gpt2_file_without_prefix_and_with_mask_buffers(mask_dtype):
     import json
 
     from transformers import GPT2LMHeadModel
@@ -242,14 +245,35 @@ def test_we_load_an_old_style_gpt2_file_without_prefix_and_with_mask_buffers():
     Tc = cfg["context_length"]
     old = {k[len("transformer."):]: v.detach().clone() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     for i in range(cfg["n_layers"]):  # the buffers older GPT-2 files carried
-        old[f"h.{i}.attn.bias"] = torch.tril(torch.ones(Tc, Tc, dtype=torch.uint8)).view(1, 1, Tc, Tc)
+        old[f"h.{i}.attn.bias"] = torch.tril(torch.ones(Tc, Tc, dtype=mask_dtype)).view(1, 1, Tc, Tc)
         old[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     hf_fields = {k: v for k, v in cc.hf_config(cfg).to_dict().items() if not k.startswith("_")}
     with tempfile.TemporaryDirectory() as d:
-        old = {k: v.float() if v.dtype == torch.uint8 else v for k, v in old.items()}  # GPT-2's files: float
         official_save_torch(old, str(Path(d) / "model.safetensors"), metadata={"format": "pt"})
         (Path(d) / "config.json").write_text(json.dumps(hf_fields))
-        _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, "an old-style file")
+        _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, f"an old-style file ({mask_dtype} mask buffers)")
+
+
+@pytest.mark.parametrize("tie,dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_we_load_a_sharded_checkpoint_that_transformers_saves(tie, dtype):
+    """Past `max_shard_size`, save_pretrained writes model-0000k-of-0000n.safetensors files and
+    model.safetensors.index.json instead of model.safetensors (GPT-2 XL in float32 is 6.4 GB,
+    past transformers 4.x's 5 GB default)."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = cc.tiny(tie_embeddings=tie)
+    torch.manual_seed(3)
+    hf = GPT2LMHeadModel(cc.hf_config(cfg))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf = hf.to(dtype)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d, max_shard_size="8KB")
+        shards = sorted(p.name for p in Path(d).glob("model-*.safetensors"))
+        assert len(shards) > 2 and not (Path(d) / "model.safetensors").exists(), \
+            f"transformers did not write a sharded checkpoint: {sorted(p.name for p in Path(d).iterdir())}"
+        _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, f"a sharded save_pretrained ({len(shards)} shards)")
 
 
 def test_we_load_a_bf16_checkpoint_identically_in_both_trees():

@@ -63,6 +63,41 @@ def _del(key):
     return lambda t: t.pop(key)
 
 
+INDEX = "model.safetensors.index.json"
+SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+def _shard(change_index=lambda weight_map: None, change_second=lambda tensors: None):
+    """Split model.safetensors in two shards and an index as save_pretrained does, then break one."""
+    def breaker(d: Path) -> None:
+        tensors = official_load_np(str(d / WEIGHTS))
+        (d / WEIGHTS).unlink()
+        keys = sorted(tensors)
+        first, second = {k: tensors[k] for k in keys[::2]}, {k: tensors[k] for k in keys[1::2]}
+        weight_map = {**dict.fromkeys(first, SHARD_1), **dict.fromkeys(second, SHARD_2)}
+        change_index(weight_map)
+        change_second(second)
+        official_save_np(first, str(d / SHARD_1), metadata={"format": "pt"})
+        official_save_np(second, str(d / SHARD_2), metadata={"format": "pt"})
+        (d / INDEX).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return breaker
+
+
+def _without_gpt_oracle(**fields):
+    """config.json as transformers writes it: the GPT-2 fields, changed by `fields`, no gpt_oracle."""
+    def breaker(d: Path) -> None:
+        config = json.loads((d / CONFIG).read_text())
+        config.pop("gpt_oracle")
+        (d / CONFIG).write_text(json.dumps({**config, **fields}))
+    return breaker
+
+
+def _raw_weights(header: bytes):
+    """model.safetensors replaced by a header of raw JSON text and no data."""
+    header += b" " * (-len(header) % 8)
+    return lambda d: (d / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header)
+
+
 # case name -> (config overrides, how to break the directory, file named in the error, key named)
 CASES = {
     "empty": ({}, lambda d: (d / WEIGHTS).write_bytes(b""), WEIGHTS, None),
@@ -107,6 +142,24 @@ CASES = {
         {**json.loads((d / CONFIG).read_text()), "n_embd": 64})), CONFIG, "n_embd"),
     "unsupported activation": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
         {**json.loads((d / CONFIG).read_text()), "activation_function": "relu"})), CONFIG, "activation_function"),
+    "three dropout rates": ({}, _without_gpt_oracle(embd_pdrop=0.25), CONFIG, "embd_pdrop"),
+    "a dropout rate disagrees with gpt_oracle": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
+        {**json.loads((d / CONFIG).read_text()), "attn_pdrop": 0.25})), CONFIG, "attn_pdrop"),
+    "header nested too deeply": ({}, _raw_weights(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), WEIGHTS, None),
+    "index lists a missing shard": ({}, lambda d: (_shard()(d), (d / SHARD_2).unlink()), SHARD_2, None),
+    "index points outside the directory": (
+        {}, _shard(change_index=lambda m: m.update({"lm_head.weight": "../" + SHARD_2})), INDEX, "lm_head.weight"),
+    "index without a weight_map": ({}, lambda d: (_shard()(d), (d / INDEX).write_text("{}")), INDEX, "weight_map"),
+    "shard holds a key the index puts elsewhere": (
+        {}, _shard(change_second=lambda t: t.update({"transformer.wte.weight": np.zeros((100, 32), np.float32)})),
+        SHARD_2, "transformer.wte.weight"),
+    "shard lacks a key the index lists": ({}, _shard(change_second=lambda t: t.pop("transformer.wpe.weight")),
+                                          SHARD_2, "transformer.wpe.weight"),
+    "NaN in a shard": ({}, _shard(change_second=_set("transformer.wpe.weight", _nan_at_3)), SHARD_2,
+                       "transformer.wpe.weight"),
+    "a key missing from every shard": (
+        {}, _shard(change_index=lambda m: m.pop("transformer.wpe.weight"),
+                   change_second=lambda t: t.pop("transformer.wpe.weight")), INDEX, "transformer.wpe.weight"),
 }
 
 
@@ -139,8 +192,9 @@ def test_malformed_checkpoint_raises_one_clear_error(case, tree):
 # ---- the NumPy safetensors reader's own checks (the package checks these in torch_impl) ------
 
 
-def _raw_file(header: dict, data: bytes) -> bytes:
-    text = json.dumps(header).encode()
+def _raw_file(header, data: bytes) -> bytes:
+    """A safetensors file of `header` (JSON-ready, or the JSON text itself as bytes) and `data`."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data
 
@@ -157,6 +211,13 @@ READER_CASES = {
     "extra entry field": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, 4, "'a'"),
     "metadata not strings": ({"__metadata__": {"format": 1}}, 0, "__metadata__"),
     "header not an object": ([1, 2], 0, "JSON object"),
+    "empty, but too many elements for NumPy": (
+        {"a": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}, 0, "'a'"),
+    "a dimension past int64": ({"a": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}, 0, "'a'"),
+    "more dimensions than NumPy allows": ({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, 4,
+                                          "'a'"),
+    "an integer too long to parse": (
+        b'{"a": {"dtype": "U8", "shape": [1' + b"0" * 5000 + b'], "data_offsets": [0, 1]}}', 1, "not valid JSON"),
 }
 
 
@@ -169,6 +230,23 @@ def test_numpy_safetensors_reader_names_the_problem(case):
         with pytest.raises(nio.CheckpointError) as info:
             nio.read_safetensors(path)
     assert str(path) in str(info.value) and named in str(info.value), f"{case}: {info.value}"
+
+
+def test_numpy_reader_reads_many_keys_and_finds_a_duplicate_among_them():
+    """A header of 50,000 keys (the 100 MB cap allows over a million) is read whole, and one
+    duplicate among them is named. (The check counts keys once, in linear time; a search per key
+    made this take half a minute. The time itself is not asserted here: ground rule 4.)"""
+    header = {f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(50_000)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "many.safetensors"
+        path.write_bytes(_raw_file(header, b""))
+        tensors, _ = nio.read_safetensors(path)
+        assert len(tensors) == 50_000, f"read {len(tensors)} of 50000 tensors"
+        text = json.dumps(header)[:-1] + ', "t49999": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}'
+        raw = text.encode("utf-8")
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+        with pytest.raises(nio.CheckpointError, match="t49999"):
+            nio.read_safetensors(path)
 
 
 def test_numpy_reader_rejects_duplicate_keys():
@@ -249,6 +327,40 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tree, failure, monk
 
 
 @pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_each_rename_is_made_durable_by_a_directory_fsync(tree, monkeypatch):
+    """fsyncing the file makes its bytes durable; only an fsync of its directory makes the rename
+    durable, so after a power cut a checkpoint cannot revert to the old file (or to none)."""
+    import os
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    cfg = cc.tiny()
+    with tempfile.TemporaryDirectory() as tmp:
+        if tree == "numpy_ref":
+            nck.save_checkpoint(tmp, cc.numpy_config(cfg), cc.random_params(cfg, 0))
+        else:
+            params = {k: torch.from_numpy(v) for k, v in cc.random_params(cfg, 0).items()}
+            tck.save_checkpoint(tmp, cc.torch_config(cfg), params)
+    renames = [i for i, e in enumerate(events) if e.startswith("rename")]
+    assert len(renames) == 2, f"{tree}: expected two renames (weights, config): {events}"
+    for i in renames:
+        assert events[i - 1] == "fsync file" and events[i + 1 : i + 2] == ["fsync directory"], \
+            f"{tree}: {events[i]} is not between an fsync of the file and one of its directory: {events}"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])  # 1e39 is finite in float64, inf in the float32 file
 def test_save_refuses_values_the_float32_file_cannot_hold(tree, bad):
     cfg = cc.tiny()
@@ -273,6 +385,25 @@ def test_failed_trainer_state_save_leaves_no_partial_state(monkeypatch):
         with pytest.raises(TypeError):
             nck.save_trainer_state(d, {"step": object()}, {"m": np.ones(3)})  # not JSON: nothing written
         assert _snapshot(d) == before, "a trainer state that cannot be serialised still changed the files"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_trainer_state_save_refuses_what_its_load_refuses(tree, bad):
+    """A non-finite moment (an overflowed exp_avg_sq) would be written, then refused at resume:
+    it is refused at save instead, so the state on disk stays the last one that loads."""
+    module = nck if tree == "numpy_ref" else tck
+    as_tree = (lambda a: a) if tree == "numpy_ref" else torch.from_numpy
+    good, broken = np.zeros(3), np.array([1.0, bad, 2.0])
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        module.save_trainer_state(d, {"step": 1}, {"exp_avg_sq.wte.weight": as_tree(good)})
+        before = _snapshot(d)
+        with pytest.raises(module.CheckpointError, match="key 'exp_avg_sq.wte.weight' has non-finite values"):
+            module.save_trainer_state(d, {"step": 2}, {"exp_avg_sq.wte.weight": as_tree(broken)})
+        assert _snapshot(d) == before, f"{tree}: a refused trainer state still changed the files"
+        state, _ = module.load_trainer_state(d)
+        assert state == {"step": 1}, f"{tree}: the previous trainer state no longer loads: {state}"
 
 
 # ---- nothing unpickles -----------------------------------------------------------------------

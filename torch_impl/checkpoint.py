@@ -10,12 +10,15 @@ as (V, C), exactly our layout, so no weight is transposed on the way in or out. 
 always has a bias: without `qkv_bias` we write zeros (the same function) and require zeros back.
 
 Loading accepts what `transformers` writes (with or without the `transformer.` prefix, the
-`attn.bias` / `attn.masked_bias` mask buffers of older files, no `lm_head.weight` when tied, no
-`gpt_oracle` object) and rejects, with a CheckpointError naming the file and the key, malformed
-files, missing or extra tensors, wrong shapes, float64 tensors and non-finite values.
+`attn.bias` / `attn.masked_bias` mask buffers of older files in any dtype, no `lm_head.weight`
+when tied, the shards of a `model.safetensors.index.json`, no `gpt_oracle` object) and rejects,
+with a CheckpointError naming the file and the key, malformed files, an index that disagrees
+with its shards, missing or extra tensors, wrong shapes, float64 tensors, non-finite values and
+configurations this model would not reproduce (three different dropout rates included).
 
 Trainer state: `trainer_state.json` and `optimizer.safetensors` (any dtype, float64 included).
-Every file goes to a temporary file in the same directory, is fsynced and renamed into place.
+Every file goes to a temporary file in the same directory, is fsynced and renamed into place,
+and the directory is fsynced.
 `torch.load` is never used: nothing is ever unpickled. numpy_ref/checkpoint.py is the same
 contract written from scratch without torch; parity_tests/test_checkpoint.py swaps files
 between the two.
@@ -40,6 +43,7 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_traine
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint: tensor name -> shard file
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PREFIX = "transformer."
@@ -78,7 +82,8 @@ def _file_key(name: str) -> str:
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp_path)` next to `path`, fsync, rename onto `path`; on failure remove the temp file."""
+    """`write(tmp_path)` next to `path`, fsync, rename onto `path`, fsync the directory; on failure
+    remove the temp file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -90,6 +95,21 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _new_file_mode() -> int:
@@ -147,7 +167,8 @@ def config_from_hf(hf: Mapping[str, Any], path) -> GPTConfig:
             raise CheckpointError(f"{path}: key 'gpt_oracle': {e}") from None
         pairs = {"vocab_size": config.vocab_size, "n_positions": config.context_length, "n_embd": config.emb_dim,
                  "n_layer": config.n_layers, "n_head": config.n_heads, "layer_norm_epsilon": config.ln_eps,
-                 "tie_word_embeddings": config.tie_embeddings}
+                 "tie_word_embeddings": config.tie_embeddings, "resid_pdrop": config.drop_rate,
+                 "embd_pdrop": config.drop_rate, "attn_pdrop": config.drop_rate}
         for key, ours in pairs.items():
             if key in hf and hf[key] != ours:
                 raise CheckpointError(f"{path}: key {key!r} = {hf[key]!r} disagrees with gpt_oracle's {ours!r}")
@@ -156,10 +177,14 @@ def config_from_hf(hf: Mapping[str, Any], path) -> GPTConfig:
     missing = [k for k in required if k not in hf] + ([] if "n_positions" in hf or "n_ctx" in hf else ["n_positions"])
     if missing:
         raise CheckpointError(f"{path}: key(s) {missing} missing (needed to build a GPT-2 config)")
+    drops = {k: hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}  # GPT2Config's defaults
+    if any(v != drops["resid_pdrop"] for v in drops.values()):
+        raise CheckpointError(f"{path}: keys {drops} differ; this GPT-2 has one drop_rate for the embeddings, "
+                              f"the attention weights and the residual branches")
     try:
         return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx")),
                          emb_dim=hf["n_embd"], n_heads=hf["n_head"], n_layers=hf["n_layer"],
-                         drop_rate=float(hf.get("resid_pdrop", 0.1)),
+                         drop_rate=float(drops["resid_pdrop"]),
                          qkv_bias=True,  # Hugging Face GPT-2's c_attn always has a bias
                          tie_embeddings=bool(hf.get("tie_word_embeddings", True)),  # GPT2Config's default
                          ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
@@ -217,7 +242,7 @@ def _culprit(path: Path, size: int) -> str:
         for key, e in header.items():
             if key != "__metadata__" and isinstance(e, dict) and max(e.get("data_offsets", [0])) > buffer:
                 return f" (tensor {key!r}: data_offsets {e['data_offsets']} run past the {buffer}-byte buffer)"
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # a header too broken to point into
         pass
     return ""
 
@@ -258,37 +283,28 @@ def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     config = config_from_hf(_read_json(directory / CONFIG_FILE), directory / CONFIG_FILE)
-    path = directory / WEIGHTS_FILE
-    if not path.is_file() and (directory / "pytorch_model.bin").exists():
-        raise CheckpointError(f"{path}: file not found (pytorch_model.bin is a pickle and is never loaded)")
-    dtypes, load = _open_tensors(path)
-    for key, dt in dtypes.items():
-        if dt not in MODEL_DTYPES:
-            why = "GPT-2 checkpoints are float32/bf16/fp16; cast to float32 before saving" if dt == "F64" \
-                else f"expected one of {sorted(MODEL_DTYPES)}"
-            raise CheckpointError(f"{path}: key {key!r} has dtype {dt}: {why}")
+    where, raw, file_of = _read_weights(directory)
     tensors: dict[str, torch.Tensor] = {}
     file_keys: dict[str, str] = {}  # our name -> the file's key, for error messages
-    for key, t in load().items():
+    for key, t in raw.items():
+        if _is_mask_buffer(key):
+            continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        parts = name.split(".")
-        if len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
-            continue  # older files' causal-mask buffers: constants, not parameters
         if name in tensors:
-            raise CheckpointError(f"{path}: key {key!r} appears both with and without the {PREFIX!r} prefix")
+            raise CheckpointError(f"{file_of[key]}: key {key!r} appears both with and without the {PREFIX!r} prefix")
         tensors[name], file_keys[name] = t, key
     if config.tie_embeddings and HEAD in tensors:
         if "wte.weight" in tensors and not torch.equal(tensors[HEAD], tensors["wte.weight"]):
-            raise CheckpointError(f"{path}: key {HEAD!r} differs from wte.weight but config.json ties them")
+            raise CheckpointError(f"{file_of[HEAD]}: key {HEAD!r} differs from wte.weight but config.json ties them")
         del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice (a missing wte: named below)
     if not config.qkv_bias:
         for i in range(config.n_layers):
             bias = tensors.pop(f"h.{i}.attn.c_attn.bias", None)
             if bias is not None and bool((bias != 0).any()):
-                raise CheckpointError(f"{path}: key {file_keys[f'h.{i}.attn.c_attn.bias']!r} is non-zero but "
-                                      f"the config has qkv_bias=False")
+                key = file_keys[f"h.{i}.attn.c_attn.bias"]
+                raise CheckpointError(f"{file_of[key]}: key {key!r} is non-zero but the config has qkv_bias=False")
     expected = checkpoint_shapes(config)
-    _check_names_and_shapes(str(path), {k: tuple(v.shape) for k, v in tensors.items()}, expected,
+    _check_names_and_shapes(str(where), {k: tuple(v.shape) for k, v in tensors.items()}, expected,
                             lambda k: file_keys.get(k) or _file_key(k))
     state = {}
     for name in expected:
@@ -296,10 +312,69 @@ def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
         bad = ~torch.isfinite(t)
         if bad.any():
             first = tuple(int(i) for i in bad.nonzero()[0])
-            raise CheckpointError(f"{path}: key {file_keys[name]!r} has {int(bad.sum())} non-finite values "
-                                  f"(first at index {first}: {t[first].item()})")
+            raise CheckpointError(f"{file_of[file_keys[name]]}: key {file_keys[name]!r} has {int(bad.sum())} "
+                                  f"non-finite values (first at index {first}: {t[first].item()})")
         state[name] = t.to(device=device, dtype=dtype)
     return config, state
+
+
+def _weight_files(directory: Path) -> tuple[Path, dict[Path, set[str] | None]]:
+    """(the file that lists the weights, {safetensors file: the keys the index puts in it, or None
+    for a lone model.safetensors}). As in transformers, model.safetensors wins over an index."""
+    path, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if path.is_file() or not index.is_file():
+        if not path.is_file():
+            hint = " (pytorch_model.bin is a pickle and is never loaded; convert it to safetensors)" \
+                if (directory / "pytorch_model.bin").exists() else ""
+            raise CheckpointError(f"{path}: file not found{hint}")
+        return path, {path: None}
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: key 'weight_map' must be an object of tensor name -> shard file name, "
+                              f"got {type(weight_map).__name__}")
+    shards: dict[Path, set[str]] = {}
+    for key, file in weight_map.items():
+        # a bare name in this directory: an index must not point the reader at any other file
+        if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+            raise CheckpointError(f"{index}: key {key!r}: shard {file!r} is not a file name in {directory}")
+        shards.setdefault(directory / file, set()).add(key)
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: file not found (a shard listed in {index})")
+    return index, shards
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Path]]:
+    """(the file that lists the weights, the file's key -> tensor, the file's key -> the file holding it)
+    from model.safetensors or the shards of model.safetensors.index.json, each shard holding exactly
+    the keys the index gives it. Every header and dtype is checked before any data is read."""
+    where, shards = _weight_files(directory)
+    loaders = {}
+    for path, listed in shards.items():
+        dtypes, load = _open_tensors(path)
+        loaders[path] = load
+        for key, dt in dtypes.items():
+            if dt not in MODEL_DTYPES and not _is_mask_buffer(key):
+                why = "GPT-2 checkpoints are float32/bf16/fp16; cast to float32 before saving" if dt == "F64" \
+                    else f"expected one of {sorted(MODEL_DTYPES)}"
+                raise CheckpointError(f"{path}: key {key!r} has dtype {dt}: {why}")
+        if listed is not None and set(dtypes) != listed:
+            stray, absent = sorted(set(dtypes) - listed), sorted(listed - set(dtypes))
+            raise CheckpointError(f"{path}: disagrees with {where}: key(s) {stray} are not listed for this shard, "
+                                  f"key(s) {absent} are listed but missing")
+    raw, file_of = {}, {}
+    for path, load in loaders.items():
+        tensors = load()
+        raw.update(tensors)
+        file_of.update(dict.fromkeys(tensors, path))
+    return where, raw, file_of
+
+
+def _is_mask_buffer(key: str) -> bool:
+    """`h.{i}.attn.bias` / `h.{i}.attn.masked_bias`, with or without the prefix: the causal-mask
+    buffers older GPT-2 files carry (float, uint8 or bool constants, not parameters)."""
+    parts = (key[len(PREFIX):] if key.startswith(PREFIX) else key).split(".")
+    return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
 
 
 def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple],
@@ -320,10 +395,15 @@ def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: M
 
 
 def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
-    """`optimizer.safetensors` (dtypes kept, float64 included), then `trainer_state.json`."""
+    """`optimizer.safetensors` (dtypes kept, float64 included), then `trainer_state.json`.
+    Non-finite floats are refused before anything is written, as load_trainer_state refuses them."""
     directory = Path(directory)
     text = json.dumps(dict(state), indent=2) + "\n"  # a TypeError here leaves nothing written
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    for key, t in cpu.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"tensors: key {key!r} has non-finite values; refusing to write a trainer "
+                                  f"state that cannot be loaded")
     directory.mkdir(parents=True, exist_ok=True)
     _save_tensors(directory / OPTIMIZER_FILE, cpu, {"format": "gpt_oracle-trainer"})
     _write_text(directory / TRAINER_STATE_FILE, text)
