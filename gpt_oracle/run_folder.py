@@ -58,27 +58,22 @@ def checkpoint_dir(path: Path, option: str = "--checkpoint") -> Path:
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    pointer = path / "latest"
-    if not pointer.is_file():
+    if not (path / "latest").is_file():
         where = "no config.json there (nor a 'latest' file)" if path.is_dir() else "no such directory"
         raise UserError(f"{option} {path}: {where}")
-    with user_input(f"{option} {path}"):
-        name = pointer.read_text(encoding="utf-8").strip()
-    if not name or not (path / name).is_dir():
-        raise UserError(f"{option} {path}: 'latest' names the checkpoint {name!r}, which does not exist there")
-    return path / name
+    return latest_checkpoint(path, option)
 
 
-def latest_checkpoint(out: Path) -> Path:
-    """The checkpoint `latest` names, checked to exist."""
+def latest_checkpoint(out: Path, option: str = "--resume") -> Path:
+    """The checkpoint `latest` names, checked to exist; errors name `option` and the folder."""
     pointer = out / "latest"
     if not pointer.is_file():
-        raise UserError(f"--resume {out}: no checkpoint to resume from yet (no 'latest' file); the run stopped "
+        raise UserError(f"{option} {out}: no checkpoint to resume from yet (no 'latest' file); the run stopped "
                         f"before its first checkpoint: start it again with --overwrite")
-    with user_input(f"--resume {out}"):
+    with user_input(f"{option} {out}"):
         name = pointer.read_text(encoding="utf-8").strip()
     if not name or not (out / name).is_dir():
-        raise UserError(f"--resume {out}: 'latest' names the checkpoint {name!r}, which does not exist there")
+        raise UserError(f"{option} {out}: 'latest' names the checkpoint {name!r}, which does not exist there")
     return out / name
 
 
