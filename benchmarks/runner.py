@@ -66,6 +66,13 @@ class Progress:
             print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", file=self.stream, flush=True)
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """AMX / AVX-512 BF16 present (torch_impl.device's test): there bf16 is the fast CPU path."""
+    from torch_impl.device import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
+
+
 def plan(quick: bool, device: str, configs: list[str] | None) -> dict:
     names = configs or (["tiny", "small"] if quick else ["tiny", "small", "124M"])
     cuda = device.startswith("cuda")
@@ -90,8 +97,8 @@ def plan(quick: bool, device: str, configs: list[str] | None) -> dict:
         "decode_tokens": 8 if quick else 32,
         "max_step_s": 5.0 if quick else 60.0,  # skip a backend whose estimated step is slower than this
         # bf16 on a CPU without native bf16 units is slow; --quick shows it on tiny only there
-        "skip": ({"small": {"torch-bf16": "skipped in --quick on the CPU (bf16 is timed on tiny)"}}
-                 if quick and not device.startswith("cuda") else {}),
+        "skip": ({"small": {"torch-bf16": "skipped in --quick on a CPU without bf16 units (bf16 is timed on tiny)"}}
+                 if quick and not cuda and not _cpu_has_fast_bf16() else {}),
     }
 
 

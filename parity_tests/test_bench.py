@@ -358,7 +358,21 @@ def test_cuda_plans_and_skips_use_the_cuda_peaks():
     assert "torch-bf16" in _estimated_skips(cfg, 16, 1024, ["torch-bf16"], peaks, 60.0, "cpu")
     assert _estimated_skips(cfg, 16, 1024, ["torch-bf16"], peaks, 60.0, "cuda") == {}, "CUDA used the CPU bf16 peak"
     assert plan(True, "cuda", None)["skip"] == {}, "--quick on CUDA skipped bf16"
-    assert "torch-bf16" in plan(True, "cpu", None)["skip"]["small"]
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_quick_skips_small_bf16_only_on_a_cpu_without_bf16_units(monkeypatch, units):
+    """--quick drops bf16 from the small config where it is a slow fallback (AVX2), and times it
+    where AMX / AVX-512 BF16 make it the fast path (the default plan there is bf16 autocast)."""
+    import benchmarks.runner as runner
+
+    monkeypatch.setattr(runner, "_cpu_has_fast_bf16", lambda: units)
+    skip = runner.plan(True, "cpu", None)["skip"]
+    if units:
+        assert skip == {}, f"--quick skipped bf16 on a CPU with bf16 units: {skip}"
+    else:
+        assert "torch-bf16" in skip.get("small", {}), f"--quick timed small bf16 on an AVX2 CPU: {skip}"
+    assert runner.plan(False, "cpu", None)["skip"] == {}, "the full plan skipped a backend by name"
 
 
 def test_a_skip_re_measures_the_peak_first():
