@@ -203,6 +203,9 @@ def cpu_kernels(autocast_dtype: torch.dtype | None) -> str:
                 "with products split over the cores (linear.py)")
     if autocast_dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"
+    if autocast_dtype == torch.bfloat16:
+        return ("CPU paths: training products as autocast computes them, bf16 weight copies and gradients in "
+                "kept memory (linear.kept_bf16_linear)")
     return "CPU paths: torch's autocast kernels"
 
 

@@ -27,7 +27,8 @@ the slice size). numpy_ref/model.py and numpy_ref/cross_entropy.py write the sam
     dx      = dlogits @ head                                        (N, V) @ (V, C) -> (N, C)
     dhead   = dlogits.T @ x                                         (V, N) @ (N, C) -> (V, C)
 
-A tied head's gradient is handed to the embedding's backward (embedding.TiedHeadGrad).
+A tied head's gradient is handed to the embedding's backward (embedding.TiedHeadGrad), here and
+when training under bf16 autocast on a CPU with bf16 units (linear.kept_bf16_linear).
 The logits and the head's gradient are written into memory kept from the last step where nobody
 holds it any more (kept_buffers.py): 51 MB and 154 MB of fresh pages per step otherwise.
 Shapes: x (B, T, C); head (V, C); targets (B, T) integer; logits (B, T, V); loss ().
@@ -40,7 +41,8 @@ import torch
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import plain_eager
 from torch_impl.kept_buffers import grad_buffer, kept_buffer
-from torch_impl.linear import SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, slow_bf16_layouts, streams_weights
+from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, fast_bf16_training, kept_bf16_linear,
+                               slow_bf16_layouts, streams_weights)
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
 
@@ -51,6 +53,12 @@ def head_is_sliced(head: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and plain_eager())
 
 
+def head_hands_grad_to_embedding(head: torch.Tensor) -> bool:
+    """Whether the head's backward leaves a tied head's gradient for the embedding's backward
+    (embedding.TiedHeadGrad): the sliced path, and bf16 autocast training on a CPU with bf16 units."""
+    return head_is_sliced(head) or fast_bf16_training(head)
+
+
 def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:
     """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
     rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
@@ -58,6 +66,8 @@ def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.T
         return head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
     if slow_bf16_layouts(head.device):  # CPU bf16 autocast without bf16 units: see linear.py
         return bf16_linear(rows, head, None, w_is_out_in=True).view(*x.shape[:-1], head.shape[0])
+    if fast_bf16_training(head):  # CPU bf16 autocast with bf16 units, training: kept memory (linear.py)
+        return kept_bf16_linear(rows, head, None, True, tied_grad).view(*x.shape[:-1], head.shape[0])
     if not (head_is_sliced(head) and x.dtype == head.dtype):
         return x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
     logits, _ = _SlicedHead.apply(rows, head, None, None, tied_grad)  # (N, V)

@@ -34,6 +34,22 @@ product wants:
 Same products in bf16 as plain autocast would compute (inputs rounded to bf16, float32
 accumulation); only the memory layout of the operands differs.
 
+Training under bf16 autocast on a CPU with AMX / AVX-512 BF16 (where bf16 is the default plan),
+the products are autocast's own, but autocast writes four large tensors per weight per step into
+fresh memory: the bf16 copy of the weight (forward), the bf16 dw, its float32 copy that becomes
+w.grad, and for a tied head the sum of its two gradients. Fresh memory costs a page fault per 4 kB
+(kept_buffers.py); measured on a 2-core Xeon with AMX, GPT-2 small, B*T = 256: 185,000 faults per
+step. `_KeptBf16Linear` computes the same products, each operand rounded to bf16 exactly as
+autocast rounds it, and writes these tensors into memory kept from the last step:
+
+    wb = bf16(w)                        into kept memory     (C_in, C_out)
+    y  = bf16(x) @ wb + bf16(b)         bf16, as autocast    (N, C_out)
+    dx = dy @ wb.T                      bf16, then x's dtype (N, C_in)
+    dw = float32(bf16(x).T @ dy)        the bf16 product in kept memory, then w.grad's kept memory
+    db = float32(sum_rows dy)
+
+so every output and gradient is bit for bit what plain autocast gives (a test holds them equal).
+
 Shapes: x (..., C_in); w (C_in, C_out); b (C_out,) or None; out (..., C_out).
 """
 
@@ -42,7 +58,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl.device import cpu_has_fast_bf16, plain_eager
-from torch_impl.kept_buffers import grad_buffer
+from torch_impl.kept_buffers import grad_buffer, kept_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
@@ -71,6 +87,8 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
         out = streamed_linear(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif slow_bf16_layouts(w.device):
         out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
+    elif fast_bf16_training(w):
+        out = kept_bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
     elif keeps_weight_grad(w, x):
         out = _KeptGradLinear.apply(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif b is None:
@@ -92,6 +110,14 @@ def streamed_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None)
     xs = rows.view(SPLIT_K, 1, part) if N == 1 else rows.view(N, SPLIT_K, part).transpose(0, 1)  # -> (K, N, C_in/K)
     out = torch.bmm(xs, w.reshape(SPLIT_K, part, C_out)).sum(dim=0)  # (K, N, C_out) -> (N, C_out)
     return out if b is None else out.add_(b)
+
+
+def fast_bf16_training(w: torch.Tensor) -> bool:
+    """CPU training of a float32 weight under bf16 autocast on a CPU with bf16 units, eager:
+    the products go through _KeptBf16Linear (see top)."""
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and torch.is_grad_enabled() and w.requires_grad
+            and w.is_leaf and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and plain_eager() and cpu_has_fast_bf16())
 
 
 def keeps_weight_grad(w: torch.Tensor, x: torch.Tensor) -> bool:
@@ -159,3 +185,47 @@ class _Bf16Linear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(dim=0)  # (N, C_out) -> (C_out,)
         return dx, dw, db, None
+
+
+def kept_bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool = False,
+                     tied_grad=None) -> torch.Tensor:
+    """x @ W + b as bf16 autocast computes it, large tensors in kept memory (see top). W is w
+    (in, out), or w.T when `w_is_out_in` (the output head, stored (V, C)). tied_grad: a tied
+    head's TiedHeadGrad (embedding.py), which takes dw for the embedding's backward to add to.
+    x (N, C_in) -> (N, C_out), bf16."""
+    return _KeptBf16Linear.apply(x, w, b, w_is_out_in, tied_grad)
+
+
+class _KeptBf16Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, w_is_out_in, tied_grad):
+        bf16 = torch.bfloat16
+        wb = kept_buffer(w, "bf16", tuple(w.shape), bf16).copy_(w)  # w's shape, rounded to bf16
+        W = wb.T if w_is_out_in else wb  # (C_in, C_out), a view
+        xb = x.to(bf16)  # (N, C_in)
+        y = xb @ W if b is None else torch.addmm(b.to(bf16), xb, W)  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
+        ctx.save_for_backward(xb, wb)
+        ctx.w, ctx.w_is_out_in, ctx.x_dtype, ctx.b_dtype, ctx.tied_grad = w, w_is_out_in, x.dtype, \
+            None if b is None else b.dtype, tied_grad
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        xb, wb = ctx.saved_tensors
+        w = ctx.w
+        dy = dy.to(torch.bfloat16)  # (N, C_out)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            W = wb.T if ctx.w_is_out_in else wb  # (C_in, C_out)
+            dx = (dy @ W.T).to(ctx.x_dtype)  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+        if ctx.needs_input_grad[1]:
+            dwb = kept_buffer(w, "bf16 grad", tuple(w.shape), torch.bfloat16)
+            # (C_out, N) @ (N, C_in) for a head stored (V, C); (C_in, N) @ (N, C_out) otherwise
+            torch.mm(dy.T, xb, out=dwb) if ctx.w_is_out_in else torch.mm(xb.T, dy, out=dwb)
+            dw = grad_buffer(w).copy_(dwb)  # float32, w's shape
+        if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy.sum(dim=0).to(ctx.b_dtype)  # (N, C_out) -> (C_out,)
+        if dw is not None and ctx.tied_grad is not None:
+            ctx.tied_grad.dhead, dw = dw, None  # the embedding's backward adds to it and returns it
+        return dx, dw, db, None, None

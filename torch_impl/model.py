@@ -45,7 +45,7 @@ from torch_impl.config import GPTConfig
 from torch_impl.decode import decode_step, decodes_fast
 from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import TiedHeadGrad, embedding_forward
-from torch_impl.head import head_forward, head_is_sliced, head_loss_forward
+from torch_impl.head import head_forward, head_hands_grad_to_embedding, head_loss_forward
 from torch_impl.kept_buffers import release_kept_buffers
 from torch_impl.kv_cache import KVCache, inference_only
 from torch_impl.layernorm import layernorm_forward
@@ -200,9 +200,10 @@ class GPTModel(nn.Module):
         if targets is None and dropout_masks is None and not random_dropout and decodes_fast(self, ids, kv_cache):
             return decode_step(self, ids, kv_cache)  # one token per row on the CPU, same bits (decode.py)
         masks = dropout_masks or {}
-        # A tied head on the sliced (CPU) path hands its gradient to the embedding's backward,
-        # which adds its rows in place: one (V, C) gradient, not two summed (TiedHeadGrad).
-        tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_is_sliced(self.wte.weight) else None
+        # A tied head on the sliced CPU path (or in CPU bf16 training with bf16 units) hands its
+        # gradient to the embedding's backward, which adds its rows in place: one (V, C)
+        # gradient, not two summed (TiedHeadGrad).
+        tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_hands_grad_to_embedding(self.wte.weight) else None
         x = embedding_forward(ids, self.wte.weight, self.wpe.weight, pos_offset=past,
                               tied_grad=tied_grad)  # (B, T) -> (B, T, C)
         x = dropout_forward(x, cfg.drop_rate, random_dropout, masks.get("embedding"))

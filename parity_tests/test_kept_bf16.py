@@ -1,0 +1,143 @@
+"""torch_impl's bf16 training path for CPUs with bf16 units (linear._KeptBf16Linear): the same
+products as plain bf16 autocast, its large tensors in memory kept from the last step.
+
+It is taken only on CPUs with AMX / AVX-512 BF16; here `cpu_has_fast_bf16` is patched to say
+yes, so these tests run on any CPU (without the units the same bf16 products are just slower).
+"Plain" is the same model with the path switched off: autocast's own casts and kernels.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+
+import torch_impl.head
+from parity_tests.compare import assert_close
+from parity_tests.tolerances import BF16_SAME_PRODUCTS
+import torch_impl.linear
+from torch_impl.config import get_config
+from torch_impl.linear import kept_bf16_linear
+from torch_impl.model import GPTModel
+
+
+@contextmanager
+def fast_path(on: bool):
+    """Take linear._KeptBf16Linear (on) or plain autocast (off), whatever this CPU has."""
+    real = torch_impl.linear.fast_bf16_training
+    with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: True):
+        choice = real if on else (lambda w: False)
+        with mock.patch.object(torch_impl.linear, "fast_bf16_training", choice), \
+                mock.patch.object(torch_impl.head, "fast_bf16_training", choice):
+            yield
+
+
+def assert_bitwise(where: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype, f"{where}: dtype {got.dtype}, plain autocast gives {want.dtype}"
+    assert got.shape == want.shape, f"{where}: shape {tuple(got.shape)}, plain autocast gives {tuple(want.shape)}"
+    if not torch.equal(got, want):
+        diff = (got.double() - want.double()).abs()
+        raise AssertionError(f"{where}: differs from plain autocast in {int((diff > 0).sum())} of {diff.numel()} "
+                             f"entries, max |difference| {diff.max().item():.3g}")
+
+
+@pytest.mark.parametrize("w_is_out_in,bias", [(False, True), (False, False), (True, False)],
+                         ids=["linear", "linear without bias", "head stored (V, C)"])
+def test_kept_bf16_linear_gives_autocast_bits(w_is_out_in, bias):
+    """Output, dx, dw and db bit for bit equal to the same product under plain autocast, on the
+    first step (kept memory allocated) and the second (kept memory reused)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 40, generator=g, requires_grad=True)
+    w = (torch.randn(56, 40, generator=g) if w_is_out_in else torch.randn(40, 56, generator=g)).requires_grad_()
+    b = torch.randn(56, generator=g, requires_grad=True) if bias else None
+    for step in range(2):
+        upstream = torch.randn(24, 56, generator=g)
+        results = {}
+        for name in ("kept", "autocast"):
+            for t in (x, w, b):
+                if t is not None:
+                    t.grad = None
+            with fast_path(name == "kept"), torch.autocast("cpu", dtype=torch.bfloat16):
+                if name == "kept":
+                    y = kept_bf16_linear(x, w, b, w_is_out_in)
+                else:
+                    W = w.T if w_is_out_in else w
+                    y = x @ W if b is None else torch.addmm(b, x, W)
+            (y.float() * upstream).sum().backward()
+            results[name] = {"y": y, "dx": x.grad, "dw": w.grad} | ({"db": b.grad} if bias else {})
+        for key, want in results["autocast"].items():
+            assert_bitwise(f"step {step} {key}", results["kept"][key], want)
+
+
+def _train_steps(cfg, on: bool, steps: int = 2, two_forwards: bool = False, accumulate: bool = False):
+    """Losses and float32 gradients of `steps` autocast training steps (no optimizer: the same
+    weights each step, so the second step runs on kept memory with nothing else changed)."""
+    model = GPTModel(cfg, seed=1)
+    model.train()
+    g = torch.Generator().manual_seed(9)
+    out = []
+    kept = torch_impl.linear._KeptBf16Linear
+    with fast_path(on), mock.patch.object(kept, "apply", wraps=kept.apply) as calls:
+        for _ in range(steps):
+            if not accumulate:
+                model.zero_grad(set_to_none=True)
+            ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
+            targets = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, loss = model(ids, targets)
+                if two_forwards:  # a second graph while the first still holds the kept bf16 weights
+                    _, loss2 = model(ids.flip(1), targets)
+                    loss = loss + loss2
+            loss.backward()
+            out.append({"logits": logits.detach(), "loss": loss.detach()}
+                       | {f"d{k}": p.grad.clone() for k, p in model.named_parameters()})
+    products = steps * (2 if two_forwards else 1) * (4 * cfg.n_layers + 1)  # 4 per block and the head
+    assert calls.call_count == (products if on else 0), \
+        f"{'kept' if on else 'plain'} path: {calls.call_count} products through _KeptBf16Linear"
+    return out
+
+
+@pytest.mark.parametrize("case", ["untied", "tied", "two forwards, one backward", "accumulated gradients"])
+def test_model_training_on_the_kept_bf16_path_matches_plain_autocast(case):
+    """Logits, loss and every gradient of a tiny GPT trained under bf16 autocast, through
+    _KeptBf16Linear and through plain autocast: bit for bit, with two exceptions. A tied wte's
+    two gradients are summed in another order (the head's first, then each embedding row): equal
+    to float32 rounding. Two forwards in one autocast region use one cached bf16 copy of each
+    weight, so plain autocast sums the two bf16 weight gradients in bf16 before casting them,
+    where the kept path casts each and sums in float32: equal to one bf16 rounding."""
+    tied = case != "untied"
+    cfg = get_config("tiny", tie_embeddings=tied, drop_rate=0.0)
+    kw = {"two_forwards": case.startswith("two"), "accumulate": case.startswith("accumulated")}
+    got, want = _train_steps(cfg, True, **kw), _train_steps(cfg, False, **kw)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys(), f"step {step}: gradients of {sorted(g)} vs {sorted(w)}"
+        for key in w:
+            if kw["two_forwards"] and key.startswith("d"):
+                assert_close(f"{case}, step {step}, {key}", g[key], w[key], BF16_SAME_PRODUCTS)
+            elif tied and key == "dwte.weight":
+                torch.testing.assert_close(g[key], w[key], rtol=1e-6, atol=1e-7,
+                                           msg=lambda m, s=step: f"step {s} tied dwte.weight: {m}")
+            else:
+                assert_bitwise(f"{case}, step {step}, {key}", g[key], w[key])
+
+
+def test_the_kept_bf16_path_is_taken_only_where_it_should_be():
+    """Training under CPU bf16 autocast with bf16 units: yes. Without grad, fp16 autocast, no
+    autocast, a float64 weight, or a CPU without bf16 units: no (those keep their own paths)."""
+    from torch_impl.linear import fast_bf16_training
+
+    w = torch.zeros(4, 4, requires_grad=True)
+    with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast_bf16_training(w), "bf16 autocast training with bf16 units did not take the kept path"
+            with torch.no_grad():
+                assert not fast_bf16_training(w), "took the training path without grad"
+            assert not fast_bf16_training(w.detach().double().requires_grad_()), "took it for a float64 weight"
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not fast_bf16_training(w), "took the bf16 path under fp16 autocast"
+        assert not fast_bf16_training(w), "took it without autocast"
+    with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: False), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_bf16_training(w), "took it on a CPU without bf16 units"
