@@ -1,5 +1,6 @@
-"""torch_impl's bf16 training path for CPUs with bf16 units (linear._KeptBf16Linear): the same
-products as plain bf16 autocast, its large tensors in memory kept from the last step.
+"""torch_impl's bf16 training path for CPUs with bf16 units: linear._KeptBf16Linear (the same
+products as plain bf16 autocast, its large tensors in memory kept from the last step) and
+attention.fp32_attention_pays (float32 attention for short sequences, where it is faster).
 
 It is taken only on CPUs with AMX / AVX-512 BF16; here `cpu_has_fast_bf16` is patched to say
 yes, so these tests run on any CPU (without the units the same bf16 products are just slower).
@@ -141,3 +142,35 @@ def test_the_kept_bf16_path_is_taken_only_where_it_should_be():
     with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: False), \
             torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fast_bf16_training(w), "took it on a CPU without bf16 units"
+
+
+@pytest.mark.parametrize("case", ["training, short", "training, long", "no grad"])
+def test_cpu_bf16_training_takes_float32_attention_for_short_sequences(case):
+    """attention.fp32_attention_pays: under CPU bf16 autocast with bf16 units, a training step
+    with fewer than SDPA_FP32_BELOW_T queries runs torch's SDPA on float32 q, k, v (its bf16
+    kernel is the slower one there); a longer one, or one without grad, runs it in bf16. Either
+    way the output is softmax(q k^T / sqrt(hs) + causal) v of the bf16 q, k, v: checked against
+    float64 to float32 (short) or bf16 (long, no grad) rounding."""
+    import torch.nn.functional as F
+
+    import torch_impl.attention as attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g).bfloat16().requires_grad_(case != "no grad") for _ in range(3))
+    threshold = 4 if case == "training, long" else attention.SDPA_FP32_BELOW_T
+    sdpa = mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention)
+    with mock.patch.object(attention, "cpu_has_fast_bf16", lambda: True), \
+            mock.patch.object(attention, "SDPA_FP32_BELOW_T", threshold), sdpa as call, \
+            torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(case != "no grad"):
+        y = attention.sdpa_attention(q, k, v)
+    want_dtype = torch.float32 if case == "training, short" else torch.bfloat16
+    seen = [a.dtype for a in call.call_args.args[:3]]
+    assert seen == [want_dtype] * 3, f"{case}: SDPA ran on {seen}, expected {want_dtype}"
+    assert y.dtype == want_dtype, f"{case}: output {y.dtype}, expected {want_dtype}"
+    ref = attention.explicit_attention(q.double(), k.double(), v.double())
+    tol = 1e-5 if want_dtype == torch.float32 else 2.0**-6
+    err = (y.double() - ref).abs().max().item()
+    assert err <= tol * max(1.0, ref.abs().max().item()), f"{case}: max |y - float64| {err:.3g} over {tol:.3g}"
+    if case != "no grad":
+        y.float().sum().backward()
+        assert q.grad is not None and q.grad.dtype == torch.bfloat16, f"{case}: dq {q.grad}, expected bf16 like q"

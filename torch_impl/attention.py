@@ -24,6 +24,14 @@ Two algorithms for the weighted sum, as two named functions:
   step. SDPA cannot take a dropout mask, so this is the path the parity tests use to feed both
   trees the same attention-dropout draws; torch.func.vmap and forward-mode AD take it too (SDPA
   has no vmap rule and its fused kernels no forward derivative).
+
+Training under bf16 autocast on a CPU with bf16 units, torch's CPU flash kernel in bf16 costs
+more than in float32 for short sequences: its backward carries a fixed cost of several ms per
+call. Measured on a 2-core Xeon with AMX, 12 heads of 64, forward + backward: B x T = 4 x 64
+2.7 ms float32 vs 8.2 ms bf16; 1 x 256 5.0 vs 6.5; 1 x 512 18.3 vs 17.7; 1 x 1024 52.7 vs 47.9.
+So below SDPA_FP32_BELOW_T queries that training step takes the attention in float32 (q, k, v
+widened exactly; the output is rounded to bf16 by the next product, as autocast would round it).
+Without grad (evaluation, decoding) bf16 is faster at every length and stays.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import under_forward_ad, under_vmap
+from torch_impl.device import cpu_has_fast_bf16, plain_eager, under_forward_ad, under_vmap
 from torch_impl.kv_cache import LayerKV
 from torch_impl.linear import linear_forward
+
+SDPA_FP32_BELOW_T = 512  # CPU bf16 training: float32 attention below this many queries (see top)
 
 
 def causal_mask(T: int, Tk: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -44,8 +54,19 @@ def causal_mask(T: int, Tk: int, device: torch.device | str | None = None) -> to
     return torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, Tk)
 
 
+def fp32_attention_pays(q: torch.Tensor) -> bool:
+    """CPU bf16 autocast training with bf16 units and fewer than SDPA_FP32_BELOW_T queries: the
+    float32 kernel is the faster one there (see top)."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] < SDPA_FP32_BELOW_T
+            and torch.is_grad_enabled() and q.requires_grad and torch.is_autocast_enabled("cpu")
+            and plain_eager() and cpu_has_fast_bf16())
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) + causal) v through the fused kernel; dropout_p drawn by torch."""
+    if fp32_attention_pays(q):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back to bf16
+            return sdpa_attention(q.float(), k.float(), v.float(), dropout_p)  # (B, nh, T, hs), float32
     T, Tk = q.shape[2], k.shape[2]
     if T == Tk:
         # No cache (or an empty one): the top-left and bottom-right alignments coincide.

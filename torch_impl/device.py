@@ -205,7 +205,7 @@ def cpu_kernels(autocast_dtype: torch.dtype | None) -> str:
         return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"
     if autocast_dtype == torch.bfloat16:
         return ("CPU paths: training products as autocast computes them, bf16 weight copies and gradients in "
-                "kept memory (linear.kept_bf16_linear)")
+                "kept memory (linear.kept_bf16_linear), float32 attention below 512 queries (attention.py)")
     return "CPU paths: torch's autocast kernels"
 
 
