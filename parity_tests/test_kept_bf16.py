@@ -72,7 +72,17 @@ def test_kept_bf16_linear_gives_autocast_bits(w_is_out_in, bias):
             assert_bitwise(f"step {step} {key}", results["kept"][key], want)
 
 
-def _train_steps(cfg, on: bool, steps: int = 2, two_forwards: bool = False, accumulate: bool = False):
+def _loss(model, ids, targets, fused: bool):
+    """The model's own loss (on the kept path: head._Bf16LogitsLoss), or F.cross_entropy of its
+    logits (autocast's float32 loss) in both modes, to compare the products alone."""
+    if fused:
+        return model(ids, targets)
+    logits = model(ids)
+    return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _train_steps(cfg, on: bool, steps: int = 2, two_forwards: bool = False, accumulate: bool = False,
+                 fused: bool = False):
     """Losses and float32 gradients of `steps` autocast training steps (no optimizer: the same
     weights each step, so the second step runs on kept memory with nothing else changed)."""
     model = GPTModel(cfg, seed=1)
@@ -87,9 +97,9 @@ def _train_steps(cfg, on: bool, steps: int = 2, two_forwards: bool = False, accu
             ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
             targets = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, loss = model(ids, targets)
+                logits, loss = _loss(model, ids, targets, fused)
                 if two_forwards:  # a second graph while the first still holds the kept bf16 weights
-                    _, loss2 = model(ids.flip(1), targets)
+                    _, loss2 = _loss(model, ids.flip(1), targets, fused)
                     loss = loss + loss2
             loss.backward()
             out.append({"logits": logits.detach(), "loss": loss.detach()}
@@ -102,8 +112,9 @@ def _train_steps(cfg, on: bool, steps: int = 2, two_forwards: bool = False, accu
 
 @pytest.mark.parametrize("case", ["untied", "tied", "two forwards, one backward", "accumulated gradients"])
 def test_model_training_on_the_kept_bf16_path_matches_plain_autocast(case):
-    """Logits, loss and every gradient of a tiny GPT trained under bf16 autocast, through
-    _KeptBf16Linear and through plain autocast: bit for bit, with two exceptions. A tied wte's
+    """Logits, loss (F.cross_entropy of the logits in both) and every gradient of a tiny GPT
+    trained under bf16 autocast, through _KeptBf16Linear and through plain autocast: bit for
+    bit, with two exceptions. A tied wte's
     two gradients are summed in another order (the head's first, then each embedding row): equal
     to float32 rounding. Two forwards in one autocast region use one cached bf16 copy of each
     weight, so plain autocast sums the two bf16 weight gradients in bf16 before casting them,
@@ -174,3 +185,60 @@ def test_cpu_bf16_training_takes_float32_attention_for_short_sequences(case):
     if case != "no grad":
         y.float().sum().backward()
         assert q.grad is not None and q.grad.dtype == torch.bfloat16, f"{case}: dq {q.grad}, expected bf16 like q"
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["every target", "some targets ignored"])
+def test_fused_bf16_loss_matches_float32_cross_entropy(ignore):
+    """head._Bf16LogitsLoss against F.cross_entropy of the same bf16 logits widened to float32 (what
+    autocast computes), with a vocabulary of several slices: the loss to float32 rounding, each
+    dlogit to float32 rounding and one bf16 rounding step."""
+    import torch.nn.functional as F
+
+    from torch_impl.head import HEAD_CHUNK, _Bf16LogitsLoss
+
+    g = torch.Generator().manual_seed(6)
+    N, V = 10, 2 * HEAD_CHUNK + 37
+    logits = (4 * torch.randn(N, V, generator=g)).bfloat16()
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[0], targets[1] = 0, V - 1  # first and last columns: the slice edges
+    counted = torch.ones(N, dtype=torch.bool)
+    if ignore:
+        counted[2:5] = False
+    weights = counted.float() / counted.sum()
+    owner = torch.zeros(V, 3, requires_grad=True)  # only names whose kept memory dlogits uses
+    for step in range(2):  # the second call writes dlogits into the kept memory of the first
+        a = logits.clone().requires_grad_()
+        loss = _Bf16LogitsLoss.apply(a, torch.where(counted, targets, 0), weights, owner)
+        loss.backward()
+        b = logits.float().requires_grad_()
+        want = F.cross_entropy(b, torch.where(counted, targets, -100), ignore_index=-100)
+        want.backward()
+        assert loss.dtype == torch.float32, f"loss dtype {loss.dtype}"
+        assert abs(loss.item() - want.item()) <= 4e-7 * abs(want.item()), \
+            f"step {step}: loss {loss.item()!r} vs F.cross_entropy {want.item()!r}"
+        assert a.grad.dtype == torch.bfloat16, f"dlogits dtype {a.grad.dtype}, expected bf16 like the logits"
+        ref = b.grad.bfloat16().float()  # autocast's: float32 gradient, rounded to bf16 on its way back
+        got = a.grad.float()
+        ulp = torch.maximum(ref.abs(), got.abs()) * 2.0**-7 + 1e-12  # one bf16 step of the value
+        bad = (got - ref).abs() > ulp
+        assert not bad.any(), (f"step {step}: {int(bad.sum())} dlogits differ by more than one bf16 step, first at "
+                               f"{tuple(int(i) for i in bad.nonzero()[0])}: {got[bad][0].item()!r} vs {ref[bad][0].item()!r}")
+        assert torch.all(got[~counted] == 0), f"step {step}: an ignored row got a gradient"
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_model_training_with_the_fused_bf16_loss_stays_with_plain_autocast(tied):
+    """The whole kept path (products and fused loss, model(ids, targets)) against plain autocast:
+    logits bit for bit (the same products), the loss to float32 rounding, each gradient within
+    2^-6 of its norm (dlogits differ by at most one bf16 step, and that flows back)."""
+    cfg = get_config("tiny", tie_embeddings=tied, drop_rate=0.0, vocab_size=3 * 512 + 5)
+    got, want = _train_steps(cfg, True, fused=True), _train_steps(cfg, False, fused=True)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert_bitwise(f"step {step} logits", g["logits"], w["logits"])
+        assert abs(g["loss"].item() - w["loss"].item()) <= 1e-6 * abs(w["loss"].item()), \
+            f"step {step}: loss {g['loss'].item()!r} vs plain autocast {w['loss'].item()!r}"
+        for key in w:
+            if key.startswith("d"):
+                err = (g[key] - w[key]).norm().item()
+                assert err <= 2.0**-6 * w[key].norm().item() + 1e-9, \
+                    f"step {step} {key}: |difference| {err:.3g} vs |gradient| {w[key].norm().item():.3g}"

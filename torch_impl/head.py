@@ -5,7 +5,9 @@
 
 `head` is stored (V, C) like `wte` (it is `wte` when tied). On CUDA, under autocast, inside
 torch.compile and under torch.func transforms this is just `x @ head.T`, then cross_entropy.py's
-F.cross_entropy.
+F.cross_entropy. Training under bf16 autocast on a CPU with bf16 units, the product is
+linear.kept_bf16_linear's (autocast's bf16 product, in kept memory) and the loss
+`_Bf16LogitsLoss`'s: float32 slices of the bf16 logits, as below, not one widened (N, V) copy.
 
 On the CPU (parameters of any float dtype, no autocast, eager) the vocabulary is cut into slices
 of HEAD_CHUNK rows, for two reasons measured on the benchmark machine (benchmarks/, GPT-2 small,
@@ -81,15 +83,20 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
     Targets are checked as in cross_entropy.py: integers of shape (B, T), each in [0, V) or equal
     to ignore_index, not all ignored.
     """
-    if not (head_is_sliced(head) and x.dtype == head.dtype):
+    bf16_fused = fast_bf16_training(head)
+    if not (bf16_fused or (head_is_sliced(head) and x.dtype == head.dtype)):
         logits = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         return logits, cross_entropy_forward(logits, targets, ignore_index)
     V = head.shape[0]
     targets = check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)  # (B, T) int64
     flat = targets.reshape(-1)  # (B, T) -> (N,)
     counted = torch.ones_like(flat, dtype=torch.bool) if ignore_index is None else flat != ignore_index
-    weights = counted.to(x.dtype) / counted.sum()  # (N,): 1/n on counted rows, 0 on ignored ones
+    weights = counted.to(head.dtype) / counted.sum()  # (N,): 1/n on counted rows, 0 on ignored ones
     rows_target = torch.where(counted, flat, 0)  # an ignored row's weight is 0; any real class will do
+    if bf16_fused:  # bf16 logits from the kept-memory product, then the loss in float32 slices
+        logits = head_forward(x, head, tied_grad)  # (B, T, V), bf16
+        loss = _Bf16LogitsLoss.apply(logits.view(-1, V), rows_target, weights, head)
+        return logits, loss
     logits, loss = _SlicedHead.apply(x.reshape(-1, x.shape[-1]), head, rows_target, weights, tied_grad)
     return logits.view(*x.shape[:-1], V), loss  # (N, V) -> (B, T, V), ()
 
@@ -179,3 +186,51 @@ class _SlicedHead(torch.autograd.Function):
         if dhead is not None and ctx.tied_grad is not None:
             ctx.tied_grad.dhead, dhead = dhead, None  # the embedding's backward adds to it and returns it
         return dx, dhead, None, None, None
+
+
+class _Bf16LogitsLoss(torch.autograd.Function):
+    """The weighted cross-entropy of bf16 logits, in float32 slices of HEAD_CHUNK columns (CPU bf16
+    training with bf16 units). Autocast would widen the whole (N, V) to float32 and take its
+    log-softmax and gradient there: three 51 MB float32 tensors of fresh memory per step at
+    GPT-2 small, B*T = 256. Here each slice is widened in the cache, as in _SlicedHead:
+
+        lse[r]  = log sum_j exp(float32(logits[r, j]))             running max and sum, slice by slice
+        loss    = sum_r weights[r] * (lse[r] - logits[r, target[r]])
+        dlogits = bf16((exp(logits - lse) - onehot) * dloss * weights)   into kept memory
+
+    The same math as F.cross_entropy on the widened logits, summed in another order: the loss
+    agrees to float32 rounding, each dlogit to that and one bf16 rounding.
+    forward(logits (N, V) bf16, targets (N,), weights (N,) float32, owner: the head) -> loss ()
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights, owner):
+        N, V = logits.shape
+        run_max = weights.new_full((N,), float("-inf"))  # running max of each row's logits
+        run_sum = weights.new_zeros(N)  # running sum of exp(logit - run_max)
+        for s in range(0, V, HEAD_CHUNK):
+            z = logits[:, s:s + HEAD_CHUNK].float()  # (N, S), widened in the cache
+            new_max = torch.maximum(run_max, z.amax(dim=1))  # (N,)
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            run_max = new_max
+        lse = run_max + torch.log(run_sum)  # (N,)
+        picked = logits.gather(1, targets[:, None]).squeeze(1).float()  # (N,): logits[r, target[r]]
+        ctx.save_for_backward(logits, lse, targets, weights)
+        ctx.owner = owner
+        return ((lse - picked) * weights).sum()  # ()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        logits, lse, targets, weights = ctx.saved_tensors
+        N, V = logits.shape
+        row_scale = dloss * weights  # (N,): dloss / n, or 0 on ignored rows
+        dlogits = kept_buffer(ctx.owner, "bf16 dlogits", (N, V), torch.bfloat16)  # (N, V)
+        rows = torch.arange(N, device=logits.device)
+        for s in range(0, V, HEAD_CHUNK):
+            e = min(s + HEAD_CHUNK, V)
+            g = logits[:, s:e].float().sub_(lse[:, None]).exp_().mul_(row_scale[:, None])  # softmax * dloss / n
+            hit = (targets >= s) & (targets < e)  # rows whose target is in this slice: the -onehot part
+            g[rows[hit], targets[hit] - s] -= row_scale[hit]  # in float32, before the one rounding to bf16
+            dlogits[:, s:e].copy_(g)  # (N, S) -> bf16
+        return dlogits, None, None, None
