@@ -187,6 +187,12 @@ class _Bf16Linear(torch.autograd.Function):
         return dx, dw, db, None
 
 
+# Owner of the bf16 weight-gradient scratch: one buffer per weight shape, not per weight (the
+# backward runs one product at a time, so all weights of a shape share it; 91 MB, not 250 MB, at
+# GPT-2 small). A plain leaf tensor: kept_buffers keys its buffers by a tensor.
+_SCRATCH_OWNER = torch.empty(0)
+
+
 def kept_bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool = False,
                      tied_grad=None) -> torch.Tensor:
     """x @ W + b as bf16 autocast computes it, large tensors in kept memory (see top). W is w
@@ -220,7 +226,7 @@ class _KeptBf16Linear(torch.autograd.Function):
             W = wb.T if ctx.w_is_out_in else wb  # (C_in, C_out)
             dx = (dy @ W.T).to(ctx.x_dtype)  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
         if ctx.needs_input_grad[1]:
-            dwb = kept_buffer(w, "bf16 grad", tuple(w.shape), torch.bfloat16)
+            dwb = kept_buffer(_SCRATCH_OWNER, f"bf16 grad {tuple(w.shape)}", tuple(w.shape), torch.bfloat16)
             # (C_out, N) @ (N, C_in) for a head stored (V, C); (C_in, N) @ (N, C_out) otherwise
             torch.mm(dy.T, xb, out=dwb) if ctx.w_is_out_in else torch.mm(xb.T, dy, out=dwb)
             dw = grad_buffer(w).copy_(dwb)  # float32, w's shape
