@@ -242,3 +242,34 @@ def test_model_training_with_the_fused_bf16_loss_stays_with_plain_autocast(tied)
                 err = (g[key] - w[key]).norm().item()
                 assert err <= 2.0**-6 * w[key].norm().item() + 1e-9, \
                     f"step {step} {key}: |difference| {err:.3g} vs |gradient| {w[key].norm().item():.3g}"
+
+
+def test_decoding_under_bf16_autocast_casts_each_weight_once_with_the_same_bits():
+    """Inside linear.bf16_weights_held() (generate holds it), no-grad products under CPU bf16
+    autocast reuse one bf16 copy per weight instead of autocast's cast per call: logits bit for
+    bit those of plain autocast, one copy per weight however many forwards, none kept after."""
+    from contextlib import nullcontext
+
+    from torch_impl.generate import generate
+    from torch_impl.linear import _held, bf16_weights_held
+
+    cfg = get_config("tiny", drop_rate=0.0, vocab_size=600)
+    model = GPTModel(cfg, seed=2).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: True), torch.no_grad(), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids)
+        with bf16_weights_held():
+            first = model(ids)
+            copies = {k: t for k, (_, t) in _held.get().items()}
+            again = model(ids)
+            assert {k: t for k, (_, t) in _held.get().items()} == copies, "a second forward cast the weights again"
+        assert _held.get() is None, "the held copies outlived the scope"
+        n_weights = 4 * cfg.n_layers + 1  # 4 products per block, and the head
+        assert len(copies) == n_weights, f"{len(copies)} weights held, expected {n_weights}"
+        assert_bitwise("logits, held weights", first, want)
+        assert_bitwise("logits, held weights, second forward", again, want)
+        tokens = generate(model, ids, 6, temperature=0.0)
+        with mock.patch("torch_impl.generate.bf16_weights_held", nullcontext):
+            plain = generate(model, ids, 6, temperature=0.0)
+    assert torch.equal(tokens, plain), f"generate with held weights {tokens.tolist()} vs plain autocast {plain.tolist()}"

@@ -21,6 +21,8 @@ import numbers
 
 import torch
 
+from torch_impl.linear import bf16_weights_held
+
 
 def _check_options(temperature, top_k, top_p) -> None:
     """A wrong type is a TypeError (a bool too: True is not a temperature of 1), a value out of
@@ -138,27 +140,29 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
     was_training = model.training
     model.eval()
     try:
-        out = ids.to(model.device)
-        done = torch.zeros(B, dtype=torch.bool)  # (B,) rows that produced eos_id
-        cache = None
-        for step in range(max_new_tokens):
-            if use_cache and cache is not None and out.shape[1] <= Tc:
-                logits = model(out[:, -1:], kv_cache=cache, last_only=True)  # (B, 1) -> (B, 1, V)
-            else:
-                window = out[:, -Tc:]  # (B, T') -> (B, min(T', Tc)): crop to the context
-                cache = model.new_kv_cache(B) if use_cache else None
-                logits = model(window, kv_cache=cache, last_only=True)  # (B, T) -> (B, 1, V)
-            last = logits[:, -1, :].to(device="cpu", dtype=torch.float64)  # (B, 1, V) -> (B, V)
-            new = torch.empty(B, dtype=torch.int64)  # (B,)
-            for b in range(B):
-                coin = None if coins is None else float(coins[step, b])
-                new[b] = eos_id if bool(done[b]) else sample_next(last[b], temperature=temperature, top_k=top_k,
-                                                                  top_p=top_p, coin=coin)
-            out = torch.cat([out, new.to(out.device)[:, None]], dim=1)  # (B, T) -> (B, T + 1)
-            if eos_id is not None:
-                done |= new == eos_id
-                if bool(done.all()):
-                    break
+        # Under CPU bf16 autocast each weight is cast once for the whole loop, not per token (linear.py).
+        with bf16_weights_held():
+            out = ids.to(model.device)
+            done = torch.zeros(B, dtype=torch.bool)  # (B,) rows that produced eos_id
+            cache = None
+            for step in range(max_new_tokens):
+                if use_cache and cache is not None and out.shape[1] <= Tc:
+                    logits = model(out[:, -1:], kv_cache=cache, last_only=True)  # (B, 1) -> (B, 1, V)
+                else:
+                    window = out[:, -Tc:]  # (B, T') -> (B, min(T', Tc)): crop to the context
+                    cache = model.new_kv_cache(B) if use_cache else None
+                    logits = model(window, kv_cache=cache, last_only=True)  # (B, T) -> (B, 1, V)
+                last = logits[:, -1, :].to(device="cpu", dtype=torch.float64)  # (B, 1, V) -> (B, V)
+                new = torch.empty(B, dtype=torch.int64)  # (B,)
+                for b in range(B):
+                    coin = None if coins is None else float(coins[step, b])
+                    new[b] = eos_id if bool(done[b]) else sample_next(last[b], temperature=temperature, top_k=top_k,
+                                                                      top_p=top_p, coin=coin)
+                out = torch.cat([out, new.to(out.device)[:, None]], dim=1)  # (B, T) -> (B, T + 1)
+                if eos_id is not None:
+                    done |= new == eos_id
+                    if bool(done.all()):
+                        break
     finally:
         model.train(was_training)
     return out

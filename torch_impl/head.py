@@ -43,8 +43,8 @@ import torch
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import plain_eager
 from torch_impl.kept_buffers import grad_buffer, kept_buffer
-from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, fast_bf16_training, kept_bf16_linear,
-                               slow_bf16_layouts, streams_weights)
+from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, fast_bf16_training, held_bf16,
+                               kept_bf16_linear, slow_bf16_layouts, streams_weights)
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
 
@@ -70,6 +70,8 @@ def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.T
         return bf16_linear(rows, head, None, w_is_out_in=True).view(*x.shape[:-1], head.shape[0])
     if fast_bf16_training(head):  # CPU bf16 autocast with bf16 units, training: kept memory (linear.py)
         return kept_bf16_linear(rows, head, None, True, tied_grad).view(*x.shape[:-1], head.shape[0])
+    if (hb := held_bf16(head)) is not None:  # decoding under bf16 autocast: the head cast once (linear.py)
+        return x.to(torch.bfloat16) @ hb.T  # (B, T, C) @ (C, V) -> (B, T, V), bf16
     if not (head_is_sliced(head) and x.dtype == head.dtype):
         return x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
     logits, _ = _SlicedHead.apply(rows, head, None, None, tied_grad)  # (N, V)

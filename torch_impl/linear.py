@@ -50,10 +50,19 @@ autocast rounds it, and writes these tensors into memory kept from the last step
 
 so every output and gradient is bit for bit what plain autocast gives (a test holds them equal).
 
+Decoding under bf16 autocast on such a CPU, plain autocast casts every weight to bf16 again for
+every token (its cast cache is for training only): 0.75 GB of memory traffic per token at GPT-2
+small, more than the product itself. Inside `bf16_weights_held()` (generate.py holds it for the
+whole loop, during which the weights cannot change) a no-grad product casts each weight once and
+reuses that copy: the same bf16 operands, the same product, the same bits.
+
 Shapes: x (..., C_in); w (C_in, C_out); b (C_out,) or None; out (..., C_out).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -79,6 +88,35 @@ def slow_bf16_layouts(device: torch.device) -> bool:
             and not cpu_has_fast_bf16())
 
 
+_held: contextvars.ContextVar[dict | None] = contextvars.ContextVar("torch_impl_held_bf16", default=None)
+
+
+@contextlib.contextmanager
+def bf16_weights_held():
+    """Inside: no-grad products under CPU bf16 autocast on a CPU with bf16 units cast each weight
+    to bf16 once and reuse the copy (see top). The caller promises the weights do not change
+    inside; the copies are dropped on exit."""
+    token = _held.set({})
+    try:
+        yield
+    finally:
+        _held.reset(token)
+
+
+def held_bf16(w: torch.Tensor) -> torch.Tensor | None:
+    """w's bf16 copy inside bf16_weights_held(), when the product is a no-grad one under CPU bf16
+    autocast on a CPU with bf16 units; None otherwise."""
+    held = _held.get()
+    if (held is None or torch.is_grad_enabled() or w.device.type != "cpu" or w.dtype != torch.float32
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
+            or not plain_eager() or not cpu_has_fast_bf16()):
+        return None
+    entry = held.get(id(w))
+    if entry is None or entry[0] is not w:
+        entry = held[id(w)] = (w, w.to(torch.bfloat16))  # the weight itself kept too: its id stays its own
+    return entry[1]
+
+
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ w + b, with the bias added inside the GEMM when there is one."""
     rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
@@ -87,6 +125,9 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
         out = streamed_linear(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif slow_bf16_layouts(w.device):
         out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
+    elif (wb := held_bf16(w)) is not None:  # decoding under bf16 autocast: the weight cast once
+        xb = rows.to(torch.bfloat16)
+        out = xb @ wb if b is None else torch.addmm(b.to(torch.bfloat16), xb, wb)  # (N, C_out), bf16
     elif fast_bf16_training(w):
         out = kept_bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
     elif keeps_weight_grad(w, x):
