@@ -2,7 +2,7 @@
 
 Decoding with a KV cache feeds one token per sequence per step, so every product is a few rows
 times a weight: it streams the weight from memory (linear.py). For GPT-2 small in float32 that
-is 500 MB per token, about 24 ms on the benchmark machine. The general forward (model.py ->
+is 500 MB per token, about 24 ms on the AMD benchmark machine. The general forward (model.py ->
 block.py -> attention.py -> linear.py) spends about 4-5 ms per token more, in Python and in ~45
 small torch calls per layer (reshapes for any T, mask logic, per-product checks). This is the same
 computation written for T = 1, with ~30 calls per layer and the residuals added in place:

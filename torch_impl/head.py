@@ -10,7 +10,7 @@ linear.kept_bf16_linear's (autocast's bf16 product, in kept memory) and the loss
 `_Bf16LogitsLoss`'s: float32 slices of the bf16 logits, as below, not one widened (N, V) copy.
 
 On the CPU (parameters of any float dtype, no autocast, eager) the vocabulary is cut into slices
-of HEAD_CHUNK rows, for two reasons measured on the benchmark machine (benchmarks/, GPT-2 small,
+of HEAD_CHUNK rows, for two reasons measured on the AMD benchmark machine (benchmarks/, GPT-2 small,
 B*T = 256):
 - one (N x C) @ (C x V) GEMM with V = 50257 runs at about half the rate of the blocks' GEMMs
   (MKL), while each (N x 512) slice runs at full rate with its output in cache;

@@ -4,7 +4,7 @@ A training step starts with `optimizer.zero_grad(set_to_none=True)` (torch's def
 frees every `.grad`; the backward then allocates them all again, 497 MB for GPT-2 small, and the
 forward allocates new logits, 51 MB at B*T = 256. On the CPU, glibc gives large freed blocks back
 to the kernel, so each of these is fresh memory that the kernel zero-fills page by page on first
-write, inside the GEMM that writes it. Measured on the benchmark machine (GPT-2 small, B*T = 256):
+write, inside the GEMM that writes it. Measured on the AMD benchmark machine (GPT-2 small, B*T = 256):
 about 120,000 page faults and 0.2-0.3 s of a 1.9 s step. (CUDA has torch's caching allocator.)
 
 So these tensors are written into a buffer kept per (parameter, use):

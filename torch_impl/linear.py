@@ -10,18 +10,18 @@ The bias is fused into the matrix product with `addmm` (one BLAS call writes the
 
 Decoding on the CPU multiplies a handful of rows (one per sequence) by each weight: a
 matrix-vector product that only streams the weight from memory. MKL runs it on one core (about
-12 GB/s on the benchmark machine, one core's bandwidth), so there the product is split along
+12 GB/s on the AMD benchmark machine, one core's bandwidth), so there the product is split along
 C_in into SPLIT_K parts, one batched GEMM that torch spreads over the cores, and the parts summed:
 
     y = sum_k x[:, part k] @ w[part k, :] + b           (N, C_in/K) @ (C_in/K, C_out), K parts
 
 The same sum, grouped differently: equal to the one-GEMM product to float rounding. A weight
 under SPLIT_MIN_BYTES stays in the caches from one token to the next and is read faster than the
-split's extra calls cost (benchmark machine, one row: 24 us plain vs 38 us split for 256 x 768),
+split's extra calls cost (AMD benchmark machine, one row: 24 us plain vs 38 us split for 256 x 768),
 so it takes the plain product.
 
 Under bf16 autocast on a CPU without bf16 instructions (AVX2 only), torch's bf16 GEMM is a
-fallback kernel whose speed depends on the operands' layout: on the benchmark machine 10-22
+fallback kernel whose speed depends on the operands' layout: on the AMD benchmark machine 10-22
 GFLOP/s when exactly one operand is a transposed view (each output a dot product of two rows
 contiguous along the summed axis), 1-1.4 GFLOP/s when both are plain row-major, as in x @ w
 with w stored (in, out). There `bf16_linear` casts the weight once per use into the layout each
