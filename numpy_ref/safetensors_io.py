@@ -198,6 +198,11 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, TensorInfo], dict[s
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: header is not valid JSON (nested too deeply)") from None
+    try:  # Python's json takes a lone UTF-16 surrogate escape ("\ud800"); the safetensors package does not
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end].encode("unicode_escape").decode("ascii")
+        raise CheckpointError(f"{path}: header is not valid JSON (lone surrogate escape {bad}: not a character)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None)

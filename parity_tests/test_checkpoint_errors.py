@@ -218,7 +218,35 @@ READER_CASES = {
                                           "'a'"),
     "an integer too long to parse": (
         b'{"a": {"dtype": "U8", "shape": [1' + b"0" * 5000 + b'], "data_offsets": [0, 1]}}', 1, "not valid JSON"),
+    # Python's json takes a lone UTF-16 surrogate escape; the safetensors package refuses the file
+    # (test_a_lone_surrogate_escape_is_refused_by_both_readers).
+    "a lone surrogate escape in a key": (
+        b'{"a\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', 1, "surrogate"),
+    "a lone surrogate escape in metadata": (
+        b'{"__metadata__": {"format": "pt\\udc00"}}', 0, "surrogate"),
 }
+
+
+def test_a_lone_surrogate_escape_is_refused_by_both_readers():
+    """The package torch_impl reads with refuses a header string holding a lone surrogate escape
+    ("\\ud800" is JSON syntax but no character); numpy_ref's reader must too, and a surrogate pair
+    (one character, U+1F600) stays a readable key in both."""
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lone, pair = Path(tmp) / "lone.safetensors", Path(tmp) / "pair.safetensors"
+        lone.write_bytes(_raw_file(b'{"a\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', b"\0"))
+        pair.write_bytes(_raw_file(b'{"a\\ud83d\\ude00": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+                                   b"\0"))
+        with pytest.raises(Exception, match="hex escape|surrogate"):
+            with safe_open(str(lone), framework="pt") as f:
+                list(f.keys())
+        with pytest.raises(nio.CheckpointError, match="surrogate"):
+            nio.read_safetensors(lone)
+        with safe_open(str(pair), framework="pt") as f:
+            assert list(f.keys()) == ["a\U0001F600"], f"safetensors read the pair as {list(f.keys())}"
+        tensors, _ = nio.read_safetensors(pair)
+        assert list(tensors) == ["a\U0001F600"], f"numpy_ref read the pair as {list(tensors)}"
 
 
 @pytest.mark.parametrize("case", list(READER_CASES))
