@@ -59,7 +59,7 @@ def fp32_attention_pays(q: torch.Tensor) -> bool:
     float32 kernel is the faster one there (see top)."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] < SDPA_FP32_BELOW_T
             and torch.is_grad_enabled() and q.requires_grad and torch.is_autocast_enabled("cpu")
-            and plain_eager() and cpu_has_fast_bf16())
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and plain_eager() and cpu_has_fast_bf16())
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

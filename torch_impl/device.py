@@ -204,8 +204,11 @@ def cpu_kernels(autocast_dtype: torch.dtype | None) -> str:
     if autocast_dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"
     if autocast_dtype == torch.bfloat16:
+        from torch_impl.attention import SDPA_FP32_BELOW_T  # attention.py imports this module
+
         return ("CPU paths: training products as autocast computes them, bf16 weight copies and gradients in "
-                "kept memory (linear.kept_bf16_linear), float32 attention below 512 queries (attention.py)")
+                f"kept memory (linear.kept_bf16_linear), float32 attention below {SDPA_FP32_BELOW_T} queries "
+                "(attention.py)")
     return "CPU paths: torch's autocast kernels"
 
 

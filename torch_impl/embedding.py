@@ -65,12 +65,32 @@ class TiedHeadGrad:
     the embedding's backward (which autograd runs after it: the embedding's upstream gradient
     is computed from the head's) adds its B*T rows into it in place and returns the total.
     If the head left nothing here, the embedding's backward starts from zeros: still correct.
+
+    Only a gradient left by the same backward pass is taken: a pass that ran the head but not the
+    embedding (torch.autograd.grad with respect to a hidden state, retain_graph=True) must not
+    have its head gradient added to wte by a later pass that runs the embedding but not the head.
+    `give` and `take` tell passes apart by autograd's graph-task id (private, present across the
+    2.x releases; without it every pass counts as the same one).
     """
 
-    __slots__ = ("dhead",)
+    __slots__ = ("dhead", "task")
 
     def __init__(self) -> None:
         self.dhead: torch.Tensor | None = None
+        self.task = None
+
+    def give(self, dhead: torch.Tensor) -> None:
+        """The head's backward leaves its (V, C) gradient for this pass's embedding backward."""
+        self.dhead, self.task = dhead, _graph_task()
+
+    def take(self) -> torch.Tensor | None:
+        """The head's gradient if this pass left one (then it is gone from here), else None."""
+        dhead, task = self.dhead, self.task
+        self.dhead = self.task = None
+        return dhead if dhead is not None and task == _graph_task() else None
+
+
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: None)
 
 
 class _EmbeddingKeptGrad(torch.autograd.Function):
@@ -91,9 +111,7 @@ class _EmbeddingKeptGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dtok: torch.Tensor):
         (ids,) = ctx.saved_tensors
-        dwte = None
-        if ctx.slot is not None:
-            dwte, ctx.slot.dhead = ctx.slot.dhead, None
+        dwte = ctx.slot.take() if ctx.slot is not None else None
         if dwte is None:
             dwte = grad_buffer(ctx.wte).zero_()  # (V, C)
         # index_add_ on the CPU adds the rows one after another, in the order of ids: reproducible.

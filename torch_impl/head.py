@@ -186,7 +186,8 @@ class _SlicedHead(torch.autograd.Function):
             if dhead is not None:
                 dhead.index_add_(0, targets, row_scale[:, None] * x, alpha=-1)  # (N, C) rows into (V, C)
         if dhead is not None and ctx.tied_grad is not None:
-            ctx.tied_grad.dhead, dhead = dhead, None  # the embedding's backward adds to it and returns it
+            ctx.tied_grad.give(dhead)  # the embedding's backward adds to it and returns it
+            dhead = None
         return dx, dhead, None, None, None
 
 
@@ -201,7 +202,9 @@ class _Bf16LogitsLoss(torch.autograd.Function):
         dlogits = bf16((exp(logits - lse) - onehot) * dloss * weights)   into kept memory
 
     The same math as F.cross_entropy on the widened logits, summed in another order: the loss
-    agrees to float32 rounding, each dlogit to that and one bf16 rounding.
+    agrees to float32 rounding, each dlogit to that and one bf16 rounding. The bf16 logits are
+    saved for the backward (no float32 copy is kept), so changing them in place before the
+    backward is autograd's in-place error, as on the sliced path.
     forward(logits (N, V) bf16, targets (N,), weights (N,) float32, owner: the head) -> loss ()
     """
 

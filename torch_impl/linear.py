@@ -49,12 +49,14 @@ autocast rounds it, and writes these tensors into memory kept from the last step
     db = float32(sum_rows dy)
 
 so every output and gradient is bit for bit what plain autocast gives (a test holds them equal).
+Like `_KeptGradLinear` it is once-differentiable: a second derivative through it (create_graph=True)
+raises, where plain autocast would allow one; kept memory is never part of a graph.
 
 Decoding under bf16 autocast on such a CPU, plain autocast casts every weight to bf16 again for
 every token (its cast cache is for training only): 0.75 GB of memory traffic per token at GPT-2
 small, more than the product itself. Inside `bf16_weights_held()` (generate.py holds it for the
-whole loop, during which the weights cannot change) a no-grad product casts each weight once and
-reuses that copy: the same bf16 operands, the same product, the same bits.
+whole loop) a no-grad product casts each weight once and reuses that copy until the weight's
+version counter says it was written: the same bf16 operands, the same product, the same bits.
 
 Shapes: x (..., C_in); w (C_in, C_out); b (C_out,) or None; out (..., C_out).
 """
@@ -94,8 +96,8 @@ _held: contextvars.ContextVar[dict | None] = contextvars.ContextVar("torch_impl_
 @contextlib.contextmanager
 def bf16_weights_held():
     """Inside: no-grad products under CPU bf16 autocast on a CPU with bf16 units cast each weight
-    to bf16 once and reuse the copy (see top). The caller promises the weights do not change
-    inside; the copies are dropped on exit."""
+    (an nn.Parameter) to bf16 once and reuse the copy while the weight's version counter stays the
+    same (see top); the copies are dropped on exit."""
     token = _held.set({})
     try:
         yield
@@ -108,13 +110,15 @@ def held_bf16(w: torch.Tensor) -> torch.Tensor | None:
     autocast on a CPU with bf16 units; None otherwise."""
     held = _held.get()
     if (held is None or torch.is_grad_enabled() or w.device.type != "cpu" or w.dtype != torch.float32
-            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
-            or not plain_eager() or not cpu_has_fast_bf16()):
-        return None
+            or not isinstance(w, torch.nn.Parameter) or not torch.is_autocast_enabled("cpu")
+            or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not plain_eager() or not cpu_has_fast_bf16()):
+        return None  # a parametrization's output is a new plain tensor at every read: not held
     entry = held.get(id(w))
-    if entry is None or entry[0] is not w:
-        entry = held[id(w)] = (w, w.to(torch.bfloat16))  # the weight itself kept too: its id stays its own
-    return entry[1]
+    if entry is None or entry[0] is not w or entry[1] != w._version:  # new, or changed in place since
+        # The weight itself is kept too, so its id stays its own; its version counter says whether
+        # anything wrote into it since the copy was made.
+        entry = held[id(w)] = (w, w._version, w.to(torch.bfloat16))
+    return entry[2]
 
 
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -274,5 +278,6 @@ class _KeptBf16Linear(torch.autograd.Function):
         if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.sum(dim=0).to(ctx.b_dtype)  # (N, C_out) -> (C_out,)
         if dw is not None and ctx.tied_grad is not None:
-            ctx.tied_grad.dhead, dw = dw, None  # the embedding's backward adds to it and returns it
+            ctx.tied_grad.give(dw)  # the embedding's backward adds to it and returns it
+            dw = None
         return dx, dw, db, None, None
