@@ -273,7 +273,17 @@ def test_decoding_under_bf16_autocast_casts_each_weight_once_with_the_same_bits(
         assert len(copies) == n_weights, f"{len(copies)} weights held, expected {n_weights}"
         assert_bitwise("logits, held weights", first, want)
         assert_bitwise("logits, held weights, second forward", again, want)
-        tokens = generate(model, ids, 6, temperature=0.0)
+        seen = []
+
+        @contextmanager
+        def recording():  # generate's scope, noting how many weights it held at the end
+            with bf16_weights_held():
+                yield
+                seen.append(len(_held.get()))
+
+        with mock.patch("torch_impl.generate.bf16_weights_held", recording):
+            tokens = generate(model, ids, 6, temperature=0.0)
+        assert seen == [n_weights], f"generate held {seen} weights, expected [{n_weights}]"
         with mock.patch("torch_impl.generate.bf16_weights_held", nullcontext):
             plain = generate(model, ids, 6, temperature=0.0)
     assert torch.equal(tokens, plain), f"generate with held weights {tokens.tolist()} vs plain autocast {plain.tolist()}"
