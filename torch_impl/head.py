@@ -118,6 +118,13 @@ def head_streamed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     return torch.cat([out, x @ head[per * SPLIT_K:].T], dim=1)  # + the tail rows -> (N, V)
 
 
+def online_lse_step(run_max: torch.Tensor, run_sum: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slice z (N, S) of each row's logits into its running max and sum of exp(logit - max):
+    the old sum rescaled to the new max, plus this slice's sum_j exp(z_j - new_max). (N,) each."""
+    new_max = torch.maximum(run_max, z.amax(dim=1))  # (N,)
+    return new_max, run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+
+
 class _SlicedHead(torch.autograd.Function):
     """logits = x @ head.T in slices of HEAD_CHUNK vocabulary rows, and the weighted loss if given.
 
@@ -135,10 +142,7 @@ class _SlicedHead(torch.autograd.Function):
             z = logits[:, s:s + HEAD_CHUNK]  # (N, S): a view, written in place
             torch.mm(x, head[s:s + HEAD_CHUNK].T, out=z)  # (N, C) @ (C, S) -> (N, S)
             if targets is not None:
-                new_max = torch.maximum(run_max, z.amax(dim=1))  # (N,)
-                # Rescale the old sum to the new max, then add this slice: sum_j exp(z_j - new_max).
-                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-                run_max = new_max
+                run_max, run_sum = online_lse_step(run_max, run_sum, z)
         loss = None
         lse = None
         if targets is not None:
@@ -215,9 +219,7 @@ class _Bf16LogitsLoss(torch.autograd.Function):
         run_sum = weights.new_zeros(N)  # running sum of exp(logit - run_max)
         for s in range(0, V, HEAD_CHUNK):
             z = logits[:, s:s + HEAD_CHUNK].float()  # (N, S), widened in the cache
-            new_max = torch.maximum(run_max, z.amax(dim=1))  # (N,)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-            run_max = new_max
+            run_max, run_sum = online_lse_step(run_max, run_sum, z)
         lse = run_max + torch.log(run_sum)  # (N,)
         picked = logits.gather(1, targets[:, None]).squeeze(1).float()  # (N,): logits[r, target[r]]
         ctx.save_for_backward(logits, lse, targets, weights)
