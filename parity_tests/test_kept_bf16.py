@@ -1,6 +1,8 @@
-"""torch_impl's bf16 training path for CPUs with bf16 units: linear._KeptBf16Linear (the same
-products as plain bf16 autocast, its large tensors in memory kept from the last step) and
-attention.fp32_attention_pays (float32 attention for short sequences, where it is faster).
+"""torch_impl's CPU bf16 paths against plain autocast. For CPUs with bf16 units:
+linear._KeptBf16Linear (the same products as plain bf16 autocast, its large tensors in memory kept
+from the last step), head._Bf16LogitsLoss, attention.fp32_attention_pays (float32 attention for
+short sequences, where it is faster) and linear.bf16_weights_held (decoding). For CPUs without
+them: linear.bf16_linear (the operands cast into fast layouts).
 
 It is taken only on CPUs with AMX / AVX-512 BF16; here `cpu_has_fast_bf16` is patched to say
 yes, so these tests run on any CPU (without the units the same bf16 products are just slower).
@@ -17,7 +19,7 @@ import torch
 
 import torch_impl.attention
 import torch_impl.head
-from parity_tests.compare import assert_close
+from parity_tests.compare import assert_close, assert_dicts_close
 from parity_tests.tolerances import BF16_SAME_PRODUCTS
 import torch_impl.linear
 from torch_impl.config import get_config
@@ -47,32 +49,67 @@ def assert_bitwise(where: str, got: torch.Tensor, want: torch.Tensor) -> None:
                              f"entries, max |difference| {diff.max().item():.3g}")
 
 
-@pytest.mark.parametrize("w_is_out_in,bias", [(False, True), (False, False), (True, False)],
-                         ids=["linear", "linear without bias", "head stored (V, C)"])
-def test_kept_bf16_linear_gives_autocast_bits(w_is_out_in, bias):
-    """Output, dx, dw and db bit for bit equal to the same product under plain autocast, on the
-    first step (kept memory allocated) and the second (kept memory reused)."""
-    g = torch.Generator().manual_seed(3)
+def _product_and_grads(product, x, w, b, w_is_out_in: bool, upstream) -> dict[str, torch.Tensor]:
+    """y and the gradients of sum(y * upstream) for one product under CPU bf16 autocast: product(x,
+    w, b), or (None) plain autocast's x @ W + b with W = w, or w.T for a head stored (V, C)."""
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if product is None:
+            W = w.T if w_is_out_in else w
+            y = x @ W if b is None else torch.addmm(b, x, W)
+        else:
+            y = product(x, w, b)
+    (y.float() * upstream).sum().backward()
+    out = {"y": y, "dx": x.grad, "dw": w.grad} | ({"db": b.grad} if b is not None else {})
+    return {k: t.clone() for k, t in out.items()}  # kept memory may be written again by a later call
+
+
+def _linear_case(seed: int, w_is_out_in: bool, bias: bool):
+    """x (24, 40), w (40, 56) or stored (56, 40), b (56,) or None, and a generator for upstreams."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(24, 40, generator=g, requires_grad=True)
     w = (torch.randn(56, 40, generator=g) if w_is_out_in else torch.randn(40, 56, generator=g)).requires_grad_()
     b = torch.randn(56, generator=g, requires_grad=True) if bias else None
+    return x, w, b, g
+
+
+LINEAR_CASES = pytest.mark.parametrize("w_is_out_in,bias", [(False, True), (False, False), (True, False)],
+                                       ids=["linear", "linear without bias", "head stored (V, C)"])
+
+
+@LINEAR_CASES
+def test_kept_bf16_linear_gives_autocast_bits(w_is_out_in, bias):
+    """Output, dx, dw and db bit for bit equal to the same product under plain autocast, on the
+    first step (kept memory allocated) and the second (kept memory reused)."""
+    x, w, b, g = _linear_case(3, w_is_out_in, bias)
     for step in range(2):
         upstream = torch.randn(24, 56, generator=g)
-        results = {}
-        for name in ("kept", "autocast"):
-            for t in (x, w, b):
-                if t is not None:
-                    t.grad = None
-            with fast_path(name == "kept"), torch.autocast("cpu", dtype=torch.bfloat16):
-                if name == "kept":
-                    y = kept_bf16_linear(x, w, b, w_is_out_in)
-                else:
-                    W = w.T if w_is_out_in else w
-                    y = x @ W if b is None else torch.addmm(b, x, W)
-            (y.float() * upstream).sum().backward()
-            results[name] = {"y": y, "dx": x.grad, "dw": w.grad} | ({"db": b.grad} if bias else {})
-        for key, want in results["autocast"].items():
-            assert_bitwise(f"step {step} {key}", results["kept"][key], want)
+        got = _product_and_grads(lambda x, w, b: kept_bf16_linear(x, w, b, w_is_out_in), x, w, b, w_is_out_in,
+                                 upstream)
+        want = _product_and_grads(None, x, w, b, w_is_out_in, upstream)
+        for key in want:
+            assert_bitwise(f"step {step} {key}", got[key], want[key])
+
+
+@LINEAR_CASES
+def test_bf16_linear_layouts_give_autocast_numbers(w_is_out_in, bias):
+    """linear.bf16_linear (CPU bf16 autocast without bf16 instructions: operands cast into fast
+    layouts) against the same product under plain autocast: output and every gradient. Both round
+    the inputs to bf16 and accumulate in float32, so they agree to one bf16 rounding step."""
+    from torch_impl.linear import bf16_linear
+
+    x, w, b, g = _linear_case(5, w_is_out_in, bias)
+    upstream = torch.randn(24, 56, generator=g)
+    results = {"bf16_linear": _product_and_grads(lambda x, w, b: bf16_linear(x, w, b, w_is_out_in=w_is_out_in),
+                                                 x, w, b, w_is_out_in, upstream),
+               "autocast": _product_and_grads(None, x, w, b, w_is_out_in, upstream)}
+    for name, r in results.items():
+        assert r["y"].dtype == torch.bfloat16, f"{name}: output dtype {r['y'].dtype}, autocast gives bf16"
+        assert r["dx"].dtype == x.dtype and r["dw"].dtype == w.dtype, f"{name}: gradients in the parameters' dtypes"
+        r["y"] = r["y"].float()
+    assert_dicts_close("bf16_linear vs autocast", results["bf16_linear"], results["autocast"], BF16_SAME_PRODUCTS)
 
 
 def _loss(model, ids, targets, fused: bool):

@@ -946,39 +946,3 @@ def test_decoding_products_split_over_cores_equal_the_plain_product(rows, c_in, 
         assert bmm.call_count == expected_bmm, f"{where}: {bmm.call_count} batched products, expected {expected_bmm}"
         assert_close(f"linear {where} c_out={c_out}", got_linear, want_linear, forward_tol("float64"))
         assert_close(f"head {where} V={V}", got_head, x @ head.T, forward_tol("float64"))
-
-
-@pytest.mark.parametrize("w_is_out_in,bias", [(False, True), (False, False), (True, False)],
-                         ids=["linear", "linear without bias", "head stored (V, C)"])
-def test_bf16_linear_layouts_give_autocast_numbers(w_is_out_in, bias):
-    """linear.bf16_linear (CPU bf16 autocast without bf16 instructions: operands cast into fast
-    layouts) against the same product under plain autocast: output and every gradient. Both round
-    the inputs to bf16 and accumulate in float32, so they agree to one bf16 rounding step."""
-    from torch_impl.linear import bf16_linear
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(24, 40, generator=g, requires_grad=True)
-    w = torch.randn(56, 40, generator=g) if w_is_out_in else torch.randn(40, 56, generator=g)
-    w.requires_grad_()
-    b = torch.randn(56, generator=g, requires_grad=True) if bias else None
-    upstream = torch.randn(24, 56, generator=g)
-    results = {}
-    for name in ("bf16_linear", "autocast"):
-        for t in (x, w, b):
-            if t is not None:
-                t.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if name == "bf16_linear":
-                y = bf16_linear(x, w, b, w_is_out_in=w_is_out_in)
-            else:
-                W = w.T if w_is_out_in else w
-                y = x @ W if b is None else torch.addmm(b, x, W)
-        assert y.dtype == torch.bfloat16, f"{name}: output dtype {y.dtype}, autocast gives bf16"
-        (y.float() * upstream).sum().backward()
-        results[name] = {"y": y.float(), "dx": x.grad.clone(), "dw": w.grad.clone()}
-        if b is not None:
-            results[name]["db"] = b.grad.clone()
-        assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype, f"{name}: gradients in the parameters' dtypes"
-    from parity_tests.tolerances import BF16_SAME_PRODUCTS
-
-    assert_dicts_close("bf16_linear vs autocast", results["bf16_linear"], results["autocast"], BF16_SAME_PRODUCTS)
