@@ -25,11 +25,19 @@ A non-finite loss or gradient norm (checked with or without clipping) stops the 
 optimiser touches the weights, with a message; nothing is saved, so the last good checkpoint
 stays as it was.
 
+Mixed precision (`autocast_dtype=torch.bfloat16`, float32 model only): the forward passes of
+training and evaluation run under bf16 autocast, products in bf16 with float32 accumulation,
+while the weights, their gradients and the optimiser state stay float32; backward runs outside
+the autocast region, as torch recommends. The greedy sample decodes in float32 (on CPUs that is
+the faster decode; linear.py). fp16 is refused: it needs loss scaling, which this loop does not
+do. The checkpoint records the autocast dtype and a resume keeps it.
+
 numpy_ref/train.py is the same loop over the NumPy model with hand-written backward passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -80,12 +88,42 @@ def evaluate(model, batches) -> float:
     return total / count
 
 
+def autocast_name(dtype: torch.dtype | None) -> str | None:
+    """"bfloat16" for torch.bfloat16, None for no autocast: as the trainer state stores it."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def autocast_dtype_named(name) -> torch.dtype | None:
+    """The inverse of autocast_name, for a trainer state's value (checked)."""
+    if name is None:
+        return None
+    if name != "bfloat16":
+        raise ValueError(f"trainer state: autocast {name!r} is not one this trainer runs (bfloat16 or null)")
+    return torch.bfloat16
+
+
+def check_autocast(model, autocast_dtype: torch.dtype | None) -> None:
+    """Mixed precision is bf16 autocast over a float32 model (see top); anything else is refused."""
+    if autocast_dtype is None:
+        return
+    if autocast_dtype == torch.float16:
+        raise ValueError("autocast float16 needs loss scaling, which this trainer does not do; use bfloat16")
+    if autocast_dtype != torch.bfloat16:
+        raise ValueError(f"autocast_dtype must be None or torch.bfloat16, got {autocast_dtype!r}")
+    if model.dtype != torch.float32:
+        raise ValueError(f"bf16 autocast trains a float32 model (float32 weights, gradients and optimiser "
+                         f"state); this model is {str(model.dtype).removeprefix('torch.')}")
+
+
 class Trainer:
     """Trains `model` (a torch_impl GPTModel) on `train_loader`; see the module docstring."""
 
     def __init__(self, model, train_loader, val_loader, settings: TrainSettings, *, out_dir=None,
-                 encoding=None, on_step=None, progress_cls=TextProgress, plot=None) -> None:
+                 encoding=None, on_step=None, progress_cls=TextProgress, plot=None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        check_autocast(model, autocast_dtype)
         self.model, self.settings = model, settings
+        self.autocast_dtype = autocast_dtype  # None: every op in the model's dtype
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.encoding = encoding
         self.progress_cls = progress_cls  # (total, initial, enabled, desc) -> update/write/close
@@ -104,6 +142,17 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
+    def autocast(self):
+        """The autocast region of the forward passes (a no-op without an autocast dtype)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.model.device.type, dtype=self.autocast_dtype)
+
+    def evaluate(self, batches) -> float:
+        """`evaluate` of the model under this trainer's autocast."""
+        with self.autocast():
+            return evaluate(self.model, batches)
+
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-ready trainer state, tensors) for `save_run`."""
         opt_state, tensors = optimizer_state(self.optimizer, self.model)
@@ -111,7 +160,7 @@ class Trainer:
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
                           "fingerprint": self.stream.fingerprint},
                  "rng": self.gen.get_state().tolist(), "optimizer": opt_state, "history": self.history,
-                 "dtype": str(self.model.dtype).replace("torch.", "")}
+                 "dtype": str(self.model.dtype).replace("torch.", ""), "autocast": autocast_name(self.autocast_dtype)}
         if self.model.dtype != torch.float32:
             # model.safetensors holds float32; exact weights for resuming go with the trainer state.
             tensors.update({f"param.{k}": v.detach().clone() for k, v in self.model.state_dict().items()})
@@ -122,6 +171,10 @@ class Trainer:
         position, random state) come first, each checked whole; the caller's model is written
         last (`params`, a checkpoint's weights, then the exact weights a non-float32 run saves
         beside its float32 checkpoint), so a state refused on the way leaves the model as it was."""
+        saved = state.get("autocast")  # states written before the option trained without autocast
+        if saved != autocast_name(self.autocast_dtype):
+            raise ValueError(f"trainer state trained with autocast {saved} but this trainer has "
+                             f"{autocast_name(self.autocast_dtype)}; resume with the saved one")
         exact = self.model.dtype != torch.float32
         wanted = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         for source, prefix, given in (("checkpoint", "", params), ("trainer state", "param.", tensors if exact else None)):
@@ -163,7 +216,8 @@ class Trainer:
         for _ in range(s.grad_accum):
             inputs, targets = (t.to(model.device) for t in self.stream.next())  # (B, T) each
             masks = dropout_masks(model, inputs.shape[0], inputs.shape[1], self.gen)
-            _, loss = model(inputs, targets, dropout_masks=masks)  # (B, T) -> ()
+            with self.autocast():
+                _, loss = model(inputs, targets, dropout_masks=masks)  # (B, T) -> (), float32
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"non-finite loss {value} at step {self.step + 1}")
@@ -205,7 +259,7 @@ class Trainer:
                 rate = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
                 progress.update(self.step, loss, rate)
                 if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps):
-                    record_eval(self, evaluate, progress)
+                    record_eval(self, lambda _, batches: self.evaluate(batches), progress)
                 if self.out_dir is not None and self.step < s.steps and s.checkpoint_every and \
                         self.step % s.checkpoint_every == 0:
                     self.save()
@@ -221,8 +275,14 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir, model, train_loader, val_loader, **kwargs) -> "Trainer":
         """A trainer positioned exactly at the last checkpoint under `run_dir` (model weights
-        loaded into `model`); the settings are the saved ones."""
+        loaded into `model`); the settings and the autocast dtype are the saved ones (an
+        `autocast_dtype` passed here must be the saved one)."""
         settings, state, tensors, params = load_run(run_dir, backend="torch")
+        saved = autocast_dtype_named(state.get("autocast"))
+        if kwargs.get("autocast_dtype", saved) != saved:
+            raise ValueError(f"{run_dir} trained with autocast {state.get('autocast')}, not "
+                             f"{autocast_name(kwargs['autocast_dtype'])}")
+        kwargs["autocast_dtype"] = saved
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
         trainer.restore(state, tensors, params)  # the weights last, once the state is accepted
         return trainer

@@ -11,11 +11,19 @@ chapter-5 run is
 
     gpt-oracle train --backend torch --config 124M --context-length 256 --batch-size 2 \\
         --epochs 10 --lr 4e-4 --min-lr 4e-4 --weight-decay 0.1 --decay-set all --grad-clip 0 \\
-        --init book --eval-every 5 --eval-batches 5
+        --init book --eval-every 5 --eval-batches 5 --precision fp32
 
-(`--init book`: the book's model starts from torch.nn's default initialisation; from GPT-2's
+(`--init book`: the book's model starts from torch.nn's default initialisation; `--precision
+fp32`: the book trains in float32, and so did the recorded run; from GPT-2's
 normal(0, 0.02) the same run stalls near a training loss of 6. benchmarks/results/ holds a
 recorded run.)
+
+Precision (torch backend): `--precision auto`, the default, trains float32 weights with bf16
+autocast where bf16 products are the faster ones (CUDA from Ampere on, with TF32 matmuls; CPUs
+with AMX or AVX-512 BF16) and in plain float32 elsewhere, as `torch_impl.device.plan_runtime`
+decides; the first line on stderr says which was taken and why. `--precision fp32` (or `tf32`
+on CUDA, `bf16`) forces one; `--dtype float64` trains in float64 throughout. A resumed run keeps
+the autocast it started with. The numpy backend trains in --dtype only.
 
 The output directory gets `run.json` (these arguments, so `--resume` rebuilds the same data
 and model), `log.jsonl`, `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle
@@ -49,8 +57,11 @@ VERDICT_CONFIG = dict(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4
                       qkv_bias=False, tie_embeddings=False, ln_eps=1e-5)
 GPT2_VOCAB = 50257
 # run.json keys that runs written before the option existed lack, with the value those runs used.
-ADDED_LATER = {"init": "gpt2"}
+ADDED_LATER = {"init": "gpt2", "precision": None}
 LEGACY_ZERO_IS_DEFAULT = ("stride", "threads", "context_length", "steps")
+# --precision's choices: torch_impl.device.PRECISIONS less fp64 (that is --dtype float64) and fp16
+# (training in fp16 needs loss scaling); written here so that the numpy backend never imports torch.
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"],
                         help="parameter dtype (default: float64 for numpy, float32 for torch)")
     parser.add_argument("--device", default="cpu", help="torch device (the numpy backend runs on the CPU only)")
+    parser.add_argument("--precision", choices=list(PRECISIONS),
+                        help="torch backend: auto (default: the fastest for the device, as torch_impl.device."
+                             "plan_runtime picks it: bf16 autocast on CUDA from Ampere on and on CPUs with AMX or "
+                             "AVX-512 BF16, else float32), fp32, tf32 (CUDA) or bf16 (autocast over float32 "
+                             "weights); --dtype float64 trains in float64 throughout")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads, torch backend only (default: torch's choice)")
     parser.add_argument("--prompt", default="Every effort moves you", help="sample prompt at each evaluation")
     parser.add_argument("--sample-tokens", type=non_negative_int, default=20,
@@ -106,6 +122,33 @@ def _run_options(args: argparse.Namespace) -> dict:
             if not k.startswith("_") and k not in ("command", "resume", "overwrite")}
     opts["dtype"] = args.dtype or ("float64" if args.backend == "numpy" else "float32")
     return opts
+
+
+def _precision(opts: dict):
+    """(autocast dtype or None, the words saying what trains in what and why) for the torch
+    backend; --precision checked against --dtype and the device. Sets TF32 on CUDA as planned."""
+    import torch
+
+    from torch_impl.device import plan_runtime
+
+    precision = opts["precision"] or "auto"
+    if opts["dtype"] == "float64":
+        if opts["precision"] not in (None, "auto"):
+            raise UserError(f"--precision {precision}: --dtype float64 trains in float64 throughout (the parity "
+                            f"path); drop one of the two")
+        return None, "float64 throughout"
+    if precision == "tf32" and not opts["device"].startswith("cuda"):
+        raise UserError(f"--precision tf32: TF32 is a matmul mode of NVIDIA GPUs; on --device {opts['device']} "
+                        f"use fp32")
+    plan = plan_runtime(opts["device"], precision, compile=False)
+    plan.apply()
+    why = "; ".join(r for r in plan.reasons if "compile" not in r)
+    autocast = plan.autocast_dtype
+    if autocast == torch.float16:  # auto on CUDA before Ampere
+        autocast, why = None, "fp16 autocast would need loss scaling, which this trainer does not do"
+    words = "float32" + (" with bf16 autocast" if autocast is not None else "")
+    words += ", TF32 matmuls" if plan.tf32 else ""
+    return autocast, words + (f" [{why}]" if why else "")
 
 
 def _config_dict(opts: dict) -> dict:
@@ -193,6 +236,9 @@ def _build(opts: dict):
 
         if opts.get("threads") is not None:
             torch.set_num_threads(opts["threads"])
+    if opts["backend"] == "numpy" and opts.get("precision") is not None:
+        raise UserError(f"--precision {opts['precision']}: chooses the torch backend's precision; the numpy backend "
+                        f"trains in --dtype ({opts['dtype']})")
     with user_input(f"--config {opts['config']}"):
         config = GPTConfig(**cfg)
     encoding = get_encoding("gpt2")
@@ -212,7 +258,8 @@ def _build(opts: dict):
                         f"to --min-lr)")
     with user_input("training settings"):
         settings = TrainSettings(**_settings_dict(opts, steps))
-    return Trainer, make_model(config), train, val, encoding, settings
+    autocast, words = _precision(opts) if opts["backend"] == "torch" else (None, opts["dtype"])
+    return Trainer, make_model(config), train, val, encoding, settings, autocast, words
 
 
 def _reporting() -> dict:
@@ -229,13 +276,14 @@ def _start(args: argparse.Namespace):
     opts = _run_options(args)
     out = Path(args.out or f"runs/train-{args.backend}")
     old = run_folder.check_new_out(out, args.overwrite)
-    Trainer, model, train, val, encoding, settings = _build(opts)
+    Trainer, model, train, val, encoding, settings, autocast, words = _build(opts)
     with user_input(f"--out {out}"):
         run_folder.remove_run(out, old)  # only now that every option was checked: a bad one deletes nothing
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", opts)
-    trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, **_reporting())
-    print(f"training {model.num_parameters():,} parameters ({opts['backend']}, {opts['dtype']}) for "
+    extra = {"autocast_dtype": autocast} if opts["backend"] == "torch" else {}
+    trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, **extra, **_reporting())
+    print(f"training {model.num_parameters():,} parameters ({opts['backend']}, {words}) for "
           f"{settings.steps} steps of {opts['batch_size']}x{model.config.context_length} tokens; output in {out}",
           file=sys.stderr)
     return trainer
@@ -303,14 +351,17 @@ def _resume(args: argparse.Namespace):
         raise UserError(f"--resume {out} takes every option from {out / 'run.json'}; {flags} cannot go with it")
     opts = _read_run_json(out)
     try:
-        Trainer, model, train, val, encoding, settings = _build(opts)
+        Trainer, model, train, val, encoding, settings, autocast, words = _build(opts)
     except UserError as err:
         raise UserError(f"--resume {out}: run.json: {err}") from err
     ckpt = run_folder.latest_checkpoint(out)
     run_folder.check_same_model(out, ckpt, opts["backend"], model.config)
     try:  # reading the checkpoint writes nothing
         with user_input(f"--resume {out}"):  # the loaders' messages name the file
-            trainer = Trainer.resume(out, model, train, val, encoding=encoding, **_reporting())
+            # --precision auto takes the autocast the run was started with, whatever this machine would pick
+            explicit = {"autocast_dtype": autocast} if opts["backend"] == "torch" and opts["precision"] not in \
+                (None, "auto") else {}
+            trainer = Trainer.resume(out, model, train, val, encoding=encoding, **explicit, **_reporting())
     except KeyError as exc:  # a trainer state without a key the trainer reads
         raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
     run_folder.check_same_settings(out, ckpt, trainer.settings, settings)
@@ -325,7 +376,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing to do "
                   f"(its checkpoint: {run_folder.latest_checkpoint(Path(args.resume))})")
             return EXIT_OK
-        print(f"resuming {args.resume} at step {trainer.step} of {trainer.settings.steps}", file=sys.stderr)
+        kept = getattr(trainer, "autocast_dtype", None)
+        print(f"resuming {args.resume} at step {trainer.step} of {trainer.settings.steps}"
+              + (" with bf16 autocast, as it started" if kept is not None else ""), file=sys.stderr)
     result = trainer.fit()
     evals = result.history["evals"]
     last = f"; last eval: train loss {evals[-1][2]:.4f}, val loss {evals[-1][3]:.4f}" if evals else ""
