@@ -251,11 +251,22 @@ def remeasure(info: dict, quick: bool, device: str, progress: Callable[[str], No
     return info
 
 
+# The widest matrix units a CPU has, most capable first: CPUs of one model name differ in these
+# (the same "AMD EPYC" name has come with AVX2 only and with AVX-512 BF16), and they decide
+# which precision is fast, so a results folder named after the CPU names them too.
+SIMD_TIERS = (("amx_tile", "amx"), ("avx512_bf16", "avx512-bf16"), ("avx512f", "avx512"), ("avx2", "avx2"))
+
+
 def short_name(info: dict) -> str:
-    """A directory-safe machine name, e.g. 'amd-epyc-2c' or 'nvidia-h100'."""
+    """A directory-safe machine name, e.g. 'amd-epyc-avx2-2c', 'intel-xeon-amx-2c' or 'nvidia-h100'."""
     if info.get("cuda"):
         base = info["cuda"]["name"]
     else:
-        base = f"{info['cpu']['model']}-{info['cpu']['usable_cpus']}c"
+        cpu = info["cpu"]
+        model = cpu["model"]
+        for noise in ("(R)", "(TM)", "(tm)", " Processor", " CPU"):
+            model = model.replace(noise, "")
+        tier = next((name for flag, name in SIMD_TIERS if flag in cpu.get("simd", ())), None)
+        base = f"{model}-{tier}-{cpu['usable_cpus']}c" if tier else f"{model}-{cpu['usable_cpus']}c"
     keep = "".join(ch.lower() if ch.isalnum() else "-" for ch in base)
     return "-".join(part for part in keep.split("-") if part)[:40]

@@ -574,3 +574,18 @@ def test_a_broken_project_module_is_an_error_row_and_a_missing_library_n_a(monke
     assert guarded(missing_library, "train_step", "tiny", "hf-fp32", "train step")[0].status == "n/a"
     row = guarded(broken_own_module, "decode", "tiny", "torch-fp32", "decode")[0]
     assert row.status == "error" and "torch_impl.generate" in row.note, (row.status, row.note)
+
+
+@pytest.mark.parametrize("model, simd, name", [
+    ("AMD EPYC", ["avx2", "fma"], "amd-epyc-avx2-2c"),
+    ("AMD EPYC", ["avx2", "fma", "avx512f", "avx512_bf16"], "amd-epyc-avx512-bf16-2c"),
+    ("Intel(R) Xeon(R) Processor", ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], "intel-xeon-amx-2c"),
+    ("Some CPU", [], "some-2c"),
+])
+def test_machine_names_tell_apart_cpus_of_one_model_by_their_matrix_units(model, simd, name):
+    """The same model name came with AVX2 only and with AVX-512 BF16: results folders must differ."""
+    from benchmarks.machine import short_name
+
+    got = short_name({"cpu": {"model": model, "usable_cpus": 2, "simd": simd}, "cuda": None})
+    assert got == name, f"{model} with {simd}: machine name {got!r}, expected {name!r}"
+    assert short_name({"cuda": {"name": "NVIDIA H100 80GB HBM3"}}) == "nvidia-h100-80gb-hbm3"
