@@ -1,13 +1,22 @@
-"""Issue 4's two ratios against Hugging Face, measured head to head: the calls alternate.
+"""The issues' ratios measured head to head: the two sides of each ratio alternate.
 
-On a shared machine the speed drifts by 20-30% over minutes (the summary records both ends of
+On a shared machine the speed drifts by 20-80% over minutes (the summary records both ends of
 a run). The main tables time one backend's repeats and then the next backend's, minutes apart,
-so a ratio of two of their medians carries that drift. Here torch_impl and Hugging Face run in
-turns, one call each per pair (the order swapped every other pair), and the ratio is the median
-over the pairs of (ours / theirs): drift slower than a pair cancels in each pair's ratio.
+and the GEMM rates a step is divided by are measured at the start and the end of the run, so a
+ratio of two of those numbers carries that drift. Here the two sides run in turns, one call each
+per pair (the order swapped every other pair), and the ratio is the median over the pairs: drift
+slower than a pair cancels in each pair's ratio.
+
+Issue 4's ratios against Hugging Face (torch_impl and HF's GPT2LMHeadModel, `head_to_head`):
 
     train step:  ratio = median_i  t_ours(i) / t_hf(i)                 (lower is better)
     decoding:    ratio = median_i  t_hf(i) / t_ours(i)  = tok/s ours / tok/s HF   (higher)
+
+A training step against the GEMM rate (issue 3's numpy float32 step, issue 4's bf16 step;
+`step_against_peak`): each pair is one step and one measurement of the peak the step is divided
+by, taken as machine.py takes it at the start of the run:
+
+    fraction = median_i  (step FLOPs / t_step(i)) / GEMM rate(i)        (higher is better)
 """
 
 from __future__ import annotations
@@ -69,3 +78,34 @@ def head_to_head(config_name: str, config_d: dict, params: dict, B: int, T: int,
                            extra={"ratio": ratio, "ours_s": t_ours, "theirs_s": t_theirs,
                                   "higher_is_better": higher_better}))
     return rows
+
+
+# The steps whose targets divide by a GEMM rate: (backend, the issue that sets the target).
+AGAINST_PEAK = (("numpy-float32", "issue 3"), ("torch-bf16", "issue 4"))
+
+
+def step_against_peak(config_name: str, config_d: dict, params: dict, B: int, T: int, backend: str, *,
+                      pairs: int = 5, device: str = "cpu", quick: bool = False,
+                      progress: Callable[[str], None] = lambda s: None) -> list[Result]:
+    """One row, section "head_to_head": `backend`'s train step as a fraction of its peak GEMM rate,
+    the two measured in alternation (see top)."""
+    from benchmarks import machine
+    from benchmarks.flops import training_flops
+
+    ids, targets = batch(config_d, B, T)
+    progress(f"step against the GEMM rate {config_name}: build {backend}")
+    runner = make_runner(backend, config_d, params, ids, targets, device)
+    if machine.peak_now(runner.peak_name, quick) is None:
+        raise ValueError(f"{backend}: its peak {runner.peak_name!r} is not one machine.peak_now measures")
+    rates: list[float] = []
+    progress(f"step against the GEMM rate {config_name}: {backend} ({pairs} alternating pairs)")
+    runner.train_step()  # warm-up, untimed
+    step_s, _ = alternate(runner.train_step, lambda: rates.append(machine.peak_now(runner.peak_name, quick)), pairs,
+                          sync=runner.sync)
+    flops = training_flops(config_d, B, T)
+    fractions = [flops / s / rate for s, rate in zip(step_s, rates)]
+    ratio = statistics.median(fractions)
+    return [Result("head_to_head", config_name, f"{backend} vs {runner.peak_name} GEMM", "train step / GEMM rate",
+                   B=B, T=T, note=f"median of {pairs} alternating pairs: {ratio:.3f}",
+                   extra={"ratio": ratio, "step_s": step_s, "gemm_flops_per_s": rates, "flops": flops,
+                          "peak_name": runner.peak_name, "higher_is_better": True})]

@@ -205,10 +205,11 @@ def peaks_from(rates: dict, bandwidth: dict) -> dict:
 def peak_now(name: str, quick: bool = False) -> float | None:
     """One CPU peak measured again now (as measure_rates measures it), or None for a name this
     does not re-measure. Used before skipping a backend on a peak that another tenant's load may
-    have lowered at the start of the run."""
+    have lowered at the start of the run, and beside each step that a target divides by a peak
+    (head_to_head.step_against_peak)."""
     n = 768 if quick else 2048
-    if name == "numpy_float64":
-        return numpy_gemm_rate(n, "float64")
+    if name in ("numpy_float32", "numpy_float64"):
+        return numpy_gemm_rate(n, name.removeprefix("numpy_"))
     if name == "torch_bfloat16":
         return max(torch_gemm_rate(256 if quick else 1024, "bfloat16", repeats=1),
                    torch_gemm_rate(n, "bfloat16", autocast=True))

@@ -225,6 +225,76 @@ def test_targets_take_the_head_to_head_ratio_where_it_ran():
     assert "median of 5 alternating pairs" in fp32["detail"] and "0.5" in fp32["detail"], fp32["detail"]
 
 
+def _against_peak_row(backend, peak, ratio, rates=(1e9, 3e9)):
+    return Result("head_to_head", "124M", f"{backend} vs {peak} GEMM", "train step / GEMM rate",
+                  extra={"ratio": ratio, "step_s": [1.0] * len(rates), "gemm_flops_per_s": list(rates)})
+
+
+def test_step_targets_take_the_fraction_paired_with_its_gemm_rate_where_it_ran():
+    """Issue 3's and issue 4's steps against the GEMM rate: the alternating pairs' fraction wins
+    over the tables' median over the run's peak, which the detail still gives; without the pairs
+    the tables' value stands and the detail says which it is; a failed pairing is named."""
+    peaks = {"numpy_float32": 4e9, "torch_bfloat16": 2e9}
+    tables = [_timed_result("train_step", "numpy-float32", 0.5),  # 0.5 of the peak
+              _timed_result("train_step", "torch-bf16", 2.0, peak="torch_bfloat16")]  # 0.25
+    paired = [_against_peak_row("numpy-float32", "numpy_float32", 0.41),
+              _against_peak_row("torch-bf16", "torch_bfloat16", 0.47)]
+    got = {t["target"][:10]: t for t in report.targets(tables + paired, peaks, None)}
+    assert (got["numpy floa"]["value"], got["numpy floa"]["met"]) == (0.41, False), got["numpy floa"]
+    assert (got["torch bf16"]["value"], got["torch bf16"]["met"]) == (0.47, True), got["torch bf16"]
+    for key, table in (("numpy floa", "0.5"), ("torch bf16", "0.25")):
+        detail = got[key]["detail"]
+        assert "median of 2 pairs of a step and a GEMM-rate measurement (1-3 GFLOP/s" in detail, detail
+        assert f"over the run's peak: {table})" in detail, detail
+    alone = {t["target"][:10]: t for t in report.targets(tables, peaks, None)}
+    assert (alone["numpy floa"]["value"], alone["torch bf16"]["value"]) == (0.5, 0.25), alone
+    assert "the tables' median step over the run's peak GEMM rate" in alone["numpy floa"]["detail"]
+    failed = Result("head_to_head", "124M", "torch-bf16 vs GEMM", "alternating pairs", status="error",
+                    note="RuntimeError: boom")
+    bf16 = [t for t in report.targets(tables + [failed], peaks, None) if t["target"].startswith("torch bf16")][0]
+    assert bf16["value"] == 0.25 and "alternating pairs not measured (error: RuntimeError: boom)" in bf16["detail"], bf16
+
+
+def test_step_against_peak_alternates_steps_and_gemm_measurements(monkeypatch):
+    """Each pair is one step and one fresh peak measurement, in turns; each pair's fraction is the
+    step's FLOP rate over that pair's GEMM rate, and the row gives their median."""
+    from benchmarks import head_to_head as h2h
+    from benchmarks import machine
+    from benchmarks.backends import Runner
+    from benchmarks.flops import training_flops
+    from benchmarks.runner import CONFIGS
+
+    calls = []
+    rates = iter([None, 2e9, 1e9, 4e9])  # the first answers the "is this peak measurable" question
+
+    def step():
+        calls.append("step")
+
+    def peak(name, quick=False):
+        assert name == "numpy_float32", name
+        calls.append("gemm")
+        value = next(rates)
+        return 1.0 if value is None else value
+
+    runner = Runner("numpy-float32", "numpy", "numpy_float32", lambda: None, step, None, lambda: None)
+    monkeypatch.setattr(h2h, "make_runner", lambda *a, **k: runner)
+    monkeypatch.setattr(machine, "peak_now", peak)
+    cfg = CONFIGS["tiny"]
+    # The clock around each call, pair by pair: step 1 s, GEMM; GEMM, step 0.5 s; step 2 s, GEMM.
+    ticks = iter([0.0, 1.0, 0.0, 0.1, 0.0, 0.1, 0.0, 0.5, 0.0, 2.0, 0.0, 0.1])
+    real_alternate = h2h.alternate
+    monkeypatch.setattr(h2h, "alternate", lambda a, b, n, sync: real_alternate(a, b, n, sync, lambda: next(ticks)))
+
+    row, = h2h.step_against_peak("tiny", cfg, {}, 2, 8, "numpy-float32", pairs=3)
+    assert calls == ["gemm", "step", "step", "gemm", "gemm", "step", "step", "gemm"], f"call order {calls}"
+    flops = training_flops(cfg, 2, 8)
+    assert row.extra["step_s"] == [1.0, 0.5, 2.0], row.extra
+    assert row.extra["gemm_flops_per_s"] == [2e9, 1e9, 4e9], row.extra
+    expected = sorted([flops / 1.0 / 2e9, flops / 0.5 / 1e9, flops / 2.0 / 4e9])[1]
+    assert row.extra["ratio"] == pytest.approx(expected), (row.extra["ratio"], expected)
+    assert row.backend == "numpy-float32 vs numpy_float32 GEMM" and "median of 3 alternating pairs" in row.note
+
+
 def test_head_to_head_on_tiny_gives_both_ratios(one_torch_thread):
     from benchmarks.head_to_head import head_to_head
     from benchmarks.runner import CONFIGS
