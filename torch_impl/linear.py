@@ -7,6 +7,13 @@ Reference: openai/gpt-2 `model.py` `conv1d`; numpy_ref/linear.py derives the bac
 except when training on the CPU, where `_KeptGradLinear` writes it out so that dw lands in memory
 kept from the last step (kept_buffers.py: fresh memory costs a page fault per 4 kB there).
 The bias is fused into the matrix product with `addmm` (one BLAS call writes the output once).
+On an AMD CPU with AVX-512 (device.onednn_fp32_products) that training path takes the forward
+product and dx from oneDNN rather than MKL, the same float32 products with float32 accumulation
+(oneDNN's linear takes its weight (out, in), so w.T for y and w itself for dx):
+
+    y  = linear(x, w.T) + b   = x @ w + b             oneDNN, AVX-512 kernels
+    dx = linear(dy, w)        = dy @ w.T              oneDNN
+    dw = x.T @ dy                                     MKL, into kept memory as before
 
 Decoding on the CPU multiplies a handful of rows (one per sequence) by each weight: a
 matrix-vector product that only streams the weight from memory. MKL runs it on one core (about
@@ -68,7 +75,7 @@ import contextvars
 
 import torch
 
-from torch_impl.device import cpu_has_fast_bf16, plain_eager
+from torch_impl.device import cpu_has_fast_bf16, onednn_fp32_products, plain_eager
 from torch_impl.kept_buffers import grad_buffer, kept_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
@@ -171,6 +178,32 @@ def keeps_weight_grad(w: torch.Tensor, x: torch.Tensor) -> bool:
             and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu") and plain_eager())
 
 
+def onednn_linear(x: torch.Tensor, w_out_in: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w_out_in.T + b by oneDNN (float32; w_out_in may be a transposed view). (N, C_in) -> (N, C_out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w_out_in, b, "none", [], "")
+
+
+def _register_onednn_linear_flops() -> None:
+    """Tell torch's FlopCounterMode what oneDNN's linear costs (it has no formula for this op, and
+    would count these products as 0 FLOPs): 2 x (output elements) x C_in, for either overload."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for n in out_shape:  # (..., C_out)
+            rows *= n
+        return 2 * rows * x_shape[-1]
+
+
+if torch.backends.mkldnn.is_available():
+    _register_onednn_linear_flops()
+
+
 class _KeptGradLinear(torch.autograd.Function):
     """x @ w + b, with the backward of the top docstring; dw goes into memory kept from the last step."""
 
@@ -178,6 +211,9 @@ class _KeptGradLinear(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
+        ctx.onednn = x.dtype == w.dtype == torch.float32 and onednn_fp32_products()
+        if ctx.onednn:
+            return onednn_linear(x, w.T, b)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)
         return x @ w if b is None else torch.addmm(b, x, w)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)
 
     @staticmethod
@@ -186,7 +222,8 @@ class _KeptGradLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ w.T  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+            # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+            dx = onednn_linear(dy.contiguous(), w, None) if ctx.onednn else dy @ w.T
         if ctx.needs_input_grad[1]:
             dw = grad_buffer(w)  # (C_in, C_out), memory kept from the last step where free
             torch.mm(x.T, dy, out=dw)  # (C_in, N) @ (N, C_out) -> (C_in, C_out)

@@ -1,0 +1,114 @@
+"""float32 training products through oneDNN (torch_impl/linear.py, device.onednn_fp32_products).
+
+- the choice: oneDNN on an AMD CPU with AVX-512 only (MKL keeps Intel CPUs and AVX2-only ones);
+- forced on (as on such a CPU), the training linear's y, dx, dw and db agree with float64 to
+  float32's tolerance, and oneDNN really computes y and dx;
+- a whole GPT's logits and gradients, forced on, agree with the same model in float64;
+- torch's FlopCounterMode counts oneDNN's products (it has no formula of its own for them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parity_tests.compare import assert_close, to_numpy
+from parity_tests.tolerances import forward_tol, gradient_tol
+from torch_impl import device as tdevice
+from torch_impl import linear as tlinear
+from torch_impl.config import get_config
+from torch_impl.linear import linear_forward
+from torch_impl.model import GPTModel
+
+needs_onednn = pytest.mark.skipif(getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None
+                                  or not torch.backends.mkldnn.is_available(),
+                                  reason="this torch has no oneDNN linear")
+
+
+@pytest.fixture
+def onednn_on(monkeypatch):
+    """oneDNN's products as on an AMD CPU with AVX-512, whatever CPU runs the test; counts its calls."""
+    calls = []
+    real = tlinear.onednn_linear
+
+    def counted(x, w_out_in, b):
+        calls.append(tuple(x.shape))
+        return real(x, w_out_in, b)
+
+    monkeypatch.setattr(tlinear, "onednn_fp32_products", lambda: True)
+    monkeypatch.setattr(tlinear, "onednn_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("vendor, capability, chosen", [
+    ("AuthenticAMD", "AVX512", True),
+    ("GenuineIntel", "AVX512", False),
+    ("AuthenticAMD", "AVX2", False),
+    ("", "AVX512", False),
+])
+@needs_onednn
+def test_onednn_is_chosen_on_amd_cpus_with_avx512_only(monkeypatch, vendor, capability, chosen):
+    monkeypatch.setattr(tdevice, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    tdevice.onednn_fp32_products.cache_clear()
+    try:
+        assert tdevice.onednn_fp32_products() is chosen, f"{vendor} {capability}: expected oneDNN {chosen}"
+        described = "oneDNN" in tdevice.plan_runtime("cpu", "fp32").describe()
+        assert described is chosen, f"{vendor} {capability}: describe() names oneDNN: {described}, chosen: {chosen}"
+    finally:
+        tdevice.onednn_fp32_products.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_training_linear_through_onednn_agrees_with_float64(onednn_on, bias):
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    w64 = torch.randn(24, 36, generator=g, dtype=torch.float64)
+    b64 = torch.randn(36, generator=g, dtype=torch.float64) if bias else None
+    dy64 = torch.randn(40, 36, generator=g, dtype=torch.float64)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        w = torch.nn.Parameter(w64.to(dtype))
+        b = torch.nn.Parameter(b64.to(dtype)) if bias else None
+        y = linear_forward(x, w, b)
+        y.backward(dy64.to(dtype))
+        results[dtype] = {"y": y, "dx": x.grad, "dw": w.grad, **({"db": b.grad} if bias else {})}
+    assert onednn_on == [(40, 24), (40, 36)], f"oneDNN should compute y and dx of the float32 run, called on {onednn_on}"
+    for name, want in results[torch.float64].items():
+        tol = forward_tol("float32") if name == "y" else gradient_tol("float32")
+        assert_close(f"oneDNN linear {name} (float32 vs float64)", to_numpy(results[torch.float32][name]),
+                     to_numpy(want), tol)
+
+
+@needs_onednn
+def test_a_gpt_trained_through_onednn_agrees_with_float64(onednn_on):
+    cfg = get_config("tiny", drop_rate=0.0)
+    g = torch.Generator().manual_seed(1)
+    ids, targets = (torch.randint(0, cfg.vocab_size, (2, 12), generator=g) for _ in range(2))
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        model = GPTModel(cfg, seed=4, dtype=dtype)
+        logits, loss = model(ids, targets)
+        loss.backward()
+        out[dtype] = logits, {k: p.grad for k, p in model.named_parameters()}
+    assert len(onednn_on) == 2 * 4 * cfg.n_layers, f"expected y and dx of 4 linears per block, got {len(onednn_on)}"
+    assert_close("logits through oneDNN (float32 vs float64)", to_numpy(out[torch.float32][0]),
+                 to_numpy(out[torch.float64][0]), forward_tol("float32"))
+    for k, want in out[torch.float64][1].items():
+        assert_close(f"d{k} through oneDNN (float32 vs float64)", to_numpy(out[torch.float32][1][k]), to_numpy(want),
+                     gradient_tol("float32"))
+
+
+@needs_onednn
+def test_flop_counter_counts_onednn_products(onednn_on):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(10, 6, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    with FlopCounterMode(display=False) as counter:
+        linear_forward(x, w, None).sum().backward()
+    assert onednn_on, "the product did not go through oneDNN"
+    assert counter.get_total_flops() == 3 * 2 * 10 * 6 * 4, \
+        f"FlopCounterMode counted {counter.get_total_flops()} for y, dx and dw of a 10x6 @ 6x4 product"
