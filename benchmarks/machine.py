@@ -7,6 +7,9 @@ a CPU without native bf16 all show up as they are.
 - GEMM: C = A @ B with square n x n operands, 2 n^3 FLOPs, the best of a few repeats.
 - bf16 on CPU: torch.matmul on bf16 tensors and F.linear under bf16 autocast take different
   kernels (oneDNN vs a fallback); both are recorded, the peak is the faster one.
+- float32 on CPU: torch.matmul (MKL) and, where torch has it, oneDNN's linear
+  (torch.ops.mkldnn._linear_pointwise, which torch_impl trains with on AMD CPUs with AVX-512,
+  where it is the faster: torch_impl/device.py); both are recorded, the peak is the faster one.
 - Copy bandwidth: np.copyto / Tensor.copy_ of a large buffer; bytes moved = 2 x size (read and
   write).
 """
@@ -134,6 +137,20 @@ def torch_gemm_rate(n: int, dtype: str, device: str = "cpu", repeats: int = 3, a
         return 2 * n**3 / _best_seconds(fn, repeats, sync)
 
 
+def onednn_float32_rate(n: int, repeats: int = 3) -> float | None:
+    """oneDNN's float32 linear on n x n operands (the weight a transposed view, as torch_impl
+    passes it), or None where this torch has no oneDNN linear."""
+    import torch
+
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if op is None:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, w = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    with torch.no_grad():
+        return 2 * n**3 / _best_seconds(lambda: op(a, w.T, None, "none", [], ""), repeats)
+
+
 def numpy_copy_bandwidth(megabytes: int, repeats: int = 3) -> float:
     """Bytes/s of np.copyto on a `megabytes` buffer (read + write counted)."""
     import numpy as np
@@ -163,6 +180,9 @@ def measure_rates(quick: bool = False, device: str = "cpu", progress: Callable[[
     rates["numpy_float64_gemm"] = numpy_gemm_rate(n, "float64")
     progress("machine: torch GEMM")
     rates["torch_float32_gemm"] = torch_gemm_rate(n, "float32")
+    onednn = onednn_float32_rate(n)
+    if onednn is not None:
+        rates["torch_float32_onednn_linear"] = onednn
     rates["torch_float64_gemm"] = torch_gemm_rate(n, "float64")
     nb = 256 if quick else 1024  # bf16 matmul can be very slow on CPUs without native bf16
     rates["torch_bfloat16_matmul"] = torch_gemm_rate(nb, "bfloat16", repeats=1)
@@ -191,7 +211,7 @@ def peaks_from(rates: dict, bandwidth: dict) -> dict:
     peaks = {
         "numpy_float32": rates["numpy_float32_gemm"],
         "numpy_float64": rates["numpy_float64_gemm"],
-        "torch_float32": rates["torch_float32_gemm"],
+        "torch_float32": max(rates["torch_float32_gemm"], rates.get("torch_float32_onednn_linear", 0.0)),
         "torch_float64": rates["torch_float64_gemm"],
         "torch_bfloat16": max(rates["torch_bfloat16_matmul"], rates["torch_bfloat16_autocast_linear"]),
         "copy_bandwidth": max(bandwidth["numpy_copy"], bandwidth["torch_cpu_copy"]),

@@ -659,3 +659,16 @@ def test_machine_names_tell_apart_cpus_of_one_model_by_their_matrix_units(model,
     got = short_name({"cpu": {"model": model, "usable_cpus": 2, "simd": simd}, "cuda": None})
     assert got == name, f"{model} with {simd}: machine name {got!r}, expected {name!r}"
     assert short_name({"cuda": {"name": "NVIDIA H100 80GB HBM3"}}) == "nvidia-h100-80gb-hbm3"
+
+
+def test_the_torch_float32_peak_is_the_faster_of_mkl_and_onednn():
+    """torch_impl trains through oneDNN where it beats MKL (AMD CPUs with AVX-512): a step must not
+    be measured against the slower of the two kernels."""
+    from benchmarks.machine import peaks_from
+
+    rates = {"numpy_float32_gemm": 1.0, "numpy_float64_gemm": 1.0, "torch_float32_gemm": 2e11,
+             "torch_float64_gemm": 1.0, "torch_bfloat16_matmul": 1.0, "torch_bfloat16_autocast_linear": 1.0}
+    bandwidth = {"numpy_copy": 1.0, "torch_cpu_copy": 1.0}
+    assert peaks_from(rates, bandwidth)["torch_float32"] == 2e11, "without oneDNN the peak is MKL's"
+    assert peaks_from({**rates, "torch_float32_onednn_linear": 2.5e11}, bandwidth)["torch_float32"] == 2.5e11
+    assert peaks_from({**rates, "torch_float32_onednn_linear": 1.5e11}, bandwidth)["torch_float32"] == 2e11
