@@ -21,7 +21,9 @@ recorded run.)
 Precision (torch backend): `--precision auto`, the default, trains float32 weights with bf16
 autocast where bf16 products are the faster ones (CUDA from Ampere on, with TF32 matmuls; CPUs
 with AMX or AVX-512 BF16) and in plain float32 elsewhere, as `torch_impl.device.plan_runtime`
-decides; the first line on stderr says which was taken and why. `--precision fp32` (or `tf32`
+decides; the first line on stderr says which was taken and why. The gain is in the products:
+GPT-2 small trains in half the time under bf16 on a CPU with AVX-512 BF16, while the default
+2-layer, 64-channel model, whose step is mostly not products, takes about as long either way. `--precision fp32` (or `tf32`
 on CUDA, `bf16`) forces one; `--dtype float64` trains in float64 throughout. A resumed run keeps
 the autocast it started with. The numpy backend trains in --dtype only.
 
