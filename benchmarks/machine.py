@@ -288,6 +288,12 @@ def short_name(info: dict) -> str:
         for noise in ("(R)", "(TM)", "(tm)", " Processor", " CPU"):
             model = model.replace(noise, "")
         tier = next((name for flag, name in SIMD_TIERS if flag in cpu.get("simd", ())), None)
-        base = f"{model}-{tier}-{cpu['usable_cpus']}c" if tier else f"{model}-{cpu['usable_cpus']}c"
-    keep = "".join(ch.lower() if ch.isalnum() else "-" for ch in base)
-    return "-".join(part for part in keep.split("-") if part)[:40]
+        tail = f"{tier}-{cpu['usable_cpus']}c" if tier else f"{cpu['usable_cpus']}c"
+        return f"{_slug(model)[:40 - len(tail) - 1].strip('-')}-{tail}"  # the model name cut, never the tail
+    return _slug(base)[:40]
+
+
+def _slug(text: str) -> str:
+    """Lower case, runs of anything but letters and digits as one '-'."""
+    keep = "".join(ch.lower() if ch.isalnum() else "-" for ch in text)
+    return "-".join(part for part in keep.split("-") if part)

@@ -661,6 +661,18 @@ def test_machine_names_tell_apart_cpus_of_one_model_by_their_matrix_units(model,
     assert short_name({"cuda": {"name": "NVIDIA H100 80GB HBM3"}}) == "nvidia-h100-80gb-hbm3"
 
 
+def test_a_long_cpu_name_is_cut_in_the_model_never_in_the_tier_or_the_cores():
+    from benchmarks.machine import short_name
+
+    long = "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz"
+    names = {n: short_name({"cpu": {"model": long, "usable_cpus": n, "simd": ["avx2", "avx512f"]}, "cuda": None})
+             for n in (2, 16)}
+    for n, got in names.items():
+        assert len(got) <= 40 and got.endswith(f"-avx512-{n}c") and got.startswith("intel-xeon-platinum"), \
+            f"{n} cores: machine name {got!r}"
+    assert names[2] != names[16], f"2 and 16 cores gave one name: {names}"
+
+
 def test_the_torch_float32_peak_is_the_faster_of_mkl_and_onednn():
     """torch_impl trains through oneDNN where it beats MKL (AMD CPUs with AVX-512): a step must not
     be measured against the slower of the two kernels."""

@@ -55,6 +55,8 @@ def test_onednn_is_chosen_on_amd_cpus_with_avx512_only(monkeypatch, vendor, capa
         assert tdevice.onednn_fp32_products() is chosen, f"{vendor} {capability}: expected oneDNN {chosen}"
         described = "oneDNN" in tdevice.plan_runtime("cpu", "fp32").describe()
         assert described is chosen, f"{vendor} {capability}: describe() names oneDNN: {described}, chosen: {chosen}"
+        fp64 = tdevice.plan_runtime("cpu", "fp64").describe()
+        assert "oneDNN" not in fp64, f"a float64 plan never trains through oneDNN, yet: {fp64}"
     finally:
         tdevice.onednn_fp32_products.cache_clear()
 
@@ -80,6 +82,20 @@ def test_the_training_linear_through_onednn_agrees_with_float64(onednn_on, bias)
         tol = forward_tol("float32") if name == "y" else gradient_tol("float32")
         assert_close(f"oneDNN linear {name} (float32 vs float64)", to_numpy(results[torch.float32][name]),
                      to_numpy(want), tol)
+
+
+@needs_onednn
+def test_a_strided_bias_stays_on_mkl(onednn_on):
+    """oneDNN's linear reads the bias as contiguous whatever its strides: a bias that is every
+    other element of a tensor must not go there."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 8, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(8, 6, generator=g))
+    b = torch.nn.Parameter(torch.randn(12, generator=g)[::2])
+    assert not b.is_contiguous()
+    y = linear_forward(x, w, b)
+    assert onednn_on == [], f"a strided bias went through oneDNN: {onednn_on}"
+    assert_close("strided-bias linear vs addmm", to_numpy(y), to_numpy(torch.addmm(b, x, w)), forward_tol("float32"))
 
 
 @needs_onednn

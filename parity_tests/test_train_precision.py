@@ -87,7 +87,8 @@ def test_bf16_autocast_changes_the_losses_by_bf16_rounding_only():
     for autocast in (None, torch.bfloat16):
         trainer = _trainer(_model(), autocast=autocast)
         trainer.settings = TrainSettings(**{**SETTINGS, "steps": 4})
-        assert trainer.fit().ok
+        result = trainer.fit()
+        assert result.ok, f"autocast {autocast}: {result.message}"
         histories[autocast] = trainer.history
     f32 = np.array([row[2] for row in histories[None]["steps"]])
     b16 = np.array([row[2] for row in histories[torch.bfloat16]["steps"]])
@@ -111,7 +112,8 @@ def test_the_trainer_refuses_fp16_and_a_float64_model():
 
 
 def test_a_resume_with_another_autocast_is_refused_before_the_model_changes(tmp_path):
-    assert _trainer(_model(), out_dir=tmp_path).fit().ok
+    result = _trainer(_model(), out_dir=tmp_path).fit()
+    assert result.ok, result.message
     model = _model(seed=5)
     before = _weights(model)
     with pytest.raises(ValueError, match="trained with autocast bfloat16, not None"):
@@ -156,7 +158,9 @@ def test_auto_precision_is_what_plan_runtime_picks_and_says_so(tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"(torch, {words})" in err, f"the first stderr line should say {words!r}: {err!r}"
     assert _state(tmp_path, 1)["autocast"] == autocast, f"auto on this CPU should train with autocast {autocast}"
-    assert json.loads((tmp_path / "run.json").read_text())["precision"] is None  # auto: chosen per machine
+    stored = json.loads((tmp_path / "run.json").read_text())["precision"]
+    assert stored is None, f"run.json should keep --precision as given (none: auto, chosen per machine), has {stored!r}"
+    assert _state(tmp_path, 1)["tf32"] is False, "a CPU run recorded TF32 matmuls"
 
 
 def test_a_bf16_run_resumes_in_bf16_on_a_machine_that_would_pick_float32(tmp_path, capsys, monkeypatch):
@@ -219,3 +223,37 @@ def test_the_command_offers_torch_impl_precisions_only():
 
     assert set(PRECISIONS) <= set(tdevice.PRECISIONS), \
         f"--precision offers {sorted(set(PRECISIONS) - set(tdevice.PRECISIONS))}, unknown to plan_runtime"
+
+
+def test_a_resume_leaves_tf32_to_the_trainer_state_not_to_this_machine(tmp_path, capsys, monkeypatch):
+    """TF32 is a process-wide switch that --precision auto sets from the GPU at hand: a new run
+    applies the plan, a resumed one must not (Trainer.resume restores the run's own setting)."""
+    from gpt_oracle.cli import main
+
+    applied = []
+    monkeypatch.setattr(tdevice.RuntimePlan, "apply", lambda plan: applied.append(plan.device.type))
+    _fake_cpu(monkeypatch, False)
+    run = tmp_path / "r"
+    assert main(["train", "--steps", "3", "--checkpoint-every", "1", "--out", str(run), *TRAIN]) == 0
+    assert applied == ["cpu"], f"a new run should apply its plan once, applied {applied}"
+    shutil.rmtree(run / "step-00000003")
+    (run / "latest").write_text("step-00000002\n")
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert applied == ["cpu"], f"the resume applied this machine's plan: {applied}"
+
+
+@pytest.mark.cuda
+def test_a_cuda_resume_restores_the_runs_tf32_setting(tmp_path):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model = GPTModel(get_config("tiny", context_length=8), seed=0, device="cuda")
+        trainer = Trainer(model, _loader(), _loader(), TrainSettings(**{**SETTINGS, "steps": 2}), out_dir=tmp_path)
+        result = trainer.fit()
+        assert result.ok, result.message
+        torch.backends.cuda.matmul.allow_tf32 = True  # what auto would pick on an Ampere GPU
+        Trainer.resume(tmp_path, GPTModel(get_config("tiny", context_length=8), seed=1, device="cuda"), _loader(),
+                       _loader())
+        assert torch.backends.cuda.matmul.allow_tf32 is False, "the resume kept this machine's TF32, not the run's"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

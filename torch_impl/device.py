@@ -193,7 +193,7 @@ class RuntimePlan:
             f"attention {sdpa_kernel_name(self)}",
         ]
         if self.device.type == "cpu" and not self.compile:
-            parts.append(cpu_kernels(self.autocast_dtype))
+            parts.append(cpu_kernels(self.autocast_dtype, self.param_dtype))
         text = ", ".join(parts)
         return text + (f" [{'; '.join(self.reasons)}]" if self.reasons else "")
 
@@ -226,13 +226,14 @@ class RuntimePlan:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def cpu_kernels(autocast_dtype: torch.dtype | None) -> str:
-    """torch_impl's own CPU paths an eager model takes with this autocast dtype (or None)."""
+def cpu_kernels(autocast_dtype: torch.dtype | None, param_dtype: torch.dtype = torch.float32) -> str:
+    """torch_impl's own CPU paths an eager model takes with this autocast dtype (or None) and
+    parameter dtype."""
     if autocast_dtype is None:
         return ("CPU paths: output head in vocabulary slices with the loss fused (head.py), gradients and "
                 "logits in kept memory (kept_buffers.py), "
                 + ("float32 training products through oneDNN (AMD CPU with AVX-512, which MKL does not use; "
-                   "linear.py), " if onednn_fp32_products() else "")
+                   "linear.py), " if param_dtype == torch.float32 and onednn_fp32_products() else "")
                 + "one-token decoding steps in few calls (decode.py) with products split over the cores (linear.py)")
     if autocast_dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"

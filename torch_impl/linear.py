@@ -211,7 +211,9 @@ class _KeptGradLinear(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        ctx.onednn = x.dtype == w.dtype == torch.float32 and onednn_fp32_products()
+        # oneDNN's linear reads a bias as contiguous whatever its strides: a strided one stays on MKL
+        ctx.onednn = (x.dtype == w.dtype == torch.float32 and (b is None or b.is_contiguous())
+                      and onednn_fp32_products())
         if ctx.onednn:
             return onednn_linear(x, w.T, b)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)
         return x @ w if b is None else torch.addmm(b, x, w)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)

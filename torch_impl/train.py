@@ -30,7 +30,10 @@ training and evaluation run under bf16 autocast, products in bf16 with float32 a
 while the weights, their gradients and the optimiser state stay float32; backward runs outside
 the autocast region, as torch recommends. The greedy sample decodes in float32 (on CPUs that is
 the faster decode; linear.py). fp16 is refused: it needs loss scaling, which this loop does not
-do. The checkpoint records the autocast dtype and a resume keeps it.
+do. The checkpoint records the autocast dtype and a resume keeps it; on CUDA it also records
+whether float32 matmuls ran on TF32 (torch.backends.cuda.matmul.allow_tf32, a process-wide
+switch), and `Trainer.resume` sets that switch back as the run had it (off for a state from
+before it was recorded), so a resumed run does not change precision with the GPU it lands on.
 
 numpy_ref/train.py is the same loop over the NumPy model with hand-written backward passes.
 """
@@ -160,7 +163,8 @@ class Trainer:
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
                           "fingerprint": self.stream.fingerprint},
                  "rng": self.gen.get_state().tolist(), "optimizer": opt_state, "history": self.history,
-                 "dtype": str(self.model.dtype).replace("torch.", ""), "autocast": autocast_name(self.autocast_dtype)}
+                 "dtype": str(self.model.dtype).replace("torch.", ""), "autocast": autocast_name(self.autocast_dtype),
+                 "tf32": self.model.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
         if self.model.dtype != torch.float32:
             # model.safetensors holds float32; exact weights for resuming go with the trainer state.
             tensors.update({f"param.{k}": v.detach().clone() for k, v in self.model.state_dict().items()})
@@ -284,6 +288,8 @@ class Trainer:
                              f"{autocast_name(kwargs['autocast_dtype'])}")
         kwargs["autocast_dtype"] = saved
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
+        if model.device.type == "cuda":  # the run's own TF32 setting (see top)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(state.get("tf32", False))
         trainer.restore(state, tensors, params)  # the weights last, once the state is accepted
         return trainer
 

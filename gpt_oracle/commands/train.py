@@ -23,9 +23,10 @@ autocast where bf16 products are the faster ones (CUDA from Ampere on, with TF32
 with AMX or AVX-512 BF16) and in plain float32 elsewhere, as `torch_impl.device.plan_runtime`
 decides; the first line on stderr says which was taken and why. The gain is in the products:
 GPT-2 small trains in half the time under bf16 on a CPU with AVX-512 BF16, while the default
-2-layer, 64-channel model, whose step is mostly not products, takes about as long either way. `--precision fp32` (or `tf32`
-on CUDA, `bf16`) forces one; `--dtype float64` trains in float64 throughout. A resumed run keeps
-the autocast it started with. The numpy backend trains in --dtype only.
+2-layer, 64-channel model, whose step is mostly not products, takes about as long either way.
+`--precision fp32` (or `tf32` on CUDA, `bf16`) forces one; `--dtype float64` trains in float64
+throughout. A resumed run keeps the autocast it started with, and on CUDA its TF32 setting. The
+numpy backend trains in --dtype only.
 
 The output directory gets `run.json` (these arguments, so `--resume` rebuilds the same data
 and model), `log.jsonl`, `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle
@@ -126,9 +127,10 @@ def _run_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _precision(opts: dict):
+def _precision(opts: dict, resuming: bool = False):
     """(autocast dtype or None, the words saying what trains in what and why) for the torch
-    backend; --precision checked against --dtype and the device. Sets TF32 on CUDA as planned."""
+    backend; --precision checked against --dtype and the device. A new run sets TF32 on CUDA as
+    planned; a resumed one leaves it to Trainer.resume, which restores the run's own setting."""
     import torch
 
     from torch_impl.device import plan_runtime
@@ -143,7 +145,8 @@ def _precision(opts: dict):
         raise UserError(f"--precision tf32: TF32 is a matmul mode of NVIDIA GPUs; on --device {opts['device']} "
                         f"use fp32")
     plan = plan_runtime(opts["device"], precision, compile=False)
-    plan.apply()
+    if not resuming:
+        plan.apply()
     why = "; ".join(r for r in plan.reasons if "compile" not in r)
     autocast = plan.autocast_dtype
     if autocast == torch.float16:  # auto on CUDA before Ampere
@@ -194,7 +197,7 @@ def _steps(opts: dict, batches_per_epoch: int) -> int:
     return steps
 
 
-def _build(opts: dict):
+def _build(opts: dict, resuming: bool = False):
     """(Trainer class, model, train loader, val loader, encoding, settings) for the options (as
     argparse typed and range-checked them). What argparse cannot check (the data file, the
     config name, the device, whether the text fills a batch, the step count) is checked here,
@@ -260,7 +263,7 @@ def _build(opts: dict):
                         f"to --min-lr)")
     with user_input("training settings"):
         settings = TrainSettings(**_settings_dict(opts, steps))
-    autocast, words = _precision(opts) if opts["backend"] == "torch" else (None, opts["dtype"])
+    autocast, words = _precision(opts, resuming) if opts["backend"] == "torch" else (None, opts["dtype"])
     return Trainer, make_model(config), train, val, encoding, settings, autocast, words
 
 
@@ -353,7 +356,7 @@ def _resume(args: argparse.Namespace):
         raise UserError(f"--resume {out} takes every option from {out / 'run.json'}; {flags} cannot go with it")
     opts = _read_run_json(out)
     try:
-        Trainer, model, train, val, encoding, settings, autocast, words = _build(opts)
+        Trainer, model, train, val, encoding, settings, autocast, words = _build(opts, resuming=True)
     except UserError as err:
         raise UserError(f"--resume {out}: run.json: {err}") from err
     ckpt = run_folder.latest_checkpoint(out)
