@@ -195,7 +195,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
         # timed the step (on CUDA, issue 4's bf16 target is the MFU at 16 x 1024 below).
         from benchmarks.head_to_head import AGAINST_PEAK, step_against_peak
 
-        for backend, _ in AGAINST_PEAK:
+        for backend in AGAINST_PEAK:
             if device == "cpu" and any(r.section == "train_step" and r.backend == backend and r.config == name and r.status == "ok"
                    and (r.B, r.T) == (B, T) for r in results):
                 results += guarded(lambda: step_against_peak(name, resolved[name], params_by_config[name], B, T,

@@ -77,8 +77,8 @@ def onednn_fp32_products() -> bool:
     with AVX-512. MKL, torch's BLAS, does not take its AVX-512 kernels on AMD CPUs (its verbose
     banner names no AVX-512 there), while oneDNN does (ONEDNN_VERBOSE: brg_matmul:avx512_core).
     Measured on a 2-core AMD EPYC with AVX-512 (Zen 4), GPT-2 small, B*T = 256: the block's
-    products 3-25% faster forward and for dx, a whole training step 0.92x the time (median of 10
-    alternating pairs). On an Intel CPU MKL already runs AVX-512 (oneDNN ran the forward shapes
+    products 11-37% faster forward and 3-19% for dx (two probes), a whole training step 0.912x
+    the time (median of 10 alternating pairs). On an Intel CPU MKL already runs AVX-512 (oneDNN ran the forward shapes
     2% slower to 14% faster on a Xeon with AMX), and on an AVX2-only AMD CPU whole steps with
     oneDNN were 3% slower: MKL stays there. Decided once per process from the hardware alone, so
     a run and its resume take the same kernels."""
