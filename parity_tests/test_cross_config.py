@@ -44,7 +44,9 @@ def test_both_trees_reject_the_same_bad_configs(bad):
 @pytest.mark.parametrize("bad,error", [(dict(drop_rate="0.1"), TypeError), (dict(ln_eps=None), TypeError),
                                        (dict(drop_rate=True), TypeError), (dict(qkv_bias="no"), TypeError),
                                        (dict(tie_embeddings=1), TypeError), (dict(ln_eps=float("inf")), ValueError),
-                                       (dict(drop_rate=float("nan")), ValueError)])
+                                       (dict(drop_rate=float("nan")), ValueError),
+                                       # 0 would make a constant row's layer norm 0 / 0 = NaN
+                                       (dict(ln_eps=0.0), ValueError), (dict(ln_eps=-1e-5), ValueError)])
 def test_both_trees_name_the_field_of_a_value_of_the_wrong_type(bad, error):
     """A string, None or bool where a number goes, anything but True/False for a flag ("no" and
     "false" are truthy strings): the error names the field, in both trees."""

@@ -49,8 +49,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate={self.drop_rate!r} must be in [0, 1)")
-        if not (self.ln_eps >= 0.0 and math.isfinite(self.ln_eps)):
-            raise ValueError(f"GPTConfig.ln_eps={self.ln_eps!r} must be finite and >= 0")
+        if not (self.ln_eps > 0.0 and math.isfinite(self.ln_eps)):
+            # 0 would divide 0 by 0 on a constant row (x - mean = 0, var = 0): a NaN, not an error
+            raise ValueError(f"GPTConfig.ln_eps={self.ln_eps!r} must be finite and > 0")
 
     @property
     def head_size(self) -> int:
