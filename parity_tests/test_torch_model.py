@@ -331,6 +331,38 @@ def test_compile_traces_the_model_without_changing_it():
         compiled(torch.full((1, 2), 999))  # the id check still runs (eagerly) around the compiled graph
 
 
+@pytest.mark.parametrize("training,autocast,tied", [(False, False, True), (True, False, True),
+                                                    (True, True, False), (False, True, False)])
+def test_compile_captures_every_block_in_one_graph(training, autocast, tied):
+    # Only the input checks (check_ids, check_targets: data-dependent raises, compiler.disable) may
+    # break the graph. A break inside the loop over blocks makes dynamo skip the whole forward
+    # (eager, then each callee compiled alone), and one inside every linear layer cuts the model
+    # into dozens of graphs: both happened (an operator.attrgetter, a ContextVar read).
+    import torch._dynamo as dynamo
+
+    cfg = tiny(n_layers=3, drop_rate=0.1, tie_embeddings=tied)
+    model = GPTModel(cfg, seed=0).train(training)
+    ids = ids_of(cfg, 2, 7, 0)
+    allowed = ("check_ids", "check_targets")
+    names = ("matmul", "addmm", "mm", "linear", "baddbmm", "bmm")
+    # Per block: c_attn, c_proj, c_fc, mlp c_proj; plus the head, in the same graph without targets.
+    # With targets the loss's check breaks the graph in head_loss_forward, so the head's product
+    # starts the next graph (the blocks still share one).
+    for targets, expected in ((None, 4 * cfg.n_layers + 1), (ids, 4 * cfg.n_layers)):
+        dynamo.reset()
+        with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            report = dynamo.explain(model)(ids, targets)
+        dynamo.reset()
+        stray = sorted({" ".join(r.reason.split())[:200] for r in report.break_reasons
+                        if not any(a in r.reason for a in allowed)})
+        assert not stray, f"graph breaks other than the input checks (targets: {targets is not None}): {stray}"
+        products = [sum(1 for n in g.graph.nodes if n.op == "call_function"
+                        and getattr(n.target, "__name__", "") in names) for g in report.graphs]
+        assert max(products) >= expected, (f"no single graph holds the {expected} products of every block"
+                                           f"{'' if targets is not None else ' and the head'}; "
+                                           f"products per graph: {products}")
+
+
 INDUCTOR_SCRIPT = textwrap.dedent("""
     import torch
     from torch_impl.config import get_config

@@ -115,11 +115,15 @@ def bf16_weights_held():
 def held_bf16(w: torch.Tensor) -> torch.Tensor | None:
     """w's bf16 copy inside bf16_weights_held(), when the product is a no-grad one under CPU bf16
     autocast on a CPU with bf16 units; None otherwise."""
-    held = _held.get()
-    if (held is None or torch.is_grad_enabled() or w.device.type != "cpu" or w.dtype != torch.float32
+    # plain_eager() is tested before the context variable is read: torch.compile cannot trace
+    # ContextVar.get and would break the graph at every linear layer.
+    if (torch.is_grad_enabled() or not plain_eager() or w.device.type != "cpu" or w.dtype != torch.float32
             or not isinstance(w, torch.nn.Parameter) or not torch.is_autocast_enabled("cpu")
-            or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not plain_eager() or not cpu_has_fast_bf16()):
+            or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not cpu_has_fast_bf16()):
         return None  # a parametrization's output is a new plain tensor at every read: not held
+    held = _held.get()
+    if held is None:
+        return None
     entry = held.get(id(w))
     if entry is None or entry[0] is not w or entry[1] != w._version:  # new, or changed in place since
         # The weight itself is kept too, so its id stays its own; its version counter says whether

@@ -34,7 +34,6 @@ state_dict(): exactly the parameter table of docs/design.md, in its order, and n
 from __future__ import annotations
 
 import math
-import operator
 from typing import Mapping
 
 import torch
@@ -78,14 +77,22 @@ def _group(**params: nn.Parameter | None) -> nn.Module:
 _BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                  "mlp.c_proj.weight", "mlp.c_proj.bias")
-_BLOCK_GETTERS = tuple((name, operator.attrgetter(name)) for name in _BLOCK_PARAMS)
+_BLOCK_PATHS = tuple((name, tuple(name.split("."))) for name in _BLOCK_PARAMS)  # "ln_1.weight" -> ("ln_1", "weight")
 
 
 def _block_params(block: nn.Module) -> dict[str, torch.Tensor | None]:
     """A block's tensors by their GPT-2 names (block.py's `p`; `attn.c_attn.bias` None without
     qkv bias), read as attributes: a parametrized or pruned weight (torch.nn.utils.parametrize,
-    torch.nn.utils.prune) gives its computed value, as nn.Linear would use it."""
-    return {name: get(block) for name, get in _BLOCK_GETTERS}
+    torch.nn.utils.prune) gives its computed value, as nn.Linear would use it.
+    Plain getattr, not operator.attrgetter: torch.compile cannot trace an attrgetter, and a graph
+    break inside the loop over blocks sends the whole forward back to eager."""
+    params = {}
+    for name, path in _BLOCK_PATHS:
+        value = block
+        for attr in path:
+            value = getattr(value, attr)
+        params[name] = value
+    return params
 
 
 class GPTModel(nn.Module):
