@@ -20,7 +20,7 @@ import torch
 import torch_impl.attention
 import torch_impl.head
 from parity_tests.compare import assert_close, assert_dicts_close
-from parity_tests.tolerances import BF16_SAME_PRODUCTS
+from parity_tests.tolerances import BF16_SAME_PRODUCTS, forward_tol
 import torch_impl.linear
 from torch_impl.config import get_config
 from torch_impl.linear import kept_bf16_linear
@@ -391,3 +391,74 @@ def test_a_tied_head_gradient_from_another_backward_pass_is_not_added_to_wte(pat
         return model.wte.weight.grad
 
     assert_bitwise(f"{path}: wte.grad after a head-only pass", wte_grad(True), wte_grad(False))
+
+
+MIXED_FLOAT64 = pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float64, torch.float32),
+                                                            (torch.float32, torch.float64)],
+                                        ids=["float64 input, float32 weight", "float32 input, float64 weight"])
+
+
+def _under_bf16_autocast(fn, units: bool, grad: bool):
+    """fn() under CPU bf16 autocast, cpu_has_fast_bf16 patched to `units`, with or without autograd."""
+    with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: units), \
+            torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        return fn()
+
+
+def _three_products(x, w, head, targets):
+    """Our three products, each as a thunk: linear_forward, head_forward, head_loss_forward."""
+    from torch_impl.head import head_forward, head_loss_forward
+    from torch_impl.linear import linear_forward
+    return {"linear_forward": lambda: linear_forward(x, w, None),
+            "head_forward": lambda: head_forward(x, head),
+            "head_loss_forward": lambda: head_loss_forward(x, head, targets)}
+
+
+@MIXED_FLOAT64
+@pytest.mark.parametrize("units", [True, False], ids=["bf16 units", "no bf16 units"])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_float64_mixed_with_another_dtype_under_autocast_is_refused_as_plain_autocast_refuses(
+        x_dtype, w_dtype, units, grad):
+    """Autocast leaves float64 alone, so plain autocast multiplies float64 by bf16 and torch raises.
+    Our bf16 paths cast both operands themselves: they once quietly gave a bf16 result (the kept
+    training path, and every path on a CPU without bf16 units). Every product now refuses it, the
+    two dtypes named."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 16, generator=g, dtype=x_dtype, requires_grad=grad)
+    w = torch.randn(16, 24, generator=g, dtype=w_dtype, requires_grad=grad)
+    head = torch.randn(24, 16, generator=g, dtype=w_dtype, requires_grad=grad)
+    targets = torch.randint(0, 24, (2, 3), generator=g)
+    with pytest.raises(RuntimeError):  # what plain autocast does with the same operands
+        _under_bf16_autocast(lambda: torch.nn.functional.linear(x, w.T), units, grad)
+    for name, product in _three_products(x, w, head, targets).items():
+        with pytest.raises(TypeError) as err:
+            out = _under_bf16_autocast(product, units, grad)
+            raise AssertionError(f"{name}: {x_dtype} input, {w_dtype} weight under bf16 autocast gave "
+                                 f"{getattr(out, 'dtype', type(out))}, not an error")
+        message = str(err.value)
+        assert str(x_dtype) in message and str(w_dtype) in message, \
+            f"{name}: the error does not name both dtypes ({x_dtype}, {w_dtype}): {message}"
+
+
+@pytest.mark.parametrize("units", [True, False], ids=["bf16 units", "no bf16 units"])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_float64_products_stay_float64_under_autocast_as_plain_autocast_leaves_them(units, grad):
+    """Both operands float64 under CPU bf16 autocast: plain autocast leaves the product in float64.
+    On a CPU without bf16 units linear.bf16_linear (the layout workaround) once took it and gave
+    bf16. Each of our products gives float64, with the numbers of the float64 product."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=grad)
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64, requires_grad=grad)
+    head = torch.randn(24, 16, generator=g, dtype=torch.float64, requires_grad=grad)
+    targets = torch.randint(0, 24, (2, 3), generator=g)
+    plain = _under_bf16_autocast(lambda: x @ w, units, grad)
+    assert plain.dtype == torch.float64, f"plain autocast gave {plain.dtype} for a float64 product"
+    with torch.no_grad():
+        want = {"linear_forward": x @ w, "head_forward": x @ head.T}
+    want["head_loss_forward"] = want["head_forward"]
+    for name, product in _three_products(x, w, head, targets).items():
+        out = _under_bf16_autocast(product, units, grad)
+        y = out[0] if isinstance(out, tuple) else out
+        assert y.dtype == torch.float64, f"{name}: float64 operands under bf16 autocast gave {y.dtype}"
+        assert_close(f"{name} under bf16 autocast vs the float64 product", y.detach(), want[name],
+                     forward_tol("float64"))

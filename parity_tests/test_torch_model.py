@@ -608,7 +608,7 @@ def test_cpus_with_bf16_units_are_recognised_and_get_bf16_autocast(units):
         assert cpu_has_fast_bf16() == bool(units), f"{units or 'no bf16 units'}: cpu_has_fast_bf16() is wrong"
         plan = plan_runtime("cpu")
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            workaround = slow_bf16_layouts(torch.device("cpu"))
+            workaround = slow_bf16_layouts(torch.zeros(2, 2))
     expected = torch.bfloat16 if units else None
     assert plan.autocast_dtype == expected, f"{units}: auto plan autocast {plan.autocast_dtype}, expected {expected}"
     assert workaround == (not units), f"{units}: bf16 layout workaround {'on' if workaround else 'off'}"

@@ -43,8 +43,8 @@ import torch
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import plain_eager
 from torch_impl.kept_buffers import grad_buffer, kept_buffer
-from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, fast_bf16_training, held_bf16,
-                               kept_bf16_linear, slow_bf16_layouts, streams_weights)
+from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, check_autocast_operands, fast_bf16_training,
+                               held_bf16, kept_bf16_linear, slow_bf16_layouts, streams_weights)
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
 
@@ -63,10 +63,11 @@ def head_hands_grad_to_embedding(head: torch.Tensor) -> bool:
 
 def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:
     """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
+    check_autocast_operands(x, head, "output head")
     rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
     if streams_weights(rows.shape[0], head, x):  # decoding (never under autocast)
         return head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
-    if slow_bf16_layouts(head.device):  # CPU bf16 autocast without bf16 units: see linear.py
+    if slow_bf16_layouts(head):  # CPU bf16 autocast without bf16 units: see linear.py
         return bf16_linear(rows, head, None, w_is_out_in=True).view(*x.shape[:-1], head.shape[0])
     if fast_bf16_training(head):  # CPU bf16 autocast with bf16 units, training: kept memory (linear.py)
         return kept_bf16_linear(rows, head, None, True, tied_grad).view(*x.shape[:-1], head.shape[0])
@@ -85,6 +86,7 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
     Targets are checked as in cross_entropy.py: integers of shape (B, T), each in [0, V) or equal
     to ignore_index, not all ignored.
     """
+    check_autocast_operands(x, head, "output head")
     bf16_fused = fast_bf16_training(head)
     if not (bf16_fused or (head_is_sliced(head) and x.dtype == head.dtype)):
         logits = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)

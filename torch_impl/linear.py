@@ -90,9 +90,10 @@ def streams_weights(rows: int, w: torch.Tensor, x: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and plain_eager())
 
 
-def slow_bf16_layouts(device: torch.device) -> bool:
-    """CPU bf16 autocast on a CPU without bf16 instructions: products go through bf16_linear."""
-    return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
+def slow_bf16_layouts(w: torch.Tensor) -> bool:
+    """CPU bf16 autocast on a CPU without bf16 instructions: products of w go through bf16_linear.
+    Not for a float64 w: autocast leaves float64 products in float64."""
+    return (w.device.type == "cpu" and w.dtype != torch.float64 and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and plain_eager()
             and not cpu_has_fast_bf16())
 
@@ -132,13 +133,29 @@ def held_bf16(w: torch.Tensor) -> torch.Tensor | None:
     return entry[2]
 
 
+def check_autocast_operands(x: torch.Tensor, w: torch.Tensor, name: str) -> None:
+    """Under autocast, one of x and w is float64 and the other is not: refused with the dtypes named.
+
+    Autocast casts floating tensors to its low dtype, except float64, which it leaves alone; so
+    plain autocast would multiply float64 by bf16 and torch raises. The bf16 paths here cast both
+    operands themselves and would quietly compute in bf16 instead: checked first, so that every
+    path (CPU or CUDA, training or not) refuses what plain autocast refuses. Both float64 is
+    allowed and stays float64, as under plain autocast (slow_bf16_layouts leaves it alone)."""
+    device = x.device.type
+    if (x.dtype == torch.float64) != (w.dtype == torch.float64) and torch.is_autocast_enabled(device):
+        raise TypeError(f"{name}: the input is {x.dtype} and the weight {w.dtype} under {device} "
+                        f"{torch.get_autocast_dtype(device)} autocast, which leaves float64 uncast: the product "
+                        f"would mix dtypes. Give both the same dtype, or run without autocast")
+
+
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ w + b, with the bias added inside the GEMM when there is one."""
+    check_autocast_operands(x, w, "linear")
     rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
     C_in, C_out = w.shape
     if C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):  # decoding: checked first, per token
         out = streamed_linear(rows, w, b)  # (N, C_in) -> (N, C_out)
-    elif slow_bf16_layouts(w.device):
+    elif slow_bf16_layouts(w):
         out = bf16_linear(rows, w, b)  # (N, C_in) -> (N, C_out), bf16
     elif (wb := held_bf16(w)) is not None:  # decoding under bf16 autocast: the weight cast once
         xb = rows.to(torch.bfloat16)
