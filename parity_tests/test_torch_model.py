@@ -165,6 +165,30 @@ def _bad_targets_raise():
         model(ids, ids.double())
 
 
+def test_bad_targets_raise_before_any_compute_and_leave_the_kv_cache_untouched():
+    """model.forward checks ids and targets before the embedding: a bad target costs no forward,
+    and the blocks never write its keys and values into the cache (they once did, before the
+    loss's check raised; only the length was kept)."""
+    import torch_impl.model as model_module
+
+    model = model_of(tiny())
+    ids = ids_of(model.config, 2, 4, 0)
+    bad = ids.clone()
+    bad[1, 3] = -5
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(ids[:, :3], kv_cache=cache)
+    before = (cache.k.clone(), cache.v.clone(), cache.length)
+    calls = mock.patch.object(model_module, "block_forward", wraps=model_module.block_forward)
+    with torch.no_grad(), calls as blocks, pytest.raises(ValueError, match=r"target -5 at position \(1, 3\)"):
+        model(ids, bad, kv_cache=cache)
+    assert blocks.call_count == 0, f"a bad target raised only after {blocks.call_count} blocks ran"
+    assert cache.length == before[2], f"the cache's length moved from {before[2]} to {cache.length}"
+    for name, now, then in (("keys", cache.k, before[0]), ("values", cache.v, before[1])):
+        changed = int((now != then).sum())
+        assert changed == 0, f"a call with bad targets wrote {changed} cached {name}"
+
+
 @pytest.mark.parametrize("bad", [dict(emb_dim=30, n_heads=4), dict(vocab_size=0), dict(drop_rate=1.0),
                                  dict(drop_rate=-0.1), dict(n_layers=0), dict(context_length=-2)])
 def test_config_rejects_bad_values_naming_them(bad):
@@ -345,10 +369,11 @@ def test_compile_captures_every_block_in_one_graph(training, autocast, tied):
     ids = ids_of(cfg, 2, 7, 0)
     allowed = ("check_ids", "check_targets")
     names = ("matmul", "addmm", "mm", "linear", "baddbmm", "bmm")
-    # Per block: c_attn, c_proj, c_fc, mlp c_proj; plus the head, in the same graph without targets.
-    # With targets the loss's check breaks the graph in head_loss_forward, so the head's product
-    # starts the next graph (the blocks still share one).
-    for targets, expected in ((None, 4 * cfg.n_layers + 1), (ids, 4 * cfg.n_layers)):
+    # Per block: c_attn, c_proj, c_fc, mlp c_proj; plus the head, in the same graph with or without
+    # targets: model.forward checks the targets up front, so the loss's check no longer breaks the
+    # graph between the blocks and the head (it once did).
+    expected = 4 * cfg.n_layers + 1
+    for targets in (None, ids):
         dynamo.reset()
         with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             report = dynamo.explain(model)(ids, targets)
@@ -358,8 +383,8 @@ def test_compile_captures_every_block_in_one_graph(training, autocast, tied):
         assert not stray, f"graph breaks other than the input checks (targets: {targets is not None}): {stray}"
         products = [sum(1 for n in g.graph.nodes if n.op == "call_function"
                         and getattr(n.target, "__name__", "") in names) for g in report.graphs]
-        assert max(products) >= expected, (f"no single graph holds the {expected} products of every block"
-                                           f"{'' if targets is not None else ' and the head'}; "
+        assert max(products) >= expected, (f"no single graph holds the {expected} products of every block "
+                                           f"and the head (targets: {targets is not None}); "
                                            f"products per graph: {products}")
 
 

@@ -61,9 +61,12 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return targets
 
 
-def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
-    """Mean over counted positions of -log softmax(logits)[target]."""
-    targets = check_targets(logits, targets, ignore_index)  # (B, T) int64
+def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None, *,
+                          targets_checked: bool = False) -> torch.Tensor:
+    """Mean over counted positions of -log softmax(logits)[target]. `targets_checked`: the caller
+    has run check_targets (one host sync) and passes its int64 result."""
+    if not targets_checked:
+        targets = check_targets(logits, targets, ignore_index)  # (B, T) int64
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (B, T, V) -> (B*T, V)
     flat_targets = targets.reshape(-1)  # (B, T) -> (B*T,)
     if ignore_index is None:

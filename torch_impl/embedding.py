@@ -120,14 +120,16 @@ class _EmbeddingKeptGrad(torch.autograd.Function):
 
 
 def embedding_forward(ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, pos_offset: int = 0,
-                      tied_grad: TiedHeadGrad | None = None) -> torch.Tensor:
-    """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`).
+                      tied_grad: TiedHeadGrad | None = None, *, ids_checked: bool = False) -> torch.Tensor:
+    """wte[ids] + wpe[pos_offset : pos_offset + T]; ids are checked first (see `check_ids`) unless
+    `ids_checked` says the caller has done so (they are then check_ids' int64 result).
 
     tied_grad: for a tied head whose backward leaves its gradient there (head.py),
     so that wte's two gradients are summed in place (see TiedHeadGrad). Training on the CPU, the
     embedding's gradient goes into kept memory even without it (kept_buffers.py).
     """
-    ids = check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)  # (B, T) int64
+    if not ids_checked:
+        ids = check_ids(ids, wte.shape[0], wpe.shape[0], pos_offset)  # (B, T) int64
     T = ids.shape[1]
     training_wte = torch.is_grad_enabled() and wte.requires_grad
     if training_wte and (tied_grad is not None or (wte.device.type == "cpu" and plain_eager())):

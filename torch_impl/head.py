@@ -80,19 +80,21 @@ def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.T
 
 
 def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None,
-                      tied_grad=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      tied_grad=None, *, targets_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, T, V), mean cross-entropy ()); fused and sliced on the CPU (see top).
 
     Targets are checked as in cross_entropy.py: integers of shape (B, T), each in [0, V) or equal
-    to ignore_index, not all ignored.
+    to ignore_index, not all ignored; unless `targets_checked` says the caller ran check_targets
+    and passes its int64 result (model.py checks them before any compute).
     """
     check_autocast_operands(x, head, "output head")
     bf16_fused = fast_bf16_training(head)
     if not (bf16_fused or (head_is_sliced(head) and x.dtype == head.dtype)):
         logits = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
-        return logits, cross_entropy_forward(logits, targets, ignore_index)
+        return logits, cross_entropy_forward(logits, targets, ignore_index, targets_checked=targets_checked)
     V = head.shape[0]
-    targets = check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)  # (B, T) int64
+    if not targets_checked:
+        targets = check_targets(x.new_empty(*x.shape[:-1], V, device="meta"), targets, ignore_index)  # (B, T) int64
     flat = targets.reshape(-1)  # (B, T) -> (N,)
     counted = torch.ones_like(flat, dtype=torch.bool) if ignore_index is None else flat != ignore_index
     weights = counted.to(head.dtype) / counted.sum()  # (N,): 1/n on counted rows, 0 on ignored ones

@@ -41,9 +41,10 @@ from torch import nn
 
 from torch_impl.block import BLOCK_MASK_KEYS, block_forward
 from torch_impl.config import GPTConfig
+from torch_impl.cross_entropy import check_targets
 from torch_impl.decode import decode_step, decodes_fast
 from torch_impl.dropout import check_mask, dropout_forward
-from torch_impl.embedding import TiedHeadGrad, embedding_forward
+from torch_impl.embedding import TiedHeadGrad, check_ids, embedding_forward
 from torch_impl.head import head_forward, head_hands_grad_to_embedding, head_loss_forward
 from torch_impl.kept_buffers import release_kept_buffers
 from torch_impl.kv_cache import KVCache, inference_only
@@ -206,13 +207,20 @@ class GPTModel(nn.Module):
         random_dropout = self.training and dropout_masks is None and cfg.drop_rate > 0.0
         if targets is None and dropout_masks is None and not random_dropout and decodes_fast(self, ids, kv_cache):
             return decode_step(self, ids, kv_cache)  # one token per row on the CPU, same bits (decode.py)
+        # Every input is checked here, before any compute: bad targets raise before the KV cache is
+        # written, and under torch.compile the checks (data-dependent raises, run eagerly) break
+        # the graph only here, so the blocks, the head and the loss are one graph.
+        V, Tc = self.wte.weight.shape[0], self.wpe.weight.shape[0]
+        ids = check_ids(ids, V, Tc, pos_offset=past)  # (B, T) int64
+        if targets is not None:  # a meta (B, T, V) stands for the logits: only its shape is read
+            targets = check_targets(ids.new_empty(*ids.shape, V, device="meta"), targets, ignore_index)
         masks = dropout_masks or {}
         # A tied head on the sliced CPU path (or in CPU bf16 training with bf16 units) hands its
         # gradient to the embedding's backward, which adds its rows in place: one (V, C)
         # gradient, not two summed (TiedHeadGrad).
         tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_hands_grad_to_embedding(self.wte.weight) else None
         x = embedding_forward(ids, self.wte.weight, self.wpe.weight, pos_offset=past,
-                              tied_grad=tied_grad)  # (B, T) -> (B, T, C)
+                              tied_grad=tied_grad, ids_checked=True)  # (B, T) -> (B, T, C)
         x = dropout_forward(x, cfg.drop_rate, random_dropout, masks.get("embedding"))
         for i, block in enumerate(self.h):
             prefix = f"h.{i}."
@@ -226,8 +234,8 @@ class GPTModel(nn.Module):
         if targets is None:
             out = head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         else:  # logits (B, T, V) and the mean cross-entropy against targets (B, T) -> (); fused on the CPU
-            out = head_loss_forward(x, self.head_weight, targets, ignore_index, tied_grad)
-        if kv_cache is not None:  # only now: a call that raised (bad targets) leaves the cache's length as it was
+            out = head_loss_forward(x, self.head_weight, targets, ignore_index, tied_grad, targets_checked=True)
+        if kv_cache is not None:  # only now: a call that raised leaves the cache's length as it was
             kv_cache.advance(ids.shape[1])
         return out
 
