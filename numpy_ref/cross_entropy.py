@@ -26,19 +26,20 @@ import numbers
 import numpy as np
 
 
-def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None = None):
-    """(loss, cache): loss a 0-d array; the cache keeps the probabilities p (N, V)."""
+def check_targets(logits_shape: tuple[int, ...], targets, ignore_index: int | None = None):
+    """(targets as an integer ndarray, counted (...) bool, n counted), or the error naming what is
+    wrong (see the top). Only the logits' shape is read: gpt_forward checks before any compute."""
     targets = np.asarray(targets)
     if targets.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
-    if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets shape {targets.shape} must be the logits shape {logits.shape} "
+    if len(logits_shape) < 1 or targets.shape != tuple(logits_shape[:-1]):
+        raise ValueError(f"cross_entropy: targets shape {targets.shape} must be the logits shape {tuple(logits_shape)} "
                          f"without its last axis")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"cross_entropy: ignore_index must be an int or None, got {ignore_index!r}")
     if targets.size == 0:  # B = 0 or T = 0: nothing to average, whatever ignore_index is
         raise ValueError(f"cross_entropy: no targets (shape {targets.shape}); the mean loss is undefined")
-    V = logits.shape[-1]
+    V = logits_shape[-1]
     counted = np.ones(targets.shape, dtype=bool) if ignore_index is None else targets != ignore_index
     outside = counted & ((targets < 0) | (targets >= V))
     if outside.any():
@@ -48,6 +49,13 @@ def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None 
     if n == 0:
         raise ValueError(f"cross_entropy: all {targets.size} targets equal ignore_index={ignore_index}; "
                          f"the mean loss is undefined")
+    return targets, counted, n
+
+
+def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None = None):
+    """(loss, cache): loss a 0-d array; the cache keeps the probabilities p (N, V)."""
+    targets, counted, n = check_targets(logits.shape, targets, ignore_index)
+    V = logits.shape[-1]
     z = logits.reshape(-1, V)  # (..., V) -> (N, V)
     y = targets.reshape(-1)  # (...) -> (N,)
     rows = np.flatnonzero(counted.reshape(-1))  # the counted rows, (n,)

@@ -40,8 +40,8 @@ import numpy as np
 
 from numpy_ref.block import BLOCK_MASK_KEYS, block_backward, block_forward
 from numpy_ref.config import GPTConfig
-from numpy_ref.cross_entropy import cross_entropy_backward, cross_entropy_forward
-from numpy_ref.embedding import embedding_backward, embedding_forward
+from numpy_ref.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
+from numpy_ref.embedding import check_ids, embedding_backward, embedding_forward
 from numpy_ref.kv_cache import KVCache
 from numpy_ref.layernorm import layernorm_backward, layernorm_forward
 from numpy_ref.params import block_param_shapes, count_parameters, init_params, param_shapes
@@ -66,6 +66,12 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     if kv_cache is not None:
         _check_cache(kv_cache, config, ids, dtype)
     masks = split_masks(dropout_masks, config, ids, past, dtype)
+    # Every input is checked before any compute: bad targets raise before the blocks write the
+    # KV cache (embedding_forward and cross_entropy_forward check again; it costs next to nothing).
+    V, Tc = params["wte.weight"].shape[0], params["wpe.weight"].shape[0]
+    check_ids(ids, V, Tc, pos_offset=past)
+    if targets is not None:
+        check_targets((*ids.shape, V), targets, ignore_index)
     x, emb = embedding_forward(ids, params["wte.weight"], params["wpe.weight"], pos_offset=past)  # (B, T) -> (B, T, C)
     mask_e = masks["embedding"]
     if mask_e is not None:
@@ -84,7 +90,7 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     logits = (f2 @ head.T).reshape(B, T, -1)  # (BT, C) @ (C, V) -> (BT, V) -> (B, T, V)
     assert logits.dtype == dtype, f"logits drifted to {logits.dtype} from the parameters' {dtype}"
     loss, ce = (None, None) if targets is None else cross_entropy_forward(logits, targets, ignore_index)
-    if kv_cache is not None:  # only now: a call that raised (bad targets) leaves the cache's length as it was
+    if kv_cache is not None:  # only now: a call that raised leaves the cache's length as it was
         kv_cache.advance(ids.shape[1])
     cache = dict(config=config, emb=emb, mask_e=mask_e, blocks=blocks, ln_f=ln_f, f2=f2, head=head, ce=ce,
                  dtype=dtype, kv=kv_cache is not None)

@@ -213,6 +213,25 @@ def test_kv_cache_last_only_and_batch_mismatch():
         model(ids[:1, :1], kv_cache=cache)
 
 
+def test_bad_targets_raise_before_the_kv_cache_is_written():
+    """gpt_forward checks ids and targets before any compute: a bad target leaves the cache as it
+    was, its keys and values as well as its length (the blocks once wrote them first)."""
+    cfg = get_config("tiny")
+    model = _model(cfg, seed=2)
+    ids, targets = _batch(cfg, 2, 5, seed=2)
+    cache = model.new_kv_cache(2)
+    model(ids[:, :2], kv_cache=cache)
+    before = (cache.k.copy(), cache.v.copy(), cache.length)
+    bad = targets.copy()
+    bad[0, 4] = cfg.vocab_size
+    with pytest.raises(ValueError, match=rf"target {cfg.vocab_size} at position \(0, 4\)"):
+        gpt_forward(model.params, ids, cfg, bad, kv_cache=cache)
+    assert cache.length == before[2], f"the cache's length moved from {before[2]} to {cache.length}"
+    for name, now, then in (("keys", cache.k, before[0]), ("values", cache.v, before[1])):
+        changed = int((now != then).sum())
+        assert changed == 0, f"a call with bad targets wrote {changed} cached {name}"
+
+
 # ---- the float32 path ----------------------------------------------------------------------------
 
 
