@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_impl.device import as_int64_index, check_range_vmapped, plain_eager, vmapped_values
-from torch_impl.kept_buffers import grad_buffer
+from torch_impl.kept_buffers import grad_buffer, graph_backward
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
@@ -93,6 +93,11 @@ class TiedHeadGrad:
 _graph_task = getattr(torch._C, "_current_graph_task_id", lambda: None)
 
 
+def _plain_embedding(ids: torch.Tensor, wte: torch.Tensor, slot=None) -> torch.Tensor:
+    """wte[ids] by plain torch ops: what _EmbeddingKeptGrad computes. (B, T) -> (B, T, C)."""
+    return F.embedding(ids, wte)
+
+
 class _EmbeddingKeptGrad(torch.autograd.Function):
     """tok = wte[ids]; backward: dwte = (a tied head's dhead, or zeros) + scatter-add of dtok rows.
 
@@ -108,9 +113,10 @@ class _EmbeddingKeptGrad(torch.autograd.Function):
         return F.embedding(ids, wte)  # (B, T) -> (B, T, C)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dtok: torch.Tensor):
         (ids,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: F.embedding's own backward, as a graph (kept_buffers.py)
+            return graph_backward(ctx, _plain_embedding, (ids, ctx.wte, ctx.slot), (dtok,))
         dwte = ctx.slot.take() if ctx.slot is not None else None
         if dwte is None:
             dwte = grad_buffer(ctx.wte).zero_()  # (V, C)

@@ -32,7 +32,9 @@ the slice size). numpy_ref/model.py and numpy_ref/cross_entropy.py write the sam
 A tied head's gradient is handed to the embedding's backward (embedding.TiedHeadGrad), here and
 when training under bf16 autocast on a CPU with bf16 units (linear.kept_bf16_linear).
 The logits and the head's gradient are written into memory kept from the last step where nobody
-holds it any more (kept_buffers.py): 51 MB and 154 MB of fresh pages per step otherwise.
+holds it any more (kept_buffers.py): 51 MB and 154 MB of fresh pages per step otherwise. With
+create_graph=True (a second derivative) both Functions here take the plain formulas of
+`plain_head_loss` / `plain_logits_loss` instead, as a graph (kept_buffers.graph_backward).
 Shapes: x (B, T, C); head (V, C); targets (B, T) integer; logits (B, T, V); loss ().
 """
 
@@ -42,7 +44,7 @@ import torch
 
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import plain_eager
-from torch_impl.kept_buffers import grad_buffer, kept_buffer
+from torch_impl.kept_buffers import grad_buffer, graph_backward, kept_buffer
 from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, check_autocast_operands, fast_bf16_training,
                                held_bf16, kept_bf16_linear, slow_bf16_layouts, streams_weights)
 
@@ -129,6 +131,22 @@ def online_lse_step(run_max: torch.Tensor, run_sum: torch.Tensor, z: torch.Tenso
     return new_max, run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
 
 
+def plain_head_loss(x, head, targets, weights, tied_grad=None):
+    """(logits (N, V), weighted loss () or None) by plain torch ops: what _SlicedHead computes."""
+    logits = x @ head.T  # (N, C) @ (C, V) -> (N, V)
+    if targets is None:
+        return logits, None
+    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    return logits, ((torch.logsumexp(logits, dim=1) - picked) * weights).sum()
+
+
+def plain_logits_loss(logits, targets, weights, owner=None):
+    """The weighted loss () of bf16 logits (N, V), widened to float32, by plain torch ops: what
+    _Bf16LogitsLoss computes."""
+    z = logits.float()  # (N, V)
+    return ((torch.logsumexp(z, dim=1) - z.gather(1, targets[:, None]).squeeze(1)) * weights).sum()
+
+
 class _SlicedHead(torch.autograd.Function):
     """logits = x @ head.T in slices of HEAD_CHUNK vocabulary rows, and the weighted loss if given.
 
@@ -164,9 +182,10 @@ class _SlicedHead(torch.autograd.Function):
         return logits, loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dlogits, dloss):
         x, head, logits, lse, targets, weights = ctx.saved_tensors  # logits None without targets
+        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+            return graph_backward(ctx, plain_head_loss, (x, head, targets, weights, ctx.tied_grad), (dlogits, dloss))
         N, V = x.shape[0], head.shape[0]
         row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
         dx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None  # (N, C)
@@ -231,9 +250,10 @@ class _Bf16LogitsLoss(torch.autograd.Function):
         return ((lse - picked) * weights).sum()  # ()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dloss):
         logits, lse, targets, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+            return graph_backward(ctx, plain_logits_loss, (logits, targets, weights, ctx.owner), (dloss,))
         N, V = logits.shape
         row_scale = dloss * weights  # (N,): dloss / n, or 0 on ignored rows
         dlogits = kept_buffer(ctx.owner, "bf16 dlogits", (N, V), torch.bfloat16)  # (N, V)

@@ -103,10 +103,40 @@ def kept_buffer(owner: torch.Tensor, use: str, shape: tuple[int, ...], dtype: to
 
 
 def grad_buffer(w: torch.Tensor) -> torch.Tensor:
-    """Where to write w's gradient (see top). The Functions that call this are once_differentiable:
-    with create_graph=True a second derivative through them raises, so kept memory is never part
-    of a graph."""
+    """Where to write w's gradient (see top). Only a backward without create_graph writes here
+    (see `graph_backward`): kept memory is never part of a graph."""
     return kept_buffer(w, "grad", tuple(w.shape), w.dtype)
+
+
+def graph_backward(ctx, plain, inputs: tuple, grads: tuple) -> tuple:
+    """The backward of a Function that writes kept memory, when it runs with create_graph=True
+    (torch.autograd.grad(..., create_graph=True), for a gradient penalty or a Hessian-vector
+    product): the gradients of `plain(*inputs)`, the same outputs by plain torch ops, taken as a
+    graph so that a second derivative can go through them. Its own backward writes into kept
+    memory and is not differentiable.
+
+    inputs: the forward's arguments, in order (tensors that take gradients must be the ones the
+    forward was given, or saved for the backward: connected to the caller's graph); grads: the
+    gradients of the forward's outputs, None for an output not used. Returns one gradient per
+    input (None where ctx.needs_input_grad says none is needed). Autocast is off inside: plain
+    casts what it needs, as the forward did."""
+    device = next(t.device.type for t in inputs if isinstance(t, torch.Tensor))
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad) if needed]
+    with torch.enable_grad(), torch.autocast(device, enabled=False):
+        # Each input that takes a gradient enters through an alias (a view, one graph node of its
+        # own): the gradient with respect to the alias is this Function's alone. With respect to
+        # the input itself it would add every other path to it, as when a tied head's x depends
+        # on wte through the embedding. The alias is still joined to the input: the graph goes on.
+        inputs = tuple(t.view_as(t) if i in wanted else t for i, t in enumerate(inputs))
+        outs = plain(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    used = [(out, g) for out, g in zip(outs, grads) if out is not None and g is not None]
+    found = torch.autograd.grad([out for out, _ in used], [inputs[i] for i in wanted], [g for _, g in used],
+                                create_graph=True, allow_unused=True) if used and wanted else []
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, found):
+        result[i] = g
+    return tuple(result)
 
 
 def kept_bytes(owners: Iterable[torch.Tensor] | None = None) -> int:

@@ -56,8 +56,10 @@ autocast rounds it, and writes these tensors into memory kept from the last step
     db = float32(sum_rows dy)
 
 so every output and gradient is bit for bit what plain autocast gives (a test holds them equal).
-Like `_KeptGradLinear` it is once-differentiable: a second derivative through it (create_graph=True)
-raises, where plain autocast would allow one; kept memory is never part of a graph.
+x is cast to bf16 before the Function, as autocast casts it, so that the cast is part of the
+graph. With create_graph=True (a second derivative: a gradient penalty, a Hessian-vector
+product) each of these Functions takes the plain formulas instead, as a graph and without kept
+memory (kept_buffers.graph_backward); kept memory is never part of a graph.
 
 Decoding under bf16 autocast on such a CPU, plain autocast casts every weight to bf16 again for
 every token (its cast cache is for training only): 0.75 GB of memory traffic per token at GPT-2
@@ -76,7 +78,7 @@ import contextvars
 import torch
 
 from torch_impl.device import cpu_has_fast_bf16, onednn_fp32_products, plain_eager
-from torch_impl.kept_buffers import grad_buffer, kept_buffer
+from torch_impl.kept_buffers import grad_buffer, graph_backward, kept_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
@@ -231,7 +233,7 @@ class _KeptGradLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
+        ctx.b = b  # not saved: plain torch's product needs no bias for its backward, nor does this one
         # oneDNN's linear reads a bias as contiguous whatever its strides: a strided one stays on MKL
         ctx.onednn = (x.dtype == w.dtype == torch.float32 and (b is None or b.is_contiguous())
                       and onednn_fp32_products())
@@ -240,9 +242,10 @@ class _KeptGradLinear(torch.autograd.Function):
         return x @ w if b is None else torch.addmm(b, x, w)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+            return graph_backward(ctx, plain_linear, (x, w, ctx.b), (dy,))
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # (N, C_out) @ (C_out, C_in) -> (N, C_in)
@@ -250,44 +253,59 @@ class _KeptGradLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = grad_buffer(w)  # (C_in, C_out), memory kept from the last step where free
             torch.mm(x.T, dy, out=dw)  # (C_in, N) @ (N, C_out) -> (C_in, C_out)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.b is not None and ctx.needs_input_grad[2]:
             db = dy.sum(dim=0)  # (N, C_out) -> (C_out,)
         return dx, dw, db
+
+
+def plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w + b by plain torch ops: what _KeptGradLinear computes, for its create_graph backward."""
+    return x @ w if b is None else torch.addmm(b, x, w)  # (N, C_in) @ (C_in, C_out) (+ b) -> (N, C_out)
+
+
+def plain_bf16_linear(xb: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool,
+                      tied_grad=None) -> torch.Tensor:
+    """xb @ bf16(W) + bf16(b) by plain torch ops, as autocast computes it: what _Bf16Linear and
+    _KeptBf16Linear compute, for their create_graph backward. xb (N, C_in) bf16 -> (N, C_out) bf16."""
+    bf16 = torch.bfloat16
+    W = (w.T if w_is_out_in else w).to(bf16)  # (C_in, C_out)
+    return xb @ W if b is None else torch.addmm(b.to(bf16), xb, W)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool = False) -> torch.Tensor:
     """x @ W + b in bf16, every product in a fast layout (see top). W is w (in, out), or w.T when
     `w_is_out_in` (the output head, stored (V, C)). x (N, C_in) -> (N, C_out), bf16."""
-    return _Bf16Linear.apply(x, w, b, w_is_out_in)
+    return _Bf16Linear.apply(x.to(torch.bfloat16), w, b, w_is_out_in)  # the cast in the graph, as autocast's
 
 
 class _Bf16Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, w_is_out_in):
+    def forward(ctx, xb, w, b, w_is_out_in):
         bf16 = torch.bfloat16
         W = w.T if w_is_out_in else w  # (C_in, C_out), a view
-        xb = x.to(bf16)  # (N, C_in)
         w_out_in = W.T.to(bf16, memory_format=torch.contiguous_format)  # (C_out, C_in), contiguous
         y = xb @ w_out_in.T if b is None else torch.addmm(b.to(bf16), xb, w_out_in.T)  # (N, C_out)
         ctx.save_for_backward(xb, w)
-        ctx.w_is_out_in, ctx.x_dtype, ctx.has_bias = w_is_out_in, x.dtype, b is not None
+        ctx.b, ctx.w_is_out_in = b, w_is_out_in  # b not saved: only its presence (and create_graph) needs it
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         xb, w = ctx.saved_tensors
+        b = ctx.b
+        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+            return graph_backward(ctx, plain_bf16_linear, (xb, w, b, ctx.w_is_out_in), (dy,))
         dy = dy.to(torch.bfloat16)  # (N, C_out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             W = w.T if ctx.w_is_out_in else w
             w_in_out = W.to(torch.bfloat16, memory_format=torch.contiguous_format)  # (C_in, C_out)
-            dx = (dy @ w_in_out.T).to(ctx.x_dtype)  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+            dx = dy @ w_in_out.T  # (N, C_out) @ (C_out, C_in) -> (N, C_in), bf16 (the cast takes it to x's dtype)
         if ctx.needs_input_grad[1]:
             # (C_out, N) @ (N, C_in) for a head stored (V, C); (C_in, N) @ (N, C_out) otherwise
             dw = (dy.T @ xb) if ctx.w_is_out_in else (xb.T @ dy)
             dw = dw.to(w.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if b is not None and ctx.needs_input_grad[2]:
             db = dy.sum(dim=0)  # (N, C_out) -> (C_out,)
         return dx, dw, db, None
 
@@ -304,39 +322,40 @@ def kept_bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w
     (in, out), or w.T when `w_is_out_in` (the output head, stored (V, C)). tied_grad: a tied
     head's TiedHeadGrad (embedding.py), which takes dw for the embedding's backward to add to.
     x (N, C_in) -> (N, C_out), bf16."""
-    return _KeptBf16Linear.apply(x, w, b, w_is_out_in, tied_grad)
+    return _KeptBf16Linear.apply(x.to(torch.bfloat16), w, b, w_is_out_in, tied_grad)  # the cast in the graph
 
 
 class _KeptBf16Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, w_is_out_in, tied_grad):
+    def forward(ctx, xb, w, b, w_is_out_in, tied_grad):
         bf16 = torch.bfloat16
         wb = kept_buffer(w, "bf16", tuple(w.shape), bf16).copy_(w)  # w's shape, rounded to bf16
         W = wb.T if w_is_out_in else wb  # (C_in, C_out), a view
-        xb = x.to(bf16)  # (N, C_in)
         y = xb @ W if b is None else torch.addmm(b.to(bf16), xb, W)  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
         ctx.save_for_backward(xb, wb)
-        ctx.w, ctx.w_is_out_in, ctx.x_dtype, ctx.b_dtype, ctx.tied_grad = w, w_is_out_in, x.dtype, \
-            None if b is None else b.dtype, tied_grad
+        # w and b themselves, not saved: the backward needs only whose buffers to use and whether
+        # there is a bias (and, with create_graph, the tensors to differentiate by).
+        ctx.w, ctx.b, ctx.w_is_out_in, ctx.tied_grad = w, b, w_is_out_in, tied_grad
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         xb, wb = ctx.saved_tensors
-        w = ctx.w
+        w, b = ctx.w, ctx.b
+        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+            return graph_backward(ctx, plain_bf16_linear, (xb, w, b, ctx.w_is_out_in, ctx.tied_grad), (dy,))
         dy = dy.to(torch.bfloat16)  # (N, C_out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             W = wb.T if ctx.w_is_out_in else wb  # (C_in, C_out)
-            dx = (dy @ W.T).to(ctx.x_dtype)  # (N, C_out) @ (C_out, C_in) -> (N, C_in)
+            dx = dy @ W.T  # (N, C_out) @ (C_out, C_in) -> (N, C_in), bf16 (the cast takes it to x's dtype)
         if ctx.needs_input_grad[1]:
             dwb = kept_buffer(_SCRATCH_OWNER, f"bf16 grad {tuple(w.shape)}", tuple(w.shape), torch.bfloat16)
             # (C_out, N) @ (N, C_in) for a head stored (V, C); (C_in, N) @ (N, C_out) otherwise
             torch.mm(dy.T, xb, out=dwb) if ctx.w_is_out_in else torch.mm(xb.T, dy, out=dwb)
             dw = grad_buffer(w).copy_(dwb)  # float32, w's shape
-        if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
-            db = dy.sum(dim=0).to(ctx.b_dtype)  # (N, C_out) -> (C_out,)
+        if b is not None and ctx.needs_input_grad[2]:
+            db = dy.sum(dim=0).to(b.dtype)  # (N, C_out) -> (C_out,)
         if dw is not None and ctx.tied_grad is not None:
             ctx.tied_grad.give(dw)  # the embedding's backward adds to it and returns it
             dw = None
