@@ -132,6 +132,21 @@ def test_too_long_and_empty_sequences_are_value_errors():
             model(torch.zeros(shape, dtype=torch.long))
 
 
+def test_a_bf16_cache_for_a_float64_model_under_autocast_is_refused_by_name():
+    """Under autocast the cache may be in the autocast dtype (attention casts what it reads), but
+    autocast leaves float64 alone: a float64 model's keys stay float64, and a bf16 cache once got
+    past the check to a raw dtype error inside attention."""
+    from torch_impl.kv_cache import KVCache
+
+    model = model_of(tiny())  # float64
+    cfg = model.config
+    cache = KVCache(cfg.n_layers, 2, cfg.n_heads, cfg.context_length, cfg.head_size, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(ValueError, match=r"the KV cache is torch.bfloat16 on cpu; this model's keys are torch.float64"):
+        model(ids_of(model.config, 2, 3, 0), kv_cache=cache)
+    assert cache.length == 0, f"a refused call moved the cache to length {cache.length}"
+
+
 def test_kv_cache_overflow_and_batch_mismatch_are_value_errors():
     model = model_of(tiny())
     cache = model.new_kv_cache(2)

@@ -242,7 +242,8 @@ class GPTModel(nn.Module):
     def _check_cache(self, kv_cache: KVCache) -> None:
         """ValueError unless the cache was made for this model: (L, B, nh, Tc, hs) with this L, nh
         and hs, on the weights' device, and outside autocast in the weights' dtype (under autocast
-        either the weights' or the autocast dtype: attention casts what it reads)."""
+        either the weights' or the autocast dtype: attention casts what it reads; but float64
+        weights stay float64 under autocast, and so must their cache)."""
         cfg = self.config
         L, _, nh, _, hs = kv_cache.k.shape
         if (L, nh, hs) != (cfg.n_layers, cfg.n_heads, cfg.head_size):
@@ -250,7 +251,8 @@ class GPTModel(nn.Module):
                              f"{cfg.n_layers}, {cfg.n_heads}, {cfg.head_size} (make it with model.new_kv_cache)")
         w = self.wte.weight
         dev = w.device.type
-        allowed = (w.dtype, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else (w.dtype,)
+        cast = torch.is_autocast_enabled(dev) and w.dtype != torch.float64  # autocast leaves float64 alone
+        allowed = (w.dtype, torch.get_autocast_dtype(dev)) if cast else (w.dtype,)
         if kv_cache.k.device != w.device or kv_cache.k.dtype not in allowed:
             raise ValueError(f"the KV cache is {kv_cache.k.dtype} on {kv_cache.k.device}; this model's keys are "
                              f"{w.dtype} on {w.device} (model.new_kv_cache(B))")
