@@ -19,7 +19,7 @@ from pathlib import Path
 from gpt_oracle.user_input import UserError, user_input
 
 RUN_FILES = ("run.json", "log.jsonl", "loss.png", "latest", "loss.tmp.png", "latest.tmp")
-CHECKPOINT_DIR = re.compile(r"step-\d{8}(-\d+)?")
+CHECKPOINT_DIR = re.compile(r"step-\d{8,}(-\d+)?")  # 8 digits, more from step 10**8 on (train_run.py)
 
 
 def run_contents(out: Path) -> list[str]:

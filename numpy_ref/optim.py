@@ -31,7 +31,10 @@ book's chapter 5 does with `torch.optim.AdamW(model.parameters(), weight_decay=0
 
 Optimiser state for checkpoints: `state_dict() -> (state, arrays)` where `state` is JSON-ready
 (kind, step, hyper-parameters) and `arrays` maps `exp_avg.<name>` / `exp_avg_sq.<name>` (AdamW)
-or `momentum_buffer.<name>` (SGD) to arrays; torch_impl/optim.py uses the same keys.
+or `momentum_buffer.<name>` (SGD) to arrays; torch_impl/optim.py uses the same keys. Loading
+brings the saved settings (lr, betas, eps, momentum, weight_decay), as torch's load_state_dict
+does: the run continues as it was saved, whatever the optimiser was built with. The decay set
+is the optimiser's structure, not a setting: a state that decays other parameters is refused.
 """
 
 from __future__ import annotations
@@ -196,17 +199,16 @@ def _state_int(state: Mapping, key: str) -> int:
     return value
 
 
-def _check_decay_set(state: Mapping, decays: Mapping[str, bool]) -> None:
-    """With a weight decay, the saved decay set must be this optimiser's (without one the set
-    does nothing, and torch saves it empty)."""
-    if not state.get("weight_decay"):
+def check_decay_set(saved: list, saved_wd: float, here: list, here_wd: float) -> None:
+    """With a weight decay saved, the saved decay set must be this optimiser's (the saved
+    weight_decay then replaces this one's, 0 included). Without one the saved set does nothing;
+    the message names both weight decays, as the set is what decays at that rate."""
+    if not saved_wd > 0 or sorted(saved) == sorted(here):
         return
-    saved = sorted(state.get("decay", []))
-    here = sorted(k for k, d in decays.items() if d)
-    if saved != here:
-        diff = sorted(set(saved) ^ set(here))
-        raise ValueError(f"optimiser state decays another set of parameters (they differ on {diff[:3]}); "
-                         f"build the optimiser with the same decay rule")
+    diff = sorted(set(saved) ^ set(here))
+    raise ValueError(f"optimiser state decays another set of parameters (weight_decay {saved_wd} on {len(saved)} "
+                     f"saved, this optimiser's weight_decay {here_wd} on {len(here)}; they differ on {diff[:3]}); "
+                     f"build the optimiser with the same decay rule")
 
 
 # Elements per block of the AdamW update: the six arrays a block touches (p, g, m, v and two
@@ -338,7 +340,8 @@ class AdamW:
         lr = _check_lr(state.get("lr"))
         betas = _state_betas(state)
         eps, weight_decay = _state_number(state, "eps"), _state_number(state, "weight_decay")
-        _check_decay_set(state, self.decays)
+        check_decay_set(state.get("decay", []), weight_decay, [k for k, d in self.decays.items() if d],
+                        self.weight_decay)
         zeros = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg = {k: moments["exp_avg"].get(k, zeros[k]) for k in self.params}
         self.exp_avg_sq = {k: moments["exp_avg_sq"].get(k, zeros[k].copy()) for k in self.params}
@@ -402,7 +405,8 @@ class SGD:
         missing = [k for k in self.params if k not in buffers]
         if buffers and missing:
             raise KeyError(f"optimiser state lacks momentum_buffer.{missing[0]} (has buffers for other parameters)")
-        _check_decay_set(state, self.decays)
+        check_decay_set(state.get("decay", []), weight_decay, [k for k, d in self.decays.items() if d],
+                        self.weight_decay)
         self.momentum_buffer = buffers
         self.step_count, self.lr, self.momentum, self.weight_decay = step, lr, momentum, weight_decay
 

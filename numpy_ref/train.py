@@ -2,7 +2,7 @@
 
 One optimiser step (the gradient of the mean loss over `grad_accum` micro-batches):
 
-    grads = 0
+    grads = 0                                                       every step starts from zeros
     for each of `grad_accum` micro-batches (inputs, targets), each (B, T):
         masks = model.dropout_masks(B, T, rng)                      explicit dropout ({} at p = 0)
         logits, loss, cache = model.forward(inputs, targets, masks) (B, T) -> (B, T, V), ()
@@ -37,7 +37,7 @@ import numpy as np
 from numpy_ref.optim import build_optimizer, clip_grad_norm, global_grad_norm, lr_at_step
 from numpy_ref.train_log import TextProgress
 from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
-                                 fixed_batches, finish_run, load_run, record_eval, save_run)
+                                 check_same_model, fixed_batches, finish_run, load_run, record_eval, save_run)
 
 
 def evaluate(model, batches) -> float:
@@ -94,12 +94,15 @@ class Trainer:
             arrays.update({f"param.{k}": v.copy() for k, v in self.model.params.items()})
         return state, arrays
 
-    def restore(self, state: dict, arrays: dict[str, np.ndarray], params: dict[str, np.ndarray] | None = None
-                ) -> None:
-        """Position this trainer at a saved state. The trainer's own parts (optimiser, data
-        position, random state) come first, each checked whole; the caller's model is written
-        last (`params`, a checkpoint's weights, then the exact weights a non-float32 run saves
-        beside its float32 checkpoint), so a state refused on the way leaves the model as it was."""
+    def restore(self, state: dict, arrays: dict[str, np.ndarray], params: dict[str, np.ndarray] | None = None,
+                config=None) -> None:
+        """Position this trainer at a saved state. The model is checked first: the state's dtype,
+        and `config` (the checkpoint's, when given) field by field, against this model's. Then the
+        trainer's own parts (optimiser, data position, random state), each checked whole; the
+        caller's model is written last (`params`, a checkpoint's weights, then the exact weights a
+        non-float32 run saves beside its float32 checkpoint), so a state refused on the way leaves
+        the model as it was."""
+        check_same_model(config, state.get("dtype"), self.model.config, str(self.model.dtype))
         exact = self.model.dtype != np.float32
         for source, prefix, given in (("checkpoint", "", params), ("trainer state", "param.", arrays if exact else None)):
             if given is None:
@@ -193,8 +196,10 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir, model, train_loader, val_loader, **kwargs) -> "Trainer":
         """A trainer positioned exactly at the last checkpoint under `run_dir` (weights loaded
-        into `model`); the settings are the saved ones."""
-        settings, state, arrays, params = load_run(run_dir, backend="numpy")
+        into `model`); the settings are the saved ones. A model of another config or dtype than the
+        checkpoint's is refused (ValueError naming each difference) before anything changes."""
+        settings, config, state, arrays, params = load_run(run_dir, backend="numpy")
+        check_same_model(config, state.get("dtype"), model.config, str(model.dtype))  # before the trainer is made
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
-        trainer.restore(state, arrays, params)  # the weights last, once the state is accepted
+        trainer.restore(state, arrays, params, config)  # the weights last, once the state is accepted
         return trainer

@@ -6,18 +6,25 @@ function), one sub-directory per checkpoint, `step-00000010/` (a model checkpoin
 both written by numpy_ref/checkpoint.py) and `latest`, a one-line file naming the newest complete
 checkpoint. A checkpoint directory is written in full before `latest` is switched to it (write
 a temporary file, then rename), so a run killed at any moment leaves `latest` pointing at a
-complete checkpoint; the two newest are kept. The checkpoint `latest` names is never rewritten:
-saving the same step again (a finished run resumed) writes `step-00000010-1/` and switches to it.
+complete checkpoint. The switch is made durable before anything is deleted: latest.tmp is
+fsynced, renamed onto `latest`, and the run directory fsynced (the rename itself on disk); only
+then are older checkpoints pruned, so that after a power cut `latest` never names a deleted
+directory. Kept: the checkpoint `latest` names, the one it named before, and the newest others by
+step number up to `keep` (2: those two); a directory a killed save left behind goes first. The
+checkpoint `latest` names is never rewritten: saving the same step again (a finished run resumed)
+writes `step-00000010-1/` and switches to it.
 torch_impl/train_run.py is the same file for the torch tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import math
 import numbers
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +84,8 @@ class TrainSettings:
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**64:  # both trees' generators take a 64-bit seed (torch's refuses more)
+            raise ValueError(f"TrainSettings.seed must be in [0, 2**64), got {self.seed}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"TrainSettings.warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, numbers.Real)
@@ -181,6 +190,23 @@ def check_same_data(saved: str | None, current: str | None) -> None:
                          f"train on other batches than the run it continues")
 
 
+def check_same_model(saved_config, saved_dtype: str | None, config, dtype: str) -> None:
+    """ValueError naming every GPTConfig field, and the dtype, in which the model given to a
+    resume differs from the checkpoint's (its config.json; the trainer state's dtype). Shapes
+    alone let most of them through: drop_rate, ln_eps or n_heads (at the same emb_dim) change
+    what is trained, not a weight's shape, and a float64 run resumed into a float32 model would
+    drop the exact weights saved beside its float32 checkpoint. None: nothing saved to compare."""
+    differ = []
+    if saved_config is not None:
+        saved, given = saved_config.to_dict(), config.to_dict()
+        differ = [f"{k}: saved {saved.get(k)!r}, given {given[k]!r}" for k in given if saved.get(k) != given[k]]
+    if saved_dtype is not None and saved_dtype != dtype:
+        differ.append(f"dtype: saved {saved_dtype}, given {dtype}")
+    if differ:
+        raise ValueError(f"the checkpoint holds another model than the one given to resume it ({'; '.join(differ)}); "
+                         f"make the model with the saved config and dtype")
+
+
 def fixed_batches(loader, n: int) -> list:
     """The loader's first `n` batches, unshuffled (the same every time): windows 0 .. B-1, B .. 2B-1,
     ...; a last short batch is kept unless the loader drops it. Fewer than `n` if the dataset
@@ -219,6 +245,8 @@ def latest_checkpoint(run_dir) -> Path | None:
 def save_run(out_dir, step: int, config, params, state: dict, tensors: dict, *, backend: str, keep: int = 2) -> Path:
     from numpy_ref.checkpoint import save_checkpoint, save_trainer_state
 
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"save_run: keep must be an int >= 1 (the checkpoint 'latest' names), got {keep!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pointer = out_dir / "latest"
@@ -233,17 +261,66 @@ def save_run(out_dir, step: int, config, params, state: dict, tensors: dict, *, 
         shutil.rmtree(ckpt)
     save_checkpoint(ckpt, config, params)
     save_trainer_state(ckpt, {**state, "backend": backend}, tensors)
-    tmp = out_dir / "latest.tmp"
-    tmp.write_text(name + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "latest")  # the switch to the new checkpoint is one rename
-    old = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p.name != name)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    switch_latest(out_dir, name)
+    prune_checkpoints(out_dir, keep, current=name, previous=live)  # only once the switch is on disk
     return ckpt
 
 
+def switch_latest(out_dir: Path, name: str) -> None:
+    """Point `latest` at checkpoint `name`, durably: latest.tmp written and fsynced, renamed onto
+    `latest` (the switch is one atomic rename), then the directory fsynced, which puts the rename
+    itself on disk. Without the first fsync a power cut can leave `latest` empty; without the
+    second, naming a checkpoint that the pruning after it has deleted."""
+    tmp = out_dir / "latest.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / "latest")
+    fsync_directory(out_dir)
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory (POSIX: makes the renames in it durable). Nothing to do where a
+    directory cannot be opened (Windows) or its file system cannot sync one (EINVAL)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:-(\d+))?")
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(step, k) of a checkpoint directory `step-NNNNNNNN` (k = 0) or `step-NNNNNNNN-k`, as numbers
+    (as text, `-10` sorts before `-2`, and step 100000000, nine digits, before 99999999); None for
+    a name that is not a checkpoint's."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return None if match is None else (int(match[1]), int(match[2] or 0))
+
+
+def prune_checkpoints(out_dir: Path, keep: int, *, current: str, previous: str | None) -> None:
+    """Delete the checkpoint directories of `out_dir` beyond `keep`: `current` (what `latest`
+    names) is kept first, then `previous` (what it named before this save: the last good one
+    should the new one prove bad), then the others newest step first. So a directory a killed
+    save left behind, whatever its step, never displaces the previous checkpoint."""
+    found = {p.name: p for p in out_dir.iterdir() if p.is_dir() and checkpoint_order(p.name) is not None}
+    others = sorted((n for n in found if n not in (current, previous)), key=checkpoint_order, reverse=True)
+    ranked = [n for n in (current, previous) if n in found] + others
+    for name in ranked[keep:]:
+        shutil.rmtree(found[name], ignore_errors=True)
+
+
 def load_run(run_dir, *, backend: str):
-    """(settings, trainer state, trainer tensors, model params) of the newest checkpoint."""
+    """(settings, model config, trainer state, trainer tensors, model params) of the newest checkpoint."""
     from numpy_ref.checkpoint import load_checkpoint, load_trainer_state
 
     ckpt = latest_checkpoint(run_dir)
@@ -253,8 +330,8 @@ def load_run(run_dir, *, backend: str):
     if state.get("backend", backend) != backend:
         raise ValueError(f"{ckpt} was written by the {state['backend']} trainer; resume it with --backend "
                          f"{state['backend']}")
-    _, params = load_checkpoint(ckpt)
-    return TrainSettings.from_dict(state["settings"]), state, tensors, params
+    config, params = load_checkpoint(ckpt)
+    return TrainSettings.from_dict(state["settings"]), config, state, tensors, params
 
 
 # ---- evaluation and the end of a run --------------------------------------------------------

@@ -520,3 +520,48 @@ def test_state_without_weight_decay_crosses_trees_and_bad_settings_are_refused_i
         h = _Holder(params)
         with pytest.raises(ValueError, match=next(iter(bad))):
             topt.load_optimizer_state(topt.build_optimizer(h, "adamw"), h, dict(state, **bad), tensors)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_a_saved_weight_decay_loads_into_an_optimiser_built_without_one_in_both_trees(kind):
+    """Loading brings the saved settings, weight_decay as lr, betas, eps and momentum: the run
+    continues as saved. An optimiser built with weight_decay 0 used to be refused by torch ("decays
+    another set": it knew no decay set without a decay) while numpy took the saved 0.1. Now both
+    take it and continue as the uninterrupted run; a decay set that differs is refused by both
+    with the same message, naming both weight decays."""
+    params = _params(13)
+    extra = {"momentum": 0.9} if kind == "sgd" else {}
+    src = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, lr=0.01, weight_decay=0.1, **extra)
+    for t in range(2):
+        src.step(_grads(t))
+    state, arrays = src.state_dict()
+    tensors = {k: torch.tensor(v) for k, v in arrays.items()}
+    n_opt = nopt.build_optimizer({k: v.copy() for k, v in src.params.items()}, kind, lr=0.01, weight_decay=0.0,
+                                 **extra)
+    n_opt.load_state_dict(state, arrays)
+    holder = _Holder(src.params)
+    t_opt = topt.build_optimizer(holder, kind, lr=0.01, weight_decay=0.0, **extra)
+    topt.load_optimizer_state(t_opt, holder, state, tensors)
+    assert n_opt.weight_decay == 0.1, f"numpy: weight_decay {n_opt.weight_decay} after loading a 0.1 state"
+    assert [g["weight_decay"] for g in t_opt.param_groups] == [0.1, 0.0], \
+        f"torch: groups' weight_decay {[g['weight_decay'] for g in t_opt.param_groups]} after loading a 0.1 state"
+    for t in range(2, 4):
+        src.step(_grads(t))
+        n_opt.step(_grads(t))
+        _set_grads(holder, _grads(t))
+        t_opt.step()
+    assert_dicts_close(f"numpy {kind} resumed into weight_decay 0", n_opt.params, src.params, STEP_TOL)
+    assert_dicts_close(f"torch {kind} resumed into weight_decay 0", _torch_params(holder), src.params, STEP_TOL)
+
+    messages = {}
+    with pytest.raises(ValueError, match="another set") as err:
+        nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, weight_decay=0.0, decay="all",
+                             **extra).load_state_dict(state, arrays)
+    messages["numpy"] = str(err.value)
+    h = _Holder(params)
+    with pytest.raises(ValueError, match="another set") as err:
+        topt.load_optimizer_state(topt.build_optimizer(h, kind, weight_decay=0.0, decay="all", **extra), h, state,
+                                  tensors)
+    messages["torch"] = str(err.value)
+    assert "weight_decay 0.1 on 3 saved, this optimiser's weight_decay 0.0 on 8" in messages["numpy"], messages
+    assert messages["numpy"] == messages["torch"], f"the trees refuse the decay set differently: {messages}"

@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,6 +305,8 @@ def test_an_infinite_gradient_stops_the_run_without_clipping_too(tree, tmp_path,
     (dict(betas=(0.9, 1.0)), ValueError, "betas must be two numbers"),
     (dict(grad_clip=float("inf")), ValueError, "grad_clip must be a finite number > 0"),
     (dict(momentum=1.0), ValueError, "momentum must be < 1"),
+    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),  # numpy's generator refused it late
+    (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\), got 18446744073709551616"),  # torch's
 ])
 def test_train_settings_refuse_bad_values_in_both_trees(bad, error, match):
     """Refused when the settings are made, not after the first forward and backward."""
@@ -502,3 +506,161 @@ def test_data_fingerprints_agree_across_trees_and_see_each_setting():
                                           4, shuffle=True, drop_last=True, seed=3)}
     same = [what for what, loader in changed.items() if nrun.data_fingerprint(loader) == base]
     assert not same, f"the fingerprint does not see a change of {same}"
+
+
+# ---- resuming into the right model, gradients, the run folder's `latest` ----------------------
+
+
+def _model_of(tree: str, dtype: str, seed: int = 9, **config):
+    """A tiny model with `config` overrides, in float32 or float64 in either tree."""
+    if tree == "numpy":
+        return NumpyGPT(np_config("tiny", context_length=8, **config), seed=seed, dtype=np.dtype(dtype))
+    return TorchGPT(torch_config("tiny", context_length=8, **config), seed=seed, dtype=getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_resume_refuses_another_config_or_dtype_naming_each_difference(tree, tmp_path):
+    """Another drop_rate, n_heads (same emb_dim) or ln_eps changes no weight's shape, and a float64
+    run resumed into a float32 model loses its exact weights: each used to resume silently (or,
+    float32 into float64, fail on a missing `param.*` key). Each is now a ValueError naming the
+    field with both values, before the caller's model changes; `restore` refuses the dtype too."""
+    cls = NumpyTrainer if tree == "numpy" else TorchTrainer
+    settings = dict(steps=1, progress=False, sample_tokens=0)
+    for dtype, other in (("float32", "float64"), ("float64", "float32")):
+        run = tmp_path / dtype
+        assert _trainer(tree, _model_of(tree, dtype, seed=0), settings, out_dir=run).fit().ok
+        cases = [(dict(drop_rate=0.5), "drop_rate: saved 0.0, given 0.5"),
+                 (dict(n_heads=8), "n_heads: saved 4, given 8"),
+                 (dict(ln_eps=0.5), "ln_eps: saved 1e-05, given 0.5"),
+                 (dict(n_heads=8, ln_eps=0.5), "n_heads: saved 4, given 8; ln_eps: saved 1e-05, given 0.5")]
+        for config, words in cases:
+            given = _model_of(tree, dtype, **config)
+            before = _weights(tree, given)
+            with pytest.raises(ValueError, match=f"another model .*{words}") as err:
+                cls.resume(run, given, _loader(tree), _loader(tree))
+            assert "dtype:" not in str(err.value), f"{tree}: same dtype reported as differing: {err.value}"
+            changed = [k for k, v in _weights(tree, given).items() if not np.array_equal(v, before[k])]
+            assert not changed, f"{tree} {config}: a refused resume changed the model: {changed[:3]}"
+        given = _model_of(tree, other)
+        before = _weights(tree, given)
+        with pytest.raises(ValueError, match=f"dtype: saved {dtype}, given {other}"):
+            cls.resume(run, given, _loader(tree), _loader(tree))
+        changed = [k for k, v in _weights(tree, given).items() if not np.array_equal(v, before[k])]
+        assert not changed, f"{tree}: a {dtype} run refused into a {other} model changed it: {changed[:3]}"
+        # The trainer's own restore, given the state without the config, checks the dtype.
+        _, _, state, tensors, params = (nrun if tree == "numpy" else trun).load_run(run, backend=tree)
+        plain = _trainer(tree, _model_of(tree, other), settings)
+        with pytest.raises(ValueError, match=f"dtype: saved {dtype}, given {other}"):
+            plain.restore(state, tensors, params)
+        assert plain.step == 0, f"{tree}: the refused state moved the trainer to step {plain.step}"
+        assert cls.resume(run, _model_of(tree, dtype), _loader(tree), _loader(tree)).step == 1
+
+
+def test_each_torch_step_starts_from_no_gradients_as_numpys_does():
+    """numpy_ref sums each step's gradients from zeros. torch's backward adds to .grad: gradients
+    left on the model (a user's sanity-check backward, or the first micro-batch of a step stopped
+    by a non-finite loss) used to be folded into the next step."""
+    settings = dict(steps=1, optimizer="sgd", max_lr=0.1, min_lr=0.1, grad_clip=None, progress=False,
+                    sample_tokens=0)
+    n_model = _model("numpy", seed=1)
+    stale = _model("torch", dtype=torch.float64)
+    load_numpy_params_into_torch(stale, n_model.params)
+    _, loss = stale(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    loss.backward()  # gradients a trainer did not make
+    assert _trainer("numpy", n_model, settings).fit().ok
+    assert _trainer("torch", stale, settings).fit().ok
+    assert_dicts_close("one SGD step from a torch model holding stale .grad vs numpy's", _weights("torch", stale),
+                       n_model.params, gradient_tol("float64"))
+
+    # A step stopped by a NaN loss on its second micro-batch leaves the first one's gradients.
+    settings.update(steps=2, grad_accum=2)
+    stopped = _trainer("torch", _model("torch", seed=4), settings)
+    real, calls = stopped.model.forward, []
+
+    def nan_on_second_call(*args, **kwargs):
+        calls.append(1)
+        logits, loss = real(*args, **kwargs)
+        return logits, loss * float("nan") if len(calls) == 2 else loss
+
+    stopped.model.forward = nan_on_second_call
+    result = stopped.fit()
+    assert not result.ok and "non-finite loss nan at step 1" in result.message, result.message
+    del stopped.model.forward  # the model's own forward again; the stream is 2 batches in
+    clean = _trainer("torch", _model("torch", seed=4), settings)
+    clean.stream.next(), clean.stream.next()
+    assert stopped.fit().ok and clean.fit().ok
+    a, b = _weights("torch", clean.model), _weights("torch", stopped.model)
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ, f"the stopped step's gradients leaked into the next fit(): {differ[:3]} differ"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_latest_is_fsynced_renamed_and_its_directory_fsynced_before_anything_is_pruned(tree, tmp_path,
+                                                                                       monkeypatch):
+    """Checkpoints at steps 1, 2, 3 (keep 2): the third save prunes step 1. Recorded in order:
+    every fsync (by inode), rename and rmtree. latest.tmp must be fsynced before its rename, and
+    the run directory fsynced after the rename and before the pruning: otherwise a power cut can
+    leave `latest` empty, or naming the deleted checkpoint."""
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", Path(path).name))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert _trainer(tree, _model(tree), dict(steps=3, checkpoint_every=1, progress=False, sample_tokens=0),
+                    out_dir=tmp_path).fit().ok
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003"]
+    switch = max(i for i, e in enumerate(events) if e == ("rename", "latest.tmp", "latest"))
+    prune = events.index(("rmtree", "step-00000001"))
+    before = events[max(i for i in range(switch) if events[i][0] == "rename") + 1: switch]
+    assert ("fsync", (tmp_path / "latest").stat().st_ino) in before, \
+        f"{tree}: latest.tmp was not fsynced before its rename; events before it: {before}"
+    assert switch < prune, f"{tree}: step-00000001 pruned (event {prune}) before 'latest' switched (event {switch})"
+    assert ("fsync", tmp_path.stat().st_ino) in events[switch + 1: prune], \
+        f"{tree}: the run directory was not fsynced between the rename and the pruning: {events[switch:prune + 1]}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_pruning_orders_checkpoints_by_step_number_and_keeps_the_previous_one(tree, tmp_path):
+    """As text, `step-00000010-10` sorts before `-2` and step 100000000 (nine digits) before
+    99999999; and a directory a killed save left at a later step sorted after the previous good
+    checkpoint, which was deleted in its place."""
+    run = TREE_PARTS[tree][1]
+    trainer = _trainer(tree, _model(tree), dict(steps=1, progress=False))
+    args = (trainer.model.config, trainer.model.params if tree == "numpy" else trainer.model.state_dict(),
+            *trainer.state())
+
+    def kept(out):  # the step folders left, in (step, k) order
+        return sorted((p.name for p in out.glob("step-*")), key=lambda n: [int(x) for x in n.split("-")[1:]])
+
+    orphan = tmp_path / "orphan"
+    run.save_run(orphan, 20, *args, backend=tree)
+    (orphan / "step-00000040").mkdir()  # a save killed midway: `latest` still names step 20
+    run.save_run(orphan, 30, *args, backend=tree)
+    assert kept(orphan) == ["step-00000020", "step-00000030"], \
+        f"{tree}: an unfinished step-40 directory displaced the previous checkpoint step 20: {kept(orphan)}"
+
+    siblings = tmp_path / "siblings"
+    for name in ("step-00000010-2", "step-00000010-10"):
+        (siblings / name).mkdir(parents=True)
+    run.save_run(siblings, 11, *args, backend=tree)
+    assert kept(siblings) == ["step-00000010-10", "step-00000011"], f"{tree}: kept {kept(siblings)}"
+
+    big = tmp_path / "big"
+    for step in (99_999_998, 99_999_999, 100_000_000, 100_000_001):
+        run.save_run(big, step, *args, backend=tree, keep=3)
+    assert kept(big) == ["step-99999999", "step-100000000", "step-100000001"], f"{tree}: kept {kept(big)}"
+    assert (big / "latest").read_text().strip() == "step-100000001"

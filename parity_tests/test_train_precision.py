@@ -121,7 +121,7 @@ def test_a_resume_with_another_autocast_is_refused_before_the_model_changes(tmp_
     # A trainer made by hand without autocast, given the bf16 run's state.
     from torch_impl.train_run import load_run
 
-    _, state, tensors, params = load_run(tmp_path, backend="torch")
+    _, _, state, tensors, params = load_run(tmp_path, backend="torch")
     plain = _trainer(model, autocast=None)
     with pytest.raises(ValueError, match="trained with autocast bfloat16 but this trainer has None"):
         plain.restore(state, tensors, params)

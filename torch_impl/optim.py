@@ -12,13 +12,18 @@ The math is numpy_ref/optim.py's, written there step by step; here it is torch's
 
 `build_optimizer` makes two parameter groups, decay and no decay, with the same rule as
 numpy_ref (`gpt2_decay`: the 2-D weights of linear layers decay; biases, layer norms and the
-embeddings wte/wpe do not; a tied head is wte). AdamW runs fused (one kernel for all
+embeddings wte/wpe do not; a tied head is wte). Each group says whether it is the decay set
+(`"decays"`), so that an optimiser built with weight_decay 0 still knows which parameters a
+loaded weight decay applies to, as numpy_ref's does. AdamW runs fused (one kernel for all
 parameters) where torch supports it for the parameters' device and dtype, and `foreach`
 otherwise. Reference: Loshchilov & Hutter 2019; torch.optim.AdamW's documented algorithm.
 
 `optimizer_state(opt, model)` / `load_optimizer_state(opt, model, state, tensors)` convert to and
 from the checkpoint form shared with numpy_ref: a JSON-ready dict plus tensors keyed
-`exp_avg.<name>`, `exp_avg_sq.<name>` (AdamW) or `momentum_buffer.<name>` (SGD).
+`exp_avg.<name>`, `exp_avg_sq.<name>` (AdamW) or `momentum_buffer.<name>` (SGD). Loading brings
+the saved settings (lr, betas, eps, momentum, weight_decay) as torch's own load_state_dict
+does: the run continues as it was saved, whatever the optimiser was built with. The decay set
+is the optimiser's structure, not a setting: a state that decays other parameters is refused.
 """
 
 from __future__ import annotations
@@ -100,12 +105,20 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay: str | DecayRule = "gpt2") -> list[dict]:
-    """[decay group, no-decay group] of the model's named parameters (a tied head counted once)."""
+    """[decay group, no-decay group] of the model's named parameters (a tied head counted once);
+    `"decays"` marks the decay set, whatever its weight_decay (0 included)."""
     rule = get_decay_rule(decay)
     decayed, kept = [], []
     for name, p in model.named_parameters():
         (decayed if rule(name, tuple(p.shape)) else kept).append(p)
-    return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return [{"params": decayed, "weight_decay": weight_decay, "decays": True},
+            {"params": kept, "weight_decay": 0.0, "decays": False}]
+
+
+def group_decays(group: Mapping) -> bool:
+    """Whether a parameter group is the decay set: its `"decays"` mark (build_optimizer's groups),
+    else (groups made by hand) whether its weight_decay is > 0."""
+    return bool(group.get("decays", group["weight_decay"] > 0))
 
 
 def _fused_supported(model: nn.Module) -> bool:
@@ -168,7 +181,7 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> tuple[dict,
     group = opt.param_groups[0]
     state = {"kind": kind, "step": step, "lr": group["lr"],
              "weight_decay": max(g["weight_decay"] for g in opt.param_groups),
-             "decay": sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])}
+             "decay": sorted(names[id(p)] for g in opt.param_groups if group_decays(g) for p in g["params"])}
     if kind == "adamw":
         state.update(betas=list(group["betas"]), eps=group["eps"])
     else:
@@ -197,11 +210,14 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Ma
     if unknown:
         raise ValueError(f"optimiser state has unknown tensor(s) {unknown[:3]}; expected keys "
                          f"'<slot>.<parameter>' with slot in {slots}")
-    decayed = sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
-    if settings["weight_decay"] > 0 and sorted(state.get("decay", [])) != decayed:
-        diff = sorted(set(state.get("decay", [])) ^ set(decayed))
-        raise ValueError(f"optimiser state decays another set of parameters (they differ on {diff[:3]}); "
-                         f"build the optimiser with the same decay rule")
+    foreign = sum(id(p) not in names for g in opt.param_groups for p in g["params"])
+    if foreign:  # the state is keyed by the model's names: an optimiser over other tensors has none
+        raise ValueError(f"the optimiser holds {foreign} parameter(s) that are not this model's; build it over "
+                         f"the model whose state is loaded")
+    decays = [group_decays(g) for g in opt.param_groups]
+    decayed = sorted(names[id(p)] for g, d in zip(opt.param_groups, decays) if d for p in g["params"])
+    here_wd = max((g["weight_decay"] for g, d in zip(opt.param_groups, decays) if d), default=0.0)
+    check_decay_set(state.get("decay", []), settings["weight_decay"], decayed, here_wd)
     # Then every parameter has its slots. AdamW counts its steps; torch's SGD keeps no step (its
     # state says 0), so there the buffers tell: with momentum, for every parameter or for none.
     if kind == "adamw":
@@ -238,9 +254,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Ma
                     st["step"] = torch.tensor(float(step), dtype=torch.float32)
                 per_param[index] = st
             index += 1
-    for group_saved in saved["param_groups"]:
+    for group_saved, is_decay_set in zip(saved["param_groups"], decays):
         group_saved["lr"] = settings["lr"]
-        if group_saved["weight_decay"] > 0:
+        if is_decay_set:  # the saved weight decay, 0 included, on the decay set only
             group_saved["weight_decay"] = settings["weight_decay"]
         if kind == "adamw":
             group_saved["betas"], group_saved["eps"] = settings["betas"], settings["eps"]
@@ -248,6 +264,18 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Ma
             group_saved["momentum"] = settings["momentum"]
     saved["state"] = per_param
     opt.load_state_dict(saved)
+
+
+def check_decay_set(saved: list, saved_wd: float, here: list, here_wd: float) -> None:
+    """With a weight decay saved, the saved decay set must be this optimiser's (the saved
+    weight_decay then replaces this one's, 0 included). Without one the saved set does nothing;
+    the message names both weight decays, as the set is what decays at that rate."""
+    if not saved_wd > 0 or sorted(saved) == sorted(here):
+        return
+    diff = sorted(set(saved) ^ set(here))
+    raise ValueError(f"optimiser state decays another set of parameters (weight_decay {saved_wd} on {len(saved)} "
+                     f"saved, this optimiser's weight_decay {here_wd} on {len(here)}; they differ on {diff[:3]}); "
+                     f"build the optimiser with the same decay rule")
 
 
 def _checked_settings(kind: str, state: Mapping) -> dict:

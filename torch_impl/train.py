@@ -2,12 +2,13 @@
 
 One optimiser step:
 
+    model.zero_grad(set_to_none=True)                                  starts from no gradients
     for each of `grad_accum` micro-batches (inputs, targets), each (B, T):
         loss = cross_entropy(model(inputs), targets) / grad_accum      (B, T) -> ()
         loss.backward()                                                gradients add up
     norm = clip_grad_norm(all gradients, grad_clip)                    global L2 norm
     lr = lr_at_step(step)                                              warmup, then cosine
-    optimizer.step(); optimizer.zero_grad()
+    optimizer.step()
 
 Every `eval_every` steps: the mean loss over every target of the first `eval_batches` batches of
 the training and validation sets (unshuffled, so every evaluation sees the same batches), a
@@ -51,7 +52,7 @@ from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_st
                               set_lr)
 from torch_impl.train_log import TextProgress
 from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
-                                  fixed_batches, finish_run, load_run, record_eval, save_run)
+                                  check_same_model, fixed_batches, finish_run, load_run, record_eval, save_run)
 
 
 def dropout_masks(model, B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
@@ -91,9 +92,14 @@ def evaluate(model, batches) -> float:
     return total / count
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: as the trainer state stores a model's dtype (numpy_ref's names)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def autocast_name(dtype: torch.dtype | None) -> str | None:
     """"bfloat16" for torch.bfloat16, None for no autocast: as the trainer state stores it."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
+    return None if dtype is None else dtype_name(dtype)
 
 
 def autocast_dtype_named(name) -> torch.dtype | None:
@@ -163,18 +169,22 @@ class Trainer:
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
                           "fingerprint": self.stream.fingerprint},
                  "rng": self.gen.get_state().tolist(), "optimizer": opt_state, "history": self.history,
-                 "dtype": str(self.model.dtype).replace("torch.", ""), "autocast": autocast_name(self.autocast_dtype),
+                 "dtype": dtype_name(self.model.dtype), "autocast": autocast_name(self.autocast_dtype),
                  "tf32": self.model.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
         if self.model.dtype != torch.float32:
             # model.safetensors holds float32; exact weights for resuming go with the trainer state.
             tensors.update({f"param.{k}": v.detach().clone() for k, v in self.model.state_dict().items()})
         return state, tensors
 
-    def restore(self, state: dict, tensors: dict[str, torch.Tensor], params: dict | None = None) -> None:
-        """Position this trainer at a saved state. The trainer's own parts (optimiser, data
-        position, random state) come first, each checked whole; the caller's model is written
-        last (`params`, a checkpoint's weights, then the exact weights a non-float32 run saves
-        beside its float32 checkpoint), so a state refused on the way leaves the model as it was."""
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor], params: dict | None = None,
+                config=None) -> None:
+        """Position this trainer at a saved state. The model is checked first: the state's dtype,
+        and `config` (the checkpoint's, when given) field by field, against this model's. Then the
+        trainer's own parts (optimiser, data position, random state), each checked whole; the
+        caller's model is written last (`params`, a checkpoint's weights, then the exact weights a
+        non-float32 run saves beside its float32 checkpoint), so a state refused on the way leaves
+        the model as it was."""
+        check_same_model(config, state.get("dtype"), self.model.config, dtype_name(self.model.dtype))
         saved = state.get("autocast")  # states written before the option trained without autocast
         if saved != autocast_name(self.autocast_dtype):
             raise ValueError(f"trainer state trained with autocast {saved} but this trainer has "
@@ -216,6 +226,9 @@ class Trainer:
         """One optimiser step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
         s, model = self.settings, self.model
         model.train()
+        # backward() adds to .grad: drop whatever is there (a caller's backward, or the micro-batches
+        # of a step stopped by a non-finite loss), so the step is the gradient of its own batches.
+        model.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(s.grad_accum):
             inputs, targets = (t.to(model.device) for t in self.stream.next())  # (B, T) each
@@ -238,7 +251,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at_step(self.step, max_lr=s.max_lr, min_lr=s.min_lr,
                                           warmup_steps=s.warmup_steps, total_steps=s.steps))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # frees the gradients' memory for evaluation and checkpoints
         self.step += 1
         return total / s.grad_accum
 
@@ -280,16 +293,19 @@ class Trainer:
     def resume(cls, run_dir, model, train_loader, val_loader, **kwargs) -> "Trainer":
         """A trainer positioned exactly at the last checkpoint under `run_dir` (model weights
         loaded into `model`); the settings and the autocast dtype are the saved ones (an
-        `autocast_dtype` passed here must be the saved one)."""
-        settings, state, tensors, params = load_run(run_dir, backend="torch")
+        `autocast_dtype` passed here must be the saved one). A model of another config or dtype
+        than the checkpoint's is refused (ValueError naming each difference) before anything changes."""
+        settings, config, state, tensors, params = load_run(run_dir, backend="torch")
+        # Before the trainer is made, whose own checks (autocast over a float64 model) would speak first.
+        check_same_model(config, state.get("dtype"), model.config, dtype_name(model.dtype))
         saved = autocast_dtype_named(state.get("autocast"))
         if kwargs.get("autocast_dtype", saved) != saved:
             raise ValueError(f"{run_dir} trained with autocast {state.get('autocast')}, not "
                              f"{autocast_name(kwargs['autocast_dtype'])}")
         kwargs["autocast_dtype"] = saved
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
-        if model.device.type == "cuda":  # the run's own TF32 setting (see top)
+        trainer.restore(state, tensors, params, config)  # the weights last, once the state is accepted
+        if model.device.type == "cuda":  # the run's own TF32 setting (see top), once the resume is accepted
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(state.get("tf32", False))
-        trainer.restore(state, tensors, params)  # the weights last, once the state is accepted
         return trainer
 
