@@ -69,12 +69,9 @@ class TensorInfo:
 # ---- writing --------------------------------------------------------------------------------
 
 
-def atomic_write(path, write: Callable) -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it onto `path`.
-
-    The rename is atomic on POSIX: a reader sees the old file or the new one, never a partial
-    one. If anything fails, the temporary file is removed and `path` is untouched.
-    """
+def write_temporary(path, write: Callable) -> Path:
+    """Call `write(file)` on a new temporary file next to `path` (a new file's usual mode), fsync
+    it and return its path; `path` itself is not touched. On failure the temporary file is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -83,11 +80,26 @@ def atomic_write(path, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    return Path(tmp)
+
+
+def atomic_write(path, write: Callable) -> None:
+    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it onto `path`.
+
+    The rename is atomic on POSIX: a reader sees the old file or the new one, never a partial
+    one. If anything fails, the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = write_temporary(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def new_file_mode() -> int:
@@ -98,7 +110,7 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -142,8 +154,9 @@ def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
     return len(text).to_bytes(8, "little") + text, [arrays[n][1] for n in order]
 
 
-def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` (name -> array) to `path` atomically; `metadata` is an optional str -> str."""
+def safetensors_writer(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Callable:
+    """`write(file)` that writes `tensors` to an open binary file. The header is encoded here, so a
+    bad name, dtype or metadata raises before any file is opened."""
     head, arrays = encode_safetensors(tensors, metadata)
 
     def write(f):
@@ -151,7 +164,12 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping
         for a in arrays:
             f.write(memoryview(a.reshape(-1)).cast("B"))
 
-    atomic_write(path, write)
+    return write
+
+
+def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` (name -> array) to `path` atomically; `metadata` is an optional str -> str."""
+    atomic_write(path, safetensors_writer(tensors, metadata))
 
 
 # ---- reading --------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 Tiny configurations in both trees' config classes, random parameters in which every tensor
 (biases and layer-norm gains included) holds distinct values, so a swapped or dropped key
-changes the logits, and Hugging Face settings that keep `transformers` offline.
+changes the logits, Hugging Face settings that keep `transformers` offline, and `DiskFaults`,
+which fails a save's file-system calls one at a time and photographs the directory after each.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -74,3 +78,68 @@ def sample_ids(config_d: Mapping, seed: int, B: int = 2, T: int | None = None) -
     ids = np.random.default_rng(seed).integers(0, config_d["vocab_size"], size=(B, T))
     ids[0, 0], ids[-1, -1] = 0, config_d["vocab_size"] - 1
     return ids.astype(np.int64)
+
+
+# ---- fault injection for the all-or-nothing saves ---------------------------------------------
+
+
+class DiskFaults:
+    """Wraps the file-system calls a save makes (temporary files, mode, fsync, rename, unlink,
+    mkdir, rmdir), counts them, makes call number `fail_at` raise OSError (only that one, or every
+    one from it on), and photographs `directory` after every call that changes what is in it.
+
+    `install(monkeypatch)` patches the `os` and `tempfile` modules themselves, so both trees'
+    checkpoint code, and anything it calls, go through the wrappers while the test runs.
+    """
+
+    CALLS = {"os": ("chmod", "fsync", "replace", "unlink", "mkdir", "rmdir"), "tempfile": ("mkstemp",)}
+    CHANGES = ("replace", "unlink", "mkdir", "rmdir", "mkstemp")  # calls after which the directory may differ
+
+    def __init__(self, directory, fail_at: int | None = None, persistent: bool = False):
+        self.directory, self.fail_at, self.persistent = directory, fail_at, persistent
+        self.calls: list[str] = []  # every call made, in order: "replace model.safetensors", ...
+        self.failed: list[str] = []  # the calls made to fail
+        self.photos: list[tuple[str, dict[str, bytes] | None]] = []  # (after which call, the directory)
+
+    def install(self, monkeypatch) -> None:
+        for module in (os, tempfile):
+            for name in self.CALLS[module.__name__]:
+                monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name, real):
+        def call(*args, **kwargs):
+            what = f"{name} {_describe(name, args, kwargs)}"
+            self.calls.append(what)
+            n = len(self.calls)
+            if self.fail_at is not None and (n == self.fail_at or (self.persistent and n > self.fail_at)):
+                self.failed.append(what)
+                raise OSError(f"injected failure at call {n}: {what}")
+            result = real(*args, **kwargs)
+            if name in self.CHANGES:
+                self.photos.append((what, photograph(self.directory)))
+            return result
+        return call
+
+
+def _describe(name: str, args, kwargs) -> str:
+    """A call's file names ("model.safetensors -> .model.safetensors.x.old"), or what an fsync syncs."""
+    if name == "fsync":
+        return "directory" if stat.S_ISDIR(os.fstat(args[0]).st_mode) else "file"
+    if name == "mkstemp":
+        return f"{kwargs.get('prefix', '')}*{kwargs.get('suffix', '')}"
+    return " -> ".join(Path(a).name for a in args if isinstance(a, str) or hasattr(a, "__fspath__"))
+
+
+def photograph(directory) -> dict[str, bytes] | None:
+    """name -> bytes of every file in `directory` (None if there is no such directory)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def restore(photo: dict[str, bytes], directory) -> None:
+    """Write a photograph's files into the (new, empty) `directory`."""
+    Path(directory).mkdir(parents=True)
+    for name, data in photo.items():
+        (Path(directory) / name).write_bytes(data)

@@ -3,18 +3,25 @@
 Each malformed case starts from a good checkpoint, breaks one thing, and requires each tree's
 `CheckpointError` (a ValueError) whose message names the file and, where there is one, the key.
 The atomic-write tests make a save fail part way and require the previous files unchanged and
-no temporary file left behind.
+no temporary file left behind; the fault-injection tests fail each file-system call of a save in
+turn (checkpoint_cases.DiskFaults) and load every state the directory passed through in both
+trees: the old checkpoint, the new one, or a refusal naming the save's journal, never a mix.
+Then values past the range of the dtype loaded into, and config.json values of the wrong type.
 """
 
 import ast
 import inspect
 import json
+import math
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from safetensors.numpy import load_file as official_load_np
 from safetensors.numpy import save_file as official_save_np
 
@@ -354,38 +361,309 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tree, failure, monk
 
 
 
+# ---- a save is all or nothing: fault injection at every step ---------------------------------
+
+# Two saves into one directory. The model's differ only in config.json's ln_eps: old weights with
+# the new config.json would load without complaint, which is the mix these tests must never see.
+SMALL = dict(vocab_size=11, context_length=4, emb_dim=8, n_heads=2, n_layers=1)  # many saves: keep them small
+OLD_CFG, NEW_CFG = cc.tiny(**SMALL), cc.tiny(**SMALL, ln_eps=0.1)
+OLD_PARAMS, NEW_PARAMS = cc.random_params(OLD_CFG, 1), cc.random_params(NEW_CFG, 2)
+OLD_STATE, NEW_STATE = ({"step": 1}, {"exp_avg.x": np.zeros(3), "exp_avg_sq.x": np.zeros((2, 2))}), \
+                       ({"step": 2}, {"exp_avg.x": np.ones(3), "exp_avg_sq.x": np.full((2, 2), 0.5)})
+JOURNALS = {"model": "checkpoint.saving.json", "trainer": "trainer_state.saving.json"}
+
+
+def _save(tree: str, kind: str, d: Path, which: str) -> None:
+    """Save the old or the new model checkpoint (or trainer state) into `d` with `tree`."""
+    module = nck if tree == "numpy_ref" else tck
+    as_tree = (lambda a: a) if tree == "numpy_ref" else torch.from_numpy
+    if kind == "model":
+        cfg, params = (OLD_CFG, OLD_PARAMS) if which == "old" else (NEW_CFG, NEW_PARAMS)
+        config = cc.numpy_config(cfg) if tree == "numpy_ref" else cc.torch_config(cfg)
+        module.save_checkpoint(d, config, {k: as_tree(v) for k, v in params.items()})
+    else:
+        state, tensors = OLD_STATE if which == "old" else NEW_STATE
+        module.save_trainer_state(d, state, {k: as_tree(v) for k, v in tensors.items()})
+
+
+def _what_loads(kind: str, d: Path) -> str:
+    """'old', 'new' or 'refused: <message>', as both trees' loaders see `d` (they must agree)."""
+    seen = {}
+    for tree, module in (("numpy_ref", nck), ("torch_impl", tck)):
+        try:
+            if kind == "model":
+                config, params = module.load_checkpoint(d) if tree == "numpy_ref" else \
+                    module.load_checkpoint(d, dtype=torch.float64)
+                got = (config.to_dict(), {k: np.asarray(v) for k, v in params.items()})
+                versions = {"old": (OLD_CFG, OLD_PARAMS), "new": (NEW_CFG, NEW_PARAMS)}
+            else:
+                state, tensors = module.load_trainer_state(d)
+                got = (state, {k: np.asarray(v) for k, v in tensors.items()})
+                versions = {"old": OLD_STATE, "new": NEW_STATE}
+            head = next((name for name, (h, _) in versions.items() if got[0] == h), f"unknown {got[0]}")
+            arrays = next((name for name, (_, a) in versions.items() if set(got[1]) == set(a)
+                           and all(np.array_equal(got[1][k], a[k]) for k in a)), "unknown")
+            seen[tree] = head if head == arrays else f"a mix: the {head} config or state with the {arrays} arrays"
+        except module.CheckpointError as e:
+            seen[tree] = f"refused: {e}"
+    assert seen["numpy_ref"].split(":")[0] == seen["torch_impl"].split(":")[0], f"the trees disagree: {seen}"
+    return seen["numpy_ref"]
+
+
+def _visible_state(kind: str, photo: dict[str, bytes]) -> tuple:
+    """What a loader reads of a photographed directory: the files not hidden (temporary files and
+    old copies are), the journal without the random names of the old copies."""
+    state = []
+    for name, data in sorted(photo.items()):
+        if name == JOURNALS[kind]:
+            try:
+                files = json.loads(data)["files"]
+                data = json.dumps({n: {**e, "previous": e["previous"] is not None} for n, e in files.items()})
+            except (ValueError, KeyError, TypeError):
+                pass
+        if not name.startswith("."):
+            state.append((name, hash(data)))
+    return tuple(state)
+
+
+def _check_every_photo(kind: str, photos, tmp: Path, seen: dict, may_be_old: bool = True) -> None:
+    """Each state the directory passed through loads as the old files, the new ones, or is refused
+    (with an error naming the save's journal when there is one); no directory counts as refused.
+    `seen` holds the states already judged (by what a loader reads of them)."""
+    for after, photo in photos:
+        key = None if photo is None else _visible_state(kind, photo)
+        if key in seen:
+            continue
+        if photo is None:
+            seen[key] = "refused: no directory"
+            continue
+        scratch = tmp / f"photo{len(seen)}"
+        cc.restore(photo, scratch)
+        seen[key] = outcome = _what_loads(kind, scratch)
+        allowed = ("old", "new") if may_be_old else ("new",)
+        assert outcome in allowed or outcome.startswith("refused"), \
+            f"{kind}: after '{after}' the directory {sorted(photo)} loads as {outcome}"
+        if outcome.startswith("refused") and JOURNALS[kind] in photo:
+            assert JOURNALS[kind] in outcome and "stopped part way" in outcome, \
+                f"{kind}: after '{after}' the refusal does not name the journal: {outcome}"
+
+
+# Every call failing from k on exercises the put-back failing; the trainer state's save goes
+# through the same code as the model's, so that mode runs for the model only.
+@pytest.mark.parametrize("tree,kind,persistent", [
+    pytest.param(tree, kind, persistent, id=f"{tree}-{kind}-{'every call from k on' if persistent else 'call k'} fails")
+    for tree in ("numpy_ref", "torch_impl") for kind, persistent in (("model", False), ("trainer", False),
+                                                                     ("model", True))])
+def test_a_save_failing_at_any_step_leaves_the_old_files_or_a_refusal_never_a_mix(tree, kind, persistent,
+                                                                                   tmp_path, monkeypatch):
+    """Call k of the save's file-system calls raises, for k = 1, 2, ... until a save makes fewer
+    calls. Once only: the save raises and the directory is byte for byte what it was (unless the
+    failure is harmless and ignored: an fsync of the directory, the mkdir of one that exists, the
+    removal of an old copy after the commit; then the new files are there). Every call from k on
+    failing (the put-back fails too): the directory loads as old, as new, or is refused. And after
+    every call that changed the directory (what a power cut would leave), the same holds."""
+    clean = tmp_path / "clean"
+    _save(tree, kind, clean, "new")
+    new_files = cc.photograph(clean)
+    seen: dict[tuple, str] = {}
+    k = 0
+    while True:
+        k += 1
+        d = tmp_path / f"k{k}"
+        _save(tree, kind, d, "old")
+        before = cc.photograph(d)
+        faults = cc.DiskFaults(d, fail_at=k, persistent=persistent)
+        with monkeypatch.context() as m:
+            faults.install(m)
+            try:
+                _save(tree, kind, d, "new")
+                raised = None
+            except OSError as e:
+                raised = e
+        if len(faults.calls) < k:  # the save made fewer than k calls: every step has been failed once
+            break
+        _check_every_photo(kind, faults.photos, tmp_path / f"k{k}-photos", seen)
+        after = cc.photograph(d)
+        _check_every_photo(kind, [("the save's end", after)], tmp_path / f"k{k}-final", seen)
+        outcome = seen[_visible_state(kind, after)]
+        where = f"{tree} {kind}, call {k} ({faults.failed[0]}) failing{' and all after it' if persistent else ''}"
+        if persistent:
+            assert outcome in ("old", "new") or outcome.startswith("refused"), f"{where}: loads as {outcome}"
+        elif raised is not None:
+            changed = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+            assert not changed, f"{where}: the save raised ({raised}) but changed {changed}"
+        else:
+            harmless = ("fsync directory", "mkdir ", "unlink .")  # see the docstring
+            assert faults.failed[0].startswith(harmless), f"{where}: the failure was ignored and the save succeeded"
+            visible = {n: b for n, b in after.items() if not n.startswith(".")}
+            assert visible == new_files and outcome == "new", \
+                f"{where}: the save reported success but the directory holds {sorted(after)}, loading as {outcome}"
+    assert k > 12, f"{tree} {kind}: only {k - 1} file-system calls were seen; the wrappers are not in the path"
+    outcomes = {v.split(":")[0] for v in seen.values()}
+    assert outcomes == {"old", "new", "refused"}, f"{tree} {kind}: the states seen loaded only as {outcomes}"
+
+
+def _check_final(kind: str, d: Path, scratch: Path) -> str:
+    cc.restore(cc.photograph(d), scratch)
+    return _what_loads(kind, scratch)
+
+
 @pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
-def test_each_rename_is_made_durable_by_a_directory_fsync(tree, monkeypatch):
-    """fsyncing the file makes its bytes durable; only an fsync of its directory makes the rename
-    durable, so after a power cut a checkpoint cannot revert to the old file (or to none)."""
-    import os
+def test_a_failed_save_into_a_new_directory_leaves_no_directory(tree, tmp_path, monkeypatch):
+    """Fresh, the directory is created by the save: failing at any step removes it again (and
+    the parent it created), and no state along the way loads as anything but the new checkpoint."""
+    seen: dict[tuple, str] = {}
+    k = 0
+    while True:
+        k += 1
+        d = tmp_path / f"k{k}" / "run" / "ckpt"
+        faults = cc.DiskFaults(d, fail_at=k)
+        with monkeypatch.context() as m:
+            faults.install(m)
+            try:
+                _save(tree, "model", d, "new")
+                raised = None
+            except OSError as e:
+                raised = e
+        if len(faults.calls) < k:
+            break
+        _check_every_photo("model", faults.photos, tmp_path / f"k{k}-photos", seen, may_be_old=False)
+        if raised is not None:
+            left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob(f"k{k}/**/*"))
+            assert not left, f"{tree}: call {k} ({faults.failed[0]}) failed; the save left {left}"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_a_save_leaves_the_other_files_in_its_directory_alone(tree, tmp_path, monkeypatch):
+    """A directory may hold a tokenizer, a README, the trainer state, a sub-directory: a model
+    save (done, or failed at its last rename) changes config.json and model.safetensors only."""
+    d = tmp_path / "ckpt"
+    _save(tree, "trainer", d, "old")
+    (d / "README.md").write_text("notes\n")
+    (d / "tokenizer.json").write_text("{}\n")
+    (d / "samples").mkdir()
+    (d / "samples" / "a.txt").write_text("x\n")
+    others = {**cc.photograph(d), "samples/a.txt": b"x\n"}
+    _save(tree, "model", d, "old")
+
+    def fail_placing_config(*args):
+        raise OSError("simulated: config.json cannot be renamed into place")
+
+    real = os.replace
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", lambda src, dst: fail_placing_config() if Path(dst).name == "config.json" and
+                  Path(src).name.endswith(".tmp") else real(src, dst))
+        with pytest.raises(OSError, match="simulated"):
+            _save(tree, "model", d, "new")
+    assert _check_final("model", d, tmp_path / "after-failure") == "old", f"{tree}: the failed save changed the model"
+    _save(tree, "model", d, "new")
+    assert _check_final("model", d, tmp_path / "after-save") == "new", f"{tree}: the save did not take"
+    now = {**cc.photograph(d), "samples/a.txt": (d / "samples" / "a.txt").read_bytes()}
+    changed = sorted(n for n in others if now.get(n) != others[n])
+    assert not changed, f"{tree}: a model save changed or removed {changed}"
+    leftovers = sorted(n for n in now if n.startswith(".") or n.endswith(".saving.json"))
+    assert not leftovers, f"{tree}: saves left {leftovers} behind"
+
+
+def _cut_off(tree: str, tmp: Path, monkeypatch, placed: str) -> Path:
+    """A copy of the directory as a power cut leaves it just after the new save renamed its new
+    `placed` file into place (old checkpoint there before the save)."""
+    d = tmp / f"{tree}-{placed}"
+    _save(tree, "model", d, "old")
+    faults = cc.DiskFaults(d)
+    with monkeypatch.context() as m:
+        faults.install(m)
+        _save(tree, "model", d, "new")
+    placing = [photo for after, photo in faults.photos if after.startswith("replace .") and
+               after.endswith(".tmp -> " + placed)]
+    assert len(placing) == 1, f"{tree}: expected one rename into {placed} among {faults.calls}"
+    cut = tmp / f"cut-{tree}-{placed}"
+    cc.restore(placing[0], cut)
+    return cut
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_both_trees_refuse_a_directory_whose_save_was_cut_off_and_say_why(tree, tmp_path, monkeypatch):
+    """Cut off with the new weights in place but the old config.json: the journal is a shared
+    format, so each tree refuses what either wrote, naming the journal, the file that is not yet
+    the new one and where the old files are kept. Cut off after both renames, before the journal
+    is removed: every file is the new one, and both trees load the new checkpoint."""
+    cut = _cut_off(tree, tmp_path, monkeypatch, WEIGHTS)
+    _save(tree, "model", tmp_path / "old", "old")
+    files = json.loads((cut / JOURNALS["model"]).read_text())["files"]
+    kept = [files[WEIGHTS]["previous"], files[CONFIG]["previous"]]
+    assert (cut / kept[0]).read_bytes() == (tmp_path / "old" / WEIGHTS).read_bytes(), \
+        f"{tree}: {kept[0]} (where the journal says the old weights are) does not hold them"
+    for module in (nck, tck):
+        with pytest.raises(module.CheckpointError) as info:
+            module.load_checkpoint(cut)
+        message = str(info.value)
+        for needed in (str(cut / JOURNALS["model"]), "stopped part way", f"[{CONFIG!r}]", *kept):
+            assert needed in message, f"{module.__name__} on {tree}'s cut-off save: {needed!r} not in {message}"
+    done = _cut_off(tree, tmp_path, monkeypatch, CONFIG)
+    assert (done / JOURNALS["model"]).exists(), f"{tree}: the journal should still be there: {sorted(done.iterdir())}"
+    assert _what_loads("model", done) == "new", f"{tree}: every file matches the journal, yet it does not load as new"
+
+
+@pytest.mark.parametrize("journal", [
+    "not json", json.dumps({"files": []}), json.dumps({"files": {"../config.json": {
+        "size": 1, "sha256": "0" * 64, "previous": None}}}),
+    json.dumps({"files": {CONFIG: {"size": "1", "sha256": "0" * 64, "previous": None}}})])
+def test_a_malformed_journal_is_refused_by_name(journal, tmp_path):
+    _good_checkpoint(tmp_path, {})
+    (tmp_path / "checkpoint.saving.json").write_text(journal)
+    for module in (nck, tck):
+        with pytest.raises(module.CheckpointError) as info:
+            module.load_checkpoint(tmp_path)
+        assert str(tmp_path / "checkpoint.saving.json") in str(info.value), \
+            f"{module.__name__}: the error does not name the journal: {info.value}"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_the_journal_and_every_rename_are_made_durable_in_order(tree, tmp_path, monkeypatch):
+    """The order that makes a power cut safe: each new file fsynced before it is renamed; the
+    journal renamed into place and its directory fsynced before any checkpoint file moves; the
+    directory fsynced after the last rename and before the journal is removed (the commit)."""
     import stat
 
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
 
     def fsync(fd):
-        events.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        st = os.fstat(fd)
+        events.append(("fsync directory",) if stat.S_ISDIR(st.st_mode) else ("fsync file", st.st_ino))
         real_fsync(fd)
 
     def replace(src, dst):
-        events.append(f"rename {Path(dst).name}")
+        events.append(("rename", Path(src).name, Path(dst).name, os.stat(src).st_ino))
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    cfg = cc.tiny()
-    with tempfile.TemporaryDirectory() as tmp:
-        if tree == "numpy_ref":
-            nck.save_checkpoint(tmp, cc.numpy_config(cfg), cc.random_params(cfg, 0))
-        else:
-            params = {k: torch.from_numpy(v) for k, v in cc.random_params(cfg, 0).items()}
-            tck.save_checkpoint(tmp, cc.torch_config(cfg), params)
-    renames = [i for i, e in enumerate(events) if e.startswith("rename")]
-    assert len(renames) == 2, f"{tree}: expected two renames (weights, config): {events}"
-    for i in renames:
-        assert events[i - 1] == "fsync file" and events[i + 1 : i + 2] == ["fsync directory"], \
-            f"{tree}: {events[i]} is not between an fsync of the file and one of its directory: {events}"
+    def unlink(path, *args, **kwargs):
+        events.append(("unlink", Path(path).name))
+        real_unlink(path, *args, **kwargs)
+
+    _save(tree, "model", tmp_path, "old")
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        m.setattr(os, "replace", replace)
+        m.setattr(os, "unlink", unlink)
+        _save(tree, "model", tmp_path, "new")
+    journal = JOURNALS["model"]
+    kinds = [e[0] for e in events]
+    moves = [i for i, e in enumerate(events) if e[0] == "rename" and {e[1], e[2]} & {WEIGHTS, CONFIG}]
+    placed = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == journal]
+    commit = [i for i, e in enumerate(events) if e == ("unlink", journal)]
+    assert len(moves) == 4 and len(placed) == 1 and len(commit) == 1, \
+        f"{tree}: expected the journal placed, two files renamed aside and two into place, then the commit: {events}"
+    for i in moves + placed:
+        if events[i][1].endswith(".tmp"):
+            synced = [e[1] for e in events[:i] if e[0] == "fsync file"]
+            assert events[i][3] in synced, f"{tree}: {events[i][1]} renamed onto {events[i][2]} before its fsync"
+    assert placed[0] < moves[0] and "fsync directory" in kinds[placed[0]:moves[0]], \
+        f"{tree}: checkpoint files moved before the journal was durable: {events}"
+    assert moves[-1] < commit[0] and "fsync directory" in kinds[moves[-1]:commit[0]], \
+        f"{tree}: the journal was removed before the renames were durable: {events}"
+    assert "fsync directory" in kinds[commit[0]:], f"{tree}: the journal's removal was never made durable: {events}"
 
 
 @pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
@@ -432,6 +710,151 @@ def test_trainer_state_save_refuses_what_its_load_refuses(tree, bad):
         assert _snapshot(d) == before, f"{tree}: a refused trainer state still changed the files"
         state, _ = module.load_trainer_state(d)
         assert state == {"step": 1}, f"{tree}: the previous trainer state no longer loads: {state}"
+
+
+# ---- loading into a narrower dtype --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [65520.0, -1e5, 3e38])  # 65520 is the smallest to round to inf in float16
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_loading_as_float16_refuses_values_past_its_range(tree, value, tmp_path):
+    """Finite in the float32 file, inf once cast: refused, naming the file, the key, the value,
+    where it is and float16's range, instead of a model whose logits are inf or NaN."""
+    cfg = cc.tiny()
+    params = cc.random_params(cfg, 0)
+    params["h.1.mlp.c_fc.weight"][2, 5] = value
+    nck.save_checkpoint(tmp_path, cc.numpy_config(cfg), params)
+    module, dtype = (nck, np.float16) if tree == "numpy_ref" else (tck, torch.float16)
+    with pytest.raises(module.CheckpointError) as info:
+        module.load_checkpoint(tmp_path, dtype=dtype)
+    message = str(info.value)
+    for needed in (str(tmp_path / WEIGHTS), "'transformer.h.1.mlp.c_fc.weight'", "float16", "65504", "(2, 5)",
+                   repr(float(np.float32(value)))):
+        assert needed in message, f"{tree}: {needed!r} missing from the error: {message}"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_loading_as_float16_keeps_its_largest_value(tree, tmp_path):
+    cfg = cc.tiny()
+    params = cc.random_params(cfg, 0)
+    params["wte.weight"][0, 0], params["wte.weight"][0, 1] = 65504.0, -65504.0  # float16's largest, exactly
+    nck.save_checkpoint(tmp_path, cc.numpy_config(cfg), params)
+    if tree == "numpy_ref":
+        _, got = nck.load_checkpoint(tmp_path, dtype=np.float16)
+    else:
+        _, got = tck.load_checkpoint(tmp_path, dtype=torch.float16)
+    row = np.asarray(got["wte.weight"][0, :2], dtype=np.float64)
+    assert list(row) == [65504.0, -65504.0], f"{tree}: float16's largest values loaded as {row}"
+
+
+def test_loading_as_bfloat16_refuses_float32s_largest(tmp_path):
+    """bfloat16 has float32's exponent but 8 significant bits: float32's largest (3.4028e38)
+    rounds past bfloat16's (3.3895e38) to inf."""
+    cfg = cc.tiny()
+    params = cc.random_params(cfg, 0)
+    params["ln_f.bias"][7] = float(np.finfo(np.float32).max)
+    nck.save_checkpoint(tmp_path, cc.numpy_config(cfg), params)
+    with pytest.raises(tck.CheckpointError, match=r"key 'transformer.ln_f.bias' has 1 values outside torch.bfloat16's "
+                                                  r"range \(\|x\| <= 3.38953e\+38\), first at index \(7,\)"):
+        tck.load_checkpoint(tmp_path, dtype=torch.bfloat16)
+
+
+def test_numpy_from_pretrained_as_float16_refuses_values_past_its_range(tmp_path):
+    import numpy_ref.model as nm
+
+    cfg = cc.tiny()
+    params = cc.random_params(cfg, 0)
+    params["wpe.weight"][1, 1] = 1e5
+    nck.save_checkpoint(tmp_path, cc.numpy_config(cfg), params)
+    with pytest.raises(nck.CheckpointError, match=r"'transformer.wpe.weight' has 1 values outside float16's range"):
+        nm.GPTModel.from_pretrained(tmp_path, dtype=np.float16)
+
+
+def test_torch_from_pretrained_as_float16_refuses_values_past_its_range(tmp_path):
+    import torch_impl.model as tm
+
+    cfg = cc.tiny()
+    params = cc.random_params(cfg, 0)
+    params["wpe.weight"][1, 1] = 1e5
+    nck.save_checkpoint(tmp_path, cc.numpy_config(cfg), params)
+    with pytest.raises(tck.CheckpointError, match=r"'transformer.wpe.weight' has 1 values outside torch.float16"):
+        tm.GPTModel.from_pretrained(tmp_path, dtype=torch.float16)
+
+
+# ---- config.json values of the wrong type ---------------------------------------------------------
+
+_INT_KEYS = ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head")
+_NOT_NUMBERS = st.one_of(st.none(), st.booleans(), st.text(max_size=4), st.lists(st.integers(), max_size=2))
+
+
+@st.composite
+def wrong_hf_fields(draw):
+    """(key, a value config.json may hold that is not what that GPT-2 field must be)."""
+    key = draw(st.sampled_from([*_INT_KEYS, "layer_norm_epsilon", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                                "tie_word_embeddings"]))
+    if key in _INT_KEYS:  # 32.0 is a float: GPTConfig wants ints, and so does transformers
+        value = draw(st.one_of(_NOT_NUMBERS, st.floats(), st.integers(max_value=0)))
+    elif key == "layer_norm_epsilon":
+        value = draw(st.one_of(_NOT_NUMBERS, st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf])))
+    elif key.endswith("pdrop"):
+        value = draw(st.one_of(_NOT_NUMBERS, st.floats().filter(lambda v: not 0 <= v < 1)))
+    else:  # bool("false") is True: the reason this check exists
+        value = draw(st.one_of(st.none(), st.integers(), st.floats(), st.sampled_from(["false", "true", "0", ""])))
+    return key, value
+
+
+@given(field=wrong_hf_fields(), with_gpt_oracle=st.booleans())
+@example(field=("tie_word_embeddings", "false"), with_gpt_oracle=False)  # was read as True
+@example(field=("layer_norm_epsilon", None), with_gpt_oracle=False)  # was "float() argument must be ..."
+@example(field=("layer_norm_epsilon", "1e-5"), with_gpt_oracle=False)  # was read as 1e-5
+@example(field=("n_embd", 32.0), with_gpt_oracle=True)  # was equal to gpt_oracle's 32
+@example(field=("tie_word_embeddings", 0), with_gpt_oracle=True)  # was equal to gpt_oracle's False
+def test_a_config_value_of_the_wrong_type_is_refused_naming_key_value_and_expectation(field, with_gpt_oracle):
+    key, value = field
+    hf = nck.hf_config_dict(cc.numpy_config(cc.tiny()))
+    if not with_gpt_oracle:
+        hf.pop("gpt_oracle")
+    hf[key] = value
+    for module in (nck, tck):
+        with pytest.raises(module.CheckpointError) as info:
+            module.config_from_hf(hf, "dir/config.json")
+        message = str(info.value)
+        for needed in ("dir/config.json", repr(key), repr(value), "expected"):
+            assert needed in message, f"{module.__name__}, {key} = {value!r}: {needed!r} not in {message}"
+
+
+@given(tie=st.booleans(), eps=st.floats(1e-12, 1.0), drop=st.floats(0.0, 0.99), nh=st.integers(1, 4),
+       hs=st.integers(1, 8), n_ctx_only=st.booleans())
+def test_config_values_of_the_right_type_are_read_as_given(tie, eps, drop, nh, hs, n_ctx_only):
+    """The derived config (no gpt_oracle) takes each field as written: a false tie stays false."""
+    hf = {"model_type": "gpt2", "vocab_size": 50, "n_embd": nh * hs, "n_head": nh, "n_layer": 2,
+          "tie_word_embeddings": tie, "layer_norm_epsilon": eps, "resid_pdrop": drop, "embd_pdrop": drop,
+          "attn_pdrop": drop, **({"n_ctx": 12} if n_ctx_only else {"n_positions": 12, "n_ctx": 12})}
+    want = dict(vocab_size=50, context_length=12, emb_dim=nh * hs, n_heads=nh, n_layers=2, drop_rate=drop,
+                qkv_bias=True, tie_embeddings=tie, ln_eps=eps)
+    for module in (nck, tck):
+        got = module.config_from_hf(hf, "config.json").to_dict()
+        assert got == want, f"{module.__name__}: config {got} from {hf}, expected {want}"
+
+
+@pytest.mark.parametrize("with_gpt_oracle", [False, True])
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_n_ctx_that_differs_from_the_context_length_is_refused(tree, with_gpt_oracle, tmp_path):
+    """Older transformers releases made the causal mask n_ctx long and wpe n_positions long; a
+    file with the two unequal is not the model ours would load (it used to load, n_ctx ignored)."""
+    _good_checkpoint(tmp_path, {})
+    hf = json.loads((tmp_path / CONFIG).read_text())
+    if not with_gpt_oracle:
+        hf.pop("gpt_oracle")
+    module = nck if tree == "numpy_ref" else tck
+    (tmp_path / CONFIG).write_text(json.dumps({**hf, "n_ctx": 32}))
+    with pytest.raises(module.CheckpointError, match=r"key 'n_ctx' = 32 differs from key 'n_positions' = 16"):
+        module.load_checkpoint(tmp_path)
+    if with_gpt_oracle:  # no n_positions: n_ctx is still held against gpt_oracle's context length
+        hf.pop("n_positions")
+        (tmp_path / CONFIG).write_text(json.dumps({**hf, "n_ctx": 32}))
+        with pytest.raises(module.CheckpointError, match=r"key 'n_ctx' = 32 disagrees with gpt_oracle"):
+            module.load_checkpoint(tmp_path)
 
 
 # ---- nothing unpickles -----------------------------------------------------------------------

@@ -312,7 +312,7 @@ class GPTModel(nn.Module):
         """Load a checkpoint directory (docs/design.md, "Checkpoints")."""
         from torch_impl.checkpoint import load_checkpoint
 
-        config, state = load_checkpoint(directory)
+        config, state = load_checkpoint(directory, dtype=dtype)  # values past dtype's range refused by name
         model = cls(config, seed=0, dtype=dtype, device=device)
         model.load_state_dict(state, strict=True)
         return model
