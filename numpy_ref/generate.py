@@ -5,13 +5,21 @@ with the algorithm of docs/design.md, "Sampling" (torch_impl/generate.py impleme
 
     temperature 0 (or None): argmax, ties to the lowest id; the coin is not used
     z = (logits - max logits) / temperature   (the softmax of logits / temperature; z <= 0, no overflow)
-    top_k: keep ids with z >= the k-th largest z (k clamped to V; ties at the k-th value stay)
-    top_p: order the kept ids by z descending (ties: lower id first), p = softmax over them,
-           keep the shortest prefix whose cumulative p is >= top_p (at least one id)
-    p = softmax(z) over the kept ids; walk them in ascending id order accumulating p and return
-    the first id whose cumulative p is > coin (coin uniform in [0, 1)); if rounding leaves
-    none, the last kept id with p > 0. This is inverse-CDF sampling (llm.c's `sample_mult`), so two
-    backends given the same coin pick the same token.
+    w = exp(z)                      by `sampling_exp`, the same bits in every library (below)
+    top_k: w = 0 where z < the k-th largest z (k clamped to V; ties at the k-th value stay)
+    top_p: order the ids with w > 0 by z descending (ties: lower id first), s = their running
+           sum of w; keep the shortest prefix with s >= top_p * s[-1] (at least one id), w = 0
+           for the rest
+    cdf = running sum of w in ascending id order; return the first id with cdf > coin * cdf[-1]
+
+Token i has probability w_i / cdf[-1]; this is inverse-CDF sampling (llm.c's `sample_mult`) with
+the CDF left unnormalised. Every step is float64 and each operation is one IEEE-rounded
+elementwise op, a comparison or a sequential running sum (`np.cumsum`), which torch computes
+with the same bits, so two backends given the same coin pick the same token, at any boundary.
+NumPy's `np.exp` does not qualify: it and `torch.exp` differ in the last bit for about one
+argument in twenty (both are within an ulp), which moves a coin that lands on a boundary. Hence
+`sampling_exp`, written with +, *, rint and 2**k only. The pick always has w > 0: coin < 1 makes
+coin * cdf[-1] < cdf[-1], and the first running sum above it is one that just grew.
 
 `generate(model, ids, max_new_tokens, ...)` appends tokens to ids (B, T) -> (B, T + n). The
 context fed to the model is the last `context_length` ids (every prompt id, cropped or not, must
@@ -21,42 +29,78 @@ is longer than the context, the window slides, every position embedding changes,
 cache is rebuilt from the cropped window (exactly what full recomputation computes).
 
 Reference: the book's `generate` (chapter 5, temperature and top-k); Holtzman et al. 2020 for
-top-p; llm.c `sample_mult` for the explicit coin.
+top-p; llm.c `sample_mult` for the explicit coin; Cody and Waite 1980 (as in fdlibm's `exp`)
+for the split of ln 2.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
+# exp(z) = 2**k * exp(r), k = rint(z / ln 2), |r| <= ln(2) / 2 (Cody and Waite's reduction).
+LN2_HI = float.fromhex("0x1.62e42feep-1")  # ln 2 to 32 bits: k * LN2_HI is exact for |k| < 2**21
+LN2_LO = float.fromhex("0x1.a39ef35793c76p-33")  # ln 2 - LN2_HI
+INV_LN2 = float.fromhex("0x1.71547652b82fep0")  # 1 / ln 2
+EXP_TAYLOR = [1.0 / math.factorial(n) for n in range(14)]  # 1/n!, n = 0 .. 13
+EXP_MIN_Z = -746.0  # exp(-746) < 2**-1075, half the smallest float64: it rounds to 0
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    """exp(z - max z) / sum; the max is subtracted only for numerical stability."""
-    e = np.exp(z - np.max(z))
-    return e / np.sum(e)
+
+def sampling_exp(z: np.ndarray) -> np.ndarray:
+    """exp(z) for float64 z <= 0 (-inf included), within 1 ulp of the correctly rounded exp, and
+    the same bits as torch_impl's: only IEEE-rounded +, * and rint, in this order:
+
+        z = max(z, -746)                                    below, exp(z) rounds to 0 anyway
+        k = rint(z * INV_LN2)                               (k in [-1076, 0])
+        r = (z - k * LN2_HI) - k * LN2_LO                   |r| <= 0.347; the first product is exact
+        p = 1/13!, then 13 times p = p * r + 1/n!, n = 12 .. 0   (Horner; no fused multiply-add)
+        exp(z) = p * 2**k                                   2**k exact, 0 below 2**-1074
+
+    The Taylor series cut after r^13 / 13! errs by < 5e-18 on |r| <= 0.347, below half an ulp of p.
+    """
+    z = np.maximum(z, EXP_MIN_Z)  # (V,)
+    k = np.rint(z * INV_LN2)  # (V,) integer-valued float64, round half to even
+    r = (z - k * LN2_HI) - k * LN2_LO  # (V,)
+    p = np.full_like(r, EXP_TAYLOR[13])  # (V,)
+    for c in reversed(EXP_TAYLOR[:13]):
+        p *= r  # two ops, two roundings, as torch does them
+        p += c
+    return p * np.ldexp(1.0, k.astype(np.int64))  # 2**k is exact: the product rounds once
 
 
-def _check_options(temperature, top_k, top_p) -> None:
-    """A wrong type is a TypeError (a bool too: True is not a temperature of 1), a value out of
-    range a ValueError, each naming the option (docs/design.md, "Bad input")."""
-    for name, value, kind in (("temperature", temperature, numbers.Real), ("top_k", top_k, numbers.Integral),
-                              ("top_p", top_p, numbers.Real)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            expected = "an int" if kind is numbers.Integral else "a number"
-            raise TypeError(f"{name} must be {expected} or None, got {value!r} ({type(value).__name__})")
+def _real(name: str, value) -> float | None:
+    """value as a float (None stays None): a TypeError if it is no real number (a bool neither:
+    True is not a temperature of 1), a ValueError if it has no float64 value (10**400)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or None, got {value!r} ({type(value).__name__})")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a float64 number, got {value!r} (beyond 1.8e308)") from None
+
+
+def _check_options(temperature, top_k, top_p) -> tuple[float | None, int | None, float | None]:
+    """The options as (float, int, float), each None if off. A wrong type is a TypeError, a value
+    out of range a ValueError, each naming the option (docs/design.md, "Bad input"). Converting
+    here means a Fraction or a NumPy scalar computes as the float64 it stands for."""
+    temperature, top_p = _real("temperature", temperature), _real("top_p", top_p)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)):
+        raise TypeError(f"top_k must be an int or None, got {top_k!r} ({type(top_k).__name__})")
     if temperature is not None and not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    return temperature, None if top_k is None else int(top_k), top_p
 
 
-def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: int | None = None,
-                top_p: float | None = None, coin: float | None = None) -> int:
-    """One id from a row of logits (V,); see the module docstring for the algorithm."""
-    _check_options(temperature, top_k, top_p)
+def _check_logits(logits) -> np.ndarray:
+    """One finite-maximum row (V,) as float64; NaN is refused by id."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 1 or logits.size == 0:
         raise ValueError(f"logits must be one non-empty row (V,), got shape {logits.shape}")
@@ -64,36 +108,79 @@ def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: i
         raise ValueError(f"logits contain NaN at id {int(np.flatnonzero(np.isnan(logits))[0])}")
     if not np.isfinite(np.max(logits)):
         raise ValueError(f"the largest logit is {np.max(logits)}; sampling needs a finite one")
+    return logits
+
+
+def sampling_distribution(logits: np.ndarray, *, temperature: float, top_k: int | None = None,
+                          top_p: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(w, cdf), both (V,) float64: the unnormalised weight of every id (0 for ids cut by top-k
+    or top-p) and its running sum in id order; id i has probability w[i] / cdf[-1].
+
+    temperature must be > 0 (0 is greedy: no distribution). The steps are the module
+    docstring's, and torch_impl's `sampling_distribution` gives the same bits.
+    """
+    temperature, top_k, top_p = _check_options(temperature, top_k, top_p)
+    if not temperature:
+        raise ValueError(f"a sampling distribution needs a temperature > 0, got {temperature!r} (0 is greedy)")
+    return _distribution(_check_logits(logits), temperature, top_k, top_p)
+
+
+def _distribution(logits, temperature: float, top_k: int | None, top_p: float | None):
+    """`sampling_distribution` on checked arguments (float64 logits (V,), temperature > 0)."""
+    V = logits.shape[0]
+    with np.errstate(over="ignore"):  # a logit far below the max may go to -inf: weight 0, as it should
+        z = (logits - np.max(logits)) / temperature  # (V,) <= 0: the max is 0, small temperatures cannot overflow
+    if top_k is None:
+        w = sampling_exp(z)  # (V,); the max has w = 1, so cdf[-1] >= 1
+    else:
+        kth_largest = np.sort(z)[V - min(top_k, V)]  # k clamped: top-k over more ids than exist keeps them all
+        keep = z >= kth_largest  # (V,) ties at the k-th value stay
+        w = np.zeros(V)  # (V,)
+        w[keep] = sampling_exp(z[keep])  # elementwise: the same values as over the whole row, for less work
+    if top_p is not None:
+        kept = np.flatnonzero(w)  # (K,) ascending ids with w > 0
+        order = kept[np.argsort(-z[kept], kind="stable")]  # (K,): z descending; stable: lower id first on ties
+        running = np.cumsum(w[order])  # (K,) sequential float64 sums
+        n = int(np.flatnonzero(running >= top_p * running[-1])[0]) + 1  # top_p <= 1: the last one qualifies
+        w[order[n:]] = 0.0
+    cdf = np.cumsum(w)  # (V,) the unnormalised CDF in id order
+    return w, cdf
+
+
+def sample_next(logits: np.ndarray, *, temperature: float | None = 0.0, top_k: int | None = None,
+                top_p: float | None = None, coin: float | None = None) -> int:
+    """One id from a row of logits (V,); see the module docstring for the algorithm."""
+    temperature, top_k, top_p = _check_options(temperature, top_k, top_p)
+    logits = _check_logits(logits)
     if not temperature:
         return int(np.argmax(logits))  # argmax returns the first maximum: ties go to the lowest id
+    coin = None if coin is None else _real("coin", coin)  # a float first: a Fraction just below 1 may round to 1
     if coin is None or not 0.0 <= coin < 1.0:
         raise ValueError(f"sampling (temperature {temperature}) needs a coin in [0, 1), got {coin!r}")
-    V = logits.shape[0]
-    with np.errstate(over="ignore"):  # a logit far below the max may go to -inf: probability 0, as it should
-        z = (logits - np.max(logits)) / temperature  # (V,) <= 0: the max is 0, small temperatures cannot overflow
-    keep = np.ones(V, dtype=bool)  # (V,)
-    if top_k is not None:
-        k = min(int(top_k), V)  # clamp: top-k over more ids than exist keeps them all
-        kth_largest = np.sort(z)[V - k]
-        keep &= z >= kth_largest
-    if top_p is not None:
-        kept = np.flatnonzero(keep)  # (K,) ascending ids
-        order = kept[np.lexsort((kept, -z[kept]))]  # (K,): z descending, then lower id first
-        cum = np.cumsum(_softmax(z[order]))  # (K,)
-        reached = np.flatnonzero(cum >= top_p)
-        n = int(reached[0]) + 1 if reached.size else len(order)  # shortest prefix, >= 1 id
-        keep = np.zeros(V, dtype=bool)  # (V,)
-        keep[order[:n]] = True
-    ids = np.flatnonzero(keep)  # (K,) ascending ids
-    p = _softmax(z[ids])  # (K,)
-    cum = np.cumsum(p)  # (K,) the CDF in id order
-    above = np.flatnonzero(cum > coin)
-    return int(ids[above[0]]) if above.size else int(ids[np.flatnonzero(p > 0)[-1]])  # rounding: last with p > 0
+    w, cdf = _distribution(logits, temperature, top_k, top_p)
+    # side="right": the first index whose running sum is > coin * total (always one: the last).
+    return int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
+
+
+def _check_listed_ids(ids, vocab_size: int) -> None:
+    """A nested list is checked as Python ints before it becomes an array: 2**70 has no NumPy
+    integer type (object array), and [[5, 2**63]] becomes float64, so the range check below could
+    not name either."""
+    if not isinstance(ids, (list, tuple)):
+        return
+    for b, row in enumerate(ids):
+        if not isinstance(row, (list, tuple)):
+            return  # not (B, T): the shape check names it
+        for t, value in enumerate(row):
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not 0 <= value < vocab_size:
+                raise ValueError(f"token id {int(value)} at position (batch {b}, time {t}) is outside "
+                                 f"[0, {vocab_size}) (vocab_size={vocab_size})")
 
 
 def _check_ids(ids, vocab_size: int) -> np.ndarray:
     """The prompt as int64, every id checked against V: the model sees only the last Tc of them,
     but all of them are returned, so an id cropped away must not pass unchecked either."""
+    _check_listed_ids(ids, vocab_size)
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
@@ -108,6 +195,7 @@ def _check_ids(ids, vocab_size: int) -> np.ndarray:
 
 
 def _check_coins(coins, n: int, B: int) -> np.ndarray:
+    """coins (n, B) as float64; float32 coins are widened exactly (torch_impl does the same)."""
     coins = np.asarray(coins, dtype=np.float64)
     if coins.shape != (n, B):
         raise ValueError(f"coins must have shape (max_new_tokens, B) = {(n, B)}, got {coins.shape}")
@@ -122,17 +210,22 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
              rng: np.random.Generator | None = None, use_cache: bool = True) -> np.ndarray:
     """ids (B, T) -> (B, T + n), n <= max_new_tokens (fewer when every row hit `eos_id`).
 
-    coins: (max_new_tokens, B) uniform draws in [0, 1); coins[s, b] picks row b's token at
-        step s. If None and sampling, they are drawn up front as `rng.random((max_new_tokens, B))`.
+    coins: (max_new_tokens, B) uniform draws in [0, 1), read as float64 (float32 ones widened
+        exactly); coins[s, b] picks row b's token at step s. If None and sampling, they are drawn
+        up front as `rng.random((max_new_tokens, B))` (rng: a np.random.Generator).
     eos_id: a row that produced it is padded with it from then on; all rows stopped ends early.
     use_cache: decode with a KV cache (default) or recompute the whole window at every step;
         both give the same tokens.
     """
     V, Tc = model.config.vocab_size, model.config.context_length
     ids = _check_ids(ids, V)
-    _check_options(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+    temperature, top_k, top_p = _check_options(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
+    if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a np.random.Generator or None, got {type(rng).__module__}.{type(rng).__name__}")
     B = ids.shape[0]
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)):
         raise TypeError(f"eos_id must be an int token id or None, got {eos_id!r} ({type(eos_id).__name__})")

@@ -90,4 +90,4 @@ class KVCache:
             raise TypeError(f"a KV cache crop length must be an int, got {length!r} ({type(length).__name__})")
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
-        self.length = length
+        self.length = int(length)  # a NumPy integer becomes the Python int `length` always is

@@ -6,9 +6,16 @@
 - `generate`: greedy and sampled tokens identical across trees (same weights, same coins); the
   KV cache gives the logits of full recomputation at every step; stop token; cropping to the
   context length; bad arguments raise naming the value.
+- `sampling_exp` and `sampling_distribution`: the same float64 bits in both trees (weights, CDF,
+  probabilities), up to GPT-2's V = 50257, with coins and top_p exactly on boundaries; options,
+  coins and listed ids read as the numbers they stand for; KVCache.crop takes ints only.
 """
 
 from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -408,3 +415,235 @@ def test_generate_checks_every_prompt_id_in_both_trees(tree):
         gen(model, as_ids(prompt[:, 1:]), 0)
     with pytest.raises(ValueError, match="token id 18446744073709551615 at position"):
         gen(model, as_ids(np.array([[2**64 - 1, 1]], dtype=np.uint64)), 1)
+
+
+# ---- one sampling distribution, bit for bit ------------------------------------------------------
+# Both trees compute w = exp(z) with `sampling_exp` and the CDF with a sequential running sum
+# (docs/design.md, "Sampling"): the same coin must pick the same token even when it lands exactly
+# on a CDF boundary, so these compare bits, not values within a tolerance.
+
+
+def _assert_same_bits(what: str, numpy_value, torch_value) -> None:
+    """numpy_ref's array and torch_impl's tensor hold the same float64 bits (NaN never expected)."""
+    a, b = np.asarray(numpy_value), to_numpy(torch_value)
+    assert a.shape == b.shape, f"{what}: numpy shape {a.shape} vs torch shape {b.shape}"
+    assert a.dtype == b.dtype == np.float64, f"{what}: numpy dtype {a.dtype} vs torch dtype {b.dtype}"
+    differ = np.flatnonzero(a.view(np.int64) != b.view(np.int64))
+    assert differ.size == 0, (
+        f"{what}: {differ.size} of {a.size} float64 values differ in their bits; first at index {differ[0]}: "
+        f"numpy {a.flat[differ[0]].hex()} vs torch {b.flat[differ[0]].hex()} "
+        f"(max abs difference {np.max(np.abs(a - b)):.3e})")
+
+
+def _both_distributions(row, **kw):
+    """(w, cdf) from each tree, compared bit for bit, plus the probabilities w / cdf[-1]."""
+    n_w, n_cdf = ngen.sampling_distribution(np.asarray(row, dtype=np.float64), **kw)
+    t_w, t_cdf = tgen.sampling_distribution(torch.tensor(row, dtype=torch.float64), **kw)
+    _assert_same_bits(f"weights w for {kw}", n_w, t_w)
+    _assert_same_bits(f"unnormalised CDF for {kw}", n_cdf, t_cdf)
+    _assert_same_bits(f"probabilities w / cdf[-1] for {kw}", n_w / n_cdf[-1], t_w / t_cdf[-1])
+    return n_w, n_cdf
+
+
+def _same_token(row, **kw) -> int:
+    n_id = ngen.sample_next(np.asarray(row, dtype=np.float64), **kw)
+    t_id = tgen.sample_next(torch.tensor(row, dtype=torch.float64), **kw)
+    assert n_id == t_id, f"numpy picked {n_id}, torch {t_id} for {kw} (V={len(row)})"
+    return n_id
+
+
+def test_sampling_exp_has_the_same_bits_in_both_trees_and_is_exp():
+    """Every exponent k in [-1076, 0] (so every power of two either tree builds), the range edges,
+    -inf, and random arguments: identical bits, within 1 ulp of the correctly rounded exp."""
+    import mpmath
+
+    rng = np.random.default_rng(0)
+    k = np.arange(-1076, 1)
+    z = np.concatenate([k * math.log(2) + rng.uniform(-0.35, 0.35, k.size),  # one per k, near each boundary too
+                        (k + 0.5) * math.log(2), -rng.random(200_000) * 746, -rng.random(100_000) * 3,
+                        [0.0, -0.0, -5e-324, -1e-300, -1e-16, -745.1332191019411, -745.1332191019412, -745.5,
+                         -746.0, -746.5, -708.3964185322641, -708.4, -1e308, -np.inf]])
+    n_e = ngen.sampling_exp(z)
+    t_e = tgen.sampling_exp(torch.from_numpy(z))
+    _assert_same_bits("sampling_exp", n_e, t_e)
+    assert n_e[-1] == 0.0 and n_e[np.flatnonzero(z == 0.0)].tolist() == [1.0, 1.0], "exp(-inf) = 0, exp(0) = 1"
+    sample = np.concatenate([z[:3000], z[-14:-1]])
+    with mpmath.workdps(40):
+        exact = np.array([float(mpmath.exp(mpmath.mpf(float(v)))) for v in sample])  # correctly rounded
+    got = ngen.sampling_exp(sample)
+    ulps = np.abs(got - exact) / np.spacing(np.maximum(exact, 2.2250738585072014e-308))  # subnormals: in 2**-1074
+    assert ulps.max() <= 1.0, (f"sampling_exp is {ulps.max()} ulp off exp at z = {sample[np.argmax(ulps)]!r}: "
+                               f"{got[np.argmax(ulps)]!r} vs {exact[np.argmax(ulps)]!r}")
+
+
+@pytest.mark.parametrize("row,kw,want", [
+    # ids 0-3 and 4-7 carry exactly half the mass each: coin 0.5 is on the boundary (np.exp/sum
+    # gave 4 and torch.softmax/cumsum 3 for the same coin). Rounding decides between 3 and 4.
+    ([-3., -3., -1., -1., -1., -1., -3., -3.], dict(temperature=1.0, coin=0.5), {3, 4}),
+    # a top-p cut on the boundary of the descending running sum (numpy kept 2, torch 4 ids)
+    ([-3., -4., -2., -3., -2., -4., 0., 0.], dict(temperature=1.0, top_p=0.8309526605439513, coin=0.0), {2, 6}),
+    ([0., 0., 0., 0.], dict(temperature=1.0, top_p=0.5, coin=0.75), {1}),  # 2 of 4 equal ids reach 0.5 exactly
+    ([0., 0., 0., 0.], dict(temperature=1.0, coin=0.5), {2}),  # cdf [1, 2, 3, 4]: 0.5 * 4 = 2 is not > 2
+])
+def test_boundary_cases_give_the_same_distribution_and_token(row, kw, want):
+    got = _same_token(row, **kw)
+    assert got in want, f"picked {got} for {kw}, expected one of {sorted(want)}"
+    _both_distributions(row, **{k: v for k, v in kw.items() if k != "coin"})
+
+
+def _boundary_coins(cdf: np.ndarray) -> list[float]:
+    """For each CDF step: the coin exactly at cdf[i] / total and its float64 neighbours."""
+    at = np.unique(cdf[:-1] / cdf[-1])
+    at = at[(at >= 0) & (at < 1)]
+    return sorted({float(c) for x in at for c in (np.nextafter(x, 0.0), x, np.nextafter(x, 1.0)) if 0 <= c < 1})
+
+
+@pytest.mark.parametrize("V", [8, 101, 50257])
+def test_coins_and_top_p_exactly_on_a_boundary_pick_the_same_token(V):
+    """Logits with many ties (rounded to 1/2), GPT-2's V included; top_p set exactly to each
+    boundary of the descending running sum, coins exactly on each CDF step: same bits, same token.
+    At V = 50257 torch also runs with two threads (its cumsum must stay sequential)."""
+    rng = np.random.default_rng(V)
+    row = np.round(rng.standard_normal(V) * 4) / 2
+    n_w, n_cdf = _both_distributions(row, temperature=0.9)
+    w_desc = np.cumsum(np.sort(n_w)[::-1])
+    top_ps = sorted({float(v) for v in w_desc[:40] / w_desc[-1] if 0 < v <= 1})
+    for top_p in top_ps[:8] + [1.0]:
+        _, cdf = _both_distributions(row, temperature=0.9, top_p=top_p)
+        for coin in _boundary_coins(cdf)[:60]:
+            _same_token(row, temperature=0.9, top_p=top_p, coin=coin)
+    for coin in _boundary_coins(n_cdf)[:: max(1, V // 200)]:
+        _same_token(row, temperature=0.9, coin=coin)
+    if V == 50257:
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            _both_distributions(row, temperature=0.9, top_k=40_000)
+        finally:
+            torch.set_num_threads(before)
+
+
+@given(seed=seeds(), V=st.sampled_from([1, 2, 3, 17, 1000, 50257]) | st.integers(1, 50257),
+       scale=st.sampled_from([0.5, 3.0, 30.0, 400.0]), decimals=st.sampled_from([0, 1, 8]),
+       temperature=st.sampled_from([1e-3, 0.3, 0.9, 1.0, 2.5, 1e3]), top_k=st.none() | st.integers(1, 60_000),
+       top_p=st.none() | st.floats(0.0, 1.0, exclude_min=True), coin=st.floats(0.0, 1.0, exclude_max=True))
+@settings(max_examples=40, deadline=None)
+def test_sampling_distribution_is_bit_identical_across_trees(seed, V, scale, decimals, temperature, top_k, top_p,
+                                                             coin):
+    """Random rows up to GPT-2's V with ties likely and -inf logits; every option combination."""
+    rng = np.random.default_rng(seed)
+    row = np.round(rng.standard_normal(V) * scale, decimals)
+    row[rng.random(V) < 0.01] = -np.inf
+    row[rng.integers(V)] = 1.0  # one finite maximum
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    w, cdf = _both_distributions(row, **kw)
+    token = _same_token(row, coin=coin, **kw)
+    assert w[token] > 0, f"picked id {token} of weight 0 for {kw}, coin {coin!r}"
+
+
+# ---- arguments read as the numbers they stand for --------------------------------------------------
+
+
+def test_torch_reads_listed_coins_in_float64():
+    """A coin list went through torch.as_tensor as float32: 0.99999999 became 1.0 and was refused,
+    and a coin just below a CDF step picked the next token. Lists, float64 tensors and numpy_ref
+    now agree; a float32 tensor is widened exactly and agrees with numpy_ref given the same float32s."""
+    n_model, t_model = _models(seed=3)
+    ids = [[1, 2, 3]]
+    out = tgen.generate(t_model, ids, 1, temperature=1.0, coins=[[0.99999999]])
+    assert out.shape == (1, 4), f"a coin of 0.99999999 in a list was refused or mis-shaped: {out.tolist()}"
+    logits = n_model(np.array(ids))[0, -1]  # (V,)
+    _, cdf = ngen.sampling_distribution(logits, temperature=1.0)
+    steps = cdf[:-1] / cdf[-1]
+    coin = next(float(c) for c in steps - 1e-10 if 0 < c < 1 and float(np.float32(c)) > c + 1e-11)
+    n_tok = int(ngen.generate(n_model, np.array(ids), 1, temperature=1.0, coins=[[coin]])[0, -1])
+    listed = int(tgen.generate(t_model, ids, 1, temperature=1.0, coins=[[coin]])[0, -1])
+    as_f64 = torch.tensor([[coin]], dtype=torch.float64)
+    tensor = int(tgen.generate(t_model, ids, 1, temperature=1.0, coins=as_f64)[0, -1])
+    assert listed == tensor == n_tok, f"coin {coin!r}: torch list {listed}, float64 tensor {tensor}, numpy {n_tok}"
+    c32 = torch.rand((5, 2), generator=torch.Generator().manual_seed(0))  # float32, torch.rand's default
+    two = np.array([[1, 2, 3], [4, 5, 6]])
+    t_out = to_numpy(tgen.generate(t_model, torch.tensor(two), 5, temperature=1.0, coins=c32))
+    n_out = ngen.generate(n_model, two, 5, temperature=1.0, coins=c32.numpy())
+    assert np.array_equal(t_out, n_out), f"float32 coins: torch {t_out.tolist()} vs numpy {n_out.tolist()}"
+
+
+@pytest.mark.parametrize("exact,stand_in", [
+    (dict(temperature=Fraction(1, 2)), dict(temperature=0.5)),
+    (dict(temperature=1.0, top_p=Fraction(1, 2)), dict(temperature=1.0, top_p=0.5)),
+    (dict(temperature=np.float32(0.75), top_k=np.int64(3)), dict(temperature=0.75, top_k=3)),
+])
+def test_options_are_read_as_the_float64_they_stand_for(exact, stand_in):
+    """A Fraction or NumPy scalar option computes as its float64 (it crashed inside the sampler)."""
+    row = np.random.default_rng(1).standard_normal(V)
+    for coin in (0.1, 0.5, 0.9):
+        want = _same_token(row, coin=coin, **stand_in)
+        assert _same_token(row, coin=coin, **exact) == want, f"{exact} picks differently from {stand_in}, coin {coin}"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=10**400), r"temperature must be a float64 number, got 1000.*\(beyond 1.8e308\)"),
+    (dict(temperature=1.0, top_p=-(10**400)), r"top_p must be a float64 number, got -1000"),
+])
+def test_options_beyond_float64_are_a_value_error_naming_the_option(kw, match):
+    n_model, t_model = _models()
+    for name, sample, conv in (("numpy", ngen.sample_next, np.asarray), ("torch", tgen.sample_next, torch.tensor)):
+        with pytest.raises(ValueError, match=match):
+            sample(conv([1.0, 3.0, 2.0]), coin=0.5, **kw)
+    for gen, model in ((ngen.generate, n_model), (tgen.generate, t_model)):
+        with pytest.raises(ValueError, match=match):
+            gen(model, [[1, 2]], 2, coins=[[0.5], [0.5]], **kw)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+@pytest.mark.parametrize("ids,value,t", [([[5, 2**63]], 2**63, 1), ([[5, 2**70]], 2**70, 1),
+                                         ([[-(2**70), 1]], -(2**70), 0), ([[1, 2], [3, 2**64]], 2**64, 1)])
+def test_listed_ids_beyond_int64_are_named_with_the_vocabulary_limit(tree, ids, value, t):
+    """2**63 in a list made numpy_ref's ids float64 ("must be an integer array") and torch's
+    as_tensor overflow ("Overflow when unpacking long long"): neither named the id or V."""
+    n_model, t_model = _models()
+    model, gen = (n_model, ngen.generate) if tree == "numpy" else (t_model, tgen.generate)
+    b = len(ids) - 1
+    with pytest.raises(ValueError, match=rf"token id {value} at position \(batch {b}, time {t}\) is outside "
+                                         rf"\[0, {V}\) \(vocab_size={V}\)"):
+        gen(model, ids, 1)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_kv_cache_crop_refuses_a_length_that_is_no_int(tree):
+    """torch's crop(1.5) set the length to 1.5 (the next forward failed far away) and crop(True)
+    acted as crop(1); both trees raise a TypeError naming the value, before anything changes."""
+    cache = (nkv.KVCache if tree == "numpy" else tkv.KVCache)(1, 1, 2, 8, 4)
+    cache.advance(3)
+    for bad in (1.5, True, "1", None):
+        with pytest.raises(TypeError, match=rf"crop length must be an int, got {re.escape(repr(bad))}"):
+            cache.crop(bad)
+        assert cache.length == 3 and type(cache.length) is int, f"{tree}: crop({bad!r}) left length {cache.length!r}"
+    cache.crop(np.int64(2))
+    assert cache.length == 2 and type(cache.length) is int, f"{tree}: crop(np.int64(2)) gave {cache.length!r}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_generate_refuses_a_wrong_type_of_count_or_rng_and_returns_a_copy(tree):
+    """max_new_tokens 2.0 or "3" is a TypeError (a wrong type, docs/design.md), -1 a ValueError;
+    the other tree's generator is a TypeError naming the expected type (it was an AttributeError
+    in numpy_ref and a torch.rand argument error in torch_impl); 0 new tokens returns a new array
+    or tensor, never the caller's own."""
+    n_model, t_model = _models()
+    if tree == "numpy":
+        model, gen, ids = n_model, ngen.generate, np.array([[1, 2]])
+        wrong_rng, want = torch.Generator(), "np.random.Generator"
+    else:
+        model, gen, ids = t_model, tgen.generate, torch.tensor([[1, 2]])
+        wrong_rng, want = np.random.default_rng(0), "torch.Generator"
+    for bad in (2.0, "3", np.float64(2.0)):
+        with pytest.raises(TypeError, match=rf"max_new_tokens must be an int >= 0, got {re.escape(repr(bad))}"):
+            gen(model, ids, bad)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+        gen(model, ids, -1)
+    with pytest.raises(TypeError, match=rf"rng must be a {re.escape(want)} or None, got "):
+        gen(model, ids, 2, temperature=1.0, rng=wrong_rng)
+    out = gen(model, ids, 0)
+    assert out is not ids, f"{tree}: max_new_tokens=0 returned the caller's own ids object"
+    out[0, 0] = 7
+    assert int(ids[0, 0]) == 1, f"{tree}: writing into generate's output changed the caller's ids"

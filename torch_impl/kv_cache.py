@@ -20,6 +20,7 @@ model runs a cached forward under `torch.no_grad()` anyway and passes its output
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -93,10 +94,14 @@ class KVCache:
         self.length = 0
 
     def crop(self, length: int) -> None:
-        """Keep only the first `length` positions (e.g. to roll back rejected draft tokens)."""
+        """Keep only the first `length` positions (e.g. to roll back rejected draft tokens). A length
+        that is no int (1.5, or True, which Python would take as 1) is a TypeError, as in numpy_ref,
+        raised before anything changes."""
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+            raise TypeError(f"a KV cache crop length must be an int, got {length!r} ({type(length).__name__})")
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a KV cache of length {self.length} to {length}")
-        self.length = length
+        self.length = int(length)  # a NumPy integer becomes the Python int `length` always is
 
 
 def inference_only(out, anchor: torch.Tensor):
