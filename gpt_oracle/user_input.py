@@ -23,6 +23,8 @@ import argparse
 import contextlib
 import functools
 import math
+import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +33,9 @@ from typing import Callable, Iterator
 EXIT_OK = 0
 EXIT_FAILED = 1  # a mismatch, a non-finite loss: the answer, not a usage problem
 EXIT_USAGE = 2  # what argparse returns for its own usage errors
+# The status a shell reports for a process that SIGPIPE ended (128 + 13): a command whose output
+# pipe closed before its work was done (its result, printed by `print_result`, keeps its status).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # What the library raises for input it refuses (CheckpointError and json's errors are
 # ValueErrors; a missing or unreadable file is an OSError).
@@ -78,11 +83,51 @@ def reports_user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[a
         except UserError as err:
             print(f"gpt-oracle {command}: error: {err}", file=sys.stderr)
             return EXIT_USAGE
+        except BrokenPipeError as exc:  # a reader left (`| head`, a FIFO) while the command still ran
+            _discard_stdout()
+            with contextlib.suppress(OSError):  # stderr may be the closed pipe too
+                print(f"gpt-oracle {command}: stopped: {one_line(exc)} (the reader of its output left)",
+                      file=sys.stderr)
+            return EXIT_BROKEN_PIPE
 
     return wrapper
 
 
+# ---- standard output that a reader may close (`gpt-oracle info | head -2`) --------------------
+
+
+def print_result(text: str) -> None:
+    """Print a command's result to stdout. A reader that stops early (`| head`) is no error: the
+    rest of the text goes nowhere and the command goes on to return its own exit status, where
+    Python would end it with a BrokenPipeError traceback (and again at exit, flushing stdout)."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that later writes and the flush at exit succeed
+    (Python's documented recipe for SIGPIPE: docs.python.org/3/library/signal.html)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests): nothing to redirect
+        pass
+
+
 # ---- argparse types: the option's name, the value and the limit in one message ---------------
+
+
+def path_text(text: str) -> str:
+    """An argparse type for a file or folder option: any path but the empty one, which Path("")
+    would read as the current directory (`--checkpoint "$UNSET"` must not check the folder you
+    are in, nor `--out ""` train into it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (is the variable it came from unset?); give a file or folder")
+    return text
 
 
 def int_at_least(low: int) -> Callable[[str], int]:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from parity_tests.compare import Comparison, compare, to_numpy
+from parity_tests.compare import Comparison, compare, format_rel, to_numpy
 from parity_tests.layer_specs import SPECS, Sizes
 from parity_tests.tolerances import NormTol, Tol, forward_tol, gradient_norm_tol, gradient_tol
 
@@ -34,7 +34,7 @@ class Row:
     component: str
     dtype: str
     max_abs: float
-    max_rel: float
+    max_rel: float | None  # None: no oracle entry above atol in any comparison, printed "n/a"
     tolerance: str
     verdict: str  # "ok", "MISMATCH" or "ERROR"
     detail: str = ""
@@ -51,21 +51,25 @@ class Row:
 def _tol_text(tol: Tol | NormTol | None) -> str:
     if isinstance(tol, NormTol):
         return f"|err| <= {tol.rel:.3g} s"  # s: per-position gradient scale (compare_grad_norms)
-    return "exact" if tol is None else f"atol {tol.atol:.0e} rtol {tol.rtol:.0e}"
+    if tol is None:
+        return "exact"
+    return f"atol {tol.atol:.0e} rtol {tol.rtol:.0e}{' of the tensor max' if tol.per_tensor else ''}"
 
 
 def row_from(component: str, dtype: str, comparisons: list[Comparison] | list[NormComparison], tol: Tol | NormTol,
              seconds: float = 0.0) -> Row:
-    """Fold comparisons into one row: the worst errors, and the first failure's message."""
+    """Fold comparisons into one row: the worst errors, and what the first failure found (the
+    row's verdict says it failed; the detail says where and by how much)."""
     bad = [c for c in comparisons if not c.ok]
+    rels = [c.max_rel for c in comparisons if c.max_rel is not None]
     return Row(
         component=component,
         dtype=dtype,
         max_abs=max((c.max_abs for c in comparisons), default=0.0),
-        max_rel=max((c.max_rel for c in comparisons), default=0.0),
+        max_rel=max(rels) if rels else (None if comparisons else 0.0),
         tolerance=_tol_text(tol),
         verdict="MISMATCH" if bad else "ok",
-        detail=bad[0].message() if bad else "",
+        detail=bad[0].describe() if bad else "",
         seconds=seconds,
     )
 
@@ -115,8 +119,11 @@ class NormComparison:
         return 0.0 if self.err_norm == 0 else float("inf")
 
     def message(self) -> str:
-        verdict = "ok" if self.ok else "MISMATCH"
-        return (f"{verdict}: {self.name} shape={self.shape} dtype={self.dtype} "
+        return f"{'ok' if self.ok else 'MISMATCH'}: {self.describe()}"
+
+    def describe(self) -> str:
+        """What was compared and how far apart it is, without the verdict."""
+        return (f"{self.name} shape={self.shape} dtype={self.dtype} "
                 f"||actual - expected||={self.err_norm:.3e} = {self.max_rel:.3e} s, bound {self.tol.rel:.3e} s "
                 f"with s={self.scale:.3e} (||expected||={self.ref_norm:.3e}; {self.tol.why}); "
                 f"max_abs={self.max_abs:.3e} worst at index {self.worst_index}: "
@@ -140,29 +147,31 @@ def position_grad_scales(np_model, ids: np.ndarray, targets: np.ndarray) -> dict
     return {k: float(np.sqrt(v)) / N for k, v in squares.items()}
 
 
+def compare_grad_norm(name: str, actual, expected, scale: float, tol: NormTol) -> NormComparison:
+    """One gradient tensor against the oracle's as a whole: ||actual - expected|| <= tol.rel * scale."""
+    a_raw, e = to_numpy(actual), to_numpy(expected).astype(np.float64)
+    if a_raw.shape != e.shape:
+        raise AssertionError(f"{name}: shape {a_raw.shape} differs from the oracle's {e.shape}")
+    diff = np.abs(a_raw.astype(np.float64) - e)
+    err = float(np.sqrt(np.sum(np.square(diff)))) if np.all(np.isfinite(diff)) else float("inf")
+    worst_flat = int(np.argmax(np.nan_to_num(diff, nan=np.inf))) if diff.size else 0
+    worst = tuple(int(i) for i in np.unravel_index(worst_flat, diff.shape)) if diff.size else ()
+    return NormComparison(
+        name=name, shape=tuple(e.shape), dtype=str(getattr(actual, "dtype", a_raw.dtype)).replace("torch.", ""),
+        err_norm=err, scale=scale, ref_norm=float(np.linalg.norm(e)),
+        max_abs=float(diff.max()) if diff.size else 0.0, worst_index=worst,
+        actual_at_worst=float(a_raw.flat[worst_flat]) if diff.size else 0.0,
+        expected_at_worst=float(e.flat[worst_flat]) if diff.size else 0.0,
+        tol=tol, ok=err <= tol.rel * scale)
+
+
 def compare_grad_norms(prefix: str, actual: dict, expected: dict, scales: dict[str, float], tol: NormTol,
                        order: Iterable[str]) -> list[NormComparison]:
     """Each gradient tensor in `order` against the oracle's, under `tol` scaled by `scales`."""
     missing = sorted(set(expected) - set(actual))
     if missing:
         raise AssertionError(f"{prefix}: no gradient for {missing}")
-    out = []
-    for k in order:
-        a_raw, e = to_numpy(actual[k]), to_numpy(expected[k]).astype(np.float64)
-        if a_raw.shape != e.shape:
-            raise AssertionError(f"{prefix}[{k}]: shape {a_raw.shape} differs from the oracle's {e.shape}")
-        diff = np.abs(a_raw.astype(np.float64) - e)
-        err = float(np.sqrt(np.sum(np.square(diff)))) if np.all(np.isfinite(diff)) else float("inf")
-        worst_flat = int(np.argmax(np.nan_to_num(diff, nan=np.inf))) if diff.size else 0
-        worst = tuple(int(i) for i in np.unravel_index(worst_flat, diff.shape)) if diff.size else ()
-        out.append(NormComparison(
-            name=f"{prefix}[{k}]", shape=tuple(e.shape), dtype=str(getattr(actual[k], "dtype", a_raw.dtype)),
-            err_norm=err, scale=scales[k], ref_norm=float(np.linalg.norm(e)),
-            max_abs=float(diff.max()) if diff.size else 0.0, worst_index=worst,
-            actual_at_worst=float(a_raw.flat[worst_flat]) if diff.size else 0.0,
-            expected_at_worst=float(e.flat[worst_flat]) if diff.size else 0.0,
-            tol=tol, ok=err <= tol.rel * scales[k]))
-    return out
+    return [compare_grad_norm(f"{prefix}[{k}]", actual[k], expected[k], scales[k], tol) for k in order]
 
 
 # ---- op level (the autograd engine against torch) -------------------------------------------
@@ -409,7 +418,8 @@ def pretrained_rows(directory: str, dtypes: Iterable[str], device: str = "cpu") 
 
 def format_table(rows: list[Row]) -> str:
     headers = ["component", "dtype", "max abs err", "max rel err", "tolerance", "verdict"]
-    body = [[r.component, r.dtype, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", r.tolerance, r.verdict] for r in rows]
+    body = [[r.component, r.dtype, f"{r.max_abs:.2e}", format_rel(r.max_rel, spec=".2e"), r.tolerance, r.verdict]
+            for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(headers), line(["-" * w for w in widths])] + [line(b) for b in body]

@@ -47,21 +47,31 @@ class Comparison:
     shape: tuple
     dtype: str
     max_abs: float
-    max_rel: float
+    max_rel: float | None  # None: no oracle entry exceeds atol, so no relative error means anything
     worst_index: tuple
     actual_at_worst: float
     expected_at_worst: float
     tol: Tol
     ok: bool
 
-    def message(self) -> str:
-        verdict = "ok" if self.ok else "MISMATCH"
+    def describe(self) -> str:
+        """What was compared and how far apart it is, without the verdict."""
         return (
-            f"{verdict}: {self.name} shape={self.shape} dtype={self.dtype} "
-            f"max_abs={self.max_abs:.3e} max_rel={self.max_rel:.3e} "
+            f"{self.name} shape={self.shape} dtype={self.dtype} "
+            f"max_abs={self.max_abs:.3e} max_rel={format_rel(self.max_rel, self.tol)} "
             f"(atol={self.tol.atol:.1e}, rtol={self.tol.rtol:.1e}{' of the tensor max' if self.tol.per_tensor else ''}: {self.tol.why}); "
             f"worst at index {self.worst_index}: actual={self.actual_at_worst!r} expected={self.expected_at_worst!r}"
         )
+
+    def message(self) -> str:
+        return f"{'ok' if self.ok else 'MISMATCH'}: {self.describe()}"
+
+
+def format_rel(max_rel: float | None, tol: Tol | None = None, spec: str = ".3e") -> str:
+    """A max relative error for people: "n/a (...)" where no oracle entry exceeds atol."""
+    if max_rel is None:
+        return f"n/a (every |expected| <= atol {tol.atol:.1e})" if tol is not None else "n/a"
+    return format(max_rel, spec)
 
 
 def compare(name: str, actual: Any, expected: Any, tol: Tol) -> Comparison:
@@ -91,17 +101,20 @@ def compare(name: str, actual: Any, expected: Any, tol: Tol) -> Comparison:
     excess = diff - (tol.atol + tol.rtol * scale)
     worst_flat = int(np.argmax(excess)) if np.any(excess > 0) else int(np.argmax(diff))
     worst = tuple(int(i) for i in np.unravel_index(worst_flat, a.shape))
-    # Relative error only where the oracle is larger than atol: near zero it means nothing.
+    # Relative error only where the oracle is larger than atol: near zero it means nothing (a
+    # gradient that is zero in exact arithmetic comes out as a 1e-17 residue, and any roundoff
+    # of it is a relative error of 1e10). Where no entry is that large the relative error is
+    # None, "n/a", never 0: a tensor of small values, all of them wrong, is not "0% off".
     magnitude = np.abs(np.nan_to_num(e))
     significant = magnitude > tol.atol
-    rel = np.where(significant, diff / np.where(significant, magnitude, 1.0), 0.0)
+    max_rel = float(np.max(diff[significant] / magnitude[significant])) if significant.any() else None
     ok = bool(np.all(excess <= 0))
     return Comparison(
         name=name,
         shape=tuple(a.shape),
         dtype=dtype,
         max_abs=float(diff.max()),
-        max_rel=float(rel.max()),
+        max_rel=max_rel,
         worst_index=worst,
         actual_at_worst=float(a.flat[worst_flat]),
         expected_at_worst=float(e.flat[worst_flat]),

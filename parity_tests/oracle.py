@@ -99,6 +99,17 @@ def canonical_dtype(dtype) -> str:
     raise ValueError(f"dtype={dtype!r} is not one the oracle checks; use one of: {known}, or the torch dtype")
 
 
+def _check_dtype_on_device(dtype: str, device) -> None:
+    """ValueError for "tf32" off CUDA: TF32 is a mode of NVIDIA tensor cores for float32 matmuls;
+    elsewhere the function would run in plain float32 and be judged by TF32's looser tolerance
+    (gpt_oracle/user_input.check_dtype_on_device refuses the same on the command line)."""
+    import torch
+
+    if dtype == "tf32" and torch.device(device).type != "cuda":
+        raise ValueError(f"dtype='tf32' on device={str(device)!r}: TF32 is a CUDA matmul mode; on {device} the "
+                         f"products are plain float32, which dtype='float32' checks at its own, tighter tolerance")
+
+
 def _quantize(x: np.ndarray, dtype: str) -> np.ndarray:
     """Round float64 values to what `dtype` can hold, returned as float64."""
     if dtype in ("float64",):
@@ -138,6 +149,11 @@ def _compare_outputs(
 
     def one(tensor: str, actual, expected, tol: Tol) -> list[Comparison]:
         shape = tuple(np.shape(expected))
+        # Before any mask: `_where` broadcasts, so a (T, C) output at B = 1 would pass as (1, T, C).
+        got = tuple(actual.shape) if hasattr(actual, "shape") else tuple(np.shape(actual))
+        if got != shape:
+            raise AssertionError(f"{prefix} {tensor}: the function under test returned shape {got}; "
+                                 f"the oracle's {tensor} has shape {shape}")
         results = []
         for group, mask in groups.items():
             if shape[: mask.ndim] != mask.shape or not mask.any():
@@ -208,6 +224,7 @@ def compare_torch_layer(
     import torch
 
     dtype = canonical_dtype(dtype)
+    _check_dtype_on_device(dtype, device)
     quantized = {k: (_quantize(v, dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in inputs.items()}
     oracle = run_oracle(spec, quantized, upstream_seed=upstream_seed)
     tdtype = _torch_dtype(dtype)
@@ -250,6 +267,7 @@ def check_layer(
     """
     spec = get_spec(name)
     dtype = canonical_dtype(dtype)
+    _check_dtype_on_device(dtype, device)
     report = Report(layer=name, dtype=dtype)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)

@@ -76,6 +76,10 @@ def run_copy(trained, tmp_path) -> Path:
     (["--seed", "-1"], ["--seed", ">= 0"]),
     (["--device", "cuda:99"], ["cuda:99"]),
     (["--device", "bogus"], ["bogus", "cpu"]),
+    # --config would be ignored (the checkpoint has its own), typos included
+    (["--checkpoint", "/nonexistent", "--config", "tinyy"], ["--config tinyy", "--checkpoint /nonexistent",
+                                                             "drop --config"]),
+    (["--checkpoint", "/nonexistent", "--config", "tiny"], ["--config tiny", "drop --config"]),
 ])
 def test_diff_refuses_bad_input(capsys, argv, needles):
     _user_error(capsys, ["diff", *argv], *needles)
@@ -397,3 +401,53 @@ def test_json_output_into_a_fifo_is_written_into_not_replaced(tmp_path):
     reader.join(timeout=10)
     assert got and json.loads(got[0]) == {"a": None, "b": 1}, f"the reader got {got!r}"
     assert fifo.is_fifo(), "the FIFO was replaced by a regular file"
+
+
+# ---- an empty path is refused by name, not read as the current folder or as "not given" -------
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "--checkpoint", ""], ["check", "--json", ""], ["diff", "--checkpoint", ""],
+    ["generate", "--prompt", "x", "--checkpoint", ""], ["bench", "--quick", "--out", ""],
+    ["train", "--steps", "1", *TRAIN, "--out", ""], ["train", "--steps", "1", *TRAIN, "--resume", ""],
+    ["train", "--steps", "1", *TRAIN, "--data", ""],
+], ids=lambda argv: f"{argv[0]} {argv[-2]}")
+def test_an_empty_path_is_refused_naming_the_option(capsys, tmp_path, monkeypatch, argv):
+    """`--checkpoint "$UNSET"`: `if args.checkpoint:` skipped it (check ran without the checkpoint,
+    wrote no --json), Path("") is the current folder (generate read it, train --out trained into
+    runs/train-torch, --resume "" started a new run), and --data "" trained on the embedded text."""
+    from parity_tests import checks
+
+    monkeypatch.setattr(checks, "run_check", lambda **kw: pytest.fail("the sweep ran despite an empty path"))
+    monkeypatch.chdir(tmp_path)
+    _user_error(capsys, argv, f"argument {argv[-2]}: an empty path", untouched=(tmp_path,))
+    assert list(tmp_path.iterdir()) == [], f"{argv} wrote {[p.name for p in tmp_path.iterdir()]}"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`gpt-oracle info | head -2` ended in a BrokenPipeError traceback. The reader here closes
+    the pipe before the command writes (it takes ~0.3 s to start), so every write finds it closed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_oracle", "info", "--all"], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    status = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, f"stderr: {err}"
+    assert err == "" and status == 0, f"exit status {status}, stderr {err!r}"
+
+
+def test_a_pipe_closed_while_a_command_runs_is_one_line_not_a_traceback(capsys):
+    """Output a command prints before its result (progress, a FIFO it writes) can meet a closed
+    pipe too: exit 141, as a shell reports a process that SIGPIPE ended, and one line saying so."""
+    from gpt_oracle.user_input import EXIT_BROKEN_PIPE, reports_user_errors
+
+    def run(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    run.__module__ = "gpt_oracle.commands.train"
+    assert reports_user_errors(run)(None) == EXIT_BROKEN_PIPE == 141
+    err = capsys.readouterr().err
+    assert err == "gpt-oracle train: stopped: Broken pipe (the reader of its output left)\n", repr(err)

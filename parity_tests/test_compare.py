@@ -73,3 +73,17 @@ def test_every_tolerance_has_a_reason_and_gradients_are_not_tighter_than_forward
     assert forward_tol("bf16") == FORWARD["bfloat16"]
     with pytest.raises(KeyError, match="int8"):
         forward_tol("int8")
+
+
+def test_relative_error_is_never_zero_for_a_wrong_tensor():
+    # Every |expected| below atol: no relative error means anything, and it says so ("n/a"),
+    # where it once read max_rel=0 for a tensor that was entirely wrong.
+    small = np.full((2, 3), 5e-9)
+    r = compare("g", np.zeros((2, 3)), small, TOL)
+    assert r.max_rel is None, f"max_rel={r.max_rel} for an all-zero actual against {small.flat[0]}"
+    assert "max_rel=n/a (every |expected| <= atol 1.0e-08)" in r.message(), r.message()
+    # With entries above atol, the relative error is theirs: all of them wrong is 100% off.
+    mixed = np.array([5e-9, 2.0, -4.0])
+    r = compare("g", np.zeros(3), mixed, TOL)
+    assert r.max_rel == 1.0 and not r.ok, r.message()
+    assert "max_rel=1.000e+00" in r.message(), r.message()

@@ -112,3 +112,154 @@ def test_cli_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("check", "diff", "info", "train", "generate", "bench"):
         assert cmd in out
+
+
+# ---- low precision: whole-model gradients judged per tensor, as `check` judges them ----------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_diff_in_low_precision_is_clean_on_the_real_trees(dtype):
+    params, ids, targets = _case()
+    report = diff_models(CFG, params, ids, targets, dtype=dtype)
+    assert report.ok, report.format()
+    worst = max(c.max_rel for c in report.parameters + [g for _, g in report.activations if g is not None])
+    assert 0 < worst < report.grad_tol.rel / 4, f"{dtype}: worst |err|/s {worst:.3e}, bound {report.grad_tol.rel:.3e}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_diff_in_low_precision_fails_on_weights_without_a_gradient(monkeypatch, dtype):
+    # The elementwise bf16 rule (atol 5e-2) passed this: the tiny model's gradients are 1e-5..1e-2.
+    import torch_impl.attention as tatt
+
+    real = tatt.attention_forward
+
+    def no_weight_gradients(x, w_attn, b_attn, w_proj, b_proj, n_heads, *args, **kwargs):
+        return real(x, w_attn.detach(), None if b_attn is None else b_attn.detach(), w_proj.detach(), b_proj.detach(),
+                    n_heads, *args, **kwargs)
+
+    monkeypatch.setattr(tatt, "attention_forward", no_weight_gradients)
+    params, ids, targets = _case()
+    report = diff_models(CFG, params, ids, targets, dtype=dtype)
+    text = report.format()
+    assert report.first_parameter_divergence() == "h.0.attn.c_attn.weight", text
+    failed = sorted(p.name for p in report.parameters if not p.ok)
+    assert failed == sorted(f"h.{i}.attn.{k}" for i in range(2) for k in ("c_attn.weight", "c_attn.bias",
+                                                                          "c_proj.weight", "c_proj.bias")), failed
+    assert report.first_forward_divergence() is None and report.first_gradient_divergence() is None, text
+    assert "parameter gradient: h.0.attn.c_attn.weight shape=(32, 96)" in text and "actual=0.0" in text, text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_diff_in_low_precision_fails_on_a_halved_gelu_backward(monkeypatch, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    import torch_impl.mlp as tmlp
+
+    class HalvedBackwardGelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return F.gelu(x, approximate="tanh")
+
+        @staticmethod
+        def backward(ctx, dout):
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_()
+                (dx,) = torch.autograd.grad(F.gelu(xx, approximate="tanh"), xx, dout)
+            return dx / 2
+
+    monkeypatch.setattr(tmlp, "gelu_forward", HalvedBackwardGelu.apply)
+    params, ids, targets = _case()
+    report = diff_models(CFG, params, ids, targets, dtype=dtype)
+    text = report.format()
+    assert report.first_forward_divergence() is None, text  # the forward is right
+    # Walking back from the loss, the first gradient the halved GELU touches is its MLP's input's.
+    assert report.first_gradient_divergence() == "h.1.ln_2", text
+    assert "activation gradient: h.1.ln_2 shape=(2, 6, 32)" in text, text
+    assert "h.1.mlp.c_fc.weight" in [p.name for p in report.parameters if not p.ok], text
+
+
+def test_diff_scales_are_the_ones_check_uses():
+    from parity_tests.diff import position_grad_scales
+
+    params, ids, targets = _case()
+    _, from_diff = position_grad_scales(CFG, params, ids, targets)
+    from_check = checks.position_grad_scales(models.build_numpy_model(CFG, params=params), ids, targets)
+    assert from_diff.keys() == from_check.keys(), sorted(set(from_diff) ^ set(from_check))
+    for k in from_check:
+        assert from_diff[k] == pytest.approx(from_check[k], rel=1e-12), f"{k}: diff's s {from_diff[k]} vs check's {from_check[k]}"
+
+
+def test_diff_runs_tf32_with_tf32_matmuls_and_restores_the_flags(monkeypatch):
+    """As models.run_torch: TF32 on for the torch pass of dtype tf32 (and off for float32), the
+    flags as they were afterwards. The flags are only read on CUDA, so the CPU pass shows them."""
+    import torch
+
+    import torch_impl.attention as tatt
+    from parity_tests.diff import _torch_pass
+
+    seen = []
+    real = tatt.attention_forward
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tatt, "attention_forward", spy)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    params, ids, targets = _case()
+    _torch_pass(CFG, params, ids, targets, "tf32", "cpu")
+    assert seen and set(seen) == {(True, True)}, f"(matmul, cudnn) allow_tf32 during the tf32 pass: {set(seen)}"
+    seen.clear()
+    _torch_pass(CFG, params, ids, targets, "float32", "cpu")
+    assert set(seen) == {(False, False)}, f"(matmul, cudnn) allow_tf32 during the float32 pass: {set(seen)}"
+    after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert after == before, f"the flags were {before} before the passes and {after} after"
+    with pytest.raises(ValueError, match=r"dtype='tf32' on device='cpu': TF32 is a CUDA matmul mode"):
+        diff_models(CFG, params, ids, targets, dtype="tf32", device="cpu")
+
+
+# ---- the check table ------------------------------------------------------------------------
+
+
+def test_check_table_names_per_tensor_tolerances_and_says_mismatch_once():
+    from parity_tests.compare import compare
+    from parity_tests.tolerances import forward_tol
+
+    tol = forward_tol("bfloat16")
+    expected = np.linspace(-1.0, 1.0, 8)
+    row = checks.row_from("layer:demo forward", "bfloat16", [compare("demo out", -expected, expected, tol)], tol)
+    assert row.tolerance == "atol 1e-02 rtol 5e-02 of the tensor max", row.tolerance
+    text = checks.format_table([row])
+    assert "MISMATCH: MISMATCH" not in text, text
+    assert "- layer:demo forward (bfloat16): MISMATCH: demo out shape=(8,)" in text, text
+    assert checks.row_from("x", "float32", [], forward_tol("float32")).tolerance == "atol 1e-05 rtol 1e-04"
+
+
+def test_check_table_says_n_a_where_no_relative_error_exists():
+    from parity_tests.compare import compare
+    from parity_tests.tolerances import gradient_tol
+
+    tol = gradient_tol("float32")  # atol 1e-4: every entry below it
+    expected = np.full(4, 3e-5)
+    row = checks.row_from("model[demo] grads", "float32", [compare("g", np.zeros(4), expected, tol)], tol)
+    assert row.max_rel is None, f"max rel {row.max_rel} for a tensor that is all wrong but below atol"
+    line = checks.format_table([row]).splitlines()[2]
+    assert "n/a" in line and "0.00e+00" not in line, f"the max rel column of an all-wrong tensor: {line}"
+
+
+def test_check_runs_each_dtype_and_config_once(monkeypatch, capsys):
+    seen = {}
+
+    def fake_run_check(**kw):
+        seen.update(kw)
+        return [checks.Row("demo", "float64", 0.0, 0.0, "exact", "ok")]
+
+    monkeypatch.setattr(checks, "run_check", fake_run_check)
+    argv = ["check", "--quiet", "--dtype", "float32", "--dtype", "float64", "--dtype", "float32",
+            "--config", "tiny", "--config", "gpt2-small", "--config", "tiny", "--config", "124M"]
+    assert main(argv) == 0, capsys.readouterr()
+    assert seen["dtypes"] == ("float32", "float64"), f"dtypes run: {seen['dtypes']}"
+    assert list(seen["configs"]) == ["tiny", "gpt2-small"], f"configs run: {list(seen['configs'])}"

@@ -196,3 +196,64 @@ def test_layernorm_rows_with_var_near_eps_are_judged_on_their_own(dtype):
     halved = {r.name: r for r in compare_torch_layer(spec, layernorm_halved_dx, inputs, dtype=dtype)}
     assert not halved["layernorm dx"].ok, halved["layernorm dx"].message()
     assert halved[f"{small} dx"].ok, halved[f"{small} dx"].message()
+
+
+# ---- shapes are checked before the row-group masks, and tf32 only on CUDA -----------------------
+
+
+def _squeezed_batch(forward):
+    """A NumPy forward that drops a size-1 batch axis (torch's .squeeze(0)): (T, C) out at B = 1."""
+
+    def squeezed(**kw):
+        out, cache = forward(**kw)
+        return (out[0] if out.shape[0] == 1 else out), cache
+
+    return squeezed
+
+
+def test_a_numpy_output_of_the_wrong_shape_fails_even_at_batch_one():
+    # layernorm has row groups: the masks, built from the oracle's (1, T, C), once broadcast a
+    # (T, C) output back to (1, T, C) and passed it.
+    spec = SPECS["layernorm"]
+    inputs = spec.make_inputs(np.random.default_rng(0), Sizes(B=1, T=5, nh=2, hs=4))
+    forward, backward = _numpy_layernorm()
+    oracle = run_oracle(spec, inputs, upstream_seed=0)
+    out, cache = _squeezed_batch(forward)(**inputs)
+    dx, dw, db = backward(oracle.upstream, cache)
+    from parity_tests.oracle import _compare_outputs
+    from parity_tests.tolerances import forward_tol, gradient_tol
+
+    with pytest.raises(AssertionError, match=r"^layernorm out: the function under test returned shape \(5, 8\); "
+                                             r"the oracle's out has shape \(1, 5, 8\)$"):
+        _compare_outputs(spec, "layernorm", out, dict(x=dx, w=dw, b=db), oracle, forward_tol("float64"),
+                         gradient_tol("float64"))
+    with pytest.raises(AssertionError, match=r"layernorm out: the function under test returned shape \(\d+, \d+\); "
+                                             r"the oracle's out has shape \(1, \d+, \d+\)"):
+        check_numpy_layer("layernorm", _squeezed_batch(forward), backward, max_examples=20, derandomize=True)
+
+
+def test_a_numpy_gradient_of_the_wrong_shape_fails_naming_it():
+    spec = SPECS["layernorm"]
+    inputs = spec.make_inputs(np.random.default_rng(0), Sizes(B=1, T=5, nh=2, hs=4))
+    forward, backward = _numpy_layernorm()
+    oracle = run_oracle(spec, inputs, upstream_seed=0)
+    out, cache = forward(**inputs)
+    dx, dw, db = backward(oracle.upstream, cache)
+    from parity_tests.oracle import _compare_outputs
+    from parity_tests.tolerances import forward_tol, gradient_tol
+
+    with pytest.raises(AssertionError, match=r"layernorm dx: the function under test returned shape \(5, 8\); "
+                                             r"the oracle's dx has shape \(1, 5, 8\)"):
+        _compare_outputs(spec, "layernorm", out, dict(x=dx.reshape(5, 8), w=dw, b=db), oracle,
+                         forward_tol("float64"), gradient_tol("float64"))
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_tf32_off_cuda_is_refused(device):
+    # On the CPU a "tf32" check ran plain float32 and judged it by TF32's tolerance, 500x looser.
+    with pytest.raises(ValueError, match=r"dtype='tf32' on device='cpu': TF32 is a CUDA matmul mode"):
+        check_layer("linear", lambda x, w, b: x @ w + b, dtype="tf32", device=device, max_examples=2)
+    spec = SPECS["linear"]
+    inputs = spec.make_inputs(np.random.default_rng(0), Sizes())
+    with pytest.raises(ValueError, match=r"dtype='tf32' on device='cpu'"):
+        compare_torch_layer(spec, spec.torch_forward(), inputs, dtype="tf32", device=device)

@@ -85,6 +85,14 @@ class NormTol:
 # tiny model's gradients, O(1e-4), whatever their values: it stays for single layers only.
 # Without loss scaling, a model whose per-position gradients fall below fp16's smallest
 # subnormal (6e-8) fails this bound, as it should: the gradient is then lost, not rounded.
+# `gpt-oracle diff` (parity_tests/diff.py) judges its gradients by the same bound, those of the
+# activations too (the gradient of the mean loss with respect to an activation is a mean over
+# positions in the same way). Its torch pass holds everything in bf16 / fp16, weights, activations
+# and gradients, not autocast's float32 weights. Measured there: on check's tiny and small (seeds
+# 0-2, B x T of 1 x 1, 2 x 8, 3 x 12) at most 3.4 u in bf16 and 3.9 u in fp16, median 1.8 u; on
+# gpt2-small (random weights, B=2, T=8) at most 4 u in both; over 300 drawn models (C 8 to 32, 1-2
+# layers) per dtype, bf16 median 1.5 u and worst 6.4 u, fp16 median 1.6 u and worst 28 u: a
+# layer-norm weight at C = 10 whose gradient, stored in fp16, sits among the subnormals.
 GRADIENT_NORM = {
     "bfloat16": NormTol(32 * 2.0**-8, "bf16 unit roundoff u=2^-8; 32 u of the per-position gradient scale s"),
     "float16": NormTol(32 * 2.0**-11, "fp16 unit roundoff u=2^-11; 32 u of the per-position gradient scale s"),

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt_oracle.user_input import EXIT_OK, UserError, check_device, reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_OK, UserError, check_device, path_text, print_result, reports_user_errors, \
+    user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the short plan: tiny and small configs (under 2 minutes on 2 cores)")
-    parser.add_argument("--out", metavar="DIR", default="bench-results", help="results directory (default: bench-results)")
+    parser.add_argument("--out", metavar="DIR", type=path_text, default="bench-results", help="results directory (default: bench-results)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
     parser.add_argument("--configs", nargs="+", metavar="NAME",
                         help="configs to run: tiny, small, 124M (alias gpt2-small) or a numpy_ref preset")
@@ -40,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: exists and is not a directory")
     payload = run_bench(quick=args.quick, out_dir=args.out, device=args.device, configs=args.configs,
                         progress=Progress(enabled=not args.quiet), tokenizer=not args.no_tokenizer)
-    print(payload["_table"])
-    print()
-    print(report.format_table(report.format_targets(payload["targets"]), report.TARGET_HEADER))
-    print()
-    print(report.format_table(report.format_accuracy(payload["accuracy"]), report.ACC_HEADER))
-    print(f"\nwrote {args.out}/results.json, summary.md, table.txt, {', '.join(payload['plots']) or 'no plots'} "
-          f"({payload['meta']['seconds']:.0f} s)")
+    print_result("\n\n".join([
+        payload["_table"],
+        report.format_table(report.format_targets(payload["targets"]), report.TARGET_HEADER),
+        report.format_table(report.format_accuracy(payload["accuracy"]), report.ACC_HEADER),
+        f"wrote {args.out}/results.json, summary.md, table.txt, {', '.join(payload['plots']) or 'no plots'} "
+        f"({payload['meta']['seconds']:.0f} s)",
+    ]))
     return EXIT_OK

@@ -1,6 +1,8 @@
 """`gpt-oracle diff`: both trees on one input, layer by layer; names the first layer that diverges.
 
 Exit status 0 when every layer is within its tolerance, 1 when one is not, 2 on bad input.
+The configuration is --config's (default tiny, random weights) or, with --checkpoint, the
+checkpoint's own; the two together are refused, since --config would be ignored.
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ import argparse
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, check_device, check_dtype_on_device, non_negative_int, \
-    positive_int, reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_dtype_on_device, \
+    non_negative_int, path_text, positive_int, print_result, reports_user_errors, user_input
+
+DEFAULT_CONFIG = "tiny"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help="tiny, small, or a preset name (default: tiny)")
-    parser.add_argument("--checkpoint", metavar="DIR", help="use the weights (and config) of a checkpoint (or a train output folder: its latest)")
+    parser.add_argument("--config", help=f"tiny, small, or a preset name, with random weights (default: {DEFAULT_CONFIG}; "
+                                         f"not with --checkpoint, which has its own)")
+    parser.add_argument("--checkpoint", metavar="DIR", type=path_text,
+                        help="use the weights and config of a checkpoint (or a train output folder: its latest)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32", "bfloat16", "float16"],
                         help="torch dtype to compare against the float64 oracle (default: float64; tf32 on CUDA only)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: cpu)")
@@ -33,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from parity_tests import models
     from parity_tests.diff import diff_models
 
+    if args.checkpoint is not None and args.config is not None:
+        raise UserError(f"--config {args.config} with --checkpoint {args.checkpoint}: the checkpoint's config.json "
+                        f"gives the configuration; drop --config (or --checkpoint, for random weights)")
     check_device(args.device)
     check_dtype_on_device(args.dtype, args.device)
-    if args.checkpoint:
+    if args.checkpoint is not None:
         from numpy_ref.checkpoint import load_checkpoint
 
         ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))  # a checkpoint, or a train folder's latest
@@ -43,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
             config, params = load_checkpoint(ckpt, dtype=np.float64)
         cfg = dict(config.to_dict())
     else:
-        cfg = parity_config(args.config)
+        cfg = parity_config(args.config or DEFAULT_CONFIG)
         model = models.build_numpy_model(cfg, seed=args.seed)
         params = models.scale_params(model.params, args.seed + 1)
     T = min(args.time, cfg["context_length"])
     ids, targets = models.random_batch(cfg, args.batch, T, args.seed)
     report = diff_models(cfg, params, ids, targets, dtype=args.dtype, device=args.device)
-    print(report.format())
+    print_result(report.format())
     return EXIT_OK if report.ok else EXIT_FAILED

@@ -20,12 +20,12 @@ import argparse
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.user_input import EXIT_OK, UserError, check_device, non_negative_int, reports_user_errors, \
-    user_input
+from gpt_oracle.user_input import EXIT_OK, UserError, check_device, non_negative_int, path_text, \
+    print_result, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint or training output directory")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text, help="checkpoint or training output directory")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
     parser.add_argument("--max-new-tokens", type=non_negative_int, default=50, help=">= 0 (default: 50)")
@@ -96,7 +96,7 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
     with user_input(f"the generated ids (the checkpoint's vocab_size is {model.config.vocab_size}, the GPT-2 "
                     f"tokenizer's {encoding.n_vocab})"):
         text = encoding.decode(out)
-    print(text)
+    print_result(text)
     return EXIT_OK
 
 

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.user_input import EXIT_OK, UserError, reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_OK, UserError, print_result, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
 
     names = list(PRESETS) if args.all else args.config
     rows = [describe(n) for n in names]
-    print(json.dumps(rows, indent=2) if args.json else "\n".join(format_text(r) for r in rows))
+    print_result(json.dumps(rows, indent=2) if args.json else "\n".join(format_text(r) for r in rows))
     return EXIT_OK

@@ -53,7 +53,7 @@ from pathlib import Path
 from gpt_oracle import run_folder
 from gpt_oracle.json_file import write_json
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, non_negative_int, number_in, \
-    one_line, positive_int, reports_user_errors, user_input
+    one_line, path_text, positive_int, print_result, reports_user_errors, user_input
 
 # The default model: small enough for minutes on 2 cores, big enough to learn the text a bit.
 VERDICT_CONFIG = dict(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.1,
@@ -69,12 +69,12 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["numpy", "torch"], default="torch", help="which tree trains (default torch)")
-    parser.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: the embedded the-verdict)")
+    parser.add_argument("--data", metavar="FILE", type=path_text, help="UTF-8 text file to train on (default: the embedded the-verdict)")
     parser.add_argument("--config", default="verdict", help="'verdict' (default) or a preset name (tiny, 124M, ...)")
     parser.add_argument("--steps", type=positive_int, help="optimiser steps, >= 1 (default: --epochs worth)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="epochs when --steps is not given (default 10)")
-    parser.add_argument("--out", metavar="DIR", help="output directory (default runs/train-BACKEND)")
-    parser.add_argument("--resume", metavar="DIR",
+    parser.add_argument("--out", metavar="DIR", type=path_text, help="output directory (default runs/train-BACKEND)")
+    parser.add_argument("--resume", metavar="DIR", type=path_text,
                         help="continue the run in DIR from its last checkpoint, with the options of DIR/run.json")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the run already in --out (run.json, log.jsonl, loss.png, latest, step-* "
@@ -319,6 +319,8 @@ def _read_run_json(out: Path) -> dict:
     stored = {**ADDED_LATER, **stored}
     # Earlier versions of this command wrote 0 for "the default" in these; 0 is refused now.
     stored.update({k: None for k in LEGACY_ZERO_IS_DEFAULT if stored.get(k) == 0})
+    # They also took an empty --data or --out as the default (the embedded text, runs/train-BACKEND).
+    stored.update({k: None for k in ("data", "out") if stored.get(k) == ""})
     missing, unknown = sorted(set(defaults) - set(stored)), sorted(set(stored) - set(defaults))
     if missing:  # a default filled in would train another run than the one checkpointed
         raise UserError(f"--resume {out}: run.json lacks the option(s) {missing}")
@@ -378,8 +380,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = _resume(args) if args.resume else _start(args)
     if args.resume:
         if trainer.step >= trainer.settings.steps:  # fit() would save the same step again as a new checkpoint
-            print(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing to do "
-                  f"(its checkpoint: {run_folder.latest_checkpoint(Path(args.resume))})")
+            print_result(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing "
+                         f"to do (its checkpoint: {run_folder.latest_checkpoint(Path(args.resume))})")
             return EXIT_OK
         kept = getattr(trainer, "autocast_dtype", None)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.settings.steps}"
@@ -390,6 +392,6 @@ def run(args: argparse.Namespace) -> int:
     if not result.ok:
         print(f"error: {result.message}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"done: {result.step} steps, {result.tokens_seen:,} tokens seen, {result.seconds:.1f} s{last}; "
-          f"checkpoint {result.checkpoint}")
+    print_result(f"done: {result.step} steps, {result.tokens_seen:,} tokens seen, {result.seconds:.1f} s{last}; "
+                 f"checkpoint {result.checkpoint}")
     return EXIT_OK
