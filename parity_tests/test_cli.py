@@ -329,6 +329,20 @@ def test_overwrite_replaces_the_old_run_and_keeps_other_files(capsys, run_copy):
     assert (run_copy / "notes.txt").read_text() == "mine"
 
 
+def test_run_contents_lists_checkpoints_past_step_99999999_as_the_trainer_names_them(tmp_path):
+    """The trainer names step 10**8 and later with nine or more digits (train_run.CHECKPOINT_NAME);
+    --overwrite once listed (and so deleted) only eight-digit ones, leaving those behind."""
+    from gpt_oracle.run_folder import run_contents
+    from torch_impl.train_run import checkpoint_order
+
+    names = ["step-00000010", "step-00000010-1", "step-100000000", "step-1000000000-2"]
+    for name in names + ["step-x", "notes"]:
+        (tmp_path / name).mkdir()
+    assert all(checkpoint_order(n) is not None for n in names), "the trainer does not take these names"
+    listed = run_contents(tmp_path)
+    assert sorted(listed) == sorted(names), f"run_contents listed {listed}, the trainer's checkpoints are {names}"
+
+
 # ---- D: check --json is strict JSON, replaced whole or not at all ---------------------------
 
 
