@@ -684,3 +684,36 @@ def test_the_torch_float32_peak_is_the_faster_of_mkl_and_onednn():
     assert peaks_from(rates, bandwidth)["torch_float32"] == 2e11, "without oneDNN the peak is MKL's"
     assert peaks_from({**rates, "torch_float32_onednn_linear": 2.5e11}, bandwidth)["torch_float32"] == 2.5e11
     assert peaks_from({**rates, "torch_float32_onednn_linear": 1.5e11}, bandwidth)["torch_float32"] == 2e11
+
+
+@pytest.mark.parametrize("bug", [None, "no gradient for ln_f", "halved c_fc gradient"])
+def test_error_budget_judges_bf16_gradients_per_tensor_and_catches_a_wrong_one(bug):
+    """The error budget's bf16 row once judged gradients elementwise at atol 5e-2, larger than most
+    of a tiny model's gradients: a missing or halved gradient was 'within tolerance'. It now uses
+    check's per-tensor GRADIENT_NORM rule; a correct run stays within it."""
+    from unittest import mock
+
+    from benchmarks import accuracy
+    from benchmarks.backends import numpy_params
+
+    cfg = CONFIGS["tiny"]
+    real = accuracy._torch_run
+
+    def run(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if bug == "no gradient for ln_f":
+            out["grads"]["ln_f.weight"] = np.zeros_like(out["grads"]["ln_f.weight"])
+        elif bug == "halved c_fc gradient":
+            out["grads"]["h.0.mlp.c_fc.weight"] = out["grads"]["h.0.mlp.c_fc.weight"] / 2
+        return out
+
+    with mock.patch.object(accuracy, "_torch_run", run):
+        rows = accuracy.error_budget("tiny", cfg, numpy_params(cfg), B=2, T=8, compile_ok=False)
+    bf16, = [r for r in rows if r["setting"] == "torch bf16 autocast"]
+    fp32, = [r for r in rows if r["setting"] == "torch fp32 (SDPA default kernel)"]
+    if bug is None:
+        assert bf16["within_tolerance"] is True, f"a correct bf16 run is over tolerance: {bf16}"
+    else:
+        assert bf16["within_tolerance"] is False, f"{bug}: the bf16 row says within tolerance: {bf16}"
+        assert "over tolerance" in bf16["note"], f"{bug}: the note does not name the tensor: {bf16['note']}"
+        assert fp32["within_tolerance"] is False, f"{bug}: the fp32 row says within tolerance: {fp32}"
