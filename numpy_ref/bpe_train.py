@@ -34,7 +34,7 @@ from typing import Collection
 
 import regex
 
-from numpy_ref.safetensors_io import atomic_write
+from numpy_ref.checkpoint_files import atomic_write
 from numpy_ref.tokenizer import ENDOFTEXT, GPT2_PAT_STR, Encoding
 
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+
+from numpy_ref.checkpoint_files import CheckpointError, atomic_write
 
 MAX_HEADER_BYTES = 100_000_000  # the official reader's cap; a real GPT-2 header is ~15 kB
 
@@ -51,10 +52,6 @@ _LAYOUT_RANK = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "
 _NAME_OF = {np.dtype(v).str: k for k, v in DTYPES.items() if k != "BF16"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or safetensors file that cannot be loaded; the message names file and key."""
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """One header entry: where a tensor's bytes lie in the data buffer and how to read them."""
@@ -67,61 +64,6 @@ class TensorInfo:
 
 
 # ---- writing --------------------------------------------------------------------------------
-
-
-def write_temporary(path, write: Callable) -> Path:
-    """Call `write(file)` on a new temporary file next to `path` (a new file's usual mode), fsync
-    it and return its path; `path` itself is not touched. On failure the temporary file is removed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever happens below
-            os.chmod(tmp, new_file_mode())  # mkstemp makes it 0600; the file gets a new file's usual mode
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write(path, write: Callable) -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it onto `path`.
-
-    The rename is atomic on POSIX: a reader sees the old file or the new one, never a partial
-    one. If anything fails, the temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    tmp = write_temporary(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def new_file_mode() -> int:
-    """The mode `open(path, "w")` gives a new file: 0o666 without the process's umask bits
-    (0o644 under the usual umask 022). Reading the umask means setting it: set back at once."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
@@ -168,7 +110,8 @@ def safetensors_writer(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
 
 
 def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` (name -> array) to `path` atomically; `metadata` is an optional str -> str."""
+    """Write `tensors` (name -> array) to `path` atomically (checkpoint_files.atomic_write);
+    `metadata` is an optional str -> str."""
     atomic_write(path, safetensors_writer(tensors, metadata))
 
 

@@ -325,12 +325,12 @@ def _fail_mid_torch_write(monkeypatch):
     monkeypatch.setattr(tck, "save_file", half_then_fail)
 
 
-def _fail_at_rename(module):
-    def patch(monkeypatch):
-        def fail(*_):
-            raise OSError("rename failed (simulated)")
-        monkeypatch.setattr(module.os, "replace", fail)
-    return patch
+def _fail_at_rename(monkeypatch):
+    """Every rename fails. `os.replace` is patched on the `os` module itself, as DiskFaults does:
+    both trees' checkpoint_files.py look it up there at each call."""
+    def fail(*_):
+        raise OSError("rename failed (simulated)")
+    monkeypatch.setattr(os, "replace", fail)
 
 
 @pytest.mark.parametrize("tree,failure", [("numpy_ref", "mid-write"), ("numpy_ref", "rename"),
@@ -340,10 +340,10 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tree, failure, monk
     old, new = cc.random_params(cfg, 1), cc.random_params(cfg, 2)
     if tree == "numpy_ref":
         save = lambda d, p: nck.save_checkpoint(d, cc.numpy_config(cfg), p)  # noqa: E731
-        breaker = _fail_mid_numpy_write if failure == "mid-write" else _fail_at_rename(nio)
+        breaker = _fail_mid_numpy_write if failure == "mid-write" else _fail_at_rename
     else:
         save = lambda d, p: tck.save_checkpoint(d, cc.torch_config(cfg), {k: torch.from_numpy(v) for k, v in p.items()})  # noqa: E731
-        breaker = _fail_mid_torch_write if failure == "mid-write" else _fail_at_rename(tck)
+        breaker = _fail_mid_torch_write if failure == "mid-write" else _fail_at_rename
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         save(d, old)
