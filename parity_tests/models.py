@@ -92,9 +92,17 @@ def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64
         loss.backward()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    grads = {}
-    for name, p in model.named_parameters():
-        grads[name] = to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+    # The run must have been in the precision asked for: a bf16 row whose autocast did nothing
+    # would be float32 judged by bf16's looser tolerance, and pass.
+    want = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32,
+            "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if logits.dtype != want:
+        raise AssertionError(f"torch_impl's logits are {logits.dtype} in a {dtype} run (expected {want}): "
+                             f"the run did not compute in the precision it is judged by")
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    if missing:  # never zeros in their place: the message says what is wrong
+        raise AssertionError(f"torch_impl gave no gradient for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    grads = {name: to_numpy(p.grad) for name, p in model.named_parameters()}
     return RunResult(to_numpy(logits).astype(np.float64), float(loss.detach().to(torch.float64).cpu()), grads)
 
 

@@ -263,3 +263,27 @@ def test_check_runs_each_dtype_and_config_once(monkeypatch, capsys):
     assert main(argv) == 0, capsys.readouterr()
     assert seen["dtypes"] == ("float32", "float64"), f"dtypes run: {seen['dtypes']}"
     assert list(seen["configs"]) == ["tiny", "gpt2-small"], f"configs run: {list(seen['configs'])}"
+
+
+def test_a_model_row_refuses_a_run_in_another_precision_or_with_a_gradient_missing():
+    """models.run_torch checks that the run computed in the precision it is judged by (a bf16 row
+    whose autocast did nothing would be float32 under bf16's looser tolerance, and pass) and
+    names a parameter left without a gradient (it once put zeros in its place)."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    import torch
+
+    from parity_tests.checkpoint_cases import tiny
+
+    cfg = tiny()
+    np_model = models.build_numpy_model(cfg, seed=0)
+    ids, targets = models.random_batch(cfg, 2, 5, 0)
+    t_model = models.build_torch_model(cfg, np_model.params, dtype="bfloat16")
+    with mock.patch.object(torch, "autocast", lambda *a, **k: nullcontext()), \
+            pytest.raises(AssertionError, match=r"logits are torch.float32 in a bfloat16 run"):
+        models.run_torch(t_model, ids, targets, dtype="bfloat16")
+    t_model = models.build_torch_model(cfg, np_model.params, dtype="float64")
+    t_model.ln_f.weight.requires_grad_(False)
+    with pytest.raises(AssertionError, match=r"no gradient for \['ln_f.weight'\]"):
+        models.run_torch(t_model, ids, targets, dtype="float64")
