@@ -236,9 +236,13 @@ def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: M
 
 def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
     """`optimizer.safetensors` (any dtype, float64 kept exactly), then `trainer_state.json`.
-    Non-finite floats are refused before anything is written, as load_trainer_state refuses them."""
+    Non-finite floats, in the tensors or the state (strict JSON has none), are refused before
+    anything is written, as load_trainer_state refuses them."""
     directory = Path(directory)
-    text = json.dumps(dict(state), indent=2) + "\n"  # fails before anything is written
+    try:  # before anything is written; strict JSON, which has no NaN or Infinity
+        text = json.dumps(dict(state), indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise CheckpointError(f"trainer state: {e}; store a missing number as None") from None
     for name, value in tensors.items():
         value = np.asarray(value)
         if value.dtype.kind == "f" and not np.isfinite(value).all():

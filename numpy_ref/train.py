@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from numpy_ref.optim import build_optimizer, clip_grad_norm, global_grad_norm, lr_at_step
-from numpy_ref.train_log import TextProgress
+from numpy_ref.train_log import TextProgress, finite_or_null
 from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
                                  check_same_model, fixed_batches, finish_run, load_run, record_eval, save_run)
 
@@ -87,7 +87,8 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
                           "fingerprint": self.stream.fingerprint},
-                 "rng": self.rng.bit_generator.state, "optimizer": opt_state, "history": self.history,
+                 "rng": self.rng.bit_generator.state, "optimizer": opt_state,
+                 "history": finite_or_null(self.history),  # strict JSON: a NaN loss (no validation set) as null
                  "dtype": str(self.model.dtype)}
         if self.model.dtype != np.float32:
             # model.safetensors holds float32; the exact weights go with the trainer state.
@@ -120,7 +121,8 @@ class Trainer:
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.rng.bit_generator.state = state["rng"]
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.history = state["history"]
+        self.history = {k: [[math.nan if v is None else v for v in entry] for entry in entries]  # null: NaN
+                        for k, entries in state["history"].items()}
         for k, p in self.model.params.items():  # in place: the optimiser holds these arrays
             if params is not None:
                 p[...] = params[k]

@@ -44,17 +44,17 @@ def append_log(path: Path, record: dict) -> None:
     validation loss of a run without validation data, a loss that diverged) is written as null,
     since NaN and Infinity are not JSON and strict readers refuse the line."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+        f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _finite_or_null(value):
+def finite_or_null(value):
     """`value` with every non-finite float, at any depth, replaced by None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
+        return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
+        return [finite_or_null(v) for v in value]
     return value

@@ -492,6 +492,30 @@ def test_log_lines_are_strict_json_without_validation_data(tree, tmp_path):
     assert evals and all(r["val_loss"] is None and isinstance(r["train_loss"], float) for r in evals), evals
 
 
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_trainer_state_is_strict_json_without_validation_data_and_resumes_with_nan(tree, tmp_path):
+    """The history's NaN validation loss went into trainer_state.json as a bare NaN, which no
+    strict JSON reader accepts. It is null there and NaN again after a resume; a NaN handed to
+    save_trainer_state directly is refused before anything is written."""
+    cls, settings_cls = (NumpyTrainer, NumpySettings) if tree == "numpy" else (TorchTrainer, TorchSettings)
+    settings = settings_cls(steps=2, eval_every=1, eval_batches=1, checkpoint_every=2, progress=False)
+    assert cls(_model(tree), _loader(tree), None, settings, out_dir=tmp_path).fit().ok
+    ckpt = tmp_path / (tmp_path / "latest").read_text().strip()
+
+    def refuse(constant):
+        raise ValueError(f"{tree}: trainer_state.json holds {constant}, which is not JSON")
+
+    state = json.loads((ckpt / "trainer_state.json").read_text(), parse_constant=refuse)
+    assert [e[3] for e in state["history"]["evals"]] == [None, None], state["history"]["evals"]
+    resumed = cls.resume(tmp_path, _model(tree), _loader(tree), None)
+    val = [e[3] for e in resumed.history["evals"]]
+    assert len(val) == 2 and all(isinstance(v, float) and np.isnan(v) for v in val), f"resumed history: {val}"
+    ck = __import__(f"{'numpy_ref' if tree == 'numpy' else 'torch_impl'}.checkpoint", fromlist=["x"])
+    with pytest.raises(ck.CheckpointError, match="trainer state: Out of range float values are not JSON compliant"):
+        ck.save_trainer_state(tmp_path / "bad", {"loss": float("nan")}, {})
+    assert not (tmp_path / "bad").exists(), "a refused trainer state left a directory behind"
+
+
 def test_data_fingerprints_agree_across_trees_and_see_each_setting():
     """The same windows, batch size, drop_last, shuffle and seed: one fingerprint in both trees;
     changing any one of them changes it."""

@@ -281,9 +281,13 @@ def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: M
 
 def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """`optimizer.safetensors` (dtypes kept, float64 included), then `trainer_state.json`.
-    Non-finite floats are refused before anything is written, as load_trainer_state refuses them."""
+    Non-finite floats, in the tensors or the state (strict JSON has none), are refused before
+    anything is written, as load_trainer_state refuses them."""
     directory = Path(directory)
-    text = json.dumps(dict(state), indent=2) + "\n"  # a TypeError here leaves nothing written
+    try:  # before anything is written; strict JSON, which has no NaN or Infinity
+        text = json.dumps(dict(state), indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise CheckpointError(f"trainer state: {e}; store a missing number as None") from None
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     for key, t in cpu.items():
         if t.is_floating_point() and not torch.isfinite(t).all():

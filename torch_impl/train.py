@@ -50,7 +50,7 @@ import torch
 
 from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_state, lr_at_step, optimizer_state,
                               set_lr)
-from torch_impl.train_log import TextProgress
+from torch_impl.train_log import TextProgress, finite_or_null
 from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
                                   check_same_model, fixed_batches, finish_run, load_run, record_eval, save_run)
 
@@ -168,7 +168,8 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
                           "fingerprint": self.stream.fingerprint},
-                 "rng": self.gen.get_state().tolist(), "optimizer": opt_state, "history": self.history,
+                 "rng": self.gen.get_state().tolist(), "optimizer": opt_state,
+                 "history": finite_or_null(self.history),  # strict JSON: a NaN loss (no validation set) as null
                  "dtype": dtype_name(self.model.dtype), "autocast": autocast_name(self.autocast_dtype),
                  "tf32": self.model.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
         if self.model.dtype != torch.float32:
@@ -208,7 +209,8 @@ class Trainer:
         self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
         self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.history = state["history"]
+        self.history = {k: [[math.nan if v is None else v for v in entry] for entry in entries]  # null: NaN
+                        for k, entries in state["history"].items()}
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 if params is not None:
