@@ -114,11 +114,14 @@ class Trainer:
             extra = [k for k in given if k.startswith(prefix) and k[len(prefix):] not in self.model.params]
             if prefix == "" and extra:  # another model's weights
                 raise KeyError(f"checkpoint has weights this model lacks: {sorted(extra)[:3]}")
-        # The optimiser checks its whole state before changing anything.
+        # The data and the random state are checked before the optimiser's state, which is the
+        # first thing to change (it checks its whole state first), so a refused state changes nothing.
+        check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
+        position = self.stream.check_position(int(state["data"]["epoch"]), int(state["data"]["index"]))
+        type(self.rng.bit_generator)().state = state["rng"]  # a state of another generator raises here
         self.optimizer.load_state_dict(state["optimizer"], {k: v for k, v in arrays.items()
                                                             if not k.startswith("param.")})
-        check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
-        self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
+        self.stream.seek(*position)
         self.rng.bit_generator.state = state["rng"]
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.history = {k: [[math.nan if v is None else v for v in entry] for entry in entries]  # null: NaN

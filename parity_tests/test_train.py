@@ -381,6 +381,26 @@ def test_resume_refuses_a_data_position_past_the_loaders_epoch(tree, tmp_path):
     assert (resumed.step, resumed.stream.epoch, resumed.stream.index) == (8, 0, 8)
 
 
+@pytest.mark.parametrize("what", ["data position", "random state"])
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_refused_restore_leaves_the_optimiser_as_it_was(tree, tmp_path, what):
+    """Trainer.restore loaded the optimiser's state first and checked the data position and the
+    random state after it: a state refused there left a trainer with another run's moments."""
+    assert _trainer(tree, _model(tree), dict(steps=8, progress=False), out_dir=tmp_path).fit().ok
+    run = nrun if tree == "numpy" else trun
+    _, config, state, tensors, params = run.load_run(tmp_path, backend=tree)
+    cls, settings_cls = (NumpyTrainer, NumpySettings) if tree == "numpy" else (TorchTrainer, TorchSettings)
+    loader = _Unfingerprinted(_loader(tree, batch_size=8)) if what == "data position" else _loader(tree)
+    trainer = cls(_model(tree, seed=9), loader, _loader(tree), settings_cls(steps=8, progress=False))
+    if what == "random state":
+        state = {**state, "rng": [1, 2, 3] if tree == "torch" else {"bit_generator": "MT19937", "state": {}}}
+    with pytest.raises((ValueError, RuntimeError, TypeError, KeyError)):
+        trainer.restore(state, tensors, params, config)
+    moments = (len(trainer.optimizer.state) if tree == "torch"
+               else trainer.optimizer.step_count)
+    assert moments == 0, f"{tree}: a restore refused for its {what} loaded the optimiser's state ({moments})"
+
+
 class _Unfingerprinted:
     """A loader whose dataset exposes no windows to fingerprint (a user's own loader): a resume
     on other data is then caught only by `seek`'s position check."""

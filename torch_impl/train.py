@@ -202,12 +202,16 @@ class Trainer:
             extra = [k for k in given if k.startswith(prefix) and k[len(prefix):] not in wanted]
             if prefix == "" and extra:  # another model's weights
                 raise KeyError(f"checkpoint has weights this model lacks: {sorted(extra)[:3]}")
-        # The optimiser's state is checked whole before it changes anything.
+        # The data and the random state are checked before the optimiser's state, which is the
+        # first thing to change (it is checked whole first), so a refused state changes nothing.
+        check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
+        position = self.stream.check_position(int(state["data"]["epoch"]), int(state["data"]["index"]))
+        rng = torch.tensor(state["rng"], dtype=torch.uint8)
+        torch.Generator(device=self.gen.device).set_state(rng)  # a state of another size or device raises here
         load_optimizer_state(self.optimizer, self.model, state["optimizer"],
                              {k: v for k, v in tensors.items() if not k.startswith("param.")})
-        check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
-        self.stream.seek(int(state["data"]["epoch"]), int(state["data"]["index"]))
-        self.gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.stream.seek(*position)
+        self.gen.set_state(rng)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.history = {k: [[math.nan if v is None else v for v in entry] for entry in entries]  # null: NaN
                         for k, entries in state["history"].items()}

@@ -151,6 +151,10 @@ class BatchStream:
     def seek(self, epoch: int, index: int) -> None:
         """Position the stream at batch `index` of epoch `epoch`; `index` may equal the batches
         per epoch (the end of that epoch: the next batch opens the following one)."""
+        self.epoch, self.index = self.check_position(epoch, index)
+
+    def check_position(self, epoch: int, index: int) -> tuple[int, int]:
+        """(epoch, index) as ints if `seek` would take them, else its error; nothing changes."""
         if self._drawn >= 0:
             raise RuntimeError("BatchStream.seek needs a fresh stream (nothing drawn yet)")
         for name, value in (("epoch", epoch), ("index", index)):
@@ -162,7 +166,7 @@ class BatchStream:
         if index > per_epoch:  # a position saved with other data, batch size or drop_last
             raise ValueError(f"BatchStream.seek: batch index {index} is past the end of an epoch of "
                              f"{per_epoch} batches")
-        self.epoch, self.index = int(epoch), int(index)
+        return int(epoch), int(index)
 
 
 def data_fingerprint(loader) -> str | None:
