@@ -1018,3 +1018,43 @@ def test_decoding_products_split_over_cores_equal_the_plain_product(rows, c_in, 
         assert bmm.call_count == expected_bmm, f"{where}: {bmm.call_count} batched products, expected {expected_bmm}"
         assert_close(f"linear {where} c_out={c_out}", got_linear, want_linear, forward_tol("float64"))
         assert_close(f"head {where} V={V}", got_head, x @ head.T, forward_tol("float64"))
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "bf16", "fp16"])
+def test_the_plan_names_the_attention_kernel_torch_runs_on_the_cpu(precision):
+    """device.sdpa_kernel_name once said "SDPA math" for fp16 on the CPU, where torch runs its CPU
+    flash kernel: the plan's description names what the profiler sees."""
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    from torch_impl.device import sdpa_kernel_name
+
+    plan = plan_runtime("cpu", precision=precision)
+    dtype = plan.autocast_dtype or plan.param_dtype
+    q = torch.randn(1, 2, 8, 16, dtype=dtype)
+    with profile() as prof:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    ran = {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
+    named = sdpa_kernel_name(plan)
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu" in ran
+    assert (named == "SDPA CPU flash") == flash, f"{precision}: the plan says {named!r}, torch ran {sorted(ran)}"
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's, from mkldnn.flags
+def test_turning_onednn_off_gives_mkl_products():
+    """device.onednn_fp32_products took oneDNN on an AMD CPU with AVX-512 whatever
+    torch.backends.mkldnn.enabled said; a user who turns oneDNN off now gets MKL."""
+    import torch_impl.device as device
+
+    amd = (mock.patch.object(device, "cpu_vendor", lambda: "AuthenticAMD"),
+           mock.patch.object(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512"))
+    device._onednn_pays_here.cache_clear()  # asked again under the patches (and after them)
+    try:
+        with amd[0], amd[1]:
+            on = device.onednn_fp32_products()
+            with torch.backends.mkldnn.flags(enabled=False):
+                off = device.onednn_fp32_products()
+    finally:
+        device._onednn_pays_here.cache_clear()
+    assert on == torch.backends.mkldnn.is_available(), f"oneDNN products on an AMD AVX-512 CPU: {on}"
+    assert off is False, "oneDNN products with torch.backends.mkldnn.enabled = False"

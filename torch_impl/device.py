@@ -71,7 +71,6 @@ def cpu_vendor() -> str:
     return ""
 
 
-@functools.cache
 def onednn_fp32_products() -> bool:
     """Whether float32 training products on this CPU go through oneDNN instead of MKL: an AMD CPU
     with AVX-512. MKL, torch's BLAS, does not take its AVX-512 kernels on AMD CPUs (its verbose
@@ -80,8 +79,15 @@ def onednn_fp32_products() -> bool:
     products 11-37% faster forward and 3-19% for dx (two probes), a whole training step 0.912x
     the time (median of 10 alternating pairs). On an Intel CPU MKL already runs AVX-512 (oneDNN ran the forward shapes
     2% slower to 14% faster on a Xeon with AMX), and on an AVX2-only AMD CPU whole steps with
-    oneDNN were 3% slower: MKL stays there. Decided once per process from the hardware alone, so
-    a run and its resume take the same kernels."""
+    oneDNN were 3% slower: MKL stays there. Decided from the hardware, so a run and its resume
+    take the same kernels, and from `torch.backends.mkldnn.enabled` at each call: a user who turns
+    oneDNN off gets MKL."""
+    return torch.backends.mkldnn.enabled and _onednn_pays_here()
+
+
+@functools.cache
+def _onednn_pays_here() -> bool:
+    """The hardware half of onednn_fp32_products, asked once per process."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
     return (op is not None and torch.backends.cpu.get_cpu_capability() == "AVX512"
             and cpu_vendor() == "AuthenticAMD")
@@ -255,7 +261,7 @@ def sdpa_kernel_name(plan: RuntimePlan) -> str:
             return "SDPA flash"
         return "SDPA memory-efficient"
     if plan.device.type == "cpu":
-        return "SDPA CPU flash" if dtype in (torch.float32, torch.float64, torch.bfloat16) else "SDPA math"
+        return "SDPA CPU flash"  # every float dtype: _scaled_dot_product_flash_attention_for_cpu (profiled, torch 2.13)
     return f"SDPA ({plan.device.type})"
 
 
