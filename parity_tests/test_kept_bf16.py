@@ -360,6 +360,26 @@ def test_held_weights_follow_in_place_changes_and_skip_parametrized_weights():
     assert_bitwise("logits with a parametrized weight", got, want)
 
 
+def test_a_model_made_under_inference_mode_generates_under_bf16_autocast():
+    """Parameters made under torch.inference_mode are inference tensors, which have no version
+    counter: holding their bf16 copies (generate's bf16_weights_held) raised "Inference tensors do
+    not track version counter". They are not held; the tokens are plain autocast's."""
+    from torch_impl.generate import generate
+
+    cfg = get_config("tiny", drop_rate=0.0)
+    with torch.inference_mode():
+        model = GPTModel(cfg, seed=4).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(4))
+    with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: True), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, ids, 5)
+        with torch.inference_mode():
+            want = ids
+            for _ in range(5):  # greedy by hand, without the held copies
+                want = torch.cat([want, model(want)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, want), f"generate under inference-mode weights gave {out.tolist()}, greedy {want.tolist()}"
+
+
 @pytest.mark.parametrize("path", ["float32 sliced head", "bf16 kept path"])
 def test_a_tied_head_gradient_from_another_backward_pass_is_not_added_to_wte(path):
     """torch.autograd.grad with respect to the final hidden state runs the tied head's backward but

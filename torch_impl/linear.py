@@ -107,7 +107,8 @@ _held: contextvars.ContextVar[dict | None] = contextvars.ContextVar("torch_impl_
 def bf16_weights_held():
     """Inside: no-grad products under CPU bf16 autocast on a CPU with bf16 units cast each weight
     (an nn.Parameter) to bf16 once and reuse the copy while the weight's version counter stays the
-    same (see top); the copies are dropped on exit."""
+    same (see top); the copies are dropped on exit. A write through `w.data` does not move the
+    counter and is not seen until the context is left: change weights in place under no_grad."""
     token = _held.set({})
     try:
         yield
@@ -121,9 +122,11 @@ def held_bf16(w: torch.Tensor) -> torch.Tensor | None:
     # plain_eager() is tested before the context variable is read: torch.compile cannot trace
     # ContextVar.get and would break the graph at every linear layer.
     if (torch.is_grad_enabled() or not plain_eager() or w.device.type != "cpu" or w.dtype != torch.float32
-            or not isinstance(w, torch.nn.Parameter) or not torch.is_autocast_enabled("cpu")
+            or not isinstance(w, torch.nn.Parameter) or w.is_inference() or not torch.is_autocast_enabled("cpu")
             or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not cpu_has_fast_bf16()):
-        return None  # a parametrization's output is a new plain tensor at every read: not held
+        # Not held: a parametrization's output (a new plain tensor at every read), and an inference
+        # tensor (made under torch.inference_mode: it has no version counter to watch).
+        return None
     held = _held.get()
     if held is None:
         return None
