@@ -1058,3 +1058,23 @@ def test_turning_onednn_off_gives_mkl_products():
         device._onednn_pays_here.cache_clear()
     assert on == torch.backends.mkldnn.is_available(), f"oneDNN products on an AMD AVX-512 CPU: {on}"
     assert off is False, "oneDNN products with torch.backends.mkldnn.enabled = False"
+
+
+def test_flop_counter_counts_the_sliced_head_as_the_one_product():
+    """torch's FlopCounterMode over a CPU training step counts the same FLOPs whether the head runs
+    in slices or as one product: its dx was summed with addmm_, which the counter does not see
+    (2 N V C FLOPs missing from every step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from parity_tests.models import head_slices
+
+    model = GPTModel(tiny(), seed=0)
+    ids = ids_of(model.config, 2, 8, 1)
+    counts = {}
+    for rows in (7, 10**9):
+        with head_slices(rows), FlopCounterMode(display=False) as counter:
+            _, loss = model(ids, ids)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        counts[rows] = counter.get_total_flops()
+    assert counts[7] == counts[10**9], f"sliced head {counts[7]} FLOPs, one product {counts[10**9]}"

@@ -202,7 +202,9 @@ class _SlicedHead(torch.autograd.Function):
             if dlogits is not None:
                 g.add_(dlogits[:, s:e])  # the caller's own use of the logits
             if dx is not None:
-                dx.addmm_(g, head[s:e])  # (N, S) @ (S, C) -> (N, C), summed over slices
+                # (N, S) @ (S, C) -> (N, C), summed over slices; addmm with out=, not addmm_, which
+                # torch's FlopCounterMode does not count
+                torch.addmm(dx, g, head[s:e], out=dx)
             if dhead is not None:
                 torch.mm(g.T, x, out=dhead[s:e])  # (S, N) @ (N, C) -> (S, C)
         if row_scale is not None:
