@@ -110,9 +110,10 @@ def _timed(runner: Runner, op: str, config_name: str, config_d: dict, B: int, T:
 
 def _decode(runner: Runner, config_name: str, config_d: dict, n: int, use_cache: bool, label: str, repeats: int,
             budget_s: float) -> Result:
-    """Greedy decoding of `n` tokens from a 1-token prompt, B=1."""
+    """Greedy decoding of `n` tokens from a 1-token prompt, B=1; timed as every other row (up to
+    `repeats` within `budget_s`)."""
     n = min(n, config_d["context_length"] - 1)
-    timing = time_call(lambda: runner.decode(n, use_cache), warmup=1, repeats=max(2, repeats // 2), budget_s=budget_s,
+    timing = time_call(lambda: runner.decode(n, use_cache), warmup=1, repeats=repeats, budget_s=budget_s,
                        sync=runner.sync, slow_s=2 * budget_s)
     fl = F.generate_flops(config_d, n, use_cache)
     return Result("decode", config_name, runner.backend, label, B=1, T=n, tokens=n, flops=fl,

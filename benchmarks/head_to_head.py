@@ -14,9 +14,19 @@ Issue 4's ratios against Hugging Face (torch_impl and HF's GPT2LMHeadModel, `hea
 
 A training step against the GEMM rate (issue 3's numpy float32 step, issue 4's bf16 step;
 `step_against_peak`): each pair is one step and one measurement of the peak the step is divided
-by, taken as machine.py takes it at the start of the run:
+by, with machine.py's kernels and sizes (machine.peak_now: the best of at least 5 calls and of
+0.3 s of calls, so that one interrupted GEMM call does not make the pair's rate low):
 
-    fraction = median_i  (step FLOPs / t_step(i)) / GEMM rate(i)        (higher is better)
+    fraction = median_i  (step FLOPs / t_step(i)) / max(GEMM rate(i), run peak)   (higher is better)
+
+where the run peak is the higher of the run's start and end measurements (machine.remeasure;
+`finish_against_peak` divides again once the end is known). A GEMM is the fastest thing the
+machine does with these FLOPs, so a pair's own measurement below the run's peak says the GEMM
+was slowed, not that the machine was slower: dividing by it would raise that pair's fraction
+(the 14:03 run on the AVX-512 EPYC reported 0.619 with one pair's GEMM at 218 GFLOP/s against
+a run peak of 412; 0.558 divided by the higher). Dividing by the higher can only lower a
+fraction, never flatter it. Each row keeps every pair: the steps, the pair's GEMM rate, the
+rate divided by and the fraction.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from typing import Callable
 from benchmarks.backends import make_runner
 from benchmarks.bench_model import batch
 from benchmarks.record import Result
+from benchmarks.stats import spread_text
 
 OURS, THEIRS = "torch-fp32", "hf-fp32"
 
@@ -75,10 +86,12 @@ def head_to_head(config_name: str, config_d: dict, params: dict, B: int, T: int,
         fn_ours(), fn_theirs()  # warm-up, untimed
         t_ours, t_theirs = alternate(fn_ours, fn_theirs, pairs, sync=ours.sync)
         ratio = paired_ratio(t_theirs, t_ours) if higher_better else paired_ratio(t_ours, t_theirs)
+        pair_ratios = [(b / a if higher_better else a / b) for a, b in zip(t_ours, t_theirs)]
         rows.append(Result("head_to_head", config_name, f"{OURS} vs {THEIRS}", what,
                            B=1 if higher_better else B, T=decode_tokens if higher_better else T,
-                           note=f"median of {pairs} alternating pairs: {ratio:.3f}",
-                           extra={"ratio": ratio, "ours_s": t_ours, "theirs_s": t_theirs,
+                           note=f"median of {pairs} alternating pairs: {ratio:.3f} ({spread_text(pair_ratios)})",
+                           extra={"ratio": ratio, "ours_s": t_ours, "theirs_s": t_theirs, "pair_ratios": pair_ratios,
+                                  "first": [("ours" if i % 2 == 0 else "theirs") for i in range(pairs)],
                                   "higher_is_better": higher_better}))
     return rows
 
@@ -88,10 +101,11 @@ AGAINST_PEAK = ("numpy-float32", "torch-bf16")
 
 
 def step_against_peak(config_name: str, config_d: dict, params: dict, B: int, T: int, backend: str, *,
-                      pairs: int = 5, device: str = "cpu", quick: bool = False,
+                      pairs: int = 5, device: str = "cpu", quick: bool = False, run_peaks: dict | None = None,
                       progress: Callable[[str], None] = lambda s: None) -> list[Result]:
     """One row, section "head_to_head": `backend`'s train step as a fraction of its peak GEMM rate,
-    the two measured in alternation (see top)."""
+    the two measured in alternation, each pair's step divided by the higher of the pair's GEMM
+    rate and the run's measured peak for it so far (`run_peaks`, machine.py's "peaks"; see top)."""
     from benchmarks import machine
     from benchmarks.flops import training_flops
 
@@ -105,10 +119,24 @@ def step_against_peak(config_name: str, config_d: dict, params: dict, B: int, T:
     runner.train_step()  # warm-up, untimed
     step_s, _ = alternate(runner.train_step, lambda: rates.append(machine.peak_now(runner.peak_name, quick)), pairs,
                           sync=runner.sync)
-    flops = training_flops(config_d, B, T)
-    fractions = [flops / s / rate for s, rate in zip(step_s, rates)]
+    row = Result("head_to_head", config_name, f"{backend} vs {runner.peak_name} GEMM", "train step / GEMM rate",
+                 B=B, T=T, extra={"step_s": step_s, "gemm_flops_per_s": rates, "flops": training_flops(config_d, B, T),
+                                  "peak_name": runner.peak_name, "higher_is_better": True,
+                                  "first": [("step" if i % 2 == 0 else "gemm") for i in range(pairs)]})
+    return [finish_against_peak(row, (run_peaks or {}).get(runner.peak_name))]
+
+
+def finish_against_peak(row: Result, run_peak: float | None) -> Result:
+    """(Re)compute a step_against_peak row's fractions, each pair's step FLOP rate over the higher
+    of the pair's GEMM rate and `run_peak`; the runner calls it again with the peak of the whole
+    run (start and end) once the end has been measured."""
+    x = row.extra
+    divisors = [max(rate, run_peak or 0.0) for rate in x["gemm_flops_per_s"]]
+    fractions = [x["flops"] / s / d for s, d in zip(x["step_s"], divisors)]
     ratio = statistics.median(fractions)
-    return [Result("head_to_head", config_name, f"{backend} vs {runner.peak_name} GEMM", "train step / GEMM rate",
-                   B=B, T=T, note=f"median of {pairs} alternating pairs: {ratio:.3f}",
-                   extra={"ratio": ratio, "step_s": step_s, "gemm_flops_per_s": rates, "flops": flops,
-                          "peak_name": runner.peak_name, "higher_is_better": True})]
+    x.update(run_peak=run_peak, divisors=divisors, fractions=fractions, pair_ratios=fractions, ratio=ratio)
+    raised = sum(d > r for d, r in zip(divisors, x["gemm_flops_per_s"]))
+    row.note = (f"median of {len(fractions)} alternating pairs: {ratio:.3f} ({spread_text(fractions)}); each step "
+                f"over the higher of its pair's GEMM rate and the run's peak"
+                + (f" ({run_peak / 1e9:.0f} GFLOP/s, higher in {raised} of {len(divisors)} pairs)" if run_peak else ""))
+    return row

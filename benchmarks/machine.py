@@ -5,8 +5,14 @@ a datasheet number: a 2-core VM, an OpenBLAS that picked AVX2 kernels on an AVX-
 a CPU without native bf16 all show up as they are.
 
 - GEMM: C = A @ B with square n x n operands, 2 n^3 FLOPs, the best of a few repeats.
-- bf16 on CPU: torch.matmul on bf16 tensors and F.linear under bf16 autocast take different
-  kernels (oneDNN vs a fallback); both are recorded, the peak is the faster one.
+- bf16 on CPU: torch.matmul (A @ B) and F.linear (A @ W^T, the product bf16 autocast computes
+  for every nn.Linear) on operands cast to bf16 beforehand, so that the timed call is the GEMM
+  alone (autocast would cast both float32 operands inside every call: 4-12% of the time at
+  n = 2048). The two can take different kernels (oneDNN vs a fallback: on CPUs without native
+  bf16 they differ by more than 10x, and the fallback runs at about 1 GFLOP/s); both are
+  recorded, the peak is the faster one. A kernel whose one call at n would take over
+  BF16_MAX_CALL_S (estimated from one call at half the size) is timed at the largest size that
+  fits: it is the slow fallback, not the peak, and `gemm_n_reduced` in the record names it.
 - float32 on CPU: torch.matmul (MKL) and, where torch has it, oneDNN's linear
   (torch.ops.mkldnn._linear_pointwise, which torch_impl trains with on AMD CPUs with AVX-512,
   where it is the faster: torch_impl/device.py); both are recorded, the peak is the faster one.
@@ -26,15 +32,21 @@ ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "KMP_", "DNNL_", "ONEDNN_", "ATEN_"
                 "TORCH_", "CUDA_VISIBLE_DEVICES", "NVIDIA_TF32_OVERRIDE", "PYTORCH_")
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+def _best_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None,
+                  min_total_s: float = 0.0, max_repeats: int = 100,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
+    """The fastest of at least `repeats` timed calls after one untimed call; with `min_total_s`,
+    more calls (up to `max_repeats`) until the timed ones add up to that long, so that a short
+    GEMM is not judged on a few milliseconds that one interruption can spoil."""
     fn()
     sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    best, spent, done = float("inf"), 0.0, 0
+    while done < repeats or (spent < min_total_s and done < max_repeats):
+        start = clock()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
+        dt = clock() - start
+        best, spent, done = min(best, dt), spent + dt, done + 1
     return best
 
 
@@ -104,37 +116,57 @@ def blas_info() -> dict:
     return out
 
 
-def numpy_gemm_rate(n: int, dtype: str, repeats: int = 3) -> float:
+def numpy_gemm_rate(n: int, dtype: str, repeats: int = 3, min_total_s: float = 0.0) -> float:
     import numpy as np
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
     out = np.empty((n, n), dtype=dtype)
-    return 2 * n**3 / _best_seconds(lambda: np.matmul(a, b, out=out), repeats)
+    return 2 * n**3 / _best_seconds(lambda: np.matmul(a, b, out=out), repeats, min_total_s=min_total_s)
 
 
-def torch_gemm_rate(n: int, dtype: str, device: str = "cpu", repeats: int = 3, autocast: bool = False) -> float:
-    """torch.matmul of n x n operands; with `autocast`, F.linear in float32 under bf16 autocast."""
+def torch_gemm_rate(n: int, dtype: str, device: str = "cpu", repeats: int = 3, linear: bool = False,
+                    min_total_s: float = 0.0) -> float:
+    """torch.matmul of n x n operands in `dtype` (created in that dtype before any call is timed);
+    with `linear`, F.linear(a, w) = a @ w^T, the product nn.Linear (and bf16 autocast) computes."""
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     g = torch.Generator(device="cpu").manual_seed(0)
-    if autocast:
-        a = torch.randn(n, n, generator=g).to(device)
-        w = torch.randn(n, n, generator=g).to(device)
-
-        def fn():
-            with torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)):
-                return torch.nn.functional.linear(a, w)
-    else:
-        a = torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype))
-        b = torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype))
-
-        def fn():
-            return a @ b
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype))
+    fn = (lambda: torch.nn.functional.linear(a, b)) if linear else (lambda: a @ b)
     with torch.no_grad():
-        return 2 * n**3 / _best_seconds(fn, repeats, sync)
+        return 2 * n**3 / _best_seconds(fn, repeats, sync, min_total_s=min_total_s)
+
+
+BF16_KERNELS = {"torch_bfloat16_matmul": False, "torch_bfloat16_linear": True}  # name -> F.linear?
+BF16_MAX_CALL_S = 1.0  # a bf16 kernel whose one call at n would take longer is timed at a smaller n
+BF16_FIRST_N = 256
+
+
+def torch_bfloat16_rates(n: int, repeats: int = 3, min_total_s: float = 0.0,
+                         rate: Callable[..., float] | None = None) -> tuple[dict, dict]:
+    """(FLOP/s by kernel, the n of each kernel timed below `n`) for bf16 on the CPU: each kernel
+    at n, best of `repeats`, on operands cast to bf16 beforehand. The size is reached by doubling
+    from 256, one call at each size, and the doubling stops before a size whose call would take
+    over BF16_MAX_CALL_S (8x the last call): on CPUs without native bf16 one kernel runs at about
+    1 GFLOP/s, 17 s a call at n = 2048; it is then timed at the last size that fits."""
+    rate = rate or torch_gemm_rate
+    rates, reduced = {}, {}
+    for name, linear in BF16_KERNELS.items():
+        size = min(BF16_FIRST_N, n)
+        while size < n:
+            seconds = 2 * size**3 / rate(size, "bfloat16", repeats=1, linear=linear)
+            bigger = min(2 * size, n)
+            if seconds * (bigger / size) ** 3 > BF16_MAX_CALL_S:
+                break
+            size = bigger
+        if size != n:
+            reduced[name] = size
+        rates[name] = rate(size, "bfloat16", repeats=repeats, linear=linear, min_total_s=min_total_s)
+    return rates, reduced
 
 
 def onednn_float32_rate(n: int, repeats: int = 3) -> float | None:
@@ -170,9 +202,10 @@ def torch_copy_bandwidth(megabytes: int, device: str, repeats: int = 3) -> float
     return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats, sync)
 
 
-def measure_rates(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None
-                  ) -> tuple[dict, dict]:
-    """(GEMM FLOP/s by name, copy bandwidth in bytes/s by name)."""
+def measure_rates(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None,
+                  reduced: dict | None = None) -> tuple[dict, dict]:
+    """(GEMM FLOP/s by name, copy bandwidth in bytes/s by name); `reduced` receives the n of any
+    bf16 kernel timed below the others' n (torch_bfloat16_rates)."""
     n = 768 if quick else 2048
     rates: dict[str, float] = {}
     progress("machine: numpy GEMM")
@@ -184,9 +217,10 @@ def measure_rates(quick: bool = False, device: str = "cpu", progress: Callable[[
     if onednn is not None:
         rates["torch_float32_onednn_linear"] = onednn
     rates["torch_float64_gemm"] = torch_gemm_rate(n, "float64")
-    nb = 256 if quick else 1024  # bf16 matmul can be very slow on CPUs without native bf16
-    rates["torch_bfloat16_matmul"] = torch_gemm_rate(nb, "bfloat16", repeats=1)
-    rates["torch_bfloat16_autocast_linear"] = torch_gemm_rate(n, "bfloat16", autocast=True)
+    bf16, bf16_reduced = torch_bfloat16_rates(n)
+    rates.update(bf16)
+    if reduced is not None:
+        reduced.update(bf16_reduced)
     progress("machine: copy bandwidth")
     bandwidth = {"numpy_copy": numpy_copy_bandwidth(64 if quick else 512),
                  "torch_cpu_copy": torch_copy_bandwidth(64 if quick else 512, "cpu")}
@@ -213,7 +247,7 @@ def peaks_from(rates: dict, bandwidth: dict) -> dict:
         "numpy_float64": rates["numpy_float64_gemm"],
         "torch_float32": max(rates["torch_float32_gemm"], rates.get("torch_float32_onednn_linear", 0.0)),
         "torch_float64": rates["torch_float64_gemm"],
-        "torch_bfloat16": max(rates["torch_bfloat16_matmul"], rates["torch_bfloat16_autocast_linear"]),
+        "torch_bfloat16": max(rates[k] for k in BF16_KERNELS),
         "copy_bandwidth": max(bandwidth["numpy_copy"], bandwidth["torch_cpu_copy"]),
     }
     if "cuda_float32_gemm" in rates:
@@ -222,17 +256,22 @@ def peaks_from(rates: dict, bandwidth: dict) -> dict:
     return peaks
 
 
+PEAK_NOW_REPEATS = 5  # best of at least 5 calls ...
+PEAK_NOW_MIN_S = 0.3  # ... and of at least 0.3 s of timed calls per kernel
+
+
 def peak_now(name: str, quick: bool = False) -> float | None:
-    """One CPU peak measured again now (as measure_rates measures it), or None for a name this
-    does not re-measure. Used before skipping a backend on a peak that another tenant's load may
-    have lowered at the start of the run, and beside each step that a target divides by a peak
-    (head_to_head.step_against_peak)."""
+    """One CPU peak measured again now (the kernels and sizes measure_rates uses), or None for a
+    name this does not re-measure. Used before skipping a backend on a peak that another tenant's
+    load may have lowered at the start of the run, and beside each step that a target divides by
+    a peak (head_to_head.step_against_peak). A measurement stands alone there (it is the pair's
+    GEMM rate), so it is the best of PEAK_NOW_REPEATS calls and of PEAK_NOW_MIN_S of calls at
+    least: one interrupted call cannot lower it."""
     n = 768 if quick else 2048
     if name in ("numpy_float32", "numpy_float64"):
-        return numpy_gemm_rate(n, name.removeprefix("numpy_"))
+        return numpy_gemm_rate(n, name.removeprefix("numpy_"), repeats=PEAK_NOW_REPEATS, min_total_s=PEAK_NOW_MIN_S)
     if name == "torch_bfloat16":
-        return max(torch_gemm_rate(256 if quick else 1024, "bfloat16", repeats=1),
-                   torch_gemm_rate(n, "bfloat16", autocast=True))
+        return max(torch_bfloat16_rates(n, repeats=PEAK_NOW_REPEATS, min_total_s=PEAK_NOW_MIN_S)[0].values())
     return None
 
 
@@ -247,7 +286,8 @@ def load_average() -> list[float] | None:
 def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = lambda s: None) -> dict:
     """Everything about the machine; `peaks` holds the rates the report divides by."""
     load = load_average()
-    rates, bandwidth = measure_rates(quick, device, progress)
+    reduced: dict = {}
+    rates, bandwidth = measure_rates(quick, device, progress, reduced)
     cuda = None
     if device.startswith("cuda"):
         import torch
@@ -256,14 +296,17 @@ def measure(quick: bool = False, device: str = "cpu", progress: Callable[[str], 
         cuda = {"name": props.name, "memory_gb": props.total_memory / 1e9, "capability": f"{props.major}.{props.minor}",
                 "cuda": torch.version.cuda}
     return {"cpu": cpu_info(), "cuda": cuda, "libraries": library_versions(), "blas": blas_info(),
-            "gemm_n": 768 if quick else 2048, "gemm_flops_per_s": rates, "bandwidth_bytes_per_s": bandwidth,
+            "gemm_n": 768 if quick else 2048, "gemm_n_reduced": reduced, "gemm_flops_per_s": rates,
+            "bandwidth_bytes_per_s": bandwidth,
             "peaks": peaks_from(rates, bandwidth), "load_average_at_start": load}
 
 
 def remeasure(info: dict, quick: bool, device: str, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Measure the peaks again at the end of the run; keep the higher of each (a core busy with
     someone else's work at one of the two moments lowers only that one), and record both."""
-    rates, bandwidth = measure_rates(quick, device, progress)
+    reduced: dict = {}
+    rates, bandwidth = measure_rates(quick, device, progress, reduced)
+    info["gemm_n_reduced_at_end"] = reduced
     start, end = dict(info["peaks"]), peaks_from(rates, bandwidth)
     info["peaks_at_start"], info["peaks_at_end"] = start, end
     info["peaks"] = {k: max(start[k], end.get(k, 0.0)) for k in start}

@@ -37,6 +37,7 @@ class Timing:
     repeats: int
     warmup: int
     samples: list[float] = field(default_factory=list)
+    warmup_s: list[float] = field(default_factory=list)  # the untimed calls' seconds, for the record
 
     @property
     def rel_spread(self) -> float:
@@ -50,8 +51,9 @@ class Timing:
         return d
 
 
-def summarize(samples: Sequence[float], warmup: int = 0) -> Timing:
-    """Median, min, max and IQR of per-call times."""
+def summarize(samples: Sequence[float], warmup: int = 0, warmup_s: Sequence[float] = ()) -> Timing:
+    """Median, min, max and IQR of per-call times (`warmup_s`: the warm-up calls' times, kept
+    beside the samples but never part of the statistics)."""
     if not samples:
         raise ValueError("no timing samples to summarize")
     if any(s < 0 or not math.isfinite(s) for s in samples):
@@ -64,6 +66,7 @@ def summarize(samples: Sequence[float], warmup: int = 0) -> Timing:
         repeats=len(samples),
         warmup=warmup,
         samples=[float(s) for s in samples],
+        warmup_s=[float(s) for s in warmup_s],
     )
 
 
@@ -75,20 +78,27 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, bu
     `budget_s` stops repeating once the timed calls have used that much time (after at least
     `min_repeats`), so a slow configuration costs a bounded time. `sync` runs before each clock
     read (torch.cuda.synchronize on CUDA: kernels are asynchronous, and the clock must wait).
-    `slow_s`: if the first warm-up call takes longer, its time is the only sample.
+    `slow_s`: if the first warm-up call takes longer, it stays a warm-up (a first call can pay
+    one-time costs: allocation, kernel selection, caches), the other warm-ups are dropped, and the
+    timed calls stop as soon as they have used `budget_s` (or `slow_s` without a budget), after
+    at least one: a slow call costs one warm-up and one timed call, and what is reported is a warm
+    call, never the cold one (whose time is kept in `warmup_s`).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     sync = sync or (lambda: None)
+    warm_s: list[float] = []
     for i in range(warmup):
         start = clock()
         fn()
         sync()
-        first = clock() - start
-        if i == 0 and slow_s is not None and first > slow_s:
-            # One call already costs more than a whole measurement may: report that call alone
-            # (repeats=1, warmup=0 in the record says so) rather than spend minutes on repeats.
-            return summarize([first], warmup=0)
+        warm_s.append(clock() - start)
+        if i == 0 and slow_s is not None and warm_s[0] > slow_s:
+            # One call already costs more than a whole measurement may: time one more (warm) call
+            # and stop there unless it turns out fast, rather than spend minutes on repeats.
+            min_repeats = 1
+            budget_s = budget_s if budget_s is not None else slow_s
+            break
     samples: list[float] = []
     spent = 0.0
     for _ in range(repeats):
@@ -100,7 +110,21 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, bu
         spent += dt
         if budget_s is not None and spent >= budget_s and len(samples) >= min_repeats:
             break
-    return summarize(samples, warmup=warmup)
+    return summarize(samples, warmup=len(warm_s), warmup_s=warm_s)
+
+
+def spread(values: Sequence[float]) -> dict:
+    """n, min, max and IQR (75th minus 25th percentile) of a list of values, e.g. pair ratios."""
+    if not values:
+        raise ValueError("spread of an empty list")
+    return {"n": len(values), "min": min(values), "max": max(values),
+            "iqr": percentile(values, 75.0) - percentile(values, 25.0)}
+
+
+def spread_text(values: Sequence[float]) -> str:
+    """'range 0.52-0.63, IQR 0.04' (three significant digits)."""
+    s = spread(values)
+    return f"range {s['min']:.3g}-{s['max']:.3g}, IQR {s['iqr']:.2g}"
 
 
 def rate(work: float, timing: Timing) -> float:
