@@ -279,6 +279,20 @@ def test_backward_through_a_cached_forward_is_the_named_value_error(frozen):
     assert all(p.grad is None for p in model.parameters()), "a refused backward wrote a gradient"
 
 
+def test_logits_of_a_cached_forward_with_gradients_on_can_be_masked_in_place():
+    """With gradients on, a cached forward's outputs come through kv_cache.inference_only; they
+    were views made inside a custom Function, which torch refuses to change in place, so masking
+    a logit (as a sampler does) raised a RuntimeError about views."""
+    model = model_of(tiny())
+    ids = ids_of(model.config, 2, 5, 0)
+    logits = model(ids, kv_cache=model.new_kv_cache(2))
+    with torch.no_grad():
+        want = model(ids)
+    logits[..., 0] = float("-inf")
+    want[..., 0] = float("-inf")
+    assert torch.equal(logits.detach(), want), "masked logits of the cached forward differ from the plain forward's"
+
+
 def test_kv_cache_reset_and_crop_reuse_the_buffers():
     model = model_of(tiny())
     ids = ids_of(model.config, 1, 8, 3)

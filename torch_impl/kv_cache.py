@@ -107,7 +107,9 @@ class KVCache:
 def inference_only(out, anchor: torch.Tensor):
     """The outputs of a cached forward (a tensor or a tuple of them, computed without a graph),
     joined to `anchor` (a parameter) so that a backward through them reaches `_NoBackward`, which
-    raises before any gradient is written. Values and shapes are unchanged (views)."""
+    raises before any gradient is written. Values and shapes are unchanged; the outputs are copies
+    (a view made inside a custom Function cannot be written in place, and masking a logit in place
+    is what callers do). Only a cached forward with gradients on comes here: generate runs without."""
     outs = out if isinstance(out, tuple) else (out,)
     joined = _NoBackward.apply(anchor, *outs)
     return joined if isinstance(out, tuple) else joined[0]
@@ -116,7 +118,7 @@ def inference_only(out, anchor: torch.Tensor):
 class _NoBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, *outs):
-        return tuple(o.view_as(o) for o in outs)
+        return tuple(o.clone() for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
