@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_impl.device import as_int64_index, check_range_vmapped, plain_eager, vmapped_values
-from torch_impl.kept_buffers import grad_buffer, graph_backward
+from torch_impl.kept_buffers import backward_takes_plain_formulas, grad_buffer, graph_backward
 
 
 @torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
@@ -115,7 +115,7 @@ class _EmbeddingKeptGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dtok: torch.Tensor):
         (ids,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: F.embedding's own backward, as a graph (kept_buffers.py)
+        if backward_takes_plain_formulas(dtok):  # F.embedding's own backward, as a graph (kept_buffers.py)
             return graph_backward(ctx, _plain_embedding, (ids, ctx.wte, ctx.slot), (dtok,))
         dwte = ctx.slot.take() if ctx.slot is not None else None
         if dwte is None:

@@ -33,8 +33,9 @@ A tied head's gradient is handed to the embedding's backward (embedding.TiedHead
 when training under bf16 autocast on a CPU with bf16 units (linear.kept_bf16_linear).
 The logits and the head's gradient are written into memory kept from the last step where nobody
 holds it any more (kept_buffers.py): 51 MB and 154 MB of fresh pages per step otherwise. With
-create_graph=True (a second derivative) both Functions here take the plain formulas of
-`plain_head_loss` / `plain_logits_loss` instead, as a graph (kept_buffers.graph_backward).
+create_graph=True (a second derivative), a batched backward or compiled autograd, both Functions
+here take the plain formulas of `plain_head_loss` / `plain_logits_loss` instead, as a graph
+(kept_buffers.backward_takes_plain_formulas).
 Shapes: x (B, T, C); head (V, C); targets (B, T) integer; logits (B, T, V); loss ().
 """
 
@@ -44,7 +45,7 @@ import torch
 
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import plain_eager
-from torch_impl.kept_buffers import grad_buffer, graph_backward, kept_buffer
+from torch_impl.kept_buffers import backward_takes_plain_formulas, grad_buffer, graph_backward, kept_buffer
 from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, check_autocast_operands, fast_bf16_training,
                                held_bf16, kept_bf16_linear, slow_bf16_layouts, streams_weights)
 
@@ -184,7 +185,7 @@ class _SlicedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogits, dloss):
         x, head, logits, lse, targets, weights = ctx.saved_tensors  # logits None without targets
-        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+        if backward_takes_plain_formulas(dlogits, dloss):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_head_loss, (x, head, targets, weights, ctx.tied_grad), (dlogits, dloss))
         N, V = x.shape[0], head.shape[0]
         row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
@@ -254,7 +255,7 @@ class _Bf16LogitsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, lse, targets, weights = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+        if backward_takes_plain_formulas(dloss):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_logits_loss, (logits, targets, weights, ctx.owner), (dloss,))
         N, V = logits.shape
         row_scale = dloss * weights  # (N,): dloss / n, or 0 on ignored rows

@@ -41,7 +41,7 @@ from typing import Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from torch_impl.device import plain_eager
+from torch_impl.device import plain_eager, under_vmap
 
 _kept = WeakIdKeyDictionary()  # owner tensor (a parameter) -> {use: tensor whose storage is kept}
 _lock = threading.Lock()
@@ -106,6 +106,25 @@ def grad_buffer(w: torch.Tensor) -> torch.Tensor:
     """Where to write w's gradient (see top). Only a backward without create_graph writes here
     (see `graph_backward`): kept memory is never part of a graph."""
     return kept_buffer(w, "grad", tuple(w.shape), w.dtype)
+
+
+def backward_takes_plain_formulas(*grads) -> bool:
+    """Whether a backward of the Functions that write kept memory must take `graph_backward`, given
+    the gradients it received: with create_graph=True (grad mode is on inside the backward), under
+    vmap (torch.func.vmap, and the legacy batching of autograd.grad(is_grads_batched=True) and
+    autograd.functional.jacobian(vectorize=True), whose gradients come batched: out= products have
+    no batching rule), and when compiled autograd traces the backward (its graph cannot hold kept
+    memory written in place, nor a tied head's gradient handed over in Python)."""
+    return (torch.is_grad_enabled() or under_vmap() or _in_compiled_autograd()
+            or any(g is not None and _is_legacy_batched(g) for g in grads))
+
+
+def _in_compiled_autograd() -> bool:
+    module = getattr(getattr(torch, "_dynamo", None), "compiled_autograd", None)
+    return bool(getattr(module, "in_compiled_autograd_region", False))  # a module flag (private)
+
+
+_is_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False)
 
 
 def graph_backward(ctx, plain, inputs: tuple, grads: tuple) -> tuple:

@@ -58,8 +58,11 @@ autocast rounds it, and writes these tensors into memory kept from the last step
 so every output and gradient is bit for bit what plain autocast gives (a test holds them equal).
 x is cast to bf16 before the Function, as autocast casts it, so that the cast is part of the
 graph. With create_graph=True (a second derivative: a gradient penalty, a Hessian-vector
-product) each of these Functions takes the plain formulas instead, as a graph and without kept
-memory (kept_buffers.graph_backward); kept memory is never part of a graph.
+product), a batched backward (is_grads_batched) or compiled autograd, each of these Functions
+takes the plain formulas instead, as a graph and without kept memory
+(kept_buffers.backward_takes_plain_formulas); kept memory is never part of a graph. A second
+derivative through the whole model also needs attention off torch's fused kernels, which have
+none: `with torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`.
 
 Decoding under bf16 autocast on such a CPU, plain autocast casts every weight to bf16 again for
 every token (its cast cache is for training only): 0.75 GB of memory traffic per token at GPT-2
@@ -78,7 +81,7 @@ import contextvars
 import torch
 
 from torch_impl.device import cpu_has_fast_bf16, onednn_fp32_products, plain_eager
-from torch_impl.kept_buffers import grad_buffer, graph_backward, kept_buffer
+from torch_impl.kept_buffers import backward_takes_plain_formulas, grad_buffer, graph_backward, kept_buffer
 
 SPLIT_K = 8  # parts of C_in for the CPU decoding product (benchmarks: 8 beats 2 and 4)
 SPLIT_MAX_ROWS = 16  # up to this many rows a product is memory-bound and takes the split
@@ -247,7 +250,7 @@ class _KeptGradLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+        if backward_takes_plain_formulas(dy):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_linear, (x, w, ctx.b), (dy,))
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -296,7 +299,7 @@ class _Bf16Linear(torch.autograd.Function):
     def backward(ctx, dy):
         xb, w = ctx.saved_tensors
         b = ctx.b
-        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+        if backward_takes_plain_formulas(dy):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_bf16_linear, (xb, w, b, ctx.w_is_out_in), (dy,))
         dy = dy.to(torch.bfloat16)  # (N, C_out)
         dx = dw = db = None
@@ -345,7 +348,7 @@ class _KeptBf16Linear(torch.autograd.Function):
     def backward(ctx, dy):
         xb, wb = ctx.saved_tensors
         w, b = ctx.w, ctx.b
-        if torch.is_grad_enabled():  # create_graph=True: the plain formulas, as a graph (see top)
+        if backward_takes_plain_formulas(dy):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_bf16_linear, (xb, w, b, ctx.w_is_out_in, ctx.tied_grad), (dy,))
         dy = dy.to(torch.bfloat16)  # (N, C_out)
         dx = dw = db = None

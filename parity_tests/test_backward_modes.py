@@ -1,17 +1,21 @@
-"""Second derivatives through torch_impl's own CPU autograd Functions (create_graph=True).
+"""torch_impl's own CPU autograd Functions under the backward modes torch offers beyond a plain
+backward: second derivatives (create_graph=True), a batched backward (autograd.grad with
+is_grads_batched=True, autograd.functional.jacobian(vectorize=True)) and compiled autograd.
 
-A gradient penalty, a Hessian-vector product or a meta-learning step differentiates a gradient.
 The CPU training paths run their own Functions (kept_buffers.py: the kept-gradient linear, the
 sliced head, the embedding that takes a tied head's gradient, the bf16 products and loss); their
-backward writes into kept memory and is not differentiable, so with create_graph=True they take
-the plain formulas as a graph instead (kept_buffers.graph_backward). These were once
-once_differentiable: the second backward raised where plain torch gives the answer.
+backward writes into kept memory and is not differentiable, has out= products vmap cannot batch,
+and hands a tied head's gradient over in Python. In these modes they take the plain formulas as
+a graph instead (kept_buffers.backward_takes_plain_formulas, graph_backward). They were once
+once_differentiable (the second backward raised), and the batched backward and compiled
+autograd with a tied sliced head raised too.
 
-Checked two ways: torch's gradgradcheck against finite differences in float64, per Function
-(each test asserts the Function was taken, so it cannot pass on another path); and a gradient
-penalty through the whole model against the same model on plain torch ops (`plain_ops`), in
-float32 and under bf16 autocast. torch's fused CPU attention kernels have no second derivative
-of their own, so the model tests run attention on SDPA's math backend, as a user would.
+Second derivatives are checked two ways: torch's gradgradcheck against finite differences in
+float64, per Function (each test asserts the Function was taken, so it cannot pass on another
+path); and a gradient penalty through the whole model against the same model on plain torch ops
+(`plain_ops`), in float32 and under bf16 autocast. torch's fused CPU attention kernels have no
+second derivative of their own, so the model tests run attention on SDPA's math backend, as a
+user would. The batched backward and compiled autograd are checked against the plain backward.
 """
 
 from __future__ import annotations
@@ -154,3 +158,52 @@ def test_first_derivatives_with_and_without_create_graph_agree():
     for n in params:
         assert_close(f"d loss/d {n}, create_graph=True vs False", results[True][n], results[False][n],
                      gradient_tol("float32"))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied head", "separate head"])
+def test_a_batched_backward_equals_one_backward_per_row(tied):
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) run the backward under
+    (legacy) vmap, where the kept path's out= products have no batching rule: they raised. Each
+    batched row must be the gradient a plain backward gives for that row's upstream gradient."""
+    model = GPTModel(get_config("tiny", tie_embeddings=tied), seed=6).double()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(6))
+    params = [p for _, p in model.named_parameters()]
+    with head_slices(7), ExitStack() as stack:
+        for function in (torch_impl.linear._KeptGradLinear, torch_impl.head._SlicedHead,
+                         torch_impl.embedding._EmbeddingKeptGrad):
+            stack.enter_context(taken(function))
+        logits = model(ids)
+        upstream = torch.randn(3, *logits.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        batched = torch.autograd.grad(logits, params, upstream, is_grads_batched=True, retain_graph=True)
+        rows = [torch.autograd.grad(logits, params, u, retain_graph=True) for u in upstream]
+    names = [n for n, _ in model.named_parameters()]
+    for i in range(len(upstream)):
+        assert_dicts_close(f"batched backward row {i}", {n: b[i] for n, b in zip(names, batched)},
+                           dict(zip(names, rows[i])), gradient_tol("float64"))
+
+
+def test_compiled_autograd_gives_the_eager_gradients():
+    """An eager forward whose backward runs under compiled autograd (a backward() inside a
+    torch.compile'd function with torch._dynamo.config.compiled_autograd on): a tied sliced head
+    handed its gradient to the embedding in Python, and compiled autograd then added a None."""
+    import torch._dynamo
+
+    model = GPTModel(get_config("tiny", tie_embeddings=True), seed=8)  # (untied took no Python hand-over)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(8))
+    params = dict(model.named_parameters())
+
+    def grads_of(run_backward):
+        model.zero_grad(set_to_none=True)
+        with head_slices(7):
+            _, loss = model(ids, ids)
+            run_backward(loss)
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    eager = grads_of(lambda loss: loss.backward())
+    torch._dynamo.reset()
+    try:
+        with mock.patch.object(torch._dynamo.config, "compiled_autograd", True):
+            compiled = grads_of(torch.compile(lambda loss: loss.backward(), backend="eager"))
+    finally:
+        torch._dynamo.reset()
+    assert_dicts_close("compiled autograd vs eager backward", compiled, eager, gradient_tol("float32"))
