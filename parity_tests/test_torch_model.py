@@ -1092,3 +1092,34 @@ def test_flop_counter_counts_the_sliced_head_as_the_one_product():
         model.zero_grad(set_to_none=True)
         counts[rows] = counter.get_total_flops()
     assert counts[7] == counts[10**9], f"sliced head {counts[7]} FLOPs, one product {counts[10**9]}"
+
+
+def test_pruned_weights_are_recomputed_every_forward_and_submodule_hooks_are_refused():
+    """torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in the submodule's
+    forward pre-hook, which torch never ran (the forward is functional): after an optimiser step
+    the weight stayed stale, and a second backward raised. GPTModel runs the pre-hooks; forward
+    and backward hooks on a submodule cannot run and are refused by name."""
+    import torch.nn.utils.prune as prune
+
+    model = GPTModel(tiny(), seed=0)
+    ids = ids_of(model.config, 2, 6, 0)
+    c_fc = model.h[0].mlp.c_fc
+    prune.l1_unstructured(c_fc, "weight", amount=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        _, loss = model(ids, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        got = model(ids)  # after the last step: stale, the weight would be the one before it
+        prune.remove(c_fc, "weight")  # weight = weight_orig * mask, a plain parameter again
+        want = model(ids)
+    assert torch.equal(got, want), f"pruned model's logits differ from weight_orig * mask: {(got - want).abs().max()}"
+    model.h[1].attn.register_forward_hook(lambda *args: None)
+    with pytest.raises(RuntimeError, match=r"h\.1\.attn: forward and backward hooks on a submodule"):
+        model(ids)
+    fresh = GPTModel(tiny(), seed=0)
+    fresh.ln_f.register_forward_pre_hook(lambda module, args: (torch.zeros(1),))
+    with pytest.raises(RuntimeError, match=r"ln_f: a forward pre-hook returned new inputs"):
+        fresh(ids)

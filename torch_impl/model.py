@@ -83,8 +83,9 @@ _BLOCK_PATHS = tuple((name, tuple(name.split("."))) for name in _BLOCK_PARAMS)  
 
 def _block_params(block: nn.Module) -> dict[str, torch.Tensor | None]:
     """A block's tensors by their GPT-2 names (block.py's `p`; `attn.c_attn.bias` None without
-    qkv bias), read as attributes: a parametrized or pruned weight (torch.nn.utils.parametrize,
-    torch.nn.utils.prune) gives its computed value, as nn.Linear would use it.
+    qkv bias), read as attributes: a parametrized weight (torch.nn.utils.parametrize) gives its
+    computed value, as nn.Linear would use it; a pruned one (torch.nn.utils.prune) the value its
+    forward pre-hook computed (GPTModel._run_submodule_hooks).
     Plain getattr, not operator.attrgetter: torch.compile cannot trace an attrgetter, and a graph
     break inside the loop over blocks sends the whole forward back to eager."""
     params = {}
@@ -194,6 +195,7 @@ class GPTModel(nn.Module):
             # Joined to a parameter that takes gradients (wte may be frozen), so that a backward
             # reaches inference_only's error rather than "does not require grad".
             return inference_only(out, trainable)
+        self._run_submodule_hooks()
         cfg = self.config
         past = 0
         if kv_cache is not None:
@@ -238,6 +240,27 @@ class GPTModel(nn.Module):
         if kv_cache is not None:  # only now: a call that raised leaves the cache's length as it was
             kv_cache.advance(ids.shape[1])
         return out
+
+    def _run_submodule_hooks(self) -> None:
+        """The forward reads the submodules' tensors directly (block.py's functions take tensors),
+        so torch itself runs no hook registered on a submodule. Forward pre-hooks run here, with
+        no inputs (there are none): torch.nn.utils.prune and the hook-based weight_norm and
+        spectral_norm recompute a weight in one, which would otherwise stay what it was when the
+        hook was registered. A pre-hook that returns new inputs, a forward hook (it would see an
+        output no submodule makes) and a backward hook are refused, naming the submodule."""
+        for name, module in self.named_modules():
+            if module is self:
+                continue
+            if module._forward_hooks or module._backward_hooks or module._backward_pre_hooks:
+                raise RuntimeError(f"{name}: forward and backward hooks on a submodule of GPTModel never run: its "
+                                   f"forward is functional (block.py's functions take the tensors). Register the "
+                                   f"hook on the GPTModel itself, or use torch.nn.utils.parametrize")
+            for key, hook in list(module._forward_pre_hooks.items()):
+                out = hook(module, (), {}) if key in module._forward_pre_hooks_with_kwargs else hook(module, ())
+                if out is not None:
+                    raise RuntimeError(f"{name}: a forward pre-hook returned new inputs, but a submodule of "
+                                       f"GPTModel takes none (its forward is functional); only hooks that "
+                                       f"update the module, as torch.nn.utils.prune's, can run")
 
     def _check_cache(self, kv_cache: KVCache) -> None:
         """ValueError unless the cache was made for this model: (L, B, nh, Tc, hs) with this L, nh
