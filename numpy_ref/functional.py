@@ -3,7 +3,7 @@
     softmax(x)_i      = e^(x_i - m) / sum_j e^(x_j - m)          m = max_j x_j (stability only)
     log_softmax(x)_i  = (x_i - m) - log sum_j e^(x_j - m)
     gelu(x)           = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   GPT-2's tanh form
-    sigmoid(x)        = 1 / (1 + e^-x) = (1 + tanh(x/2)) / 2
+    sigmoid(x)        = 1 / (1 + e^-x) = e^x / (1 + e^x)    the form whose exponent is <= 0
     bce(p, y)         = -mean(y log p + (1 - y) log(1 - p))
     cross_entropy     = -mean over counted targets of log_softmax(logits)[target]
     dropout(x)        = x * mask,  mask in {0, 1/(1-p)}
@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from numpy_ref.cross_entropy import check_targets
 from numpy_ref.tensor import Tensor, _operands, exp, log, take_along_axis, tanh, where
 
 
@@ -46,9 +47,26 @@ def gelu(x) -> Tensor:
 
 
 def sigmoid(x) -> Tensor:
-    """Logistic function, written through tanh so that no exponential can overflow."""
+    """Logistic function, accurate to a few ulp over the whole range and never overflowing.
+
+    With e = e^-|x| (in [0, 1], so it cannot overflow):
+
+        x >= 0:  1 / (1 + e^-x) = 1 / (1 + e)
+        x <  0:  1 / (1 + e^-x) = e^x / (1 + e^x) = e / (1 + e)
+
+    Both branches divide by 1 + e in [1, 2]: no cancellation. The half-tanh form
+    (1 + tanh(x/2)) / 2 loses everything for negative x, where 1 + tanh(x/2) cancels
+    (0 at x = -20 in float32, at x = -38 in float64). Both branches are finite everywhere, so
+    the branch `where` does not take sends back a finite zero gradient, never `0 * inf`.
+    Gradient: e / (1 + e)^2 = sigmoid(x) (1 - sigmoid(x)) on either side.
+
+    Where e^-x overflows (x below about -88.7 in float32, -709.8 in float64) torch returns 0;
+    this returns the tiny (subnormal) true value.
+    """
     (x,) = _operands(x)
-    return 0.5 * (1.0 + tanh(0.5 * x))
+    nonneg = x.data >= 0  # NaN takes the x < 0 branch, and stays NaN
+    e = exp(where(nonneg, -x, x))  # e^-|x|
+    return where(nonneg, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def binary_cross_entropy(p, target) -> Tensor:
@@ -71,25 +89,15 @@ def cross_entropy(logits, targets, ignore_index: int | None = None) -> Tensor:
     """Mean of `-log softmax(logits)[target]` over the targets that count.
 
     logits (..., V) and integer targets (...): usually (B, T, V) and (B, T). Targets equal to
-    `ignore_index` do not count; if none counts the mean is undefined and this raises
-    ValueError rather than returning NaN. Any other target outside [0, V) is a ValueError
-    naming the value, its position and V.
+    `ignore_index` do not count. Bad input is refused exactly as by the fused layer, with the
+    same check (`numpy_ref.cross_entropy.check_targets`): non-integer targets, or an
+    `ignore_index` that is not an int or None (`True`, `3.5`), are a TypeError; a counted target
+    outside [0, V) is a ValueError naming the value, its position and V; no targets, or every
+    target ignored, leave the mean undefined and are a ValueError rather than NaN.
     """
     (logits,) = _operands(logits)
-    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
-    if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets shape {targets.shape} must be the logits shape {logits.shape} without its last axis")
-    V = logits.shape[-1]
-    counted = np.ones(targets.shape, dtype=bool) if ignore_index is None else targets != ignore_index
-    out_of_range = counted & ((targets < 0) | (targets >= V))
-    if np.any(out_of_range):
-        pos = tuple(int(i) for i in np.argwhere(out_of_range)[0])
-        raise ValueError(f"cross_entropy: target {int(targets[pos])} at position {pos} is outside [0, V) with V = {V}")
-    n_counted = int(counted.sum())
-    if n_counted == 0:
-        raise ValueError(f"cross_entropy: every one of the {targets.size} targets equals ignore_index={ignore_index}; the mean loss is undefined")
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    targets, counted, n_counted = check_targets(logits.shape, targets, ignore_index)
     safe = np.where(counted, targets, 0)  # ignored positions read class 0, then are masked out
     logp = log_softmax(logits, axis=-1)  # (..., V) -> (..., V)
     picked = take_along_axis(logp, safe[..., None], axis=-1)  # (..., V) -> (..., 1)

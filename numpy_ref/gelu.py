@@ -41,16 +41,29 @@ def gelu_forward(x: np.ndarray):
 
 
 def gelu_backward(dout: np.ndarray, cache):
-    """dx (a single array: GELU has one input)."""
+    """dx (a single array: GELU has one input).
+
+    The terms are multiplied in torch's order (`GeluKernel`'s tanh backward): first
+    `0.5 x (1 - t^2)`, then `du/dx`. For large |x| the tanh saturates, `1 - t^2` is exactly 0
+    and the product is 0 before the huge `du/dx` joins it, so dx = dout for large positive x and
+    0 for large negative x. Multiplying `du/dx` in first would give `inf * 0 = NaN` once
+    `x (1 + 3 a x^2)` overflows (|x| beyond ~1.5e13 in float32). Where `x^2` itself overflows
+    (|x| beyond ~1.8e19 in float32, ~1.3e154 in float64, and at +-inf) `du/dx` is inf and dx
+    is NaN, exactly as in torch.
+    """
     x, t = cache
-    # d out/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), built in one scratch array
-    d = x * x
-    d *= 3.0 * GELU_A
-    d += 1.0
-    d *= GELU_C  # du/dx
+    # d out/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), built in two scratch arrays
+    d = t * t
+    np.subtract(1.0, d, out=d)  # 1 - t^2, exactly 0 once the tanh saturates
     d *= x
-    d *= 1.0 - t * t  # x (1 - t^2) du/dx
-    d += 1.0 + t
-    d *= 0.5
+    d *= 0.5  # 0.5 x (1 - t^2)
+    du = x * x
+    du *= 3.0 * GELU_A
+    du += 1.0
+    du *= GELU_C  # du/dx = c (1 + 3 a x^2)
+    d *= du  # 0.5 x (1 - t^2) du/dx
+    np.add(t, 1.0, out=du)  # the second scratch array is reused for 0.5 (1 + t)
+    du *= 0.5
+    d += du
     d *= dout
     return d

@@ -351,8 +351,10 @@ def div(a, b) -> Tensor:
 
 
 def div_vjp(g, a, b):
-    # d(a/b)/da = 1/b, d(a/b)/db = -a/b^2
-    return unbroadcast(g / b, a.shape), unbroadcast(-g * a / (b * b), b.shape)
+    # d(a/b)/da = 1/b, d(a/b)/db = -a/b^2, evaluated as -((a/b)/b) (torch's order): b*b alone
+    #   overflows or underflows in float32 for |b| beyond about 1e19 or under 1e-19 while the
+    #   quotient a/b^2 itself is representable.
+    return unbroadcast(g / b, a.shape), unbroadcast(-g * ((a / b) / b), b.shape)
 
 
 def neg(a) -> Tensor:

@@ -7,6 +7,8 @@ seeded normal draws, so no input sits on a kink (relu at 0, tied maxima) by acci
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -15,6 +17,7 @@ import numpy_ref.functional as nf
 import numpy_ref.tensor as nt
 from numpy_ref.autograd_layers import COMPOSED, FUSED, autograd_loss_and_grads
 from numpy_ref.config import GPTConfig
+from numpy_ref.cross_entropy import cross_entropy_forward
 from numpy_ref.gradcheck import compare_gradients, gradcheck, gradcheck_vjp
 from numpy_ref.model import GPTModel
 from numpy_ref.tensor import Tensor, no_grad
@@ -156,6 +159,44 @@ def test_gradcheck_reports_a_wrong_gradient():
     errors = gradcheck_vjp(lambda a: a * a, lambda G: (2 * G * x,), [x])
     assert errors[0] < GRADCHECK.atol, f"correct VJP of x^2 off by {errors[0]}"
 
+
+
+def _identity(x):
+    return x.copy(), None
+
+
+def _reversed_backward(dout, cache):
+    return (dout[::-1].copy(),)  # wrong: the gradient of output i sent to input n-1-i
+
+
+def _recording_backward(seen):
+    def backward(dout, cache):
+        seen.append(dout.copy())
+        return (dout.copy(),)
+    return backward
+
+
+def test_gradcheck_upstream_gradient_is_random_not_all_ones():
+    """The docstring's promise: G is standard normal (from `rng` or `upstream_seed`), never all ones.
+    An identity whose backward reverses its gradient is right under G = ones and wrong under any
+    G that differs between positions; both entry points must catch it by default."""
+    x = values(0, (4,))
+    with pytest.raises(AssertionError, match=r"input 0 .*worst element"):
+        gradcheck(lambda t: nt.custom_op(_identity, _reversed_backward, t), [x])
+    with pytest.raises(AssertionError, match=r"input 0 .*worst element"):
+        gradcheck_vjp(lambda a: a, lambda G: (G[::-1],), [x])
+    x = values(1, (3, 2))
+    for label, kwargs, seed in (("default", lambda: {}, 0), ("upstream_seed=7", lambda: {"upstream_seed": 7}, 7),
+                                ("rng=default_rng(11)", lambda: {"rng": np.random.default_rng(11)}, 11)):
+        G = np.random.default_rng(seed).standard_normal(x.shape)
+        seen = []
+        gradcheck(lambda t: nt.custom_op(_identity, _recording_backward(seen), t), [x], **kwargs())
+        assert len(seen) == 1, f"gradcheck ({label}): the backward ran {len(seen)} times, expected once"
+        assert_close(f"gradcheck ({label}): the upstream gradient it used", seen[0], G, EXACT)
+        seen = []
+        record = _recording_backward(seen)
+        gradcheck_vjp(lambda a: a, lambda G_: record(G_, None), [x], **kwargs())
+        assert_close(f"gradcheck_vjp ({label}): the upstream gradient it used", seen[0], G, EXACT)
 
 
 def test_gradcheck_fails_on_non_finite_gradients():
@@ -352,14 +393,70 @@ def test_cross_entropy_ignore_index():
     loss.backward()
     assert_close("gradient at ignored positions", logits.grad[[0, 1], [1, 0]], np.zeros((2, 5)), EXACT)
 
-    with pytest.raises(ValueError, match=r"every one of the 6 targets equals ignore_index=-100"):
+    with pytest.raises(ValueError, match=r"all 6 targets equal ignore_index=-100; the mean loss is undefined"):
         nf.cross_entropy(logits, np.full((2, 3), -100), ignore_index=-100)
-    with pytest.raises(ValueError, match=r"target 5 at position \(1, 0\) is outside \[0, V\) with V = 5"):
+    with pytest.raises(ValueError, match=r"target 5 at position \(1, 0\) is outside \[0, 5\) \(V = 5\)"):
         nf.cross_entropy(logits, np.array([[0, 1, 2], [5, 0, 0]]))
     with pytest.raises(ValueError, match=r"target -100 at position \(0, 1\)"):
         nf.cross_entropy(logits, targets)  # no ignore_index: -100 is just out of range
     with pytest.raises(TypeError, match="targets must be integers"):
         nf.cross_entropy(logits, targets.astype(np.float64))
+
+
+@pytest.mark.parametrize("bad", [True, False, 3.5, np.float64(1.0), "1", np.array(1)], ids=repr)
+def test_cross_entropy_refuses_an_ignore_index_that_is_not_an_int(bad):
+    """`True` silently ignored class 1 and 3.5 was accepted by the composed cross-entropy, while
+    the fused layer (check_targets) raised TypeError: every path refuses it, with one message."""
+    logits = values(0, (1, 3, 4))
+    targets = np.array([[1, 2, 1]])
+    message = rf"ignore_index must be an int or None, got {re.escape(repr(bad))}"
+    with pytest.raises(TypeError, match=message):
+        nf.cross_entropy(Tensor(logits), targets, ignore_index=bad)
+    with pytest.raises(TypeError, match=message):
+        cross_entropy_forward(logits, targets, bad)
+    cfg = GPTConfig(vocab_size=4, context_length=4, emb_dim=4, n_heads=2, n_layers=1)
+    model = GPTModel(cfg, seed=0)
+    for ops in (FUSED, COMPOSED):
+        with pytest.raises(TypeError, match=message):
+            autograd_loss_and_grads(ops, model.params, targets, targets, cfg, ignore_index=bad)
+
+
+def test_cross_entropy_takes_numpy_integers_as_ignore_index():
+    logits = Tensor(values(0, (1, 3, 4)))
+    targets = np.array([[1, 2, 1]])
+    for ii in (np.int64(1), np.int32(1), np.uint8(1)):
+        assert_close(f"cross_entropy with ignore_index={ii!r} vs 1", nf.cross_entropy(logits, targets, ignore_index=ii).data,
+                     nf.cross_entropy(logits, targets, ignore_index=1).data, EXACT)
+
+
+# The ulp limit for sigmoid against the direct formula 1 / (1 + e^-x) evaluated in float64,
+# accurate wherever e^-x does not overflow: each side is within ~3 ulp of the exact value.
+SIGMOID_ULPS = 6
+
+
+@pytest.mark.parametrize("dtype, limit", [("float32", 88.7), ("float64", 709.7)])
+def test_sigmoid_is_accurate_over_the_whole_range(dtype, limit):
+    """(1 + tanh(x/2)) / 2 cancelled: 0 at x = -20 in float32 and x = -38 in float64, where the
+    true value is 2e-9 and 3e-17. The gradient is checked against e^-|x| / (1 + e^-|x|)^2."""
+    x = np.linspace(-limit, limit, 4001).astype(dtype)
+    G = np.random.default_rng(0).standard_normal(x.shape).astype(dtype)
+    t = Tensor(x.copy(), requires_grad=True)
+    y = nf.sigmoid(t)
+    y.backward(G)
+    x64 = x.astype(np.float64)
+    e = np.exp(-np.abs(x64))
+    for name, actual, expected in (("sigmoid(x)", y.data, 1.0 / (1.0 + np.exp(-x64))),
+                                   ("d sigmoid(x)/dx times G", t.grad, G * e / (1.0 + e) ** 2)):
+        spacing = np.spacing(np.maximum(np.abs(actual), np.abs(expected)).astype(dtype)).astype(np.float64)
+        ulps = np.abs(actual - expected) / spacing
+        i = int(np.argmax(ulps))
+        assert ulps[i] <= SIGMOID_ULPS, (f"{name} ({dtype}): {ulps[i]:.0f} ulp off at x = {x[i]!r} (limit {SIGMOID_ULPS}): "
+                                         f"{actual[i]!r} vs {expected[i]!r}")
+    # binary_cross_entropy refused the 0 that sigmoid(-40) cancelled to.
+    logits = Tensor(np.array([-40.0, 2.0]), requires_grad=True)
+    loss = nf.binary_cross_entropy(nf.sigmoid(logits), np.array([0.0, 1.0]))
+    expected = (np.log1p(np.exp(-40.0)) + np.log1p(np.exp(-2.0))) / 2  # -log(1 - s(-40)) and -log s(2)
+    assert_close("binary_cross_entropy(sigmoid([-40, 2]), [0, 1])", loss.data, np.array(expected), forward_tol("float64"))
 
 
 def test_softmax_and_log_softmax_are_stable_at_1e4():

@@ -17,10 +17,12 @@ from hypothesis import given
 
 import numpy_ref.functional as nf
 import numpy_ref.tensor as nt
+from numpy_ref.gelu import gelu_backward, gelu_forward
 from parity_tests import autograd_strategies as ags
-from parity_tests.compare import Comparison
+from parity_tests.compare import Comparison, assert_close
 from parity_tests.op_checks import BINARY, UNARY, compare_op, run_op_checks, to_domain
 from parity_tests.strategies import broadcastable_pair, floats_array, random_array, seeds, shapes
+from parity_tests.tolerances import Tol
 
 DTYPES = ["float64", "float32"]
 
@@ -215,3 +217,115 @@ def test_softmax_along_any_axis_matches_torch(dtype, shape, axis_seed, seed):
                              [x], dtype, seed))
     assert_all_ok(compare_op("op:log_softmax", lambda t: nf.log_softmax(t, axis=axis),
                              lambda t: torch.log_softmax(t, dim=axis), [x], dtype, seed))
+
+
+# ---- extreme magnitudes: where the order of the arithmetic decides the result -----------------
+
+# Where exp(-x) overflows torch's 1 / (1 + exp(-x)) flushes to 0; above it, torch is accurate.
+SIGMOID_TORCH_FLUSH = {"float32": -88.72, "float64": -709.78}
+# The ulp limits for sigmoid: both sides are within ~3 ulp of the exact value (measured: forward
+# 4 ulp apart at most, gradient 6), so a form that cancels (millions of ulp) cannot pass.
+SIGMOID_FORWARD_ULPS = 6
+SIGMOID_GRADIENT_ULPS = 8
+
+
+def ulp_distance(actual: np.ndarray, expected: np.ndarray, dtype: str) -> np.ndarray:
+    """|actual - expected| in units of the dtype's spacing at the larger of the two magnitudes."""
+    a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    spacing = np.spacing(np.maximum(np.abs(a), np.abs(e)).astype(dtype)).astype(np.float64)
+    return np.abs(a - e) / spacing
+
+
+def assert_within_ulps(name: str, x: np.ndarray, actual: np.ndarray, expected: np.ndarray, dtype: str, limit: float) -> None:
+    d = ulp_distance(actual, expected, dtype)
+    i = int(np.argmax(d))
+    assert d[i] <= limit, (f"{name} ({dtype}, {x.size} points): {d[i]:.0f} ulp apart at x = {x[i]!r} "
+                           f"(limit {limit}): numpy_ref {actual[i]!r} vs expected {expected[i]!r}; "
+                           f"{int((d > limit).sum())} points over the limit")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_matches_torch_to_a_few_ulp_over_the_whole_range(dtype):
+    """The half-tanh form (1 + tanh(x/2)) / 2 cancelled for negative x: 100% off at x = -20 in
+    float32 and x = -38 in float64. Forward to a few ulp of torch.sigmoid wherever torch does
+    not flush; the gradient is even in x, so it is checked at x against torch's at -|x|, where
+    torch's g (1 - y) y does not cancel (at large positive x, y rounds to 1 and torch's is 0)."""
+    lo = SIGMOID_TORCH_FLUSH[dtype]
+    x = np.linspace(lo, -lo, 20001).astype(dtype)
+    G = np.random.default_rng(0).standard_normal(x.shape).astype(dtype)
+    t = nt.Tensor(x.copy(), requires_grad=True)
+    y = nf.sigmoid(t)
+    y.backward(G)
+    assert y.dtype == np.dtype(dtype), f"sigmoid computed in {y.dtype} from {dtype} inputs"
+    assert_within_ulps("sigmoid forward vs torch.sigmoid", x, y.data, torch.sigmoid(torch.from_numpy(x)).numpy(), dtype,
+                       SIGMOID_FORWARD_ULPS)
+    mirrored = torch.tensor(-np.abs(x), requires_grad=True)
+    torch.sigmoid(mirrored).backward(torch.from_numpy(G))
+    assert_within_ulps("sigmoid gradient vs torch's at -|x|", x, t.grad, mirrored.grad.numpy(), dtype, SIGMOID_GRADIENT_ULPS)
+
+    # Below torch's flush point: sigmoid(x) = e^x / (1 + e^x) rounds to e^x, the tiny true value.
+    far = np.array([lo - 1.0, lo - 10.0, 2 * lo], dtype=dtype)
+    assert_within_ulps("sigmoid below torch's flush point vs e^x", far, nf.sigmoid(nt.Tensor(far)).data, np.exp(far), dtype, 1)
+    # Infinities, signed zeros and NaN: the values and gradients torch gives (1, 0, 0.5, NaN).
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, np.nan])
+    assert_all_ok(compare_op("op:sigmoid at inf, 0, nan", nf.sigmoid, torch.sigmoid, [special], dtype, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_binary_cross_entropy_of_a_very_negative_logit_matches_torch(dtype):
+    """BCE(sigmoid(x)) with x = -40 (float64) or -20 (float32): the cancelling sigmoid gave
+    exactly 0 there, and binary_cross_entropy refused it as outside (0, 1)."""
+    x = np.array([-40.0 if dtype == "float64" else -20.0, 2.0])
+    y = np.array([0.0, 1.0], dtype=dtype)
+    assert_all_ok(compare_op("op:binary_cross_entropy of sigmoid", lambda t: nf.binary_cross_entropy(nf.sigmoid(t), y),
+                             lambda t: F.binary_cross_entropy(torch.sigmoid(t), torch.from_numpy(y)), [x], dtype, 0))
+
+
+# d(a/b)/db = -a/b^2 at magnitudes where b*b over- or underflows but a/b^2 does not.
+DIV_EXTREMES = {
+    "float32": ([1e-30, 1e-20, 1.0, 1e20], [1e-23, 1e-20, 1e20, 1e20]),
+    "float64": ([1e-300, 1e-200, 1.0, 1e200], [1e-160, 1e-160, 1e160, 1e200]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_div_gradient_at_extreme_magnitudes_matches_torch(dtype):
+    """-g a / (b b) overflowed to -inf, underflowed to -0 or lost digits in a subnormal b*b;
+    -g ((a/b)/b), torch's order, keeps every representable value. Relative error only (no atol:
+    the gradients span 1e-320 to 1e160)."""
+    a, b = (np.array(v, dtype=dtype) for v in DIV_EXTREMES[dtype])
+    G = np.array([1.0, -1.0, 2.0, 0.5], dtype=dtype)
+    A, B = nt.Tensor(a.copy(), requires_grad=True), nt.Tensor(b.copy(), requires_grad=True)
+    (A / B).backward(G)
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    (ta / tb).backward(torch.from_numpy(G))
+    tol = Tol(0.0, 4 * float(np.finfo(dtype).eps), "a few ulp: the same three roundings in the same order")
+    assert_close(f"d(a/b)/db at extreme magnitudes ({dtype}) vs torch", tb.grad, B.grad, tol)
+    assert_close(f"d(a/b)/da at extreme magnitudes ({dtype}) vs torch", ta.grad, A.grad, tol)
+
+
+# The tanh GELU at |x| large enough that x^3 (then x^2) overflows: 1e6 is ordinary, 1.5e13 and
+# 3e13 overflow x (1 + 3 a x^2) in float32, 1e20 overflows x^2 itself (NaN in torch's backward too).
+GELU_HUGE = np.array([-1e20, -3e13, -1.5e13, -1e6, 1e6, 1.5e13, 3e13, 1e19, 1e20, np.inf, -np.inf])
+
+
+@pytest.mark.parametrize("dtype, scale", [("float32", 1.0), ("float64", 1.0), ("float64", 1e140)])
+def test_gelu_backward_at_huge_inputs_matches_torch(dtype, scale):
+    """The hand-written gelu_backward multiplied du/dx in before the saturated (1 - t^2) = 0:
+    inf * 0 = NaN where torch gives dout (x > 0) or 0 (x < 0). Now NaN exactly where torch has
+    NaN (x^2 overflows, or x is infinite). The engine's composed gelu is checked too. float64
+    is scaled by 1e140 to reach its overflow points (x^3 near 1e102, x^2 near 1.3e154)."""
+    x = (GELU_HUGE * scale).astype(dtype)
+    G = np.random.default_rng(1).standard_normal(x.shape).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # x^2 = inf, inf - inf: as in torch
+        out, cache = gelu_forward(x)
+        dx = gelu_backward(G, cache)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = F.gelu(xt, approximate="tanh")
+    yt.backward(torch.from_numpy(G))
+    tol = Tol(0.0, 4 * float(np.finfo(dtype).eps), "a few ulp: saturated tanh, the same products")
+    assert_close(f"gelu_forward at huge |x| x {scale:g} ({dtype}) vs torch", yt, out, tol)
+    assert_close(f"gelu_backward at huge |x| x {scale:g} ({dtype}) vs torch", xt.grad, dx, tol)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert_all_ok(compare_op(f"op:gelu at huge |x| x {scale:g}", nf.gelu, lambda t: F.gelu(t, approximate="tanh"),
+                                 [x], dtype, 1))

@@ -18,7 +18,7 @@ from numpy_ref.block import block_backward, block_forward
 from numpy_ref.config import GPTConfig
 from numpy_ref.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from numpy_ref.embedding import embedding_backward, embedding_forward
-from numpy_ref.gelu import gelu_forward
+from numpy_ref.gelu import gelu_backward, gelu_forward
 from numpy_ref.gradcheck import gradcheck_vjp
 from numpy_ref.layernorm import layernorm_forward
 from numpy_ref.linear import linear_backward, linear_forward
@@ -225,6 +225,31 @@ def test_gelu_known_values():
     out, _ = gelu_forward(x)
     assert_close("gelu", out, expected, EXACT)
     assert abs(out[4] - 0.8411919906082768) < 1e-12, f"gelu(1) = {out[4]!r}, expected 0.8411919906082768 (tanh form)"
+
+
+# Inputs where the tanh saturates (t = +-1 exactly, so 1 - t^2 = 0) while x (1 + 3 a x^2) or x^2
+# overflows, and the gradient torch 2.13.0's tanh-GELU backward gives there (dout = 1): 1 for
+# x > 0, 0 for x < 0, NaN only where x^2 itself overflows (its du/dx is inf, and inf * 0).
+GELU_SATURATED = {
+    "float32": ([-1e20, -3e13, -1.5e13, -1e6, 1e6, 1.5e13, 3e13, 1e19, 1e20],
+                [np.nan, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, np.nan]),
+    "float64": ([-1e160, -3e103, -1.5e103, -1e6, 1e6, 1.5e103, 3e103, 1e150, 1e160],
+                [np.nan, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, np.nan]),
+}
+
+
+@pytest.mark.parametrize("dtype", sorted(GELU_SATURATED))
+def test_gelu_backward_where_the_tanh_saturates(dtype):
+    """Multiplying the huge du/dx in before the exact 0 of (1 - t^2) gave inf * 0 = NaN from
+    |x| ~ 1.5e13 in float32 (1e103 in float64); dx must be dout for large positive x and 0 for
+    large negative x, as in torch."""
+    x, expected = (np.array(v, dtype=dtype) for v in GELU_SATURATED[dtype])
+    dout = np.linspace(0.5, 2.0, x.size).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # x^2 = inf and inf * 0 at the ends, as in torch
+        out, cache = gelu_forward(x)
+        dx = gelu_backward(dout, cache)
+    assert_close(f"gelu_forward where the tanh saturates ({dtype})", out, np.where(x > 0, x, 0.0), EXACT)
+    assert_close(f"gelu_backward where the tanh saturates ({dtype}), dout = {dout}", dx, expected * dout, EXACT)
 
 
 @given(s=sizes(), seed=seeds())

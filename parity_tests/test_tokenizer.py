@@ -139,6 +139,49 @@ def test_known_ids(ours):
     assert ours.encode(EOT, disallowed_special=()) == [27, 91, 437, 1659, 5239, 91, 29], ours.encode(EOT, disallowed_special=())
 
 
+# GPT-2's contractions are lowercase only: "'S" followed by letters is "'" then a word ("'Stop" ->
+# "'", "Stop"), where a case-insensitive pattern would cut "'S", "top". Ids from tiktoken 0.14.0
+# (`tiktoken.get_encoding("gpt2").encode_ordinary(text)`), hard-coded so this runs without it.
+UPPERCASE_CONTRACTIONS = {
+    "'Stop": [6, 19485],
+    "'Take": [6, 12322],
+    "'REally": [6, 2200, 453],
+    "'VEry": [6, 6089, 563],
+    "'Mine": [6, 24461],
+    "'LLama": [6, 3069, 1689],
+    "'Dog": [6, 32942],
+    "'rEal": [6, 81, 36, 282],
+    "'Ve": [6, 26979],
+    "'lL": [6, 75, 43],
+    "I'Mok": [40, 6, 44, 482],
+    "HE'Sgone": [13909, 6, 50, 21260],
+    "DON'Tstop": [41173, 6, 51, 11338],
+    "WE'REready": [8845, 6, 2200, 1493],
+    "THEY'VEbeen": [10970, 56, 6, 6089, 47436],
+    "SHE'LLgo": [9693, 36, 6, 3069, 2188],
+    "YOU'Dbetter": [36981, 6, 35, 27903],
+    "'S'T'RE'VE'M'LL'D": [6, 50, 6, 51, 6, 2200, 6, 6089, 6, 44, 6, 3069, 6, 35],
+    "'sTop": [338, 9126],  # lowercase contractions stay pieces of their own, whatever follows
+    "'tHere": [470, 4342],
+    "'mE": [1101, 36],
+}
+
+
+@pytest.mark.parametrize("text", sorted(UPPERCASE_CONTRACTIONS))
+def test_uppercase_contractions_followed_by_letters_give_the_recorded_ids(ours, text):
+    """numpy_ref alone, against the ids recorded from tiktoken 0.14.0 above."""
+    assert_same_ids("uppercase contraction (recorded tiktoken 0.14.0 ids)", text, ours.encode_ordinary(text),
+                    UPPERCASE_CONTRACTIONS[text])
+    assert ours.decode(UPPERCASE_CONTRACTIONS[text]) == text, f"decode of the recorded ids of {text!r}"
+
+
+def test_uppercase_contractions_followed_by_letters_match_tiktoken(ours, theirs):
+    """The same texts against the installed tiktoken, one string with all of them and each alone."""
+    for text in [" ".join(UPPERCASE_CONTRACTIONS), *UPPERCASE_CONTRACTIONS]:
+        assert_same_ids("uppercase contraction (installed tiktoken)", text, ours.encode_ordinary(text),
+                        theirs.encode_ordinary(text))
+
+
 @given(any_texts)
 def test_encode_ordinary_matches_tiktoken(ours, theirs, text):
     assert_same_ids("encode_ordinary", text, ours.encode_ordinary(text), theirs.encode_ordinary(text))
