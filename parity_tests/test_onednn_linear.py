@@ -50,7 +50,7 @@ def onednn_on(monkeypatch):
 def test_onednn_is_chosen_on_amd_cpus_with_avx512_only(monkeypatch, vendor, capability, chosen):
     monkeypatch.setattr(tdevice, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    tdevice.onednn_fp32_products.cache_clear()
+    tdevice._onednn_pays_here.cache_clear()
     try:
         assert tdevice.onednn_fp32_products() is chosen, f"{vendor} {capability}: expected oneDNN {chosen}"
         described = "oneDNN" in tdevice.plan_runtime("cpu", "fp32").describe()
@@ -58,7 +58,7 @@ def test_onednn_is_chosen_on_amd_cpus_with_avx512_only(monkeypatch, vendor, capa
         fp64 = tdevice.plan_runtime("cpu", "fp64").describe()
         assert "oneDNN" not in fp64, f"a float64 plan never trains through oneDNN, yet: {fp64}"
     finally:
-        tdevice.onednn_fp32_products.cache_clear()
+        tdevice._onednn_pays_here.cache_clear()
 
 
 @needs_onednn

@@ -1123,3 +1123,32 @@ def test_pruned_weights_are_recomputed_every_forward_and_submodule_hooks_are_ref
     fresh.ln_f.register_forward_pre_hook(lambda module, args: (torch.zeros(1),))
     with pytest.raises(RuntimeError, match=r"ln_f: a forward pre-hook returned new inputs"):
         fresh(ids)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied head", "separate head"])
+def test_a_parametrized_wte_is_computed_once_per_forward(tied):
+    """model.forward read wte.weight four times (the vocabulary size, the tied-gradient choice,
+    the embedding, the tied head): a parametrization ran four times per forward, and a stateful
+    one (spectral_norm's power iteration) gave the embedding and the head different weights."""
+    from torch.nn.utils import parametrize
+
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def forward(self, w):
+            calls.append(1)
+            return w * 1.0
+
+    model = GPTModel(tiny(tie_embeddings=tied), seed=0)
+    parametrize.register_parametrization(model.wte, "weight", Counted())
+    ids = ids_of(model.config, 2, 5, 0)
+    for targets in (None, ids):
+        calls.clear()
+        model(ids, targets)
+        assert len(calls) == 1, f"wte's parametrization ran {len(calls)} times in one forward (targets: {targets is not None})"
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(ids, kv_cache=cache)
+        calls.clear()
+        model(ids[:, :1], kv_cache=cache)  # one token per row: decode.py's decode_step
+    assert len(calls) == 1, f"wte's parametrization ran {len(calls)} times in one decoding step"

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.device import plain_eager
+from torch_impl.device import plain_eager, stored_tensor
 from torch_impl.embedding import check_ids
 from torch_impl.head import head_streamed
 from torch_impl.kv_cache import KVCache
@@ -42,7 +42,7 @@ def decodes_fast(model, ids, kv_cache: KVCache | None) -> bool:
     targets, dropout masks and dropout itself): one position per row, CPU, plain eager, no grad."""
     if kv_cache is None or torch.is_grad_enabled() or not isinstance(ids, torch.Tensor) or ids.ndim != 2:
         return False
-    w = model.wte.weight
+    w = stored_tensor(model.wte, "weight")  # its device and dtype, without computing a parametrized wte
     return (ids.shape[1] == 1 and 1 <= ids.shape[0] <= SPLIT_MAX_ROWS and ids.shape[0] == kv_cache.batch_size
             and w.device.type == "cpu" and kv_cache.k.dtype == w.dtype and kv_cache.k.device == w.device
             and model.config.emb_dim % SPLIT_K == 0 and not torch.is_autocast_enabled("cpu") and plain_eager())
@@ -74,4 +74,5 @@ def decode_step(model, ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         x.add_(streamed_linear(m, mlp.c_proj.weight, mlp.c_proj.bias))  # (B, 4C) -> (B, C)
     kv_cache.advance(1)
     x = F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias, eps)  # (B, C)
-    return head_streamed(x, model.head_weight).view(B, 1, -1)  # (B, C) @ (C, V) -> (B, 1, V)
+    head = wte if cfg.tie_embeddings else model.lm_head.weight  # wte read once (a parametrization runs per read)
+    return head_streamed(x, head).view(B, 1, -1)  # (B, C) @ (C, V) -> (B, 1, V)

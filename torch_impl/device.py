@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.utils.parametrize  # noqa: F401 (stored_tensor)
 
 PRECISIONS = ("auto", "fp32", "fp64", "bf16", "fp16", "tf32")
 
@@ -69,6 +70,14 @@ def cpu_vendor() -> str:
     except OSError:
         pass
     return ""
+
+
+def stored_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """module's tensor `name` as stored, for its device and dtype: a parametrized one's original,
+    which is not computed (the parametrization runs at every read of the attribute itself)."""
+    if torch.nn.utils.parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 def onednn_fp32_products() -> bool:

@@ -43,6 +43,7 @@ from torch_impl.block import BLOCK_MASK_KEYS, block_forward
 from torch_impl.config import GPTConfig
 from torch_impl.cross_entropy import check_targets
 from torch_impl.decode import decode_step, decodes_fast
+from torch_impl.device import stored_tensor
 from torch_impl.dropout import check_mask, dropout_forward
 from torch_impl.embedding import TiedHeadGrad, check_ids, embedding_forward
 from torch_impl.head import head_forward, head_hands_grad_to_embedding, head_loss_forward
@@ -212,7 +213,11 @@ class GPTModel(nn.Module):
         # Every input is checked here, before any compute: bad targets raise before the KV cache is
         # written, and under torch.compile the checks (data-dependent raises, run eagerly) break
         # the graph only here, so the blocks, the head and the loss are one graph.
-        V, Tc = self.wte.weight.shape[0], self.wpe.weight.shape[0]
+        # Each weight read once per forward: a parametrized one is computed at every read (and a
+        # stateful parametrization, spectral_norm's power iteration, would differ between reads).
+        wte, wpe = self.wte.weight, self.wpe.weight
+        head = wte if cfg.tie_embeddings else self.lm_head.weight
+        V, Tc = wte.shape[0], wpe.shape[0]
         ids = check_ids(ids, V, Tc, pos_offset=past)  # (B, T) int64
         if targets is not None:  # a meta (B, T, V) stands for the logits: only its shape is read
             targets = check_targets(ids.new_empty(*ids.shape, V, device="meta"), targets, ignore_index)
@@ -220,8 +225,8 @@ class GPTModel(nn.Module):
         # A tied head on the sliced CPU path (or in CPU bf16 training with bf16 units) hands its
         # gradient to the embedding's backward, which adds its rows in place: one (V, C)
         # gradient, not two summed (TiedHeadGrad).
-        tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_hands_grad_to_embedding(self.wte.weight) else None
-        x = embedding_forward(ids, self.wte.weight, self.wpe.weight, pos_offset=past,
+        tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_hands_grad_to_embedding(wte) else None
+        x = embedding_forward(ids, wte, wpe, pos_offset=past,
                               tied_grad=tied_grad, ids_checked=True)  # (B, T) -> (B, T, C)
         x = dropout_forward(x, cfg.drop_rate, random_dropout, masks.get("embedding"))
         for i, block in enumerate(self.h):
@@ -234,9 +239,9 @@ class GPTModel(nn.Module):
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
         if targets is None:
-            out = head_forward(x, self.head_weight, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
+            out = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         else:  # logits (B, T, V) and the mean cross-entropy against targets (B, T) -> (); fused on the CPU
-            out = head_loss_forward(x, self.head_weight, targets, ignore_index, tied_grad, targets_checked=True)
+            out = head_loss_forward(x, head, targets, ignore_index, tied_grad, targets_checked=True)
         if kv_cache is not None:  # only now: a call that raised leaves the cache's length as it was
             kv_cache.advance(ids.shape[1])
         return out
@@ -279,7 +284,7 @@ class GPTModel(nn.Module):
         if (L, nh, hs) != (cfg.n_layers, cfg.n_heads, cfg.head_size):
             raise ValueError(f"the KV cache has n_layers={L}, n_heads={nh}, head_size={hs}; this model needs "
                              f"{cfg.n_layers}, {cfg.n_heads}, {cfg.head_size} (make it with model.new_kv_cache)")
-        w = self.wte.weight
+        w = stored_tensor(self.wte, "weight")  # device and dtype, without computing a parametrized wte
         dev = w.device.type
         cast = torch.is_autocast_enabled(dev) and w.dtype != torch.float64  # autocast leaves float64 alone
         allowed = (w.dtype, torch.get_autocast_dtype(dev)) if cast else (w.dtype,)
@@ -328,11 +333,11 @@ class GPTModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return stored_tensor(self.wte, "weight").device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        return stored_tensor(self.wte, "weight").dtype
 
     # ---- checkpoints (torch_impl/checkpoint.py does the file format) --------------------------
 
