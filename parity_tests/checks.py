@@ -287,8 +287,9 @@ def kv_cache_rows(config_name: str, config_d: dict, device: str = "cpu", seed: i
     return guarded(f"kv-cache[{config_name}]", "float64", run)
 
 
-def generation_rows(config_name: str, config_d: dict, seed: int = 0) -> list[Row]:
-    """Greedy and sampled tokens, given the same uniform draws, are identical in both trees."""
+def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
+    """Greedy and sampled tokens, given the same uniform draws, are identical in both trees (the
+    torch model on `device`; its sampling runs on the host, generate.py)."""
     import torch
 
     from numpy_ref.generate import generate as np_generate
@@ -297,7 +298,7 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0) -> list[Row
 
     def run() -> list[Row]:
         np_model = _perturbed_numpy_model(config_d, seed)
-        t_model = models.build_torch_model(config_d, np_model.params, dtype="float64")
+        t_model = models.build_torch_model(config_d, np_model.params, dtype="float64", device=device)
         ids, _ = models.random_batch(config_d, 2, 3, seed)
         n = min(8, config_d["context_length"])
         coins = np.random.default_rng(seed).uniform(size=(n, 2))
@@ -308,7 +309,7 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0) -> list[Row
                               ("top-p 0.9", dict(temperature=1.0, top_p=0.9))]:
             a = np.asarray(np_generate(np_model, ids, n, coins=coins, **kwargs))
             with torch.no_grad():
-                b = models.to_numpy(t_generate(t_model, torch.from_numpy(ids), n, coins=coins, **kwargs))
+                b = models.to_numpy(t_generate(t_model, torch.from_numpy(ids).to(device), n, coins=coins, **kwargs))
             mismatches = int(np.sum(a != b)) if a.shape == b.shape else -1
             verdict = "ok" if mismatches == 0 else "MISMATCH"
             detail = "" if verdict == "ok" else f"numpy {a.tolist()} vs torch {b.tolist()}"
@@ -319,8 +320,8 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0) -> list[Row
     return guarded(f"generate[{config_name}]", "float64", run)
 
 
-def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0) -> list[Row]:
-    """Saved by numpy_ref, loaded by torch_impl (and back): the same logits."""
+def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
+    """Saved by numpy_ref, loaded by torch_impl on `device` (and back): the same logits."""
     import tempfile
 
     import torch
@@ -335,9 +336,9 @@ def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0) -> list[Row
         ids, _ = models.random_batch(config_d, 2, min(6, config_d["context_length"]), seed)
         with tempfile.TemporaryDirectory() as d:
             np_model.save_pretrained(d)
-            t_model = TModel.from_pretrained(d).double().eval()
+            t_model = TModel.from_pretrained(d, device=device).double().eval()
             with torch.no_grad():
-                got = models.to_numpy(t_model(torch.from_numpy(ids)))
+                got = models.to_numpy(t_model(torch.from_numpy(ids).to(device)))
             back = NpModel.from_pretrained(d)
         # Checkpoints hold float32: compare against the oracle run on the float32-rounded weights.
         rounded = {k: v.astype(np.float32).astype(np.float64) for k, v in np_model.params.items()}
@@ -390,9 +391,9 @@ def run_check(configs: dict[str, dict] | None = None, dtypes: Iterable[str] = DE
     say("kv cache")
     rows += kv_cache_rows(first_name, first_cfg, device)
     say("generation")
-    rows += generation_rows(first_name, first_cfg)
+    rows += generation_rows(first_name, first_cfg, device=device)
     say("checkpoints")
-    rows += checkpoint_rows(first_name, first_cfg)
+    rows += checkpoint_rows(first_name, first_cfg, device=device)
     say("tokenizer")
     rows += tokenizer_rows()
     if checkpoint:

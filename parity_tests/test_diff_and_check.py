@@ -287,3 +287,27 @@ def test_a_model_row_refuses_a_run_in_another_precision_or_with_a_gradient_missi
     t_model.ln_f.weight.requires_grad_(False)
     with pytest.raises(AssertionError, match=r"no gradient for \['ln_f.weight'\]"):
         models.run_torch(t_model, ids, targets, dtype="float64")
+
+
+def test_check_runs_generation_and_checkpoint_rows_on_the_device_asked_for(monkeypatch):
+    """`gpt-oracle check --device cuda` ran the generation and checkpoint rows on the CPU: the
+    torch model of each row is now built on the run's device."""
+    from torch_impl.model import GPTModel
+
+    seen = []
+    real_build, real_load = models.build_torch_model, GPTModel.from_pretrained.__func__
+
+    def build(*args, device="cpu", **kwargs):
+        seen.append(("build", str(device)))
+        return real_build(*args, device=device, **kwargs)
+
+    def load(cls, directory, dtype=None, device=None):
+        seen.append(("load", str(device)))
+        return real_load(cls, directory, **({"device": device} if device is not None else {}))
+
+    monkeypatch.setattr(models, "build_torch_model", build)
+    monkeypatch.setattr(GPTModel, "from_pretrained", classmethod(load))
+    rows = checks.generation_rows("tiny", checks.DEFAULT_CONFIGS["tiny"], device="cpu:0") + \
+        checks.checkpoint_rows("tiny", checks.DEFAULT_CONFIGS["tiny"], device="cpu:0")
+    assert all(r.verdict == "ok" for r in rows), [(r.component, r.verdict, r.detail) for r in rows]
+    assert seen and all(device == "cpu:0" for _, device in seen), f"models were built on {seen}"
