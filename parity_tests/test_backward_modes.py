@@ -207,3 +207,45 @@ def test_compiled_autograd_gives_the_eager_gradients():
     finally:
         torch._dynamo.reset()
     assert_dicts_close("compiled autograd vs eager backward", compiled, eager, gradient_tol("float32"))
+
+
+def test_a_batched_backward_without_create_graph_returns_plain_tensors():
+    """graph_backward always asked autograd for a graph: a batched backward returned gradients
+    that required grad and kept the graph alive, where plain torch returns plain tensors."""
+    model = GPTModel(get_config("tiny", tie_embeddings=True), seed=9)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(9))
+    params = [p for _, p in model.named_parameters()]
+    with head_slices(7):
+        logits = model(ids)
+        upstream = torch.randn(2, *logits.shape, generator=torch.Generator().manual_seed(10))
+        grads = torch.autograd.grad(logits, params, upstream, is_grads_batched=True)
+    carrying = [n for (n, _), g in zip(model.named_parameters(), grads) if g.requires_grad]
+    assert not carrying, f"a batched backward without create_graph returned graphs for {carrying[:3]}"
+
+
+def test_a_second_backward_after_an_in_place_weight_change_uses_the_forward_weights_as_autocast_does():
+    """Under bf16 autocast with bf16 units, _KeptBf16Linear's plain backward read the weight as it
+    is now; plain autocast's backward uses its forward-time cast (and the kept path its bf16
+    copy). An optimiser-like in-place change between the forward and a create_graph backward
+    gave another dx, silently."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    w = torch.randn(8, 5, generator=g, requires_grad=True)
+    upstream = torch.randn(6, 5, generator=g)
+
+    def dx(kept: bool) -> torch.Tensor:
+        with mock.patch.object(torch_impl.linear, "cpu_has_fast_bf16", lambda: True), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            y = linear_forward(x, w, None) if kept else x @ w
+        before = w.detach().clone()
+        with torch.no_grad():
+            w.mul_(10)  # after the forward, before the backward
+        try:
+            return torch.autograd.grad(y, x, upstream, create_graph=True)[0].detach()
+        finally:
+            with torch.no_grad():
+                w.copy_(before)
+
+    with taken(torch_impl.linear._KeptBf16Linear):
+        ours = dx(kept=True)
+    assert torch.equal(ours, dx(kept=False)), "dx after an in-place change differs from plain autocast's"

@@ -128,11 +128,12 @@ _is_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_b
 
 
 def graph_backward(ctx, plain, inputs: tuple, grads: tuple) -> tuple:
-    """The backward of a Function that writes kept memory, when it runs with create_graph=True
-    (torch.autograd.grad(..., create_graph=True), for a gradient penalty or a Hessian-vector
-    product): the gradients of `plain(*inputs)`, the same outputs by plain torch ops, taken as a
-    graph so that a second derivative can go through them. Its own backward writes into kept
-    memory and is not differentiable.
+    """The backward of a Function that writes kept memory, in the modes of
+    `backward_takes_plain_formulas`: the gradients of `plain(*inputs)`, the same outputs by plain
+    torch ops, by autograd. With create_graph=True (torch.autograd.grad(..., create_graph=True),
+    for a gradient penalty or a Hessian-vector product) they are a graph, so that a second
+    derivative can go through them; otherwise (a batched backward, compiled autograd) they are
+    plain tensors, as a plain backward's are.
 
     inputs: the forward's arguments, in order (tensors that take gradients must be the ones the
     forward was given, or saved for the backward: connected to the caller's graph); grads: the
@@ -140,6 +141,7 @@ def graph_backward(ctx, plain, inputs: tuple, grads: tuple) -> tuple:
     input (None where ctx.needs_input_grad says none is needed). Autocast is off inside: plain
     casts what it needs, as the forward did."""
     device = next(t.device.type for t in inputs if isinstance(t, torch.Tensor))
+    create_graph = torch.is_grad_enabled()  # a backward runs in grad mode exactly when it was asked for a graph
     wanted = [i for i, needed in enumerate(ctx.needs_input_grad) if needed]
     with torch.enable_grad(), torch.autocast(device, enabled=False):
         # Each input that takes a gradient enters through an alias (a view, one graph node of its
@@ -151,7 +153,7 @@ def graph_backward(ctx, plain, inputs: tuple, grads: tuple) -> tuple:
     outs = outs if isinstance(outs, tuple) else (outs,)
     used = [(out, g) for out, g in zip(outs, grads) if out is not None and g is not None]
     found = torch.autograd.grad([out for out, _ in used], [inputs[i] for i in wanted], [g for _, g in used],
-                                create_graph=True, allow_unused=True) if used and wanted else []
+                                create_graph=create_graph, allow_unused=True) if used and wanted else []
     result = [None] * len(inputs)
     for i, g in zip(wanted, found):
         result[i] = g

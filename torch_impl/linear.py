@@ -278,6 +278,16 @@ def plain_bf16_linear(xb: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return xb @ W if b is None else torch.addmm(b.to(bf16), xb, W)
 
 
+def plain_kept_bf16_linear(xb: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool,
+                           tied_grad, wb: torch.Tensor) -> torch.Tensor:
+    """plain_bf16_linear with the weight's bf16 copy made at the forward, `wb`, for _KeptBf16Linear's
+    plain backward: w may have changed in place since (an optimiser step between the forward and
+    a second backward), and autocast's own backward would use its forward-time cast too. `w - w`
+    is exactly 0, so W has wb's values and w's gradient."""
+    W = wb + (w - w.detach()).to(torch.bfloat16)  # (w's shape) wb's values, joined to w
+    return plain_bf16_linear(xb, W, b, w_is_out_in)
+
+
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_is_out_in: bool = False) -> torch.Tensor:
     """x @ W + b in bf16, every product in a fast layout (see top). W is w (in, out), or w.T when
     `w_is_out_in` (the output head, stored (V, C)). x (N, C_in) -> (N, C_out), bf16."""
@@ -349,7 +359,7 @@ class _KeptBf16Linear(torch.autograd.Function):
         xb, wb = ctx.saved_tensors
         w, b = ctx.w, ctx.b
         if backward_takes_plain_formulas(dy):  # create_graph, vmap, compiled autograd: see kept_buffers.py
-            return graph_backward(ctx, plain_bf16_linear, (xb, w, b, ctx.w_is_out_in, ctx.tied_grad), (dy,))
+            return graph_backward(ctx, plain_kept_bf16_linear, (xb, w, b, ctx.w_is_out_in, ctx.tied_grad, wb), (dy,))
         dy = dy.to(torch.bfloat16)  # (N, C_out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
