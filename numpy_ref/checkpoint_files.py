@@ -158,6 +158,7 @@ def save_together(directory: Path, writers: Mapping[str, Callable], journal_name
         os.unlink(journal)  # the commit
     except BaseException:
         _put_back(directory, temps, aside, placed)  # if a step of it fails, it raises: the journal stays
+        fsync_directory(directory)  # the old files back on disk before the journal that names them goes
         if journal_changed and journal_before is None:
             journal.unlink(missing_ok=True)
         elif journal_changed:

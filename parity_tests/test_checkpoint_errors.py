@@ -882,3 +882,48 @@ def test_a_pickle_only_directory_is_refused_not_unpickled():
         for module in (nck, tck):
             with pytest.raises(module.CheckpointError, match="pickle"):
                 module.load_checkpoint(d)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_failed_save_makes_the_put_back_durable_before_the_journal_goes(tree, tmp_path, monkeypatch):
+    """A save that fails after some renames puts the old files back, then removes its journal.
+    Without a directory fsync between the two, a power cut could keep the journal's removal and
+    lose the put-back renames: a mixed pair with no journal to refuse it."""
+    import importlib
+
+    cf = importlib.import_module(f"{'numpy_ref' if tree == 'numpy' else 'torch_impl'}.checkpoint_files")
+    (tmp_path / "a.bin").write_text("old a")
+    (tmp_path / "b.bin").write_text("old b")
+    log, renames = [], [0]
+    real_replace, real_fsync = os.replace, cf.fsync_directory
+
+    def replace(src, dst):
+        renames[0] += 1
+        if renames[0] == 5:  # the journal, a aside, a in place, b aside, then b in place fails
+            raise OSError(5, "simulated I/O error")
+        log.append(f"rename -> {Path(dst).name}")
+        return real_replace(src, dst)
+
+    def fsync(directory):
+        log.append("fsync")
+        return real_fsync(directory)
+
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        log.append(f"unlink {Path(path).name}")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)  # Path.unlink calls it too
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(cf, "fsync_directory", fsync)
+    writer = (lambda text: (lambda f: f.write(text.encode()))) if tree == "numpy" else \
+        (lambda text: (lambda tmp: Path(tmp).write_text(text)))
+    with pytest.raises(OSError, match="simulated"):
+        cf.save_together(tmp_path, {"a.bin": writer("new a"), "b.bin": writer("new b")}, "j.saving.json")
+    assert (tmp_path / "a.bin").read_text() == "old a" and (tmp_path / "b.bin").read_text() == "old b"
+    assert not (tmp_path / "j.saving.json").exists(), "the journal of a failed save was left"
+    last_put_back = max(i for i, e in enumerate(log) if e in ("rename -> a.bin", "rename -> b.bin"))
+    journal_gone = log.index("unlink j.saving.json")
+    assert "fsync" in log[last_put_back:journal_gone], \
+        f"{tree}: no directory fsync between the put-back renames and the journal's removal: {log}"

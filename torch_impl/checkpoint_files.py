@@ -147,6 +147,7 @@ def save_together(directory: Path, writers: Mapping[str, Callable[[str], None]],
         os.unlink(journal)  # the commit
     except BaseException:
         _put_back(directory, temps, aside, placed)  # a step that fails raises here, the journal left in place
+        fsync_directory(directory)  # the old files back on disk before the journal that names them goes
         if journal_changed and journal_before is None:
             journal.unlink(missing_ok=True)
         elif journal_changed:
