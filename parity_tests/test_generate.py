@@ -647,3 +647,19 @@ def test_generate_refuses_a_wrong_type_of_count_or_rng_and_returns_a_copy(tree):
     assert out is not ids, f"{tree}: max_new_tokens=0 returned the caller's own ids object"
     out[0, 0] = 7
     assert int(ids[0, 0]) == 1, f"{tree}: writing into generate's output changed the caller's ids"
+
+
+def test_sample_next_takes_a_zero_dimensional_coin_as_its_number():
+    """A 0-d tensor (torch.rand(())) or 0-d array (rng.random(())) coin was refused as not a real
+    number after the options were checked with numbers.Real; it is its value, as before."""
+    import numpy_ref.generate as ngen
+    import torch_impl.generate as tgen
+
+    logits = np.random.default_rng(0).normal(size=50)
+    for coin in (0.3, 0.71):
+        want = tgen.sample_next(torch.tensor(logits), temperature=1.0, coin=coin)
+        got_t = tgen.sample_next(torch.tensor(logits), temperature=1.0, coin=torch.tensor(coin, dtype=torch.float64))
+        got_n = ngen.sample_next(logits, temperature=1.0, coin=np.array(coin))
+        assert got_t == want and got_n == want, f"coin {coin}: float {want}, 0-d tensor {got_t}, 0-d array {got_n}"
+    with pytest.raises(TypeError):
+        tgen.sample_next(torch.tensor(logits), temperature=1.0, coin=torch.tensor([0.3]))

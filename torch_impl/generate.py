@@ -60,6 +60,8 @@ def _real(name: str, value) -> float | None:
     True is not a temperature of 1), a ValueError if it has no float64 value (10**400)."""
     if value is None:
         return None
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not (value.is_complex() or value.dtype == torch.bool):
+        value = value.item()  # a 0-d tensor of a real dtype, as torch.rand(()) gives
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or None, got {value!r} ({type(value).__name__})")
     try:
