@@ -11,7 +11,9 @@ naming the folder; none writes anything.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -45,10 +47,30 @@ def check_new_out(out: Path, overwrite: bool) -> list[str]:
 
 
 def remove_run(out: Path, names: list[str]) -> None:
-    """Delete what `check_new_out` found (and nothing else in `out`)."""
+    """Delete what `check_new_out` found (and nothing else in `out`). Everything is checked
+    first, so that a refusal (an OSError naming the path) deletes nothing: a symbolic link is
+    removed itself, never what it points to (rmtree refuses a link, once the names before it were
+    gone), and `out` and every folder to be emptied must let their entries go."""
+    if not names:
+        return
+    folders = [out / name for name in names if not (out / name).is_symlink() and (out / name).is_dir()]
+    _check_writable(out)
+    for folder in folders:
+        for directory, _, _ in os.walk(folder, onerror=_raise):  # links are not followed
+            _check_writable(Path(directory))
     for name in names:
         path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path in folders else path.unlink()
+
+
+def _check_writable(directory: Path) -> None:
+    """A PermissionError unless the entries of `directory` can be listed and deleted."""
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "cannot delete the files in it (no permission)", str(directory))
+
+
+def _raise(err: OSError):
+    raise err
 
 
 def checkpoint_dir(path: Path, option: str = "--checkpoint") -> Path:

@@ -150,6 +150,23 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def int_in(low: int, high: int, *, high_text: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (`high_text` shows the limit, e.g. "2**64 - 1")."""
+    limit = f"an integer in [{low}, {high_text or high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {limit}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {value}")
+        return value
+
+    parse.__name__ = limit
+    return parse
+
+
 def number_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = True
               ) -> Callable[[str], float]:
     """An argparse type: a finite float in the interval from low to high (closed at low and open
@@ -227,3 +244,21 @@ def check_output_file(option: str, path: str) -> None:
             pass
     except OSError as exc:
         raise UserError(f"{option} {path}: cannot write in {str(parent)!r} ({exc.strerror or exc})") from None
+
+
+# ---- prompts --------------------------------------------------------------------------------
+
+
+def encode_prompt(encoding, prompt: str, option: str = "--prompt") -> list[int]:
+    """The GPT-2 ids of a prompt typed on the command line, as the trees encode it (special tokens
+    refused); a UserError naming `option` and the prompt when it has none or holds a special token."""
+    shown = f"{option} {prompt!r}" if len(prompt) <= 60 else f"{option} {prompt[:60]!r}..."
+    special = sorted(token for token in encoding.special_tokens_set if token in prompt)
+    if special:  # the library's message speaks of encode()'s arguments, which a command line has not
+        raise UserError(f"{shown}: holds the special token {special[0]!r}; a prompt is encoded as text, where "
+                        f"special tokens are refused")
+    with user_input(shown):
+        ids = encoding.encode(prompt)
+    if not ids:
+        raise UserError(f"{shown}: the prompt must hold at least one token")
+    return ids

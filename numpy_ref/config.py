@@ -40,7 +40,13 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"GPTConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
-            object.__setattr__(self, name, float(value))
+            try:
+                as_float = float(value)
+            except OverflowError:  # an int or Fraction past float64's range, such as 10**400 in a config.json
+                magnitude = abs(int(value)).bit_length() - 1  # its repr can run to thousands of digits
+                raise ValueError(f"GPTConfig.{name} is past float64's range (magnitude below 2**1024): got about "
+                                 f"{'-' if value < 0 else ''}2**{magnitude} ({type(value).__name__})") from None
+            object.__setattr__(self, name, as_float)
         for name in ("qkv_bias", "tie_embeddings"):  # a string such as "false" would count as True
             value = getattr(self, name)
             if not isinstance(value, bool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_cuda_without_cuda_is_one_line(capsys, command, tmp_path):
     (["--config", "bogus"], ["bogus", "verdict"]),
     (["--device", "cuda:99"], ["cuda:99"]),
     (["--threads", "-1"], ["--threads", "-1"]),
-    (["--threads", "0"], ["--threads", ">= 1"]),
+    (["--threads", "0"], ["--threads", "[1, "]),
     (["--warmup", "-5"], ["--warmup", "-5"]),
     (["--warmup", "50", "--steps", "4"], ["--warmup 50", "4"]),
     (["--eval-every", "-1"], ["--eval-every"]),
@@ -118,6 +119,15 @@ def test_cuda_without_cuda_is_one_line(capsys, command, tmp_path):
     (["--stride", "0"], ["--stride", ">= 1"]),
     (["--epochs", "1", "--grad-accum", "100000"], ["--epochs 1", "--grad-accum 100000", "0 optimiser steps"]),
     (["--context-length", "8192"], ["the training text", "too few"]),  # longer than the embedded text
+    # F: a prompt the tokenizer refuses crashed at the first evaluation, after run.json was written
+    (["--eval-every", "1", "--sample-tokens", "2", "--prompt", "<|endoftext|>"], ["--prompt", "'<|endoftext|>'"]),
+    (["--eval-every", "1", "--sample-tokens", "2", "--prompt", "a<|endoftext|>b"], ["--prompt", "special token"]),
+    # F: 100000 threads crashed torch after run.json was written
+    (["--threads", "100000"], ["--threads", "100000", f"[1, {4 * (os.cpu_count() or 1)}]"]),
+    # F: these named no option (TrainSettings.seed ...; "the first 0% of ...")
+    (["--seed", str(2**64)], ["--seed", str(2**64), "2**64 - 1"]),
+    (["--train-ratio", "0.001"], ["--train-ratio 0.001", "the first 20 characters", "too few"]),
+    (["--train-ratio", "0.999"], ["--train-ratio 0.999", "the last 21 characters", "too few"]),
 ])
 def test_train_refuses_bad_input_and_writes_nothing(capsys, tmp_path, argv, needles):
     out = tmp_path / "new"
@@ -465,3 +475,151 @@ def test_a_pipe_closed_while_a_command_runs_is_one_line_not_a_traceback(capsys):
     assert reports_user_errors(run)(None) == EXIT_BROKEN_PIPE == 141
     err = capsys.readouterr().err
     assert err == "gpt-oracle train: stopped: Broken pipe (the reader of its output left)\n", repr(err)
+
+
+# ---- F: checked before anything is written or deleted; runs that resume anywhere -------------
+
+
+def test_overwrite_with_a_prompt_the_tokenizer_refuses_keeps_the_old_run(capsys, run_copy):
+    """The sample prompt was first encoded at the first evaluation: --overwrite had deleted the old
+    run by then, and the new one stopped with a traceback after writing run.json."""
+    _user_error(capsys, ["train", "--steps", "1", "--overwrite", "--out", str(run_copy), *TRAIN, "--eval-every", "1",
+                         "--sample-tokens", "2", "--prompt", "<|endoftext|>"], "--prompt", "special token",
+                untouched=(run_copy,))
+
+
+def test_train_names_a_data_file_that_is_not_utf8(capsys, tmp_path):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    _user_error(capsys, ["train", "--steps", "1", "--data", str(data), "--out", str(tmp_path / "r"), *TRAIN],
+                f"--data {data}", "not UTF-8", "0xe9", untouched=(tmp_path,))
+    assert not (tmp_path / "r").exists(), "a refused run created its output folder"
+
+
+def _interrupted_run(capsys, tmp_path: Path, monkeypatch, data: str) -> Path:
+    """A 2-step run on `data` (as typed, from tmp_path), cut off after its first checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--steps", "2", "--checkpoint-every", "1", "--data", data, "--out", "run", *TRAIN]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    shutil.rmtree(run / "step-00000002")
+    (run / "latest").write_text("step-00000001\n")
+    return run
+
+
+def test_run_json_keeps_the_data_path_absolute_so_resume_works_from_any_folder(capsys, tmp_path, monkeypatch):
+    """run.json kept --data as typed: `--resume` from another working directory read another file
+    (or none). A run.json written before keeps its relative path, read as before."""
+    from numpy_ref.data import load_verdict
+
+    (tmp_path / "text.txt").write_text(load_verdict(), encoding="utf-8")
+    run = _interrupted_run(capsys, tmp_path, monkeypatch, "text.txt")
+    saved = json.loads((run / "run.json").read_text())["data"]
+    assert saved == str(tmp_path / "text.txt"), f"run.json keeps --data as {saved!r}, not the absolute path"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code = main(["train", "--resume", str(run)])
+    err = capsys.readouterr().err
+    assert code == 0, f"--resume from another folder exited {code}: {err}"
+    assert (run / "latest").read_text().strip() == "step-00000002", "the resumed run did not finish"
+
+    old = _interrupted_run(capsys, tmp_path / "elsewhere", monkeypatch, "../text.txt")
+    opts = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps(dict(opts, data="../text.txt")))  # as earlier versions wrote it
+    code = main(["train", "--resume", str(old)])
+    err = capsys.readouterr().err
+    assert code == 0, f"--resume of a run.json with a relative --data exited {code}: {err}"
+
+
+def test_resume_refuses_a_changed_validation_text(capsys, tmp_path, monkeypatch):
+    """Only the training batches were fingerprinted: a --data file whose last tenth (the validation
+    text) changed resumed silently, and its evaluations no longer compared with the earlier ones.
+    A run.json without the fingerprint (earlier versions) is compared by what it has."""
+    from numpy_ref.data import load_verdict
+
+    text = load_verdict()
+    data = tmp_path / "text.txt"
+    data.write_text(text, encoding="utf-8")
+    run = _interrupted_run(capsys, tmp_path, monkeypatch, str(data))
+    data.write_text(text[:-300] + text[-300:].swapcase(), encoding="utf-8")  # only the validation part changes
+    _user_error(capsys, ["train", "--resume", str(run)], f"--resume {run}", "validation text", str(data),
+                "changed", untouched=(tmp_path,))
+    opts = json.loads((run / "run.json").read_text())
+    del opts["validation_fingerprint"]
+    (run / "run.json").write_text(json.dumps(opts))
+    code = main(["train", "--resume", str(run)])
+    err = capsys.readouterr().err
+    assert code == 0, f"--resume of a run.json without a validation fingerprint exited {code}: {err}"
+
+
+def test_overwrite_unlinks_a_linked_checkpoint_and_leaves_its_target(capsys, run_copy, tmp_path):
+    """A step-* entry that is a symbolic link to a folder: rmtree refused it after run.json, the log,
+    `latest` and the other checkpoints were gone. The link goes, what it points to stays."""
+    target = tmp_path / "kept"
+    target.mkdir()
+    (target / "weights.bin").write_text("mine")
+    (run_copy / "step-00000099").symlink_to(target, target_is_directory=True)
+    code = main(["train", "--steps", "1", "--overwrite", "--out", str(run_copy), *TRAIN])
+    err = capsys.readouterr().err
+    assert code == 0, f"--overwrite of a run with a linked checkpoint exited {code}: {err}"
+    assert sorted(p.name for p in run_copy.glob("step-*")) == ["step-00000001"], list(run_copy.iterdir())
+    assert (target / "weights.bin").read_text() == "mine", "--overwrite deleted what a link pointed to"
+
+
+def test_overwrite_checks_every_folder_before_deleting_anything(capsys, run_copy, monkeypatch):
+    """A checkpoint folder whose files cannot be deleted (checked by permission; the test runs as
+    any user, so os.access is made to say no): refused naming it, and nothing of the run deleted."""
+    locked = str(run_copy / "step-00000002")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != locked and real_access(path, mode, **kw))
+    _user_error(capsys, ["train", "--steps", "1", "--overwrite", "--out", str(run_copy), *TRAIN], locked,
+                "no permission", untouched=(run_copy,))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_generate_checks_the_prompt_against_the_checkpoints_vocabulary(capsys, tmp_path, backend):
+    """A tiny checkpoint (V=101) and a prompt of GPT-2 ids past it: a traceback from the model's id
+    check, now one line naming the id and the vocabulary."""
+    from torch_impl.config import get_config
+    from torch_impl.model import GPTModel
+
+    GPTModel(get_config("tiny"), seed=0).save_pretrained(tmp_path / "tiny")
+    _user_error(capsys, ["generate", "--prompt", "Every effort", "--checkpoint", str(tmp_path / "tiny"),
+                         "--backend", backend], "--prompt: token id 6109 is outside the checkpoint's vocabulary of 101",
+                untouched=(tmp_path,))
+
+
+def test_generate_caps_max_new_tokens_and_draws_only_to_sample(capsys, trained, monkeypatch):
+    """--max-new-tokens 10**12 asked numpy for 7 TiB of uniform draws, greedy decoding included.
+    Now a cap, named; greedy decoding draws nothing; sampled tokens are those of the draws
+    `numpy.random.default_rng(seed).random((n, 1))` as before."""
+    import numpy as np
+
+    common = ["generate", "--prompt", "Every effort", "--checkpoint", str(trained)]
+    _user_error(capsys, [*common, "--max-new-tokens", str(10**12)], "--max-new-tokens", str(10**12), "1000000")
+
+    drawn = []
+    real_rng = np.random.default_rng
+
+    def counting_rng(seed):
+        drawn.append(seed)
+        return real_rng(seed)
+
+    monkeypatch.setattr(np.random, "default_rng", counting_rng)
+    assert main([*common, "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert drawn == [], f"greedy decoding drew uniform numbers (seeds {drawn})"
+    monkeypatch.undo()
+
+    from torch_impl.generate import generate
+    from torch_impl.model import GPTModel
+    from torch_impl.tokenizer import get_encoding
+
+    encoding = get_encoding("gpt2")
+    model = GPTModel.from_pretrained(trained / (trained / "latest").read_text().strip())
+    coins = torch.from_numpy(np.random.default_rng(7).random((6, 1)))
+    ids = torch.tensor([encoding.encode("Every effort")])
+    want = encoding.decode(generate(model, ids, 6, temperature=1.0, coins=coins, eos_id=encoding.eot_token)[0].tolist())
+    assert main([*common, "--max-new-tokens", "6", "--temperature", "1", "--seed", "7"]) == 0
+    got = capsys.readouterr().out.rstrip("\n")
+    assert got == want.split("<|endoftext|>")[0], f"seed 7 sampled {got!r}, its draws give {want!r}"

@@ -1,6 +1,7 @@
 """What is written twice on purpose must agree: config fields, presets, parameter tables."""
 
 import dataclasses
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -54,6 +55,22 @@ def test_both_trees_name_the_field_of_a_value_of_the_wrong_type(bad, error):
     for mod in (npc, tc):
         with pytest.raises(error, match=f"GPTConfig.{name}"):
             mod.GPTConfig(**dict(npc.get_config("tiny").to_dict(), **bad))
+
+
+@pytest.mark.parametrize("bad", [dict(drop_rate=10**400), dict(ln_eps=10**400), dict(ln_eps=-10**400),
+                                 dict(ln_eps=Fraction(10**400, 3))], ids=lambda d: next(iter(d)))
+def test_a_number_past_float64_is_a_value_error_naming_the_field_in_both_trees(bad):
+    """float(10**400) raises OverflowError, which no caller expects (a config.json holding the
+    integer 10**400 gave `gpt-oracle info` a traceback): a ValueError naming the field and the
+    limit, the same message in both trees."""
+    (name, _), = bad.items()
+    messages = []
+    for mod in (npc, tc):
+        with pytest.raises(ValueError, match=f"GPTConfig.{name} is past float64's range") as err:
+            mod.GPTConfig(**dict(npc.get_config("tiny").to_dict(), **bad))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1], f"numpy_ref says {messages[0]!r}, torch_impl {messages[1]!r}"
+    assert "2**1024" in messages[0] and "about " in messages[0], messages[0]  # the limit, and the value roughly
 
 
 def test_numpy_scalars_become_python_floats_in_both_trees():

@@ -193,6 +193,25 @@ def test_uint64_ids_past_int64_are_refused_not_wrapped(tree):
     assert to_numpy(dataset.inputs).ravel().tolist() == [5, 2**63 - 1]
 
 
+@pytest.mark.parametrize("ids, position", [([1, 2**63, 3], 1), ((5, 6, 2**64), 2), ([-(2**63) - 1, 1, 2], 0),
+                                          ([np.uint64(2**63), 1, 2], 0)], ids=["2**63", "tuple 2**64", "below", "np"])
+def test_listed_ids_past_int64_are_named_with_their_position_in_both_trees(ids, position):
+    """A list holding 2**63 became a float64 array in numpy_ref ("ids must be integers, got dtype
+    float64") and an overflow naming nothing in torch_impl: both now name the id and its position."""
+    messages = []
+    for tree in TREES:
+        with pytest.raises(ValueError, match=f"id {int(ids[position])} at position {position} does not fit in int64"
+                           ) as err:
+            tree.SlidingWindowDataset(ids, 1, 1)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1], f"numpy_ref says {messages[0]!r}, torch_impl {messages[1]!r}"
+    for tree in TREES:  # the largest and smallest int64 are still ids
+        dataset = tree.SlidingWindowDataset([2**63 - 1, -(2**63), 3], 1, 1)
+        assert to_numpy(dataset.inputs).ravel().tolist() == [2**63 - 1, -(2**63)], f"{tree.__name__}"
+        with pytest.raises(TypeError, match="ids must be integers, got str 'a' at position 1"):
+            tree.SlidingWindowDataset([1, "a", 2], 1, 1)
+
+
 @pytest.mark.parametrize("tree", TREES, ids=TREE_IDS)
 def test_stride_and_batch_size_past_any_length(tree):
     # Any stride >= n_ids - max_length gives the one window at 0; any batch_size >= the windows one

@@ -306,6 +306,29 @@ def test_decode_of_an_unordered_collection_is_a_type_error(tree):
             enc.decode(tokens)
 
 
+def test_decode_takes_a_1d_integer_tensor_in_both_trees():
+    """numpy_ref decodes a tensor id by id; torch_impl handed it to tiktoken, which refuses any
+    tensor (TypeError), so the torch tree could not decode its own model's output. Both take a
+    1-D integer tensor, and refuse a 0-d, 2-D or float one with a TypeError."""
+    import torch
+
+    for tokens in (torch.tensor([15496, 995]), torch.tensor([15496, 995], dtype=torch.int32)):
+        for tree in (np_tok, pt_tok):
+            enc = tree.get_encoding("gpt2")
+            got = (enc.decode(tokens), enc.decode_bytes(tokens), enc.decode_batch([tokens]))
+            assert got == ("Hello world", b"Hello world", ["Hello world"]), f"{tree.__name__}, {tokens.dtype}: {got}"
+    with pytest.raises(ValueError, match=re.escape("token id 50257 is not in the vocabulary (ids 0 .. 50256)")):
+        pt_tok.get_encoding("gpt2").decode(torch.tensor([1, 50257]))
+    for bad in (torch.tensor(15496), torch.tensor([[15496, 995]]), torch.tensor([15496.0, 995.0])):
+        for tree in (np_tok, pt_tok):
+            with pytest.raises(TypeError):
+                tree.get_encoding("gpt2").decode(bad)
+    with pytest.raises(TypeError, match="shape \\(1, 2\\)"):
+        pt_tok.get_encoding("gpt2").decode(torch.tensor([[15496, 995]]))
+    with pytest.raises(TypeError, match="torch.float32"):
+        pt_tok.get_encoding("gpt2").decode(torch.tensor([15496.0]))
+
+
 @pytest.mark.parametrize("tree", [np_tok, pt_tok], ids=["numpy_ref", "torch_impl"])
 def test_allowed_special_as_a_string_is_a_type_error(tree):
     """`allowed_special=EOT` (not `{EOT}`): read as a set of characters it allows nothing, so

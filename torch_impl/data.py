@@ -63,13 +63,33 @@ def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     return text[:split], text[split:]
 
 
+def _check_listed_ids(ids) -> None:
+    """Why a list or tuple of ids did not become an int64 array: an int past int64 (2**63) turns
+    it into float64 or object (NumPy) or is refused as an overflow naming nothing (torch), a string
+    into text. Both trees name the id and its position; called only once the conversion failed,
+    so the ids of a whole corpus are not walked in Python."""
+    if not isinstance(ids, (list, tuple)):
+        return
+    for position, value in enumerate(ids):
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r} at position {position}")
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            limit = f"max {2**63 - 1}" if value > 0 else f"min {-2**63}"
+            raise ValueError(f"id {int(value)} at position {position} does not fit in int64 ({limit}); "
+                             f"ids are read as int64")
+
+
 class SlidingWindowDataset(Dataset):
     """All (inputs, targets) windows of a 1-D id sequence, as int64 tensors of shape (N, T)."""
 
     def __init__(self, ids, max_length: int, stride: int):
         max_length = _positive_int("max_length", max_length)
         stride = _positive_int("stride", stride)
-        ids = torch.as_tensor(ids)
+        try:
+            ids = torch.as_tensor(ids)
+        except (ValueError, TypeError, RuntimeError):
+            _check_listed_ids(ids)  # an int past int64 ("Overflow when unpacking long long"): name it
+            raise
         if ids.ndim != 1:
             raise ValueError(f"ids must be a 1-D sequence, got shape {tuple(ids.shape)}")
         if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):

@@ -27,6 +27,7 @@ from typing import AbstractSet, Collection, Iterator, Literal
 
 import tiktoken
 import tiktoken.load
+import torch
 
 GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 ENDOFTEXT = "<|endoftext|>"
@@ -116,6 +117,7 @@ class Encoding(tiktoken.Encoding):
             return super().encode_to_numpy(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
 
     def decode_bytes(self, tokens) -> bytes:
+        tokens = _tensor_ids_as_list(tokens)
         try:
             return super().decode_bytes(tokens)
         except (KeyError, OverflowError) as exc:
@@ -137,6 +139,19 @@ class Encoding(tiktoken.Encoding):
             if not 0 <= token <= self.max_token_value:
                 raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})") from None
         raise exc
+
+
+def _tensor_ids_as_list(tokens):
+    """A tensor of ids as the list tiktoken takes (it refuses any tensor; numpy_ref's decode reads
+    a 1-D integer tensor id by id): 1-D and of an integer dtype, else a TypeError naming the shape
+    or dtype, the exception numpy_ref raises for a 0-d, 2-D or float tensor. Anything else as it is."""
+    if not isinstance(tokens, torch.Tensor):
+        return tokens
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got a tensor of dtype {tokens.dtype}")
+    if tokens.dim() != 1:
+        raise TypeError(f"token ids must be a 1-D tensor (a sequence of ids), got shape {tuple(tokens.shape)}")
+    return tokens.tolist()
 
 
 @contextlib.contextmanager

@@ -20,15 +20,20 @@ import argparse
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.user_input import EXIT_OK, UserError, check_device, non_negative_int, path_text, \
-    print_result, reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_OK, UserError, check_device, encode_prompt, int_in, non_negative_int, \
+    path_text, print_result, reports_user_errors, user_input
+
+# Sampled tokens take their uniform draws up front (8 bytes each), and a token takes tens of ms at
+# GPT-2 small on a CPU: a million is hours of text, and 10**12 would ask for 7 TiB of draws.
+MAX_NEW_TOKENS = 1_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text, help="checkpoint or training output directory")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
-    parser.add_argument("--max-new-tokens", type=non_negative_int, default=50, help=">= 0 (default: 50)")
+    parser.add_argument("--max-new-tokens", type=int_in(0, MAX_NEW_TOKENS), default=50,
+                        help=f"0 to {MAX_NEW_TOKENS:,} (default: 50; past the context the oldest tokens are cropped)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (clamped to the vocabulary)")
     parser.add_argument("--top-p", type=float, help="keep the smallest set with probability >= p")
@@ -61,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, ckpt: Path) -> int:
     import numpy as np
 
-    coins = np.random.default_rng(args.seed).random((args.max_new_tokens, 1))  # (n, B=1)
+    # Greedy decoding (temperature 0) reads no draw, so none is made; sampling draws them all up
+    # front from this NumPy generator for either backend, so one seed gives one text from both.
+    sampling = bool(args.temperature)
+    coins = np.random.default_rng(args.seed).random((args.max_new_tokens, 1)) if sampling else None  # (n, B=1)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.backend == "numpy":
         from numpy_ref.generate import generate
@@ -69,9 +77,10 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         from numpy_ref.tokenizer import get_encoding
 
         encoding = get_encoding("gpt2")
-        ids = np.array([_encode(encoding, args.prompt)], dtype=np.int64)  # (1, T)
+        prompt = encode_prompt(encoding, args.prompt)
         with user_input("--checkpoint"):  # the loader names the path
             model = GPTModel.from_pretrained(ckpt, dtype=np.dtype(args.dtype or "float64"))
+        ids = np.array([_in_vocabulary(prompt, model.config.vocab_size)], dtype=np.int64)  # (1, T)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
         out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
                        **options)[0].tolist()
@@ -83,12 +92,14 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         from torch_impl.tokenizer import get_encoding
 
         encoding = get_encoding("gpt2")
-        ids = torch.tensor([_encode(encoding, args.prompt)], dtype=torch.int64)  # (1, T)
+        prompt = encode_prompt(encoding, args.prompt)
         with user_input("--checkpoint"):  # the loader names the path
             model = GPTModel.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or "float32"), device=args.device)
+        ids = torch.tensor([_in_vocabulary(prompt, model.config.vocab_size)], dtype=torch.int64)  # (1, T)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
-        out = generate(model, ids, args.max_new_tokens, coins=torch.from_numpy(coins), eos_id=eos,
-                       use_cache=not args.no_cache, **options)[0].tolist()
+        coins = None if coins is None else torch.from_numpy(coins)
+        out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
+                       **options)[0].tolist()
     if eos is not None and out[-1] == eos:
         out = out[: out.index(eos, ids.shape[1])]  # drop the stop token (and anything padded after it)
     # A checkpoint whose vocabulary is padded past the tokenizer's (say 50304) can sample an id
@@ -100,9 +111,11 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
     return EXIT_OK
 
 
-def _encode(encoding, prompt: str) -> list[int]:
-    with user_input("--prompt"):
-        ids = encoding.encode(prompt)  # a special token such as <|endoftext|> in the text is refused
-    if not ids:
-        raise UserError("--prompt '': the prompt must hold at least one token")
+def _in_vocabulary(ids: list[int], vocab_size: int) -> list[int]:
+    """The prompt's GPT-2 ids, each checked against the checkpoint's vocabulary (a small model,
+    such as the `tiny` preset's 101 ids, has no embedding for most of them)."""
+    for token in ids:
+        if token >= vocab_size:
+            raise UserError(f"--prompt: token id {token} is outside the checkpoint's vocabulary of {vocab_size} "
+                            f"(ids 0 .. {vocab_size - 1}); the GPT-2 tokenizer gives ids up to 50256")
     return ids

@@ -29,8 +29,10 @@ throughout. A resumed run keeps the autocast it started with, and on CUDA its TF
 numpy backend trains in --dtype only.
 
 The output directory gets `run.json` (these arguments, so `--resume` rebuilds the same data
-and model), `log.jsonl`, `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle
-generate --checkpoint DIR` reads it). `--resume DIR` continues an interrupted run exactly (on
+and model, --data as an absolute path; and a fingerprint of the validation batches, which
+`--resume` compares, as the checkpoints fingerprint the training batches), `log.jsonl`,
+`loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle generate --checkpoint
+DIR` reads it). `--resume DIR` continues an interrupted run exactly (on
 CPU, bit for bit); every other option is then taken from DIR/run.json (checked as the command
 line's; an option given alongside --resume is an error; a run already at its last step is left
 as it is, exit 0). A new run refuses an
@@ -47,13 +49,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from gpt_oracle import run_folder
 from gpt_oracle.json_file import write_json
-from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, non_negative_int, number_in, \
-    one_line, path_text, positive_int, print_result, reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, encode_prompt, int_in, \
+    non_negative_int, number_in, one_line, path_text, positive_int, print_result, reports_user_errors, user_input
 
 # The default model: small enough for minutes on 2 cores, big enough to learn the text a bit.
 VERDICT_CONFIG = dict(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.1,
@@ -65,6 +68,11 @@ LEGACY_ZERO_IS_DEFAULT = ("stride", "threads", "context_length", "steps")
 # --precision's choices: torch_impl.device.PRECISIONS less fp64 (that is --dtype float64) and fp16
 # (training in fp16 needs loss scaling); written here so that the numpy backend never imports torch.
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+# --threads: more than a few threads per CPU only slows torch down, and far more (100000) crashes it.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+# The run.json key (not an option) holding the fingerprint of the validation batches: the trainer's
+# checkpoints fingerprint the training batches only, so --resume compares this one itself.
+VALIDATION_FINGERPRINT = "validation_fingerprint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between checkpoints (0 = end only)")
     parser.add_argument("--train-ratio", type=number_in(0.0, 1.0, low_open=True), default=0.9,
                         help="the first part of the text trained on, in (0, 1); the rest validates")
-    parser.add_argument("--seed", type=non_negative_int, default=123, help="weights, batch order and dropout")
+    parser.add_argument("--seed", type=int_in(0, 2**64 - 1, high_text="2**64 - 1"), default=123,
+                        help="weights, batch order and dropout, 0 to 2**64 - 1 (default 123)")
     from numpy_ref.params import INIT_SCHEMES  # the same names as torch_impl's (a test checks)
 
     parser.add_argument("--init", choices=list(INIT_SCHEMES), default="gpt2",
@@ -112,7 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plan_runtime picks it: bf16 autocast on CUDA from Ampere on and on CPUs with AMX or "
                              "AVX-512 BF16, else float32), fp32, tf32 (CUDA) or bf16 (autocast over float32 "
                              "weights); --dtype float64 trains in float64 throughout")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads, torch backend only (default: torch's choice)")
+    parser.add_argument("--threads", type=int_in(1, MAX_THREADS),
+                        help=f"torch CPU threads, torch backend only, 1 to 4 per CPU ({MAX_THREADS} here; default: "
+                             f"torch's choice)")
     parser.add_argument("--prompt", default="Every effort moves you", help="sample prompt at each evaluation")
     parser.add_argument("--sample-tokens", type=non_negative_int, default=20,
                         help="greedy tokens sampled at each evaluation (0 = no sample)")
@@ -203,11 +214,7 @@ def _build(opts: dict, resuming: bool = False):
     config name, the device, whether the text fills a batch, the step count) is checked here,
     a UserError naming the option, before the model is made."""
     source = opts["data"] or "the embedded the-verdict"
-    if opts["data"]:
-        with user_input("--data"):  # the error names the path
-            text = Path(opts["data"]).read_text(encoding="utf-8")
-    else:
-        text = None
+    text = _read_data(opts["data"]) if opts["data"] else None
     cfg = _config_dict(opts)
     check_device(opts["device"], opts["backend"])
     if opts.get("threads") is not None and opts["backend"] == "numpy":  # it would be silently ignored
@@ -247,14 +254,17 @@ def _build(opts: dict, resuming: bool = False):
     with user_input(f"--config {opts['config']}"):
         config = GPTConfig(**cfg)
     encoding = get_encoding("gpt2")
+    if opts["prompt"] and opts["sample_tokens"] and opts["eval_every"]:  # the trainer samples it at evaluations
+        encode_prompt(encoding, opts["prompt"])
     T = config.context_length
     stride = opts["stride"] if opts["stride"] is not None else T
     B = opts["batch_size"]
     train_text, val_text = data.split_train_val(text if text is not None else data.load_verdict(), opts["train_ratio"])
-    with user_input(f"the training text (the first {opts['train_ratio']:.0%} of {source})"):
+    ratio = f"--train-ratio {opts['train_ratio']}"  # the text's share, named exactly (0.001 is no "0%")
+    with user_input(f"the training text (the first {len(train_text):,} characters of {source}, {ratio})"):
         train = data.create_dataloader(train_text, batch_size=B, max_length=T, stride=stride, shuffle=True,
                                        drop_last=True, seed=opts["seed"], encoding=encoding)
-    with user_input(f"the validation text (the last {1 - opts['train_ratio']:.0%} of {source})"):
+    with user_input(f"the validation text (the last {len(val_text):,} characters of {source}, {ratio})"):
         val = data.create_dataloader(val_text, batch_size=B, max_length=T, stride=stride, shuffle=False,
                                      drop_last=False, seed=opts["seed"], encoding=encoding)
     steps = _steps(opts, len(train))
@@ -265,6 +275,26 @@ def _build(opts: dict, resuming: bool = False):
         settings = TrainSettings(**_settings_dict(opts, steps))
     autocast, words = _precision(opts, resuming) if opts["backend"] == "torch" else (None, opts["dtype"])
     return Trainer, make_model(config), train, val, encoding, settings, autocast, words
+
+
+def _read_data(path: str) -> str:
+    """The text of --data, a UserError naming the path when it cannot be read or is not UTF-8."""
+    with user_input(f"--data {path}"):  # an OSError's message names the path once
+        raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--data {path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}: "
+                        f"{exc.reason})") from None
+
+
+def _validation_fingerprint(backend: str, loader) -> str | None:
+    """The tree's `data_fingerprint` of the validation loader (the same in both trees)."""
+    if backend == "numpy":
+        from numpy_ref.train_run import data_fingerprint
+    else:
+        from torch_impl.train_run import data_fingerprint
+    return data_fingerprint(loader)
 
 
 def _reporting() -> dict:
@@ -279,13 +309,16 @@ def _reporting() -> dict:
 
 def _start(args: argparse.Namespace):
     opts = _run_options(args)
+    if opts["data"]:  # --resume may run in another working directory
+        opts["data"] = os.path.abspath(opts["data"])
     out = Path(args.out or f"runs/train-{args.backend}")
     old = run_folder.check_new_out(out, args.overwrite)
     Trainer, model, train, val, encoding, settings, autocast, words = _build(opts)
+    fingerprint = _validation_fingerprint(opts["backend"], val)
     with user_input(f"--out {out}"):
         run_folder.remove_run(out, old)  # only now that every option was checked: a bad one deletes nothing
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", opts)
+        write_json(out / "run.json", {**opts, VALIDATION_FINGERPRINT: fingerprint})
     extra = {"autocast_dtype": autocast} if opts["backend"] == "torch" else {}
     trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, **extra, **_reporting())
     print(f"training {model.num_parameters():,} parameters ({opts['backend']}, {words}) for "
@@ -301,9 +334,10 @@ class _RunJsonParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _read_run_json(out: Path) -> dict:
+def _read_run_json(out: Path) -> tuple[dict, str | None]:
     """run.json's options, checked as the command line's are (the same types and limits):
-    each is given back to this command's parser. Every option must be there."""
+    each is given back to this command's parser. Every option must be there. With them, the
+    validation data's fingerprint (None in a run.json written before it was kept)."""
     if not out.is_dir():
         raise UserError(f"--resume {out}: no such directory")
     run_file = out / "run.json"
@@ -316,6 +350,9 @@ def _read_run_json(out: Path) -> dict:
     parser = _RunJsonParser(add_help=False)
     add_arguments(parser)
     defaults = _run_options(parser.parse_args([]))
+    fingerprint = stored.pop(VALIDATION_FINGERPRINT, None)
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise UserError(f"--resume {out}: run.json: {VALIDATION_FINGERPRINT} must be a string, got {fingerprint!r}")
     stored = {**ADDED_LATER, **stored}
     # Earlier versions of this command wrote 0 for "the default" in these; 0 is refused now.
     stored.update({k: None for k in LEGACY_ZERO_IS_DEFAULT if stored.get(k) == 0})
@@ -336,7 +373,7 @@ def _read_run_json(out: Path) -> dict:
         elif value is not None:
             argv.append(f"{flag}={value}")
     try:
-        return _run_options(parser.parse_args(argv))
+        return _run_options(parser.parse_args(argv)), fingerprint
     except UserError as err:
         raise UserError(f"--resume {out}: run.json: {err}") from err
 
@@ -356,7 +393,7 @@ def _resume(args: argparse.Namespace):
     if given:  # ignored, they would look applied
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UserError(f"--resume {out} takes every option from {out / 'run.json'}; {flags} cannot go with it")
-    opts = _read_run_json(out)
+    opts, saved_fingerprint = _read_run_json(out)
     try:
         Trainer, model, train, val, encoding, settings, autocast, words = _build(opts, resuming=True)
     except UserError as err:
@@ -372,6 +409,15 @@ def _resume(args: argparse.Namespace):
     except KeyError as exc:  # a trainer state without a key the trainer reads
         raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
     run_folder.check_same_settings(out, ckpt, trainer.settings, settings)
+    # Trainer.resume compared the training batches with the checkpoint's; the validation batches
+    # (the same options, the model and settings as the checkpoint's) can only differ by the text.
+    fingerprint = _validation_fingerprint(opts["backend"], val)
+    if saved_fingerprint and fingerprint and fingerprint != saved_fingerprint:
+        source = opts["data"] or "the embedded the-verdict"
+        raise UserError(f"--resume {out}: the validation text (what follows the first {opts['train_ratio']} of "
+                        f"{source}) differs from the run's (fingerprint {fingerprint[:12]}, run.json has "
+                        f"{saved_fingerprint[:12]}): {source} changed since the run started, and its evaluations "
+                        f"would not compare with the earlier ones")
     return trainer
 
 
