@@ -37,7 +37,8 @@ import numpy as np
 from numpy_ref.optim import build_optimizer, clip_grad_norm, global_grad_norm, lr_at_step
 from numpy_ref.train_log import TextProgress, finite_or_null
 from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
-                                 check_same_model, fixed_batches, finish_run, load_run, record_eval, save_run)
+                                 check_same_model, data_fingerprint, fixed_batches, finish_run, load_run,
+                                 record_eval, save_run)
 
 
 def evaluate(model, batches) -> float:
@@ -75,6 +76,8 @@ class Trainer:
         self.stream = BatchStream(train_loader)
         self.eval_sets = {"train": fixed_batches(train_loader, settings.eval_batches),
                           "val": fixed_batches(val_loader, settings.eval_batches) if val_loader is not None else None}
+        # saved with the data position: a resume on other validation text would evaluate another set
+        self.val_fingerprint = data_fingerprint(val_loader) if val_loader is not None else None
         self.rng = np.random.default_rng(settings.seed)
         self.step = 0
         self.tokens_seen = 0
@@ -86,7 +89,7 @@ class Trainer:
         opt_state, arrays = self.optimizer.state_dict()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
-                          "fingerprint": self.stream.fingerprint},
+                          "fingerprint": self.stream.fingerprint, "val_fingerprint": self.val_fingerprint},
                  "rng": self.rng.bit_generator.state, "optimizer": opt_state,
                  "history": finite_or_null(self.history),  # strict JSON: a NaN loss (no validation set) as null
                  "dtype": str(self.model.dtype)}
@@ -117,6 +120,7 @@ class Trainer:
         # The data and the random state are checked before the optimiser's state, which is the
         # first thing to change (it checks its whole state first), so a refused state changes nothing.
         check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
+        check_same_data(state["data"].get("val_fingerprint"), self.val_fingerprint, "validation")
         position = self.stream.check_position(int(state["data"]["epoch"]), int(state["data"]["index"]))
         type(self.rng.bit_generator)().state = state["rng"]  # a state of another generator raises here
         self.optimizer.load_state_dict(state["optimizer"], {k: v for k, v in arrays.items()

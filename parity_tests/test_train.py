@@ -469,6 +469,20 @@ class _NoBatches:
 
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_resume_refuses_other_validation_data_by_its_fingerprint(tree, tmp_path):
+    """Only the training loader was fingerprinted: a resume with other validation text went on
+    and evaluated another set than the run it continued (the CLI checks run.json; this is the
+    library's own check)."""
+    cls = NumpyTrainer if tree == "numpy" else TorchTrainer
+    assert _trainer(tree, _model(tree), dict(steps=2, checkpoint_every=2, progress=False), out_dir=tmp_path).fit().ok
+    other = _loader(tree, shuffle=False, batch_size=2)  # other batches: another fingerprint
+    with pytest.raises(ValueError, match="the validation data differ from the checkpoint's"):
+        cls.resume(tmp_path, _model(tree), _loader(tree), other)
+    resumed = cls.resume(tmp_path, _model(tree), _loader(tree), _loader(tree))
+    assert resumed.step == 2
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_batch_stream_checks_its_loader_and_its_position(tree):
     _, run, *_ = TREE_PARTS[tree]
     for epoch, index, error, match in ((0, -1, ValueError, "index must be >= 0, got -1"),

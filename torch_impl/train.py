@@ -52,7 +52,8 @@ from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_st
                               set_lr)
 from torch_impl.train_log import TextProgress, finite_or_null
 from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
-                                  check_same_model, fixed_batches, finish_run, load_run, record_eval, save_run)
+                                  check_same_model, data_fingerprint, fixed_batches, finish_run, load_run,
+                                  record_eval, save_run)
 
 
 def dropout_masks(model, B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
@@ -144,6 +145,8 @@ class Trainer:
         self.stream = BatchStream(train_loader)
         self.eval_sets = {"train": fixed_batches(train_loader, s.eval_batches),
                           "val": fixed_batches(val_loader, s.eval_batches) if val_loader is not None else None}
+        # saved with the data position: a resume on other validation text would evaluate another set
+        self.val_fingerprint = data_fingerprint(val_loader) if val_loader is not None else None
         self.gen = torch.Generator(device=model.device).manual_seed(s.seed)
         self.step = 0
         self.tokens_seen = 0
@@ -167,7 +170,7 @@ class Trainer:
         opt_state, tensors = optimizer_state(self.optimizer, self.model)
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "settings": self.settings.to_dict(),
                  "data": {"epoch": self.stream.epoch, "index": self.stream.index,
-                          "fingerprint": self.stream.fingerprint},
+                          "fingerprint": self.stream.fingerprint, "val_fingerprint": self.val_fingerprint},
                  "rng": self.gen.get_state().tolist(), "optimizer": opt_state,
                  "history": finite_or_null(self.history),  # strict JSON: a NaN loss (no validation set) as null
                  "dtype": dtype_name(self.model.dtype), "autocast": autocast_name(self.autocast_dtype),
@@ -205,6 +208,7 @@ class Trainer:
         # The data and the random state are checked before the optimiser's state, which is the
         # first thing to change (it is checked whole first), so a refused state changes nothing.
         check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
+        check_same_data(state["data"].get("val_fingerprint"), self.val_fingerprint, "validation")
         position = self.stream.check_position(int(state["data"]["epoch"]), int(state["data"]["index"]))
         rng = torch.tensor(state["rng"], dtype=torch.uint8)
         torch.Generator(device=self.gen.device).set_state(rng)  # a state of another size or device raises here

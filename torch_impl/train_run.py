@@ -185,13 +185,15 @@ def data_fingerprint(loader) -> str | None:
     return digest.hexdigest()
 
 
-def check_same_data(saved: str | None, current: str | None) -> None:
+def check_same_data(saved: str | None, current: str | None, which: str = "training") -> None:
     """ValueError when a checkpoint's data fingerprint and this run's differ (either missing:
-    an older checkpoint or a custom loader, nothing to compare)."""
+    an older checkpoint or a custom loader, nothing to compare). `which`: "training" or
+    "validation" (whose batches the evaluations are the mean over)."""
     if saved and current and saved != current:
-        raise ValueError(f"the training data differ from the checkpoint's (fingerprint {current[:12]} vs saved "
+        raise ValueError(f"the {which} data differ from the checkpoint's (fingerprint {current[:12]} vs saved "
                          f"{saved[:12]}): another text, batch size, drop_last, shuffle or seed; resuming would "
-                         f"train on other batches than the run it continues")
+                         f"{'train on other batches' if which == 'training' else 'evaluate on other batches'} "
+                         f"than the run it continues")
 
 
 def check_same_model(saved_config, saved_dtype: str | None, config, dtype: str) -> None:
