@@ -547,9 +547,17 @@ def test_resume_refuses_a_changed_validation_text(capsys, tmp_path, monkeypatch)
     opts = json.loads((run / "run.json").read_text())
     del opts["validation_fingerprint"]
     (run / "run.json").write_text(json.dumps(opts))
+    # The checkpoint's trainer state carries the fingerprint too (the library's own check)...
+    _user_error(capsys, ["train", "--resume", str(run)], f"--resume {run}", "the validation data differ",
+                untouched=(tmp_path,))
+    # ... and a run from before either (neither holds one) is compared by what it has.
+    for state_file in run.glob("step-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        del state["data"]["val_fingerprint"]
+        state_file.write_text(json.dumps(state))
     code = main(["train", "--resume", str(run)])
     err = capsys.readouterr().err
-    assert code == 0, f"--resume of a run.json without a validation fingerprint exited {code}: {err}"
+    assert code == 0, f"--resume of a run without validation fingerprints exited {code}: {err}"
 
 
 def test_overwrite_unlinks_a_linked_checkpoint_and_leaves_its_target(capsys, run_copy, tmp_path):

@@ -400,6 +400,15 @@ def _resume(args: argparse.Namespace):
         raise UserError(f"--resume {out}: run.json: {err}") from err
     ckpt = run_folder.latest_checkpoint(out)
     run_folder.check_same_model(out, ckpt, opts["backend"], model.config)
+    # The validation batches (the same options, model and settings as the checkpoint's) can only
+    # differ by the text: checked before Trainer.resume, whose own check would not name the file.
+    fingerprint = _validation_fingerprint(opts["backend"], val)
+    if saved_fingerprint and fingerprint and fingerprint != saved_fingerprint:
+        source = opts["data"] or "the embedded the-verdict"
+        raise UserError(f"--resume {out}: the validation text (what follows the first {opts['train_ratio']} of "
+                        f"{source}) differs from the run's (fingerprint {fingerprint[:12]}, run.json has "
+                        f"{saved_fingerprint[:12]}): {source} changed since the run started, and its evaluations "
+                        f"would not compare with the earlier ones")
     try:  # reading the checkpoint writes nothing
         with user_input(f"--resume {out}"):  # the loaders' messages name the file
             # --precision auto takes the autocast the run was started with, whatever this machine would pick
@@ -409,15 +418,6 @@ def _resume(args: argparse.Namespace):
     except KeyError as exc:  # a trainer state without a key the trainer reads
         raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
     run_folder.check_same_settings(out, ckpt, trainer.settings, settings)
-    # Trainer.resume compared the training batches with the checkpoint's; the validation batches
-    # (the same options, the model and settings as the checkpoint's) can only differ by the text.
-    fingerprint = _validation_fingerprint(opts["backend"], val)
-    if saved_fingerprint and fingerprint and fingerprint != saved_fingerprint:
-        source = opts["data"] or "the embedded the-verdict"
-        raise UserError(f"--resume {out}: the validation text (what follows the first {opts['train_ratio']} of "
-                        f"{source}) differs from the run's (fingerprint {fingerprint[:12]}, run.json has "
-                        f"{saved_fingerprint[:12]}): {source} changed since the run started, and its evaluations "
-                        f"would not compare with the earlier ones")
     return trainer
 
 
