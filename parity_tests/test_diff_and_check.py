@@ -151,26 +151,10 @@ def test_diff_in_low_precision_fails_on_weights_without_a_gradient(monkeypatch, 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_diff_in_low_precision_fails_on_a_halved_gelu_backward(monkeypatch, dtype):
-    import torch
-    import torch.nn.functional as F
-
     import torch_impl.mlp as tmlp
+    from parity_tests.faults import gelu_with_scaled_backward
 
-    class HalvedBackwardGelu(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return F.gelu(x, approximate="tanh")
-
-        @staticmethod
-        def backward(ctx, dout):
-            (x,) = ctx.saved_tensors
-            with torch.enable_grad():
-                xx = x.detach().requires_grad_()
-                (dx,) = torch.autograd.grad(F.gelu(xx, approximate="tanh"), xx, dout)
-            return dx / 2
-
-    monkeypatch.setattr(tmlp, "gelu_forward", HalvedBackwardGelu.apply)
+    monkeypatch.setattr(tmlp, "gelu_forward", gelu_with_scaled_backward(0.5))
     params, ids, targets = _case()
     report = diff_models(CFG, params, ids, targets, dtype=dtype)
     text = report.format()

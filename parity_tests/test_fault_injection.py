@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parity_tests.faults import gelu_with_scaled_backward
 from parity_tests.oracle import check_layer, check_numpy_layer
 
 FAST = dict(max_examples=20, derandomize=True)
@@ -29,21 +30,6 @@ def _attention(x, w_attn, b_attn, w_proj, b_proj, n_heads, causal=True, transpos
     y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     y = y.transpose(1, 2).reshape(B, T, C)
     return y @ (w_proj.T if transpose_proj else w_proj) + b_proj
-
-
-class _GeluWrongSign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return F.gelu(x, approximate="tanh")
-
-    @staticmethod
-    def backward(ctx, dout):
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(F.gelu(xx, approximate="tanh"), xx, dout)
-        return -g  # the injected fault
 
 
 def test_correct_reference_implementations_pass():
@@ -70,7 +56,7 @@ def test_transposed_weight_is_caught():
 def test_wrong_sign_in_a_gradient_is_caught_in_that_gradient_only():
     # The forward is right, so the first mismatch reported is the gradient's.
     with pytest.raises(AssertionError, match=r"MISMATCH: \[sizes=.*\] gelu dx "):
-        check_layer("gelu", _GeluWrongSign.apply, dtype="float64", **FAST)
+        check_layer("gelu", gelu_with_scaled_backward(-1.0), dtype="float64", **FAST)
 
 
 def test_wrong_sign_in_a_numpy_backward_is_caught():
