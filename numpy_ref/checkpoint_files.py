@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -176,7 +177,22 @@ def save_together(directory: Path, writers: Mapping[str, Callable], journal_name
             os.unlink(old)
         except OSError:  # committed already; a hidden old copy left behind costs disk space only
             pass
+    _remove_leftovers(directory, writers)
     fsync_directory(directory)
+
+
+def _remove_leftovers(directory: Path, names) -> None:
+    """Hidden copies that saves cut off earlier left behind: `.NAME.XXXXXXXX.tmp` (a new file not
+    yet in place) and `.NAME.XXXXXXXX.old` (an old file renamed aside), for the names this save
+    wrote. Once it has committed, no journal refers to them; each can be as large as the weights."""
+    for name in names:
+        leftover = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(tmp|old)")  # tempfile's 8 characters
+        for path in directory.iterdir():
+            if leftover.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                try:
+                    path.unlink()
+                except OSError:  # space only, as above
+                    pass
 
 
 def _put_back(directory: Path, temps: Mapping[str, Path], aside: Mapping[str, Path], placed: list[str]) -> None:

@@ -927,3 +927,32 @@ def test_a_failed_save_makes_the_put_back_durable_before_the_journal_goes(tree, 
     journal_gone = log.index("unlink j.saving.json")
     assert "fsync" in log[last_put_back:journal_gone], \
         f"{tree}: no directory fsync between the put-back renames and the journal's removal: {log}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_save_removes_the_hidden_copies_that_cut_off_saves_left(tree, tmp_path):
+    """A save killed mid-way leaves hidden full-size copies (`.model.safetensors.XXXXXXXX.tmp`,
+    `.config.json.XXXXXXXX.old`); nothing removed them, so repeated saves into one directory after
+    crashes piled them up. The next save that commits removes those of the files it wrote, and
+    nothing else."""
+    import importlib
+
+    ck = importlib.import_module(f"{'numpy_ref' if tree == 'numpy' else 'torch_impl'}.checkpoint")
+    leftovers = [".model.safetensors.abcd1234.tmp", ".config.json.zz9_yy88.old"]
+    kept = [".other.abcd1234.tmp", "notes.txt", ".model.safetensors.short.tmp", ".config.json.abcd1234.old.bak"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_text("x")
+    if tree == "numpy":
+        from numpy_ref.model import GPTModel as NM
+
+        model = NM(cc.numpy_config(cc.tiny()), seed=0)
+        ck.save_checkpoint(tmp_path, model.config, model.params)
+    else:
+        from torch_impl.model import GPTModel as TM
+
+        model = TM(cc.torch_config(cc.tiny()), seed=0)
+        ck.save_checkpoint(tmp_path, model.config, model.state_dict())
+    left = sorted(n for n in leftovers if (tmp_path / n).exists())
+    assert not left, f"{tree}: a committed save left the cut-off saves' copies {left}"
+    gone = sorted(n for n in kept if not (tmp_path / n).exists())
+    assert not gone, f"{tree}: a save removed files that are not its leftovers: {gone}"
