@@ -60,18 +60,40 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     """(logits, loss, cache); loss is None without targets. See the module docstring."""
     if last_only and targets is not None:
         raise ValueError("last_only=True returns the last position's logits only; it cannot take targets")
+    ids = np.asarray(ids)
+    # Every input is checked before any compute: bad targets raise before the blocks write the
+    # KV cache (gpt_features_forward and cross_entropy_forward check again; it costs next to nothing).
+    V, Tc = params["wte.weight"].shape[0], params["wpe.weight"].shape[0]
+    past = 0 if kv_cache is None else kv_cache.length
+    check_ids(ids, V, Tc, pos_offset=past)
+    if targets is not None:
+        check_targets((*ids.shape, V), targets, ignore_index)
+    f, cache = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks, kv_cache=kv_cache,
+                                    last_only=last_only)  # (B, T, C)
+    B, T, C = f.shape
+    head = head_weight(params, config)
+    f2 = f.reshape(B * T, C)  # (B, T, C) -> (BT, C)
+    logits = (f2 @ head.T).reshape(B, T, -1)  # (BT, C) @ (C, V) -> (BT, V) -> (B, T, V)
+    assert logits.dtype == cache["dtype"], f"logits drifted to {logits.dtype} from the parameters' {cache['dtype']}"
+    loss, ce = (None, None) if targets is None else cross_entropy_forward(logits, targets, ignore_index)
+    cache.update(f2=f2, head=head, ce=ce)
+    return logits, loss, cache
+
+
+def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
+                         dropout_masks: Mapping[str, np.ndarray] | None = None, kv_cache: KVCache | None = None,
+                         last_only: bool = False):
+    """(f, cache): the final layer norm's output f (B, T, C), before any head; (B, 1, C) with
+    `last_only`. The trunk that the language-model head (`gpt_forward`) and the classifier
+    (classifier.py) share; `gpt_features_backward` is its backward. Advances a KV cache."""
     dtype = params["wte.weight"].dtype
     past = 0 if kv_cache is None else kv_cache.length
     ids = np.asarray(ids)
     if kv_cache is not None:
         _check_cache(kv_cache, config, ids, dtype)
     masks = split_masks(dropout_masks, config, ids, past, dtype)
-    # Every input is checked before any compute: bad targets raise before the blocks write the
-    # KV cache (embedding_forward and cross_entropy_forward check again; it costs next to nothing).
     V, Tc = params["wte.weight"].shape[0], params["wpe.weight"].shape[0]
     check_ids(ids, V, Tc, pos_offset=past)
-    if targets is not None:
-        check_targets((*ids.shape, V), targets, ignore_index)
     x, emb = embedding_forward(ids, params["wte.weight"], params["wpe.weight"], pos_offset=past)  # (B, T) -> (B, T, C)
     mask_e = masks["embedding"]
     if mask_e is not None:
@@ -84,17 +106,11 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     if last_only:
         x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
     f, ln_f = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.ln_eps)  # (B, T, C)
-    B, T, C = f.shape
-    head = head_weight(params, config)
-    f2 = f.reshape(B * T, C)  # (B, T, C) -> (BT, C)
-    logits = (f2 @ head.T).reshape(B, T, -1)  # (BT, C) @ (C, V) -> (BT, V) -> (B, T, V)
-    assert logits.dtype == dtype, f"logits drifted to {logits.dtype} from the parameters' {dtype}"
-    loss, ce = (None, None) if targets is None else cross_entropy_forward(logits, targets, ignore_index)
     if kv_cache is not None:  # only now: a call that raised leaves the cache's length as it was
         kv_cache.advance(ids.shape[1])
-    cache = dict(config=config, emb=emb, mask_e=mask_e, blocks=blocks, ln_f=ln_f, f2=f2, head=head, ce=ce,
-                 dtype=dtype, kv=kv_cache is not None)
-    return logits, loss, cache
+    cache = dict(config=config, emb=emb, mask_e=mask_e, blocks=blocks, ln_f=ln_f, dtype=dtype, kv=kv_cache is not None,
+                 ce=None)
+    return f, cache
 
 
 def _check_cache(kv_cache: KVCache, config, ids: np.ndarray, dtype) -> None:
@@ -117,13 +133,27 @@ def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
         raise ValueError("gpt_backward needs the cache of a forward run with targets")
     if cache["kv"]:
         raise ValueError("gpt_backward: the forward used a KV cache (inference); run it without one to train")
-    config, dtype = cache["config"], cache["dtype"]
-    grads = {}
+    config = cache["config"]
     dlogits = cross_entropy_backward(dloss, cache["ce"])  # () -> (B, T, V)
     B, T, V = dlogits.shape
     dlogits2 = dlogits.reshape(B * T, V)  # (B, T, V) -> (BT, V)
     dhead = dlogits2.T @ cache["f2"]  # (V, BT) @ (BT, C) -> (V, C)
     df = (dlogits2 @ cache["head"]).reshape(B, T, -1)  # (BT, V) @ (V, C) -> (BT, C) -> (B, T, C)
+    grads = gpt_features_backward(df, cache)
+    if config.tie_embeddings:
+        grads["wte.weight"] += dhead  # the head is wte: both uses add up
+    else:
+        grads["lm_head.weight"] = dhead
+    return {name: grads[name] for name, _ in param_shapes(config)}
+
+
+def gpt_features_backward(df: np.ndarray, cache) -> dict[str, np.ndarray]:
+    """Gradients of every trunk parameter (wte's from the embedding only; no head), given
+    df = dL/df (B, T, C) and the cache of `gpt_features_forward`."""
+    if cache["kv"]:
+        raise ValueError("gpt_backward: the forward used a KV cache (inference); run it without one to train")
+    config, dtype = cache["config"], cache["dtype"]
+    grads = {}
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(df, cache["ln_f"])
     for i in reversed(range(config.n_layers)):
         dx, g = block_backward(dx, cache["blocks"][i])  # (B, T, C) -> (B, T, C)
@@ -131,14 +161,9 @@ def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
     if cache["mask_e"] is not None:
         dx = dx * cache["mask_e"]
     grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, cache["emb"])  # (B, T, C) -> (V, C), (Tc, C)
-    if config.tie_embeddings:
-        grads["wte.weight"] += dhead  # the head is wte: both uses add up
-    else:
-        grads["lm_head.weight"] = dhead
-    ordered = {name: grads[name] for name, _ in param_shapes(config)}
-    for name, g in ordered.items():
+    for name, g in grads.items():
         assert g.dtype == dtype, f"gradient {name} drifted to {g.dtype} from the parameters' {dtype}"
-    return ordered
+    return grads
 
 
 def split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray, past: int, dtype):
