@@ -172,7 +172,7 @@ class GPTModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
                 dropout_masks: Mapping[str, torch.Tensor] | None = None, ignore_index: int | None = None,
-                last_only: bool = False):
+                last_only: bool = False, features_only: bool = False):
         """Logits (B, T, V) for ids (B, T); `(logits, loss)` when targets (B, T) are given.
 
         kv_cache: positions already cached come first (positions P .. P+T-1); it is advanced
@@ -184,15 +184,19 @@ class GPTModel(nn.Module):
             is torch's own, at `config.drop_rate`, in training mode only.
         last_only: return logits (B, 1, V) for the last position only (what decoding needs; the
             head is the largest matmul). Not allowed with targets.
+        features_only: return ln_f's output (B, T, C) and skip the vocabulary head (the trunk that
+            classifier.py builds on). Not allowed with targets.
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True returns one position's logits; it cannot be used with targets")
+        if features_only and targets is not None:
+            raise ValueError("features_only=True returns ln_f's output, no logits; it cannot be used with targets")
         recording = kv_cache is not None and torch.is_grad_enabled()
         trainable = next((p for p in self.parameters() if p.requires_grad), None) if recording else None
         if trainable is not None:
             with torch.no_grad():  # the cache is written in place: no graph through it (kv_cache.py)
                 out = self.forward(ids, targets, kv_cache=kv_cache, dropout_masks=dropout_masks,
-                                   ignore_index=ignore_index, last_only=last_only)
+                                   ignore_index=ignore_index, last_only=last_only, features_only=features_only)
             # Joined to a parameter that takes gradients (wte may be frozen), so that a backward
             # reaches inference_only's error rather than "does not require grad".
             return inference_only(out, trainable)
@@ -208,7 +212,8 @@ class GPTModel(nn.Module):
             self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], past)
         # With explicit masks, randomness is entirely explicit: torch draws no dropout.
         random_dropout = self.training and dropout_masks is None and cfg.drop_rate > 0.0
-        if targets is None and dropout_masks is None and not random_dropout and decodes_fast(self, ids, kv_cache):
+        if (targets is None and dropout_masks is None and not random_dropout and not features_only
+                and decodes_fast(self, ids, kv_cache)):
             return decode_step(self, ids, kv_cache)  # one token per row on the CPU, same bits (decode.py)
         # Every input is checked here, before any compute: bad targets raise before the KV cache is
         # written, and under torch.compile the checks (data-dependent raises, run eagerly) break
@@ -216,7 +221,7 @@ class GPTModel(nn.Module):
         # Each weight read once per forward: a parametrized one is computed at every read (and a
         # stateful parametrization, spectral_norm's power iteration, would differ between reads).
         wte, wpe = self.wte.weight, self.wpe.weight
-        head = wte if cfg.tie_embeddings else self.lm_head.weight
+        head = None if features_only else wte if cfg.tie_embeddings else self.lm_head.weight
         V, Tc = wte.shape[0], wpe.shape[0]
         ids = check_ids(ids, V, Tc, pos_offset=past)  # (B, T) int64
         if targets is not None:  # a meta (B, T, V) stands for the logits: only its shape is read
@@ -225,7 +230,8 @@ class GPTModel(nn.Module):
         # A tied head on the sliced CPU path (or in CPU bf16 training with bf16 units) hands its
         # gradient to the embedding's backward, which adds its rows in place: one (V, C)
         # gradient, not two summed (TiedHeadGrad).
-        tied_grad = TiedHeadGrad() if cfg.tie_embeddings and head_hands_grad_to_embedding(wte) else None
+        tied_grad = (TiedHeadGrad() if cfg.tie_embeddings and not features_only and head_hands_grad_to_embedding(wte)
+                     else None)
         x = embedding_forward(ids, wte, wpe, pos_offset=past,
                               tied_grad=tied_grad, ids_checked=True)  # (B, T) -> (B, T, C)
         x = dropout_forward(x, cfg.drop_rate, random_dropout, masks.get("embedding"))
@@ -238,7 +244,9 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
-        if targets is None:
+        if features_only:
+            out = x
+        elif targets is None:
             out = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)
         else:  # logits (B, T, V) and the mean cross-entropy against targets (B, T) -> (); fused on the CPU
             out = head_loss_forward(x, head, targets, ignore_index, tied_grad, targets_checked=True)

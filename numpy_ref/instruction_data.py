@@ -1,0 +1,97 @@
+"""Instruction fine-tuning data (the book's chapter 7): the prompt format and the batch collator.
+
+A record (instruction, optional input text, response) becomes one text in the Alpaca layout
+(Taori et al. 2023, Stanford Alpaca; the format the book uses):
+
+    Below is an instruction that describes a task. ...      the preamble
+    ### Instruction:\n{instruction}
+    ### Input:\n{input_text}                                 only when there is one
+    ### Response:\n{response}
+
+`instruction_collate` turns tokenised texts of different lengths into one (B, T) batch for the
+next-token loss. For a row s of n tokens:
+
+    s' = s + [pad_id]                      one end-of-text token: the model learns where to stop
+    padded to T + 1 = max_b (n_b + 1) with pad_id
+    inputs  = padded[:, :-1]               (B, T)
+    targets = padded[:, 1:]                (B, T)  the next token at each position
+    targets[b, j] = ignore_index           for j >= n_b (padding after the end-of-text), and for
+                                           j < p_b - 1 when prompt_lengths p are given (the
+                                           targets that are prompt tokens: the loss counts the
+                                           response only, the book's exercise 7.2)
+    then both are cut to max_length columns when given (the context length)
+
+The loss then averages over the counted targets only (cross_entropy.py's ignore_index).
+torch_impl/instruction_data.py is the same, returning tensors.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+PREAMBLE = ("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.")
+
+
+def format_instruction(instruction: str, input_text: str = "", response: str | None = None) -> str:
+    """The prompt text; with `response`, the whole training text (prompt, then the response)."""
+    for name, value in (("instruction", instruction), ("input_text", input_text)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    text = f"{PREAMBLE}\n\n### Instruction:\n{instruction}"
+    if input_text:
+        text += f"\n\n### Input:\n{input_text}"
+    text += "\n\n### Response:\n"
+    if response is not None:
+        if not isinstance(response, str):
+            raise TypeError(f"response must be a str or None, got {type(response).__name__}")
+        text += response
+    return text
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def instruction_collate(sequences: Sequence[Sequence[int]], *, pad_id: int = 50256, ignore_index: int = -100,
+                        max_length: int | None = None, prompt_lengths: Sequence[int] | None = None):
+    """(inputs, targets), both (B, T) int64 arrays. See the module docstring."""
+    pad_id = _check_int("pad_id", pad_id, 0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if max_length is not None:
+        max_length = _check_int("max_length", max_length, 1)
+    rows = [np.asarray(s) for s in sequences]
+    if not rows:
+        raise ValueError("instruction_collate needs at least one sequence")
+    for b, s in enumerate(rows):
+        if s.ndim != 1 or s.size == 0:
+            raise ValueError(f"sequence {b} must be a non-empty 1-D list of token ids, got shape {s.shape}")
+        if s.dtype.kind not in "iu":
+            raise TypeError(f"sequence {b} must hold integer token ids, got dtype {s.dtype}")
+    lengths = [s.size for s in rows]
+    if prompt_lengths is not None:
+        prompt_lengths = list(prompt_lengths)
+        if len(prompt_lengths) != len(rows):
+            raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(rows)} sequences")
+        for b, (p, n) in enumerate(zip(prompt_lengths, lengths)):
+            if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= p <= n:
+                raise ValueError(f"prompt_lengths[{b}] = {p!r} is outside 0 .. {n} (the sequence's length)")
+    T = max(lengths)  # the longest row plus its end-of-text is T + 1 tokens
+    padded = np.full((len(rows), T + 1), pad_id, dtype=np.int64)  # (B, T + 1)
+    for b, s in enumerate(rows):
+        padded[b, :s.size] = s  # the end-of-text after it is already pad_id
+    inputs, targets = padded[:, :-1].copy(), padded[:, 1:].copy()  # (B, T + 1) -> (B, T), (B, T)
+    j = np.arange(T)  # (T,)
+    ignored = j[None, :] >= np.asarray(lengths)[:, None]  # (B, T): padding after the end-of-text
+    if prompt_lengths is not None:
+        ignored |= j[None, :] < np.asarray(prompt_lengths)[:, None] - 1  # targets that are prompt tokens
+    targets[ignored] = ignore_index
+    if max_length is not None:
+        inputs, targets = inputs[:, :max_length], targets[:, :max_length]
+    return inputs, targets

@@ -1,0 +1,364 @@
+"""Fine-tuning, both trees (the book's chapters 6 and 7): the classifier against finite
+differences and across trees, its padding and freezing properties, a fine-tuning run that must
+learn, and the instruction prompt and collator, equal across trees and to their definition."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numpy_ref.classifier as nclf
+import numpy_ref.instruction_data as ninst
+import torch_impl.classifier as tclf
+import torch_impl.instruction_data as tinst
+from numpy_ref.gradcheck import gradcheck_vjp
+from numpy_ref.model import GPTModel
+from numpy_ref.optim import AdamW as NumpyAdamW
+from parity_tests import models
+from parity_tests.compare import assert_close, assert_dicts_close
+from parity_tests.strategies import config_dicts, seeds
+from parity_tests.tolerances import GRADCHECK, forward_tol, gradient_tol
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
+
+
+@st.composite
+def classifier_case(draw):
+    cfg = draw(config_dicts(max_layers=2, max_heads=3, max_head_size=6, max_context=10, max_vocab=40))
+    cfg["drop_rate"] = 0.0
+    K = draw(st.integers(1, 4))
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, cfg["context_length"]))
+    lengths = draw(st.none() | st.lists(st.integers(1, T), min_size=B, max_size=B))
+    return cfg, K, B, T, lengths, draw(seeds())
+
+
+def _batch(cfg, K, B, T, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg["vocab_size"], (B, T)), rng.integers(0, K, B)
+
+
+def _numpy_classifier(cfg, K, seed):
+    params = models.scale_params(nclf.GPTClassifier(models.numpy_config(cfg), K, seed=seed % 1000).params, seed)
+    return nclf.GPTClassifier(models.numpy_config(cfg), K, params=params)
+
+
+def _torch_classifier(cfg, K, params, dtype):
+    clf = tclf.GPTClassifier(models.torch_config(cfg), K, dtype=dtype)
+    clf.load_state_dict({k: torch.from_numpy(v).to(dtype) for k, v in params.items()}, strict=True)
+    return clf
+
+
+# ---- the classifier ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_classifier_backward_matches_finite_differences(tie):
+    cfg = dict(vocab_size=7, context_length=5, emb_dim=4, n_heads=2, n_layers=2, drop_rate=0.2,
+               qkv_bias=True, tie_embeddings=tie)
+    clf = _numpy_classifier(cfg, 3, seed=4)
+    ids, labels = _batch(cfg, 3, 3, 5, seed=4)
+    lengths = np.array([5, 2, 4])
+    masks = GPTModel(models.numpy_config(cfg)).dropout_masks(3, 5, np.random.default_rng(6))
+    names = list(clf.params)
+    _, _, cache = clf.forward(ids, labels, lengths=lengths, dropout_masks=masks)
+    grads = clf.backward(cache)
+    assert list(grads) == names, f"gradient names {list(grads)} differ from the parameters' {names}"
+
+    def loss(*values):
+        return nclf.classifier_forward(dict(zip(names, values)), ids, clf.config, labels, lengths=lengths,
+                                       dropout_masks=masks)[1]
+
+    gradcheck_vjp(loss, lambda _G: [grads[n] for n in names], list(clf.params.values()), np.asarray(1.0),
+                  atol=GRADCHECK.atol, rtol=GRADCHECK.rtol)
+
+
+@settings(max_examples=20)
+@given(case=classifier_case(), dtype=st.sampled_from(["float64", "float32"]))
+def test_classifier_matches_across_trees(case, dtype):
+    cfg, K, B, T, lengths, seed = case
+    ref = _numpy_classifier(cfg, K, seed)
+    ids, labels = _batch(cfg, K, B, T, seed)
+    logits, loss, cache = ref.forward(ids, labels, lengths=lengths)
+    grads = ref.backward(cache)
+    clf = _torch_classifier(cfg, K, ref.params, getattr(torch, dtype))
+    assert list(clf.state_dict()) == list(ref.params), "parameter names or order differ between the trees"
+    t_logits, t_loss = clf(torch.from_numpy(ids), torch.from_numpy(labels),
+                           lengths=None if lengths is None else torch.tensor(lengths))
+    t_loss.backward()
+    assert_close(f"classifier logits ({cfg}, K={K}, lengths={lengths})", t_logits, logits, forward_tol(dtype))
+    assert_close("classifier loss", t_loss.detach(), np.asarray(loss), forward_tol(dtype))
+    assert_dicts_close("classifier grads", {n: p.grad for n, p in clf.named_parameters()}, grads,
+                       gradient_tol(dtype), order=list(grads))
+
+
+@settings(max_examples=10)
+@given(case=classifier_case(), pad=st.integers(0, 9))
+def test_padding_after_the_last_real_token_changes_nothing(case, pad):
+    """Causal attention: a row read at lengths - 1 gives the logits of the row alone, whatever
+    follows it (both trees)."""
+    cfg, K, B, T, _, seed = case
+    pad = min(pad, cfg["context_length"] - T)
+    ref = _numpy_classifier(cfg, K, seed)
+    clf = _torch_classifier(cfg, K, ref.params, torch.float64)
+    ids, _ = _batch(cfg, K, B, T, seed)
+    filler = np.random.default_rng(seed + 1).integers(0, cfg["vocab_size"], (B, pad))
+    padded = np.concatenate([ids, filler], axis=1)
+    lengths = np.full(B, T)
+    for name, run in (("numpy_ref", lambda x, n: ref(x, n)),
+                      ("torch_impl", lambda x, n: clf(torch.from_numpy(x), lengths=torch.from_numpy(n)).detach())):
+        assert_close(f"{name}: logits with {pad} tokens after the last real one vs the row alone",
+                     run(padded, lengths), run(ids, lengths), forward_tol("float64"))
+
+
+def test_a_tied_head_is_kept_and_an_untied_one_dropped():
+    for tie in (False, True):
+        cfg = models.numpy_config(dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=2,
+                                       drop_rate=0.0, qkv_bias=False, tie_embeddings=tie))
+        names = [n for n, _ in nclf.classifier_param_shapes(cfg, 3)]
+        t_names = list(tclf.GPTClassifier(models.torch_config(cfg.to_dict()), 3).state_dict())
+        assert names == t_names, f"tie={tie}: numpy_ref names {names} vs torch_impl {t_names}"
+        assert "lm_head.weight" not in names and names[-2:] == ["classifier.weight", "classifier.bias"], names
+        assert "wte.weight" in names
+
+
+def test_from_gpt_copies_the_trunk_and_leaves_the_model_alone():
+    cfg_d = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0,
+                 qkv_bias=True, tie_embeddings=False)
+    np_model = models.build_numpy_model(cfg_d, seed=3)
+    np_clf = nclf.GPTClassifier.from_gpt(np_model, 2, seed=5)
+    t_model = models.build_torch_model(cfg_d, np_model.params, dtype="float64")
+    t_clf = tclf.GPTClassifier.from_gpt(t_model, 2, seed=5)
+    for name, value in np_model.params.items():
+        if name == "lm_head.weight":
+            continue
+        assert np.array_equal(np_clf.params[name], value), f"numpy_ref from_gpt changed {name}"
+        assert np.array_equal(t_clf.state_dict()[name].numpy(), value), f"torch_impl from_gpt changed {name}"
+        assert np_clf.params[name] is not value, f"numpy_ref from_gpt shares {name} with the language model"
+    assert t_clf.dtype == torch.float64 and t_clf.num_classes == 2
+    assert np.abs(np_clf.params["classifier.weight"]).max() > 0, "the new head is all zeros"
+
+
+def test_trainable_names_agree_and_freeze_trunk_freezes_the_rest():
+    for qkv_bias in (False, True):
+        cfg_d = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=3, drop_rate=0.0,
+                     qkv_bias=qkv_bias, tie_embeddings=True)
+        for n in range(4):
+            a = nclf.trainable_parameter_names(models.numpy_config(cfg_d), n)
+            b = tclf.trainable_parameter_names(models.torch_config(cfg_d), n)
+            assert a == b, f"n_last_blocks={n}: numpy_ref {a} vs torch_impl {b}"
+        clf = tclf.GPTClassifier(models.torch_config(cfg_d), 2)
+        kept = set(clf.freeze_trunk(1))
+        assert {n for n, p in clf.named_parameters() if p.requires_grad} == kept
+        every = [n for n, _ in nclf.classifier_param_shapes(models.numpy_config(cfg_d), 2)]
+        assert kept == {n for n in every if n.startswith(("h.2.", "ln_f.", "classifier."))}, sorted(kept)
+    for tree in (nclf, tclf):
+        cfg = (models.numpy_config if tree is nclf else models.torch_config)(cfg_d)
+        for bad in (-1, 4, 1.0, True):
+            with pytest.raises(ValueError, match="n_last_blocks"):
+                tree.trainable_parameter_names(cfg, bad)
+
+
+def test_bad_classifier_input_is_refused_alike_before_any_compute():
+    cfg_d = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                 qkv_bias=False, tie_embeddings=True)
+    ref = _numpy_classifier(cfg_d, 3, seed=1)
+    clf = _torch_classifier(cfg_d, 3, ref.params, torch.float64)
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    cases = [  # (labels, lengths, error, message)
+        (np.array([0, 3]), None, ValueError, "3"),  # a label outside [0, K)
+        (np.array([0, -1]), None, ValueError, "-1"),
+        (np.array([0.0, 1.0]), None, TypeError, "int|dtype"),
+        (np.array([0]), None, ValueError, "shape"),
+        (None, np.array([3, 4]), ValueError, r"lengths\[1\] = 4 is outside 1 .. T = 3"),
+        (None, np.array([0, 3]), ValueError, r"lengths\[0\] = 0 is outside 1 .. T = 3"),
+        (None, np.array([3]), ValueError, "shape"),
+        (None, np.array([3.0, 3.0]), TypeError, "integers"),
+    ]
+    for labels, lengths, error, message in cases:
+        with pytest.raises(error, match=message):
+            ref.forward(ids, labels, lengths=lengths)
+        with pytest.raises(error, match=message):
+            clf(torch.from_numpy(ids), None if labels is None else torch.from_numpy(labels),
+                lengths=None if lengths is None else torch.from_numpy(lengths))
+    for tree in (nclf, tclf):
+        for bad in (0, -2, 2.0, True):
+            with pytest.raises(ValueError, match="num_classes"):
+                tree.check_num_classes(bad)
+    with pytest.raises(ValueError, match="outside"):  # ids go through the language model's checks
+        ref(np.array([[11]]))
+    with pytest.raises(ValueError, match="outside"):
+        clf(torch.tensor([[11]]))
+
+
+def test_accuracy_alike():
+    logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 0.0], [1.0, 3.0]])
+    labels = np.array([1, 1, 0, 0])
+    assert nclf.classification_accuracy(logits, labels) == 0.5  # rows 0 and 2 (a tie reads as class 0)
+    assert tclf.classification_accuracy(torch.from_numpy(logits), torch.from_numpy(labels)) == 0.5
+
+
+def _spam_like_task(vocab: int, n: int, T: int, seed: int):
+    """A learnable task: label 1 when token 3 occurs in the row's real tokens; rows of random length."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, T + 1, n)
+    ids = rng.integers(4, vocab, (n, T))
+    labels = rng.integers(0, 2, n)
+    for b in np.flatnonzero(labels):
+        ids[b, rng.integers(0, lengths[b])] = 3
+    return ids, labels, lengths
+
+
+def test_fine_tuning_runs_agree_across_trees_step_by_step_and_learn():
+    """Chapter 6's recipe on both trees from the same weights and batches: AdamW on the last
+    block, ln_f and the head only (the rest frozen), float64. The losses agree at every step,
+    frozen weights stay bit-for-bit, and the classifier learns the task (and generalises)."""
+    cfg_d = dict(vocab_size=16, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
+                 qkv_bias=True, tie_embeddings=True)
+    ref = _numpy_classifier(cfg_d, 2, seed=7)
+    clf = _torch_classifier(cfg_d, 2, ref.params, torch.float64)
+    before = {k: v.copy() for k, v in ref.params.items()}
+    trainable = nclf.trainable_parameter_names(ref.config, 1)
+    assert sorted(clf.freeze_trunk(1)) == sorted(trainable)
+    np_opt = NumpyAdamW({n: ref.params[n] for n in trainable}, lr=3e-2, weight_decay=0.0)
+    t_opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)
+    ids, labels, lengths = _spam_like_task(16, 64, 8, seed=1)
+    for step in range(80):
+        rows = np.arange(step * 16, step * 16 + 16) % 64
+        _, loss, cache = ref.forward(ids[rows], labels[rows], lengths=lengths[rows])
+        grads = ref.backward(cache)
+        np_opt.step({n: grads[n] for n in trainable})
+        t_opt.zero_grad()
+        _, t_loss = clf(torch.from_numpy(ids[rows]), torch.from_numpy(labels[rows]),
+                        lengths=torch.from_numpy(lengths[rows]))
+        t_loss.backward()
+        t_opt.step()
+        # Rounding differences (1e-16) grow with the steps: AdamW divides each update by sqrt(v),
+        # so a near-zero gradient's last bits move its weight by a whole step size.
+        tol = 1e-9 if step < 40 else 1e-6
+        assert abs(t_loss.item() - float(loss)) <= tol, f"step {step}: loss {float(t_loss)!r} vs {float(loss)!r}"
+    for name, value in ref.params.items():
+        if name not in trainable:
+            assert np.array_equal(value, before[name]), f"numpy_ref: frozen {name} changed"
+            assert np.array_equal(clf.state_dict()[name].numpy(), before[name]), f"torch_impl: frozen {name} changed"
+    with torch.no_grad():
+        acc = tclf.classification_accuracy(clf(torch.from_numpy(ids), lengths=torch.from_numpy(lengths)),
+                                           torch.from_numpy(labels))
+    assert acc >= 0.95, f"the fine-tuned classifier gets {acc:.2f} of its 64 training rows right"
+    assert acc == nclf.classification_accuracy(ref(ids, lengths), labels)
+    ids, labels, lengths = _spam_like_task(16, 256, 8, seed=9)  # rows it has not seen
+    with torch.no_grad():
+        held_out = tclf.classification_accuracy(clf(torch.from_numpy(ids), lengths=torch.from_numpy(lengths)),
+                                                torch.from_numpy(labels))
+    assert held_out >= 0.8, f"the fine-tuned classifier gets {held_out:.2f} of 256 unseen rows right (chance: 0.5)"
+
+
+def test_classifier_trains_under_bf16_autocast():
+    cfg_d = dict(vocab_size=16, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1,
+                 qkv_bias=True, tie_embeddings=False)
+    clf = tclf.GPTClassifier(models.torch_config(cfg_d), 2, seed=1)
+    clf.train()
+    ids, labels, lengths = _spam_like_task(16, 8, 8, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = clf(torch.from_numpy(ids), torch.from_numpy(labels), lengths=torch.from_numpy(lengths))
+    loss.backward()
+    assert logits.shape == (8, 2) and loss.dtype == torch.float32 and torch.isfinite(loss)
+    missing = [n for n, p in clf.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
+
+
+def test_classifier_refuses_language_model_apis():
+    clf = tclf.GPTClassifier(models.torch_config(dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2,
+                                                      n_layers=1, drop_rate=0.0, qkv_bias=False,
+                                                      tie_embeddings=False)), 2)
+    for call in (lambda: clf.new_kv_cache(1), lambda: clf.save_pretrained("unused"),
+                 lambda: tclf.GPTClassifier.from_pretrained("unused")):
+        with pytest.raises(NotImplementedError):
+            call()
+    with pytest.raises(NotImplementedError, match="no vocabulary head"):
+        clf.head_weight
+    with pytest.raises(ValueError, match="features_only"):  # the trunk's output has no logits to score
+        tclf.GPTModel.forward(clf, torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), features_only=True)
+
+
+# ---- instruction data --------------------------------------------------------------------------
+
+
+@st.composite
+def collate_case(draw):
+    B = draw(st.integers(1, 4))
+    seqs = [draw(st.lists(st.integers(0, 50), min_size=1, max_size=9)) for _ in range(B)]
+    prompts = draw(st.none() | st.tuples(*[st.integers(0, len(s)) for s in seqs]).map(list))
+    max_length = draw(st.none() | st.integers(1, 12))
+    return seqs, prompts, max_length, draw(st.integers(0, 60)), draw(st.sampled_from([-100, -1, 99]))
+
+
+@given(case=collate_case())
+def test_instruction_collate_matches_across_trees_and_its_definition(case):
+    seqs, prompts, max_length, pad_id, ignore = case
+    kw = dict(pad_id=pad_id, ignore_index=ignore, max_length=max_length, prompt_lengths=prompts)
+    inputs, targets = ninst.instruction_collate(seqs, **kw)
+    t_inputs, t_targets = tinst.instruction_collate(seqs, **kw)
+    assert np.array_equal(t_inputs.numpy(), inputs), f"inputs differ: torch {t_inputs.tolist()} vs {inputs.tolist()}"
+    assert np.array_equal(t_targets.numpy(), targets), f"targets differ: torch {t_targets.tolist()} vs {targets.tolist()}"
+    T = max(len(s) for s in seqs)
+    assert inputs.shape == targets.shape == (len(seqs), T if max_length is None else min(T, max_length))
+    for b, s in enumerate(seqs):  # the definition, position by position
+        full = list(s) + [pad_id] * (T + 1 - len(s))
+        p = 0 if prompts is None else prompts[b]
+        for j in range(inputs.shape[1]):
+            assert inputs[b, j] == full[j], f"row {b}, position {j}: input {inputs[b, j]} != {full[j]}"
+            want = ignore if j >= len(s) or j < p - 1 else full[j + 1]
+            assert targets[b, j] == want, f"row {b}, position {j}: target {targets[b, j]} != {want} ({s}, prompt {p})"
+
+
+def test_instruction_collate_refuses_bad_input_alike():
+    cases = [  # (sequences, keyword arguments, error, message)
+        ([], {}, ValueError, "at least one"),
+        ([[1], []], {}, ValueError, "sequence 1"),
+        ([[1.5]], {}, TypeError, "sequence 0"),
+        ([[1, 2]], {"prompt_lengths": [3]}, ValueError, r"prompt_lengths\[0\] = 3 is outside 0 .. 2"),
+        ([[1, 2]], {"prompt_lengths": [1, 1]}, ValueError, "2 entries for 1"),
+        ([[1]], {"max_length": 0}, ValueError, "max_length"),
+        ([[1]], {"pad_id": -1}, ValueError, "pad_id"),
+        ([[1]], {"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ]
+    for seqs, kw, error, message in cases:
+        for tree in (ninst, tinst):
+            with pytest.raises(error, match=message):
+                tree.instruction_collate(seqs, **kw)
+
+
+@given(instruction=st.text(max_size=30), input_text=st.text(max_size=30), response=st.none() | st.text(max_size=30))
+def test_format_instruction_matches_across_trees(instruction, input_text, response):
+    text = ninst.format_instruction(instruction, input_text, response)
+    assert tinst.format_instruction(instruction, input_text, response) == text
+    input_section = f"\n\n### Input:\n{input_text}" if input_text else ""
+    want = f"{ninst.PREAMBLE}\n\n### Instruction:\n{instruction}{input_section}\n\n### Response:\n{response or ''}"
+    assert text == want, f"{text!r} is not the Alpaca layout {want!r}"
+
+
+def test_a_collated_batch_loss_is_the_token_weighted_mean_of_its_rows_alone():
+    """Padding and masked prompts reach no counted target: the batch's loss is the mean of each
+    row's loss computed alone (no padding), weighted by its counted targets. Both trees."""
+    cfg_d = dict(vocab_size=40, context_length=12, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                 qkv_bias=False, tie_embeddings=True)
+    model = models.build_numpy_model(cfg_d, seed=2)
+    t_model = models.build_torch_model(cfg_d, model.params, dtype="float64")
+    seqs, prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], [2, 0, 3]
+    inputs, targets = ninst.instruction_collate(seqs, pad_id=39, prompt_lengths=prompts)
+    loss = float(model.forward(inputs, targets, ignore_index=-100)[1])
+    t_inputs, t_targets = tinst.instruction_collate(seqs, pad_id=39, prompt_lengths=prompts)
+    t_loss = t_model(t_inputs, t_targets, ignore_index=-100)[1].item()
+    total, count = 0.0, 0
+    for s, p in zip(seqs, prompts):
+        x, y = ninst.instruction_collate([s], pad_id=39, prompt_lengths=[p])  # one row: no padding
+        n = int((y != -100).sum())
+        total += n * float(model.forward(x, y, ignore_index=-100)[1])
+        count += n
+    assert count == int((targets != -100).sum()) == 4 + 2 + 1  # row 2 counts its end-of-text only
+    assert abs(loss - total / count) <= 1e-12, f"batch loss {loss!r} vs rows alone {total / count!r}"
+    assert abs(t_loss - loss) <= 1e-12, f"torch_impl loss {t_loss!r} vs numpy_ref {loss!r}"

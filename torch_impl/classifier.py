@@ -1,0 +1,151 @@
+"""Classification fine-tuning (the book's chapter 6): GPT-2's trunk, and a K-way head on one token.
+
+Dimensions: B batch, T time, C channels, K classes.
+
+    f = trunk(ids)                              (B, T) -> (B, T, C)  embeddings, blocks, ln_f
+    r = f[b, lengths[b] - 1]                    (B, T, C) -> (B, C)  each row's last real token
+    logits = r @ w + b                          (B, C) @ (C, K) -> (B, K)
+    loss = mean cross-entropy(logits, labels)   (B, K), (B,) -> ()
+
+The vocabulary head is replaced by `classifier.weight` (C, K) and `classifier.bias` (K,), stored
+(in, out) like every linear weight here; the untied `lm_head.weight` is dropped, a tied head is
+wte, which the trunk keeps. Attention is causal, so the last real token has seen the whole text
+and padding after it changes nothing; `lengths=None` reads position T - 1, as the book does.
+The trunk is GPTModel's own forward (`features_only=True`): the same kernels, precision and
+device choices as the language model.
+
+Reference: the book's chapter 6; Hugging Face `GPT2ForSequenceClassification` (last
+non-padding token). numpy_ref/classifier.py is the same model with its backward written out.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from torch_impl.config import GPTConfig
+from torch_impl.cross_entropy import check_targets, cross_entropy_forward
+from torch_impl.embedding import check_ids
+from torch_impl.linear import linear_forward
+from torch_impl.model import _BLOCK_PARAMS, GPTModel, _group
+
+HEAD_NAMES = ("classifier.weight", "classifier.bias")
+HEAD_SEED_OFFSET = 1_000_003  # the head's generator: seed + this, apart from the trunk's draws
+
+
+def check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return int(num_classes)
+
+
+def trainable_parameter_names(config: GPTConfig, n_last_blocks: int = 1) -> list[str]:
+    """The names fine-tuned when the rest is frozen: the last `n_last_blocks` blocks, ln_f, the
+    head (the book's choice is 1; 0 trains the head and ln_f only)."""
+    if isinstance(n_last_blocks, bool) or not isinstance(n_last_blocks, numbers.Integral) \
+            or not 0 <= n_last_blocks <= config.n_layers:
+        raise ValueError(f"n_last_blocks must be an integer in 0 .. n_layers={config.n_layers}, got {n_last_blocks!r}")
+    blocks = range(config.n_layers - n_last_blocks, config.n_layers)
+    names = [f"h.{i}.{name}" for i in blocks for name in _BLOCK_PARAMS
+             if config.qkv_bias or name != "attn.c_attn.bias"]
+    return names + ["ln_f.weight", "ln_f.bias", *HEAD_NAMES]
+
+
+@torch.compiler.disable  # data-dependent raise: runs eagerly, outside any compiled graph
+def check_lengths(lengths: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """lengths (B,) integers in 1 .. T (the real tokens of each row) as int64, or the error naming
+    the first bad one; None means every row is T long."""
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a torch.Tensor of integers, got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must have shape ({B},), one per row, got {tuple(lengths.shape)}")
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    bad = ((lengths < 1) | (lengths > T)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(f"lengths[{i}] = {int(lengths[i])} is outside 1 .. T = {T}")
+    return lengths
+
+
+def classification_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of rows whose largest logit is at the label (ties: the first index)."""
+    if logits.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:1]):
+        raise ValueError(f"logits must be (B, K) and labels (B,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
+
+
+class GPTClassifier(GPTModel):
+    """GPT-2 with a K-way head (chapter 6). Its state_dict is the trunk's names (no
+    `lm_head.weight`) and `classifier.weight` (C, K), `classifier.bias` (K,).
+
+    clf = GPTClassifier.from_gpt(model, num_classes=2, seed=0)   a pretrained trunk, a new head
+    logits = clf(ids, lengths=lengths)                           (B, K)
+    logits, loss = clf(ids, labels, lengths=lengths)
+    clf.freeze_trunk(n_last_blocks=1)                            the book's fine-tuning set
+    """
+
+    def __init__(self, config: GPTConfig, num_classes: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, init: str = "gpt2") -> None:
+        K = check_num_classes(num_classes)
+        super().__init__(config, seed=seed, dtype=dtype, device=device, init=init)
+        if not config.tie_embeddings:
+            del self.lm_head  # replaced by the classifier
+        gen = torch.Generator(device="cpu").manual_seed(seed + HEAD_SEED_OFFSET)
+        # GPT-2's initialisation for a linear layer: weight normal(0, 0.02), bias 0; drawn on the CPU.
+        w = torch.empty(config.emb_dim, K, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+        self.classifier = _group(weight=nn.Parameter(w.to(device=device, dtype=dtype)),  # (C, K)
+                                 bias=nn.Parameter(torch.zeros(K, dtype=dtype, device=device)))
+        self.num_classes = K
+
+    @classmethod
+    def from_gpt(cls, model: GPTModel, num_classes: int, seed: int = 0) -> "GPTClassifier":
+        """A classifier on a copy of `model`'s trunk, with a new head drawn from `seed`."""
+        clf = cls(model.config, num_classes, seed=seed, dtype=model.dtype, device=model.device)
+        trunk = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        missing, unexpected = clf.load_state_dict(trunk, strict=False)
+        assert sorted(missing) == sorted(HEAD_NAMES) and not unexpected, (missing, unexpected)
+        return clf
+
+    def freeze_trunk(self, n_last_blocks: int = 1) -> list[str]:
+        """Gradients for `trainable_parameter_names` only; returns those names."""
+        names = set(trainable_parameter_names(self.config, n_last_blocks))
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in names)
+        return sorted(names)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        raise NotImplementedError("a GPTClassifier has no vocabulary head (its head is `classifier`)")
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, *, lengths: torch.Tensor | None = None,
+                dropout_masks=None):
+        """Logits (B, K); `(logits, loss)` when labels (B,) are given. See the module docstring."""
+        w, b = self.classifier.weight, self.classifier.bias
+        ids = check_ids(ids, self.config.vocab_size, self.config.context_length)  # every input before any compute
+        B, T = ids.shape
+        pos = check_lengths(lengths, B, T, ids.device) - 1  # (B,)
+        if labels is not None:  # a meta (B, K) stands for the logits: only its shape is read
+            labels = check_targets(ids.new_empty(B, w.shape[1], device="meta"), labels, None)
+        f = super().forward(ids, dropout_masks=dropout_masks, features_only=True)  # (B, T) -> (B, T, C)
+        r = f[torch.arange(B, device=f.device), pos]  # (B, T, C) -> (B, C)
+        logits = linear_forward(r, w, b)  # (B, C) @ (C, K) -> (B, K)
+        if labels is None:
+            return logits
+        return logits, cross_entropy_forward(logits, labels, targets_checked=True)  # (B, K), (B,) -> ()
+
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None):
+        raise NotImplementedError("a GPTClassifier reads whole sequences; it has no incremental decoding")
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, device=None):
+        raise NotImplementedError("load the language model with GPTModel.from_pretrained, then GPTClassifier.from_gpt")
+
+    def save_pretrained(self, directory) -> None:
+        raise NotImplementedError("the Hugging Face GPT-2 layout has no place for this head; save state_dict() "
+                                  "with safetensors.torch.save_file")
