@@ -306,6 +306,18 @@ def test_decode_of_an_unordered_collection_is_a_type_error(tree):
             enc.decode(tokens)
 
 
+def test_decode_takes_an_iterator_of_ids_in_both_trees():
+    """numpy_ref decoded an iterator or a generator; torch_impl handed it to tiktoken, which takes
+    sequences only (TypeError). Both decode it now, once: it can be read only once."""
+    for tree in (np_tok, pt_tok):
+        enc = tree.get_encoding("gpt2")
+        got = (enc.decode(iter([15496, 995])), enc.decode(t for t in (15496, 995)),
+               enc.decode_bytes(iter([15496, 995])), enc.decode_batch([iter([15496, 995])]))
+        assert got == ("Hello world", "Hello world", b"Hello world", ["Hello world"]), f"{tree.__name__}: {got}"
+        with pytest.raises(ValueError, match="50257"):
+            enc.decode(iter([15496, 50257]))
+
+
 def test_decode_takes_a_1d_integer_tensor_in_both_trees():
     """numpy_ref decodes a tensor id by id; torch_impl handed it to tiktoken, which refuses any
     tensor (TypeError), so the torch tree could not decode its own model's output. Both take a

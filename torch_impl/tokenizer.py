@@ -144,8 +144,12 @@ class Encoding(tiktoken.Encoding):
 def _tensor_ids_as_list(tokens):
     """A tensor of ids as the list tiktoken takes (it refuses any tensor; numpy_ref's decode reads
     a 1-D integer tensor id by id): 1-D and of an integer dtype, else a TypeError naming the shape
-    or dtype, the exception numpy_ref raises for a 0-d, 2-D or float tensor. Anything else as it is."""
+    or dtype, the exception numpy_ref raises for a 0-d, 2-D or float tensor. An iterator or
+    generator of ids becomes a list (tiktoken takes sequences only; numpy_ref any ordered
+    iterable); a set or mapping, which has no order, is tiktoken's TypeError. Anything else as it is."""
     if not isinstance(tokens, torch.Tensor):
+        if isinstance(tokens, Iterator):
+            return list(tokens)
         return tokens
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"token ids must be integers, got a tensor of dtype {tokens.dtype}")
