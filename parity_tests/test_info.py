@@ -80,6 +80,22 @@ def test_unknown_config_fails_with_its_name(capsys):
     assert captured.out == "", f"an error printed to stdout: {captured.out!r}"
 
 
+def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(capsys, tmp_path, monkeypatch):
+    """`info tiny` in a folder holding a run called tiny read the run (or failed on it); a
+    preset's name is the preset, and the folder is read when written as a path."""
+    from numpy_ref.model import GPTModel as NumpyModel
+
+    run = tmp_path / "tiny"
+    NumpyModel(get_config("tiny", n_layers=1), seed=0).save_pretrained(run)
+    monkeypatch.chdir(tmp_path)
+    code, out = _run(capsys, "tiny", "--json")
+    assert code == 0 and json.loads(out)[0]["config"]["n_layers"] == get_config("tiny").n_layers, out
+    code, out = _run(capsys, "./tiny", "--json")
+    assert code == 0 and json.loads(out)[0]["config"]["n_layers"] == 1, out
+    code, out = _run(capsys, str(run), "--json")
+    assert code == 0 and json.loads(out)[0]["config"]["n_layers"] == 1, out
+
+
 def test_console_entry_point():
     done = subprocess.run([sys.executable, "-m", "gpt_oracle", "info", "gpt2-small"], capture_output=True, text=True,
                           timeout=120)

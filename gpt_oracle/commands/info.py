@@ -4,7 +4,8 @@ For gpt2-small this reproduces the figures of chapter 4 of "Build a Large Langua
 Scratch)": 163,009,536 parameters, 124,412,160 counting the output head as tied to the token
 embedding (the GPT-2 paper's "124M"), and 621.83 MB in float32 (bytes / 1024**2).
 CONFIG is a preset name or alias (tiny, gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M,
-gpt2-xl/1558M), a checkpoint directory (its config.json's `gpt_oracle` object, which must
+gpt2-xl/1558M; a preset's name means the preset even where a folder of that name exists: write
+the folder as ./NAME), a checkpoint directory (its config.json's `gpt_oracle` object, which must
 hold every GPTConfig field) or a `train` output folder (the checkpoint its `latest` names).
 Uses only numpy_ref (no torch import).
 
@@ -36,10 +37,13 @@ def load_config(name: str):
 
     from numpy_ref.config import ALIASES, PRESETS, GPTConfig, get_config
 
-    if not os.path.isdir(name):
-        if ALIASES.get(name, name) not in PRESETS:
-            raise UserError(f"{name!r} is neither a preset ({', '.join([*PRESETS, *ALIASES])}) nor a directory")
+    # A preset's name is the preset even where a folder of that name exists here (`info tiny`
+    # beside a run folder called tiny); that folder is read when written as a path (./tiny).
+    written_as_path = os.sep in name or (os.altsep is not None and os.altsep in name) or name.startswith(".")
+    if not written_as_path and ALIASES.get(name, name) in PRESETS:
         return get_config(name)
+    if not os.path.isdir(name):
+        raise UserError(f"{name!r} is neither a preset ({', '.join([*PRESETS, *ALIASES])}) nor a directory")
     path = os.path.join(run_folder.checkpoint_dir(Path(name), "info"), "config.json")  # or a train folder's latest
     with user_input(None):
         with open(path, encoding="utf-8") as f:
