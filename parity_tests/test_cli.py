@@ -176,6 +176,32 @@ def test_resume_refuses_options_it_would_ignore(capsys, run_copy):
                 untouched=(run_copy,))
 
 
+def _interrupted_with_the_bar(run_copy: Path) -> None:
+    """run_copy as a run started with the progress bar and cut off after its first step."""
+    opts = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**opts, "no_progress": False}))
+    shutil.rmtree(run_copy / "step-00000002")
+    (run_copy / "latest").write_text("step-00000001\n")
+
+
+def test_resume_takes_no_progress_which_changes_only_what_is_shown(capsys, run_copy, tmp_path):
+    """--no-progress with --resume was refused like an option that changes the run."""
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    for folder in (run_copy, other):
+        _interrupted_with_the_bar(folder)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    quiet = capsys.readouterr().err
+    assert main(["train", "--resume", str(other)]) == 0
+    shown = capsys.readouterr().err
+    assert "train (torch)" in shown, f"the run was started with the bar, and its resume shows none: {shown!r}"
+    assert "train (torch)" not in quiet, f"--no-progress still drew the bar: {quiet!r}"
+    for folder in (run_copy, other):
+        assert (folder / "latest").read_text().strip() == "step-00000002", f"{folder} did not finish its run"
+    assert json.loads((run_copy / "run.json").read_text())["no_progress"] is False, "run.json was rewritten"
+
+
 def test_resume_refuses_a_folder_that_mixes_two_runs(capsys, run_copy):
     """run.json rewritten by another run while the old checkpoints stayed: never continue silently."""
     opts = json.loads((run_copy / "run.json").read_text())

@@ -34,7 +34,7 @@ and model, --data as an absolute path; and a fingerprint of the validation batch
 `loss.png` and the checkpoints (`latest` names the newest; `gpt-oracle generate --checkpoint
 DIR` reads it). `--resume DIR` continues an interrupted run exactly (on
 CPU, bit for bit); every other option is then taken from DIR/run.json (checked as the command
-line's; an option given alongside --resume is an error; a run already at its last step is left
+line's; an option given alongside --resume is an error, but for --no-progress, which changes only what is shown; a run already at its last step is left
 as it is, exit 0). A new run refuses an
 --out that already holds a run (run.json, log.jsonl, `latest`, step-* checkpoints): pass
 --resume to continue it, --overwrite to delete it first, or another --out.
@@ -48,6 +48,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -382,13 +383,14 @@ def _resume(args: argparse.Namespace):
     out = Path(args.resume)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    given = [k for k, v in vars(parser.parse_args([])).items() if k != "resume" and getattr(args, k) != v]
+    shown = ("resume", "no_progress")  # --no-progress changes what is shown, not the run: it may go with --resume
+    given = [k for k, v in vars(parser.parse_args([])).items() if k not in shown and getattr(args, k) != v]
     typed = getattr(args, "_argv", None)  # through the CLI: also an option typed with its default value
     if typed and "train" in typed:
         for action in parser._actions:  # only what was typed comes back
             action.default = argparse.SUPPRESS
         explicit, _ = parser.parse_known_args(typed[typed.index("train") + 1:])
-        typed_keys = [k for k in vars(explicit) if k != "resume"]
+        typed_keys = [k for k in vars(explicit) if k not in shown]
         given = typed_keys + [k for k in given if k not in typed_keys]
     if given:  # ignored, they would look applied
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -418,6 +420,8 @@ def _resume(args: argparse.Namespace):
     except KeyError as exc:  # a trainer state without a key the trainer reads
         raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
     run_folder.check_same_settings(out, ckpt, trainer.settings, settings)
+    # The bar as run.json says, or off with --no-progress (check_same_settings leaves it aside).
+    trainer.settings = dataclasses.replace(trainer.settings, progress=settings.progress and not args.no_progress)
     return trainer
 
 
