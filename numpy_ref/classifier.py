@@ -36,11 +36,17 @@ from typing import Mapping
 import numpy as np
 
 from numpy_ref.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
-from numpy_ref.embedding import check_ids
 from numpy_ref.model import gpt_features_backward, gpt_features_forward
 from numpy_ref.params import block_param_shapes, param_shapes
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
+
+
+def check_seed(seed) -> int:
+    """Seeds are integers in 0 .. 2**64 - 1 in both trees (the head's generator derives from it)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r}")
+    return int(seed)
 
 
 def check_num_classes(num_classes) -> int:
@@ -95,14 +101,17 @@ def classifier_forward(params: Mapping[str, np.ndarray], ids, config, labels=Non
                        dropout_masks: Mapping[str, np.ndarray] | None = None):
     """(logits (B, K), loss or None, cache). See the module docstring."""
     w, b = params["classifier.weight"], params["classifier.bias"]
-    ids = np.asarray(ids)
-    # Every input checked before any compute.
-    check_ids(ids, params["wte.weight"].shape[0], params["wpe.weight"].shape[0])
-    B, T = ids.shape
-    pos = check_lengths(lengths, B, T) - 1  # (B,)
-    if labels is not None:
-        check_targets((B, w.shape[1]), labels)
-    f, trunk = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks)  # (B, T, C)
+
+    def check_lengths_and_labels(ids: np.ndarray) -> None:  # after the masks and ids, before any compute
+        B, T = ids.shape
+        check_lengths(lengths, B, T)
+        if labels is not None:
+            check_targets((B, w.shape[1]), labels)
+
+    f, trunk = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks,
+                                    check_more=check_lengths_and_labels)  # (B, T) -> (B, T, C)
+    B, T, _ = f.shape
+    pos = check_lengths(lengths, B, T) - 1  # (B,), the positions read
     r = f[np.arange(B), pos]  # (B, T, C) -> (B, C)
     logits = r @ w + b  # (B, C) @ (C, K) -> (B, K)
     loss, ce = (None, None) if labels is None else cross_entropy_forward(logits, labels)
@@ -128,18 +137,24 @@ def classifier_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
 
 
 def classification_accuracy(logits, labels) -> float:
-    """The fraction of rows whose largest logit is at the label (ties: the first index)."""
-    logits, labels = np.asarray(logits), np.asarray(labels)
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (B, K) and labels (B,), got {logits.shape} and {labels.shape}")
+    """The fraction of rows whose largest logit is at the label (ties: the first index). Labels
+    are checked as the loss checks them (integers in [0, K)); no rows is a ValueError, not NaN."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be (B, K) with B >= 1, got shape {logits.shape}")
+    labels, _, _ = check_targets(logits.shape, labels)
     return float((logits.argmax(axis=1) == labels).mean())
+
+
+def _head_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 1])  # apart from the trunk's default_rng(seed)
 
 
 class GPTClassifier:
     """GPT-2 with a K-way head (chapter 6): parameters in an ordered dict, forward and backward.
 
     clf = GPTClassifier.from_gpt(model, num_classes=2, seed=0)   a pretrained trunk, a new head
-    logits = clf(ids, lengths)                                   (B, K)
+    logits = clf(ids, lengths=lengths)                           (B, K)
     logits, loss, cache = clf.forward(ids, labels, lengths=...); grads = clf.backward(cache)
     """
 
@@ -152,8 +167,9 @@ class GPTClassifier:
             raise TypeError(f"GPTClassifier dtype must be float32 or float64, got {dtype}")
         self.config, self.num_classes, self.dtype = config, check_num_classes(num_classes), dtype
         if params is None:
+            seed = check_seed(seed)
             trunk = {n: v for n, v in GPTModel(config, seed=seed, dtype=dtype).params.items() if n != "lm_head.weight"}
-            params = {**trunk, **init_classifier_head(config, num_classes, np.random.default_rng([seed, 1]), dtype)}
+            params = {**trunk, **init_classifier_head(config, num_classes, _head_rng(seed), dtype)}
         table = classifier_param_shapes(config, num_classes)
         missing = [n for n, _ in table if n not in params]
         extra = sorted(set(params) - {n for n, _ in table})
@@ -169,11 +185,11 @@ class GPTClassifier:
     @classmethod
     def from_gpt(cls, model, num_classes: int, seed: int = 0) -> "GPTClassifier":
         """A classifier on a copy of `model`'s trunk with a new head drawn from `seed`."""
-        head = init_classifier_head(model.config, num_classes, np.random.default_rng([seed, 1]), model.dtype)
+        head = init_classifier_head(model.config, num_classes, _head_rng(check_seed(seed)), model.dtype)
         trunk = {n: v.copy() for n, v in model.params.items() if n != "lm_head.weight"}
         return cls(model.config, num_classes, dtype=model.dtype, params={**trunk, **head})
 
-    def __call__(self, ids, lengths=None) -> np.ndarray:
+    def __call__(self, ids, *, lengths=None) -> np.ndarray:
         return classifier_forward(self.params, ids, self.config, lengths=lengths)[0]
 
     def forward(self, ids, labels=None, *, lengths=None, dropout_masks=None):

@@ -22,6 +22,10 @@ next-token loss. For a row s of n tokens:
     then both are cut to max_length columns when given (the context length)
 
 The loss then averages over the counted targets only (cross_entropy.py's ignore_index).
+`ignore_index` must be negative: a token id equal to it would silently drop out of the loss (with
+pad_id, every end-of-text). Ids are integers in 0 .. 2**63 - 1 (the model checks the vocabulary):
+text, floats and bools are a TypeError, a negative or too large id a ValueError naming the
+sequence, the position and the value; both trees raise the same.
 torch_impl/instruction_data.py is the same, returning tensors.
 """
 
@@ -58,22 +62,49 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _as_ids(b: int, seq) -> np.ndarray:
+    """Sequence b as int64 ids: a 1-D integer array, or a list (any iterable) of integers;
+    TypeError for text, a float, a bool or anything else that is not an integer (also inside a
+    list), ValueError for an empty or many-dimensional array and for an id < 0 or > 2**63 - 1
+    (naming the sequence, position and value). The vocabulary is checked by the model."""
+    if isinstance(seq, (str, bytes)):
+        raise TypeError(f"sequence {b} is text ({type(seq).__name__}); pass its token ids")
+    if hasattr(seq, "__array__"):  # an array of any library (a tensor too): by its dtype
+        seq = np.asarray(seq)
+        if seq.dtype.kind not in "iu":
+            raise TypeError(f"sequence {b} must hold integer token ids, got dtype {seq.dtype}")
+        values = seq
+    else:
+        values = list(seq)
+        for j, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # NumPy's bool is not Integral
+                raise TypeError(f"sequence {b}, position {j}: token id {v!r} is not an integer")
+        values = np.array(values, dtype=object if values else np.int64)  # Python ints of any size
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"sequence {b} must be a non-empty 1-D list of token ids, got shape {values.shape}")
+    bad = np.flatnonzero((values < 0) | (values > INT64_MAX))
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(f"sequence {b}, position {j}: token id {int(values[j])} is outside 0 .. 2**63 - 1")
+    return values.astype(np.int64)
+
+
 def instruction_collate(sequences: Sequence[Sequence[int]], *, pad_id: int = 50256, ignore_index: int = -100,
                         max_length: int | None = None, prompt_lengths: Sequence[int] | None = None):
     """(inputs, targets), both (B, T) int64 arrays. See the module docstring."""
     pad_id = _check_int("pad_id", pad_id, 0)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if ignore_index >= 0:  # it would also drop every target equal to it: the end-of-text, a real token
+        raise ValueError(f"ignore_index must be negative (no token id may equal it), got {ignore_index}")
     if max_length is not None:
         max_length = _check_int("max_length", max_length, 1)
-    rows = [np.asarray(s) for s in sequences]
+    rows = [_as_ids(b, s) for b, s in enumerate(sequences)]
     if not rows:
         raise ValueError("instruction_collate needs at least one sequence")
-    for b, s in enumerate(rows):
-        if s.ndim != 1 or s.size == 0:
-            raise ValueError(f"sequence {b} must be a non-empty 1-D list of token ids, got shape {s.shape}")
-        if s.dtype.kind not in "iu":
-            raise TypeError(f"sequence {b} must hold integer token ids, got dtype {s.dtype}")
     lengths = [s.size for s in rows]
     if prompt_lengths is not None:
         prompt_lengths = list(prompt_lengths)

@@ -34,7 +34,7 @@ llm.c `gpt2_forward`/`gpt2_backward`. torch_impl/model.py is the same model on a
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -60,16 +60,14 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
     """(logits, loss, cache); loss is None without targets. See the module docstring."""
     if last_only and targets is not None:
         raise ValueError("last_only=True returns the last position's logits only; it cannot take targets")
-    ids = np.asarray(ids)
-    # Every input is checked before any compute: bad targets raise before the blocks write the
-    # KV cache (gpt_features_forward and cross_entropy_forward check again; it costs next to nothing).
-    V, Tc = params["wte.weight"].shape[0], params["wpe.weight"].shape[0]
-    past = 0 if kv_cache is None else kv_cache.length
-    check_ids(ids, V, Tc, pos_offset=past)
-    if targets is not None:
-        check_targets((*ids.shape, V), targets, ignore_index)
+    V = params["wte.weight"].shape[0]
+
+    def check_targets_first(ids: np.ndarray) -> None:  # bad targets raise before the blocks write the KV cache
+        check_targets((*ids.shape, V), targets, ignore_index)  # cross_entropy_forward checks again: it costs ~nothing
+
     f, cache = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks, kv_cache=kv_cache,
-                                    last_only=last_only)  # (B, T, C)
+                                    last_only=last_only,
+                                    check_more=None if targets is None else check_targets_first)  # (B, T, C)
     B, T, C = f.shape
     head = head_weight(params, config)
     f2 = f.reshape(B * T, C)  # (B, T, C) -> (BT, C)
@@ -82,10 +80,14 @@ def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
 
 def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
                          dropout_masks: Mapping[str, np.ndarray] | None = None, kv_cache: KVCache | None = None,
-                         last_only: bool = False):
+                         last_only: bool = False, check_more: Callable[[np.ndarray], None] | None = None):
     """(f, cache): the final layer norm's output f (B, T, C), before any head; (B, 1, C) with
     `last_only`. The trunk that the language-model head (`gpt_forward`) and the classifier
-    (classifier.py) share; `gpt_features_backward` is its backward. Advances a KV cache."""
+    (classifier.py) share; `gpt_features_backward` is its backward. Advances a KV cache.
+
+    Every input is checked before any compute, in torch_impl's order (the KV cache, the dropout
+    masks, the ids, then `check_more(ids)`: the caller's own inputs, such as targets), so that an
+    input with two faults raises the same exception in both trees."""
     dtype = params["wte.weight"].dtype
     past = 0 if kv_cache is None else kv_cache.length
     ids = np.asarray(ids)
@@ -94,6 +96,8 @@ def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
     masks = split_masks(dropout_masks, config, ids, past, dtype)
     V, Tc = params["wte.weight"].shape[0], params["wpe.weight"].shape[0]
     check_ids(ids, V, Tc, pos_offset=past)
+    if check_more is not None:
+        check_more(ids)
     x, emb = embedding_forward(ids, params["wte.weight"], params["wpe.weight"], pos_offset=past)  # (B, T) -> (B, T, C)
     mask_e = masks["embedding"]
     if mask_e is not None:

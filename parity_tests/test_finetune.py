@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import numpy_ref.classifier as nclf
@@ -17,6 +17,7 @@ import torch_impl.instruction_data as tinst
 from numpy_ref.gradcheck import gradcheck_vjp
 from numpy_ref.model import GPTModel
 from numpy_ref.optim import AdamW as NumpyAdamW
+from torch_impl.optim import build_optimizer
 from parity_tests import models
 from parity_tests.compare import assert_close, assert_dicts_close
 from parity_tests.strategies import config_dicts, seeds
@@ -96,11 +97,13 @@ def test_classifier_matches_across_trees(case, dtype):
 
 
 @settings(max_examples=10)
-@given(case=classifier_case(), pad=st.integers(0, 9))
+@given(case=classifier_case(), pad=st.integers(1, 9))
 def test_padding_after_the_last_real_token_changes_nothing(case, pad):
     """Causal attention: a row read at lengths - 1 gives the logits of the row alone, whatever
     follows it (both trees)."""
     cfg, K, B, T, _, seed = case
+    assume(cfg["context_length"] >= 2)
+    T = min(T, cfg["context_length"] - 1)  # room for at least one padded token
     pad = min(pad, cfg["context_length"] - T)
     ref = _numpy_classifier(cfg, K, seed)
     clf = _torch_classifier(cfg, K, ref.params, torch.float64)
@@ -108,7 +111,7 @@ def test_padding_after_the_last_real_token_changes_nothing(case, pad):
     filler = np.random.default_rng(seed + 1).integers(0, cfg["vocab_size"], (B, pad))
     padded = np.concatenate([ids, filler], axis=1)
     lengths = np.full(B, T)
-    for name, run in (("numpy_ref", lambda x, n: ref(x, n)),
+    for name, run in (("numpy_ref", lambda x, n: ref(x, lengths=n)),
                       ("torch_impl", lambda x, n: clf(torch.from_numpy(x), lengths=torch.from_numpy(n)).detach())):
         assert_close(f"{name}: logits with {pad} tokens after the last real one vs the row alone",
                      run(padded, lengths), run(ids, lengths), forward_tol("float64"))
@@ -140,6 +143,20 @@ def test_from_gpt_copies_the_trunk_and_leaves_the_model_alone():
         assert np_clf.params[name] is not value, f"numpy_ref from_gpt shares {name} with the language model"
     assert t_clf.dtype == torch.float64 and t_clf.num_classes == 2
     assert np.abs(np_clf.params["classifier.weight"]).max() > 0, "the new head is all zeros"
+    # Training the classifier leaves the language model as it was (no tensor shared).
+    with torch.no_grad():
+        for p in t_clf.parameters():
+            p.add_(1.0)
+    for name, value in np_model.params.items():
+        np_clf.params.get(name, np.zeros(1))[...] += 1.0
+        assert np.array_equal(t_model.state_dict()[name].numpy(), value), f"torch_impl from_gpt shares {name}"
+    assert np.array_equal(models.build_numpy_model(cfg_d, seed=3).params["wte.weight"], np_model.params["wte.weight"]), \
+        "numpy_ref from_gpt shares wte with the language model"
+    # A compiled model's trunk is copied too (its state_dict keys carry torch.compile's prefix).
+    compiled = tclf.GPTClassifier.from_gpt(torch.compile(t_model), 2, seed=5)
+    assert torch.equal(compiled.wte.weight, t_model.wte.weight)
+    with pytest.raises(TypeError, match="GPTModel"):
+        tclf.GPTClassifier.from_gpt(t_clf, 2)
 
 
 def test_trainable_names_agree_and_freeze_trunk_freezes_the_rest():
@@ -188,10 +205,89 @@ def test_bad_classifier_input_is_refused_alike_before_any_compute():
         for bad in (0, -2, 2.0, True):
             with pytest.raises(ValueError, match="num_classes"):
                 tree.check_num_classes(bad)
+        for bad in (-1, 2**64, 1.0, True):
+            with pytest.raises(ValueError, match="seed"):
+                tree.GPTClassifier((models.numpy_config if tree is nclf else models.torch_config)(cfg_d), 2, seed=bad)
     with pytest.raises(ValueError, match="outside"):  # ids go through the language model's checks
         ref(np.array([[11]]))
     with pytest.raises(ValueError, match="outside"):
         clf(torch.tensor([[11]]))
+
+
+def test_inputs_are_checked_before_the_trunk_runs(monkeypatch):
+    """Bad lengths or labels raise before any compute: the trunk is never entered."""
+    cfg_d = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                 qkv_bias=False, tie_embeddings=True)
+    ref = _numpy_classifier(cfg_d, 3, seed=1)
+    clf = _torch_classifier(cfg_d, 3, ref.params, torch.float64)
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the trunk ran before every input was checked")
+
+    monkeypatch.setattr(nclf, "embedding_forward", ran, raising=False)
+    import numpy_ref.model as nmodel
+
+    monkeypatch.setattr(nmodel, "embedding_forward", ran)
+    monkeypatch.setattr(tclf.GPTModel, "forward", ran)
+    ids = np.array([[1, 2, 3]])
+    for labels, lengths in ((np.array([3]), None), (None, np.array([4])), (np.array([0.0]), None)):
+        with pytest.raises((ValueError, TypeError)):
+            ref.forward(ids, labels, lengths=lengths)
+        with pytest.raises((ValueError, TypeError)):
+            clf(torch.from_numpy(ids), None if labels is None else torch.from_numpy(labels),
+                lengths=None if lengths is None else torch.from_numpy(lengths))
+
+
+def test_an_input_with_two_faults_raises_the_same_exception_in_both_trees():
+    """The checks run in one order in both trees (KV cache, dropout masks, ids, then targets,
+    lengths or labels), so the first fault found is the same one."""
+    cfg_d = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                 qkv_bias=False, tie_embeddings=True)
+    np_model = models.build_numpy_model(cfg_d, seed=1)
+    t_model = models.build_torch_model(cfg_d, np_model.params, dtype="float64")
+    other = dict(cfg_d, n_heads=4)
+    bad_mask = {"embedding": np.ones((1, 2, 8))}
+    cases = [  # (ids, targets, masks, cache from another model)
+        (np.array([[1.0, 2.0, 3.0]]), None, bad_mask, False),
+        (np.array([[1.0, 2.0, 3.0]]), None, None, True),
+        (np.array([[1, 2, 3]]), np.array([[1.0, 2.0, 3.0]]), bad_mask, False),
+        (np.array([[1, 2, 11]]), np.array([[1, 2, 99]]), None, False),
+    ]
+    for ids, targets, masks, foreign in cases:
+        caught = []
+        for tree, model, cache_of, as_tensor in (
+                ("numpy_ref", np_model, lambda: models.build_numpy_model(other).new_kv_cache(1), lambda a: a),
+                ("torch_impl", t_model, lambda: models.build_torch_model(other, models.build_numpy_model(other).params,
+                                                                           dtype="float64").new_kv_cache(1),
+                 torch.from_numpy)):
+            kw = {"kv_cache": cache_of()} if foreign else {}
+            if masks is not None:
+                kw["dropout_masks"] = {k: as_tensor(v) for k, v in masks.items()}
+            try:
+                if tree == "numpy_ref":
+                    model.forward(ids, targets, **kw) if not foreign else model(ids, **kw)
+                else:
+                    with torch.no_grad():
+                        model(as_tensor(ids), None if targets is None else as_tensor(targets), **kw)
+            except (TypeError, ValueError) as err:
+                caught.append((tree, type(err).__name__, str(err)))
+            else:
+                caught.append((tree, "no error", ""))
+        assert caught[0][1] == caught[1][1] != "no error", f"ids {ids.tolist()}, targets, masks, cache: {caught}"
+    ids = np.array([[1.0, 2.0]])  # the classifier: masks, then ids, then lengths and labels
+    bad_mask = {"embedding": np.ones((1, 5, 8))}
+    ref = _numpy_classifier(cfg_d, 2, seed=1)
+    clf = _torch_classifier(cfg_d, 2, ref.params, torch.float64)
+    for labels, lengths in ((np.array([5]), np.array([9])), (np.array([5]), None)):
+        errors = []
+        for call in (lambda: ref.forward(ids, labels, lengths=lengths, dropout_masks=bad_mask),
+                     lambda: clf(torch.from_numpy(ids), torch.from_numpy(labels),
+                                 lengths=None if lengths is None else torch.from_numpy(lengths),
+                                 dropout_masks={k: torch.from_numpy(v) for k, v in bad_mask.items()})):
+            with pytest.raises((TypeError, ValueError)) as info:
+                call()
+            errors.append((type(info.value).__name__, str(info.value)))
+        assert errors[0][0] == errors[1][0] and "mask" in errors[0][1] and "mask" in errors[1][1], errors
 
 
 def test_accuracy_alike():
@@ -199,6 +295,39 @@ def test_accuracy_alike():
     labels = np.array([1, 1, 0, 0])
     assert nclf.classification_accuracy(logits, labels) == 0.5  # rows 0 and 2 (a tie reads as class 0)
     assert tclf.classification_accuracy(torch.from_numpy(logits), torch.from_numpy(labels)) == 0.5
+    assert tclf.classification_accuracy(torch.from_numpy(logits), [1, 1, 0, 0]) == 0.5  # a list, as numpy_ref takes
+    for bad_logits, bad_labels, error in ((logits, np.array([1, 1, 0, 2]), ValueError),  # label 2 with K = 2
+                                          (logits, np.array([1.0, 1.0, 0.0, 0.0]), TypeError),
+                                          (logits[:0], labels[:0], ValueError),  # no rows: not NaN
+                                          (logits, labels[:3], ValueError)):
+        with pytest.raises(error):
+            nclf.classification_accuracy(bad_logits, bad_labels)
+        with pytest.raises(error):
+            tclf.classification_accuracy(torch.from_numpy(bad_logits), torch.from_numpy(bad_labels))
+
+
+def test_per_sample_gradients_with_lengths_under_vmap():
+    """torch.func: per-sample gradients of the classifier's loss, with lengths batched by vmap,
+    equal each row's own gradient; a batched length out of range is the same ValueError."""
+    from torch.func import functional_call, grad, vmap
+
+    cfg_d = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                 qkv_bias=False, tie_embeddings=True)
+    ref = _numpy_classifier(cfg_d, 3, seed=1)
+    clf = _torch_classifier(cfg_d, 3, ref.params, torch.float64)
+    params = {k: v.detach() for k, v in clf.named_parameters()}
+    ids, labels, lengths = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), torch.tensor([0, 2]), torch.tensor([2, 4])
+
+    def loss(p, x, y, n):
+        return functional_call(clf, p, (x[None], y[None]), {"lengths": n[None]})[1]
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, ids, labels, lengths)
+    for b in range(2):
+        _, _, cache = ref.forward(ids[b:b + 1].numpy(), labels[b:b + 1].numpy(), lengths=lengths[b:b + 1].numpy())
+        assert_dicts_close(f"row {b}'s gradient under vmap", {k: v[b] for k, v in per_sample.items()},
+                           ref.backward(cache), gradient_tol("float64"))
+    with pytest.raises(ValueError, match="outside 1 .. T = 4"):
+        vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, ids, labels, torch.tensor([2, 5]))
 
 
 def _spam_like_task(vocab: int, n: int, T: int, seed: int):
@@ -224,7 +353,7 @@ def test_fine_tuning_runs_agree_across_trees_step_by_step_and_learn():
     trainable = nclf.trainable_parameter_names(ref.config, 1)
     assert sorted(clf.freeze_trunk(1)) == sorted(trainable)
     np_opt = NumpyAdamW({n: ref.params[n] for n in trainable}, lr=3e-2, weight_decay=0.0)
-    t_opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)
+    t_opt = build_optimizer(clf, "adamw", lr=3e-2, weight_decay=0.0)  # fused where torch has it
     ids, labels, lengths = _spam_like_task(16, 64, 8, seed=1)
     for step in range(80):
         rows = np.arange(step * 16, step * 16 + 16) % 64
@@ -248,7 +377,7 @@ def test_fine_tuning_runs_agree_across_trees_step_by_step_and_learn():
         acc = tclf.classification_accuracy(clf(torch.from_numpy(ids), lengths=torch.from_numpy(lengths)),
                                            torch.from_numpy(labels))
     assert acc >= 0.95, f"the fine-tuned classifier gets {acc:.2f} of its 64 training rows right"
-    assert acc == nclf.classification_accuracy(ref(ids, lengths), labels)
+    assert acc == nclf.classification_accuracy(ref(ids, lengths=lengths), labels)
     ids, labels, lengths = _spam_like_task(16, 256, 8, seed=9)  # rows it has not seen
     with torch.no_grad():
         held_out = tclf.classification_accuracy(clf(torch.from_numpy(ids), lengths=torch.from_numpy(lengths)),
@@ -293,7 +422,7 @@ def collate_case(draw):
     seqs = [draw(st.lists(st.integers(0, 50), min_size=1, max_size=9)) for _ in range(B)]
     prompts = draw(st.none() | st.tuples(*[st.integers(0, len(s)) for s in seqs]).map(list))
     max_length = draw(st.none() | st.integers(1, 12))
-    return seqs, prompts, max_length, draw(st.integers(0, 60)), draw(st.sampled_from([-100, -1, 99]))
+    return seqs, prompts, max_length, draw(st.integers(0, 60)), draw(st.sampled_from([-100, -1, -7]))
 
 
 @given(case=collate_case())
@@ -325,6 +454,16 @@ def test_instruction_collate_refuses_bad_input_alike():
         ([[1]], {"max_length": 0}, ValueError, "max_length"),
         ([[1]], {"pad_id": -1}, ValueError, "pad_id"),
         ([[1]], {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ([[1]], {"ignore_index": 0}, ValueError, "negative"),  # it would drop every target equal to it
+        ([["a", "b"]], {}, TypeError, "position 0"),
+        (["abc"], {}, TypeError, "text"),
+        ([[1, None]], {}, TypeError, "position 1"),
+        ([[1, True]], {}, TypeError, "position 1"),
+        ([[1, 2**70]], {}, ValueError, "position 1: token id 1180591620717411303424"),
+        ([[3, -1]], {}, ValueError, "position 1: token id -1"),
+        ([np.array([1, 2**64 - 1], dtype=np.uint64)], {}, ValueError, "18446744073709551615"),
+        ([np.array([[1, 2]])], {}, ValueError, "shape"),
+        ([np.array([1.5])], {}, TypeError, "dtype"),
     ]
     for seqs, kw, error, message in cases:
         for tree in (ninst, tinst):

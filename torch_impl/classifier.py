@@ -27,12 +27,20 @@ from torch import nn
 
 from torch_impl.config import GPTConfig
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
+from torch_impl.device import as_int64_index, vmapped_values
 from torch_impl.embedding import check_ids
 from torch_impl.linear import linear_forward
 from torch_impl.model import _BLOCK_PARAMS, GPTModel, _group
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
-HEAD_SEED_OFFSET = 1_000_003  # the head's generator: seed + this, apart from the trunk's draws
+HEAD_SEED_OFFSET = 1_000_003  # the head's generator: seed + this (mod 2**64), apart from the trunk's draws
+
+
+def check_seed(seed) -> int:
+    """Seeds are integers in 0 .. 2**64 - 1 in both trees (the head's generator derives from it)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r}")
+    return int(seed)
 
 
 def check_num_classes(num_classes) -> int:
@@ -65,7 +73,13 @@ def check_lengths(lengths: torch.Tensor | None, B: int, T: int, device: torch.de
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if tuple(lengths.shape) != (B,):
         raise ValueError(f"lengths must have shape ({B},), one per row, got {tuple(lengths.shape)}")
-    lengths = lengths.to(device=device, dtype=torch.int64)
+    lengths = as_int64_index(lengths, "lengths").to(device)  # uint64 refused, as for ids
+    plain = vmapped_values(lengths)
+    if plain is not None:  # batched by torch.func.vmap: the values are checked under the batch
+        if bool(((plain < 1) | (plain > T)).any()):
+            raise ValueError(f"lengths under torch.func.vmap hold a value outside 1 .. T = {T}: "
+                             f"{plain.flatten().tolist()[:8]}")
+        return lengths
     bad = ((lengths < 1) | (lengths > T)).nonzero()
     if len(bad):
         i = int(bad[0, 0])
@@ -73,11 +87,15 @@ def check_lengths(lengths: torch.Tensor | None, B: int, T: int, device: torch.de
     return lengths
 
 
-def classification_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The fraction of rows whose largest logit is at the label (ties: the first index)."""
-    if logits.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:1]):
-        raise ValueError(f"logits must be (B, K) and labels (B,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    return float((logits.argmax(dim=1) == labels.to(logits.device)).float().mean())
+def classification_accuracy(logits: torch.Tensor, labels) -> float:
+    """The fraction of rows whose largest logit is at the label (ties: the first index). Labels
+    (a tensor, or a list) are checked as the loss checks them (integers in [0, K)); no rows is a
+    ValueError, not NaN."""
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be (B, K) with B >= 1, got shape {tuple(logits.shape)}")
+    labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    labels = check_targets(logits, labels.to(logits.device), None)
+    return float((logits.argmax(dim=1) == labels).double().mean())
 
 
 class GPTClassifier(GPTModel):
@@ -92,11 +110,11 @@ class GPTClassifier(GPTModel):
 
     def __init__(self, config: GPTConfig, num_classes: int, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, init: str = "gpt2") -> None:
-        K = check_num_classes(num_classes)
+        K, seed = check_num_classes(num_classes), check_seed(seed)
         super().__init__(config, seed=seed, dtype=dtype, device=device, init=init)
         if not config.tie_embeddings:
             del self.lm_head  # replaced by the classifier
-        gen = torch.Generator(device="cpu").manual_seed(seed + HEAD_SEED_OFFSET)
+        gen = torch.Generator(device="cpu").manual_seed((seed + HEAD_SEED_OFFSET) % 2**64)
         # GPT-2's initialisation for a linear layer: weight normal(0, 0.02), bias 0; drawn on the CPU.
         w = torch.empty(config.emb_dim, K, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
         self.classifier = _group(weight=nn.Parameter(w.to(device=device, dtype=dtype)),  # (C, K)
@@ -105,11 +123,17 @@ class GPTClassifier(GPTModel):
 
     @classmethod
     def from_gpt(cls, model: GPTModel, num_classes: int, seed: int = 0) -> "GPTClassifier":
-        """A classifier on a copy of `model`'s trunk, with a new head drawn from `seed`."""
+        """A classifier on a copy of `model`'s trunk (a GPTModel, or torch.compile of one), with a
+        new head drawn from `seed`."""
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every key
+        if not isinstance(model, GPTModel) or isinstance(model, GPTClassifier):
+            raise TypeError(f"from_gpt takes a torch_impl GPTModel, got {type(model).__name__}")
         clf = cls(model.config, num_classes, seed=seed, dtype=model.dtype, device=model.device)
         trunk = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        missing, unexpected = clf.load_state_dict(trunk, strict=False)
-        assert sorted(missing) == sorted(HEAD_NAMES) and not unexpected, (missing, unexpected)
+        missing, unexpected = clf.load_state_dict(trunk, strict=False)  # copies: no tensor is shared
+        if sorted(missing) != sorted(HEAD_NAMES) or unexpected:
+            raise ValueError(f"from_gpt: the model's parameters are not GPT-2's table (missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)})")
         return clf
 
     def freeze_trunk(self, n_last_blocks: int = 1) -> list[str]:
@@ -127,7 +151,10 @@ class GPTClassifier(GPTModel):
                 dropout_masks=None):
         """Logits (B, K); `(logits, loss)` when labels (B,) are given. See the module docstring."""
         w, b = self.classifier.weight, self.classifier.bias
-        ids = check_ids(ids, self.config.vocab_size, self.config.context_length)  # every input before any compute
+        # Every input before any compute, in the order of GPTModel.forward (masks, ids) and numpy_ref.
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+            self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], 0)
+        ids = check_ids(ids, self.config.vocab_size, self.config.context_length)
         B, T = ids.shape
         pos = check_lengths(lengths, B, T, ids.device) - 1  # (B,)
         if labels is not None:  # a meta (B, K) stands for the logits: only its shape is read

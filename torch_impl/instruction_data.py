@@ -11,6 +11,8 @@ next token at each position). A target becomes ignore_index past the end-of-text
 with prompt_lengths p, where it is a prompt token (j < p_b - 1): the loss then counts the
 response only (the book's exercise 7.2). Both are cut to max_length columns when given.
 
+`ignore_index` must be negative (a token id equal to it would drop out of the loss), and the ids
+are checked as numpy_ref checks them (the same exceptions, naming sequence, position and value).
 numpy_ref/instruction_data.py writes each step out; this is the same on tensors.
 """
 
@@ -49,13 +51,38 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
-def _as_ids(b: int, s) -> torch.Tensor:
-    t = s if isinstance(s, torch.Tensor) else torch.as_tensor(s)
-    if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(f"sequence {b} must be a non-empty 1-D list of token ids, got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"sequence {b} must hold integer token ids, got dtype {t.dtype}")
-    return t.to(torch.int64)
+INT64_MAX = 2**63 - 1
+
+
+def _as_ids(b: int, seq) -> torch.Tensor:
+    """Sequence b as int64 ids: a 1-D integer tensor, or a list (any iterable) of integers;
+    TypeError for text, a float, a bool or anything else that is not an integer (also inside a
+    list), ValueError for an empty or many-dimensional tensor and for an id < 0 or > 2**63 - 1
+    (naming the sequence, position and value). The vocabulary is checked by the model."""
+    if isinstance(seq, (str, bytes)):
+        raise TypeError(f"sequence {b} is text ({type(seq).__name__}); pass its token ids")
+    if hasattr(seq, "__array__") and not isinstance(seq, torch.Tensor):  # a NumPy array: by its dtype, as a tensor
+        try:
+            seq = torch.as_tensor(seq)
+        except TypeError as err:  # an object or text array
+            raise TypeError(f"sequence {b} must hold integer token ids: {err}") from None
+    if isinstance(seq, torch.Tensor):
+        if seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
+            raise TypeError(f"sequence {b} must hold integer token ids, got dtype {seq.dtype}")
+        if seq.ndim != 1 or seq.numel() == 0:
+            raise ValueError(f"sequence {b} must be a non-empty 1-D list of token ids, got shape {tuple(seq.shape)}")
+        values = seq.tolist()  # Python ints: uint64's large values are checked, not wrapped
+    else:
+        values = list(seq)
+        for j, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # NumPy's bool is not Integral
+                raise TypeError(f"sequence {b}, position {j}: token id {v!r} is not an integer")
+        if not values:
+            raise ValueError(f"sequence {b} must be a non-empty 1-D list of token ids, got shape (0,)")
+    for j, v in enumerate(values):
+        if not 0 <= v <= INT64_MAX:
+            raise ValueError(f"sequence {b}, position {j}: token id {int(v)} is outside 0 .. 2**63 - 1")
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
 def instruction_collate(sequences: Sequence, *, pad_id: int = 50256, ignore_index: int = -100,
@@ -65,6 +92,8 @@ def instruction_collate(sequences: Sequence, *, pad_id: int = 50256, ignore_inde
     pad_id = _check_int("pad_id", pad_id, 0)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if ignore_index >= 0:  # it would also drop every target equal to it: the end-of-text, a real token
+        raise ValueError(f"ignore_index must be negative (no token id may equal it), got {ignore_index}")
     if max_length is not None:
         max_length = _check_int("max_length", max_length, 1)
     rows = [_as_ids(b, s) for b, s in enumerate(sequences)]
