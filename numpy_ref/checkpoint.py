@@ -64,16 +64,23 @@ MODEL_JOURNAL = "checkpoint.saving.json"  # there only while save_checkpoint swa
 TRAINER_JOURNAL = "trainer_state.saving.json"  # the same for save_trainer_state
 PREFIX = "transformer."
 HEAD = "lm_head.weight"
+NUM_CLASSES = "gpt_oracle_num_classes"  # in config.json of a classifier's checkpoint (classifier.py)
 MODEL_DTYPES = ("F32", "BF16", "F16")  # what GPT-2 checkpoints hold; F64 is refused on purpose
 
 
 # ---- model checkpoints ----------------------------------------------------------------------
 
 
-def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarray]) -> Path:
-    """Write `config.json` and `model.safetensors` (float32) into `directory`; returns it."""
+def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarray], *,
+                    num_classes: int | None = None) -> Path:
+    """Write `config.json` and `model.safetensors` (float32) into `directory`; returns it.
+
+    With `num_classes`, a classifier's (classifier.py): the trunk's tensors as above, no
+    `lm_head.weight`, then `classifier.weight` (C, K) and `classifier.bias` (K,) under their own
+    names; config.json also holds `gpt_oracle_num_classes` and names the architecture GPT2Model
+    (Hugging Face's GPT2Model loads the trunk from it, leaving the head aside)."""
     directory = Path(directory)
-    table = param_shapes(config)
+    table = param_shapes(config) if num_classes is None else _classifier_table(config, num_classes)
     _check_names_and_shapes("params", {k: np.shape(v) for k, v in params.items()}, dict(table))
     tensors = {}
     for name, _ in table:
@@ -86,30 +93,36 @@ def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarra
             raise CheckpointError(f"params: key {name!r} has {int(bad.sum())} values that are not finite in float32 "
                                   f"(first at index {first}: {float(value[first])!r}; float32 holds |x| < 3.4e38); "
                                   f"refusing to write a checkpoint that cannot be loaded")
-        key = name if name == HEAD else PREFIX + name
-        tensors[key] = stored
+        tensors[_file_key(name)] = stored
     if not config.qkv_bias:
         C = config.emb_dim
         for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = np.zeros(3 * C, dtype=np.float32)
-    config_text = json.dumps(hf_config_dict(config), indent=2) + "\n"  # before any write: a TypeError writes nothing
+    hf = hf_config_dict(config)
+    if num_classes is not None:
+        hf.update(architectures=["GPT2Model"], **{NUM_CLASSES: int(num_classes)})
+    config_text = json.dumps(hf, indent=2) + "\n"  # before any write: a TypeError writes nothing
     save_together(directory, {WEIGHTS_FILE: safetensors_writer(tensors, metadata={"format": "pt"}),
                               CONFIG_FILE: lambda f: f.write(config_text.encode("utf-8"))}, MODEL_JOURNAL)
     return directory
 
 
-def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+def load_checkpoint(directory, dtype=np.float64, *, classifier: bool = False) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """(config, params) from a checkpoint directory; params in docs/design.md's order, as `dtype`.
-    A value finite in the file but beyond `dtype`'s range (1e5 as float16) is an error, not an inf."""
+    A value finite in the file but beyond `dtype`'s range (1e5 as float16) is an error, not an inf.
+    `classifier`: a classifier's checkpoint (see save_checkpoint), and only one; its K is the
+    length of params["classifier.bias"]."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     refuse_an_interrupted_save(directory, MODEL_JOURNAL)
-    config = config_from_hf(read_json(directory / CONFIG_FILE), directory / CONFIG_FILE)
+    hf = read_json(directory / CONFIG_FILE)
+    config = config_from_hf(hf, directory / CONFIG_FILE)
+    num_classes = _num_classes(hf, directory / CONFIG_FILE, classifier)
     where, raw, file_of = _read_weights(directory)
     tensors, file_keys = _strip_names(raw, file_of)
-    expected = dict(param_shapes(config))
-    if config.tie_embeddings and HEAD in tensors:
+    expected = dict(param_shapes(config) if num_classes is None else _classifier_table(config, num_classes))
+    if num_classes is None and config.tie_embeddings and HEAD in tensors:
         if "wte.weight" in tensors and not np.array_equal(tensors[HEAD], tensors["wte.weight"]):
             raise CheckpointError(f"{file_of[HEAD]}: key {HEAD!r} differs from wte.weight but config.json ties them")
         del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice (a missing wte: named below)
@@ -143,7 +156,31 @@ def load_checkpoint(directory, dtype=np.float64) -> tuple[GPTConfig, dict[str, n
 
 
 def _file_key(name: str) -> str:
-    return name if name == HEAD else PREFIX + name
+    """The file's key for one of our names: the heads keep theirs, the trunk's take the prefix."""
+    return name if name == HEAD or name.startswith("classifier.") else PREFIX + name
+
+
+def _classifier_table(config: GPTConfig, num_classes: int) -> list[tuple[str, tuple[int, ...]]]:
+    from numpy_ref.classifier import classifier_param_shapes  # classifier.py imports the model, not this
+
+    return classifier_param_shapes(config, num_classes)
+
+
+def _num_classes(hf: Mapping[str, Any], path: Path, classifier: bool) -> int | None:
+    """K from config.json for a classifier's checkpoint, None for a language model's; a
+    CheckpointError when it is not the kind asked for."""
+    if NUM_CLASSES not in hf:
+        if classifier:
+            raise CheckpointError(f"{path}: no {NUM_CLASSES!r}: a language model's checkpoint, not a classifier's "
+                                  f"(GPTClassifier.from_gpt builds one on a language model)")
+        return None
+    K = hf[NUM_CLASSES]
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise CheckpointError(f"{path}: key {NUM_CLASSES!r} = {K!r}: expected an integer >= 1")
+    if not classifier:
+        raise CheckpointError(f"{path}: a classifier's checkpoint ({K} classes), not a language model's; "
+                              f"load it with GPTClassifier.from_pretrained")
+    return K
 
 
 def _weight_files(directory: Path) -> tuple[Path, dict[Path, set[str] | None]]:

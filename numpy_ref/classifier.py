@@ -156,6 +156,7 @@ class GPTClassifier:
     clf = GPTClassifier.from_gpt(model, num_classes=2, seed=0)   a pretrained trunk, a new head
     logits = clf(ids, lengths=lengths)                           (B, K)
     logits, loss, cache = clf.forward(ids, labels, lengths=...); grads = clf.backward(cache)
+    clf.save_pretrained(dir); GPTClassifier.from_pretrained(dir)  checkpoint.py's classifier layout
     """
 
     def __init__(self, config, num_classes: int, seed: int = 0, dtype=np.float64,
@@ -197,3 +198,18 @@ class GPTClassifier:
 
     def backward(self, cache, dloss=1.0) -> dict[str, np.ndarray]:
         return classifier_backward(cache, dloss)
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=np.float64) -> "GPTClassifier":
+        """Load a classifier's checkpoint (checkpoint.py: the trunk in the Hugging Face GPT-2
+        layout, the head as `classifier.weight`, `classifier.bias`, K in config.json)."""
+        from numpy_ref.checkpoint import load_checkpoint
+
+        config, params = load_checkpoint(directory, dtype=dtype, classifier=True)
+        return cls(config, params["classifier.bias"].shape[0], dtype=dtype, params=params)
+
+    def save_pretrained(self, directory) -> None:
+        """Write this classifier as a checkpoint directory (weights in float32)."""
+        from numpy_ref.checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self.config, self.params, num_classes=self.num_classes)

@@ -399,14 +399,56 @@ def test_classifier_trains_under_bf16_autocast():
     assert not missing, f"no finite gradient for {missing}"
 
 
+@pytest.mark.parametrize("tie,qkv_bias", [(False, True), (True, False)])
+def test_classifier_checkpoints_move_between_the_trees(tie, qkv_bias, tmp_path):
+    """A classifier saved by either tree loads in the other with the same float32 values and
+    logits; a language model's loader refuses it by name, and the classifier's loader refuses a
+    language model's checkpoint; Hugging Face's GPT2Model reads the trunk from it."""
+    from numpy_ref.checkpoint import CheckpointError as NumpyCheckpointError
+    from numpy_ref.model import GPTModel as NumpyGPT
+    from torch_impl.checkpoint_files import CheckpointError as TorchCheckpointError
+    from torch_impl.model import GPTModel as TorchGPT
+
+    cfg_d = dict(vocab_size=13, context_length=6, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0,
+                 qkv_bias=qkv_bias, tie_embeddings=tie)
+    ref = _numpy_classifier(cfg_d, 3, seed=2)
+    ids, lengths = np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([4, 2])
+    ref.save_pretrained(tmp_path / "numpy")
+    from_numpy = tclf.GPTClassifier.from_pretrained(tmp_path / "numpy", dtype=torch.float64)
+    assert from_numpy.num_classes == 3 and list(from_numpy.state_dict()) == list(ref.params)
+    for name, value in ref.params.items():
+        assert np.array_equal(from_numpy.state_dict()[name].numpy(), value.astype(np.float32)), \
+            f"{name} changed on the way from numpy_ref to torch_impl"
+    from_numpy.save_pretrained(tmp_path / "torch")
+    back = nclf.GPTClassifier.from_pretrained(tmp_path / "torch")
+    for name, value in ref.params.items():
+        assert np.array_equal(back.params[name], value.astype(np.float32)), f"{name} changed on the round trip"
+    with torch.no_grad():
+        got = from_numpy(torch.from_numpy(ids), lengths=torch.from_numpy(lengths))
+    assert_close("logits of the loaded classifier", got, back(ids, lengths=lengths), forward_tol("float64"))
+    for folder in ("numpy", "torch"):
+        with pytest.raises(NumpyCheckpointError, match="classifier's checkpoint .3 classes."):
+            NumpyGPT.from_pretrained(tmp_path / folder)
+        with pytest.raises(TorchCheckpointError, match="classifier's checkpoint .3 classes."):
+            TorchGPT.from_pretrained(tmp_path / folder)
+    NumpyGPT(models.numpy_config(cfg_d)).save_pretrained(tmp_path / "lm")
+    with pytest.raises(NumpyCheckpointError, match="language model's checkpoint"):
+        nclf.GPTClassifier.from_pretrained(tmp_path / "lm")
+    with pytest.raises(TorchCheckpointError, match="language model's checkpoint"):
+        tclf.GPTClassifier.from_pretrained(tmp_path / "lm")
+    from transformers import GPT2Model
+
+    hf, info = GPT2Model.from_pretrained(tmp_path / "numpy", output_loading_info=True)
+    assert not info["missing_keys"], f"Hugging Face's GPT2Model misses {info['missing_keys']}"
+    assert np.array_equal(hf.wte.weight.detach().numpy(), ref.params["wte.weight"].astype(np.float32))
+
+
 def test_classifier_refuses_language_model_apis():
     clf = tclf.GPTClassifier(models.torch_config(dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2,
                                                       n_layers=1, drop_rate=0.0, qkv_bias=False,
                                                       tie_embeddings=False)), 2)
-    for call in (lambda: clf.new_kv_cache(1), lambda: clf.save_pretrained("unused"),
-                 lambda: tclf.GPTClassifier.from_pretrained("unused")):
-        with pytest.raises(NotImplementedError):
-            call()
+    with pytest.raises(NotImplementedError):
+        clf.new_kv_cache(1)
     with pytest.raises(NotImplementedError, match="no vocabulary head"):
         clf.head_weight
     with pytest.raises(ValueError, match="features_only"):  # the trunk's output has no logits to score

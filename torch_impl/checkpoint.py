@@ -54,11 +54,13 @@ MODEL_JOURNAL = "checkpoint.saving.json"  # there only while save_checkpoint swa
 TRAINER_JOURNAL = "trainer_state.saving.json"  # the same for save_trainer_state
 PREFIX = "transformer."
 HEAD = "lm_head.weight"
+NUM_CLASSES = "gpt_oracle_num_classes"  # in config.json of a classifier's checkpoint (classifier.py)
 MODEL_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # never F64
 
 
-def checkpoint_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names -> shapes, in docs/design.md's order."""
+def checkpoint_shapes(config: GPTConfig, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Our parameter names -> shapes, in docs/design.md's order; with `num_classes`, a
+    classifier's (classifier.py): no lm_head.weight, then classifier.weight and classifier.bias."""
     V, Tc, C = config.vocab_size, config.context_length, config.emb_dim
     shapes = {"wte.weight": (V, C), "wpe.weight": (Tc, C)}
     for i in range(config.n_layers):
@@ -71,13 +73,33 @@ def checkpoint_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
                        h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
                        h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    if not config.tie_embeddings:
+    if num_classes is not None:
+        shapes.update({"classifier.weight": (C, num_classes), "classifier.bias": (num_classes,)})
+    elif not config.tie_embeddings:
         shapes[HEAD] = (V, C)
     return shapes
 
 
 def _file_key(name: str) -> str:
-    return name if name == HEAD else PREFIX + name
+    """The file's key for one of our names: the heads keep theirs, the trunk's take the prefix."""
+    return name if name == HEAD or name.startswith("classifier.") else PREFIX + name
+
+
+def _num_classes(hf: Mapping[str, Any], path: Path, classifier: bool) -> int | None:
+    """K from config.json for a classifier's checkpoint, None for a language model's; a
+    CheckpointError when it is not the kind asked for."""
+    if NUM_CLASSES not in hf:
+        if classifier:
+            raise CheckpointError(f"{path}: no {NUM_CLASSES!r}: a language model's checkpoint, not a classifier's "
+                                  f"(GPTClassifier.from_gpt builds one on a language model)")
+        return None
+    K = hf[NUM_CLASSES]
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise CheckpointError(f"{path}: key {NUM_CLASSES!r} = {K!r}: expected an integer >= 1")
+    if not classifier:
+        raise CheckpointError(f"{path}: a classifier's checkpoint ({K} classes), not a language model's; "
+                              f"load it with GPTClassifier.from_pretrained")
+    return K
 
 
 # ---- safetensors reading, with errors that name the file and the key --------------------------
@@ -126,10 +148,16 @@ def _culprit(path: Path, size: int) -> str:
 # ---- model checkpoints ----------------------------------------------------------------------
 
 
-def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
-    """Write `config.json` and `model.safetensors` (float32, on the CPU) into `directory`."""
+def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch.Tensor], *,
+                    num_classes: int | None = None) -> Path:
+    """Write `config.json` and `model.safetensors` (float32, on the CPU) into `directory`.
+
+    With `num_classes`, a classifier's (classifier.py): the trunk's tensors as above, no
+    `lm_head.weight`, then `classifier.weight` (C, K) and `classifier.bias` (K,) under their own
+    names; config.json also holds `gpt_oracle_num_classes` and names the architecture GPT2Model
+    (Hugging Face's GPT2Model loads the trunk from it, leaving the head aside)."""
     directory = Path(directory)
-    expected = checkpoint_shapes(config)
+    expected = checkpoint_shapes(config, num_classes)
     _check_names_and_shapes("state_dict", {k: tuple(v.shape) for k, v in state_dict.items()}, expected)
     tensors = {}
     for name in expected:
@@ -145,22 +173,29 @@ def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch
     if not config.qkv_bias:
         for i in range(config.n_layers):  # HF GPT-2 always has this bias; zeros are our no-bias
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.emb_dim, dtype=torch.float32)
-    config_text = json.dumps(hf_config_dict(config), indent=2) + "\n"  # before any write: a TypeError writes nothing
+    hf = hf_config_dict(config)
+    if num_classes is not None:
+        hf.update(architectures=["GPT2Model"], **{NUM_CLASSES: int(num_classes)})
+    config_text = json.dumps(hf, indent=2) + "\n"  # before any write: a TypeError writes nothing
     save_together(directory, {WEIGHTS_FILE: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
                               CONFIG_FILE: lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8")},
                   MODEL_JOURNAL)
     return directory
 
 
-def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+def load_checkpoint(directory, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *,
+                    classifier: bool = False) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state_dict) from a checkpoint directory, tensors as `dtype` on `device`. A value
-    finite in the file but past `dtype`'s range (1e5 as float16) is an error, not an inf."""
+    finite in the file but past `dtype`'s range (1e5 as float16) is an error, not an inf.
+    `classifier`: a classifier's checkpoint (see save_checkpoint), and only one; its K is the
+    length of state_dict["classifier.bias"]."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     refuse_an_interrupted_save(directory, MODEL_JOURNAL)
-    config = config_from_hf(read_json(directory / CONFIG_FILE), directory / CONFIG_FILE)
+    hf = read_json(directory / CONFIG_FILE)
+    config = config_from_hf(hf, directory / CONFIG_FILE)
+    num_classes = _num_classes(hf, directory / CONFIG_FILE, classifier)
     where, raw, file_of = _read_weights(directory)
     tensors: dict[str, torch.Tensor] = {}
     file_keys: dict[str, str] = {}  # our name -> the file's key, for error messages
@@ -171,7 +206,7 @@ def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
         if name in tensors:
             raise CheckpointError(f"{file_of[key]}: key {key!r} appears both with and without the {PREFIX!r} prefix")
         tensors[name], file_keys[name] = t, key
-    if config.tie_embeddings and HEAD in tensors:
+    if num_classes is None and config.tie_embeddings and HEAD in tensors:
         if "wte.weight" in tensors and not torch.equal(tensors[HEAD], tensors["wte.weight"]):
             raise CheckpointError(f"{file_of[HEAD]}: key {HEAD!r} differs from wte.weight but config.json ties them")
         del tensors[HEAD]  # a tied head saved explicitly: the same tensor twice (a missing wte: named below)
@@ -181,7 +216,7 @@ def load_checkpoint(directory, dtype: torch.dtype = torch.float32,
             if bias is not None and bool((bias != 0).any()):
                 key = file_keys[f"h.{i}.attn.c_attn.bias"]
                 raise CheckpointError(f"{file_of[key]}: key {key!r} is non-zero but the config has qkv_bias=False")
-    expected = checkpoint_shapes(config)
+    expected = checkpoint_shapes(config, num_classes)
     _check_names_and_shapes(str(where), {k: tuple(v.shape) for k, v in tensors.items()}, expected,
                             lambda k: file_keys.get(k) or _file_key(k))
     state = {}

@@ -106,6 +106,7 @@ class GPTClassifier(GPTModel):
     logits = clf(ids, lengths=lengths)                           (B, K)
     logits, loss = clf(ids, labels, lengths=lengths)
     clf.freeze_trunk(n_last_blocks=1)                            the book's fine-tuning set
+    clf.save_pretrained(dir); GPTClassifier.from_pretrained(dir)  checkpoint.py's classifier layout
     """
 
     def __init__(self, config: GPTConfig, num_classes: int, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -170,9 +171,19 @@ class GPTClassifier(GPTModel):
         raise NotImplementedError("a GPTClassifier reads whole sequences; it has no incremental decoding")
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, device=None):
-        raise NotImplementedError("load the language model with GPTModel.from_pretrained, then GPTClassifier.from_gpt")
+    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> "GPTClassifier":
+        """Load a classifier's checkpoint (checkpoint.py: the trunk in the Hugging Face GPT-2
+        layout, the head as `classifier.weight`, `classifier.bias`, K in config.json)."""
+        from torch_impl.checkpoint import load_checkpoint
+
+        config, state = load_checkpoint(directory, dtype=dtype, classifier=True)
+        clf = cls(config, state["classifier.bias"].shape[0], dtype=dtype, device=device)
+        clf.load_state_dict(state, strict=True)
+        return clf
 
     def save_pretrained(self, directory) -> None:
-        raise NotImplementedError("the Hugging Face GPT-2 layout has no place for this head; save state_dict() "
-                                  "with safetensors.torch.save_file")
+        """Write this classifier as a checkpoint directory (weights in float32)."""
+        from torch_impl.checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self.config, self.state_dict(), num_classes=self.num_classes)
