@@ -59,7 +59,8 @@ class Comparison:
         return (
             f"{self.name} shape={self.shape} dtype={self.dtype} "
             f"max_abs={self.max_abs:.3e} max_rel={format_rel(self.max_rel, self.tol)} "
-            f"(atol={self.tol.atol:.1e}, rtol={self.tol.rtol:.1e}{' of the tensor max' if self.tol.per_tensor else ''}: {self.tol.why}); "
+            f"(atol={self.tol.atol:.1e}{f' or {self.tol.floor:.0e} of the tensor max' if self.tol.floor else ''}, "
+            f"rtol={self.tol.rtol:.1e}{' of the tensor max' if self.tol.per_tensor else ''}: {self.tol.why}); "
             f"worst at index {self.worst_index}: actual={self.actual_at_worst!r} expected={self.expected_at_worst!r}"
         )
 
@@ -96,9 +97,10 @@ def compare(name: str, actual: Any, expected: Any, tol: Tol) -> Comparison:
     diff = np.where(both_nonfinite_same, 0.0, diff)
     diff = np.where(np.isnan(diff), np.inf, diff)
     scale = np.abs(np.nan_to_num(e, posinf=0.0, neginf=0.0))
+    atol = max(tol.atol, tol.floor * float(scale.max()))  # Tol.floor: near-zero results of wide sums
     if tol.per_tensor:
         scale = np.full_like(scale, scale.max())
-    excess = diff - (tol.atol + tol.rtol * scale)
+    excess = diff - (atol + tol.rtol * scale)
     worst_flat = int(np.argmax(excess)) if np.any(excess > 0) else int(np.argmax(diff))
     worst = tuple(int(i) for i in np.unravel_index(worst_flat, a.shape))
     # Relative error only where the oracle is larger than atol: near zero it means nothing (a

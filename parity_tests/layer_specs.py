@@ -56,12 +56,22 @@ def _normal(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
     return rng.standard_normal(shape) * scale
 
 
+def weight_scale(C: int) -> float:
+    """The standard deviation of drawn weights: 0.3 up to C = 32 (every size drawn by default),
+    then 0.3 * sqrt(32 / C), so that pre-activations stay O(1) at any width, as in a trained model.
+    At C = 768 a fixed 0.3 gives attention scores in the hundreds: the softmax saturates, values
+    grow with C, and a correct float32 kernel fails a tolerance whose absolute floor is 1e-5."""
+    return 0.3 * min(1.0, (32 / C) ** 0.5)
+
+
 def _linear_inputs(rng, s: Sizes) -> dict:
     C_out = s.C + 3  # rectangular on purpose: a transposed weight cannot pass
-    return dict(x=_normal(rng, (s.B, s.T, s.C)), w=_normal(rng, (s.C, C_out), 0.3), b=_normal(rng, (C_out,), 0.1))
+    return dict(x=_normal(rng, (s.B, s.T, s.C)), w=_normal(rng, (s.C, C_out), weight_scale(s.C)),
+                b=_normal(rng, (C_out,), 0.1))
 
 
-_LAYERNORM_SMALL_SPREADS = (1e-3, 0.0, 3e-3)  # row standard deviations, replacing the last rows
+_LAYERNORM_SMALL_SPREADS = (0.1, 0.0, 1.0)  # row variances / eps (var ~ eps/10, 0, ~eps), the last rows
+_LAYERNORM_EPS = (1e-5, 1e-5, 1e-6, 1e-3)  # GPT-2's 1e-5 half the time: a kernel must use the eps it is given
 
 
 def _layernorm_inputs(rng, s: Sizes) -> dict:
@@ -70,8 +80,7 @@ def _layernorm_inputs(rng, s: Sizes) -> dict:
     # with C = 2 the output is +-1 whatever x is, so dx is identically ~0 and what remains is
     # pure cancellation noise. No model has such a width; use C >= 3.
     C = max(s.C, 3)
-    eps = 1e-5
-    x = _normal(rng, (s.B, s.T, C), 2.0) + 0.5  # var ~ 4: eps changes these rows by ~1e-6 relative
+    x = _normal(rng, (s.B, s.T, C), 2.0) + 0.5  # var ~ 4: eps changes these rows by ~eps/8 relative
     # A few values drawn close together by chance (C = 3 is common) make a row whose spread is
     # small next to its mean: a correct bf16 kernel then loses most of x - mean to the inputs'
     # rounding (2^-9 |mean| / std of the output; up to 100% of dx seen at C = 3), which no fixed
@@ -86,11 +95,12 @@ def _layernorm_inputs(rng, s: Sizes) -> dict:
     # m = 0.5, the float32 tolerance itself), and that would measure the offset, not eps.
     # At most half the rows (none when B = T = 1): the ordinary rows stay the bulk of the test.
     rows = x.reshape(-1, C)  # (B, T, C) -> (B*T, C), a view
-    for i, spread in enumerate(_LAYERNORM_SMALL_SPREADS[: len(rows) // 2]):
-        if spread == 0.0:
-            rows[-1 - i] = 1e-3 * rng.standard_normal()  # one value repeated: var = 0 exactly
+    eps = float(_LAYERNORM_EPS[rng.integers(len(_LAYERNORM_EPS))]) if len(rows) >= 2 else 1e-5
+    for i, ratio in enumerate(_LAYERNORM_SMALL_SPREADS[: len(rows) // 2]):
+        if ratio == 0.0:
+            rows[-1 - i] = (eps ** 0.5) * rng.standard_normal()  # one value repeated: var = 0 exactly
         else:
-            rows[-1 - i] = _normal(rng, (C,), spread)
+            rows[-1 - i] = _normal(rng, (C,), (ratio * eps) ** 0.5)
     return dict(x=x, w=1.0 + _normal(rng, (C,), 0.2), b=_normal(rng, (C,), 0.2), eps=eps)
 
 
@@ -112,9 +122,9 @@ def _attention_inputs(rng, s: Sizes) -> dict:
     C = s.C
     return dict(
         x=_normal(rng, (s.B, s.T, C)),
-        w_attn=_normal(rng, (C, 3 * C), 0.3),
+        w_attn=_normal(rng, (C, 3 * C), weight_scale(C)),
         b_attn=_normal(rng, (3 * C,), 0.1),
-        w_proj=_normal(rng, (C, C), 0.3),
+        w_proj=_normal(rng, (C, C), weight_scale(C)),
         b_proj=_normal(rng, (C,), 0.1),
         n_heads=s.nh,
     )
@@ -124,9 +134,9 @@ def _mlp_inputs(rng, s: Sizes) -> dict:
     C = s.C
     return dict(
         x=_normal(rng, (s.B, s.T, C)),
-        w_fc=_normal(rng, (C, 4 * C), 0.3),
+        w_fc=_normal(rng, (C, 4 * C), weight_scale(C)),
         b_fc=_normal(rng, (4 * C,), 0.1),
-        w_proj=_normal(rng, (4 * C, C), 0.3),
+        w_proj=_normal(rng, (4 * C, C), weight_scale(C)),
         b_proj=_normal(rng, (C,), 0.1),
     )
 
@@ -137,9 +147,21 @@ def _embedding_inputs(rng, s: Sizes) -> dict:
     return dict(ids=ids.astype(np.int64), wte=_normal(rng, (s.V, s.C), 0.5), wpe=_normal(rng, (max(s.Tc, s.T), s.C), 0.5))
 
 
+IGNORE_INDEX = -100  # what padding targets hold (instruction_data.py; torch's default)
+
+
 def _cross_entropy_inputs(rng, s: Sizes) -> dict:
     targets = rng.integers(0, s.V, size=(s.B, s.T)).astype(np.int64)
-    return dict(logits=_normal(rng, (s.B, s.T, s.V), 2.0), targets=targets)
+    logits = _normal(rng, (s.B, s.T, s.V), 2.0)
+    # Half the draws with B*T >= 2 ignore some targets (never all: the mean would be 0/0), so a
+    # loss that divides by every target, ignored ones included, cannot pass.
+    ignore_index = None
+    if targets.size >= 2 and rng.random() < 0.5:
+        ignore_index = IGNORE_INDEX
+        ignored = rng.random(targets.shape) < 0.4
+        ignored.flat[int(rng.integers(targets.size))] = False
+        targets[ignored] = IGNORE_INDEX
+    return dict(logits=logits, targets=targets, ignore_index=ignore_index)
 
 
 SPECS: dict[str, LayerSpec] = {

@@ -7,7 +7,8 @@ the oracle layer of the same name (see `parity_tests.layer_specs.SPECS`: `x, w, 
     from parity_tests.oracle import check_layer
     report = check_layer("layernorm", my_layernorm, dtype="float32", device="cuda")
 
-Hypothesis draws sizes (batch, time, heads, head size, vocabulary) and input values; for each
+Hypothesis draws sizes (batch, time, heads, head size, vocabulary; small by default, larger with
+`sizes=`, see `sizes` below) and input values; for each
 draw your function runs on torch tensors of `dtype` on `device` and returns one tensor, of the
 oracle's shape and of that same dtype (compute in higher precision inside if you like, but cast
 the result back: a float64 result would leave the float32 arithmetic untested); its output and
@@ -65,17 +66,63 @@ class Report:
 
 
 @st.composite
-def sizes(draw, max_batch: int = 3, max_time: int = 9, max_heads: int = 4, max_head_size: int = 8) -> Sizes:
-    """Sizes valid by construction; B=1 and T=1 are reachable and T never exceeds the context."""
-    T = draw(st.integers(1, max_time))
+def sizes(draw, max_batch: int = 3, max_time: int = 9, max_heads: int = 4, max_head_size: int = 8, *,
+          min_time: int = 1, min_head_size: int = 1, head_sizes: tuple[int, ...] | None = None,
+          max_vocab: int = 40) -> Sizes:
+    """Sizes valid by construction; B=1 and T=1 are reachable (with the default minima) and T
+    never exceeds the context. The defaults are small, so hypothesis can shrink a failure to a
+    readable case; a kernel that tiles (blocks of 16, 64, ...) should also be checked at sizes
+    that cross its tiles, e.g. `sizes(max_time=80, min_head_size=16, max_head_size=64)`, or
+    `head_sizes=(16, 32, 64)` for a kernel that takes only those."""
+    T = draw(st.integers(min_time, max_time))
     return Sizes(
         B=draw(st.integers(1, max_batch)),
         T=T,
         nh=draw(st.integers(1, max_heads)),
-        hs=draw(st.integers(1, max_head_size)),
-        V=draw(st.integers(2, 40)),
+        hs=draw(st.sampled_from(head_sizes) if head_sizes else st.integers(min_head_size, max_head_size)),
+        V=draw(st.integers(2, max_vocab)),
         Tc=draw(st.integers(T, max_time + 3)),
     )
+
+
+def _size_strategy(given_sizes) -> st.SearchStrategy:
+    """check_layer's `sizes`: None (the small defaults), one Sizes (always those; the values are
+    still drawn), or a hypothesis strategy of Sizes (`sizes(...)` with other limits)."""
+    if given_sizes is None:
+        return sizes()
+    if isinstance(given_sizes, Sizes):
+        return st.just(given_sizes)
+    if isinstance(given_sizes, st.SearchStrategy):
+        return given_sizes
+    raise TypeError(f"sizes must be None, a parity_tests.layer_specs.Sizes or a hypothesis strategy of them "
+                    f"(parity_tests.oracle.sizes(...)), got {type(given_sizes).__name__}")
+
+
+def _failure_message(name: str, where: str, results: list[Comparison], replay: str) -> str:
+    """Every tensor over tolerance, worst first by how far over; the forward's error beside them
+    when it passed (a forward error under tolerance can surface first in the gradients: an
+    autograd backward differentiates whatever the forward computed); and how to replay."""
+    bad = [r for r in results if not r.ok]
+    lines = [f"{name} ({where}) differs from the oracle: " + bad[0].message()]
+    lines += ["  also over tolerance: " + r.message() for r in bad[1:]]
+    forward = [r for r in results if r.name.endswith(" out")]
+    if all(r.ok for r in forward) and forward:
+        worst = max(forward, key=lambda r: r.max_abs)
+        lines.append(f"  the forward passed ({worst.name}: max_abs={worst.max_abs:.3e}, within atol={worst.tol.atol:.0e} "
+                     f"+ rtol={worst.tol.rtol:.0e}); with gradients from autograd, a forward bug below the tolerance "
+                     f"can still show first in them, so check the forward's formula too")
+    lines.append(f"  replay: {replay}")
+    return "\n".join(lines)
+
+
+def _note_on_error(err: BaseException, name: str, inputs: dict) -> None:
+    """Add to an exception raised by the function under test what it was given: the shapes, and
+    the layout every oracle weight has."""
+    if not hasattr(err, "add_note"):  # Python < 3.11
+        return
+    shapes = ", ".join(f"{k}={tuple(v.shape)}" if hasattr(v, "shape") else f"{k}={v!r}" for k, v in inputs.items())
+    err.add_note(f"raised by the function under test for oracle layer {name!r} with {shapes}; every weight is "
+                 f"(in, out), applied as x @ w + b: nn.Linear's (out, in) weight is w.t()")
 
 
 # Accepted spellings of each dtype (a torch.dtype is read by its name: torch.float32 -> "float32").
@@ -240,7 +287,11 @@ def compare_torch_layer(
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
-        out = fn(**targs)
+        try:
+            out = fn(**targs)
+        except Exception as err:
+            _note_on_error(err, spec.name, targs)
+            raise
         _check_torch_output(spec, label, out, oracle.out, tdtype)
         diff_inputs = [targs[k] for k in spec.differentiable]
         upstream = torch.as_tensor(oracle.upstream, dtype=out.dtype, device=out.device)
@@ -256,13 +307,17 @@ def compare_torch_layer(
 def check_layer(
     name: str, fn: Callable, *, dtype: str | torch.dtype = "float32", device: str = "cpu", max_examples: int = 25,
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, derandomize: bool = False,
+    sizes: Sizes | st.SearchStrategy | None = None,
 ) -> Report:
     """Check a torch implementation of oracle layer `name` over hypothesis-drawn inputs.
 
     `fn` takes the layer's keyword arguments as torch tensors (static ones, like `eps` and
     `n_heads`, as Python values) and returns the output, a tensor of the inputs' dtype; gradients
     come from torch autograd. `dtype` is a name ("float32", "fp32", "bf16", "tf32", ...) or a
-    torch dtype. Raises AssertionError on the first mismatch (after shrinking), or when `fn`
+    torch dtype. `sizes`: the small defaults (B <= 3, T <= 9, nh <= 4, hs <= 8, V <= 40), one
+    `Sizes(B=, T=, nh=, hs=, V=, Tc=)`, or a strategy such as `oracle.sizes(max_time=80,
+    min_head_size=16, max_head_size=64)`. Raises AssertionError on a mismatch (after shrinking:
+    every tensor over tolerance, and a `replay:` line that reruns that case), or when `fn`
     returns something other than such a tensor; returns a Report otherwise.
     """
     spec = get_spec(name)
@@ -271,15 +326,16 @@ def check_layer(
     report = Report(layer=name, dtype=dtype)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
-    @given(s=sizes(), seed=st.integers(0, 2**31 - 1))
+    @given(s=_size_strategy(sizes), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s)
         results = compare_torch_layer(
             spec, fn, inputs, dtype=dtype, device=device, tol_forward=tol_forward, tol_grad=tol_grad,
             label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed,
         )
-        bad = [r for r in results if not r.ok]
-        assert not bad, f"{name} ({dtype}, {device}) differs from the oracle: " + bad[0].message()
+        replay = (f"compare_torch_layer(get_spec({name!r}), fn, get_spec({name!r}).make_inputs("
+                  f"np.random.default_rng({seed}), {s}), dtype={dtype!r}, device={device!r}, upstream_seed={seed})")
+        assert all(r.ok for r in results), _failure_message(name, f"{dtype}, {device}", results, replay)
         report.comparisons.extend(results)
         report.examples += 1
 
@@ -290,6 +346,7 @@ def check_layer(
 def check_numpy_layer(
     name: str, forward: Callable, backward: Callable, *, max_examples: int = 25,
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, derandomize: bool = False,
+    sizes: Sizes | st.SearchStrategy | None = None,
 ) -> Report:
     """Check a float64 NumPy pair (forward -> (out, cache); backward(dout, cache) -> grads).
 
@@ -303,7 +360,7 @@ def check_numpy_layer(
     tol_g = tol_grad or gradient_tol("float64")
 
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
-    @given(s=sizes(), seed=st.integers(0, 2**31 - 1))
+    @given(s=_size_strategy(sizes), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s)
         oracle = run_oracle(spec, inputs, upstream_seed=seed)
@@ -314,8 +371,8 @@ def check_numpy_layer(
         out, cache = returned
         grads = _gradient_list(label, spec, backward(oracle.upstream, cache))
         results = _compare_outputs(spec, label, out, dict(zip(spec.differentiable, grads)), oracle, tol_f, tol_g)
-        bad = [r for r in results if not r.ok]
-        assert not bad, f"{name} (numpy) differs from the oracle: " + bad[0].message()
+        replay = f"get_spec({name!r}).make_inputs(np.random.default_rng({seed}), {s}), upstream seed {seed}"
+        assert all(r.ok for r in results), _failure_message(name, "numpy", results, replay)
         report.comparisons.extend(results)
         report.examples += 1
 
