@@ -115,7 +115,8 @@ def adamw_deviation(config_d: dict, params: dict, grads: dict, device: str) -> d
 
 
 def error_budget(config_name: str, config_d: dict, params: dict, *, B: int = 2, T: int = 32, device: str = "cpu",
-                 compile_ok: bool = True, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+                 compile_ok: bool = True, progress: Callable[[str], None] = lambda s: None,
+                 compile_skipped_why: str = "compilation takes minutes on CPU; see the first config") -> list[dict]:
     T = min(T, config_d["context_length"])
     ids, targets = batch(config_d, B, T, seed=1)
     progress(f"error budget {config_name}: float64 oracle")
@@ -164,7 +165,7 @@ def error_budget(config_name: str, config_d: dict, params: dict, *, B: int = 2, 
             continue
         if mode == "compile" and not compile_ok:
             rows.append({"config": config_name, "setting": setting, "within_tolerance": None,
-                         "note": "not measured here (compilation takes minutes on CPU; see the first config)"})
+                         "note": f"not measured here ({compile_skipped_why})"})
             continue
         progress(f"error budget {config_name}: {setting}")
         row(setting, lambda mode=mode: _torch_run(config_d, params, ids, targets, mode, device), dtype)

@@ -231,8 +231,9 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
         if name in params_by_config:
             # torch.compile's error budget once, on the smaller config: compiling 124M again costs minutes.
             compile_ok = not quick and (name == p["accuracy_configs"][0] or device.startswith("cuda"))
+            why = "not run with --quick" if quick else "compilation takes minutes on CPU; see the first config"
             accuracy += error_budget(name, resolved[name], params_by_config[name], B=1 if name == "124M" else 2,
-                                     device=device, compile_ok=compile_ok, progress=progress)
+                                     device=device, compile_ok=compile_ok, progress=progress, compile_skipped_why=why)
     progress("machine: peaks again, at the end")
     info = machine.remeasure(info, quick=quick, device=device, progress=progress)
     peaks = info["peaks"]

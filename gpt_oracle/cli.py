@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if stop.code in (0, None):
             raise
         return int(stop.code)
-    if args.command is None:
-        parser.print_help()
+    if args.command is None:  # a usage error like the others: one line on stderr, exit status 2
+        print(f"{parser.prog}: error: a command is required: {', '.join(COMMANDS)} (see {parser.prog} --help)",
+              file=sys.stderr)
         return EXIT_USAGE
     args._argv = list(sys.argv[1:] if argv is None else argv)  # what was typed (train --resume checks it)
     return int(args._run(args))

@@ -335,6 +335,9 @@ def test_quick_bench_on_tiny_writes_well_formed_results(tmp_path, one_torch_thre
     assert set(payload) >= {"meta", "machine", "targets", "accuracy", "results"}, f"keys: {sorted(payload)}"
     peaks = payload["machine"]["peaks"]
     assert all(v > 0 for v in peaks.values()), f"measured peaks must be positive: {peaks}"
+    compiled = [r for r in payload["accuracy"] if r["setting"] == "torch.compile fp32"]
+    assert compiled and all(r["note"] == "not measured here (not run with --quick)" for r in compiled), \
+        f"--quick runs no compile; its row must say so, not point at another config: {compiled}"
     rows = payload["results"]
     assert rows, "no result rows"
     errors = [f"{r['backend']} {r['what']}: {r['note']}" for r in rows if r["status"] == "error"]
@@ -963,3 +966,34 @@ def test_goals_for_124m_are_not_judged_on_another_config():
     fp32 = "torch fp32 train step time / HF step time (small, not the target config)"
     assert judged[np32] == (0.5, None) and judged[fp32] == (0.5, None), judged
     assert judged["numpy_ref tokenizer time / tiktoken time"] == (2.0, True), "the tokenizer goal has no config"
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys):
+    """`bench --out` under a read-only folder raised check_out_dir's ValueError as a traceback
+    (exit 1) after the run had started; it is refused first, one line, exit 2."""
+    from gpt_oracle.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: a path under a file cannot be made by anyone
+            target = tmp_path / "afile" / "sub"
+            (tmp_path / "afile").write_text("x")
+        else:
+            target = locked / "out"
+        status = main(["bench", "--quick", "--configs", "tiny", "--out", str(target), "--quiet", "--no-tokenizer"])
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (status, err)
+    assert str(target) in err, err
+
+
+def test_no_command_is_a_one_line_usage_error(capsys):
+    from gpt_oracle.cli import main
+
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+    assert "a command is required" in captured.err and "check" in captured.err, captured.err

@@ -236,3 +236,23 @@ def test_loader_counts_the_epochs_it_has_drawn(tree):
     assert loader.epochs_drawn == 0 and len(loader) == 5  # len() draws nothing
     list(loader), list(loader)
     assert loader.epochs_drawn == 2
+
+
+def test_the_verdict_is_hash_checked_in_both_trees_against_its_provenance(monkeypatch):
+    """Each tree checks the packaged corpus against its own copy of the hash the data README
+    lists (only the ranks file was checked: design.md said both were)."""
+    import re as _re
+    from pathlib import Path
+
+    import numpy_ref.data as ndata
+    import torch_impl.data as tdata
+
+    readme = (Path(ndata.__file__).parents[1] / "gpt_oracle" / "data" / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| the-verdict.txt"))
+    listed = _re.findall(r"\b[0-9a-f]{64}\b", row)
+    assert listed == [ndata.VERDICT_SHA256] == [tdata.VERDICT_SHA256], (listed, ndata.VERDICT_SHA256, tdata.VERDICT_SHA256)
+    for tree in (ndata, tdata):
+        assert len(tree.load_verdict()) == 20479
+        monkeypatch.setattr(tree, "VERDICT_SHA256", "0" * 64)
+        with pytest.raises(ValueError, match=f"the packaged the-verdict.txt has sha256 {listed[0]}, expected 0+"):
+            tree.load_verdict()

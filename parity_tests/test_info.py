@@ -96,6 +96,19 @@ def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(capsys, t
     assert code == 0 and json.loads(out)[0]["config"]["n_layers"] == 1, out
 
 
+def test_a_classifier_checkpoint_is_refused_by_name(capsys, tmp_path):
+    """info printed a vocabulary head that a classifier does not have; like generate, check and
+    diff, it refuses the folder, naming what it is."""
+    from numpy_ref.classifier import GPTClassifier
+
+    GPTClassifier(get_config("tiny"), 2, seed=0).save_pretrained(tmp_path / "clf")
+    parser = argparse.ArgumentParser()
+    info.add_arguments(parser)
+    code = info.run(parser.parse_args([str(tmp_path / "clf")]))
+    captured = capsys.readouterr()
+    assert code == 2 and "classifier's checkpoint (2 classes)" in captured.err and captured.out == "", captured
+
+
 def test_console_entry_point():
     done = subprocess.run([sys.executable, "-m", "gpt_oracle", "info", "gpt2-small"], capture_output=True, text=True,
                           timeout=120)

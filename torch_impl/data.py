@@ -17,6 +17,7 @@ Reference: S. Raschka, "Build a Large Language Model (From Scratch)", `GPTDatase
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import numbers
 import random
@@ -27,9 +28,19 @@ from torch.utils.data import Dataset
 from torch_impl.tokenizer import ENDOFTEXT, get_encoding
 
 
+# gpt_oracle/data/README.md: the file's provenance and this hash (each tree keeps its own copy)
+VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+
+
 def load_verdict() -> str:
-    """"The Verdict" (Edith Wharton, 1908), the book's training text: 20,479 characters."""
-    return (importlib.resources.files("gpt_oracle.data") / "the-verdict.txt").read_text(encoding="utf-8")
+    """"The Verdict" (Edith Wharton, 1908), the book's training text: 20,479 characters,
+    hash-checked (a changed file would change every default run and test that trains on it)."""
+    raw = (importlib.resources.files("gpt_oracle.data") / "the-verdict.txt").read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != VERDICT_SHA256:
+        raise ValueError(f"the packaged the-verdict.txt has sha256 {digest}, expected {VERDICT_SHA256} "
+                         f"(gpt_oracle/data/README.md): the file was changed")
+    return raw.decode("utf-8")
 
 
 def _positive_int(name: str, value) -> int:

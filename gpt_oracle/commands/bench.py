@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from benchmarks import report
-    from benchmarks.runner import Progress, resolve_config, run_bench
+    from benchmarks.runner import Progress, check_out_dir, resolve_config, run_bench
 
     check_device(args.device)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
             resolve_config(name)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: exists and is not a directory")
+    with user_input(None):  # a folder that cannot be made or written: one line, before minutes of timing
+        check_out_dir(args.out)
     payload = run_bench(quick=args.quick, out_dir=args.out, device=args.device, configs=args.configs,
                         progress=Progress(enabled=not args.quiet), tokenizer=not args.no_tokenizer)
     print_result("\n\n".join([

@@ -52,6 +52,9 @@ def load_config(name: str):
         stored = json.loads(text)
     if not isinstance(stored, dict) or "gpt_oracle" not in stored:
         raise UserError(f"{path}: has no 'gpt_oracle' object holding a GPTConfig")
+    if "gpt_oracle_num_classes" in stored:  # its head is not the vocabulary head these counts describe
+        raise UserError(f"{path}: a classifier's checkpoint ({stored['gpt_oracle_num_classes']!r} classes), not a "
+                        f"language model's; info counts a language model's parameters")
     ours = stored["gpt_oracle"]
     if not isinstance(ours, dict):
         raise UserError(f"{path}: 'gpt_oracle' must be a JSON object holding a GPTConfig, got "
