@@ -1,0 +1,182 @@
+"""Check your own whole GPT-2 (forward, loss and every parameter gradient) against the oracle.
+
+`check_layer` (oracle.py) checks one layer. A model is checked the same way, through one function
+you write around it:
+
+    from parity_tests.model_oracle import check_model
+
+    def my_gpt(params, ids, targets, config):        # params: our names, (in, out) weights
+        model = MyGPT(**config)                        # or one built once, outside
+        state = adapt(params)                          # rename / transpose to your layout
+        logits = torch.func.functional_call(model, state, (ids,))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    report = check_model(my_gpt, dtype="float32")
+
+For each hypothesis-drawn configuration (docs/design.md's GPTConfig fields, as a dict), batch and
+seed, `fn` gets:
+    params   name -> torch tensor, docs/design.md's table (`wte.weight` (V, C), ..., every linear
+             weight (in, out); `lm_head.weight` (V, C) when untied), requiring grad: compute from
+             them, so autograd reaches them. float64/float32 in those dtypes; for "bfloat16" and
+             "float16" the parameters are float32 and `fn` runs under torch.autocast, as mixed-
+             precision training does.
+    ids, targets  (B, T) int64.
+    config   the GPTConfig fields: vocab_size, context_length, emb_dim, n_heads, n_layers,
+             drop_rate (always 0), qkv_bias, tie_embeddings, ln_eps.
+and returns (logits (B, T, V), mean cross-entropy loss ()). Logits and loss are compared with the
+float64 oracle (numpy_ref) run on the same parameter values, then every parameter gradient:
+elementwise in float64 / float32 / tf32, per tensor under autocast (tolerances.GRADIENT_NORM).
+A failure lists every tensor over tolerance in the model's order and says where the error starts
+when the forward is right (a backward bug: the gradients after it in the forward stay right),
+and ends with a `replay:` line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parity_tests import models
+from parity_tests.checks import compare_grad_norms, position_grad_scales
+from parity_tests.compare import compare, to_numpy
+from parity_tests.oracle import _ONE_FAILURE, Report, _check_dtype_on_device, _note_on_error, canonical_dtype
+from parity_tests.strategies import config_dicts
+from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol
+
+
+def model_case(config: dict, B: int, T: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(float64 parameters, ids, targets) for one case: GPT-2's initialisation with every bias and
+    layer-norm parameter moved off 0 and 1 (so a dropped bias or swapped gamma/beta shows)."""
+    params = models.scale_params(models.build_numpy_model(config, seed=seed % 1000).params, seed)
+    ids, targets = models.random_batch(config, B, T, seed)
+    return params, ids, targets
+
+
+def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtype="float32", device: str = "cpu"):
+    """One case: `fn` against the oracle; returns every comparison (logits, loss, then each
+    parameter gradient in docs/design.md's order)."""
+    import torch
+
+    dtype = canonical_dtype(dtype)
+    _check_dtype_on_device(dtype, device)
+    params, ids, targets = model_case(config, B, T, seed)
+    autocast = dtype in ("bfloat16", "float16")
+    stored = {"float64": torch.float64}.get(dtype, torch.float32)
+    # The oracle runs on the values fn sees: the parameters as stored (float32 loses digits).
+    seen = {k: to_numpy(torch.from_numpy(v).to(stored)).astype(np.float64) for k, v in params.items()}
+    np_model = models.build_numpy_model(config, params=seen)
+    ref = models.run_numpy(np_model, ids, targets)
+    tparams = {k: torch.from_numpy(v).to(device=device, dtype=stored).requires_grad_(True) for k, v in seen.items()}
+    ids_t, targets_t = torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device)
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if autocast else contextlib.nullcontext()
+    try:
+        with amp:
+            try:
+                returned = fn(tparams, ids_t, targets_t, dict(config))
+            except Exception as err:
+                _note_on_error(err, "the model", {"ids": ids_t, **tparams})
+                raise
+        logits, loss = _checked_outputs(returned, ref.logits.shape, dtype, torch)
+        grads = torch.autograd.grad(loss, list(tparams.values()), allow_unused=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    # A parameter the loss does not depend on gets no gradient from autograd: that is a zero one.
+    got = {k: (np.zeros_like(seen[k]) if g is None else to_numpy(g)) for k, g in zip(tparams, grads)}
+    tf = forward_tol(dtype)
+    results = [compare("model logits", logits, ref.logits, tf),
+               compare("model loss", np.asarray(float(loss.detach().double().cpu())), np.asarray(ref.loss), tf)]
+    order = list(params)
+    norm_tol = gradient_norm_tol(dtype)
+    if norm_tol is None:
+        tg = gradient_tol(dtype)
+        results += [compare(f"model d{k}", got[k], ref.grads[k], tg) for k in order]
+    else:
+        scales = position_grad_scales(np_model, ids, targets)
+        results += compare_grad_norms("model grads", got, ref.grads, scales, norm_tol, order)
+    return results
+
+
+def _checked_outputs(returned, logits_shape: tuple, dtype: str, torch):
+    """fn's (logits, loss), or an AssertionError that says what came back instead."""
+    if not (isinstance(returned, (tuple, list)) and len(returned) == 2):
+        raise AssertionError(f"the model function returned {type(returned).__name__}; expected (logits, loss)")
+    logits, loss = returned
+    if not (isinstance(logits, torch.Tensor) and tuple(logits.shape) == tuple(logits_shape)):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise AssertionError(f"the model function returned logits {got}; expected a tensor of shape {logits_shape}")
+    if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.requires_grad):
+        raise AssertionError("the model function's loss must be a 0-d tensor computed from the parameters (so that "
+                             f"autograd reaches them), got {loss!r}"[:300])
+    # float64 and float32 checks need logits of that dtype (float64 ones would leave the float32
+    # arithmetic untested); under autocast the head may run in its dtype or, upcast, in float32.
+    want = {"float64": (torch.float64,), "float32": (torch.float32,), "tf32": (torch.float32,),
+            "bfloat16": (torch.bfloat16, torch.float32), "float16": (torch.float16, torch.float32)}[dtype]
+    if logits.dtype not in want:
+        raise AssertionError(f"the model function's logits are {logits.dtype} in a {dtype} check "
+                             f"(expected {' or '.join(str(w) for w in want)})")
+    return logits, loss
+
+
+def _where_it_starts(results: list) -> str:
+    """A hint from which tensors failed: with the logits right, a backward bug leaves the gradients
+    of everything after it in the forward right, so the last wrong one (in forward order) marks it."""
+    forward_ok = all(r.ok for r in results[:2])
+    bad = [r.name for r in results[2:] if not r.ok]
+    if not forward_ok:
+        return ("the forward differs (logits or loss): check the model's layers one by one with "
+                "oracle.check_layer, or with `gpt-oracle diff` for torch_impl")
+    if bad:
+        return (f"the forward is right and {len(bad)} gradient(s) are not; the last in forward order is {bad[-1]}: "
+                f"the backward goes wrong there or in the layer right after it (the gradients after it are right)")
+    return ""
+
+
+def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=None, max_batch: int = 3,
+                max_time: int = 8, max_examples: int = 10, derandomize: bool = False) -> Report:
+    """Check `fn` (see the module docstring) over hypothesis-drawn cases. `configs`: None (small
+    drawn configurations, tied and untied, with and without qkv bias), one config dict (always
+    that model; the batch and values are drawn), or a hypothesis strategy of config dicts.
+    Raises AssertionError on a mismatch (shrunk); returns a Report otherwise."""
+    dtype = canonical_dtype(dtype)
+    _check_dtype_on_device(dtype, device)
+    if configs is None:
+        configs = config_dicts(max_layers=2, max_heads=3, max_head_size=6, max_context=10, max_vocab=40)
+        if dtype in ("bfloat16", "float16"):  # GRADIENT_NORM's bound was measured from C = 8 up (tolerances.py)
+            configs = configs.filter(lambda c: c["emb_dim"] >= 8)
+    elif isinstance(configs, dict):
+        configs = st.just(dict(configs, drop_rate=0.0))
+    elif not isinstance(configs, st.SearchStrategy):
+        raise TypeError(f"configs must be None, a config dict or a hypothesis strategy of them, "
+                        f"got {type(configs).__name__}")
+    report = Report(layer="model", dtype=dtype)
+
+    @st.composite
+    def cases(draw):
+        config = draw(configs)
+        T = draw(st.integers(1, min(max_time, config["context_length"])))
+        return config, draw(st.integers(1, max_batch)), T, draw(st.integers(0, 2**31 - 1))
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
+    @given(case=cases())
+    def _property(case) -> None:
+        config, B, T, seed = case
+        results = compare_model(fn, config, B, T, seed, dtype=dtype, device=device)
+        bad = [r for r in results if not r.ok]
+        if bad:
+            lines = [f"the model ({dtype}, {device}) differs from the oracle on config {config}, B={B}, T={T}, "
+                     f"seed={seed}: " + bad[0].message()]
+            lines += ["  also over tolerance: " + r.message() for r in bad[1:]]
+            lines.append("  " + _where_it_starts(results))
+            lines.append(f"  replay: compare_model(fn, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})")
+            raise AssertionError("\n".join(lines))
+        report.comparisons.extend(results)
+        report.examples += 1
+
+    _property()
+    return report

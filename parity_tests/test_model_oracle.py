@@ -1,0 +1,166 @@
+"""The whole-model oracle API (parity_tests/model_oracle.py): correct models pass in every
+precision, a model in another layout passes through its adapter, and bugs are caught and placed."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity_tests.model_oracle import check_model, compare_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
+
+
+def torch_impl_model(params, ids, targets, config):
+    """torch_impl's GPTModel, driven with the oracle's parameters through torch.func."""
+    from torch_impl.config import GPTConfig
+    from torch_impl.model import GPTModel
+
+    model = GPTModel(GPTConfig(**config), dtype=params["wte.weight"].dtype)
+    return torch.func.functional_call(model, params, (ids, targets))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_torch_impl_passes_in_every_precision(dtype):
+    report = check_model(torch_impl_model, dtype=dtype, max_examples=4, derandomize=True)
+    assert report.examples == 4 and all(c.ok for c in report.comparisons)
+    names = {c.name for c in report.comparisons}
+    assert "model logits" in names and "model loss" in names and any("wte.weight" in n for n in names), names
+
+
+class UserGPT(torch.nn.Module):
+    """A GPT-2 as a user might write it: nn.Linear layers ((out, in) weights), separate q, k, v
+    heads via SDPA; `leak` lets position t see t + 1 (a mask bug)."""
+
+    def __init__(self, V, Tc, C, nh, L, qkv_bias, tie, eps, leak=False):
+        super().__init__()
+        self.nh, self.eps, self.tie, self.leak = nh, eps, tie, leak
+        self.wte, self.wpe = torch.nn.Embedding(V, C), torch.nn.Embedding(Tc, C)
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(L):
+            b = torch.nn.Module()
+            b.ln1, b.ln2 = torch.nn.LayerNorm(C, eps=eps), torch.nn.LayerNorm(C, eps=eps)
+            b.qkv, b.proj = torch.nn.Linear(C, 3 * C, bias=qkv_bias), torch.nn.Linear(C, C)
+            b.fc, b.out = torch.nn.Linear(C, 4 * C), torch.nn.Linear(4 * C, C)
+            self.blocks.append(b)
+        self.lnf = torch.nn.LayerNorm(C, eps=eps)
+        self.head = None if tie else torch.nn.Linear(C, V, bias=False)
+
+    def forward(self, ids):
+        B, T = ids.shape
+        x = self.wte(ids) + self.wpe(torch.arange(T))
+        mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal=1 if self.leak else 0)
+        for b in self.blocks:
+            q, k, v = b.qkv(b.ln1(x)).chunk(3, dim=-1)
+            q, k, v = (t.view(B, T, self.nh, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + b.out(F.gelu(b.fc(b.ln2(x)), approximate="tanh"))
+        x = self.lnf(x)
+        return x @ (self.wte.weight if self.tie else self.head.weight).T
+
+
+def user_adapter(leak=False):
+    def fn(params, ids, targets, config):
+        c = config
+        model = UserGPT(c["vocab_size"], c["context_length"], c["emb_dim"], c["n_heads"], c["n_layers"],
+                        c["qkv_bias"], c["tie_embeddings"], c["ln_eps"], leak=leak)
+        names = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "lnf.weight",
+                 "ln_f.bias": "lnf.bias", "lm_head.weight": "head.weight"}
+        parts = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "qkv", "attn.c_proj": "proj", "mlp.c_fc": "fc",
+                 "mlp.c_proj": "out"}
+        state = {}
+        for name, p in params.items():
+            if name in names:
+                state[names[name]] = p
+                continue
+            _, i, rest = name.split(".", 2)
+            layer, kind = rest.rsplit(".", 1)
+            w = p.t() if kind == "weight" and not layer.startswith("ln") else p  # (in, out) -> nn.Linear's (out, in)
+            state[f"blocks.{i}.{parts[layer]}.{kind}"] = w
+        logits = torch.func.functional_call(model, state, (ids,))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return fn
+
+
+def test_a_model_in_another_layout_passes_through_its_adapter():
+    report = check_model(user_adapter(), dtype="float32", max_examples=6, derandomize=True)
+    assert report.examples == 6
+
+
+def test_a_mask_that_leaks_a_future_token_is_a_forward_difference():
+    with pytest.raises(AssertionError) as info:
+        check_model(user_adapter(leak=True), dtype="float32", max_examples=10, derandomize=True)
+    message = str(info.value)
+    assert "model logits" in message and "the forward differs" in message, message
+    replay = re.search(r"replay: (.*)", message).group(1)
+    fn = user_adapter(leak=True)  # noqa: F841  (the replay line calls it `fn`)
+    assert any(not r.ok for r in eval(replay)), replay  # noqa: S307 - our own message
+
+
+class _HalveGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g / 2
+
+
+def test_a_backward_bug_is_placed_where_the_right_gradients_stop():
+    """The gradient leaving block 1's MLP for its input is halved (a wrong custom backward): the
+    logits and the gradients of everything from that MLP on are right (its own weights' too:
+    they are computed from its output's gradient); the last wrong one in forward order is the
+    layer norm just before it, block 1's ln_2."""
+    config = dict(vocab_size=17, context_length=8, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0,
+                  qkv_bias=True, tie_embeddings=False, ln_eps=1e-5)
+
+    def buggy(params, ids, targets, config):
+        import torch_impl.mlp as mlp
+
+        original = mlp.mlp_forward
+        calls = []
+
+        def halved_in_block_1(x, *args):
+            calls.append(1)
+            return original(_HalveGrad.apply(x) if len(calls) == 2 else x, *args)
+
+        mlp.mlp_forward = halved_in_block_1
+        import torch_impl.block as block
+
+        saved = block.mlp_forward
+        block.mlp_forward = halved_in_block_1
+        try:
+            return torch_impl_model(params, ids, targets, config)
+        finally:
+            mlp.mlp_forward, block.mlp_forward = original, saved
+
+    results = compare_model(buggy, config, 2, 6, seed=3, dtype="float64")
+    wrong = [r.name for r in results if not r.ok]
+    assert results[0].ok and results[1].ok, "the forward is unchanged by a backward bug"
+    assert "model dh.1.ln_2.weight" in wrong and "model dh.0.mlp.c_fc.weight" in wrong, wrong
+    assert not any(n.startswith(("model dh.1.mlp", "model dln_f", "model dlm_head")) for n in wrong), wrong
+    with pytest.raises(AssertionError, match=r"the last in forward order is model dh\.1\.ln_2\.bias"):
+        check_model(buggy, configs=config, dtype="float64", max_examples=2, derandomize=True)
+
+
+def test_what_the_model_returns_is_checked():
+    def logits_only(params, ids, targets, config):
+        return torch_impl_model(params, ids, targets, config)[0]
+
+    with pytest.raises(AssertionError, match=r"expected \(logits, loss\)"):
+        check_model(logits_only, max_examples=1, derandomize=True)
+
+    def float64_logits(params, ids, targets, config):
+        logits, loss = torch_impl_model(params, ids, targets, config)
+        return logits.double(), loss
+
+    with pytest.raises(AssertionError, match="float64 in a float32 check"):
+        check_model(float64_logits, max_examples=1, derandomize=True)
+    with pytest.raises(TypeError, match="configs must be"):
+        check_model(torch_impl_model, configs=[1, 2])
+    with pytest.raises(ValueError, match="tf32"):
+        check_model(torch_impl_model, dtype="tf32")
