@@ -100,7 +100,10 @@ def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarra
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = np.zeros(3 * C, dtype=np.float32)
     hf = hf_config_dict(config)
     if num_classes is not None:
-        hf.update(architectures=["GPT2Model"], **{NUM_CLASSES: int(num_classes)})
+        # num_labels: what Hugging Face's classification models read; they would still draw their
+        # own head (`score`, no bias), and GPT2LMHeadModel would load the trunk (untied: with a
+        # random vocabulary head): only GPTClassifier.from_pretrained reads this head.
+        hf.update(architectures=["GPT2Model"], num_labels=int(num_classes), **{NUM_CLASSES: int(num_classes)})
     config_text = json.dumps(hf, indent=2) + "\n"  # before any write: a TypeError writes nothing
     save_together(directory, {WEIGHTS_FILE: safetensors_writer(tensors, metadata={"format": "pt"}),
                               CONFIG_FILE: lambda f: f.write(config_text.encode("utf-8"))}, MODEL_JOURNAL)
@@ -171,8 +174,9 @@ def _num_classes(hf: Mapping[str, Any], path: Path, classifier: bool) -> int | N
     CheckpointError when it is not the kind asked for."""
     if NUM_CLASSES not in hf:
         if classifier:
-            raise CheckpointError(f"{path}: no {NUM_CLASSES!r}: a language model's checkpoint, not a classifier's "
-                                  f"(GPTClassifier.from_gpt builds one on a language model)")
+            raise CheckpointError(f"{path}: no {NUM_CLASSES!r}: not a classifier's checkpoint as GPTClassifier."
+                                  f"save_pretrained writes one (a language model's, or another library's; "
+                                  f"GPTClassifier.from_gpt builds a classifier on a language model)")
         return None
     K = hf[NUM_CLASSES]
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:

@@ -16,7 +16,8 @@ import numpy as np
 
 from parity_tests.compare import Comparison, compare, format_rel, to_numpy
 from parity_tests.layer_specs import SPECS, Sizes
-from parity_tests.tolerances import NormTol, Tol, forward_tol, gradient_norm_tol, gradient_tol
+from parity_tests.tolerances import (NormTol, Tol, forward_tol, gradient_norm_tol, gradient_tol, layer_forward_tol,
+                                     layer_gradient_tol)
 
 # The embedded defaults: random weights, nothing downloaded. `tiny` is the preset; `small` is a
 # few layers wider, with a tied head and no qkv bias, so both head and bias variants are swept.
@@ -53,7 +54,8 @@ def _tol_text(tol: Tol | NormTol | None) -> str:
         return f"|err| <= {tol.rel:.3g} s"  # s: per-position gradient scale (compare_grad_norms)
     if tol is None:
         return "exact"
-    return f"atol {tol.atol:.0e} rtol {tol.rtol:.0e}{' of the tensor max' if tol.per_tensor else ''}"
+    floor = f" (or {tol.floor:.0e} of the tensor max)" if tol.floor else ""
+    return f"atol {tol.atol:.0e}{floor} rtol {tol.rtol:.0e}{' of the tensor max' if tol.per_tensor else ''}"
 
 
 def row_from(component: str, dtype: str, comparisons: list[Comparison] | list[NormComparison], tol: Tol | NormTol,
@@ -205,8 +207,8 @@ def layer_rows(dtype: str, device: str = "cpu", seeds: Iterable[int] = (0, 1, 2)
                 comparisons += compare_torch_layer(spec, fn, inputs, dtype=dtype, device=device, upstream_seed=seed)
             fwd = [c for c in comparisons if c.name.endswith(" out")]
             grd = [c for c in comparisons if not c.name.endswith(" out")]
-            return [row_from(f"layer:{spec.name} forward", dtype, fwd, forward_tol(dtype)),
-                    row_from(f"layer:{spec.name} backward", dtype, grd, gradient_tol(dtype))]
+            return [row_from(f"layer:{spec.name} forward", dtype, fwd, layer_forward_tol(dtype)),
+                    row_from(f"layer:{spec.name} backward", dtype, grd, layer_gradient_tol(dtype))]
         rows += guarded(f"layer:{name}", dtype, one)
     return rows
 

@@ -28,7 +28,7 @@ float64 oracle (numpy_ref) run on the same parameter values, then every paramete
 elementwise in float64 / float32 / tf32, per tensor under autocast (tolerances.GRADIENT_NORM).
 A failure lists every tensor over tolerance in the model's order and says where the error starts
 when the forward is right (a backward bug: the gradients after it in the forward stay right),
-and ends with a `replay:` line.
+and ends with the lines that replay the case.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from hypothesis import strategies as st
 from parity_tests import models
 from parity_tests.checks import compare_grad_norms, position_grad_scales
 from parity_tests.compare import compare, to_numpy
-from parity_tests.oracle import _ONE_FAILURE, Report, _check_dtype_on_device, _note_on_error, canonical_dtype
+from parity_tests.oracle import (_ONE_FAILURE, Report, _check_dtype_on_device, _note_on_error, _own_name,
+                                 canonical_dtype)
 from parity_tests.strategies import config_dicts
 from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol
 
@@ -173,7 +174,13 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
                      f"seed={seed}: " + bad[0].message()]
             lines += ["  also over tolerance: " + r.message() for r in bad[1:]]
             lines.append("  " + _where_it_starts(results))
-            lines.append(f"  replay: compare_model(fn, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})")
+            name = _own_name(fn, "fn")
+            lines.append("  replay (paste after your own definitions):")
+            lines += ["    " + line for line in (
+                ["from parity_tests.model_oracle import compare_model"]
+                + ([] if name == getattr(fn, "__name__", None) else [f"{name} = ...  # your function"])
+                + [f"results = compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})",
+                   "print([r.message() for r in results if not r.ok])"])]
             raise AssertionError("\n".join(lines))
         report.comparisons.extend(results)
         report.examples += 1

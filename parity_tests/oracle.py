@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from parity_tests.compare import Comparison, compare
 from parity_tests.layer_specs import LayerSpec, OracleResult, Sizes, get_spec, run_oracle
-from parity_tests.tolerances import Tol, forward_tol, gradient_tol
+from parity_tests.tolerances import Tol, layer_forward_tol, layer_gradient_tol
 
 if TYPE_CHECKING:
     import torch
@@ -98,21 +98,45 @@ def _size_strategy(given_sizes) -> st.SearchStrategy:
                     f"(parity_tests.oracle.sizes(...)), got {type(given_sizes).__name__}")
 
 
-def _failure_message(name: str, where: str, results: list[Comparison], replay: str) -> str:
-    """Every tensor over tolerance, worst first by how far over; the forward's error beside them
-    when it passed (a forward error under tolerance can surface first in the gradients: an
-    autograd backward differentiates whatever the forward computed); and how to replay."""
+def _failure_message(name: str, where: str, results: list[Comparison], replay: list[str], autograd: bool) -> str:
+    """Every tensor over tolerance, in the order compared; the forward's error beside them when it
+    passed (with autograd, a forward error under tolerance can surface first in the gradients, as
+    the backward differentiates whatever the forward computed); and the lines that replay the case."""
     bad = [r for r in results if not r.ok]
     lines = [f"{name} ({where}) differs from the oracle: " + bad[0].message()]
     lines += ["  also over tolerance: " + r.message() for r in bad[1:]]
     forward = [r for r in results if r.name.endswith(" out")]
     if all(r.ok for r in forward) and forward:
         worst = max(forward, key=lambda r: r.max_abs)
+        why = ("with gradients from autograd, a forward bug below the tolerance can still show first in them, so "
+               "check the forward's formula too") if autograd else \
+            "the backward is wrong, or the forward by less than the tolerance"
         lines.append(f"  the forward passed ({worst.name}: max_abs={worst.max_abs:.3e}, within atol={worst.tol.atol:.0e} "
-                     f"+ rtol={worst.tol.rtol:.0e}); with gradients from autograd, a forward bug below the tolerance "
-                     f"can still show first in them, so check the forward's formula too")
-    lines.append(f"  replay: {replay}")
+                     f"+ rtol={worst.tol.rtol:.0e}); {why}")
+    lines.append("  replay (paste after your own definitions):")
+    lines += ["    " + line for line in replay]
     return "\n".join(lines)
+
+
+def _replay_lines(call: str, tol_forward: Tol | None, tol_grad: Tol | None, functions: dict) -> list[str]:
+    """Python that reruns one failing case: the imports, then `call` with the tolerances given.
+    `functions`: the name each function is called by in `call` -> the function (its own name
+    where that is one, else the placeholder, which the lines then say to bind)."""
+    tols = (f", tol_forward={tol_forward!r}" if tol_forward else "") + (f", tol_grad={tol_grad!r}" if tol_grad else "")
+    lines = ["import numpy as np", "from parity_tests.oracle import compare_numpy_layer, compare_torch_layer",
+             "from parity_tests.layer_specs import Sizes, get_spec", "from parity_tests.tolerances import Tol"]
+    for placeholder, fn in functions.items():
+        own = getattr(fn, "__name__", "")
+        if not (own.isidentifier() and own == placeholder):
+            lines.append(f"{placeholder} = ...  # your function")
+    lines.append(f"results = {call}{tols})")
+    lines.append("print([r.message() for r in results if not r.ok])")
+    return lines
+
+
+def _own_name(fn, placeholder: str) -> str:
+    name = getattr(fn, "__name__", "")
+    return name if name.isidentifier() else placeholder
 
 
 def _note_on_error(err: BaseException, name: str, inputs: dict) -> None:
@@ -301,7 +325,7 @@ def compare_torch_layer(
     # An input the output does not depend on gets no gradient from autograd: that is a zero one.
     grads = {k: (torch.zeros_like(targs[k]) if g is None else g) for k, g in zip(spec.differentiable, grads)}
     return _compare_outputs(spec, f"{label}{spec.name}", out, grads, oracle,
-                            tol_forward or forward_tol(dtype), tol_grad or gradient_tol(dtype))
+                            tol_forward or layer_forward_tol(dtype), tol_grad or layer_gradient_tol(dtype))
 
 
 def check_layer(
@@ -333,9 +357,11 @@ def check_layer(
             spec, fn, inputs, dtype=dtype, device=device, tol_forward=tol_forward, tol_grad=tol_grad,
             label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed,
         )
-        replay = (f"compare_torch_layer(get_spec({name!r}), fn, get_spec({name!r}).make_inputs("
-                  f"np.random.default_rng({seed}), {s}), dtype={dtype!r}, device={device!r}, upstream_seed={seed})")
-        assert all(r.ok for r in results), _failure_message(name, f"{dtype}, {device}", results, replay)
+        fn_name = _own_name(fn, "fn")
+        replay = _replay_lines(f"compare_torch_layer(get_spec({name!r}), {fn_name}, get_spec({name!r}).make_inputs("
+                               f"np.random.default_rng({seed}), {s}), dtype={dtype!r}, device={device!r}, "
+                               f"upstream_seed={seed}", tol_forward, tol_grad, {fn_name: fn})
+        assert all(r.ok for r in results), _failure_message(name, f"{dtype}, {device}", results, replay, True)
         report.comparisons.extend(results)
         report.examples += 1
 
@@ -356,28 +382,40 @@ def check_numpy_layer(
     """
     spec = get_spec(name)
     report = Report(layer=name, dtype="float64")
-    tol_f = tol_forward or forward_tol("float64")
-    tol_g = tol_grad or gradient_tol("float64")
+    tol_f = tol_forward or layer_forward_tol("float64")
+    tol_g = tol_grad or layer_gradient_tol("float64")
 
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
     @given(s=_size_strategy(sizes), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s)
-        oracle = run_oracle(spec, inputs, upstream_seed=seed)
-        label = f"[sizes={s}, seed={seed}] {name}"
-        returned = forward(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()})
-        if not (isinstance(returned, tuple) and len(returned) == 2):
-            raise AssertionError(f"{label}: forward returned {_describe(returned)}; expected a tuple (out, cache)")
-        out, cache = returned
-        grads = _gradient_list(label, spec, backward(oracle.upstream, cache))
-        results = _compare_outputs(spec, label, out, dict(zip(spec.differentiable, grads)), oracle, tol_f, tol_g)
-        replay = f"get_spec({name!r}).make_inputs(np.random.default_rng({seed}), {s}), upstream seed {seed}"
-        assert all(r.ok for r in results), _failure_message(name, "numpy", results, replay)
+        results = compare_numpy_layer(spec, forward, backward, inputs, upstream_seed=seed, tol_forward=tol_f,
+                                      tol_grad=tol_g, label=f"[sizes={s}, seed={seed}] ")
+        f_name, b_name = _own_name(forward, "forward"), _own_name(backward, "backward")
+        replay = _replay_lines(f"compare_numpy_layer(get_spec({name!r}), {f_name}, {b_name}, get_spec({name!r})"
+                               f".make_inputs(np.random.default_rng({seed}), {s}), upstream_seed={seed}",
+                               tol_forward, tol_grad, {f_name: forward, b_name: backward})
+        assert all(r.ok for r in results), _failure_message(name, "numpy", results, replay, False)
         report.comparisons.extend(results)
         report.examples += 1
 
     _property()
     return report
+
+
+def compare_numpy_layer(spec: LayerSpec, forward: Callable, backward: Callable, inputs: dict, *,
+                        upstream_seed: int = 0, tol_forward: Tol | None = None, tol_grad: Tol | None = None,
+                        label: str = "") -> list[Comparison]:
+    """One input set: the NumPy pair against the oracle; every comparison (see check_numpy_layer)."""
+    oracle = run_oracle(spec, inputs, upstream_seed=upstream_seed)
+    where = f"{label}{spec.name}"
+    returned = forward(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()})
+    if not (isinstance(returned, tuple) and len(returned) == 2):
+        raise AssertionError(f"{where}: forward returned {_describe(returned)}; expected a tuple (out, cache)")
+    out, cache = returned
+    grads = _gradient_list(where, spec, backward(oracle.upstream, cache))
+    return _compare_outputs(spec, where, out, dict(zip(spec.differentiable, grads)), oracle,
+                            tol_forward or layer_forward_tol("float64"), tol_grad or layer_gradient_tol("float64"))
 
 
 def _gradient_list(label: str, spec: LayerSpec, returned) -> list:

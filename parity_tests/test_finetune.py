@@ -432,13 +432,23 @@ def test_classifier_checkpoints_move_between_the_trees(tie, qkv_bias, tmp_path):
         with pytest.raises(TorchCheckpointError, match="classifier's checkpoint .3 classes."):
             TorchGPT.from_pretrained(tmp_path / folder)
     NumpyGPT(models.numpy_config(cfg_d)).save_pretrained(tmp_path / "lm")
-    with pytest.raises(NumpyCheckpointError, match="language model's checkpoint"):
+    with pytest.raises(NumpyCheckpointError, match="not a classifier.s checkpoint"):
         nclf.GPTClassifier.from_pretrained(tmp_path / "lm")
-    with pytest.raises(TorchCheckpointError, match="language model's checkpoint"):
+    with pytest.raises(TorchCheckpointError, match="not a classifier.s checkpoint"):
         tclf.GPTClassifier.from_pretrained(tmp_path / "lm")
+    for bad in (0, True, 2.0, "2"):  # both trees refuse a bad K before writing anything
+        from numpy_ref.checkpoint import save_checkpoint as numpy_save
+        from torch_impl.checkpoint import save_checkpoint as torch_save
+
+        with pytest.raises(ValueError, match="num_classes"):
+            numpy_save(tmp_path / "bad", ref.config, ref.params, num_classes=bad)
+        with pytest.raises(ValueError, match="num_classes"):
+            torch_save(tmp_path / "bad", from_numpy.config, from_numpy.state_dict(), num_classes=bad)
+        assert not (tmp_path / "bad").exists()
     from transformers import GPT2Model
 
     hf, info = GPT2Model.from_pretrained(tmp_path / "numpy", output_loading_info=True)
+    assert hf.config.num_labels == 3
     assert not info["missing_keys"], f"Hugging Face's GPT2Model misses {info['missing_keys']}"
     assert np.array_equal(hf.wte.weight.detach().numpy(), ref.params["wte.weight"].astype(np.float32))
 

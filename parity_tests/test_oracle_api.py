@@ -325,10 +325,46 @@ def test_a_failure_lists_every_tensor_over_tolerance_and_replays():
     message = str(info.value)
     over = re.findall(r"MISMATCH: \[[^\]]*\] attention (\w+)", message)
     assert len(over) >= 2, f"one tensor named where several are wrong: {message}"
-    replay = re.search(r"replay: (.*)", message).group(1)
-    fn = unscaled  # noqa: F841  (the replay line calls it `fn`)
-    results = eval(replay)  # noqa: S307 - our own message
-    assert any(not r.ok for r in results), f"the replay line passes: {replay}"
+    results = run_replay(message, {"unscaled": unscaled})
+    assert any(not r.ok for r in results), f"the replay lines pass: {message}"
+
+
+def run_replay(message: str, definitions: dict) -> list:
+    """Run a failure's replay lines in a fresh namespace holding only the user's definitions (as
+    pasted into a new session); return their `results`."""
+    block = message.split("replay (paste after your own definitions):\n", 1)[1]
+    code = "\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))
+    namespace = dict(definitions)
+    exec(code, namespace)  # noqa: S102 - our own message
+    return namespace["results"]
+
+
+def test_replay_lines_carry_the_tolerances_and_work_for_numpy_pairs_and_lambdas():
+    from numpy_ref.gelu import gelu_backward, gelu_forward
+    from parity_tests.tolerances import Tol
+
+    def mlp_with_tight_tol(**kw):
+        return SPECS["mlp"].torch_forward()(**kw)
+
+    tight = Tol(1e-12, 1e-12, "tighter than float32 can be")
+    with pytest.raises(AssertionError) as info:
+        check_layer("mlp", mlp_with_tight_tol, tol_forward=tight, max_examples=3, derandomize=True)
+    assert any(not r.ok for r in run_replay(str(info.value), {"mlp_with_tight_tol": mlp_with_tight_tol}))
+    with pytest.raises(AssertionError) as info:
+        check_layer("gelu", lambda x: torch.nn.functional.gelu(x), max_examples=10, derandomize=True)  # erf form
+    assert "fn = ...  # your function" in str(info.value)
+    assert any(not r.ok for r in run_replay(str(info.value).replace("fn = ...", "fn = torch.nn.functional.gelu  #"),
+                                            {"torch": torch}))
+
+    def halved_backward(dout, cache):
+        return gelu_backward(dout, cache) / 2
+
+    with pytest.raises(AssertionError) as info:
+        check_numpy_layer("gelu", gelu_forward, halved_backward, max_examples=3, derandomize=True)
+    message = str(info.value)
+    assert "the backward is wrong" in message and "autograd" not in message, message
+    results = run_replay(message, {"gelu_forward": gelu_forward, "halved_backward": halved_backward})
+    assert any(not r.ok for r in results), message
 
 
 def test_a_kernel_that_ignores_its_eps_is_caught():

@@ -29,6 +29,7 @@ between the two.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -73,6 +74,9 @@ def checkpoint_shapes(config: GPTConfig, num_classes: int | None = None) -> dict
                        h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
                        h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if num_classes is not None:
         shapes.update({"classifier.weight": (C, num_classes), "classifier.bias": (num_classes,)})
     elif not config.tie_embeddings:
@@ -90,8 +94,9 @@ def _num_classes(hf: Mapping[str, Any], path: Path, classifier: bool) -> int | N
     CheckpointError when it is not the kind asked for."""
     if NUM_CLASSES not in hf:
         if classifier:
-            raise CheckpointError(f"{path}: no {NUM_CLASSES!r}: a language model's checkpoint, not a classifier's "
-                                  f"(GPTClassifier.from_gpt builds one on a language model)")
+            raise CheckpointError(f"{path}: no {NUM_CLASSES!r}: not a classifier's checkpoint as GPTClassifier."
+                                  f"save_pretrained writes one (a language model's, or another library's; "
+                                  f"GPTClassifier.from_gpt builds a classifier on a language model)")
         return None
     K = hf[NUM_CLASSES]
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
@@ -175,7 +180,10 @@ def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch
             tensors[f"{PREFIX}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.emb_dim, dtype=torch.float32)
     hf = hf_config_dict(config)
     if num_classes is not None:
-        hf.update(architectures=["GPT2Model"], **{NUM_CLASSES: int(num_classes)})
+        # num_labels: what Hugging Face's classification models read; they would still draw their
+        # own head (`score`, no bias), and GPT2LMHeadModel would load the trunk (untied: with a
+        # random vocabulary head): only GPTClassifier.from_pretrained reads this head.
+        hf.update(architectures=["GPT2Model"], num_labels=int(num_classes), **{NUM_CLASSES: int(num_classes)})
     config_text = json.dumps(hf, indent=2) + "\n"  # before any write: a TypeError writes nothing
     save_together(directory, {WEIGHTS_FILE: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
                               CONFIG_FILE: lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8")},
