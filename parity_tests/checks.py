@@ -203,7 +203,7 @@ def layer_rows(dtype: str, device: str = "cpu", seeds: Iterable[int] = (0, 1, 2)
             fn = spec.torch_forward()
             comparisons = []
             for seed, s in zip(seeds, sizes):
-                inputs = spec.make_inputs(np.random.default_rng(seed), s)
+                inputs = spec.make_inputs(np.random.default_rng(seed), s, dtype)
                 comparisons += compare_torch_layer(spec, fn, inputs, dtype=dtype, device=device, upstream_seed=seed)
             fwd = [c for c in comparisons if c.name.endswith(" out")]
             grd = [c for c in comparisons if not c.name.endswith(" out")]

@@ -207,6 +207,7 @@ def _torch_dtype(dtype: str):
 
 def _compare_outputs(
     spec: LayerSpec, prefix: str, out, grads: dict, oracle: OracleResult, tol_f: Tol, tol_g: Tol,
+    dtype: str = "float64",
 ) -> list[Comparison]:
     """`out` and each gradient against the oracle's, split into the spec's row groups if it has any.
 
@@ -231,7 +232,8 @@ def _compare_outputs(
                 continue
             keep = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
             name = f"{prefix} ({group}) {tensor}" if group else f"{prefix} {tensor}"
-            results.append(compare(name, _where(keep, actual), np.where(keep, expected, 0.0), tol))
+            group_tol = spec.group_tol(group, tol, dtype) if spec.group_tol else tol
+            results.append(compare(name, _where(keep, actual), np.where(keep, expected, 0.0), group_tol))
         return results or [compare(f"{prefix} {tensor}", actual, expected, tol)]
 
     results = one("out", out, oracle.out, tol_f)
@@ -325,7 +327,7 @@ def compare_torch_layer(
     # An input the output does not depend on gets no gradient from autograd: that is a zero one.
     grads = {k: (torch.zeros_like(targs[k]) if g is None else g) for k, g in zip(spec.differentiable, grads)}
     return _compare_outputs(spec, f"{label}{spec.name}", out, grads, oracle,
-                            tol_forward or layer_forward_tol(dtype), tol_grad or layer_gradient_tol(dtype))
+                            tol_forward or layer_forward_tol(dtype), tol_grad or layer_gradient_tol(dtype), dtype)
 
 
 def check_layer(
@@ -352,14 +354,14 @@ def check_layer(
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
     @given(s=_size_strategy(sizes), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
-        inputs = spec.make_inputs(np.random.default_rng(seed), s)
+        inputs = spec.make_inputs(np.random.default_rng(seed), s, dtype)
         results = compare_torch_layer(
             spec, fn, inputs, dtype=dtype, device=device, tol_forward=tol_forward, tol_grad=tol_grad,
             label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed,
         )
         fn_name = _own_name(fn, "fn")
         replay = _replay_lines(f"compare_torch_layer(get_spec({name!r}), {fn_name}, get_spec({name!r}).make_inputs("
-                               f"np.random.default_rng({seed}), {s}), dtype={dtype!r}, device={device!r}, "
+                               f"np.random.default_rng({seed}), {s}, {dtype!r}), dtype={dtype!r}, device={device!r}, "
                                f"upstream_seed={seed}", tol_forward, tol_grad, {fn_name: fn})
         assert all(r.ok for r in results), _failure_message(name, f"{dtype}, {device}", results, replay, True)
         report.comparisons.extend(results)

@@ -29,7 +29,7 @@ def test_torch_layer_matches_oracle(name, dtype, s, seed):
 @given(s=sizes(max_batch=2, max_time=6), seed=st.integers(0, 2**31 - 1))
 def test_torch_layer_bf16_within_budget(name, s, seed):
     spec = SPECS[name]
-    inputs = spec.make_inputs(np.random.default_rng(seed), s)
+    inputs = spec.make_inputs(np.random.default_rng(seed), s, "bfloat16")
     results = compare_torch_layer(spec, spec.torch_forward(), inputs, dtype="bfloat16", upstream_seed=seed)
     bad = [r for r in results if not r.ok]
     assert not bad, bad[0].message()

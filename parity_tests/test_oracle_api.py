@@ -398,3 +398,19 @@ def test_an_exception_in_the_kernel_says_what_it_was_given_and_the_weight_layout
         check_layer("linear", nn_linear_layout, max_examples=3, derandomize=True)
     notes = " ".join(getattr(info.value, "__notes__", []))
     assert "(in, out)" in notes and "w=(" in notes, f"no note on the layout: {notes!r}"
+
+
+def test_a_one_pass_variance_is_caught_in_float32_on_a_row_with_a_large_mean():
+    """var = E[x^2] - E[x]^2 loses ~u m^2 / var: on a row whose mean is 100 spreads (as rows
+    through GPT-2's outlier channels are) its float32 output is off by ~0.5%, where a two-pass
+    kernel stays within ~3 u m. Before that row was drawn, the one-pass kernel passed."""
+
+    def one_pass(x, w, b, eps):
+        mean = x.mean(-1, keepdim=True)
+        var = (x * x).mean(-1, keepdim=True) - mean * mean
+        return (x - mean) / torch.sqrt(var + eps) * w + b
+
+    with pytest.raises(AssertionError, match=r"rows with \|mean\| > 30 std"):
+        check_layer("layernorm", one_pass, dtype="float32", max_examples=30, derandomize=True)
+    report = check_layer("layernorm", my_layernorm, dtype="float32", max_examples=30, derandomize=True)
+    assert any("rows with |mean| > 30 std" in c.name for c in report.comparisons), "no large-mean row was drawn"
