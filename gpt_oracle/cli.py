@@ -23,6 +23,7 @@ COMMANDS = {
     "info": "parameter count and memory of a configuration",
     "train": "pretrain a model with either tree",
     "generate": "generate text from a checkpoint with either tree",
+    "finetune": "fine-tune a checkpoint into a text classifier (chapter 6) with either tree",
     "bench": "measure the machine, then time both trees against it",
 }
 
@@ -31,6 +32,7 @@ FAILED = {
     "check": "a row is MISMATCH or ERROR",
     "diff": "a layer is over its tolerance",
     "train": "a non-finite loss or gradient norm stopped training (the last good checkpoint is kept)",
+    "finetune": "a non-finite loss stopped fine-tuning (nothing is saved)",
 }
 
 

@@ -1,0 +1,248 @@
+"""`gpt-oracle finetune`: fine-tune a language model into a text classifier (the book's chapter 6).
+
+    gpt-oracle finetune --checkpoint DIR --data FILE.jsonl --out DIR [--backend torch|numpy]
+        [--epochs 5] [--batch-size 8] [--lr 5e-5] [--weight-decay 0.1] [--n-last-blocks 1]
+        [--val-ratio 0.2] [--seed 123]
+
+FILE.jsonl holds one example per line: {"text": "...", "label": 0}. Labels are integers from 0;
+the classifier has K = (largest label + 1) classes. Each text is encoded with GPT-2's tokenizer
+(special tokens refused) and cut to the model's context length; a batch is padded at the end,
+and each row is read at its last real token (classifier.py), so the padding changes nothing.
+The examples are shuffled with --seed; the last --val-ratio of them validate (0: none).
+
+The classifier starts from the checkpoint's trunk and a new head (GPTClassifier.from_gpt); the
+last --n-last-blocks blocks, ln_f and the head are trained with AdamW, the rest is frozen, as in
+the book, without dropout. numpy_ref trains in float64, torch_impl in float32 on the CPU. Each epoch goes over the training examples in a new order drawn from --seed, and ends
+with the mean loss and the accuracy on both sets (stderr, and a line of --out/log.jsonl). At the
+end --out holds `classifier/` (GPTClassifier.from_pretrained reads it, in either tree),
+`log.jsonl` and `run.json` (these options). --out must not exist yet, or be empty.
+
+Exit status: 0 done; 1 a non-finite loss stopped training (nothing saved); 2 bad input (an option,
+a line of the data file, the checkpoint, --out), one line on stderr, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from gpt_oracle import run_folder
+from gpt_oracle.json_file import write_json
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, encode_prompt, int_in, non_negative_int, \
+    number_in, path_text, positive_int, print_result, reports_user_errors, user_input
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text,
+                        help="the language model: a checkpoint or a train output directory")
+    parser.add_argument("--data", required=True, metavar="FILE", type=path_text,
+                        help='JSON lines, one example each: {"text": "...", "label": 0}')
+    parser.add_argument("--out", required=True, metavar="DIR", type=path_text,
+                        help="output directory, new or empty: classifier/, log.jsonl, run.json")
+    parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
+    parser.add_argument("--epochs", type=positive_int, default=5)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=5e-5, help="AdamW's learning rate")
+    parser.add_argument("--weight-decay", type=number_in(0.0), default=0.1)
+    parser.add_argument("--n-last-blocks", type=non_negative_int, default=1,
+                        help="blocks trained, counted from the last (default 1, as the book); ln_f and the head always")
+    parser.add_argument("--val-ratio", type=number_in(0.0, 1.0), default=0.2,
+                        help="the share of examples held out to validate, in [0, 1) (default 0.2)")
+    parser.add_argument("--seed", type=int_in(0, 2**64 - 1, high_text="2**64 - 1"), default=123,
+                        help="the head's initial weights, the split and the batch order (default 123)")
+
+
+def read_examples(path: Path) -> list[tuple[str, int]]:
+    """(text, label) per non-blank line; a UserError naming the file and the line otherwise."""
+    with user_input(f"--data {path}"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"--data {path}: line {number}"
+        with user_input(f"{where}: not valid JSON"):
+            record = json.loads(line)
+        if not isinstance(record, dict) or set(record) != {"text", "label"}:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f'{where}: expected an object {{"text": ..., "label": ...}}, got {keys}')
+        text, label = record["text"], record["label"]
+        if not isinstance(text, str) or not text:
+            raise UserError(f"{where}: 'text' must be a non-empty string, got {text!r}"[:200])
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise UserError(f"{where}: 'label' must be an integer >= 0, got {label!r}")
+        examples.append((text, label))
+    if len(examples) < 2:
+        raise UserError(f"--data {path}: {len(examples)} example(s); fine-tuning needs at least 2")
+    return examples
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out}: is not empty; choose a new or empty directory")
+
+
+def _split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = min(n - 1, int(round(n * val_ratio)))
+    return order[: n - n_val], order[n - n_val:]
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    out, data = Path(args.out), Path(args.data)
+    _check_out(out)
+    examples = read_examples(data)
+    ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
+    tree = _Numpy(args, ckpt) if args.backend == "numpy" else _Torch(args, ckpt)
+    config = tree.clf.config
+    if args.n_last_blocks > config.n_layers:
+        raise UserError(f"--n-last-blocks {args.n_last_blocks}: the model has {config.n_layers} blocks")
+    ids = []
+    for number, (text, _) in enumerate(examples, start=1):
+        row = encode_prompt(tree.encoding, text, option=f"--data {data}: example {number}")
+        ids.append(row[: config.context_length])  # the first tokens, as the book cuts
+    if max(max(row) for row in ids) >= config.vocab_size:
+        raise UserError(f"--checkpoint {ckpt}: its vocabulary has {config.vocab_size} tokens; GPT-2's tokenizer "
+                        f"needs {tree.encoding.n_vocab}")
+    labels = [label for _, label in examples]
+    train, val = _split(len(examples), args.val_ratio, args.seed)
+    K = max(labels) + 1
+    tree.start(K, args.n_last_blocks)
+    pad = 50256 if config.vocab_size > 50256 else 0  # read at the last real token: the pad id is never seen
+    log = []
+    import numpy as np
+
+    rng = np.random.default_rng([args.seed, 2])
+    for epoch in range(1, args.epochs + 1):
+        order = [train[i] for i in rng.permutation(len(train))]
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start:start + args.batch_size]
+            loss = tree.step(*_batch(ids, labels, batch, pad))
+            if not math.isfinite(loss):
+                print(f"error: epoch {epoch}: the loss is {loss}; stopped, nothing saved (try a smaller --lr)",
+                      file=sys.stderr)
+                return EXIT_FAILED
+        entry = {"epoch": epoch}
+        for name, rows in (("train", train), ("val", val)):
+            if rows:
+                entry[f"{name}_loss"], entry[f"{name}_accuracy"] = tree.evaluate(
+                    [_batch(ids, labels, rows[i:i + args.batch_size], pad) for i in range(0, len(rows), args.batch_size)])
+        log.append(entry)
+        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
+              file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    tree.clf.save_pretrained(out / "classifier")
+    with open(out / "log.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in log)
+    write_json(out / "run.json", {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+               | {"num_classes": K, "train_examples": len(train), "val_examples": len(val)})
+    last = log[-1]
+    val_text = f", validation accuracy {last['val_accuracy']:.4f}" if val else ""
+    print_result(f"fine-tuned {ckpt} into a {K}-class classifier: train accuracy {last['train_accuracy']:.4f}"
+                 f"{val_text} ({len(train)} + {len(val)} examples, {args.epochs} epochs); saved in {out / 'classifier'}")
+    return EXIT_OK
+
+
+def _batch(ids: list[list[int]], labels: list[int], rows: list[int], pad: int):
+    """(ids (B, T) padded at the end, labels (B,), lengths (B,)) as int64 NumPy arrays."""
+    import numpy as np
+
+    T = max(len(ids[r]) for r in rows)
+    batch = np.full((len(rows), T), pad, dtype=np.int64)
+    for b, r in enumerate(rows):
+        batch[b, :len(ids[r])] = ids[r]
+    return batch, np.array([labels[r] for r in rows], dtype=np.int64), np.array([len(ids[r]) for r in rows])
+
+
+class _Numpy:
+    """The loop's three operations on numpy_ref (float64)."""
+
+    def __init__(self, args, ckpt: Path):
+        from numpy_ref.model import GPTModel
+        from numpy_ref.tokenizer import get_encoding
+
+        self.args, self.encoding = args, get_encoding("gpt2")
+        with user_input(f"--checkpoint {ckpt}"):  # a CheckpointError names the file and the key
+            self.model = GPTModel.from_pretrained(ckpt)
+        self.clf = self.model  # until start(): its config
+
+    def start(self, K: int, n_last_blocks: int) -> None:
+        from numpy_ref.classifier import GPTClassifier, trainable_parameter_names
+        from numpy_ref.optim import AdamW
+
+        self.clf = GPTClassifier.from_gpt(self.model, K, seed=self.args.seed)
+        self.names = trainable_parameter_names(self.clf.config, n_last_blocks)
+        self.opt = AdamW({n: self.clf.params[n] for n in self.names}, lr=self.args.lr,
+                         weight_decay=self.args.weight_decay)
+
+    def step(self, ids, labels, lengths) -> float:
+        _, loss, cache = self.clf.forward(ids, labels, lengths=lengths)
+        if not math.isfinite(float(loss)):
+            return float(loss)
+        grads = self.clf.backward(cache)
+        self.opt.step({n: grads[n] for n in self.names})
+        return float(loss)
+
+    def evaluate(self, batches) -> tuple[float, float]:
+        total, right, n = 0.0, 0, 0
+        for ids, labels, lengths in batches:
+            logits, loss, _ = self.clf.forward(ids, labels, lengths=lengths)
+            total += float(loss) * len(labels)
+            right += int((logits.argmax(axis=1) == labels).sum())
+            n += len(labels)
+        return total / n, right / n
+
+
+class _Torch:
+    """The loop's three operations on torch_impl (float32, on the CPU)."""
+
+    def __init__(self, args, ckpt: Path):
+        from torch_impl.model import GPTModel
+        from torch_impl.tokenizer import get_encoding
+
+        self.args, self.encoding = args, get_encoding("gpt2")
+        with user_input(f"--checkpoint {ckpt}"):  # a CheckpointError names the file and the key
+            self.model = GPTModel.from_pretrained(ckpt)
+        self.clf = self.model
+
+    def start(self, K: int, n_last_blocks: int) -> None:
+        from torch_impl.classifier import GPTClassifier
+        from torch_impl.optim import build_optimizer
+
+        self.clf = GPTClassifier.from_gpt(self.model, K, seed=self.args.seed)
+        self.clf.freeze_trunk(n_last_blocks)
+        self.clf.eval()  # no dropout, in either backend: numpy_ref draws none without masks
+        self.opt = build_optimizer(self.clf, "adamw", lr=self.args.lr, weight_decay=self.args.weight_decay)
+
+    def step(self, ids, labels, lengths) -> float:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        _, loss = self.clf(torch.from_numpy(ids), torch.from_numpy(labels), lengths=torch.from_numpy(lengths))
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        self.opt.step()
+        return value
+
+    def evaluate(self, batches) -> tuple[float, float]:
+        import torch
+
+        total, right, n = 0.0, 0, 0
+        with torch.no_grad():
+            for ids, labels, lengths in batches:
+                logits, loss = self.clf(torch.from_numpy(ids), torch.from_numpy(labels),
+                                        lengths=torch.from_numpy(lengths))
+                total += float(loss) * len(labels)
+                right += int((logits.argmax(dim=1) == torch.from_numpy(labels)).sum())
+                n += len(labels)
+        return total / n, right / n

@@ -1,0 +1,152 @@
+"""`gpt-oracle finetune`: a classifier fine-tuned by either tree, saved so that the other tree
+reproduces its accuracy, and every bad input refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt_oracle.cli import main
+from gpt_oracle.commands import finetune
+
+WORDS = "the a cat dog sat ran on under mat table house tree blue red quick slow".split()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> Path:
+    """A small language model with GPT-2's vocabulary (the tokenizer's ids must fit)."""
+    from numpy_ref.config import GPTConfig
+    from numpy_ref.model import GPTModel
+
+    path = tmp_path_factory.mktemp("finetune") / "lm"
+    config = GPTConfig(vocab_size=50257, context_length=24, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
+                       qkv_bias=True, tie_embeddings=True)
+    GPTModel(config, seed=0).save_pretrained(path)
+    return path
+
+
+def _write_data(path: Path, n: int = 80, seed: int = 0) -> Path:
+    """Label 1 when the text holds the word 'spam' (learnable from a random trunk)."""
+    rnd = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = [rnd.choice(WORDS) for _ in range(rnd.randint(3, 10))]
+            label = rnd.randint(0, 1)
+            if label:
+                words[rnd.randrange(len(words))] = "spam"
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+def _accuracy_in(tree: str, folder: Path, data: Path, rows: list[int]) -> float:
+    """The accuracy of the saved classifier on the given examples, computed by `tree`."""
+    examples = finetune.read_examples(data)
+    if tree == "numpy":
+        from numpy_ref.classifier import GPTClassifier
+        from numpy_ref.tokenizer import get_encoding
+    else:
+        from torch_impl.classifier import GPTClassifier
+        from torch_impl.tokenizer import get_encoding
+    clf = GPTClassifier.from_pretrained(folder)
+    encoding = get_encoding("gpt2")
+    right = 0
+    for r in rows:
+        text, label = examples[r]
+        ids = np.array([encoding.encode(text)[: clf.config.context_length]])
+        if tree == "numpy":
+            logits = clf(ids)
+        else:
+            import torch
+
+            with torch.no_grad():
+                logits = clf(torch.from_numpy(ids)).numpy()
+        right += int(logits.argmax(axis=1)[0] == label)
+    return right / len(rows)
+
+
+@pytest.mark.parametrize("backend,other", [("torch", "numpy"), ("numpy", "torch")])
+def test_a_fine_tuned_classifier_learns_and_the_other_tree_reproduces_its_accuracy(lm, tmp_path, capsys, backend,
+                                                                                      other):
+    data = _write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    status = main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(out), "--backend", backend,
+                   "--epochs", "8", "--lr", "3e-3", "--n-last-blocks", "2", "--seed", "5"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["classifier", "log.jsonl", "run.json"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == list(range(1, 9))
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1, f"the training loss did not fall: {log}"
+    assert log[-1]["train_accuracy"] >= 0.75, f"{backend}: train accuracy {log[-1]['train_accuracy']}"
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_classes"] == 2 and run["train_examples"] + run["val_examples"] == 80
+    train, val = finetune._split(80, 0.2, 5)
+    for name, rows in (("train", train), ("val", val)):
+        got = _accuracy_in(other, out / "classifier", data, rows)
+        assert abs(got - log[-1][f"{name}_accuracy"]) <= 1 / len(rows) + 1e-9, \
+            f"{other} reads {backend}'s classifier at {name} accuracy {got}, the run reported {log[-1]}"
+    assert f"{log[-1]['val_accuracy']:.4f}" in captured.out
+
+
+def _refused(capsys, argv: list[str], *needles: str, out: Path) -> None:
+    status = main(["finetune", *argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, (status, err)
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert not out.exists() or not any(out.iterdir()), f"{argv} wrote into --out"
+
+
+@pytest.mark.parametrize("content, needles", [
+    ('{"text": "a b", "label": 0}\n{"text": "c", "label": 1', ["line 2", "not valid JSON"]),
+    ('{"text": "a b", "label": 0}\n{"text": "c"}\n', ["line 2", "label"]),
+    ('{"text": "a b", "label": 0}\n{"text": "c", "label": -1}\n', ["line 2", "'label' must be an integer >= 0"]),
+    ('{"text": "a b", "label": 0}\n{"text": "c", "label": true}\n', ["line 2", "True"]),
+    ('{"text": "a b", "label": 0}\n{"text": "c", "label": 1.0}\n', ["line 2", "1.0"]),
+    ('{"text": "", "label": 0}\n{"text": "c", "label": 1}\n', ["line 1", "'text' must be a non-empty string"]),
+    ('{"text": "a b", "label": 0}\n', ["1 example(s)"]),
+    ('{"text": "a <|endoftext|> b", "label": 0}\n{"text": "c", "label": 1}\n', ["example 1", "special token"]),
+])
+def test_a_bad_data_file_is_one_line_naming_the_line(lm, tmp_path, capsys, content, needles):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content, encoding="utf-8")
+    _refused(capsys, ["--checkpoint", str(lm), "--data", str(data)], str(data), *needles, out=tmp_path / "out")
+
+
+def test_bad_checkpoints_and_options_are_refused_before_anything_is_written(lm, tmp_path, capsys):
+    from numpy_ref.classifier import GPTClassifier
+    from numpy_ref.config import get_config
+    from numpy_ref.model import GPTModel
+
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+    out = tmp_path / "out"
+    _refused(capsys, ["--checkpoint", str(lm), "--data", str(data), "--n-last-blocks", "3"],
+             "--n-last-blocks 3", "2 blocks", out=out)
+    GPTModel(get_config("tiny")).save_pretrained(tmp_path / "small_vocab")
+    _refused(capsys, ["--checkpoint", str(tmp_path / "small_vocab"), "--data", str(data)], "101 tokens", out=out)
+    GPTClassifier(get_config("tiny"), 2).save_pretrained(tmp_path / "clf")
+    _refused(capsys, ["--checkpoint", str(tmp_path / "clf"), "--data", str(data)], "classifier's checkpoint", out=out)
+    _refused(capsys, ["--checkpoint", str(lm), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl", out=out)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    status = main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and "is not empty" in err and (out / "keep.txt").read_text() == "mine", err
+    for option, value in (("--val-ratio", "1"), ("--lr", "0"), ("--epochs", "0"), ("--seed", "-1")):
+        status = main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "o2"),
+                       option, value])
+        assert status == 2 and option in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, capsys, monkeypatch):
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+    monkeypatch.setattr(finetune._Torch, "step", lambda self, *batch: float("nan"))
+    status = main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 1 and "the loss is nan" in err, err
+    assert not (tmp_path / "out").exists()
