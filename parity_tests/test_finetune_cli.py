@@ -110,7 +110,10 @@ def _refused(capsys, argv: list[str], *needles: str, out: Path) -> None:
     ('{"text": "a b", "label": 0}\n{"text": "c", "label": 1.0}\n', ["line 2", "1.0"]),
     ('{"text": "", "label": 0}\n{"text": "c", "label": 1}\n', ["line 1", "'text' must be a non-empty string"]),
     ('{"text": "a b", "label": 0}\n', ["1 example(s)"]),
-    ('{"text": "a <|endoftext|> b", "label": 0}\n{"text": "c", "label": 1}\n', ["example 1", "special token"]),
+    ('{"text": "a <|endoftext|> b", "label": 0}\n{"text": "c", "label": 1}\n', ["line 1", "special token"]),
+    ('{"text": "a", "label": 0}\n{"text": "b", "label": 0}\n', ["every label is 0", "at least 2 classes"]),
+    ('{"text": "a", "label": 0}\n\n{"text": "b", "label": 5}\n', ["line 3", "label 5", "label 1 is never used"]),
+    ('{"text": "a", "label": 0}\n{"text": "b", "label": 1000000000}\n', ["line 2", "label 1000000000"]),
 ])
 def test_a_bad_data_file_is_one_line_naming_the_line(lm, tmp_path, capsys, content, needles):
     data = tmp_path / "data.jsonl"
@@ -143,10 +146,43 @@ def test_bad_checkpoints_and_options_are_refused_before_anything_is_written(lm, 
         assert status == 2 and option in capsys.readouterr().err
 
 
-def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["step", "evaluate"])
+def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, capsys, monkeypatch, where):
+    """A diverged step, or weights that diverged at the last step (only the evaluation sees it)."""
     data = _write_data(tmp_path / "data.jsonl", n=6)
-    monkeypatch.setattr(finetune._Torch, "step", lambda self, *batch: float("nan"))
+    if where == "step":
+        monkeypatch.setattr(finetune._Torch, "step", lambda self, *batch: float("nan"))
+    else:
+        monkeypatch.setattr(finetune._Torch, "evaluate", lambda self, batches: (float("nan"), 0.5))
     status = main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert status == 1 and "the loss is nan" in err, err
-    assert not (tmp_path / "out").exists()
+    assert status == 1 and "loss is nan" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"], "a failed run left files beside --out"
+
+
+def test_an_interrupted_save_leaves_no_out_and_a_bad_out_is_refused_before_training(lm, tmp_path, capsys,
+                                                                                     monkeypatch):
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"], "an interrupted save left a partial --out"
+    monkeypatch.undo()
+    capsys.readouterr()
+    trained = []
+    monkeypatch.setattr(finetune, "_fine_tune", lambda *a: trained.append(1) or 0)
+    _refused(capsys, ["--checkpoint", str(lm), "--data", str(data)], "--out", "is not a directory", out=data / "sub")
+    assert not trained, "training ran before --out was found unusable"
+
+
+def test_json_lines_may_hold_line_separators_inside_strings_and_a_small_set_still_validates(lm, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a\u2028b", "label": 0}, ensure_ascii=False) + "\n"
+                    + json.dumps({"text": "c\x85d", "label": 1}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert finetune.read_examples(data) == [("a\u2028b", 0), ("c\x85d", 1)]
+    assert finetune._split(2, 0.2, 0)[1], "a ratio above 0 validates at least one example"
+    assert not finetune._split(5, 0.0, 0)[1] and len(finetune._split(5, 0.99, 0)[0]) == 1

@@ -4,18 +4,22 @@
         [--epochs 5] [--batch-size 8] [--lr 5e-5] [--weight-decay 0.1] [--n-last-blocks 1]
         [--val-ratio 0.2] [--seed 123]
 
-FILE.jsonl holds one example per line: {"text": "...", "label": 0}. Labels are integers from 0;
-the classifier has K = (largest label + 1) classes. Each text is encoded with GPT-2's tokenizer
-(special tokens refused) and cut to the model's context length; a batch is padded at the end,
-and each row is read at its last real token (classifier.py), so the padding changes nothing.
-The examples are shuffled with --seed; the last --val-ratio of them validate (0: none).
+FILE.jsonl holds one example per line: {"text": "...", "label": 0}. Labels are the integers
+0 .. K-1, each used at least once, K >= 2: the classifier has K classes. Each text is encoded with
+GPT-2's tokenizer (special tokens refused) and cut to the model's context length; a batch is
+padded at the end, and each row is read at its last real token (classifier.py), so the padding
+changes nothing. The examples are shuffled with --seed; --val-ratio of them (rounded, at least one
+when the ratio is above 0, and never all) validate.
 
 The classifier starts from the checkpoint's trunk and a new head (GPTClassifier.from_gpt); the
 last --n-last-blocks blocks, ln_f and the head are trained with AdamW, the rest is frozen, as in
 the book, without dropout. numpy_ref trains in float64, torch_impl in float32 on the CPU. Each epoch goes over the training examples in a new order drawn from --seed, and ends
 with the mean loss and the accuracy on both sets (stderr, and a line of --out/log.jsonl). At the
 end --out holds `classifier/` (GPTClassifier.from_pretrained reads it, in either tree),
-`log.jsonl` and `run.json` (these options). --out must not exist yet, or be empty.
+`log.jsonl` and `run.json` (these options, with absolute paths and the checkpoint actually read).
+--out must not exist yet, or be empty; everything is written into a hidden folder beside it,
+renamed to --out only once complete, so a run that fails or is interrupted leaves no --out.
+The same options give the same classifier; the two backends draw different heads from a seed.
 
 Exit status: 0 done; 1 a non-finite loss stopped training (nothing saved); 2 bad input (an option,
 a line of the data file, the checkpoint, --out), one line on stderr, before anything is written.
@@ -26,13 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gpt_oracle import run_folder
 from gpt_oracle.json_file import write_json
-from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, encode_prompt, int_in, non_negative_int, \
-    number_in, path_text, positive_int, print_result, reports_user_errors, user_input
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, non_negative_int, number_in, path_text, \
+    positive_int, print_result, reports_user_errors, user_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_examples(path: Path) -> list[tuple[str, int]]:
     """(text, label) per non-blank line; a UserError naming the file and the line otherwise."""
+    return [(text, label) for text, label, _ in _read_lines(path)]
+
+
+def _read_lines(path: Path) -> list[tuple[str, int, int]]:
+    """(text, label, line number) per non-blank line, the labels checked to be 0 .. K-1 with
+    every class used and K >= 2; a UserError naming the file and the line otherwise."""
     with user_input(f"--data {path}"):
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
+    # Lines end at "\n" only: str.splitlines() would also split at U+2028 and U+0085, which JSON
+    # strings may hold raw.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     examples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -74,9 +89,22 @@ def read_examples(path: Path) -> list[tuple[str, int]]:
             raise UserError(f"{where}: 'text' must be a non-empty string, got {text!r}"[:200])
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise UserError(f"{where}: 'label' must be an integer >= 0, got {label!r}")
-        examples.append((text, label))
+        special = sorted(token for token in ("<|endoftext|>",) if token in text)
+        if special:
+            raise UserError(f"{where}: the text holds the special token {special[0]!r}; texts are encoded as text, "
+                            f"where special tokens are refused")
+        examples.append((text, label, number))
     if len(examples) < 2:
         raise UserError(f"--data {path}: {len(examples)} example(s); fine-tuning needs at least 2")
+    top = max(label for _, label, _ in examples)
+    used = {label for _, label, _ in examples}
+    if len(used) < 2:
+        raise UserError(f"--data {path}: every label is {top}; a classifier needs at least 2 classes")
+    if len(used) != top + 1:  # a gap, or a label far past the others (a head that large is a mistake)
+        line = next(n for _, label, n in examples if label == top)
+        missing = next(k for k in range(top + 1) if k not in used)
+        raise UserError(f"--data {path}: line {line}: label {top}, but label {missing} is never used; labels must "
+                        f"be 0 .. K-1, each used at least once ({len(used)} distinct labels here)")
     return examples
 
 
@@ -88,10 +116,12 @@ def _check_out(out: Path) -> None:
 
 
 def _split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows): a permutation drawn from `seed`, its last share validating
+    (at least one row when val_ratio > 0, never all of them)."""
     import numpy as np
 
     order = np.random.default_rng(seed).permutation(n).tolist()
-    n_val = min(n - 1, int(round(n * val_ratio)))
+    n_val = 0 if val_ratio == 0 else min(n - 1, max(1, int(round(n * val_ratio))))
     return order[: n - n_val], order[n - n_val:]
 
 
@@ -99,27 +129,48 @@ def _split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
 def run(args: argparse.Namespace) -> int:
     out, data = Path(args.out), Path(args.data)
     _check_out(out)
-    examples = read_examples(data)
+    examples = _read_lines(data)
     ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
     tree = _Numpy(args, ckpt) if args.backend == "numpy" else _Torch(args, ckpt)
     config = tree.clf.config
     if args.n_last_blocks > config.n_layers:
         raise UserError(f"--n-last-blocks {args.n_last_blocks}: the model has {config.n_layers} blocks")
     ids = []
-    for number, (text, _) in enumerate(examples, start=1):
-        row = encode_prompt(tree.encoding, text, option=f"--data {data}: example {number}")
+    for text, _, number in examples:
+        with user_input(f"--data {data}: line {number}"):
+            row = tree.encoding.encode(text)
         ids.append(row[: config.context_length])  # the first tokens, as the book cuts
     if max(max(row) for row in ids) >= config.vocab_size:
         raise UserError(f"--checkpoint {ckpt}: its vocabulary has {config.vocab_size} tokens; GPT-2's tokenizer "
                         f"needs {tree.encoding.n_vocab}")
-    labels = [label for _, label in examples]
+    labels = [label for _, label, _ in examples]
     train, val = _split(len(examples), args.val_ratio, args.seed)
     K = max(labels) + 1
+    staging = _staging_folder(out)  # created here: a parent that cannot take it is bad input, before training
+    try:
+        return _fine_tune(args, tree, ckpt, ids, labels, train, val, K, staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # renamed to --out on success, else removed
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder beside --out, where the run's files are written before the rename."""
+    parent = out.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is not a directory")
+    with user_input(f"--out {out}"):
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".finetune", dir=parent))
+
+
+def _fine_tune(args, tree, ckpt: Path, ids, labels, train, val, K: int, staging: Path, out: Path) -> int:
+    import numpy as np
+
+    config = tree.clf.config
     tree.start(K, args.n_last_blocks)
     pad = 50256 if config.vocab_size > 50256 else 0  # read at the last real token: the pad id is never seen
     log = []
-    import numpy as np
-
     rng = np.random.default_rng([args.seed, 2])
     for epoch in range(1, args.epochs + 1):
         order = [train[i] for i in rng.permutation(len(train))]
@@ -135,15 +186,23 @@ def run(args: argparse.Namespace) -> int:
             if rows:
                 entry[f"{name}_loss"], entry[f"{name}_accuracy"] = tree.evaluate(
                     [_batch(ids, labels, rows[i:i + args.batch_size], pad) for i in range(0, len(rows), args.batch_size)])
+                if not math.isfinite(entry[f"{name}_loss"]):  # the last step diverged: the weights are not usable
+                    print(f"error: epoch {epoch}: the {name} loss is {entry[f'{name}_loss']}; stopped, nothing saved "
+                          f"(try a smaller --lr)", file=sys.stderr)
+                    return EXIT_FAILED
         log.append(entry)
         print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
               file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    tree.clf.save_pretrained(out / "classifier")
-    with open(out / "log.jsonl", "w", encoding="utf-8") as f:
+    tree.clf.save_pretrained(staging / "classifier")
+    with open(staging / "log.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(entry) + "\n" for entry in log)
-    write_json(out / "run.json", {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-               | {"num_classes": K, "train_examples": len(train), "val_examples": len(val)})
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    write_json(staging / "run.json", options | {
+        "checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()), "out": str(out.absolute()),
+        "num_classes": K, "train_examples": len(train), "val_examples": len(val)})
+    if out.is_dir():
+        out.rmdir()  # empty (checked at the start): the complete folder takes its place
+    staging.rename(out)
     last = log[-1]
     val_text = f", validation accuracy {last['val_accuracy']:.4f}" if val else ""
     print_result(f"fine-tuned {ckpt} into a {K}-class classifier: train accuracy {last['train_accuracy']:.4f}"
@@ -163,7 +222,8 @@ def _batch(ids: list[list[int]], labels: list[int], rows: list[int], pad: int):
 
 
 class _Numpy:
-    """The loop's three operations on numpy_ref (float64)."""
+    """The loop's three operations on numpy_ref (float64). A diverging run's overflows are
+    reported by the loop's own message, not by NumPy's warnings."""
 
     def __init__(self, args, ckpt: Path):
         from numpy_ref.model import GPTModel
@@ -184,20 +244,26 @@ class _Numpy:
                          weight_decay=self.args.weight_decay)
 
     def step(self, ids, labels, lengths) -> float:
-        _, loss, cache = self.clf.forward(ids, labels, lengths=lengths)
-        if not math.isfinite(float(loss)):
-            return float(loss)
-        grads = self.clf.backward(cache)
-        self.opt.step({n: grads[n] for n in self.names})
+        import numpy as np
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            _, loss, cache = self.clf.forward(ids, labels, lengths=lengths)
+            if not math.isfinite(float(loss)):
+                return float(loss)
+            grads = self.clf.backward(cache)
+            self.opt.step({n: grads[n] for n in self.names})
         return float(loss)
 
     def evaluate(self, batches) -> tuple[float, float]:
+        import numpy as np
+
         total, right, n = 0.0, 0, 0
-        for ids, labels, lengths in batches:
-            logits, loss, _ = self.clf.forward(ids, labels, lengths=lengths)
-            total += float(loss) * len(labels)
-            right += int((logits.argmax(axis=1) == labels).sum())
-            n += len(labels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for ids, labels, lengths in batches:
+                logits, loss, _ = self.clf.forward(ids, labels, lengths=lengths)
+                total += float(loss) * len(labels)
+                right += int((logits.argmax(axis=1) == labels).sum())
+                n += len(labels)
         return total / n, right / n
 
 
