@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "pretrain a model with either tree",
     "generate": "generate text from a checkpoint with either tree",
     "finetune": "fine-tune a checkpoint into a text classifier (chapter 6) with either tree",
+    "instruct": "fine-tune a checkpoint to follow instructions (chapter 7) with either tree",
     "bench": "measure the machine, then time both trees against it",
 }
 
@@ -33,6 +34,7 @@ FAILED = {
     "diff": "a layer is over its tolerance",
     "train": "a non-finite loss or gradient norm stopped training (the last good checkpoint is kept)",
     "finetune": "a non-finite loss stopped fine-tuning (nothing is saved)",
+    "instruct": "a non-finite loss stopped fine-tuning (nothing is saved)",
 }
 
 

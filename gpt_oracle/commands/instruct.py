@@ -1,0 +1,287 @@
+"""`gpt-oracle instruct`: fine-tune a language model to follow instructions (the book's chapter 7).
+
+    gpt-oracle instruct --checkpoint DIR --data FILE.jsonl --out DIR [--backend torch|numpy]
+        [--epochs 2] [--batch-size 8] [--lr 5e-5] [--weight-decay 0.1] [--mask-prompt]
+        [--val-ratio 0.1] [--seed 123] [--max-new-tokens 64]
+
+FILE.jsonl holds one record per line: {"instruction": "...", "input": "...", "output": "..."}
+("input" may be "" or left out). Each record becomes the Alpaca-layout prompt and its response
+(instruction_data.format_instruction), encoded with GPT-2's tokenizer (special tokens refused);
+a batch gets one end-of-text token per row and is padded with it (instruction_data.
+instruction_collate): the loss counts every next-token target up to and including that
+end-of-text, and with --mask-prompt the response's only (the book's exercise 7.2). Rows are cut
+to the context length. Every parameter is trained with AdamW, without dropout; the examples are
+shuffled with --seed and --val-ratio of them validate, as in `gpt-oracle finetune`.
+
+After each epoch: the mean loss per counted target on both sets (stderr, and a line of
+--out/log.jsonl). At the end the model answers the first validation record (else the first
+record) greedily, up to --max-new-tokens or its end-of-text, and --out holds `model/` (a
+language-model checkpoint: `generate --checkpoint`, GPTModel.from_pretrained in either tree),
+`log.jsonl` and `run.json`; like `finetune`, everything is written beside --out first and
+renamed into place only when complete.
+
+Exit status: 0 done; 1 a non-finite loss stopped training (nothing saved); 2 bad input (an option,
+a line of the data file, the checkpoint, --out), one line on stderr, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from gpt_oracle import run_folder
+from gpt_oracle.commands.finetune import _check_out, _split, _staging_folder
+from gpt_oracle.json_file import write_json
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, number_in, path_text, positive_int, \
+    print_result, reports_user_errors, user_input
+
+IGNORE = -100  # the targets the loss leaves out
+EOT = 50256  # GPT-2's <|endoftext|>: each row's end, and the padding
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text,
+                        help="the language model: a checkpoint or a train output directory")
+    parser.add_argument("--data", required=True, metavar="FILE", type=path_text,
+                        help='JSON lines, one record each: {"instruction": ..., "input": ..., "output": ...}')
+    parser.add_argument("--out", required=True, metavar="DIR", type=path_text,
+                        help="output directory, new or empty: model/, log.jsonl, run.json")
+    parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=5e-5, help="AdamW's learning rate")
+    parser.add_argument("--weight-decay", type=number_in(0.0), default=0.1)
+    parser.add_argument("--mask-prompt", action="store_true", help="count the response's targets only")
+    parser.add_argument("--val-ratio", type=number_in(0.0, 1.0), default=0.1,
+                        help="the share of records held out to validate, in [0, 1) (default 0.1)")
+    parser.add_argument("--seed", type=int_in(0, 2**64 - 1, high_text="2**64 - 1"), default=123,
+                        help="the split and the batch order (default 123)")
+    parser.add_argument("--max-new-tokens", type=int_in(0, 4096), default=64,
+                        help="tokens of the answer shown at the end, 0 to 4096 (default 64; 0: none)")
+
+
+def read_records(path: Path) -> list[tuple[str, str, str, int]]:
+    """(instruction, input, output, line number) per non-blank line; a UserError naming the file
+    and the line otherwise."""
+    with user_input(f"--data {path}"):
+        text = path.read_text(encoding="utf-8")
+    records = []
+    for number, line in enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1):
+        if not line.strip():
+            continue
+        where = f"--data {path}: line {number}"
+        with user_input(f"{where}: not valid JSON"):
+            record = json.loads(line)
+        if not isinstance(record, dict) or not {"instruction", "output"} <= set(record) \
+                or not set(record) <= {"instruction", "input", "output"}:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f'{where}: expected an object {{"instruction": ..., "input": ..., "output": ...}} '
+                            f'("input" optional), got {keys}')
+        fields = [record["instruction"], record.get("input", ""), record["output"]]
+        for name, value in zip(("instruction", "input", "output"), fields):
+            if not isinstance(value, str):
+                raise UserError(f"{where}: {name!r} must be a string, got {value!r}"[:200])
+            if "<|endoftext|>" in value:
+                raise UserError(f"{where}: {name!r} holds the special token '<|endoftext|>'; texts are encoded as "
+                                f"text, where special tokens are refused")
+        if not fields[0] or not fields[2]:
+            raise UserError(f"{where}: 'instruction' and 'output' must not be empty")
+        records.append((*fields, number))
+    if len(records) < 2:
+        raise UserError(f"--data {path}: {len(records)} record(s); fine-tuning needs at least 2")
+    return records
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    out, data = Path(args.out), Path(args.data)
+    _check_out(out)
+    records = read_records(data)
+    ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
+    tree = _Numpy(ckpt) if args.backend == "numpy" else _Torch(ckpt)
+    config = tree.model.config
+    if config.vocab_size <= EOT:
+        raise UserError(f"--checkpoint {ckpt}: its vocabulary has {config.vocab_size} tokens; GPT-2's tokenizer "
+                        f"and end-of-text ({EOT}) need {EOT + 1}")
+    prompts, sequences = [], []
+    for instruction, input_text, output, number in records:
+        with user_input(f"--data {data}: line {number}"):
+            prompt = tree.encoding.encode(tree.format(instruction, input_text))
+            response = tree.encoding.encode(output)
+        prompts.append(prompt)
+        sequences.append(prompt + response)  # encoded apart: the prompt's tokens are exactly a prefix
+    train, val = _split(len(records), args.val_ratio, args.seed)
+    staging = _staging_folder(out)
+    try:
+        return _fine_tune(args, tree, ckpt, prompts, sequences, train, val, staging, out, records)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # renamed to --out on success, else removed
+
+
+def _fine_tune(args, tree, ckpt: Path, prompts, sequences, train, val, staging: Path, out: Path, records) -> int:
+    import numpy as np
+
+    Tc = tree.model.config.context_length
+    tree.start(args.lr, args.weight_decay)
+
+    def batch(rows):
+        return tree.collate([sequences[r] for r in rows], pad_id=EOT, ignore_index=IGNORE, max_length=Tc,
+                            prompt_lengths=[len(prompts[r]) for r in rows] if args.mask_prompt else None)
+
+    def counted(rows) -> list[int]:  # rows whose cut keeps a counted target (a long prompt may leave none)
+        return [r for r in rows if (batch([r])[1] != IGNORE).any()]
+
+    train, val = counted(train), counted(val)
+    if not train:
+        raise UserError(f"--data {args.data}: no training record keeps a target within the context of {Tc} tokens")
+    log = []
+    rng = np.random.default_rng([args.seed, 2])
+    for epoch in range(1, args.epochs + 1):
+        order = [train[i] for i in rng.permutation(len(train))]
+        for start in range(0, len(order), args.batch_size):
+            loss = tree.step(*batch(order[start:start + args.batch_size]))
+            if not math.isfinite(loss):
+                print(f"error: epoch {epoch}: the loss is {loss}; stopped, nothing saved (try a smaller --lr)",
+                      file=sys.stderr)
+                return EXIT_FAILED
+        entry = {"epoch": epoch}
+        for name, rows in (("train", train), ("val", val)):
+            if rows:
+                entry[f"{name}_loss"] = tree.evaluate([batch(rows[i:i + args.batch_size])
+                                                       for i in range(0, len(rows), args.batch_size)])
+                if not math.isfinite(entry[f"{name}_loss"]):
+                    print(f"error: epoch {epoch}: the {name} loss is {entry[f'{name}_loss']}; stopped, nothing saved "
+                          f"(try a smaller --lr)", file=sys.stderr)
+                    return EXIT_FAILED
+        log.append(entry)
+        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
+              file=sys.stderr)
+    shown = (val or train)[0]
+    answer = tree.answer(prompts[shown][-Tc:], args.max_new_tokens) if args.max_new_tokens else None
+    tree.model.save_pretrained(staging / "model")
+    with open(staging / "log.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in log)
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    write_json(staging / "run.json", options | {
+        "checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()), "out": str(out.absolute()),
+        "train_records": len(train), "val_records": len(val)})
+    if out.is_dir():
+        out.rmdir()  # empty (checked at the start): the complete folder takes its place
+    staging.rename(out)
+    last = log[-1]
+    lines = [f"fine-tuned {ckpt} on {len(train)} instructions: train loss {last['train_loss']:.4f}"
+             + (f", validation loss {last['val_loss']:.4f}" if val else "") + f"; saved in {out / 'model'}"]
+    if answer is not None:
+        lines.append(f"instruction (line {records[shown][3]}): {records[shown][0]}\nanswer: {answer}")
+    print_result("\n".join(lines))
+    return EXIT_OK
+
+
+class _Numpy:
+    """The loop's operations on numpy_ref (float64)."""
+
+    def __init__(self, ckpt: Path):
+        from numpy_ref.instruction_data import format_instruction, instruction_collate
+        from numpy_ref.model import GPTModel
+        from numpy_ref.tokenizer import get_encoding
+
+        self.encoding, self.format, self.collate = get_encoding("gpt2"), format_instruction, instruction_collate
+        with user_input(f"--checkpoint {ckpt}"):  # a CheckpointError names the file and the key
+            self.model = GPTModel.from_pretrained(ckpt)
+
+    def start(self, lr: float, weight_decay: float) -> None:
+        from numpy_ref.optim import AdamW
+
+        self.opt = AdamW(self.model.params, lr=lr, weight_decay=weight_decay)
+
+    def step(self, inputs, targets) -> float:
+        import numpy as np
+
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the loop
+            _, loss, cache = self.model.forward(inputs, targets, ignore_index=IGNORE)
+            if not math.isfinite(float(loss)):
+                return float(loss)
+            self.opt.step(self.model.backward(cache))
+        return float(loss)
+
+    def evaluate(self, batches) -> float:
+        """The mean loss per counted target over the batches."""
+        import numpy as np
+
+        total, n = 0.0, 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            for inputs, targets in batches:
+                counted = int((targets != IGNORE).sum())
+                total += float(self.model.forward(inputs, targets, ignore_index=IGNORE)[1]) * counted
+                n += counted
+        return total / n
+
+    def answer(self, prompt: list[int], n: int) -> str:
+        import numpy as np
+
+        from numpy_ref.generate import generate
+
+        ids = generate(self.model, np.array([prompt]), n, eos_id=EOT)[0, len(prompt):].tolist()
+        return self.encoding.decode([t for t in ids if t != EOT])
+
+
+class _Torch:
+    """The loop's operations on torch_impl (float32, on the CPU)."""
+
+    def __init__(self, ckpt: Path):
+        from torch_impl.instruction_data import format_instruction, instruction_collate
+        from torch_impl.model import GPTModel
+        from torch_impl.tokenizer import get_encoding
+
+        self.encoding, self.format = get_encoding("gpt2"), format_instruction
+        self._collate = instruction_collate
+        with user_input(f"--checkpoint {ckpt}"):  # a CheckpointError names the file and the key
+            self.model = GPTModel.from_pretrained(ckpt)
+        self.model.eval()  # no dropout, in either backend: numpy_ref draws none without masks
+
+    def collate(self, sequences, **options):
+        inputs, targets = self._collate(sequences, **options)
+        return inputs.numpy(), targets.numpy()
+
+    def start(self, lr: float, weight_decay: float) -> None:
+        from torch_impl.optim import build_optimizer
+
+        self.opt = build_optimizer(self.model, "adamw", lr=lr, weight_decay=weight_decay)
+
+    def step(self, inputs, targets) -> float:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        _, loss = self.model(torch.from_numpy(inputs), torch.from_numpy(targets), ignore_index=IGNORE)
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        self.opt.step()
+        return value
+
+    def evaluate(self, batches) -> float:
+        """The mean loss per counted target over the batches."""
+        import torch
+
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for inputs, targets in batches:
+                counted = int((targets != IGNORE).sum())
+                _, loss = self.model(torch.from_numpy(inputs), torch.from_numpy(targets), ignore_index=IGNORE)
+                total += loss.item() * counted
+                n += counted
+        return total / n
+
+    def answer(self, prompt: list[int], n: int) -> str:
+        import torch
+
+        from torch_impl.generate import generate
+
+        with torch.no_grad():
+            ids = generate(self.model, torch.tensor([prompt]), n, eos_id=EOT)[0, len(prompt):].tolist()
+        return self.encoding.decode([t for t in ids if t != EOT])

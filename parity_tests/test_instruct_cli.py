@@ -1,0 +1,128 @@
+"""`gpt-oracle instruct`: instruction fine-tuning (chapter 7) with either tree; the saved model is
+a language-model checkpoint the other tree and `generate` read; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from gpt_oracle.cli import main
+from gpt_oracle.commands import instruct
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> Path:
+    """A small language model with GPT-2's vocabulary and room for the Alpaca prompt (~40 tokens)."""
+    from numpy_ref.config import GPTConfig
+    from numpy_ref.model import GPTModel
+
+    path = tmp_path_factory.mktemp("instruct") / "lm"
+    config = GPTConfig(vocab_size=50257, context_length=64, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0,
+                       qkv_bias=True, tie_embeddings=True)
+    GPTModel(config, seed=0).save_pretrained(path)
+    return path
+
+
+def _write_data(path: Path, n: int = 24) -> Path:
+    rnd = random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            colour = rnd.choice(COLOURS)
+            record = {"instruction": f"Repeat the colour {colour}.", "output": f"{colour} {colour}"}
+            if i % 2:
+                record["input"] = ""
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("backend,other", [("torch", "numpy"), ("numpy", "torch")])
+def test_instruction_tuning_lowers_the_loss_and_saves_a_model_both_trees_read(lm, tmp_path, capsys, backend, other):
+    data = _write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    status = main(["instruct", "--checkpoint", str(lm), "--data", str(data), "--out", str(out), "--backend", backend,
+                   "--epochs", "3", "--lr", "3e-3", "--max-new-tokens", "4", "--seed", "1"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "model", "run.json"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2, 3] and log[-1]["train_loss"] < log[0]["train_loss"] - 0.2, log
+    assert "answer:" in captured.out and "instruction (line" in captured.out, captured.out
+    if other == "numpy":
+        from numpy_ref.model import GPTModel
+    else:
+        from torch_impl.model import GPTModel
+    model = GPTModel.from_pretrained(out / "model")
+    assert model.config.context_length == 64
+    assert main(["generate", "--checkpoint", str(out / "model"), "--prompt", "Repeat", "--max-new-tokens", "2",
+                 "--backend", other]) == 0
+
+
+def test_mask_prompt_counts_the_response_only(lm, tmp_path, capsys):
+    """With --mask-prompt the loss averages over the response and its end-of-text: a different
+    (higher, on an untrained model the prompt's boilerplate is as hard) first-epoch loss."""
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+    losses = {}
+    for flag in ([], ["--mask-prompt"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["instruct", "--checkpoint", str(lm), "--data", str(data), "--out", str(out), "--epochs", "1",
+                     "--max-new-tokens", "0", *flag]) == 0
+        losses[bool(flag)] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["train_loss"]
+        assert json.loads((out / "run.json").read_text())["mask_prompt"] is bool(flag)
+    assert losses[True] != losses[False], losses
+    capsys.readouterr()
+
+
+def _refused(capsys, argv: list[str], *needles: str, out: Path) -> None:
+    status = main(["instruct", *argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, (status, err)
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert not out.exists(), f"{argv} wrote --out"
+
+
+@pytest.mark.parametrize("content, needles", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"', ["line 2", "not valid JSON"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', ["line 2", "expected an object"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "extra": 1}\n', ["line 2", "extra"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": 3, "output": "d"}\n', ["line 2", "'input'"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "", "output": "d"}\n', ["line 2", "must not be empty"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "<|endoftext|>"}\n', ["line 2", "special"]),
+    ('{"instruction": "a", "output": "b"}\n', ["1 record(s)"]),
+])
+def test_a_bad_data_file_is_one_line_naming_the_line(lm, tmp_path, capsys, content, needles):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content, encoding="utf-8")
+    _refused(capsys, ["--checkpoint", str(lm), "--data", str(data)], str(data), *needles, out=tmp_path / "out")
+
+
+def test_bad_checkpoints_and_a_prompt_past_the_context_are_refused(lm, tmp_path, capsys):
+    from numpy_ref.config import get_config
+    from numpy_ref.model import GPTModel
+
+    data = _write_data(tmp_path / "data.jsonl", n=4)
+    GPTModel(get_config("tiny")).save_pretrained(tmp_path / "small_vocab")
+    _refused(capsys, ["--checkpoint", str(tmp_path / "small_vocab"), "--data", str(data)], "101 tokens",
+             out=tmp_path / "out")
+    from numpy_ref.config import GPTConfig
+
+    short = GPTConfig(vocab_size=50257, context_length=16, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                      qkv_bias=False, tie_embeddings=True)
+    GPTModel(short).save_pretrained(tmp_path / "short")
+    _refused(capsys, ["--checkpoint", str(tmp_path / "short"), "--data", str(data), "--mask-prompt"],
+             "no training record keeps a target within the context of 16 tokens", out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "short", "small_vocab"]
+
+
+def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, capsys, monkeypatch):
+    data = _write_data(tmp_path / "data.jsonl", n=4)
+    monkeypatch.setattr(instruct._Torch, "step", lambda self, *batch: float("nan"))
+    assert main(["instruct", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")]) == 1
+    assert "the loss is nan" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
