@@ -112,6 +112,7 @@ def _refused(capsys, argv: list[str], *needles: str, out: Path) -> None:
     ('{"text": "a b", "label": 0}\n', ["1 example(s)"]),
     ('{"text": "a <|endoftext|> b", "label": 0}\n{"text": "c", "label": 1}\n', ["line 1", "special token"]),
     ('{"text": "a", "label": 0}\n{"text": "b", "label": 0}\n', ["every label is 0", "at least 2 classes"]),
+    ('{"text": "a\\udc00", "label": 0}\n{"text": "b", "label": 1}\n', ["line 1", "lone surrogate"]),
     ('{"text": "a", "label": 0}\n\n{"text": "b", "label": 5}\n', ["line 3", "label 5", "label 1 is never used"]),
     ('{"text": "a", "label": 0}\n{"text": "b", "label": 1000000000}\n', ["line 2", "label 1000000000"]),
 ])

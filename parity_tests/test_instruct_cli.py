@@ -92,7 +92,8 @@ def _refused(capsys, argv: list[str], *needles: str, out: Path) -> None:
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', ["line 2", "expected an object"]),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "extra": 1}\n', ["line 2", "extra"]),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": 3, "output": "d"}\n', ["line 2", "'input'"]),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "", "output": "d"}\n', ["line 2", "must not be empty"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": " ", "output": "d"}\n', ["line 2", "empty or blank"]),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c\\ud800", "output": "d"}\n', ["line 2", "lone surrogate"]),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "<|endoftext|>"}\n', ["line 2", "special"]),
     ('{"instruction": "a", "output": "b"}\n', ["1 record(s)"]),
 ])
@@ -115,9 +116,19 @@ def test_bad_checkpoints_and_a_prompt_past_the_context_are_refused(lm, tmp_path,
     short = GPTConfig(vocab_size=50257, context_length=16, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
                       qkv_bias=False, tie_embeddings=True)
     GPTModel(short).save_pretrained(tmp_path / "short")
-    _refused(capsys, ["--checkpoint", str(tmp_path / "short"), "--data", str(data), "--mask-prompt"],
-             "no training record keeps a target within the context of 16 tokens", out=tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "short", "small_vocab"]
+    for flag in ([], ["--mask-prompt"]):  # the prompt alone fills the context: refused with or without the mask
+        _refused(capsys, ["--checkpoint", str(tmp_path / "short"), "--data", str(data), *flag],
+                 "line 1: the prompt takes", "the context holds 16", out=tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "short", "small_vocab"], \
+        "a refused run left folders behind"
+
+
+def test_an_empty_output_is_an_example_of_stopping(lm, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "Say nothing.", "output": ""}\n{"instruction": "Say a.", "output": "a"}\n',
+                    encoding="utf-8")
+    assert main(["instruct", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--epochs", "1", "--max-new-tokens", "0"]) == 0, capsys.readouterr().err
 
 
 def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, capsys, monkeypatch):

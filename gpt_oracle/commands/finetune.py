@@ -89,10 +89,7 @@ def _read_lines(path: Path) -> list[tuple[str, int, int]]:
             raise UserError(f"{where}: 'text' must be a non-empty string, got {text!r}"[:200])
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise UserError(f"{where}: 'label' must be an integer >= 0, got {label!r}")
-        special = sorted(token for token in ("<|endoftext|>",) if token in text)
-        if special:
-            raise UserError(f"{where}: the text holds the special token {special[0]!r}; texts are encoded as text, "
-                            f"where special tokens are refused")
+        check_text(where, "text", text)
         examples.append((text, label, number))
     if len(examples) < 2:
         raise UserError(f"--data {path}: {len(examples)} example(s); fine-tuning needs at least 2")
@@ -106,6 +103,18 @@ def _read_lines(path: Path) -> list[tuple[str, int, int]]:
         raise UserError(f"--data {path}: line {line}: label {top}, but label {missing} is never used; labels must "
                         f"be 0 .. K-1, each used at least once ({len(used)} distinct labels here)")
     return examples
+
+
+def check_text(where: str, name: str, value: str) -> None:
+    """A UserError for text the tokenizer would not encode as written: the special token, or a
+    lone surrogate (JSON allows "\\ud800"; GPT-2's tokenizer would train on U+FFFD instead)."""
+    if "<|endoftext|>" in value:
+        raise UserError(f"{where}: {name!r} holds the special token '<|endoftext|>'; texts are encoded as text, where "
+                        f"special tokens are refused")
+    lone = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if lone is not None:
+        raise UserError(f"{where}: {name!r} holds the lone surrogate {lone!r}, which is not text (UTF-8 cannot "
+                        f"encode it)")
 
 
 def _check_out(out: Path) -> None:

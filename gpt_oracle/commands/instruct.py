@@ -9,13 +9,16 @@ FILE.jsonl holds one record per line: {"instruction": "...", "input": "...", "ou
 (instruction_data.format_instruction), encoded with GPT-2's tokenizer (special tokens refused);
 a batch gets one end-of-text token per row and is padded with it (instruction_data.
 instruction_collate): the loss counts every next-token target up to and including that
-end-of-text, and with --mask-prompt the response's only (the book's exercise 7.2). Rows are cut
-to the context length. Every parameter is trained with AdamW, without dropout; the examples are
-shuffled with --seed and --val-ratio of them validate, as in `gpt-oracle finetune`.
+end-of-text, and with --mask-prompt the response's and the end-of-text only (the book's exercise
+7.2). Rows are cut to the context length, as the book cuts them (a row longer than the context
+loses its last targets, the end-of-text first); a record whose prompt alone fills the context
+would train no response token and is refused, naming its line. An "output" may be "" (the model
+learns to stop at once). Every parameter is trained with AdamW, without dropout; the examples
+are shuffled with --seed and --val-ratio of them validate, as in `gpt-oracle finetune`.
 
 After each epoch: the mean loss per counted target on both sets (stderr, and a line of
 --out/log.jsonl). At the end the model answers the first validation record (else the first
-record) greedily, up to --max-new-tokens or its end-of-text, and --out holds `model/` (a
+training record in the shuffled order) greedily, up to --max-new-tokens or its end-of-text, and --out holds `model/` (a
 language-model checkpoint: `generate --checkpoint`, GPTModel.from_pretrained in either tree),
 `log.jsonl` and `run.json`; like `finetune`, everything is written beside --out first and
 renamed into place only when complete.
@@ -34,7 +37,7 @@ import sys
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.commands.finetune import _check_out, _split, _staging_folder
+from gpt_oracle.commands.finetune import _check_out, _split, _staging_folder, check_text
 from gpt_oracle.json_file import write_json
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, number_in, path_text, positive_int, \
     print_result, reports_user_errors, user_input
@@ -55,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=5e-5, help="AdamW's learning rate")
     parser.add_argument("--weight-decay", type=number_in(0.0), default=0.1)
-    parser.add_argument("--mask-prompt", action="store_true", help="count the response's targets only")
+    parser.add_argument("--mask-prompt", action="store_true",
+                        help="count the response's targets and its end-of-text only (the book's exercise 7.2)")
     parser.add_argument("--val-ratio", type=number_in(0.0, 1.0), default=0.1,
                         help="the share of records held out to validate, in [0, 1) (default 0.1)")
     parser.add_argument("--seed", type=int_in(0, 2**64 - 1, high_text="2**64 - 1"), default=123,
@@ -85,11 +89,9 @@ def read_records(path: Path) -> list[tuple[str, str, str, int]]:
         for name, value in zip(("instruction", "input", "output"), fields):
             if not isinstance(value, str):
                 raise UserError(f"{where}: {name!r} must be a string, got {value!r}"[:200])
-            if "<|endoftext|>" in value:
-                raise UserError(f"{where}: {name!r} holds the special token '<|endoftext|>'; texts are encoded as "
-                                f"text, where special tokens are refused")
-        if not fields[0] or not fields[2]:
-            raise UserError(f"{where}: 'instruction' and 'output' must not be empty")
+            check_text(where, name, value)
+        if not fields[0].strip():
+            raise UserError(f"{where}: 'instruction' must not be empty or blank")
         records.append((*fields, number))
     if len(records) < 2:
         raise UserError(f"--data {path}: {len(records)} record(s); fine-tuning needs at least 2")
@@ -112,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         with user_input(f"--data {data}: line {number}"):
             prompt = tree.encoding.encode(tree.format(instruction, input_text))
             response = tree.encoding.encode(output)
+        if len(prompt) >= config.context_length:  # the first response target sits at position len(prompt) - 1
+            raise UserError(f"--data {data}: line {number}: the prompt takes {len(prompt)} tokens and the context "
+                            f"holds {config.context_length}: no response token would be trained (shorten the "
+                            f"instruction or input, or use a model with a longer context)")
         prompts.append(prompt)
         sequences.append(prompt + response)  # encoded apart: the prompt's tokens are exactly a prefix
     train, val = _split(len(records), args.val_ratio, args.seed)
@@ -132,12 +138,6 @@ def _fine_tune(args, tree, ckpt: Path, prompts, sequences, train, val, staging: 
         return tree.collate([sequences[r] for r in rows], pad_id=EOT, ignore_index=IGNORE, max_length=Tc,
                             prompt_lengths=[len(prompts[r]) for r in rows] if args.mask_prompt else None)
 
-    def counted(rows) -> list[int]:  # rows whose cut keeps a counted target (a long prompt may leave none)
-        return [r for r in rows if (batch([r])[1] != IGNORE).any()]
-
-    train, val = counted(train), counted(val)
-    if not train:
-        raise UserError(f"--data {args.data}: no training record keeps a target within the context of {Tc} tokens")
     log = []
     rng = np.random.default_rng([args.seed, 2])
     for epoch in range(1, args.epochs + 1):
