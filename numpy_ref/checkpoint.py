@@ -8,6 +8,11 @@ A model checkpoint is a directory (docs/design.md, "Checkpoints"):
     model.safetensors   "transformer.<name>" for every parameter of docs/design.md's table,
                         "lm_head.weight" when the head is not tied, all float32
 
+A classifier's checkpoint (`num_classes=K` to save, `classifier=True` to load; classifier.py)
+is the same without "lm_head.weight", plus "classifier.weight" (C, K) and "classifier.bias" (K,),
+unprefixed; its config.json adds "gpt_oracle_num_classes" and "num_labels" (K) and names the
+architecture GPT2Model. Each loader refuses the other kind, naming it.
+
 Why no transposes: Hugging Face GPT-2's linear layers are `Conv1D` modules whose weight is
 stored (in, out), exactly our layout, and its `lm_head` is an `nn.Linear(C, V)` whose weight is
 (V, C), exactly our `lm_head.weight`. So `transformers.GPT2LMHeadModel.from_pretrained(dir)`

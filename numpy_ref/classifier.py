@@ -62,6 +62,11 @@ def classifier_param_shapes(config, num_classes: int) -> list[tuple[str, tuple[i
     return trunk + [("classifier.weight", (config.emb_dim, K)), ("classifier.bias", (K,))]
 
 
+def trunk_params(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A language model's parameters without its vocabulary head (a tied head is wte: kept)."""
+    return {n: v for n, v in params.items() if n != "lm_head.weight"}
+
+
 def init_classifier_head(config, num_classes: int, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
     """A new head, GPT-2's initialisation for a linear layer: weight normal(0, 0.02), bias 0."""
     K = check_num_classes(num_classes)
@@ -111,7 +116,7 @@ def classifier_forward(params: Mapping[str, np.ndarray], ids, config, labels=Non
     f, trunk = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks,
                                     check_more=check_lengths_and_labels)  # (B, T) -> (B, T, C)
     B, T, _ = f.shape
-    pos = check_lengths(lengths, B, T) - 1  # (B,), the positions read
+    pos = check_lengths(lengths, B, T) - 1  # (B,), the positions read (checked again: cheap)
     r = f[np.arange(B), pos]  # (B, T, C) -> (B, C)
     logits = r @ w + b  # (B, C) @ (C, K) -> (B, K)
     loss, ce = (None, None) if labels is None else cross_entropy_forward(logits, labels)
@@ -161,33 +166,24 @@ class GPTClassifier:
 
     def __init__(self, config, num_classes: int, seed: int = 0, dtype=np.float64,
                  params: Mapping[str, np.ndarray] | None = None) -> None:
-        from numpy_ref.model import GPTModel
+        from numpy_ref.model import GPTModel, checked_params
 
+        check_num_classes(num_classes)
+        if params is None:  # GPTModel checks the dtype
+            seed = check_seed(seed)
+            trunk = trunk_params(GPTModel(config, seed=seed, dtype=dtype).params)
+            params = {**trunk, **init_classifier_head(config, num_classes, _head_rng(seed), dtype)}
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"GPTClassifier dtype must be float32 or float64, got {dtype}")
         self.config, self.num_classes, self.dtype = config, check_num_classes(num_classes), dtype
-        if params is None:
-            seed = check_seed(seed)
-            trunk = {n: v for n, v in GPTModel(config, seed=seed, dtype=dtype).params.items() if n != "lm_head.weight"}
-            params = {**trunk, **init_classifier_head(config, num_classes, _head_rng(seed), dtype)}
-        table = classifier_param_shapes(config, num_classes)
-        missing = [n for n, _ in table if n not in params]
-        extra = sorted(set(params) - {n for n, _ in table})
-        if missing or extra:
-            raise KeyError(f"parameters do not match the config: missing {missing}, unexpected {extra}")
-        self.params = {}
-        for name, shape in table:
-            value = np.asarray(params[name])
-            if value.shape != shape:
-                raise ValueError(f"parameter {name} has shape {value.shape}; expected {shape}")
-            self.params[name] = np.ascontiguousarray(value, dtype=dtype)
+        self.params = checked_params(classifier_param_shapes(config, num_classes), params, dtype)
 
     @classmethod
     def from_gpt(cls, model, num_classes: int, seed: int = 0) -> "GPTClassifier":
         """A classifier on a copy of `model`'s trunk with a new head drawn from `seed`."""
         head = init_classifier_head(model.config, num_classes, _head_rng(check_seed(seed)), model.dtype)
-        trunk = {n: v.copy() for n, v in model.params.items() if n != "lm_head.weight"}
+        trunk = {n: v.copy() for n, v in trunk_params(model.params).items()}
         return cls(model.config, num_classes, dtype=model.dtype, params={**trunk, **head})
 
     def __call__(self, ids, *, lengths=None) -> np.ndarray:

@@ -54,30 +54,6 @@ def head_weight(params: Mapping[str, np.ndarray], config) -> np.ndarray:
     return params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]
 
 
-def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
-                dropout_masks: Mapping[str, np.ndarray] | None = None, kv_cache: KVCache | None = None,
-                ignore_index: int | None = None, last_only: bool = False):
-    """(logits, loss, cache); loss is None without targets. See the module docstring."""
-    if last_only and targets is not None:
-        raise ValueError("last_only=True returns the last position's logits only; it cannot take targets")
-    V = params["wte.weight"].shape[0]
-
-    def check_targets_first(ids: np.ndarray) -> None:  # bad targets raise before the blocks write the KV cache
-        check_targets((*ids.shape, V), targets, ignore_index)  # cross_entropy_forward checks again: it costs ~nothing
-
-    f, cache = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks, kv_cache=kv_cache,
-                                    last_only=last_only,
-                                    check_more=None if targets is None else check_targets_first)  # (B, T, C)
-    B, T, C = f.shape
-    head = head_weight(params, config)
-    f2 = f.reshape(B * T, C)  # (B, T, C) -> (BT, C)
-    logits = (f2 @ head.T).reshape(B, T, -1)  # (BT, C) @ (C, V) -> (BT, V) -> (B, T, V)
-    assert logits.dtype == cache["dtype"], f"logits drifted to {logits.dtype} from the parameters' {cache['dtype']}"
-    loss, ce = (None, None) if targets is None else cross_entropy_forward(logits, targets, ignore_index)
-    cache.update(f2=f2, head=head, ce=ce)
-    return logits, loss, cache
-
-
 def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
                          dropout_masks: Mapping[str, np.ndarray] | None = None, kv_cache: KVCache | None = None,
                          last_only: bool = False, check_more: Callable[[np.ndarray], None] | None = None):
@@ -117,17 +93,47 @@ def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
     return f, cache
 
 
-def _check_cache(kv_cache: KVCache, config, ids: np.ndarray, dtype) -> None:
-    """ValueError unless the cache fits: ids' batch size, and (L, B, nh, Tc, hs) with the model's
-    L, nh and hs in the parameters' dtype (a float32 cache would round a float64 model's keys)."""
-    if ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
-        raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
-    L, _, nh, _, hs = kv_cache.k.shape
-    if (L, nh, hs) != (config.n_layers, config.n_heads, config.head_size):
-        raise ValueError(f"the KV cache has n_layers={L}, n_heads={nh}, head_size={hs}; this model needs "
-                         f"{config.n_layers}, {config.n_heads}, {config.head_size} (make it with model.new_kv_cache)")
-    if kv_cache.k.dtype != dtype:
-        raise ValueError(f"the KV cache is {kv_cache.k.dtype}; the parameters are {dtype} (model.new_kv_cache)")
+def gpt_features_backward(df: np.ndarray, cache) -> dict[str, np.ndarray]:
+    """Gradients of every trunk parameter (wte's from the embedding only; no head), given
+    df = dL/df (B, T, C) and the cache of `gpt_features_forward`."""
+    if cache["kv"]:
+        raise ValueError("the forward used a KV cache (inference); run it without one to train")
+    config, dtype = cache["config"], cache["dtype"]
+    grads = {}
+    dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(df, cache["ln_f"])
+    for i in reversed(range(config.n_layers)):
+        dx, g = block_backward(dx, cache["blocks"][i])  # (B, T, C) -> (B, T, C)
+        grads.update({f"h.{i}.{name}": value for name, value in g.items()})
+    if cache["mask_e"] is not None:
+        dx = dx * cache["mask_e"]
+    grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, cache["emb"])  # (B, T, C) -> (V, C), (Tc, C)
+    for name, g in grads.items():
+        assert g.dtype == dtype, f"gradient {name} drifted to {g.dtype} from the parameters' {dtype}"
+    return grads
+
+
+def gpt_forward(params: Mapping[str, np.ndarray], ids, config, targets=None, *,
+                dropout_masks: Mapping[str, np.ndarray] | None = None, kv_cache: KVCache | None = None,
+                ignore_index: int | None = None, last_only: bool = False):
+    """(logits, loss, cache); loss is None without targets. See the module docstring."""
+    if last_only and targets is not None:
+        raise ValueError("last_only=True returns the last position's logits only; it cannot take targets")
+    V = params["wte.weight"].shape[0]
+
+    def check_targets_first(ids: np.ndarray) -> None:  # bad targets raise before the blocks write the KV cache
+        check_targets((*ids.shape, V), targets, ignore_index)  # cross_entropy_forward checks again: it costs ~nothing
+
+    f, cache = gpt_features_forward(params, ids, config, dropout_masks=dropout_masks, kv_cache=kv_cache,
+                                    last_only=last_only,
+                                    check_more=None if targets is None else check_targets_first)  # (B, T) -> (B, T, C)
+    B, T, C = f.shape
+    head = head_weight(params, config)
+    f2 = f.reshape(B * T, C)  # (B, T, C) -> (BT, C)
+    logits = (f2 @ head.T).reshape(B, T, -1)  # (BT, C) @ (C, V) -> (BT, V) -> (B, T, V)
+    assert logits.dtype == cache["dtype"], f"logits drifted to {logits.dtype} from the parameters' {cache['dtype']}"
+    loss, ce = (None, None) if targets is None else cross_entropy_forward(logits, targets, ignore_index)
+    cache.update(f2=f2, head=head, ce=ce)
+    return logits, loss, cache
 
 
 def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
@@ -135,8 +141,6 @@ def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
     of a `gpt_forward` with targets; `dloss` is dL/dloss (1 for the loss itself)."""
     if cache["ce"] is None:
         raise ValueError("gpt_backward needs the cache of a forward run with targets")
-    if cache["kv"]:
-        raise ValueError("gpt_backward: the forward used a KV cache (inference); run it without one to train")
     config = cache["config"]
     dlogits = cross_entropy_backward(dloss, cache["ce"])  # () -> (B, T, V)
     B, T, V = dlogits.shape
@@ -151,23 +155,17 @@ def gpt_backward(cache, dloss=1.0) -> dict[str, np.ndarray]:
     return {name: grads[name] for name, _ in param_shapes(config)}
 
 
-def gpt_features_backward(df: np.ndarray, cache) -> dict[str, np.ndarray]:
-    """Gradients of every trunk parameter (wte's from the embedding only; no head), given
-    df = dL/df (B, T, C) and the cache of `gpt_features_forward`."""
-    if cache["kv"]:
-        raise ValueError("gpt_backward: the forward used a KV cache (inference); run it without one to train")
-    config, dtype = cache["config"], cache["dtype"]
-    grads = {}
-    dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(df, cache["ln_f"])
-    for i in reversed(range(config.n_layers)):
-        dx, g = block_backward(dx, cache["blocks"][i])  # (B, T, C) -> (B, T, C)
-        grads.update({f"h.{i}.{name}": value for name, value in g.items()})
-    if cache["mask_e"] is not None:
-        dx = dx * cache["mask_e"]
-    grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, cache["emb"])  # (B, T, C) -> (V, C), (Tc, C)
-    for name, g in grads.items():
-        assert g.dtype == dtype, f"gradient {name} drifted to {g.dtype} from the parameters' {dtype}"
-    return grads
+def _check_cache(kv_cache: KVCache, config, ids: np.ndarray, dtype) -> None:
+    """ValueError unless the cache fits: ids' batch size, and (L, B, nh, Tc, hs) with the model's
+    L, nh and hs in the parameters' dtype (a float32 cache would round a float64 model's keys)."""
+    if ids.ndim == 2 and ids.shape[0] != kv_cache.batch_size:
+        raise ValueError(f"batch size {ids.shape[0]} differs from the KV cache's {kv_cache.batch_size}")
+    L, _, nh, _, hs = kv_cache.k.shape
+    if (L, nh, hs) != (config.n_layers, config.n_heads, config.head_size):
+        raise ValueError(f"the KV cache has n_layers={L}, n_heads={nh}, head_size={hs}; this model needs "
+                         f"{config.n_layers}, {config.n_heads}, {config.head_size} (make it with model.new_kv_cache)")
+    if kv_cache.k.dtype != dtype:
+        raise ValueError(f"the KV cache is {kv_cache.k.dtype}; the parameters are {dtype} (model.new_kv_cache)")
 
 
 def split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray, past: int, dtype):
@@ -223,7 +221,7 @@ class GPTModel:
         if params is None:
             self.params = init_params(config, np.random.default_rng(seed), dtype, scheme=init)
         else:
-            self.params = _checked_params(config, params, dtype)
+            self.params = checked_params(param_shapes(config), params, dtype)
 
     def __call__(self, ids, kv_cache: KVCache | None = None, *, last_only: bool = False) -> np.ndarray:
         """Logits (B, T, V) for inference: no dropout. With a KV cache, the ids are the next
@@ -289,9 +287,10 @@ class GPTModel:
         save_checkpoint(directory, self.config, self.params)
 
 
-def _checked_params(config, params: Mapping[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
-    """The table's names in order, each shape-checked and converted to contiguous `dtype`."""
-    table = param_shapes(config)
+def checked_params(table: list[tuple[str, tuple[int, ...]]], params: Mapping[str, np.ndarray],
+                   dtype) -> dict[str, np.ndarray]:
+    """The table's names in order, each shape-checked and converted to contiguous `dtype`
+    (classifier.py passes its own table)."""
     missing = [n for n, _ in table if n not in params]
     extra = sorted(set(params) - {n for n, _ in table})
     if missing or extra:

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from parity_tests.tolerances import Tol, large_mean_row_tol
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -42,8 +44,8 @@ class LayerSpec:
     # Rows of the output (and of every tensor shaped like it) to compare separately, each at its
     # own scale: inputs -> {group label: boolean mask over the leading axes}; "" is the main group.
     row_groups: Callable[[dict], dict[str, np.ndarray]] | None = None
-    # A group's own tolerance: (group label, the dtype's Tol) -> the Tol that group is judged by.
-    group_tol: Callable[[str, "Tol", str], "Tol"] | None = None  # (group, Tol, dtype name) -> Tol
+    # A row group's own tolerance: (group label, the dtype's Tol, dtype name) -> the Tol it is judged by.
+    group_tol: Callable[[str, Tol, str], Tol] | None = None
     notes: str = ""
 
     def numpy_pair(self):
@@ -78,6 +80,7 @@ _LAYERNORM_SMALL_SPREADS = (0.1, 0.0, 1.0)  # row variances / eps (var ~ eps/10,
 # with var ~ eps/10 would then sit among fp16's subnormals (below 6e-8 at 1e-6).
 _LAYERNORM_EPS = (1e-5, 1e-5, 1e-4, 1e-3)
 LAYERNORM_LARGE_MEAN = 100.0  # the offset of one row, in units of its spread (1)
+LARGE_MEAN_ROWS = "rows with |mean| > 30 std"  # its row group
 
 
 def _layernorm_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
@@ -126,22 +129,16 @@ def _layernorm_row_groups(inputs: dict) -> dict[str, np.ndarray]:
     var = x.var(axis=-1)  # (B, T, C) -> (B, T)
     small = var < 100 * inputs["eps"]
     offset = ~small & (np.abs(x.mean(axis=-1)) > 30 * np.sqrt(var))  # a mean of 100 spreads
-    return {"": ~small & ~offset, "rows with var < 100 eps": small, "rows with |mean| > 30 std": offset}
+    return {"": ~small & ~offset, "rows with var < 100 eps": small, LARGE_MEAN_ROWS: offset}
 
 
-def _layernorm_group_tol(group: str, tol, dtype: str):
-    """Rows with a mean m of 100 spreads (drawn for float64, float32 and tf32 checks only): a
-    correct kernel's x - mean carries the rounding of m, ~3 u m / std of the output (measured
-    2e-5 in float32 at m = 100), which an absolute 1e-5 does not allow for; an atol 10x the
-    dtype's (~1700 u in float32) still leaves a one-pass variance's 3e-3 error 30x over it.
-    bf16 and fp16 checks draw no such row: a kernel that takes the mean in the input dtype
-    rounds it to the inputs' step there (0.5 at 100 in bf16), and the row's share of dw and db,
-    which sum over rows, cannot be judged on its own. A one-pass variance is a float32 check."""
-    from dataclasses import replace
-
-    if group != "rows with |mean| > 30 std":
-        return tol
-    return replace(tol, atol=10 * tol.atol, why=tol.why + "; x - mean carries the rounding of a mean of 100 spreads")
+def _layernorm_group_tol(group: str, tol: Tol, dtype: str) -> Tol:
+    """The large-mean row (drawn for float64, float32 and tf32 checks only) is judged by
+    tolerances.large_mean_row_tol. bf16 and fp16 checks draw no such row: a kernel that takes the
+    mean in the input dtype rounds it to the inputs' step there (0.5 at 100 in bf16), and the
+    row's share of dw and db, which sum over rows, cannot be judged on its own. A one-pass
+    variance is a float32 check."""
+    return large_mean_row_tol(tol) if group == LARGE_MEAN_ROWS else tol
 
 
 def _gelu_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:

@@ -43,8 +43,8 @@ from hypothesis import strategies as st
 from parity_tests import models
 from parity_tests.checks import compare_grad_norms, position_grad_scales
 from parity_tests.compare import compare, to_numpy
-from parity_tests.oracle import (_ONE_FAILURE, Report, _check_dtype_on_device, _note_on_error, _own_name,
-                                 canonical_dtype)
+from parity_tests.failure_report import ONE_FAILURE, failure_message, note_on_error, own_name, replay_lines
+from parity_tests.oracle import Report, canonical_dtype, check_dtype_on_device
 from parity_tests.strategies import config_dicts
 from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol
 
@@ -63,7 +63,7 @@ def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtyp
     import torch
 
     dtype = canonical_dtype(dtype)
-    _check_dtype_on_device(dtype, device)
+    check_dtype_on_device(dtype, device)
     params, ids, targets = model_case(config, B, T, seed)
     autocast = dtype in ("bfloat16", "float16")
     stored = {"float64": torch.float64}.get(dtype, torch.float32)
@@ -81,7 +81,7 @@ def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtyp
             try:
                 returned = fn(tparams, ids_t, targets_t, dict(config))
             except Exception as err:
-                _note_on_error(err, "the model", {"ids": ids_t, **tparams})
+                note_on_error(err, "the model", {"ids": ids_t, **tparams})
                 raise
         logits, loss = _checked_outputs(returned, ref.logits.shape, dtype, torch)
         grads = torch.autograd.grad(loss, list(tparams.values()), allow_unused=True)
@@ -145,7 +145,7 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
     that model; the batch and values are drawn), or a hypothesis strategy of config dicts.
     Raises AssertionError on a mismatch (shrunk); returns a Report otherwise."""
     dtype = canonical_dtype(dtype)
-    _check_dtype_on_device(dtype, device)
+    check_dtype_on_device(dtype, device)
     if configs is None:
         configs = config_dicts(max_layers=2, max_heads=3, max_head_size=6, max_context=10, max_vocab=40)
         if dtype in ("bfloat16", "float16"):  # GRADIENT_NORM's bound was measured from C = 8 up (tolerances.py)
@@ -163,25 +163,19 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
         T = draw(st.integers(1, min(max_time, config["context_length"])))
         return config, draw(st.integers(1, max_batch)), T, draw(st.integers(0, 2**31 - 1))
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **ONE_FAILURE)
     @given(case=cases())
     def _property(case) -> None:
         config, B, T, seed = case
         results = compare_model(fn, config, B, T, seed, dtype=dtype, device=device)
-        bad = [r for r in results if not r.ok]
-        if bad:
-            lines = [f"the model ({dtype}, {device}) differs from the oracle on config {config}, B={B}, T={T}, "
-                     f"seed={seed}: " + bad[0].message()]
-            lines += ["  also over tolerance: " + r.message() for r in bad[1:]]
-            lines.append("  " + _where_it_starts(results))
-            name = _own_name(fn, "fn")
-            lines.append("  replay (paste after your own definitions):")
-            lines += ["    " + line for line in (
-                ["from parity_tests.model_oracle import compare_model"]
-                + ([] if name == getattr(fn, "__name__", None) else [f"{name} = ...  # your function"])
-                + [f"results = compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})",
-                   "print([r.message() for r in results if not r.ok])"])]
-            raise AssertionError("\n".join(lines))
+        if not all(r.ok for r in results):
+            name = own_name(fn, "fn")
+            replay = replay_lines(["from parity_tests.model_oracle import compare_model"],
+                                  f"compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})",
+                                  {name: fn})
+            raise AssertionError(failure_message(f"the model ({dtype}, {device}) differs from the oracle on config "
+                                                 f"{config}, B={B}, T={T}, seed={seed}", results,
+                                                 _where_it_starts(results), replay))
         report.comparisons.extend(results)
         report.examples += 1
 

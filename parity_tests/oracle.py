@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from hypothesis import Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity_tests.compare import Comparison, compare
+from parity_tests.failure_report import ONE_FAILURE, failure_message, note_on_error, own_name, replay_lines
 from parity_tests.layer_specs import LayerSpec, OracleResult, Sizes, get_spec, run_oracle
 from parity_tests.tolerances import Tol, layer_forward_tol, layer_gradient_tol
 
@@ -40,10 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 
-# One failure is raised, the first found (shrunk), not an ExceptionGroup of every distinct one;
-# and no "explain" phase, which re-runs the function under test some 300 times after a failure to
-# say which drawn values mattered (the message already names the sizes and the seed).
-_ONE_FAILURE = dict(report_multiple_bugs=False, phases=[p for p in Phase if p is not Phase.explain])
 
 
 @dataclass
@@ -98,55 +95,29 @@ def _size_strategy(given_sizes) -> st.SearchStrategy:
                     f"(parity_tests.oracle.sizes(...)), got {type(given_sizes).__name__}")
 
 
-def _failure_message(name: str, where: str, results: list[Comparison], replay: list[str], autograd: bool) -> str:
-    """Every tensor over tolerance, in the order compared; the forward's error beside them when it
-    passed (with autograd, a forward error under tolerance can surface first in the gradients, as
-    the backward differentiates whatever the forward computed); and the lines that replay the case."""
-    bad = [r for r in results if not r.ok]
-    lines = [f"{name} ({where}) differs from the oracle: " + bad[0].message()]
-    lines += ["  also over tolerance: " + r.message() for r in bad[1:]]
+def _layer_failure(name: str, where: str, results: list[Comparison], replay: list[str], autograd: bool) -> str:
+    """failure_message for one layer: with the forward right, a hint at what the gradients mean
+    (with autograd, a forward error under tolerance can surface first in the gradients, as the
+    backward differentiates whatever the forward computed)."""
     forward = [r for r in results if r.name.endswith(" out")]
-    if all(r.ok for r in forward) and forward:
+    hint = ""
+    if forward and all(r.ok for r in forward):
         worst = max(forward, key=lambda r: r.max_abs)
         why = ("with gradients from autograd, a forward bug below the tolerance can still show first in them, so "
                "check the forward's formula too") if autograd else \
             "the backward is wrong, or the forward by less than the tolerance"
-        lines.append(f"  the forward passed ({worst.name}: max_abs={worst.max_abs:.3e}, within atol={worst.tol.atol:.0e} "
-                     f"+ rtol={worst.tol.rtol:.0e}); {why}")
-    lines.append("  replay (paste after your own definitions):")
-    lines += ["    " + line for line in replay]
-    return "\n".join(lines)
+        hint = f"the forward passed ({worst.name}: max_abs={worst.max_abs:.3e}, within its tolerance); {why}"
+    return failure_message(f"{name} ({where}) differs from the oracle", results, hint, replay)
 
 
-def _replay_lines(call: str, tol_forward: Tol | None, tol_grad: Tol | None, functions: dict) -> list[str]:
-    """Python that reruns one failing case: the imports, then `call` with the tolerances given.
-    `functions`: the name each function is called by in `call` -> the function (its own name
-    where that is one, else the placeholder, which the lines then say to bind)."""
-    tols = (f", tol_forward={tol_forward!r}" if tol_forward else "") + (f", tol_grad={tol_grad!r}" if tol_grad else "")
-    lines = ["import numpy as np", "from parity_tests.oracle import compare_numpy_layer, compare_torch_layer",
-             "from parity_tests.layer_specs import Sizes, get_spec", "from parity_tests.tolerances import Tol"]
-    for placeholder, fn in functions.items():
-        own = getattr(fn, "__name__", "")
-        if not (own.isidentifier() and own == placeholder):
-            lines.append(f"{placeholder} = ...  # your function")
-    lines.append(f"results = {call}{tols})")
-    lines.append("print([r.message() for r in results if not r.ok])")
-    return lines
+_LAYER_IMPORTS = ["import numpy as np", "from parity_tests.oracle import compare_numpy_layer, compare_torch_layer",
+                  "from parity_tests.layer_specs import Sizes, get_spec", "from parity_tests.tolerances import Tol"]
 
 
-def _own_name(fn, placeholder: str) -> str:
-    name = getattr(fn, "__name__", "")
-    return name if name.isidentifier() else placeholder
-
-
-def _note_on_error(err: BaseException, name: str, inputs: dict) -> None:
-    """Add to an exception raised by the function under test what it was given: the shapes, and
-    the layout every oracle weight has."""
-    if not hasattr(err, "add_note"):  # Python < 3.11
-        return
-    shapes = ", ".join(f"{k}={tuple(v.shape)}" if hasattr(v, "shape") else f"{k}={v!r}" for k, v in inputs.items())
-    err.add_note(f"raised by the function under test for oracle layer {name!r} with {shapes}; every weight is "
-                 f"(in, out), applied as x @ w + b: nn.Linear's (out, in) weight is w.t()")
+def _with_tols(call: str, tol_forward: Tol | None, tol_grad: Tol | None) -> str:
+    """`call`, closed, with the tolerances the check was given."""
+    return call + (f", tol_forward={tol_forward!r}" if tol_forward else "") + \
+        (f", tol_grad={tol_grad!r}" if tol_grad else "") + ")"
 
 
 # Accepted spellings of each dtype (a torch.dtype is read by its name: torch.float32 -> "float32").
@@ -170,7 +141,7 @@ def canonical_dtype(dtype) -> str:
     raise ValueError(f"dtype={dtype!r} is not one the oracle checks; use one of: {known}, or the torch dtype")
 
 
-def _check_dtype_on_device(dtype: str, device) -> None:
+def check_dtype_on_device(dtype: str, device) -> None:
     """ValueError for "tf32" off CUDA: TF32 is a mode of NVIDIA tensor cores for float32 matmuls;
     elsewhere the function would run in plain float32 and be judged by TF32's looser tolerance
     (gpt_oracle/user_input.check_dtype_on_device refuses the same on the command line)."""
@@ -297,7 +268,7 @@ def compare_torch_layer(
     import torch
 
     dtype = canonical_dtype(dtype)
-    _check_dtype_on_device(dtype, device)
+    check_dtype_on_device(dtype, device)
     quantized = {k: (_quantize(v, dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in inputs.items()}
     oracle = run_oracle(spec, quantized, upstream_seed=upstream_seed)
     tdtype = _torch_dtype(dtype)
@@ -316,7 +287,7 @@ def compare_torch_layer(
         try:
             out = fn(**targs)
         except Exception as err:
-            _note_on_error(err, spec.name, targs)
+            note_on_error(err, f"oracle layer {spec.name!r}", targs)
             raise
         _check_torch_output(spec, label, out, oracle.out, tdtype)
         diff_inputs = [targs[k] for k in spec.differentiable]
@@ -348,10 +319,10 @@ def check_layer(
     """
     spec = get_spec(name)
     dtype = canonical_dtype(dtype)
-    _check_dtype_on_device(dtype, device)
+    check_dtype_on_device(dtype, device)
     report = Report(layer=name, dtype=dtype)
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **ONE_FAILURE)
     @given(s=_size_strategy(sizes), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s, dtype)
@@ -359,11 +330,12 @@ def check_layer(
             spec, fn, inputs, dtype=dtype, device=device, tol_forward=tol_forward, tol_grad=tol_grad,
             label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed,
         )
-        fn_name = _own_name(fn, "fn")
-        replay = _replay_lines(f"compare_torch_layer(get_spec({name!r}), {fn_name}, get_spec({name!r}).make_inputs("
-                               f"np.random.default_rng({seed}), {s}, {dtype!r}), dtype={dtype!r}, device={device!r}, "
-                               f"upstream_seed={seed}", tol_forward, tol_grad, {fn_name: fn})
-        assert all(r.ok for r in results), _failure_message(name, f"{dtype}, {device}", results, replay, True)
+        fn_name = own_name(fn, "fn")
+        call = _with_tols(f"compare_torch_layer(get_spec({name!r}), {fn_name}, get_spec({name!r}).make_inputs("
+                          f"np.random.default_rng({seed}), {s}, {dtype!r}), dtype={dtype!r}, device={device!r}, "
+                          f"upstream_seed={seed}", tol_forward, tol_grad)
+        replay = replay_lines(_LAYER_IMPORTS, call, {fn_name: fn})
+        assert all(r.ok for r in results), _layer_failure(name, f"{dtype}, {device}", results, replay, True)
         report.comparisons.extend(results)
         report.examples += 1
 
@@ -387,17 +359,17 @@ def check_numpy_layer(
     tol_f = tol_forward or layer_forward_tol("float64")
     tol_g = tol_grad or layer_gradient_tol("float64")
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **_ONE_FAILURE)
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **ONE_FAILURE)
     @given(s=_size_strategy(sizes), seed=st.integers(0, 2**31 - 1))
     def _property(s: Sizes, seed: int) -> None:
         inputs = spec.make_inputs(np.random.default_rng(seed), s)
         results = compare_numpy_layer(spec, forward, backward, inputs, upstream_seed=seed, tol_forward=tol_f,
                                       tol_grad=tol_g, label=f"[sizes={s}, seed={seed}] ")
-        f_name, b_name = _own_name(forward, "forward"), _own_name(backward, "backward")
-        replay = _replay_lines(f"compare_numpy_layer(get_spec({name!r}), {f_name}, {b_name}, get_spec({name!r})"
-                               f".make_inputs(np.random.default_rng({seed}), {s}), upstream_seed={seed}",
-                               tol_forward, tol_grad, {f_name: forward, b_name: backward})
-        assert all(r.ok for r in results), _failure_message(name, "numpy", results, replay, False)
+        f_name, b_name = own_name(forward, "forward"), own_name(backward, "backward")
+        call = _with_tols(f"compare_numpy_layer(get_spec({name!r}), {f_name}, {b_name}, get_spec({name!r})"
+                          f".make_inputs(np.random.default_rng({seed}), {s}), upstream_seed={seed}", tol_forward, tol_grad)
+        replay = replay_lines(_LAYER_IMPORTS, call, {f_name: forward, b_name: backward})
+        assert all(r.ok for r in results), _layer_failure(name, "numpy", results, replay, False)
         report.comparisons.extend(results)
         report.examples += 1
 

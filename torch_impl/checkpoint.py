@@ -5,6 +5,11 @@ A model checkpoint is a directory (docs/design.md, "Checkpoints"):
     config.json         GPT2Config's fields plus "gpt_oracle": our GPTConfig.to_dict()
     model.safetensors   "transformer.<name>" per parameter, "lm_head.weight" when untied; float32
 
+A classifier's checkpoint (`num_classes=K` to save, `classifier=True` to load; classifier.py)
+is the same without "lm_head.weight", plus "classifier.weight" (C, K) and "classifier.bias" (K,),
+unprefixed; its config.json adds "gpt_oracle_num_classes" and "num_labels" (K) and names the
+architecture GPT2Model. Each loader refuses the other kind, naming it.
+
 Hugging Face GPT-2 stores its linear weights (in, out) (the `Conv1D` module) and its `lm_head`
 as (V, C), exactly our layout, so no weight is transposed on the way in or out. Its `c_attn`
 always has a bias: without `qkv_bias` we write zeros (the same function) and require zeros back.
@@ -29,7 +34,6 @@ between the two.
 from __future__ import annotations
 
 import json
-import numbers
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -74,11 +78,11 @@ def checkpoint_shapes(config: GPTConfig, num_classes: int | None = None) -> dict
                        h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
                        h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,)})
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if num_classes is not None:
-        shapes.update({"classifier.weight": (C, num_classes), "classifier.bias": (num_classes,)})
+        from torch_impl.classifier import check_num_classes  # classifier.py imports the model, not this
+
+        K = check_num_classes(num_classes)
+        shapes.update({"classifier.weight": (C, K), "classifier.bias": (K,)})
     elif not config.tie_embeddings:
         shapes[HEAD] = (V, C)
     return shapes

@@ -152,9 +152,10 @@ class GPTClassifier(GPTModel):
                 dropout_masks=None):
         """Logits (B, K); `(logits, loss)` when labels (B,) are given. See the module docstring."""
         w, b = self.classifier.weight, self.classifier.bias
-        # Every input before any compute, in the order of GPTModel.forward (masks, ids) and numpy_ref.
+        # Every input before any compute, in the order of GPTModel.forward (masks, ids) and numpy_ref,
+        # so that lengths and labels come after them; super().forward checks masks and ids again (cheap).
         if isinstance(ids, torch.Tensor) and ids.ndim == 2:
-            self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], 0)
+            self._check_masks(dropout_masks, ids.shape[0], ids.shape[1], past=0)
         ids = check_ids(ids, self.config.vocab_size, self.config.context_length)
         B, T = ids.shape
         pos = check_lengths(lengths, B, T, ids.device) - 1  # (B,)

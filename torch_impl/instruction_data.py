@@ -4,12 +4,18 @@ A record (instruction, optional input text, response) becomes one text in the Al
 (Taori et al. 2023, Stanford Alpaca; the format the book uses): a one-line preamble, then
 "### Instruction:", "### Input:" (only when there is an input) and "### Response:" sections.
 
-`instruction_collate` makes one (B, T) batch from tokenised texts of different lengths. Row b,
-n_b tokens, gets one end-of-text token (pad_id) so the model learns where to stop, and is padded
-with pad_id to T + 1 = max_b (n_b + 1); inputs are the first T columns, targets the last T (the
-next token at each position). A target becomes ignore_index past the end-of-text (j >= n_b) and,
-with prompt_lengths p, where it is a prompt token (j < p_b - 1): the loss then counts the
-response only (the book's exercise 7.2). Both are cut to max_length columns when given.
+`instruction_collate` turns tokenised texts of different lengths into one (B, T) batch for the
+next-token loss. For a row s of n tokens:
+
+    s' = s + [pad_id]                      one end-of-text token: the model learns where to stop
+    padded to T + 1 = max_b (n_b + 1) with pad_id
+    inputs  = padded[:, :-1]               (B, T)
+    targets = padded[:, 1:]                (B, T)  the next token at each position
+    targets[b, j] = ignore_index           for j >= n_b (padding after the end-of-text), and for
+                                           j < p_b - 1 when prompt_lengths p are given (the
+                                           targets that are prompt tokens: the loss counts the
+                                           response only, the book's exercise 7.2)
+    then both are cut to max_length columns when given (the context length)
 
 `ignore_index` must be negative (a token id equal to it would drop out of the loss), and the ids
 are checked as numpy_ref checks them (the same exceptions, naming sequence, position and value).

@@ -7,7 +7,8 @@ V vocabulary, L layers, Tc context length, P positions already in a KV cache.
     for each of the L blocks:
         x = x + drop(attn(ln_1(x)))               (B, T, C) -> (B, T, C)
         x = x + drop(mlp(ln_2(x)))                (B, T, C) -> (B, T, C)
-    logits = ln_f(x) @ head.T                     (B, T, C) -> (B, T, V)
+    f = ln_f(x)                                   (B, T, C)   what features_only=True returns
+    logits = f @ head.T                           (B, T, C) -> (B, T, V)
     loss = mean cross-entropy(logits, targets)    (B, T, V), (B, T) -> ()
 
 `head` is `wte.weight` itself when `tie_embeddings` (one tensor, one storage, gradients from
@@ -173,7 +174,8 @@ class GPTModel(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
                 dropout_masks: Mapping[str, torch.Tensor] | None = None, ignore_index: int | None = None,
                 last_only: bool = False, features_only: bool = False):
-        """Logits (B, T, V) for ids (B, T); `(logits, loss)` when targets (B, T) are given.
+        """Logits (B, T, V) for ids (B, T); `(logits, loss)` when targets (B, T) are given; ln_f's
+        output (B, T, C) with features_only.
 
         kv_cache: positions already cached come first (positions P .. P+T-1); it is advanced
             by T. Inference only: with gradient recording on, the call runs under torch.no_grad()
@@ -221,7 +223,9 @@ class GPTModel(nn.Module):
         # Each weight read once per forward: a parametrized one is computed at every read (and a
         # stateful parametrization, spectral_norm's power iteration, would differ between reads).
         wte, wpe = self.wte.weight, self.wpe.weight
-        head = None if features_only else wte if cfg.tie_embeddings else self.lm_head.weight
+        head = None
+        if not features_only:  # GPTClassifier has no vocabulary head
+            head = wte if cfg.tie_embeddings else self.lm_head.weight
         V, Tc = wte.shape[0], wpe.shape[0]
         ids = check_ids(ids, V, Tc, pos_offset=past)  # (B, T) int64
         if targets is not None:  # a meta (B, T, V) stands for the logits: only its shape is read
