@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gpt_oracle.cli import main
+from gpt_oracle import fine_tuning
 from gpt_oracle.commands import finetune
 
 WORDS = "the a cat dog sat ran on under mat table house tree blue red quick slow".split()
@@ -84,7 +85,7 @@ def test_a_fine_tuned_classifier_learns_and_the_other_tree_reproduces_its_accura
     assert log[-1]["train_accuracy"] >= 0.75, f"{backend}: train accuracy {log[-1]['train_accuracy']}"
     run = json.loads((out / "run.json").read_text())
     assert run["num_classes"] == 2 and run["train_examples"] + run["val_examples"] == 80
-    train, val = finetune._split(80, 0.2, 5)
+    train, val = fine_tuning.split(80, 0.2, 5)
     for name, rows in (("train", train), ("val", val)):
         got = _accuracy_in(other, out / "classifier", data, rows)
         assert abs(got - log[-1][f"{name}_accuracy"]) <= 1 / len(rows) + 1e-9, \
@@ -154,7 +155,7 @@ def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, cap
     if where == "step":
         monkeypatch.setattr(finetune._Torch, "step", lambda self, *batch: float("nan"))
     else:
-        monkeypatch.setattr(finetune._Torch, "evaluate", lambda self, batches: (float("nan"), 0.5))
+        monkeypatch.setattr(finetune._Torch, "evaluate", lambda self, batches: {"loss": float("nan"), "accuracy": 0.5})
     status = main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 1 and "loss is nan" in err, err
@@ -168,14 +169,14 @@ def test_an_interrupted_save_leaves_no_out_and_a_bad_out_is_refused_before_train
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "write_json", interrupted)
+    monkeypatch.setattr(fine_tuning, "write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
         main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"], "an interrupted save left a partial --out"
     monkeypatch.undo()
     capsys.readouterr()
     trained = []
-    monkeypatch.setattr(finetune, "_fine_tune", lambda *a: trained.append(1) or 0)
+    monkeypatch.setattr(finetune, "train_epochs", lambda *a: trained.append(1) or [])
     _refused(capsys, ["--checkpoint", str(lm), "--data", str(data)], "--out", "is not a directory", out=data / "sub")
     assert not trained, "training ran before --out was found unusable"
 
@@ -185,5 +186,5 @@ def test_json_lines_may_hold_line_separators_inside_strings_and_a_small_set_stil
     data.write_text(json.dumps({"text": "a\u2028b", "label": 0}, ensure_ascii=False) + "\n"
                     + json.dumps({"text": "c\x85d", "label": 1}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert finetune.read_examples(data) == [("a\u2028b", 0), ("c\x85d", 1)]
-    assert finetune._split(2, 0.2, 0)[1], "a ratio above 0 validates at least one example"
-    assert not finetune._split(5, 0.0, 0)[1] and len(finetune._split(5, 0.99, 0)[0]) == 1
+    assert fine_tuning.split(2, 0.2, 0)[1], "a ratio above 0 validates at least one example"
+    assert not fine_tuning.split(5, 0.0, 0)[1] and len(fine_tuning.split(5, 0.99, 0)[0]) == 1

@@ -28,15 +28,12 @@ a line of the data file, the checkpoint, --out), one line on stderr, before anyt
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.json_file import write_json
+from gpt_oracle.fine_tuning import (EOT, check_out, check_text, finish, json_lines, output_folder, run_record, split,
+                                    train_epochs)
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, non_negative_int, number_in, path_text, \
     positive_int, print_result, reports_user_errors, user_input
 
@@ -69,18 +66,8 @@ def read_examples(path: Path) -> list[tuple[str, int]]:
 def _read_lines(path: Path) -> list[tuple[str, int, int]]:
     """(text, label, line number) per non-blank line, the labels checked to be 0 .. K-1 with
     every class used and K >= 2; a UserError naming the file and the line otherwise."""
-    with user_input(f"--data {path}"):
-        text = path.read_text(encoding="utf-8")
-    # Lines end at "\n" only: str.splitlines() would also split at U+2028 and U+0085, which JSON
-    # strings may hold raw.
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"--data {path}: line {number}"
-        with user_input(f"{where}: not valid JSON"):
-            record = json.loads(line)
+    for where, number, record in json_lines(path):
         if not isinstance(record, dict) or set(record) != {"text", "label"}:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise UserError(f'{where}: expected an object {{"text": ..., "label": ...}}, got {keys}')
@@ -105,43 +92,14 @@ def _read_lines(path: Path) -> list[tuple[str, int, int]]:
     return examples
 
 
-def check_text(where: str, name: str, value: str) -> None:
-    """A UserError for text the tokenizer would not encode as written: the special token, or a
-    lone surrogate (JSON allows "\\ud800"; GPT-2's tokenizer would train on U+FFFD instead)."""
-    if "<|endoftext|>" in value:
-        raise UserError(f"{where}: {name!r} holds the special token '<|endoftext|>'; texts are encoded as text, where "
-                        f"special tokens are refused")
-    lone = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
-    if lone is not None:
-        raise UserError(f"{where}: {name!r} holds the lone surrogate {lone!r}, which is not text (UTF-8 cannot "
-                        f"encode it)")
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out}: is not empty; choose a new or empty directory")
-
-
-def _split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training rows, validation rows): a permutation drawn from `seed`, its last share validating
-    (at least one row when val_ratio > 0, never all of them)."""
-    import numpy as np
-
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    n_val = 0 if val_ratio == 0 else min(n - 1, max(1, int(round(n * val_ratio))))
-    return order[: n - n_val], order[n - n_val:]
-
-
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     out, data = Path(args.out), Path(args.data)
-    _check_out(out)
+    check_out(out)
     examples = _read_lines(data)
     ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
     tree = _Numpy(args, ckpt) if args.backend == "numpy" else _Torch(args, ckpt)
-    config = tree.clf.config
+    config = tree.config
     if args.n_last_blocks > config.n_layers:
         raise UserError(f"--n-last-blocks {args.n_last_blocks}: the model has {config.n_layers} blocks")
     ids = []
@@ -153,65 +111,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--checkpoint {ckpt}: its vocabulary has {config.vocab_size} tokens; GPT-2's tokenizer "
                         f"needs {tree.encoding.n_vocab}")
     labels = [label for _, label, _ in examples]
-    train, val = _split(len(examples), args.val_ratio, args.seed)
+    train, val = split(len(examples), args.val_ratio, args.seed)
     K = max(labels) + 1
-    staging = _staging_folder(out)  # created here: a parent that cannot take it is bad input, before training
-    try:
-        return _fine_tune(args, tree, ckpt, ids, labels, train, val, K, staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # renamed to --out on success, else removed
+    pad = EOT if config.vocab_size > EOT else 0  # read at the last real token: the pad id is never seen
+    with output_folder(out) as staging:
+        tree.start(K, args.n_last_blocks)
 
+        def batches(rows):
+            return [_batch(ids, labels, rows[i:i + args.batch_size], pad) for i in range(0, len(rows), args.batch_size)]
 
-def _staging_folder(out: Path) -> Path:
-    """A new hidden folder beside --out, where the run's files are written before the rename."""
-    parent = out.absolute().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is not a directory")
-    with user_input(f"--out {out}"):
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".finetune", dir=parent))
-
-
-def _fine_tune(args, tree, ckpt: Path, ids, labels, train, val, K: int, staging: Path, out: Path) -> int:
-    import numpy as np
-
-    config = tree.clf.config
-    tree.start(K, args.n_last_blocks)
-    pad = 50256 if config.vocab_size > 50256 else 0  # read at the last real token: the pad id is never seen
-    log = []
-    rng = np.random.default_rng([args.seed, 2])
-    for epoch in range(1, args.epochs + 1):
-        order = [train[i] for i in rng.permutation(len(train))]
-        for start in range(0, len(order), args.batch_size):
-            batch = order[start:start + args.batch_size]
-            loss = tree.step(*_batch(ids, labels, batch, pad))
-            if not math.isfinite(loss):
-                print(f"error: epoch {epoch}: the loss is {loss}; stopped, nothing saved (try a smaller --lr)",
-                      file=sys.stderr)
-                return EXIT_FAILED
-        entry = {"epoch": epoch}
-        for name, rows in (("train", train), ("val", val)):
-            if rows:
-                entry[f"{name}_loss"], entry[f"{name}_accuracy"] = tree.evaluate(
-                    [_batch(ids, labels, rows[i:i + args.batch_size], pad) for i in range(0, len(rows), args.batch_size)])
-                if not math.isfinite(entry[f"{name}_loss"]):  # the last step diverged: the weights are not usable
-                    print(f"error: epoch {epoch}: the {name} loss is {entry[f'{name}_loss']}; stopped, nothing saved "
-                          f"(try a smaller --lr)", file=sys.stderr)
-                    return EXIT_FAILED
-        log.append(entry)
-        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
-              file=sys.stderr)
-    tree.clf.save_pretrained(staging / "classifier")
-    with open(staging / "log.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in log)
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    write_json(staging / "run.json", options | {
-        "checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()), "out": str(out.absolute()),
-        "num_classes": K, "train_examples": len(train), "val_examples": len(val)})
-    if out.is_dir():
-        out.rmdir()  # empty (checked at the start): the complete folder takes its place
-    staging.rename(out)
+        log = train_epochs(args.epochs, args.seed, args.batch_size, train, val,
+                           lambda rows: tree.step(*_batch(ids, labels, rows, pad)),
+                           lambda rows: tree.evaluate(batches(rows)))
+        if log is None:
+            return EXIT_FAILED
+        tree.clf.save_pretrained(staging / "classifier")
+        finish(staging, out, log, run_record(args, ckpt, out, num_classes=K, train_examples=len(train),
+                                             val_examples=len(val)))
     last = log[-1]
     val_text = f", validation accuracy {last['val_accuracy']:.4f}" if val else ""
     print_result(f"fine-tuned {ckpt} into a {K}-class classifier: train accuracy {last['train_accuracy']:.4f}"
@@ -241,7 +157,7 @@ class _Numpy:
         self.args, self.encoding = args, get_encoding("gpt2")
         with user_input(f"--checkpoint {ckpt}"):  # a CheckpointError names the file and the key
             self.model = GPTModel.from_pretrained(ckpt)
-        self.clf = self.model  # until start(): its config
+        self.config = self.model.config
 
     def start(self, K: int, n_last_blocks: int) -> None:
         from numpy_ref.classifier import GPTClassifier, trainable_parameter_names
@@ -263,17 +179,20 @@ class _Numpy:
             self.opt.step({n: grads[n] for n in self.names})
         return float(loss)
 
-    def evaluate(self, batches) -> tuple[float, float]:
+    def evaluate(self, batches) -> dict:
+        """The mean loss and the accuracy over the batches."""
         import numpy as np
 
-        total, right, n = 0.0, 0, 0
+        from numpy_ref.classifier import classification_accuracy
+
+        total, right, n = 0.0, 0.0, 0
         with np.errstate(over="ignore", invalid="ignore"):
             for ids, labels, lengths in batches:
                 logits, loss, _ = self.clf.forward(ids, labels, lengths=lengths)
                 total += float(loss) * len(labels)
-                right += int((logits.argmax(axis=1) == labels).sum())
+                right += classification_accuracy(logits, labels) * len(labels)
                 n += len(labels)
-        return total / n, right / n
+        return {"loss": total / n, "accuracy": right / n}
 
 
 class _Torch:
@@ -286,7 +205,7 @@ class _Torch:
         self.args, self.encoding = args, get_encoding("gpt2")
         with user_input(f"--checkpoint {ckpt}"):  # a CheckpointError names the file and the key
             self.model = GPTModel.from_pretrained(ckpt)
-        self.clf = self.model
+        self.config = self.model.config
 
     def start(self, K: int, n_last_blocks: int) -> None:
         from torch_impl.classifier import GPTClassifier
@@ -309,15 +228,18 @@ class _Torch:
         self.opt.step()
         return value
 
-    def evaluate(self, batches) -> tuple[float, float]:
+    def evaluate(self, batches) -> dict:
+        """The mean loss and the accuracy over the batches."""
         import torch
 
-        total, right, n = 0.0, 0, 0
+        from torch_impl.classifier import classification_accuracy
+
+        total, right, n = 0.0, 0.0, 0
         with torch.no_grad():
             for ids, labels, lengths in batches:
-                logits, loss = self.clf(torch.from_numpy(ids), torch.from_numpy(labels),
-                                        lengths=torch.from_numpy(lengths))
-                total += float(loss) * len(labels)
-                right += int((logits.argmax(dim=1) == torch.from_numpy(labels)).sum())
+                labels_t = torch.from_numpy(labels)
+                logits, loss = self.clf(torch.from_numpy(ids), labels_t, lengths=torch.from_numpy(lengths))
+                total += loss.item() * len(labels)
+                right += classification_accuracy(logits, labels_t) * len(labels)
                 n += len(labels)
-        return total / n, right / n
+        return {"loss": total / n, "accuracy": right / n}

@@ -30,20 +30,16 @@ a line of the data file, the checkpoint, --out), one line on stderr, before anyt
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
-import sys
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.commands.finetune import _check_out, _split, _staging_folder, check_text
-from gpt_oracle.json_file import write_json
+from gpt_oracle.fine_tuning import EOT, check_out, check_text, finish, json_lines, output_folder, run_record, split, \
+    train_epochs
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, number_in, path_text, positive_int, \
     print_result, reports_user_errors, user_input
 
 IGNORE = -100  # the targets the loss leaves out
-EOT = 50256  # GPT-2's <|endoftext|>: each row's end, and the padding
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,15 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_records(path: Path) -> list[tuple[str, str, str, int]]:
     """(instruction, input, output, line number) per non-blank line; a UserError naming the file
     and the line otherwise."""
-    with user_input(f"--data {path}"):
-        text = path.read_text(encoding="utf-8")
     records = []
-    for number, line in enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1):
-        if not line.strip():
-            continue
-        where = f"--data {path}: line {number}"
-        with user_input(f"{where}: not valid JSON"):
-            record = json.loads(line)
+    for where, number, record in json_lines(path):
         if not isinstance(record, dict) or not {"instruction", "output"} <= set(record) \
                 or not set(record) <= {"instruction", "input", "output"}:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
@@ -101,7 +90,7 @@ def read_records(path: Path) -> list[tuple[str, str, str, int]]:
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     out, data = Path(args.out), Path(args.data)
-    _check_out(out)
+    check_out(out)
     records = read_records(data)
     ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
     tree = _Numpy(ckpt) if args.backend == "numpy" else _Torch(ckpt)
@@ -120,58 +109,25 @@ def run(args: argparse.Namespace) -> int:
                             f"instruction or input, or use a model with a longer context)")
         prompts.append(prompt)
         sequences.append(prompt + response)  # encoded apart: the prompt's tokens are exactly a prefix
-    train, val = _split(len(records), args.val_ratio, args.seed)
-    staging = _staging_folder(out)
-    try:
-        return _fine_tune(args, tree, ckpt, prompts, sequences, train, val, staging, out, records)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # renamed to --out on success, else removed
-
-
-def _fine_tune(args, tree, ckpt: Path, prompts, sequences, train, val, staging: Path, out: Path, records) -> int:
-    import numpy as np
-
-    Tc = tree.model.config.context_length
-    tree.start(args.lr, args.weight_decay)
+    train, val = split(len(records), args.val_ratio, args.seed)
+    Tc = config.context_length
 
     def batch(rows):
         return tree.collate([sequences[r] for r in rows], pad_id=EOT, ignore_index=IGNORE, max_length=Tc,
                             prompt_lengths=[len(prompts[r]) for r in rows] if args.mask_prompt else None)
 
-    log = []
-    rng = np.random.default_rng([args.seed, 2])
-    for epoch in range(1, args.epochs + 1):
-        order = [train[i] for i in rng.permutation(len(train))]
-        for start in range(0, len(order), args.batch_size):
-            loss = tree.step(*batch(order[start:start + args.batch_size]))
-            if not math.isfinite(loss):
-                print(f"error: epoch {epoch}: the loss is {loss}; stopped, nothing saved (try a smaller --lr)",
-                      file=sys.stderr)
-                return EXIT_FAILED
-        entry = {"epoch": epoch}
-        for name, rows in (("train", train), ("val", val)):
-            if rows:
-                entry[f"{name}_loss"] = tree.evaluate([batch(rows[i:i + args.batch_size])
-                                                       for i in range(0, len(rows), args.batch_size)])
-                if not math.isfinite(entry[f"{name}_loss"]):
-                    print(f"error: epoch {epoch}: the {name} loss is {entry[f'{name}_loss']}; stopped, nothing saved "
-                          f"(try a smaller --lr)", file=sys.stderr)
-                    return EXIT_FAILED
-        log.append(entry)
-        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
-              file=sys.stderr)
-    shown = (val or train)[0]
-    answer = tree.answer(prompts[shown][-Tc:], args.max_new_tokens) if args.max_new_tokens else None
-    tree.model.save_pretrained(staging / "model")
-    with open(staging / "log.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in log)
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    write_json(staging / "run.json", options | {
-        "checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()), "out": str(out.absolute()),
-        "train_records": len(train), "val_records": len(val)})
-    if out.is_dir():
-        out.rmdir()  # empty (checked at the start): the complete folder takes its place
-    staging.rename(out)
+    with output_folder(out) as staging:
+        tree.start(args.lr, args.weight_decay)
+        log = train_epochs(args.epochs, args.seed, args.batch_size, train, val,
+                           lambda rows: tree.step(*batch(rows)),
+                           lambda rows: {"loss": tree.evaluate([batch(rows[i:i + args.batch_size])
+                                                                for i in range(0, len(rows), args.batch_size)])})
+        if log is None:
+            return EXIT_FAILED
+        shown = (val or train)[0]
+        answer = tree.answer(prompts[shown], args.max_new_tokens) if args.max_new_tokens else None
+        tree.model.save_pretrained(staging / "model")
+        finish(staging, out, log, run_record(args, ckpt, out, train_records=len(train), val_records=len(val)))
     last = log[-1]
     lines = [f"fine-tuned {ckpt} on {len(train)} instructions: train loss {last['train_loss']:.4f}"
              + (f", validation loss {last['val_loss']:.4f}" if val else "") + f"; saved in {out / 'model'}"]

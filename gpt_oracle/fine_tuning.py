@@ -1,0 +1,135 @@
+"""What `gpt-oracle finetune` (chapter 6) and `gpt-oracle instruct` (chapter 7) share: the
+JSON-lines reader and its text checks, the train/validation split, the epoch loop that stops on
+a non-finite loss, and the output folder that appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from gpt_oracle.json_file import write_json
+from gpt_oracle.user_input import UserError, user_input
+
+EOT = 50256  # GPT-2's <|endoftext|>: the end of an instruction's row, and the padding of both commands
+
+
+def json_lines(path: Path) -> Iterator[tuple[str, int, object]]:
+    """(where, line number, record) for each non-blank line; `where` names the file and the line
+    for error messages. Lines end at "\\n" only: str.splitlines() would also split at U+2028 and
+    U+0085, which JSON strings may hold raw."""
+    with user_input(f"--data {path}"):
+        text = path.read_text(encoding="utf-8")
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        where = f"--data {path}: line {number}"
+        with user_input(f"{where}: not valid JSON"):
+            record = json.loads(line)
+        yield where, number, record
+
+
+def check_text(where: str, name: str, value: str) -> None:
+    """A UserError for text the tokenizer would not encode as written: the special token, or a
+    lone surrogate (JSON allows "\\ud800"; GPT-2's tokenizer would train on U+FFFD instead)."""
+    if "<|endoftext|>" in value:
+        raise UserError(f"{where}: {name!r} holds the special token '<|endoftext|>'; texts are encoded as text, where "
+                        f"special tokens are refused")
+    lone = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if lone is not None:
+        raise UserError(f"{where}: {name!r} holds the lone surrogate {lone!r}, which is not text (UTF-8 cannot "
+                        f"encode it)")
+
+
+def check_out(out: Path) -> None:
+    """--out must be new, or an empty directory."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out}: is not empty; choose a new or empty directory")
+
+
+def split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows): a permutation drawn from `seed` (stream 0 of --seed), its
+    last share validating (at least one row when val_ratio > 0, never all of them)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = 0 if val_ratio == 0 else min(n - 1, max(1, int(round(n * val_ratio))))
+    return order[: n - n_val], order[n - n_val:]
+
+
+def train_epochs(epochs: int, seed: int, batch_size: int, train: list[int], val: list[int],
+                 step: Callable[[list[int]], float], evaluate: Callable[[list[int]], dict]) -> list[dict] | None:
+    """The log, one entry per epoch; None (after the message on stderr) once a loss is not finite.
+
+    step(rows) trains on one batch and returns its loss; evaluate(rows) returns the metrics of a
+    set, "loss" among them. Each epoch takes the training rows in a new order, drawn from stream 2
+    of --seed (stream 1 is numpy_ref's classifier head), in batches of `batch_size`."""
+    import numpy as np
+
+    log = []
+    rng = np.random.default_rng([seed, 2])
+    for epoch in range(1, epochs + 1):
+        order = [train[i] for i in rng.permutation(len(train))]
+        for start in range(0, len(order), batch_size):
+            loss = step(order[start:start + batch_size])
+            if not math.isfinite(loss):
+                print(f"error: epoch {epoch}: the loss is {loss}; stopped, nothing saved (try a smaller --lr)",
+                      file=sys.stderr)
+                return None
+        entry = {"epoch": epoch}
+        for name, rows in (("train", train), ("val", val)):
+            if rows:
+                metrics = evaluate(rows)
+                if not math.isfinite(metrics["loss"]):  # the last step diverged: the weights are not usable
+                    print(f"error: epoch {epoch}: the {name} loss is {metrics['loss']}; stopped, nothing saved "
+                          f"(try a smaller --lr)", file=sys.stderr)
+                    return None
+                entry.update({f"{name}_{k}": v for k, v in metrics.items()})
+        log.append(entry)
+        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
+              file=sys.stderr)
+    return log
+
+
+@contextmanager
+def output_folder(out: Path) -> Iterator[Path]:
+    """A new hidden folder beside --out to write the run into; `finish` renames it to --out. It is
+    made on entry, so a --out that cannot exist is bad input before any training, and removed on
+    exit unless finished: a run that fails or is interrupted leaves no --out."""
+    parent = out.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is not a directory")
+    with user_input(f"--out {out}"):
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".finetune", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when finished
+
+
+def finish(staging: Path, out: Path, log: list[dict], run: dict) -> None:
+    """log.jsonl and run.json into the staging folder (the model is there already), then the
+    folder renamed to --out (an empty --out, checked at the start, is replaced)."""
+    with open(staging / "log.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in log)
+    write_json(staging / "run.json", run)
+    if out.is_dir():
+        out.rmdir()
+    staging.rename(out)
+
+
+def run_record(args, ckpt: Path, out: Path, **extra) -> dict:
+    """run.json: the options, with the paths absolute and the checkpoint actually read."""
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    return options | {"checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()),
+                      "out": str(out.absolute())} | extra
