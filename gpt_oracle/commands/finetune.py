@@ -13,8 +13,9 @@ when the ratio is above 0, and never all) validate.
 
 The classifier starts from the checkpoint's trunk and a new head (GPTClassifier.from_gpt); the
 last --n-last-blocks blocks, ln_f and the head are trained with AdamW, the rest is frozen, as in
-the book, without dropout. numpy_ref trains in float64, torch_impl in float32 on the CPU. Each epoch goes over the training examples in a new order drawn from --seed, and ends
-with the mean loss and the accuracy on both sets (stderr, and a line of --out/log.jsonl). At the
+the book, without dropout. numpy_ref trains in float64, torch_impl in float32 on the CPU. Each
+epoch goes over the training examples in a new order drawn from --seed, and ends with the mean
+loss and the accuracy on both sets (stderr, and a line of --out/log.jsonl). At the
 end --out holds `classifier/` (GPTClassifier.from_pretrained reads it, in either tree),
 `log.jsonl` and `run.json` (these options, with absolute paths and the checkpoint actually read).
 --out must not exist yet, or be empty; everything is written into a hidden folder beside it,
