@@ -30,7 +30,7 @@ from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import as_int64_index, vmapped_values
 from torch_impl.embedding import check_ids
 from torch_impl.linear import linear_forward
-from torch_impl.model import _BLOCK_PARAMS, GPTModel, _group
+from torch_impl.model import BLOCK_PARAMS, GPTModel, param_group
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
 HEAD_SEED_OFFSET = 1_000_003  # the head's generator: seed + this (mod 2**64), apart from the trunk's draws
@@ -56,7 +56,7 @@ def trainable_parameter_names(config: GPTConfig, n_last_blocks: int = 1) -> list
             or not 0 <= n_last_blocks <= config.n_layers:
         raise ValueError(f"n_last_blocks must be an integer in 0 .. n_layers={config.n_layers}, got {n_last_blocks!r}")
     blocks = range(config.n_layers - n_last_blocks, config.n_layers)
-    names = [f"h.{i}.{name}" for i in blocks for name in _BLOCK_PARAMS
+    names = [f"h.{i}.{name}" for i in blocks for name in BLOCK_PARAMS
              if config.qkv_bias or name != "attn.c_attn.bias"]
     return names + ["ln_f.weight", "ln_f.bias", *HEAD_NAMES]
 
@@ -118,7 +118,7 @@ class GPTClassifier(GPTModel):
         gen = torch.Generator(device="cpu").manual_seed((seed + HEAD_SEED_OFFSET) % 2**64)
         # GPT-2's initialisation for a linear layer: weight normal(0, 0.02), bias 0; drawn on the CPU.
         w = torch.empty(config.emb_dim, K, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
-        self.classifier = _group(weight=nn.Parameter(w.to(device=device, dtype=dtype)),  # (C, K)
+        self.classifier = param_group(weight=nn.Parameter(w.to(device=device, dtype=dtype)),  # (C, K)
                                  bias=nn.Parameter(torch.zeros(K, dtype=dtype, device=device)))
         self.num_classes = K
 

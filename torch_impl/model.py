@@ -65,7 +65,7 @@ DROPOUT_MASKS = {
 }
 
 
-def _group(**params: nn.Parameter | None) -> nn.Module:
+def param_group(**params: nn.Parameter | None) -> nn.Module:
     """A node of GPT-2's parameter hierarchy (`ln_1`, `attn.c_attn`, ...); holds tensors only.
 
     The computation lives in the `*_forward` functions, so the numbers are computed by the same
@@ -77,10 +77,10 @@ def _group(**params: nn.Parameter | None) -> nn.Module:
     return node
 
 
-_BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                  "mlp.c_proj.weight", "mlp.c_proj.bias")
-_BLOCK_PATHS = tuple((name, tuple(name.split("."))) for name in _BLOCK_PARAMS)  # "ln_1.weight" -> ("ln_1", "weight")
+_BLOCK_PATHS = tuple((name, tuple(name.split("."))) for name in BLOCK_PARAMS)  # "ln_1.weight" -> ("ln_1", "weight")
 
 
 def _block_params(block: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -140,14 +140,14 @@ class GPTModel(nn.Module):
             return nn.Parameter(torch.full(shape, value, dtype=dtype, device=device))
 
         def ln() -> nn.Module:
-            return _group(weight=const(1.0, C), bias=const(0.0, C))
+            return param_group(weight=const(1.0, C), bias=const(0.0, C))
 
         def linear(c_in: int, c_out: int, bias: bool = True) -> nn.Module:
-            return _group(weight=linear_param((c_in, c_out), c_in, is_bias=False),  # (in, out)
+            return param_group(weight=linear_param((c_in, c_out), c_in, is_bias=False),  # (in, out)
                           bias=linear_param((c_out,), c_in, is_bias=True) if bias else None)
 
-        self.wte = _group(weight=embedding(V, C))
-        self.wpe = _group(weight=embedding(Tc, C))
+        self.wte = param_group(weight=embedding(V, C))
+        self.wpe = param_group(weight=embedding(Tc, C))
         self.h = nn.ModuleList()
         for _ in range(L):
             block = nn.Module()
@@ -162,7 +162,7 @@ class GPTModel(nn.Module):
             self.h.append(block)
         self.ln_f = ln()
         if not config.tie_embeddings:
-            self.lm_head = _group(weight=linear_param((V, C), C, is_bias=False))  # (V, C), like wte; reads C
+            self.lm_head = param_group(weight=linear_param((V, C), C, is_bias=False))  # (V, C), like wte; reads C
 
     # ---- the forward -----------------------------------------------------------------------
 
