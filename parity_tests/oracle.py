@@ -259,11 +259,14 @@ def _check_torch_output(spec: LayerSpec, label: str, out, expected: np.ndarray, 
 def compare_torch_layer(
     spec: LayerSpec, fn: Callable, inputs: dict, *, dtype: str | torch.dtype, device: str = "cpu",
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, label: str = "", upstream_seed: int = 0,
+    noncontiguous: bool = False,
 ) -> list[Comparison]:
     """One input set: run `fn` in torch and the oracle in float64; return every comparison.
 
     An output that is not a tensor, or not of the oracle's shape, or not of `dtype`, or without
     a graph to the inputs, raises AssertionError saying so (before any gradient is computed).
+    `noncontiguous`: every float input of 2 or more dimensions is a transposed view (the same
+    values, strides not in row-major order), as a slice or a `.mT` of a caller's tensor would be.
     """
     import torch
 
@@ -277,7 +280,10 @@ def compare_torch_layer(
         if isinstance(v, np.ndarray):
             t = torch.from_numpy(v.copy()).to(device)
             if v.dtype.kind == "f":
-                t = t.to(tdtype).requires_grad_(k in spec.differentiable)
+                t = t.to(tdtype)
+                if noncontiguous and t.ndim >= 2:
+                    t = t.mT.contiguous().mT  # the same values in column-major strides: a leaf, as t was
+                t = t.requires_grad_(k in spec.differentiable)
             targs[k] = t
         else:
             targs[k] = v
@@ -304,7 +310,7 @@ def compare_torch_layer(
 def check_layer(
     name: str, fn: Callable, *, dtype: str | torch.dtype = "float32", device: str = "cpu", max_examples: int = 25,
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, derandomize: bool = False,
-    sizes: Sizes | st.SearchStrategy | None = None,
+    sizes: Sizes | st.SearchStrategy | None = None, noncontiguous: bool = False,
 ) -> Report:
     """Check a torch implementation of oracle layer `name` over hypothesis-drawn inputs.
 
@@ -313,8 +319,10 @@ def check_layer(
     come from torch autograd. `dtype` is a name ("float32", "fp32", "bf16", "tf32", ...) or a
     torch dtype. `sizes`: the small defaults (B <= 3, T <= 9, nh <= 4, hs <= 8, V <= 40), one
     `Sizes(B=, T=, nh=, hs=, V=, Tc=)`, or a strategy such as `oracle.sizes(max_time=80,
-    min_head_size=16, max_head_size=64)`. Raises AssertionError on a mismatch (after shrinking:
-    every tensor over tolerance, and a `replay:` line that reruns that case), or when `fn`
+    min_head_size=16, max_head_size=64)`. `noncontiguous=True` passes every float input of 2 or
+    more dimensions as a transposed view (a kernel that reads memory as if it were row-major
+    computes garbage on those). Raises AssertionError on a mismatch (after shrinking:
+    every tensor over tolerance, and the lines that replay that case), or when `fn`
     returns something other than such a tensor; returns a Report otherwise.
     """
     spec = get_spec(name)
@@ -328,12 +336,13 @@ def check_layer(
         inputs = spec.make_inputs(np.random.default_rng(seed), s, dtype)
         results = compare_torch_layer(
             spec, fn, inputs, dtype=dtype, device=device, tol_forward=tol_forward, tol_grad=tol_grad,
-            label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed,
+            label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed, noncontiguous=noncontiguous,
         )
         fn_name = own_name(fn, "fn")
         call = _with_tols(f"compare_torch_layer(get_spec({name!r}), {fn_name}, get_spec({name!r}).make_inputs("
                           f"np.random.default_rng({seed}), {s}, {dtype!r}), dtype={dtype!r}, device={device!r}, "
-                          f"upstream_seed={seed}", tol_forward, tol_grad)
+                          f"upstream_seed={seed}" + (", noncontiguous=True" if noncontiguous else ""),
+                          tol_forward, tol_grad)
         replay = replay_lines(_LAYER_IMPORTS, call, {fn_name: fn})
         assert all(r.ok for r in results), _layer_failure(name, f"{dtype}, {device}", results, replay, True)
         report.comparisons.extend(results)

@@ -414,3 +414,21 @@ def test_a_one_pass_variance_is_caught_in_float32_on_a_row_with_a_large_mean():
         check_layer("layernorm", one_pass, dtype="float32", max_examples=30, derandomize=True)
     report = check_layer("layernorm", my_layernorm, dtype="float32", max_examples=30, derandomize=True)
     assert any("rows with |mean| > 30 std" in c.name for c in report.comparisons), "no large-mean row was drawn"
+
+
+def test_noncontiguous_inputs_catch_a_kernel_that_reads_memory_as_row_major():
+    """A kernel that indexes its weight's storage as if it were row-major (as a hand-written
+    kernel that ignores strides does) is right on contiguous inputs and wrong on a transposed
+    view; every torch_impl layer passes on those views."""
+
+    def row_major_linear(x, w, b):
+        raw = torch.as_strided(w, w.shape, (w.shape[1], 1))  # the storage read in row-major order
+        return x @ raw + b
+
+    check_layer("linear", row_major_linear, max_examples=10, derandomize=True)
+    with pytest.raises(AssertionError, match="linear") as info:
+        check_layer("linear", row_major_linear, max_examples=10, derandomize=True, noncontiguous=True)
+    assert "noncontiguous=True" in str(info.value), "the replay lines must rebuild the same views"
+    for name, spec in SPECS.items():
+        report = check_layer(name, spec.torch_forward(), max_examples=5, derandomize=True, noncontiguous=True)
+        assert report.examples == 5
