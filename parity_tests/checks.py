@@ -207,8 +207,8 @@ def layer_rows(dtype: str, device: str = "cpu", seeds: Iterable[int] = (0, 1, 2)
                 comparisons += compare_torch_layer(spec, fn, inputs, dtype=dtype, device=device, upstream_seed=seed)
             fwd = [c for c in comparisons if c.name.endswith(" out")]
             grd = [c for c in comparisons if not c.name.endswith(" out")]
-            return [row_from(f"layer:{spec.name} forward", dtype, fwd, layer_forward_tol(dtype)),
-                    row_from(f"layer:{spec.name} backward", dtype, grd, layer_gradient_tol(dtype))]
+            return [row_from(f"layer:{spec.name} forward", dtype, fwd, layer_forward_tol(dtype, spec.elementwise)),
+                    row_from(f"layer:{spec.name} backward", dtype, grd, layer_gradient_tol(dtype, spec.elementwise))]
         rows += guarded(f"layer:{name}", dtype, one)
     return rows
 

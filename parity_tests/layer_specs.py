@@ -46,6 +46,7 @@ class LayerSpec:
     row_groups: Callable[[dict], dict[str, np.ndarray]] | None = None
     # A row group's own tolerance: (group label, the dtype's Tol, dtype name) -> the Tol it is judged by.
     group_tol: Callable[[str, Tol, str], Tol] | None = None
+    elementwise: bool = False  # no sums: judged by tolerances.ELEMENTWISE where the dtype has one
     notes: str = ""
 
     def numpy_pair(self):
@@ -198,7 +199,7 @@ SPECS: dict[str, LayerSpec] = {
         LayerSpec("linear", _linear_inputs, ("x", "w", "b")),
         LayerSpec("layernorm", _layernorm_inputs, ("x", "w", "b"), row_groups=_layernorm_row_groups,
                   group_tol=_layernorm_group_tol),
-        LayerSpec("gelu", _gelu_inputs, ("x",)),
+        LayerSpec("gelu", _gelu_inputs, ("x",), elementwise=True),
         LayerSpec("attention", _attention_inputs, ("x", "w_attn", "b_attn", "w_proj", "b_proj")),
         LayerSpec("mlp", _mlp_inputs, ("x", "w_fc", "b_fc", "w_proj", "b_proj")),
         LayerSpec("cross_entropy", _cross_entropy_inputs, ("logits",), scalar_output=True),

@@ -304,7 +304,8 @@ def compare_torch_layer(
     # An input the output does not depend on gets no gradient from autograd: that is a zero one.
     grads = {k: (torch.zeros_like(targs[k]) if g is None else g) for k, g in zip(spec.differentiable, grads)}
     return _compare_outputs(spec, f"{label}{spec.name}", out, grads, oracle,
-                            tol_forward or layer_forward_tol(dtype), tol_grad or layer_gradient_tol(dtype), dtype)
+                            tol_forward or layer_forward_tol(dtype, spec.elementwise),
+                            tol_grad or layer_gradient_tol(dtype, spec.elementwise), dtype)
 
 
 def check_layer(

@@ -432,3 +432,23 @@ def test_noncontiguous_inputs_catch_a_kernel_that_reads_memory_as_row_major():
     for name, spec in SPECS.items():
         report = check_layer(name, spec.torch_forward(), max_examples=5, derandomize=True, noncontiguous=True)
         assert report.examples == 5
+
+
+def test_a_gelu_with_a_mistyped_constant_is_caught_in_float32():
+    """0.0447 for 0.044715: the forward is off by ~9e-6, inside the accumulation-depth tolerance
+    of layers with sums; an elementwise layer is judged at a few ulps. Correct GELUs written other
+    ways still pass."""
+    import math
+
+    c = math.sqrt(2 / math.pi)
+
+    def mistyped(x):
+        return 0.5 * x * (1 + torch.tanh(c * (x + 0.0447 * x ** 3)))
+
+    def via_sigmoid(x):
+        return x * torch.sigmoid(2 * c * (x + 0.044715 * x * x * x))
+
+    with pytest.raises(AssertionError, match="gelu"):
+        check_layer("gelu", mistyped, max_examples=40, derandomize=True)
+    for correct in (via_sigmoid, lambda x: torch.nn.functional.gelu(x, approximate="tanh")):
+        assert check_layer("gelu", correct, max_examples=40, derandomize=True).examples == 40
