@@ -4,6 +4,7 @@ a non-finite loss, and the output folder that appears whole or not at all."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -14,9 +15,26 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gpt_oracle.json_file import write_json
-from gpt_oracle.user_input import UserError, user_input
+from gpt_oracle.user_input import UserError, int_in, number_in, path_text, positive_int, user_input
 
 EOT = 50256  # GPT-2's <|endoftext|>: the end of an instruction's row, and the padding of both commands
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, data_help: str, out_help: str, epochs: int,
+                         val_ratio: float, seed_help: str) -> None:
+    """The options both commands take, with each command's own defaults and help."""
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text,
+                        help="the language model: a checkpoint or a train output directory")
+    parser.add_argument("--data", required=True, metavar="FILE", type=path_text, help=data_help)
+    parser.add_argument("--out", required=True, metavar="DIR", type=path_text, help=out_help)
+    parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=5e-5, help="AdamW's learning rate")
+    parser.add_argument("--weight-decay", type=number_in(0.0), default=0.1)
+    parser.add_argument("--val-ratio", type=number_in(0.0, 1.0), default=val_ratio,
+                        help=f"the share held out to validate, in [0, 1) (default {val_ratio})")
+    parser.add_argument("--seed", type=int_in(0, 2**64 - 1, high_text="2**64 - 1"), default=123, help=seed_help)
 
 
 def json_lines(path: Path) -> Iterator[tuple[str, int, object]]:

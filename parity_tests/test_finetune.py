@@ -2,7 +2,6 @@
 differences and across trees, its padding and freezing properties, a fine-tuning run that must
 learn, and the instruction prompt and collator, equal across trees and to their definition."""
 
-import dataclasses
 
 import numpy as np
 import pytest

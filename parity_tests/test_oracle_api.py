@@ -311,7 +311,6 @@ def test_a_failure_lists_every_tensor_over_tolerance_and_replays():
     """Attention without its 1/sqrt(hs) scale: the report names every tensor over tolerance
     (the first alone pointed at dx, a backward, for a forward bug) and a replay line that
     reproduces the case."""
-    from parity_tests.layer_specs import get_spec  # noqa: F401  (the replay line names it)
 
     def unscaled(x, w_attn, b_attn, w_proj, b_proj, n_heads):
         B, T, C = x.shape

@@ -34,32 +34,21 @@ import math
 from pathlib import Path
 
 from gpt_oracle import run_folder
-from gpt_oracle.fine_tuning import EOT, check_out, check_text, finish, json_lines, output_folder, run_record, split, \
-    train_epochs
-from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, number_in, path_text, positive_int, \
-    print_result, reports_user_errors, user_input
+from gpt_oracle.fine_tuning import (EOT, add_common_arguments, check_out, check_text, finish, json_lines,
+                                    output_folder, run_record, split, train_epochs)
+from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, int_in, print_result, reports_user_errors, \
+    user_input
 
 IGNORE = -100  # the targets the loss leaves out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text,
-                        help="the language model: a checkpoint or a train output directory")
-    parser.add_argument("--data", required=True, metavar="FILE", type=path_text,
-                        help='JSON lines, one record each: {"instruction": ..., "input": ..., "output": ...}')
-    parser.add_argument("--out", required=True, metavar="DIR", type=path_text,
-                        help="output directory, new or empty: model/, log.jsonl, run.json")
-    parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
-    parser.add_argument("--epochs", type=positive_int, default=2)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--lr", type=number_in(0.0, low_open=True), default=5e-5, help="AdamW's learning rate")
-    parser.add_argument("--weight-decay", type=number_in(0.0), default=0.1)
+    add_common_arguments(parser, data_help='JSON lines, one record each: {"instruction": ..., "input": ..., '
+                                           '"output": ...}',
+                         out_help="output directory, new or empty: model/, log.jsonl, run.json", epochs=2,
+                         val_ratio=0.1, seed_help="the split and the batch order (default 123)")
     parser.add_argument("--mask-prompt", action="store_true",
                         help="count the response's targets and its end-of-text only (the book's exercise 7.2)")
-    parser.add_argument("--val-ratio", type=number_in(0.0, 1.0), default=0.1,
-                        help="the share of records held out to validate, in [0, 1) (default 0.1)")
-    parser.add_argument("--seed", type=int_in(0, 2**64 - 1, high_text="2**64 - 1"), default=123,
-                        help="the split and the batch order (default 123)")
     parser.add_argument("--max-new-tokens", type=int_in(0, 4096), default=64,
                         help="tokens of the answer shown at the end, 0 to 4096 (default 64; 0: none)")
 
