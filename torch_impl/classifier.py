@@ -119,7 +119,7 @@ class GPTClassifier(GPTModel):
         # GPT-2's initialisation for a linear layer: weight normal(0, 0.02), bias 0; drawn on the CPU.
         w = torch.empty(config.emb_dim, K, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
         self.classifier = param_group(weight=nn.Parameter(w.to(device=device, dtype=dtype)),  # (C, K)
-                                 bias=nn.Parameter(torch.zeros(K, dtype=dtype, device=device)))
+                                      bias=nn.Parameter(torch.zeros(K, dtype=dtype, device=device)))
         self.num_classes = K
 
     @classmethod

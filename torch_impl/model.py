@@ -78,8 +78,8 @@ def param_group(**params: nn.Parameter | None) -> nn.Module:
 
 
 BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                 "mlp.c_proj.weight", "mlp.c_proj.bias")
+                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                "mlp.c_proj.weight", "mlp.c_proj.bias")
 _BLOCK_PATHS = tuple((name, tuple(name.split("."))) for name in BLOCK_PARAMS)  # "ln_1.weight" -> ("ln_1", "weight")
 
 
@@ -144,7 +144,7 @@ class GPTModel(nn.Module):
 
         def linear(c_in: int, c_out: int, bias: bool = True) -> nn.Module:
             return param_group(weight=linear_param((c_in, c_out), c_in, is_bias=False),  # (in, out)
-                          bias=linear_param((c_out,), c_in, is_bias=True) if bias else None)
+                               bias=linear_param((c_out,), c_in, is_bias=True) if bias else None)
 
         self.wte = param_group(weight=embedding(V, C))
         self.wpe = param_group(weight=embedding(Tc, C))
