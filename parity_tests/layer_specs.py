@@ -48,12 +48,20 @@ class LayerSpec:
     group_tol: Callable[[str, Tol, str], Tol] | None = None
     elementwise: bool = False  # no sums: judged by tolerances.ELEMENTWISE where the dtype has one
     notes: str = ""
+    # A layer that is a use of another (attention with earlier positions): its oracle pair and
+    # torch function, in place of the numpy_ref / torch_impl functions of its name.
+    pair: Callable[[], tuple[Callable, Callable]] | None = None
+    torch_fn: Callable[[], Callable] | None = None
 
     def numpy_pair(self):
+        if self.pair is not None:
+            return self.pair()
         module = importlib.import_module(f"numpy_ref.{self.name}")
         return getattr(module, f"{self.name}_forward"), getattr(module, f"{self.name}_backward")
 
     def torch_forward(self):
+        if self.torch_fn is not None:
+            return self.torch_fn()
         module = importlib.import_module(f"torch_impl.{self.name}")
         return getattr(module, f"{self.name}_forward")
 
@@ -158,6 +166,51 @@ def _attention_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
     )
 
 
+def _attention_with_past_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
+    args = _attention_inputs(rng, s, dtype)
+    P = s.Tc - s.T + 1  # at least one earlier position: P = 0 would be plain attention
+    return dict(x=args.pop("x"), x_past=_normal(rng, (s.B, P, s.C)), **args)
+
+
+# attention_with_past: the new positions' output when their queries also see P earlier ones, as
+# in decoding with a KV cache (whose keys and values are the earlier positions'). The oracle is
+# numpy_ref's attention over the whole sequence, read at the new positions:
+#     out = attention([x_past; x])[:, P:]                  (B, P + T, C) -> (B, T, C)
+#     d[x_past; x] = attention_backward(upstream 0 on the first P rows, dout on the rest)
+# A kernel that aligns its causal mask to the top-left corner (is_causal=True with fewer queries
+# than keys) lets new query t see only keys 0 .. t instead of 0 .. P + t, and fails here.
+
+def attention_with_past_forward(x, x_past, w_attn, b_attn, w_proj, b_proj, n_heads):
+    from numpy_ref.attention import attention_forward
+
+    P = x_past.shape[1]
+    full, cache = attention_forward(np.concatenate([x_past, x], axis=1), w_attn, b_attn, w_proj, b_proj,
+                                    n_heads)  # (B, P + T, C) -> (B, P + T, C)
+    return full[:, P:], (cache, P, full.shape)  # (B, T, C)
+
+
+def attention_with_past_backward(dout, cache):
+    from numpy_ref.attention import attention_backward
+
+    inner, P, shape = cache
+    dfull = np.zeros(shape, dtype=dout.dtype)  # the earlier positions' outputs are not used
+    dfull[:, P:] = dout  # (B, T, C) -> (B, P + T, C)
+    dxx, dw_attn, db_attn, dw_proj, db_proj = attention_backward(dfull, inner)
+    return dxx[:, P:], dxx[:, :P], dw_attn, db_attn, dw_proj, db_proj
+
+
+def _torch_attention_with_past():
+    import torch
+
+    from torch_impl.attention import attention_forward
+
+    def attention_with_past(x, x_past, w_attn, b_attn, w_proj, b_proj, n_heads):
+        full = attention_forward(torch.cat([x_past, x], dim=1), w_attn, b_attn, w_proj, b_proj, n_heads)
+        return full[:, x_past.shape[1]:]  # (B, P + T, C) -> (B, T, C)
+
+    return attention_with_past
+
+
 def _mlp_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
     C = s.C
     return dict(
@@ -201,6 +254,10 @@ SPECS: dict[str, LayerSpec] = {
                   group_tol=_layernorm_group_tol),
         LayerSpec("gelu", _gelu_inputs, ("x",), elementwise=True),
         LayerSpec("attention", _attention_inputs, ("x", "w_attn", "b_attn", "w_proj", "b_proj")),
+        LayerSpec("attention_with_past", _attention_with_past_inputs,
+                  ("x", "x_past", "w_attn", "b_attn", "w_proj", "b_proj"),
+                  pair=lambda: (attention_with_past_forward, attention_with_past_backward),
+                  torch_fn=_torch_attention_with_past),
         LayerSpec("mlp", _mlp_inputs, ("x", "w_fc", "b_fc", "w_proj", "b_proj")),
         LayerSpec("cross_entropy", _cross_entropy_inputs, ("logits",), scalar_output=True),
     ]

@@ -451,3 +451,35 @@ def test_a_gelu_with_a_mistyped_constant_is_caught_in_float32():
         check_layer("gelu", mistyped, max_examples=40, derandomize=True)
     for correct in (via_sigmoid, lambda x: torch.nn.functional.gelu(x, approximate="tanh")):
         assert check_layer("gelu", correct, max_examples=40, derandomize=True).examples == 40
+
+
+def _attention_with_past(top_left: bool):
+    """A user's attention over new positions x with earlier positions x_past (a KV cache's keys
+    and values), through SDPA; `top_left` is the classic bug: is_causal=True with fewer queries
+    than keys aligns the mask to the top-left corner, so new query t sees keys 0 .. t only."""
+
+    def attention_with_past(x, x_past, w_attn, b_attn, w_proj, b_proj, n_heads):
+        B, T, C = x.shape
+        P = x_past.shape[1]
+        q = (x @ w_attn[:, :C] + b_attn[:C]).view(B, T, n_heads, -1).transpose(1, 2)  # (B, nh, T, hs)
+        kv = torch.cat([x_past, x], dim=1) @ w_attn[:, C:] + b_attn[C:]  # (B, P + T, 2C)
+        k, v = (t.reshape(B, P + T, n_heads, -1).transpose(1, 2) for t in kv.split(C, dim=-1))
+        if top_left:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = torch.arange(P + T)[None, :] <= torch.arange(T)[:, None] + P  # query t sees keys 0 .. P + t
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2).reshape(B, T, C) @ w_proj + b_proj
+
+    return attention_with_past
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_with_earlier_positions_catches_a_top_left_causal_mask(dtype):
+    """Cached decoding's mask: queries of the T new positions see all P earlier keys."""
+    report = check_layer("attention_with_past", _attention_with_past(top_left=False), dtype=dtype,
+                         max_examples=20, derandomize=True)
+    assert report.examples == 20 and {"dx", "dx_past", "dw_attn"} <= set(report.worst())
+    with pytest.raises(AssertionError, match="attention_with_past"):
+        check_layer("attention_with_past", _attention_with_past(top_left=True), dtype=dtype, max_examples=20,
+                    derandomize=True)
