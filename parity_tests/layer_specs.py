@@ -150,8 +150,16 @@ def _layernorm_group_tol(group: str, tol: Tol, dtype: str) -> Tol:
     return large_mean_row_tol(tol) if group == LARGE_MEAN_ROWS else tol
 
 
+GELU_WIDE = (12.0, -12.0, 20.0, -20.0)  # past where an exp-based tanh overflows (e^(2u) at x > ~10)
+
+
 def _gelu_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
-    return dict(x=_normal(rng, (s.B, s.T, s.C), 2.0))
+    x = _normal(rng, (s.B, s.T, s.C), 2.0)
+    flat = x.reshape(-1)  # a view: the last values become GELU_WIDE's (as many as fit)
+    n = min(len(GELU_WIDE), flat.size - 1)
+    if n > 0:
+        flat[-n:] = GELU_WIDE[:n]
+    return dict(x=x)
 
 
 def _attention_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
@@ -168,7 +176,7 @@ def _attention_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
 
 def _attention_with_past_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
     args = _attention_inputs(rng, s, dtype)
-    P = s.Tc - s.T + 1  # at least one earlier position: P = 0 would be plain attention
+    P = max(1, s.Tc - s.T + 1)  # P earlier positions, at least one (P = 0 is plain attention): Tc = T + P - 1
     return dict(x=args.pop("x"), x_past=_normal(rng, (s.B, P, s.C)), **args)
 
 
@@ -179,6 +187,8 @@ def _attention_with_past_inputs(rng, s: Sizes, dtype: str = "float64") -> dict:
 #     d[x_past; x] = attention_backward(upstream 0 on the first P rows, dout on the rest)
 # A kernel that aligns its causal mask to the top-left corner (is_causal=True with fewer queries
 # than keys) lets new query t see only keys 0 .. t instead of 0 .. P + t, and fails here.
+# The torch function (check's rows) is torch_impl's attention over the whole sequence, sliced:
+# its KV-cache path takes no gradients, and check's kv-cache rows compare that path instead.
 
 def attention_with_past_forward(x, x_past, w_attn, b_attn, w_proj, b_proj, n_heads):
     from numpy_ref.attention import attention_forward

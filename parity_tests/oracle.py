@@ -208,7 +208,7 @@ def _compare_outputs(
         return results or [compare(f"{prefix} {tensor}", actual, expected, tol)]
 
     results = one("out", out, oracle.out, tol_f)
-    for k in spec.differentiable:
+    for k in spec.differentiable if grads is not None else ():
         results += one(f"d{k}", grads[k], oracle.grads[k], tol_g)
     return results
 
@@ -223,7 +223,7 @@ def _where(keep: np.ndarray, actual):
     return np.where(keep, actual, 0.0)
 
 
-def _check_torch_output(spec: LayerSpec, label: str, out, expected: np.ndarray, tdtype) -> None:
+def _check_torch_output(spec: LayerSpec, label: str, out, expected: np.ndarray, tdtype, grads: bool = True) -> None:
     """What `fn` returned must be a tensor of the oracle's shape, in the dtype asked for, with a
     graph to the inputs; otherwise an AssertionError that says which and what came back."""
     import torch
@@ -248,7 +248,7 @@ def _check_torch_output(spec: LayerSpec, label: str, out, expected: np.ndarray, 
             f"{where} dtype {out.dtype}; the inputs were {tdtype} and the output must be too "
             f"(a kernel that accumulates in higher precision casts its result back, e.g. .to(x.dtype))"
         )
-    if spec.differentiable and not out.requires_grad:
+    if grads and spec.differentiable and not out.requires_grad:
         raise AssertionError(
             f"{where} a tensor that does not require grad, so the gradients for {', '.join(spec.differentiable)} "
             f"cannot be checked: compute it from the inputs without .detach(), .numpy(), .data or torch.no_grad(), "
@@ -259,7 +259,7 @@ def _check_torch_output(spec: LayerSpec, label: str, out, expected: np.ndarray, 
 def compare_torch_layer(
     spec: LayerSpec, fn: Callable, inputs: dict, *, dtype: str | torch.dtype, device: str = "cpu",
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, label: str = "", upstream_seed: int = 0,
-    noncontiguous: bool = False,
+    noncontiguous: bool = False, grads: bool = True,
 ) -> list[Comparison]:
     """One input set: run `fn` in torch and the oracle in float64; return every comparison.
 
@@ -267,6 +267,7 @@ def compare_torch_layer(
     a graph to the inputs, raises AssertionError saying so (before any gradient is computed).
     `noncontiguous`: every float input of 2 or more dimensions is a transposed view (the same
     values, strides not in row-major order), as a slice or a `.mT` of a caller's tensor would be.
+    `grads=False`: the forward only (a kernel for inference, under torch.no_grad, with no backward).
     """
     import torch
 
@@ -283,7 +284,7 @@ def compare_torch_layer(
                 t = t.to(tdtype)
                 if noncontiguous and t.ndim >= 2:
                     t = t.mT.contiguous().mT  # the same values in column-major strides: a leaf, as t was
-                t = t.requires_grad_(k in spec.differentiable)
+                t = t.requires_grad_(grads and k in spec.differentiable)
             targs[k] = t
         else:
             targs[k] = v
@@ -295,15 +296,17 @@ def compare_torch_layer(
         except Exception as err:
             note_on_error(err, f"oracle layer {spec.name!r}", targs)
             raise
-        _check_torch_output(spec, label, out, oracle.out, tdtype)
-        diff_inputs = [targs[k] for k in spec.differentiable]
-        upstream = torch.as_tensor(oracle.upstream, dtype=out.dtype, device=out.device)
-        grads = torch.autograd.grad(out, diff_inputs, upstream, allow_unused=True)
+        _check_torch_output(spec, label, out, oracle.out, tdtype, grads)
+        if grads:
+            diff_inputs = [targs[k] for k in spec.differentiable]
+            upstream = torch.as_tensor(oracle.upstream, dtype=out.dtype, device=out.device)
+            found = torch.autograd.grad(out, diff_inputs, upstream, allow_unused=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
     # An input the output does not depend on gets no gradient from autograd: that is a zero one.
-    grads = {k: (torch.zeros_like(targs[k]) if g is None else g) for k, g in zip(spec.differentiable, grads)}
-    return _compare_outputs(spec, f"{label}{spec.name}", out, grads, oracle,
+    found = {k: (torch.zeros_like(targs[k]) if g is None else g)
+             for k, g in zip(spec.differentiable, found)} if grads else None
+    return _compare_outputs(spec, f"{label}{spec.name}", out, found, oracle,
                             tol_forward or layer_forward_tol(dtype, spec.elementwise),
                             tol_grad or layer_gradient_tol(dtype, spec.elementwise), dtype)
 
@@ -311,7 +314,7 @@ def compare_torch_layer(
 def check_layer(
     name: str, fn: Callable, *, dtype: str | torch.dtype = "float32", device: str = "cpu", max_examples: int = 25,
     tol_forward: Tol | None = None, tol_grad: Tol | None = None, derandomize: bool = False,
-    sizes: Sizes | st.SearchStrategy | None = None, noncontiguous: bool = False,
+    sizes: Sizes | st.SearchStrategy | None = None, noncontiguous: bool = False, grads: bool = True,
 ) -> Report:
     """Check a torch implementation of oracle layer `name` over hypothesis-drawn inputs.
 
@@ -322,7 +325,8 @@ def check_layer(
     `Sizes(B=, T=, nh=, hs=, V=, Tc=)`, or a strategy such as `oracle.sizes(max_time=80,
     min_head_size=16, max_head_size=64)`. `noncontiguous=True` passes every float input of 2 or
     more dimensions as a transposed view (a kernel that reads memory as if it were row-major
-    computes garbage on those). Raises AssertionError on a mismatch (after shrinking:
+    computes garbage on those). `grads=False` checks the forward only (a kernel for inference,
+    such as a decoding step, that has no backward). Raises AssertionError on a mismatch (after shrinking:
     every tensor over tolerance, and the lines that replay that case), or when `fn`
     returns something other than such a tensor; returns a Report otherwise.
     """
@@ -337,12 +341,13 @@ def check_layer(
         inputs = spec.make_inputs(np.random.default_rng(seed), s, dtype)
         results = compare_torch_layer(
             spec, fn, inputs, dtype=dtype, device=device, tol_forward=tol_forward, tol_grad=tol_grad,
-            label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed, noncontiguous=noncontiguous,
+            label=f"[sizes={s}, seed={seed}] ", upstream_seed=seed, noncontiguous=noncontiguous, grads=grads,
         )
         fn_name = own_name(fn, "fn")
         call = _with_tols(f"compare_torch_layer(get_spec({name!r}), {fn_name}, get_spec({name!r}).make_inputs("
                           f"np.random.default_rng({seed}), {s}, {dtype!r}), dtype={dtype!r}, device={device!r}, "
-                          f"upstream_seed={seed}" + (", noncontiguous=True" if noncontiguous else ""),
+                          f"upstream_seed={seed}" + (", noncontiguous=True" if noncontiguous else "")
+                          + ("" if grads else ", grads=False"),
                           tol_forward, tol_grad)
         replay = replay_lines(_LAYER_IMPORTS, call, {fn_name: fn})
         assert all(r.ok for r in results), _layer_failure(name, f"{dtype}, {device}", results, replay, True)

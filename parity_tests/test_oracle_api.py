@@ -483,3 +483,38 @@ def test_attention_with_earlier_positions_catches_a_top_left_causal_mask(dtype):
     with pytest.raises(AssertionError, match="attention_with_past"):
         check_layer("attention_with_past", _attention_with_past(top_left=True), dtype=dtype, max_examples=20,
                     derandomize=True)
+
+
+def test_a_forward_only_decoding_kernel_is_checked_with_grads_false():
+    """Cached-decoding kernels are for inference: run under no_grad they have no graph, which
+    check_layer refuses unless asked for the forward only; the top-left bug is caught that way too.
+    A fixed size whose Tc is below T still draws one earlier position (P = max(1, Tc - T + 1))."""
+    def inference(kernel):
+        def under_no_grad(**kwargs):
+            with torch.no_grad():
+                return kernel(**kwargs)
+        return under_no_grad
+
+    with pytest.raises(AssertionError, match="does not require grad"):
+        check_layer("attention_with_past", inference(_attention_with_past(False)), max_examples=2, derandomize=True)
+    report = check_layer("attention_with_past", inference(_attention_with_past(False)), max_examples=10,
+                         derandomize=True, grads=False, sizes=Sizes(B=1, T=12, nh=2, hs=4, V=11, Tc=8))
+    assert set(report.worst()) == {"out"}
+    with pytest.raises(AssertionError, match="grads=False"):
+        check_layer("attention_with_past", inference(_attention_with_past(True)), max_examples=10,
+                    derandomize=True, grads=False)
+
+
+def test_a_gelu_whose_tanh_overflows_past_x_10_is_caught():
+    """tanh(u) as (e^(2u) - 1) / (e^(2u) + 1) is NaN once e^(2u) overflows (x > ~10); the drawn
+    inputs of N(0, 2) rarely go there, so every draw holds +-12 and +-20."""
+    import math
+
+    c = math.sqrt(2 / math.pi)
+
+    def exp_tanh_gelu(x):
+        e = torch.exp(2 * c * (x + 0.044715 * x ** 3))
+        return 0.5 * x * (1 + (e - 1) / (e + 1))
+
+    with pytest.raises(AssertionError, match="gelu"):
+        check_layer("gelu", exp_tanh_gelu, max_examples=5, derandomize=True)

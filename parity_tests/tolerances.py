@@ -146,11 +146,12 @@ def gradient_tol(dtype: str) -> Tol:
 # An elementwise layer (GELU) in float32 sums nothing: a correct kernel is within a few ulps,
 # whatever formula it uses (measured over 200k inputs of N(0, 2): F.gelu, the formula written out
 # and x * sigmoid(2 c (x + 0.044715 x^3)) stay within 0.15 of the forward bound below and 0.26 of
-# the gradient one). The accumulation-depth tolerance let a GELU with 0.0447 for 0.044715 pass
-# (forward error 8.9e-6, 8x this bound; gradient 3.9e-5, 2.7x).
+# the gradient one). The gradient's atol is 2e-5: a rational tanh that clamps at |u| = 7.9 (Eigen's
+# fast tanh) gives gelu' = 0 where it is 1e-5. The accumulation-depth tolerance let a GELU with
+# 0.0447 for 0.044715 pass (forward error 8.9e-6, 8x this bound).
 ELEMENTWISE = {
     "float32": (Tol(1e-6, 1e-6, "an elementwise float32 function: a few ulps, no sums"),
-                Tol(1e-5, 1e-5, "the derivative of an elementwise float32 function: a few ulps, no sums")),
+                Tol(2e-5, 1e-5, "the derivative of an elementwise float32 function: a few ulps, no sums")),
 }
 ELEMENTWISE["tf32"] = ELEMENTWISE["float32"]  # TF32 changes matmuls only
 
