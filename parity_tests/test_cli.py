@@ -7,7 +7,6 @@ of the folders involved before and after. The one trained run is `tiny` for 2 st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,37 +16,14 @@ import pytest
 import torch
 
 from gpt_oracle.cli import main
+from parity_tests.cli_checks import snapshot as _snapshot
+from parity_tests.cli_checks import user_error as _user_error
 from gpt_oracle.json_file import write_json
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_USAGE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN = ["--config", "tiny", "--batch-size", "2", "--eval-every", "0", "--sample-tokens", "0", "--no-progress"]
-
-
-def _snapshot(*roots: Path) -> dict[str, str]:
-    """Path -> sha256 of every file under the roots (a missing root is an empty snapshot)."""
-    out = {}
-    for root in roots:
-        for p in sorted(Path(root).rglob("*")) if Path(root).exists() else []:
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
-
-
-def _user_error(capsys, argv: list[str], *needles: str, untouched: tuple[Path, ...] = ()) -> str:
-    """main(argv) must exit 2 with one stderr line naming every needle, and leave `untouched` as it was."""
-    before = _snapshot(*untouched)
-    status = main(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert status == EXIT_USAGE, f"{argv}: exit status {status}, stderr {captured.err!r}"
-    assert len(lines) == 1, f"{argv}: expected one line on stderr, got {captured.err!r}"
-    assert "Traceback" not in captured.err + captured.out, captured.err
-    assert lines[0].startswith(f"gpt-oracle {argv[0]}: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{argv}: {needle!r} not in {lines[0]!r}"
-    assert _snapshot(*untouched) == before, f"{argv} changed files it must not touch"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gpt_oracle.cli import main
+from parity_tests.cli_checks import user_error
 from gpt_oracle.commands import instruct
 
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -78,12 +79,8 @@ def test_mask_prompt_counts_the_response_only(lm, tmp_path, capsys):
 
 
 def _refused(capsys, argv: list[str], *needles: str, out: Path) -> None:
-    status = main(["instruct", *argv, "--out", str(out)])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert status == 2 and len(lines) == 1 and "Traceback" not in err, (status, err)
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    """One line, exit 2, and nothing in --out."""
+    user_error(capsys, ["instruct", *argv, "--out", str(out)], *needles)
     assert not out.exists(), f"{argv} wrote --out"
 
 
