@@ -26,9 +26,12 @@ seed, `fn` gets:
 and returns (logits (B, T, V), mean cross-entropy loss ()). Logits and loss are compared with the
 float64 oracle (numpy_ref) run on the same parameter values, then every parameter gradient:
 elementwise in float64 / float32 / tf32, per tensor under autocast (tolerances.GRADIENT_NORM).
-A failure lists every tensor over tolerance in the model's order and says where the error starts
-when the forward is right (a backward bug: the gradients after it in the forward stay right),
-and ends with the lines that replay the case.
+A failure lists every tensor over tolerance in the model's order, says where the error starts, and
+ends with the lines that replay the case. A forward difference is placed by running the failing
+case again with block parts switched off (`locate_forward_difference`: an attention or MLP whose
+c_proj weight and bias are zeroed adds nothing), one part switched on at a time; with the forward
+right, a backward bug leaves the gradients after it in the forward right, so the last wrong one
+marks it.
 """
 
 from __future__ import annotations
@@ -60,11 +63,20 @@ def model_case(config: dict, B: int, T: int, seed: int) -> tuple[dict[str, np.nd
 def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtype="float32", device: str = "cpu"):
     """One case: `fn` against the oracle; returns every comparison (logits, loss, then each
     parameter gradient in docs/design.md's order)."""
+    return _compare(fn, config, B, T, seed, dtype, device)
+
+
+def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, device: str, *,
+             on: set | None = None) -> list:
+    """compare_model's work. `on`: None (the whole model), or the set of (block, part) left
+    switched on, every other block part switched off (`switched_off`); then the forward only."""
     import torch
 
     dtype = canonical_dtype(dtype)
     check_dtype_on_device(dtype, device)
     params, ids, targets = model_case(config, B, T, seed)
+    if on is not None:
+        params = switched_off(params, on)
     autocast = dtype in ("bfloat16", "float16")
     stored = {"float64": torch.float64}.get(dtype, torch.float32)
     # The oracle runs on the values fn sees: the parameters as stored (float32 loses digits).
@@ -84,14 +96,16 @@ def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtyp
                 note_on_error(err, "the model", {"ids": ids_t, **tparams})
                 raise
         logits, loss = _checked_outputs(returned, ref.logits.shape, dtype, torch)
-        grads = torch.autograd.grad(loss, list(tparams.values()), allow_unused=True)
+        grads = torch.autograd.grad(loss, list(tparams.values()), allow_unused=True) if on is None else None
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
-    # A parameter the loss does not depend on gets no gradient from autograd: that is a zero one.
-    got = {k: (np.zeros_like(seen[k]) if g is None else to_numpy(g)) for k, g in zip(tparams, grads)}
     tf = forward_tol(dtype)
     results = [compare("model logits", logits, ref.logits, tf),
                compare("model loss", np.asarray(float(loss.detach().double().cpu())), np.asarray(ref.loss), tf)]
+    if grads is None:
+        return results
+    # A parameter the loss does not depend on gets no gradient from autograd: that is a zero one.
+    got = {k: (np.zeros_like(seen[k]) if g is None else to_numpy(g)) for k, g in zip(tparams, grads)}
     order = list(params)
     norm_tol = gradient_norm_tol(dtype)
     if norm_tol is None:
@@ -101,6 +115,57 @@ def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtyp
         scales = position_grad_scales(np_model, ids, targets)
         results += compare_grad_norms("model grads", got, ref.grads, scales, norm_tol, order)
     return results
+
+
+# Each block's two parts, by the projection that ends them: zeroing that projection's weight and
+# bias makes the part add exactly 0 to the residual stream, whatever it computes inside (finite).
+BLOCK_PARTS = (("attn", "attn.c_proj"), ("mlp", "mlp.c_proj"))
+PART_WORDS = {"attn": "attention (ln_1, c_attn, the heads' masked softmax, c_proj)",
+              "mlp": "MLP (ln_2, c_fc, GELU, c_proj)"}
+
+
+def switched_off(params: dict[str, np.ndarray], on: set) -> dict[str, np.ndarray]:
+    """params with every block part not in `on` (a set of (block index, "attn" or "mlp")) switched
+    off: its output projection's weight and bias zeroed, so the block passes x through that part
+    unchanged (x + 0)."""
+    out = dict(params)
+    for name, value in params.items():
+        if not name.startswith("h."):
+            continue
+        _, i, rest = name.split(".", 2)
+        for part, proj in BLOCK_PARTS:
+            if rest.startswith(proj + ".") and (int(i), part) not in on:
+                out[name] = np.zeros_like(value)
+    return out
+
+
+def locate_forward_difference(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtype="float32",
+                              device: str = "cpu") -> str:
+    """Where a forward difference (logits or loss) starts, from the forward alone: the case is run
+    again with every block part switched off (`switched_off`: the model is then the embeddings,
+    ln_f, the head and the loss over the residual stream), then with one part at a time switched
+    on. Returns a sentence naming the first part that differs alone, or what is left."""
+    def differs(on: set) -> bool:
+        return not all(r.ok for r in _compare(fn, config, B, T, seed, dtype, device, on=on))
+
+    try:
+        if differs(set()):
+            return ("the forward differs even with every block's attention and MLP switched off (their c_proj "
+                    "weights and biases zeroed): the difference is in the embeddings (wte, wpe), ln_f, the head, "
+                    "the loss or the residual stream")
+        parts = [(i, part) for i in range(config["n_layers"]) for part, _ in BLOCK_PARTS]
+        bad = [(i, part) for i, part in parts if differs({(i, part)})]
+    except Exception as err:  # noqa: BLE001 - a hint must not hide the failure it explains
+        return f"(the forward difference could not be placed: the model raised {type(err).__name__}: {err})"
+    if not bad:
+        return ("the forward differs, yet every block's attention and MLP agree with the oracle when switched on "
+                "alone (the others' c_proj zeroed): the difference is in how the parts combine (the residual "
+                "stream, the order of the blocks, or one block's output feeding another)")
+    i, part = bad[0]
+    also = ", ".join(f"h.{j}.{p}" for j, p in bad[1:])
+    return (f"the forward differs first in h.{i}.{part}, block {i}'s {PART_WORDS[part]}: with only that part "
+            f"switched on (every other block part's c_proj zeroed) the model differs, and with none it agrees"
+            + (f"; alone, {also} differ(s) too" if also else ""))
 
 
 def _checked_outputs(returned, logits_shape: tuple, dtype: str, torch):
@@ -124,14 +189,15 @@ def _checked_outputs(returned, logits_shape: tuple, dtype: str, torch):
     return logits, loss
 
 
-def _where_it_starts(results: list) -> str:
-    """A hint from which tensors failed: with the logits right, a backward bug leaves the gradients
-    of everything after it in the forward right, so the last wrong one (in forward order) marks it."""
+def _where_it_starts(results: list, place_forward: Callable[[], str]) -> str:
+    """A hint from which tensors failed. A forward difference is placed by `place_forward`
+    (locate_forward_difference on the case). With the logits right, a backward bug leaves the
+    gradients of everything after it in the forward right, so the last wrong one (in forward
+    order) marks it."""
     forward_ok = all(r.ok for r in results[:2])
     bad = [r.name for r in results[2:] if not r.ok]
     if not forward_ok:
-        return ("the forward differs (logits or loss): check the model's layers one by one with "
-                "oracle.check_layer, or with `gpt-oracle diff` for torch_impl")
+        return place_forward()
     if bad:
         return (f"the forward is right and {len(bad)} gradient(s) are not; the last in forward order is {bad[-1]}: "
                 f"the backward goes wrong there or in the layer right after it (the gradients after it are right)")
@@ -163,21 +229,36 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
         T = draw(st.integers(1, min(max_time, config["context_length"])))
         return config, draw(st.integers(1, max_batch)), T, draw(st.integers(0, 2**31 - 1))
 
+    failed = []  # the last failing case: after shrinking, the one hypothesis reports
+
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None, **ONE_FAILURE)
     @given(case=cases())
     def _property(case) -> None:
         config, B, T, seed = case
         results = compare_model(fn, config, B, T, seed, dtype=dtype, device=device)
         if not all(r.ok for r in results):
-            name = own_name(fn, "fn")
-            replay = replay_lines(["from parity_tests.model_oracle import compare_model"],
-                                  f"compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})",
-                                  {name: fn})
-            raise AssertionError(failure_message(f"the model ({dtype}, {device}) differs from the oracle on config "
-                                                 f"{config}, B={B}, T={T}, seed={seed}", results,
-                                                 _where_it_starts(results), replay))
+            message = _failure(fn, config, B, T, seed, dtype, device, results, "")
+            failed[:] = [(config, B, T, seed, results, message)]
+            raise AssertionError(message)
         report.comparisons.extend(results)
         report.examples += 1
 
-    _property()
+    try:
+        _property()
+    except AssertionError as err:
+        if failed and err.args == (failed[0][-1],):  # placing re-runs the model: once, on the shrunk case only
+            config, B, T, seed, results, _ = failed[0]
+            hint = _where_it_starts(results, lambda: locate_forward_difference(fn, config, B, T, seed, dtype=dtype,
+                                                                               device=device))
+            err.args = (_failure(fn, config, B, T, seed, dtype, device, results, hint),)
+        raise
     return report
+
+
+def _failure(fn, config, B, T, seed, dtype, device, results, hint: str) -> str:
+    name = own_name(fn, "fn")
+    replay = replay_lines(["from parity_tests.model_oracle import compare_model"],
+                          f"compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})",
+                          {name: fn})
+    return failure_message(f"the model ({dtype}, {device}) differs from the oracle on config {config}, B={B}, T={T}, "
+                           f"seed={seed}", results, hint, replay)

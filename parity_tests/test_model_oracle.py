@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity_tests.model_oracle import check_model, compare_model
+from parity_tests.model_oracle import (check_model, compare_model, locate_forward_difference, model_case,
+                                       switched_off)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.py)
 
@@ -31,11 +32,13 @@ def test_torch_impl_passes_in_every_precision(dtype):
 
 class UserGPT(torch.nn.Module):
     """A GPT-2 as a user might write it: nn.Linear layers ((out, in) weights), separate q, k, v
-    heads via SDPA; `leak` lets position t see t + 1 (a mask bug)."""
+    heads via SDPA. `bug`: None, or one planted bug: "leak" lets position t see t + 1 (a mask bug),
+    "erf_in_block_1" takes GELU's erf form in block 1's MLP, "no_wpe" leaves out the position
+    embedding, "reversed" runs the blocks last to first."""
 
-    def __init__(self, V, Tc, C, nh, L, qkv_bias, tie, eps, leak=False):
+    def __init__(self, V, Tc, C, nh, L, qkv_bias, tie, eps, bug=None):
         super().__init__()
-        self.nh, self.eps, self.tie, self.leak = nh, eps, tie, leak
+        self.nh, self.eps, self.tie, self.bug = nh, eps, tie, bug
         self.wte, self.wpe = torch.nn.Embedding(V, C), torch.nn.Embedding(Tc, C)
         self.blocks = torch.nn.ModuleList()
         for _ in range(L):
@@ -49,23 +52,25 @@ class UserGPT(torch.nn.Module):
 
     def forward(self, ids):
         B, T = ids.shape
-        x = self.wte(ids) + self.wpe(torch.arange(T))
-        mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal=1 if self.leak else 0)
-        for b in self.blocks:
+        x = self.wte(ids) + (0 if self.bug == "no_wpe" else self.wpe(torch.arange(T)))
+        mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal=1 if self.bug == "leak" else 0)
+        order = list(self.blocks)[::-1] if self.bug == "reversed" else self.blocks
+        for i, b in enumerate(order):
             q, k, v = b.qkv(b.ln1(x)).chunk(3, dim=-1)
             q, k, v = (t.view(B, T, self.nh, -1).transpose(1, 2) for t in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))
-            x = x + b.out(F.gelu(b.fc(b.ln2(x)), approximate="tanh"))
+            gelu = "none" if self.bug == "erf_in_block_1" and i == 1 else "tanh"
+            x = x + b.out(F.gelu(b.fc(b.ln2(x)), approximate=gelu))
         x = self.lnf(x)
         return x @ (self.wte.weight if self.tie else self.head.weight).T
 
 
-def user_adapter(leak=False):
+def user_adapter(bug=None):
     def fn(params, ids, targets, config):
         c = config
         model = UserGPT(c["vocab_size"], c["context_length"], c["emb_dim"], c["n_heads"], c["n_layers"],
-                        c["qkv_bias"], c["tie_embeddings"], c["ln_eps"], leak=leak)
+                        c["qkv_bias"], c["tie_embeddings"], c["ln_eps"], bug=bug)
         names = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "lnf.weight",
                  "ln_f.bias": "lnf.bias", "lm_head.weight": "head.weight"}
         parts = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "qkv", "attn.c_proj": "proj", "mlp.c_fc": "fc",
@@ -91,14 +96,53 @@ def test_a_model_in_another_layout_passes_through_its_adapter():
 
 def test_a_mask_that_leaks_a_future_token_is_a_forward_difference():
     with pytest.raises(AssertionError) as info:
-        check_model(user_adapter(leak=True), dtype="float32", max_examples=10, derandomize=True)
+        check_model(user_adapter(bug="leak"), dtype="float32", max_examples=10, derandomize=True)
     message = str(info.value)
-    assert "model logits" in message and "the forward differs" in message, message
+    assert "model logits" in message and "the forward differs first in h.0.attn" in message, message
     block = message.split("replay (paste after your own definitions):\n", 1)[1]
     code = "\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))
-    namespace = {"fn": user_adapter(leak=True)}
+    namespace = {"fn": user_adapter(bug="leak")}
     exec(code.replace("fn = ...", "pass  #"), namespace)  # noqa: S102 - our own message
     assert any(not r.ok for r in namespace["results"]), code
+
+
+TWO_BLOCKS = dict(vocab_size=19, context_length=8, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0,
+                  qkv_bias=True, tie_embeddings=True, ln_eps=1e-5)
+
+
+@pytest.mark.parametrize("bug, placed", [
+    ("erf_in_block_1", "the forward differs first in h.1.mlp, block 1's MLP"),
+    ("no_wpe", "the forward differs even with every block's attention and MLP switched off"),
+    ("reversed", "every block's attention and MLP agree with the oracle when switched on alone"),
+])
+def test_a_forward_bug_is_placed_by_switching_block_parts_off(bug, placed):
+    """Each planted bug is placed where it is: GELU's erf form in block 1's MLP only (block 0's is
+    right) in h.1.mlp; a missing position embedding outside the blocks; blocks run in the wrong
+    order in how they combine (each part alone is right)."""
+    with pytest.raises(AssertionError) as info:
+        check_model(user_adapter(bug=bug), configs=TWO_BLOCKS, dtype="float64", max_examples=4, derandomize=True)
+    message = str(info.value)
+    assert placed in message and "model logits" in message, message
+    placed_here = locate_forward_difference(user_adapter(bug=bug), TWO_BLOCKS, 2, 5, 7, dtype="float64")
+    assert placed in placed_here, placed_here
+
+
+def test_switching_a_part_off_leaves_the_residual_stream_unchanged():
+    """The oracle side of the placement: with an attention's c_proj zeroed its block adds 0 for it,
+    so a model with every part switched off is the embeddings, ln_f and the head alone."""
+    from parity_tests import models
+
+    params, ids, targets = model_case(TWO_BLOCKS, 2, 5, 11)
+    off = switched_off(params, set())
+    assert all(not off[k].any() for k in off if ".c_proj." in k) and off["h.0.attn.c_attn.weight"].any()
+    logits = models.run_numpy(models.build_numpy_model(TWO_BLOCKS, params=off), ids, targets).logits
+    x = off["wte.weight"][ids] + off["wpe.weight"][:5]  # (B, T, C)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    h = (x - mean) / np.sqrt(var + 1e-5) * off["ln_f.weight"] + off["ln_f.bias"]
+    np.testing.assert_allclose(logits, h @ off["wte.weight"].T, rtol=1e-12, atol=1e-12,
+                               err_msg="logits with every block part switched off")
+    one = switched_off(params, {(1, "mlp")})
+    assert one["h.1.mlp.c_proj.weight"].any() and not one["h.0.mlp.c_proj.weight"].any()
 
 
 class _HalveGrad(torch.autograd.Function):
