@@ -25,6 +25,7 @@ COMMANDS = {
     "generate": "generate text from a checkpoint with either tree",
     "finetune": "fine-tune a checkpoint into a text classifier (chapter 6) with either tree",
     "instruct": "fine-tune a checkpoint to follow instructions (chapter 7) with either tree",
+    "classify": "label texts with a fine-tuned classifier (chapter 6) with either tree",
     "bench": "measure the machine, then time both trees against it",
 }
 

@@ -17,7 +17,8 @@ the book, without dropout. numpy_ref trains in float64, torch_impl in float32 on
 epoch goes over the training examples in a new order drawn from --seed, and ends with the mean
 loss and the accuracy on both sets (stderr, and a line of --out/log.jsonl). At the
 end --out holds `classifier/` (GPTClassifier.from_pretrained reads it, in either tree),
-`log.jsonl` and `run.json` (these options, with absolute paths and the checkpoint actually read).
+`log.jsonl` and `run.json` (these options, with absolute paths and the checkpoint actually read);
+`gpt-oracle classify --classifier OUT` labels texts with it.
 --out must not exist yet, or be empty; everything is written into a hidden folder beside it,
 renamed to --out only once complete, so a run that fails or is interrupted leaves no --out.
 The same options give the same classifier; the two backends draw different heads from a seed.
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     last = log[-1]
     val_text = f", validation accuracy {last['val_accuracy']:.4f}" if val else ""
     print_result(f"fine-tuned {ckpt} into a {K}-class classifier: train accuracy {last['train_accuracy']:.4f}"
-                 f"{val_text} ({len(train)} + {len(val)} examples, {args.epochs} epochs); saved in {out / 'classifier'}")
+                 f"{val_text} ({len(train)} + {len(val)} examples, {args.epochs} epochs); saved in {out / 'classifier'} "
+                 f"(gpt-oracle classify --classifier {out} labels texts with it)")
     return EXIT_OK
 
 
