@@ -102,7 +102,9 @@ def _check_options(temperature, top_k, top_p) -> tuple[float | None, int | None,
 
 
 def _check_logits(logits) -> np.ndarray:
-    """One finite-maximum row (V,) as float64; NaN is refused by id."""
+    """One finite-maximum row (V,) as float64; NaN is refused by id, complex logits by type."""
+    if np.iscomplexobj(logits):  # np.asarray(..., float64) would drop the imaginary part with a warning
+        raise TypeError(f"logits must be real, got complex values ({np.asarray(logits).dtype})")
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 1 or logits.size == 0:
         raise ValueError(f"logits must be one non-empty row (V,), got shape {logits.shape}")
@@ -174,7 +176,9 @@ def _check_listed_ids(ids, vocab_size: int) -> None:
         if not isinstance(row, (list, tuple)):
             return  # not (B, T): the shape check names it
         for t, value in enumerate(row):
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not 0 <= value < vocab_size:
+            if isinstance(value, bool):  # an int to Python, and 0 or 1 once mixed with ints in an array
+                raise TypeError(f"token id {value!r} at position (batch {b}, time {t}) is a bool, not an int")
+            if isinstance(value, numbers.Integral) and not 0 <= value < vocab_size:
                 raise ValueError(f"token id {int(value)} at position (batch {b}, time {t}) is outside "
                                  f"[0, {vocab_size}) (vocab_size={vocab_size})")
 
@@ -217,7 +221,8 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
         up front as `rng.random((max_new_tokens, B))` (rng: a np.random.Generator).
     eos_id: a row that produced it is padded with it from then on; all rows stopped ends early.
     use_cache: decode with a KV cache (default) or recompute the whole window at every step;
-        both give the same tokens.
+        both give the same logits up to rounding (sums in another order), hence the same tokens
+        except where a coin lands within a few ulps of a step of the CDF.
     """
     V, Tc = model.config.vocab_size, model.config.context_length
     ids = _check_ids(ids, V)

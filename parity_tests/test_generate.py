@@ -155,6 +155,16 @@ def test_sample_next_rejects_nan_logits_naming_the_id():
 
 
 
+def test_sample_next_refuses_complex_logits():
+    """Both trees dropped the imaginary part (NumPy and torch casts, with only a warning) and sampled
+    from the real one; a complex row is a TypeError in each tree's input types."""
+    row = np.array([0.0, 1.0 + 2.0j, 0.5])
+    for logits, sample in ((row, ngen.sample_next), (row.tolist(), ngen.sample_next), (row, tgen.sample_next),
+                           (row.tolist(), tgen.sample_next), (torch.tensor(row), tgen.sample_next)):
+        with pytest.raises(TypeError, match="real"):
+            sample(logits, temperature=1.0, coin=0.1)
+
+
 @pytest.mark.parametrize("row,temperature,expected", [
     ([1.0, 2.0, 0.5], 1e-310, 1),  # 2 / 1e-310 overflows: the limit is greedy
     ([9.0, 8.0, 0.0], 1e-308, 0),
@@ -621,6 +631,39 @@ def test_kv_cache_crop_refuses_a_length_that_is_no_int(tree):
         assert cache.length == 3 and type(cache.length) is int, f"{tree}: crop({bad!r}) left length {cache.length!r}"
     cache.crop(np.int64(2))
     assert cache.length == 2 and type(cache.length) is int, f"{tree}: crop(np.int64(2)) gave {cache.length!r}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_kv_cache_advance_refuses_a_count_that_is_no_int_or_negative(tree):
+    """advance(-3), advance(1.5) and advance(True) were stored as the length (torch's next forward
+    then failed far away, in narrow() or indexing); they are a ValueError / TypeError naming T,
+    raised before anything changes, as crop's. A negative pos_offset is refused by name in
+    torch's check_ids too, as in numpy_ref's."""
+    cache = (nkv.KVCache if tree == "numpy" else tkv.KVCache)(1, 1, 2, 8, 4)
+    cache.advance(np.int64(2))
+    assert cache.length == 2 and type(cache.length) is int, f"{tree}: advance(np.int64(2)) gave {cache.length!r}"
+    for bad, error, match in ((-1, ValueError, "T >= 0 positions, got T=-1"), (1.5, TypeError, "got 1.5"),
+                              (True, TypeError, "got True"), ("1", TypeError, "got '1'")):
+        with pytest.raises(error, match=match):
+            cache.advance(bad)
+        assert cache.length == 2, f"{tree}: advance({bad!r}) left length {cache.length!r}"
+    if tree == "torch":
+        from torch_impl.embedding import check_ids
+
+        with pytest.raises(ValueError, match="pos_offset .* must be an int >= 0, got -2"):
+            check_ids(torch.tensor([[1]]), 10, 8, pos_offset=-2)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_bool_among_listed_ids_is_a_type_error(tree):
+    """[[True, 5]] became the ids [[1, 5]] in both trees (an array of ints and bools is ints); a
+    bool is no token id, as an all-bool prompt was already refused."""
+    n_model, t_model = _models()
+    model, gen = (n_model, ngen.generate) if tree == "numpy" else (t_model, tgen.generate)
+    with pytest.raises(TypeError, match=r"token id True at position \(batch 0, time 0\) is a bool"):
+        gen(model, [[True, 5]], 1)
+    with pytest.raises(TypeError, match=r"token id False at position \(batch 1, time 1\) is a bool"):
+        gen(model, [[1, 2], [3, False]], 1)
 
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])

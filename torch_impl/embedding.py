@@ -15,6 +15,8 @@ naming the value and the limit.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,8 @@ def check_ids(ids: torch.Tensor, vocab_size: int, context_length: int, pos_offse
     The range check is one reduction; it syncs with the device once per forward (where the
     device is not the CPU), which costs microseconds next to a GPT-2 forward.
     """
+    if isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral) or pos_offset < 0:
+        raise ValueError(f"pos_offset (positions already cached) must be an int >= 0, got {pos_offset!r}")
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"token ids must be a torch.Tensor of integers, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:

@@ -86,9 +86,13 @@ def _check_options(temperature, top_k, top_p) -> tuple[float | None, int | None,
 
 
 def _check_logits(logits) -> torch.Tensor:
-    """One finite-maximum row (V,) as float64 on the CPU; NaN is refused by id."""
+    """One finite-maximum row (V,) as float64 on the CPU; NaN is refused by id, complex logits by type."""
     if not isinstance(logits, torch.Tensor):  # a list or array: straight to float64 (as_tensor would pick float32)
+        if getattr(getattr(logits, "dtype", None), "kind", "") == "c":  # a complex NumPy array (a list: torch refuses)
+            raise TypeError(f"logits must be real, got complex values ({logits.dtype})")
         logits = torch.as_tensor(logits, dtype=torch.float64)
+    if logits.is_complex():  # .to(float64) would drop the imaginary part with a warning
+        raise TypeError(f"logits must be real, got complex values ({logits.dtype})")
     logits = logits.detach().to(device="cpu", dtype=torch.float64)
     if logits.ndim != 1 or logits.numel() == 0:
         raise ValueError(f"logits must be one non-empty row (V,), got shape {tuple(logits.shape)}")
@@ -157,7 +161,9 @@ def _check_listed_ids(ids, vocab_size: int) -> None:
         if not isinstance(row, (list, tuple)):
             return  # not (B, T): the shape check names it
         for t, value in enumerate(row):
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not 0 <= value < vocab_size:
+            if isinstance(value, bool):  # an int to Python, and 0 or 1 once mixed with ints in an array
+                raise TypeError(f"token id {value!r} at position (batch {b}, time {t}) is a bool, not an int")
+            if isinstance(value, numbers.Integral) and not 0 <= value < vocab_size:
                 raise ValueError(f"token id {int(value)} at position (batch {b}, time {t}) is outside "
                                  f"[0, {vocab_size}) (vocab_size={vocab_size})")
 

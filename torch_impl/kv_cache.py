@@ -85,9 +85,14 @@ class KVCache:
                              f"{self.context_length}")
 
     def advance(self, T: int) -> None:
-        """Record that every layer has written T more positions."""
+        """Record that every layer has written T more positions. T must be an int >= 0 (a TypeError
+        for 1.5 or True, a ValueError below 0), checked before anything changes, as in `crop`."""
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral):
+            raise TypeError(f"a KV cache advance must be an int, got {T!r} ({type(T).__name__})")
+        if T < 0:
+            raise ValueError(f"a KV cache advances by T >= 0 positions, got T={T}")
         self.check_room(T)
-        self.length += T
+        self.length += int(T)
 
     def reset(self) -> None:
         """Forget every cached position (the buffers are reused, not cleared)."""
