@@ -83,7 +83,9 @@ def head_to_head(config_name: str, config_d: dict, params: dict, B: int, T: int,
             ("KV-cache decode tok/s, ours / HF", lambda: ours.decode(decode_tokens, True),
              lambda: theirs.decode(decode_tokens, True), True)):
         progress(f"head to head {config_name}: {what} ({pairs} alternating pairs)")
-        fn_ours(), fn_theirs()  # warm-up, untimed
+        # Warm-up, untimed, each finished before the next starts: on CUDA the first timed call
+        # would otherwise also wait for the other's warm-up kernels.
+        fn_ours(), ours.sync(), fn_theirs(), ours.sync()
         t_ours, t_theirs = alternate(fn_ours, fn_theirs, pairs, sync=ours.sync)
         ratio = paired_ratio(t_theirs, t_ours) if higher_better else paired_ratio(t_ours, t_theirs)
         pair_ratios = [(b / a if higher_better else a / b) for a, b in zip(t_ours, t_theirs)]
@@ -117,6 +119,7 @@ def step_against_peak(config_name: str, config_d: dict, params: dict, B: int, T:
     rates: list[float] = []
     progress(f"step against the GEMM rate {config_name}: {backend} ({pairs} alternating pairs)")
     runner.train_step()  # warm-up, untimed
+    runner.sync()
     step_s, _ = alternate(runner.train_step, lambda: rates.append(machine.peak_now(runner.peak_name, quick)), pairs,
                           sync=runner.sync)
     row = Result("head_to_head", config_name, f"{backend} vs {runner.peak_name} GEMM", "train step / GEMM rate",

@@ -2,8 +2,9 @@
 
 The targets are reported, never asserted: each is a ratio measured in this run, the target it is
 held to, and whether it was met: True, False, or None when a piece needed for it did not run, when
-it was measured on a configuration the goal is not set for, or when its alternating pairs do not
-settle it (the rule is `pair_verdict`).
+it was measured on a configuration the goal is not set for, or when its alternating pairs (a sign
+test, `pair_verdict`) or, without pairs, its rows' interquartile ranges (`span_verdict`) do not
+settle it.
 """
 
 from __future__ import annotations
@@ -15,31 +16,78 @@ import tempfile
 from typing import Callable, Iterable
 
 from benchmarks.record import Result
-from benchmarks.stats import Timing, spread
+from benchmarks.stats import Timing, percentile, spread
 
 TARGET_CONFIG = "124M"
 
-# A verdict from alternating pairs needs this share of the pairs on one side of the goal.
-VERDICT_SHARE = (2, 3)
+# A verdict from alternating pairs is a one-sided sign test at this level (`pair_verdict`).
+SIGN_TEST_ALPHA = 0.05
+
+
+def sign_test_p(k: int, n: int) -> float:
+    """P(at least k of n pairs on one side) when each pair falls on either side with probability
+    1/2 (the goal sits exactly at the true ratio): the binomial tail sum_{i >= k} C(n, i) / 2**n."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+
+
+def pairs_needed(n: int, alpha: float = SIGN_TEST_ALPHA) -> int | None:
+    """The fewest of n pairs on one side that the sign test accepts at `alpha` (None: n is too few;
+    5 pairs need 5, 9 pairs 8)."""
+    return next((k for k in range(n + 1) if sign_test_p(k, n) <= alpha), None)
 
 
 def pair_verdict(values: list[float], goal: float, higher_is_better: bool) -> tuple[bool | None, str]:
-    """The verdict on a goal from the pairs' ratios: met if at least 2/3 of the pairs meet the goal
-    (a pair exactly on it meets it), NOT met if at least 2/3 miss it, else undetermined (None). With
-    2/3 on one side the median is on that side too; with fewer, the pairs straddle the goal and
-    the side the median fell on is one or two pairs' luck (5 pairs: 4 needed; 9 pairs: 6)."""
+    """The verdict on a goal from the pairs' ratios, by a one-sided sign test: met if so many pairs
+    meet the goal (a pair exactly on it meets it) that, were the true ratio on the goal, at least
+    that many would do so with probability <= SIGN_TEST_ALPHA; NOT met if that many miss it; else
+    undetermined (None): the pairs do not settle which side of the goal the ratio is on. Each pair
+    is a ratio of two calls made back to back, so the machine's drift over minutes cancels in it;
+    what is left is taken as noise symmetric about the true ratio."""
     if not values:
         raise ValueError("a verdict needs at least one pair")
     n = len(values)
     meet = sum((v >= goal) if higher_is_better else (v <= goal) for v in values)
     miss = n - meet
-    num, den = VERDICT_SHARE
     counts = f"{meet}/{n} pairs meet the goal, {miss}/{n} miss it"
-    if den * meet >= num * n:
-        return True, counts
-    if den * miss >= num * n:
-        return False, counts
-    return None, f"undetermined: {counts} (a verdict needs {num}/{den} of the pairs on one side)"
+    if sign_test_p(meet, n) <= SIGN_TEST_ALPHA:
+        return True, f"{counts} (sign test p = {sign_test_p(meet, n):.2g})"
+    if sign_test_p(miss, n) <= SIGN_TEST_ALPHA:
+        return False, f"{counts} (sign test p = {sign_test_p(miss, n):.2g})"
+    k = pairs_needed(n)
+    need = (f"{k}/{n} of the pairs on one side" if k is not None else f"more than {n} pairs")
+    return None, f"undetermined: {counts} (a verdict needs {need}: a one-sided sign test at the " \
+                 f"{SIGN_TEST_ALPHA:.0%} level)"
+
+
+def quartile_span(value: float | None, rows: list[tuple[Result, int]]) -> tuple[float, float] | None:
+    """The range a value from table medians takes over the rows' middle halves: `value` is
+    proportional to the product of each row's seconds to the power e (rows: (row, e); a ratio of
+    step times is (ours, 1), (theirs, -1), a fraction of the peak (row, -1)), so its lowest is
+    with the 25th percentile where e > 0 and the 75th where e < 0, its highest the other way. None
+    where a row has fewer than 3 samples (no spread to speak of)."""
+    if value is None:
+        return None
+    lo = hi = value
+    for row, e in rows:
+        t = row.timing if row is not None else None
+        if t is None or len(t.samples) < 3 or t.median <= 0:
+            return None
+        q25, q75 = percentile(t.samples, 25) / t.median, percentile(t.samples, 75) / t.median
+        lo *= (q25 if e > 0 else q75) ** e
+        hi *= (q75 if e > 0 else q25) ** e
+    return lo, hi
+
+
+def span_verdict(span: tuple[float, float], goal: float, higher_is_better: bool) -> tuple[bool | None, str]:
+    """A verdict without pairs: met when the whole quartile span meets the goal, NOT met when the
+    whole span misses it, else undetermined."""
+    lo, hi = span
+    text = f"no alternating pairs: over the rows' interquartile ranges the value spans {lo:.3g}-{hi:.3g}"
+    if higher_is_better:
+        met = True if lo >= goal else False if hi < goal else None
+    else:
+        met = True if hi <= goal else False if lo > goal else None
+    return met, text if met is not None else f"undetermined: {text}, across the goal"
 
 
 def _si(x: float | None, unit: str = "") -> str:
@@ -138,20 +186,24 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
     judged = config == TARGET_CONFIG
     label = config if judged else f"{config}, not the target config"
 
-    def entry(name, value, target, higher_is_better, detail, pairs=None, config_bound=True):
+    def entry(name, value, target, higher_is_better, detail, pairs=None, config_bound=True, span=None):
+        """span: without pairs, quartile_span over the rows the value came from (None: judged on
+        the value alone, which only the tokenizer's one ratio and rows without 3 samples are)."""
         goal = (">= " if higher_is_better else "<= ") + f"{target:g}"
         if value is None:
             met, verdict = None, "not measured"
         elif config_bound and not judged:
             met, verdict = None, "not judged"
             detail += f"; not judged: the goal is set for {TARGET_CONFIG}, this is {config}"
-        elif pairs:
-            met, why = pair_verdict(pairs, target, higher_is_better)
+        elif pairs or span:
+            met, why = pair_verdict(pairs, target, higher_is_better) if pairs else span_verdict(
+                span, target, higher_is_better)
             verdict = {True: "met", False: "NOT met", None: "undetermined"}[met]
             detail += f"; {why}"
         else:
             met = value >= target if higher_is_better else value <= target
             verdict = "met" if met else "NOT met"
+            detail += "; judged on this one value (no pairs, no spread)"
         return {"target": name, "value": value, "goal": goal, "met": met, "verdict": verdict,
                 "pairs": list(pairs) if pairs else None, "spread": spread(pairs) if pairs else None,
                 "detail": detail}
@@ -161,7 +213,7 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
     value, detail, pairs = _prefer_against_peak(results, config, "numpy-float32",
                                                 np32.fraction_of_peak(peaks) if np32 else None, "issue 3")
     out.append(entry(f"numpy float32 train step ({label}) / numpy float32 GEMM rate", value, 0.45, True, detail,
-                     pairs))
+                     pairs, span=quartile_span(value, [(np32, -1)])))
     ours = _find(results, "train_step", "torch-fp32", config, bt=TARGET_BT)
     hf = _find(results, "train_step", "hf-fp32", config, bt=TARGET_BT)
     detail = "issue 4"
@@ -171,12 +223,17 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
         detail += (f"; GEMM floor {floor_s:.2f} s (the step's FLOPs at the measured {ours.peak_name} GEMM rate) vs "
                    f"goal {goal_s:.2f} s" + (": unreachable on this machine" if floor_s > goal_s else ""))
     value = _ratio(ours.seconds, hf.seconds) if ours and hf else None
+    span = quartile_span(value, [(ours, 1), (hf, -1)])
     value, detail, pairs = _prefer_head_to_head(results, config, "train step time, ours / HF", value, detail)
-    out.append(entry(f"torch fp32 train step time / HF step time ({label})", value, 0.65, False, detail, pairs))
+    out.append(entry(f"torch fp32 train step time / HF step time ({label})", value, 0.65, False, detail, pairs,
+                     span=span))
     bf16 = _find(results, "train_step", "torch-bf16", config, bt=TARGET_BT)
     detail = "issue 4"
     if bf16 is None:
-        skipped = [r for r in results if r.section == "train_step" and r.backend == "torch-bf16" and r.config == config]
+        # Why the target row did not run: a row at the target shape that is not ok (the note of an
+        # ok row at another shape is its optimizer, not a reason).
+        skipped = [r for r in results if r.section == "train_step" and r.backend == "torch-bf16" and r.config == config
+                   and (r.B, r.T) == TARGET_BT and r.status != "ok"]
         others = [r for r in results if r.section == "train_step" and r.backend == "torch-bf16" and r.status == "ok"
                   and r.fraction_of_peak(peaks)]
         if skipped and skipped[0].note:
@@ -185,7 +242,8 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
             detail += "; measured on " + ", ".join(f"{r.config}: {r.fraction_of_peak(peaks):.3g}" for r in others)
     value, detail, pairs = _prefer_against_peak(results, config, "torch-bf16",
                                                 bf16.fraction_of_peak(peaks) if bf16 else None, detail)
-    out.append(entry(f"torch bf16 train step ({label}) / torch bf16 GEMM rate", value, 0.40, True, detail, pairs))
+    out.append(entry(f"torch bf16 train step ({label}) / torch bf16 GEMM rate", value, 0.40, True, detail, pairs,
+                     span=quartile_span(value, [(bf16, -1)])))
     ours_d = _find(results, "decode", "torch-fp32", config, "decode (KV cache)")
     hf_d = _find(results, "decode", "hf-fp32", config, "generate (KV cache)")
     detail = "issue 4"
@@ -198,9 +256,10 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
         detail += (f"; bandwidth ceiling ~{ceiling:.0f} tok/s (matmul weights in float32 / measured copy "
                    f"bandwidth) vs goal {1.5 * hf_d.tokens_per_s:.0f} tok/s")
     value = _ratio(ours_d.tokens_per_s, hf_d.tokens_per_s) if ours_d and hf_d else None
+    span = quartile_span(value, [(ours_d, -1), (hf_d, 1)])
     value, detail, pairs = _prefer_head_to_head(results, config, "KV-cache decode tok/s, ours / HF", value, detail)
     out.append(entry(f"torch KV-cache decode tok/s / HF generate tok/s ({label}, B=1)", value, 1.5, True, detail,
-                     pairs))
+                     pairs, span=span))
     ratio = tokenizer.get("ratio") if tokenizer and "ratio" in tokenizer else None
     detail = "issue 6"
     if tokenizer and tokenizer.get("note"):
@@ -216,8 +275,9 @@ def targets(results: list[Result], peaks: dict, tokenizer: dict | None, config: 
            and r.peak_name == "cuda_bfloat16" and r.B * r.T >= 16 * 1024]
     if big:
         best = max(big, key=lambda r: r.fraction_of_peak(peaks) or 0.0)
+        mfu = best.fraction_of_peak(peaks)
         out.append(entry(f"CUDA {best.backend} train step MFU at {best.B}x{best.T} ({best.config})",
-                         best.fraction_of_peak(peaks), 0.5, True, "issue 4 (CUDA)", config_bound=False))
+                         mfu, 0.5, True, "issue 4 (CUDA)", config_bound=False, span=quartile_span(mfu, [(best, -1)])))
     return out
 
 
