@@ -134,3 +134,36 @@ def test_a_non_finite_loss_stops_with_exit_1_and_saves_nothing(lm, tmp_path, cap
     assert main(["instruct", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "out")]) == 1
     assert "the loss is nan" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_generate_answers_an_instruction_with_the_response_only(lm, capsys, backend):
+    """`generate --instruction --input` prompts with format_instruction's Alpaca text (the response
+    empty) and prints only what follows it: the oracle's own greedy tokens after the prompt."""
+    import numpy as np
+
+    from numpy_ref.generate import generate
+    from numpy_ref.instruction_data import format_instruction
+    from numpy_ref.model import GPTModel
+    from numpy_ref.tokenizer import get_encoding
+
+    encoding = get_encoding("gpt2")
+    prompt = encoding.encode(format_instruction("Repeat the colour red.", "twice"))
+    new = generate(GPTModel.from_pretrained(lm), np.array([prompt]), 6)[0, len(prompt):].tolist()
+    want = encoding.decode(new[: new.index(instruct.EOT)] if instruct.EOT in new else new)  # up to the stop token
+    status = main(["generate", "--checkpoint", str(lm), "--instruction", "Repeat the colour red.", "--input", "twice",
+                   "--max-new-tokens", "6", "--backend", backend, "--dtype", "float64"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out == want + "\n", (captured.out, want)
+    assert "### Response" not in captured.out and "Repeat the colour" not in captured.out, captured.out
+
+
+def test_generate_refuses_a_bad_instruction_in_one_line(lm, capsys):
+    base = ["generate", "--checkpoint", str(lm)]
+    user_error(capsys, [*base, "--prompt", "x", "--input", "y"], "--input", "--instruction")
+    user_error(capsys, [*base, "--instruction", "  "], "--instruction", "some text")
+    user_error(capsys, [*base, "--instruction", "a", "--input", "b<|endoftext|>"], "--input", "special token")
+    user_error(capsys, [*base, "--instruction", "a<|endoftext|>"], "--instruction", "special token")
+    user_error(capsys, [*base, "--instruction", "a", "--prompt", "b"], "not allowed with")
+    user_error(capsys, base, "--prompt", "--instruction")

@@ -1,14 +1,16 @@
 """`gpt-oracle generate`: continue a prompt with a checkpoint, in either tree.
 
-    gpt-oracle generate --checkpoint DIR --prompt TEXT [--backend numpy|torch]
-        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    gpt-oracle generate --checkpoint DIR (--prompt TEXT | --instruction TEXT [--input TEXT])
+        [--backend numpy|torch] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 
 DIR is a checkpoint directory (config.json + model.safetensors, ours or Hugging Face's) or a
 `gpt-oracle train` output directory (its newest checkpoint is used). Temperature 0 (the
 default) is greedy. The uniform draws that pick sampled tokens come from
 `numpy.random.default_rng(seed)` for both backends, so the same seed gives the same text from
 either tree (up to float32 rounding in the torch logits). Generation stops at `<|endoftext|>`
-unless `--no-stop`.
+unless `--no-stop`. With --prompt the prompt and its continuation are printed; with --instruction
+(and --input) the prompt is the Alpaca text `gpt-oracle instruct` trains on
+(instruction_data.format_instruction, the response left empty) and only the response is printed.
 
 Exit status 0, or 2 on bad input (an option, the prompt, the device or the checkpoint), reported
 as one line on stderr before the model runs.
@@ -30,7 +32,11 @@ MAX_NEW_TOKENS = 1_000_000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR", type=path_text, help="checkpoint or training output directory")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue (printed with its continuation)")
+    source.add_argument("--instruction", help="an instruction, for a model from `gpt-oracle instruct`: the prompt is "
+                                              "its Alpaca text, and only the response is printed")
+    parser.add_argument("--input", dest="input_text", default="", help="the instruction's input (with --instruction)")
     parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
     parser.add_argument("--max-new-tokens", type=int_in(0, MAX_NEW_TOKENS), default=50,
                         help=f"0 to {MAX_NEW_TOKENS:,} (default: 50; past the context the oldest tokens are cropped)")
@@ -57,6 +63,10 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
+    if args.input_text and args.instruction is None:
+        raise UserError("--input is the input of an --instruction; with --prompt, put it in the prompt")
+    if args.instruction is not None and not args.instruction.strip():
+        raise UserError(f"--instruction {args.instruction!r}: the instruction must hold some text")
     check_device(args.device, args.backend)
     _check_sampling(args)
     ckpt = run_folder.checkpoint_dir(Path(args.checkpoint))
@@ -76,11 +86,13 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         from numpy_ref.model import GPTModel
         from numpy_ref.tokenizer import get_encoding
 
+        from numpy_ref.instruction_data import format_instruction
+
         encoding = get_encoding("gpt2")
-        prompt = encode_prompt(encoding, args.prompt)
+        prompt = _prompt_ids(args, encoding, format_instruction)
         with user_input("--checkpoint"):  # the loader names the path
             model = GPTModel.from_pretrained(ckpt, dtype=np.dtype(args.dtype or "float64"))
-        ids = np.array([_in_vocabulary(prompt, model.config.vocab_size)], dtype=np.int64)  # (1, T)
+        ids = np.array([_in_vocabulary(prompt, model.config.vocab_size, _source(args))], dtype=np.int64)  # (1, T)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
         out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
                        **options)[0].tolist()
@@ -91,17 +103,21 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         from torch_impl.model import GPTModel
         from torch_impl.tokenizer import get_encoding
 
+        from torch_impl.instruction_data import format_instruction
+
         encoding = get_encoding("gpt2")
-        prompt = encode_prompt(encoding, args.prompt)
+        prompt = _prompt_ids(args, encoding, format_instruction)
         with user_input("--checkpoint"):  # the loader names the path
             model = GPTModel.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or "float32"), device=args.device)
-        ids = torch.tensor([_in_vocabulary(prompt, model.config.vocab_size)], dtype=torch.int64)  # (1, T)
+        ids = torch.tensor([_in_vocabulary(prompt, model.config.vocab_size, _source(args))], dtype=torch.int64)  # (1, T)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
         coins = None if coins is None else torch.from_numpy(coins)
         out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
                        **options)[0].tolist()
     if eos is not None and out[-1] == eos:
         out = out[: out.index(eos, ids.shape[1])]  # drop the stop token (and anything padded after it)
+    if args.instruction is not None:
+        out = out[len(prompt):]  # the response only (the prompt is never cropped from the returned ids)
     # A checkpoint whose vocabulary is padded past the tokenizer's (say 50304) can sample an id
     # with no text: the decoder's ValueError names it, and it is reported as one line.
     with user_input(f"the generated ids (the checkpoint's vocab_size is {model.config.vocab_size}, the GPT-2 "
@@ -111,11 +127,25 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
     return EXIT_OK
 
 
-def _in_vocabulary(ids: list[int], vocab_size: int) -> list[int]:
+def _prompt_ids(args: argparse.Namespace, encoding, format_instruction) -> list[int]:
+    """--prompt's ids, or those of --instruction's Alpaca prompt (the backend's own formatter)."""
+    if args.instruction is None:
+        return encode_prompt(encoding, args.prompt)
+    for option, text in (("--instruction", args.instruction), ("--input", args.input_text)):
+        if text:
+            encode_prompt(encoding, text, option)  # each part checked under its own name (special tokens)
+    return encode_prompt(encoding, format_instruction(args.instruction, args.input_text), "--instruction")
+
+
+def _source(args: argparse.Namespace) -> str:
+    return "--prompt" if args.instruction is None else "--instruction"
+
+
+def _in_vocabulary(ids: list[int], vocab_size: int, option: str = "--prompt") -> list[int]:
     """The prompt's GPT-2 ids, each checked against the checkpoint's vocabulary (a small model,
     such as the `tiny` preset's 101 ids, has no embedding for most of them)."""
     for token in ids:
         if token >= vocab_size:
-            raise UserError(f"--prompt: token id {token} is outside the checkpoint's vocabulary of {vocab_size} "
+            raise UserError(f"{option}: token id {token} is outside the checkpoint's vocabulary of {vocab_size} "
                             f"(ids 0 .. {vocab_size - 1}); the GPT-2 tokenizer gives ids up to 50256")
     return ids
