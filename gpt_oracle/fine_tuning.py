@@ -147,7 +147,8 @@ def finish(staging: Path, out: Path, log: list[dict], run: dict) -> None:
 
 
 def run_record(args, ckpt: Path, out: Path, **extra) -> dict:
-    """run.json: the options, with the paths absolute and the checkpoint actually read."""
+    """run.json: the command's name, the options, with the paths absolute and the checkpoint
+    actually read."""
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    return options | {"checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()),
+    return {"command": getattr(args, "command", None)} | options | {"checkpoint": str(ckpt.absolute()), "data": str(Path(args.data).absolute()),
                       "out": str(out.absolute())} | extra

@@ -32,10 +32,31 @@ def run_contents(out: Path) -> list[str]:
     return names + sorted(p.name for p in out.iterdir() if p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name))
 
 
+# What a `gpt-oracle finetune` / `instruct` output folder holds beside its run.json and log.jsonl.
+FINE_TUNING_OUTPUTS = {"finetune": "classifier", "instruct": "model"}
+
+
+def fine_tuning_output(path: Path) -> str | None:
+    """"finetune" or "instruct" when `path` is that command's output folder (its run.json names the
+    command, or, written before it did, its classifier/ or model/ checkpoint is there), else None."""
+    path = Path(path)
+    try:
+        command = json.loads((path / "run.json").read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    if command in FINE_TUNING_OUTPUTS:
+        return command
+    return next((c for c, sub in FINE_TUNING_OUTPUTS.items() if (path / sub / "config.json").is_file()), None)
+
+
 def check_new_out(out: Path, overwrite: bool) -> list[str]:
     """What `remove_run` will delete under --overwrite; a UserError when `out` cannot take a new run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    other = fine_tuning_output(out) if out.is_dir() else None
+    if other:  # not a training run: neither --resume nor --overwrite applies to it
+        raise UserError(f"--out {out}: holds a `gpt-oracle {other}` output ({FINE_TUNING_OUTPUTS[other]}/, run.json), "
+                        f"not a training run; choose another --out")
     if (out / "trainer_state.json").exists():
         raise UserError(f"--out {out}: is a checkpoint directory (it holds trainer_state.json); choose another --out")
     found = run_contents(out)
@@ -74,12 +95,19 @@ def _raise(err: OSError):
 
 
 def checkpoint_dir(path: Path, option: str = "--checkpoint") -> Path:
-    """`path` itself when it holds a config.json (a checkpoint folder), else the checkpoint its
-    `latest` file names (a `train` output folder); a UserError naming `option` when neither is
-    there. Every command that reads a checkpoint takes either."""
+    """`path` itself when it holds a config.json (a checkpoint folder), its model/ when it is an
+    `instruct` output folder, else the checkpoint its `latest` file names (a `train` output
+    folder); a UserError naming `option` when none is there (or it is a `finetune` output, which
+    holds no language model). Every command that reads a checkpoint takes each."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
+    other = fine_tuning_output(path)
+    if other == "instruct":  # an instruction-tuned language model, in model/
+        return path / "model"
+    if other == "finetune":
+        raise UserError(f"{option} {path}: a `gpt-oracle finetune` output, whose classifier/ is a classifier, not a "
+                        f"language model (gpt-oracle classify --classifier {path} labels texts with it)")
     if not (path / "latest").is_file():
         where = "no config.json there (nor a 'latest' file)" if path.is_dir() else "no such directory"
         raise UserError(f"{option} {path}: {where}")

@@ -57,9 +57,28 @@ def run_copy(trained, tmp_path) -> Path:
     (["--checkpoint", "/nonexistent", "--config", "tinyy"], ["--config tinyy", "--checkpoint /nonexistent",
                                                              "drop --config"]),
     (["--checkpoint", "/nonexistent", "--config", "tiny"], ["--config tiny", "drop --config"]),
+    # a batch of 10**8 allocated 191 GiB and ended in a MemoryError traceback with exit status 1
+    (["--batch", "100000000"], ["--batch 100000000 --time 8", "GiB", "more than this machine's", "would fit"]),
 ])
 def test_diff_refuses_bad_input(capsys, argv, needles):
     _user_error(capsys, ["diff", *argv], *needles)
+
+
+def test_diff_sizes_its_batch_against_the_machines_memory():
+    """check_fits refuses what diff_bytes puts over the memory given, naming the batch that fits."""
+    from gpt_oracle.commands.check import parity_config
+    from gpt_oracle.commands.diff import check_fits, diff_bytes
+    from gpt_oracle.user_input import UserError
+
+    cfg = parity_config("small")
+    memory = diff_bytes(cfg, 64, 8)
+    check_fits(cfg, 64, 8, memory)  # exactly at the limit: fits
+    check_fits(cfg, 10**9, 8, None)  # no memory figure from the OS: no refusal
+    with pytest.raises(UserError, match=r"--batch 65 --time 8: .* GiB at once, more than .*; a batch of 64 would fit"):
+        check_fits(cfg, 65, 8, memory)
+    with pytest.raises(UserError, match="even a batch of 1 would not: choose a smaller --time or model"):
+        check_fits(cfg, 2, 8, diff_bytes(cfg, 1, 8) - 1)
+    assert diff_bytes(cfg, 4, 8) > diff_bytes(cfg, 2, 8) > diff_bytes(cfg, 2, 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -83,6 +102,7 @@ def test_cuda_without_cuda_is_one_line(capsys, command, tmp_path):
     (["--eval-batches", "0"], ["--eval-batches"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every"]),
     (["--sample-tokens", "-1"], ["--sample-tokens"]),
+    (["--sample-tokens", "100000000"], ["--sample-tokens", "100000000", "4096"]),  # hung at the first evaluation
     (["--lr", "-1"], ["--lr", "-1"]),
     (["--lr", "nan"], ["--lr", "nan"]),
     (["--min-lr", "0.5", "--lr", "0.1"], ["--min-lr 0.5", "--lr 0.1"]),

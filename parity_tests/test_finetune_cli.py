@@ -185,3 +185,24 @@ def test_json_lines_may_hold_line_separators_inside_strings_and_a_small_set_stil
     assert finetune.read_examples(data) == [("a\u2028b", 0), ("c\x85d", 1)]
     assert fine_tuning.split(2, 0.2, 0)[1], "a ratio above 0 validates at least one example"
     assert not fine_tuning.split(5, 0.0, 0)[1] and len(fine_tuning.split(5, 0.99, 0)[0]) == 1
+
+
+def test_other_commands_know_a_finetune_output_folder(lm, tmp_path, capsys):
+    """train --out on a finetune output called it "a training run" and advised --resume, which then
+    listed 21 missing options, and --overwrite deleted its run.json and log.jsonl beside the
+    classifier; generate said "no config.json there". Each now names the finetune output, changes
+    nothing, and classify reads it."""
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+    out = tmp_path / "out"
+    assert main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(out), "--epochs", "1"]) == 0
+    assert json.loads((out / "run.json").read_text())["command"] == "finetune"
+    capsys.readouterr()
+    for argv in (["train", "--out", str(out), "--config", "tiny", "--steps", "1"],
+                 ["train", "--out", str(out), "--config", "tiny", "--steps", "1", "--overwrite"]):
+        user_error(capsys, argv, str(out), "`gpt-oracle finetune` output", "not a training run", untouched=(out,))
+    user_error(capsys, ["train", "--resume", str(out)], "`gpt-oracle finetune` output", "does not resume",
+               untouched=(out,))
+    user_error(capsys, ["generate", "--checkpoint", str(out), "--prompt", "a"], "`gpt-oracle finetune` output",
+               f"gpt-oracle classify --classifier {out}", untouched=(out,))
+    assert main(["classify", "--classifier", str(out), "--text", "the cat"]) == 0
+    assert '"label"' in capsys.readouterr().out

@@ -61,6 +61,17 @@ def test_instruction_tuning_lowers_the_loss_and_saves_a_model_both_trees_read(lm
     assert model.config.context_length == 64
     assert main(["generate", "--checkpoint", str(out / "model"), "--prompt", "Repeat", "--max-new-tokens", "2",
                  "--backend", other]) == 0
+    assert json.loads((out / "run.json").read_text())["command"] == "instruct"
+    # The output folder itself is a checkpoint folder to every reader (its model/), as the README says:
+    capsys.readouterr()
+    answers = []
+    for folder in (out / "model", out):
+        assert main(["generate", "--checkpoint", str(folder), "--instruction", "Repeat the colour red.",
+                     "--max-new-tokens", "3", "--backend", other]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].endswith("\n"), answers
+    user_error(capsys, ["train", "--out", str(out), "--config", "tiny", "--steps", "1", "--overwrite"],
+               "`gpt-oracle instruct` output", "not a training run", untouched=(out,))
 
 
 def test_mask_prompt_counts_the_response_only(lm, tmp_path, capsys):

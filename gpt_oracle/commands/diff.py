@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_dtype_on_device, \
-    non_negative_int, path_text, positive_int, print_result, reports_user_errors, user_input
+    non_negative_int, one_line, path_text, positive_int, print_result, reports_user_errors, user_input
 
 DEFAULT_CONFIG = "tiny"
 
@@ -56,7 +56,45 @@ def run(args: argparse.Namespace) -> int:
         model = models.build_numpy_model(cfg, seed=args.seed)
         params = models.scale_params(model.params, args.seed + 1)
     T = min(args.time, cfg["context_length"])
+    check_fits(cfg, args.batch, T, physical_memory())
     ids, targets = models.random_batch(cfg, args.batch, T, args.seed)
-    report = diff_models(cfg, params, ids, targets, dtype=args.dtype, device=args.device)
+    try:
+        report = diff_models(cfg, params, ids, targets, dtype=args.dtype, device=args.device)
+    except MemoryError as err:  # past the estimate below: still one line, and nothing was written
+        raise UserError(f"--batch {args.batch} --time {T}: out of memory ({one_line(err)}); choose a smaller "
+                        f"--batch, --time or model") from err
     print_result(report.format())
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def diff_bytes(cfg: dict, B: int, T: int) -> int:
+    """A rough upper estimate of what one diff holds at once, in bytes: the parameters and their
+    gradients in float64 in both trees (4 copies of N), every layer's saved activations (about 20
+    (B, T, C) tensors and 3 (B, nh, T, T) ones per block) and the (B, T, V) logits, their softmax
+    and gradient, in each tree."""
+    V, Tc, C, L, nh = (cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads"))
+    n = V * C * (1 if cfg.get("tie_embeddings", True) else 2) + Tc * C + L * (12 * C * C + 13 * C) + 2 * C
+    per_tree = L * B * T * (20 * C + 3 * nh * T) + 3 * B * T * V
+    return 8 * (4 * n + 2 * per_tree)
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(cfg: dict, B: int, T: int, memory: int | None) -> None:
+    """A UserError naming --batch and --time when `diff_bytes` exceeds the machine's memory (a
+    batch of 10**8 tried to allocate 191 GiB and ended in a MemoryError traceback)."""
+    if memory is None or diff_bytes(cfg, B, T) <= memory:
+        return
+    fits = [b for b in (2**k for k in range(40, -1, -1)) if b < B and diff_bytes(cfg, b, T) <= memory]
+    advice = (f"a batch of {fits[0]} would fit" if fits else
+              f"even a batch of 1 would not: choose a smaller --time or model")
+    raise UserError(f"--batch {B} --time {T}: the two trees would hold about {diff_bytes(cfg, B, T) / 2**30:.1f} GiB "
+                    f"at once, more than this machine's {memory / 2**30:.1f} GiB; {advice}")

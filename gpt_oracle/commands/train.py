@@ -71,6 +71,7 @@ LEGACY_ZERO_IS_DEFAULT = ("stride", "threads", "context_length", "steps")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # --threads: more than a few threads per CPU only slows torch down, and far more (100000) crashes it.
 MAX_THREADS = 4 * (os.cpu_count() or 1)
+MAX_SAMPLE_TOKENS = 4096  # a sample shown at every evaluation; as instruct's --max-new-tokens
 # The run.json key (not an option) holding the fingerprint of the validation batches: the trainer's
 # checkpoints fingerprint the training batches only, so --resume compares this one itself.
 VALIDATION_FINGERPRINT = "validation_fingerprint"
@@ -126,8 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch CPU threads, torch backend only, 1 to 4 per CPU ({MAX_THREADS} here; default: "
                              f"torch's choice)")
     parser.add_argument("--prompt", default="Every effort moves you", help="sample prompt at each evaluation")
-    parser.add_argument("--sample-tokens", type=non_negative_int, default=20,
-                        help="greedy tokens sampled at each evaluation (0 = no sample)")
+    parser.add_argument("--sample-tokens", type=int_in(0, MAX_SAMPLE_TOKENS), default=20,
+                        help=f"greedy tokens sampled at each evaluation, 0 to {MAX_SAMPLE_TOKENS} (0 = no sample; "
+                             f"default 20)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -341,6 +343,10 @@ def _read_run_json(out: Path) -> tuple[dict, str | None]:
     validation data's fingerprint (None in a run.json written before it was kept)."""
     if not out.is_dir():
         raise UserError(f"--resume {out}: no such directory")
+    other = run_folder.fine_tuning_output(out)
+    if other:
+        raise UserError(f"--resume {out}: holds a `gpt-oracle {other}` output, not a training run; {other} does not "
+                        f"resume (run it again into a new --out)")
     run_file = out / "run.json"
     if not run_file.is_file():
         raise UserError(f"--resume {out}: no run.json there (is it a gpt-oracle train output directory?)")
