@@ -52,7 +52,7 @@ def param_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
 #           (nn.Embedding), linear weights and biases uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
 #           (nn.Linear; fan_in is the layer's input width: `in` of an (in, out) weight, C for
 #           the (V, C) head). The book's chapter-5 run needs it: from "gpt2"'s small embeddings
-#           its training loss stalls near 6 (benchmarks/results/cpu-amd-epyc-2c/train-book-ch5.md).
+#           its training loss stalls near 6 (benchmarks/results/cpu-amd-epyc-avx2-2c/train-book-ch5.md).
 # Both: layer-norm gains 1 and biases 0.
 INIT_SCHEMES = ("gpt2", "book")
 
