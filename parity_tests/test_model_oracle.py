@@ -33,7 +33,7 @@ def test_torch_impl_passes_in_every_precision(dtype):
 class UserGPT(torch.nn.Module):
     """A GPT-2 as a user might write it: nn.Linear layers ((out, in) weights), separate q, k, v
     heads via SDPA. `bug`: None, or one planted bug: "leak" lets position t see t + 1 (a mask bug),
-    "erf_in_block_1" takes GELU's erf form in block 1's MLP, "no_wpe" leaves out the position
+    "erf_in_block_1" takes GELU's erf form in block 1's MLP, "erf" in every block, "no_wpe" leaves out the position
     embedding, "reversed" runs the blocks last to first."""
 
     def __init__(self, V, Tc, C, nh, L, qkv_bias, tie, eps, bug=None):
@@ -60,7 +60,7 @@ class UserGPT(torch.nn.Module):
             q, k, v = (t.view(B, T, self.nh, -1).transpose(1, 2) for t in (q, k, v))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))
-            gelu = "none" if self.bug == "erf_in_block_1" and i == 1 else "tanh"
+            gelu = "none" if self.bug == "erf" or (self.bug == "erf_in_block_1" and i == 1) else "tanh"
             x = x + b.out(F.gelu(b.fc(b.ln2(x)), approximate=gelu))
         x = self.lnf(x)
         return x @ (self.wte.weight if self.tie else self.head.weight).T
@@ -98,12 +98,22 @@ def test_a_mask_that_leaks_a_future_token_is_a_forward_difference():
     with pytest.raises(AssertionError) as info:
         check_model(user_adapter(bug="leak"), dtype="float32", max_examples=10, derandomize=True)
     message = str(info.value)
-    assert "model logits" in message and "the forward differs first in h.0.attn" in message, message
+    hint = next(line for line in message.splitlines() if "the forward differs" in line)
+    assert "model logits" in message and "h.0.attn, block 0's attention" in hint, message
     block = message.split("replay (paste after your own definitions):\n", 1)[1]
     code = "\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))
     namespace = {"fn": user_adapter(bug="leak")}
     exec(code.replace("fn = ...", "pass  #"), namespace)  # noqa: S102 - our own message
     assert any(not r.ok for r in namespace["results"]), code
+
+
+def test_gelus_erf_form_fails_a_float32_model_check():
+    """At GPT-2's initial weight spread each block added so little that float32's tolerance passed
+    the erf form in every block (model_oracle.WEIGHT_SPREAD); now it is caught, and placed."""
+    with pytest.raises(AssertionError) as info:
+        check_model(user_adapter(bug="erf"), dtype="float32", max_examples=10, derandomize=True)
+    assert "model logits" in str(info.value) and "the forward differs first in h.0.mlp" in str(info.value), \
+        str(info.value)
 
 
 TWO_BLOCKS = dict(vocab_size=19, context_length=8, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0,
@@ -127,14 +137,27 @@ def test_a_forward_bug_is_placed_by_switching_block_parts_off(bug, placed):
     assert placed in placed_here, placed_here
 
 
+def test_a_difference_that_later_parts_amplify_is_placed_where_it_stands_out():
+    """With C = 2 (ln_1 leaves two values per position) the leaking mask changes the attention's
+    logits by 1.4e-5 alone, under float32's tolerance, and the MLP after it amplifies that 300
+    times in the whole model: no part fails alone, and the one that stands out is named."""
+    config = dict(vocab_size=2, context_length=2, emb_dim=2, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False,
+                  tie_embeddings=False, ln_eps=1e-5)
+    assert not all(r.ok for r in compare_model(user_adapter(bug="leak"), config, 1, 2, 1))
+    placed = locate_forward_difference(user_adapter(bug="leak"), config, 1, 2, 1)
+    assert placed.startswith("the forward differs most likely from h.0.attn") and "amplify" in placed, placed
+
+
 def test_switching_a_part_off_leaves_the_residual_stream_unchanged():
     """The oracle side of the placement: with an attention's c_proj zeroed its block adds 0 for it,
-    so a model with every part switched off is the embeddings, ln_f and the head alone."""
+    so a model with every part switched off is the embeddings, ln_f and the head alone. The
+    weight matrices are drawn at WEIGHT_SPREAD times GPT-2's initial spread."""
     from parity_tests import models
 
     params, ids, targets = model_case(TWO_BLOCKS, 2, 5, 11)
     off = switched_off(params, set())
     assert all(not off[k].any() for k in off if ".c_proj." in k) and off["h.0.attn.c_attn.weight"].any()
+    assert 0.05 < params["h.0.mlp.c_fc.weight"].std() < 0.2, "weights at 5 x GPT-2's initial 0.02"
     logits = models.run_numpy(models.build_numpy_model(TWO_BLOCKS, params=off), ids, targets).logits
     x = off["wte.weight"][ids] + off["wpe.weight"][:5]  # (B, T, C)
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
