@@ -41,11 +41,12 @@ def fine_tuning_output(path: Path) -> str | None:
     command, or, written before it did, its classifier/ or model/ checkpoint is there), else None."""
     path = Path(path)
     try:
-        command = json.loads((path / "run.json").read_text(encoding="utf-8")).get("command")
-    except (OSError, ValueError, AttributeError):
-        command = None
-    if command in FINE_TUNING_OUTPUTS:
-        return command
+        record = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # none, unreadable, not JSON, nested past the parser's depth
+        record = None
+    if isinstance(record, dict) and "command" in record:  # the command says, whatever sub-folders there are
+        command = record["command"]
+        return command if isinstance(command, str) and command in FINE_TUNING_OUTPUTS else None
     return next((c for c, sub in FINE_TUNING_OUTPUTS.items() if (path / sub / "config.json").is_file()), None)
 
 

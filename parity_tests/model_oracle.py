@@ -37,6 +37,7 @@ marks it.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import numpy as np
@@ -76,9 +77,11 @@ def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtyp
 
 
 def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, device: str, *,
-             on: set | None = None) -> list:
+             on: set | None = None, unused: list | None = None) -> list:
     """compare_model's work. `on`: None (the whole model), or the set of (block, part) left
-    switched on, every other block part switched off (`switched_off`); then the forward only."""
+    switched on, every other block part switched off (`switched_off`); then the forward only.
+    `unused`: a list that gets the names of the parameters autograd does not reach from the loss
+    (the whole model only)."""
     import torch
 
     dtype = canonical_dtype(dtype)
@@ -115,6 +118,8 @@ def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, devic
         return results
     # A parameter the loss does not depend on gets no gradient from autograd: that is a zero one.
     got = {k: (np.zeros_like(seen[k]) if g is None else to_numpy(g)) for k, g in zip(tparams, grads)}
+    if unused is not None:
+        unused.extend(k for k, g in zip(tparams, grads) if g is None)
     order = list(params)
     norm_tol = gradient_norm_tol(dtype)
     if norm_tol is None:
@@ -156,20 +161,39 @@ def locate_forward_difference(fn: Callable, config: dict, B: int, T: int, seed: 
     on. Returns a sentence naming the first part that differs alone; or, where none does beyond
     the tolerance (a small difference that the parts after it amplify in the whole model), the
     part whose logits differ most, where it stands out; or what is left."""
+    class NotFinite(Exception):
+        pass
+
     def logits_share(on: set) -> tuple[bool, float]:
         """(within tolerance, the logits' largest difference as a share of the tolerance there)."""
         results = _compare(fn, config, B, T, seed, dtype, device, on=on)
         c = results[0]
+        if not math.isfinite(c.max_abs):  # NaN or inf where the oracle has a number
+            raise NotFinite()
         return all(r.ok for r in results), c.max_abs / (c.tol.atol + c.tol.rtol * abs(c.expected_at_worst))
 
     try:
+        # Switching a part off works through the parameters the model is given: one it does not
+        # use (its own value instead, another block's) leaves a part on, or computes it wrongly,
+        # whatever is zeroed, and every placement below would name the wrong place.
+        unused: list = []
+        _compare(fn, config, B, T, seed, dtype, device, unused=unused)
+        if unused:
+            shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+            return (f"the model does not use {shown} (autograd reaches none of them from the loss): it computes "
+                    f"with other values in their place (its own parameters, or another block's), which is where "
+                    f"the forward differs; switching block parts off cannot place it further")
         base_ok, base = logits_share(set())
         if not base_ok:
             return ("the forward differs even with every block's attention and MLP switched off (their c_proj "
                     "weights and biases zeroed): the difference is in the embeddings (wte, wpe), ln_f, the head, "
-                    "the loss or the residual stream")
+                    "the loss or the residual stream, or in a block part that adds something with its c_proj zeroed")
         parts = [(i, part) for i in range(config["n_layers"]) for part, _ in BLOCK_PARTS]
         alone = {p: logits_share({p}) for p in parts}
+    except NotFinite:
+        return ("the model's logits are not finite with block parts switched off, where the oracle's are: a part "
+                "gives NaN or inf, which a zeroed c_proj cannot cancel (0 x NaN is NaN), so it cannot be placed "
+                "this way; look for NaN inside the blocks (a softmax row with every key masked, say)")
     except Exception as err:  # noqa: BLE001 - a hint must not hide the failure it explains
         return f"(the forward difference could not be placed: the model raised {type(err).__name__}: {err})"
     bad = [p for p in parts if not alone[p][0]]

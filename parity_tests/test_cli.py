@@ -64,6 +64,25 @@ def test_diff_refuses_bad_input(capsys, argv, needles):
     _user_error(capsys, ["diff", *argv], *needles)
 
 
+def test_diff_reports_torchs_out_of_memory_in_one_line(capsys, monkeypatch):
+    """torch's CPU allocator raises a RuntimeError ("can't allocate memory"), CUDA's
+    torch.OutOfMemoryError: each was a traceback with exit status 1; another RuntimeError stays one."""
+    import parity_tests.diff as diff_module
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 123 bytes")
+
+    monkeypatch.setattr(diff_module, "diff_models", oom)
+    _user_error(capsys, ["diff"], "--batch 2 --time 8: out of memory", "can't allocate memory")
+    monkeypatch.setattr(diff_module, "diff_models", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    _user_error(capsys, ["diff"], "out of memory", "Tried to allocate")
+    monkeypatch.setattr(diff_module, "diff_models", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["diff"])
+
+
 def test_diff_sizes_its_batch_against_the_machines_memory():
     """check_fits refuses what diff_bytes puts over the memory given, naming the batch that fits."""
     from gpt_oracle.commands.check import parity_config

@@ -206,3 +206,28 @@ def test_other_commands_know_a_finetune_output_folder(lm, tmp_path, capsys):
                f"gpt-oracle classify --classifier {out}", untouched=(out,))
     assert main(["classify", "--classifier", str(out), "--text", "the cat"]) == 0
     assert '"label"' in capsys.readouterr().out
+
+
+DEEP = "[" * 100000 + "]" * 100000  # past the JSON parser's recursion limit
+
+
+@pytest.mark.parametrize("record, want", [('{"command": ["finetune"]}', None), ('{"command": "train"}', None),
+                                          ('{"command": null}', None), (DEEP, "instruct"), ("not json", "instruct"),
+                                          ('["finetune"]', "instruct")],
+                         ids=["list", "train", "null", "deep", "not-json", "array"])
+def test_a_folder_with_an_odd_run_json_is_read_without_a_traceback(tmp_path, capsys, record, want):
+    """{"command": ["finetune"]} (unhashable) and a run.json nested past the parser's depth ended every
+    checkpoint reader in a traceback. A "command" key is taken at its word (not finetune or instruct:
+    no fine-tuning output, even with a model/ folder beside it); without a readable one, the
+    model/ folder says an instruct output."""
+    from gpt_oracle import run_folder
+
+    folder = tmp_path / "odd"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "run.json").write_text(record)
+    got = run_folder.fine_tuning_output(folder)
+    assert got == want, f"{record[:40]!r}: {got!r}"
+    if want is None:
+        user_error(capsys, ["generate", "--checkpoint", str(folder), "--prompt", "x"], "no config.json there")
+        user_error(capsys, ["info", str(folder)], "no config.json there")

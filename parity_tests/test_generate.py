@@ -664,6 +664,9 @@ def test_a_bool_among_listed_ids_is_a_type_error(tree):
         gen(model, [[True, 5]], 1)
     with pytest.raises(TypeError, match=r"token id False at position \(batch 1, time 1\) is a bool"):
         gen(model, [[1, 2], [3, False]], 1)
+    for flag in (np.True_, np.array(True), torch.tensor(True)):  # became id 1 as well
+        with pytest.raises(TypeError, match=r"at position \(batch 0, time 1\) is a bool"):
+            gen(model, [[3, flag]], 1)
 
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])

@@ -34,7 +34,9 @@ class UserGPT(torch.nn.Module):
     """A GPT-2 as a user might write it: nn.Linear layers ((out, in) weights), separate q, k, v
     heads via SDPA. `bug`: None, or one planted bug: "leak" lets position t see t + 1 (a mask bug),
     "erf_in_block_1" takes GELU's erf form in block 1's MLP, "erf" in every block, "no_wpe" leaves out the position
-    embedding, "reversed" runs the blocks last to first."""
+    embedding, "reversed" runs the blocks last to first, "block_0_everywhere" runs block 0's
+    weights in every block, "nan_mask" masks every key of query 0 in block 1 (a NaN row), "double_wpe"
+    adds the position embedding twice."""
 
     def __init__(self, V, Tc, C, nh, L, qkv_bias, tie, eps, bug=None):
         super().__init__()
@@ -52,13 +54,21 @@ class UserGPT(torch.nn.Module):
 
     def forward(self, ids):
         B, T = ids.shape
-        x = self.wte(ids) + (0 if self.bug == "no_wpe" else self.wpe(torch.arange(T)))
+        x = self.wte(ids)
+        if self.bug != "no_wpe":
+            x = x + (2 if self.bug == "double_wpe" else 1) * self.wpe(torch.arange(T))
         mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal=1 if self.bug == "leak" else 0)
         order = list(self.blocks)[::-1] if self.bug == "reversed" else self.blocks
+        if self.bug == "block_0_everywhere":
+            order = [self.blocks[0]] * len(self.blocks)
         for i, b in enumerate(order):
             q, k, v = b.qkv(b.ln1(x)).chunk(3, dim=-1)
             q, k, v = (t.view(B, T, self.nh, -1).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if self.bug == "nan_mask" and i == 1:  # by hand, every key of query 0 masked: its row is NaN
+                scores = (q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5)).masked_fill(~mask.tril(-1), float("-inf"))
+                y = torch.softmax(scores, dim=-1) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))
             gelu = "none" if self.bug == "erf" or (self.bug == "erf_in_block_1" and i == 1) else "tanh"
             x = x + b.out(F.gelu(b.fc(b.ln2(x)), approximate=gelu))
@@ -66,8 +76,11 @@ class UserGPT(torch.nn.Module):
         return x @ (self.wte.weight if self.tie else self.head.weight).T
 
 
-def user_adapter(bug=None):
+def user_adapter(bug=None, left_out=()):
+    """fn for check_model around UserGPT; the parameters named in `left_out` are not passed in (the
+    model keeps its own initial values there)."""
     def fn(params, ids, targets, config):
+        torch.manual_seed(0)  # the model's own values, where a parameter is left out
         c = config
         model = UserGPT(c["vocab_size"], c["context_length"], c["emb_dim"], c["n_heads"], c["n_layers"],
                         c["qkv_bias"], c["tie_embeddings"], c["ln_eps"], bug=bug)
@@ -77,6 +90,8 @@ def user_adapter(bug=None):
                  "mlp.c_proj": "out"}
         state = {}
         for name, p in params.items():
+            if name in left_out:
+                continue
             if name in names:
                 state[names[name]] = p
                 continue
@@ -84,7 +99,7 @@ def user_adapter(bug=None):
             layer, kind = rest.rsplit(".", 1)
             w = p.t() if kind == "weight" and not layer.startswith("ln") else p  # (in, out) -> nn.Linear's (out, in)
             state[f"blocks.{i}.{parts[layer]}.{kind}"] = w
-        logits = torch.func.functional_call(model, state, (ids,))
+        logits = torch.func.functional_call(model.to(params["wte.weight"].dtype), state, (ids,), strict=False)
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     return fn
 
@@ -122,19 +137,36 @@ TWO_BLOCKS = dict(vocab_size=19, context_length=8, emb_dim=8, n_heads=2, n_layer
 
 @pytest.mark.parametrize("bug, placed", [
     ("erf_in_block_1", "the forward differs first in h.1.mlp, block 1's MLP"),
-    ("no_wpe", "the forward differs even with every block's attention and MLP switched off"),
+    ("double_wpe", "the forward differs even with every block's attention and MLP switched off"),
+    ("no_wpe", "the model does not use wpe.weight"),
     ("reversed", "every block's attention and MLP agree with the oracle when switched on alone"),
 ])
 def test_a_forward_bug_is_placed_by_switching_block_parts_off(bug, placed):
     """Each planted bug is placed where it is: GELU's erf form in block 1's MLP only (block 0's is
-    right) in h.1.mlp; a missing position embedding outside the blocks; blocks run in the wrong
-    order in how they combine (each part alone is right)."""
+    right) in h.1.mlp; a doubled position embedding outside the blocks; a missing one as a
+    parameter the model does not use; blocks run in the wrong order in how they combine (each
+    part alone is right)."""
     with pytest.raises(AssertionError) as info:
         check_model(user_adapter(bug=bug), configs=TWO_BLOCKS, dtype="float64", max_examples=4, derandomize=True)
     message = str(info.value)
     assert placed in message and "model logits" in message, message
     placed_here = locate_forward_difference(user_adapter(bug=bug), TWO_BLOCKS, 2, 5, 7, dtype="float64")
     assert placed in placed_here, placed_here
+
+
+@pytest.mark.parametrize("bug, left_out, placed", [
+    (None, ("h.1.attn.c_proj.bias",), "the model does not use h.1.attn.c_proj.bias"),
+    ("block_0_everywhere", (), "the model does not use h.1.ln_1.weight, h.1.ln_1.bias"),
+    ("nan_mask", (), "the model's logits are not finite with block parts switched off"),
+])
+def test_what_switching_parts_off_cannot_place_is_not_misplaced(bug, left_out, placed):
+    """A bias the model keeps its own value of (its part never switches off) was placed "outside the
+    blocks"; block 0's weights run in block 1 were placed in h.0.attn; a NaN row times a zeroed
+    c_proj (NaN) was placed outside the blocks. Each is now said as it is."""
+    fn = user_adapter(bug=bug, left_out=left_out)
+    assert not all(r.ok for r in compare_model(fn, TWO_BLOCKS, 2, 5, 7, dtype="float64"))
+    got = locate_forward_difference(fn, TWO_BLOCKS, 2, 5, 7, dtype="float64")
+    assert got.startswith(placed), got
 
 
 def test_a_difference_that_later_parts_amplify_is_placed_where_it_stands_out():

@@ -161,7 +161,9 @@ def _check_listed_ids(ids, vocab_size: int) -> None:
         if not isinstance(row, (list, tuple)):
             return  # not (B, T): the shape check names it
         for t, value in enumerate(row):
-            if isinstance(value, bool):  # an int to Python, and 0 or 1 once mixed with ints in an array
+            # A bool (Python's, NumPy's or a 0-d tensor's) is an int to Python and 0 or 1 once mixed
+            # with ints in an array.
+            if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
                 raise TypeError(f"token id {value!r} at position (batch {b}, time {t}) is a bool, not an int")
             if isinstance(value, numbers.Integral) and not 0 <= value < vocab_size:
                 raise ValueError(f"token id {int(value)} at position (batch {b}, time {t}) is outside "

@@ -60,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     ids, targets = models.random_batch(cfg, args.batch, T, args.seed)
     try:
         report = diff_models(cfg, params, ids, targets, dtype=args.dtype, device=args.device)
-    except MemoryError as err:  # past the estimate below: still one line, and nothing was written
+    except (MemoryError, RuntimeError) as err:  # past the estimate below: still one line, nothing written
+        # NumPy raises MemoryError; torch's allocators a RuntimeError ("can't allocate memory" on the
+        # CPU; torch.OutOfMemoryError, a RuntimeError, on CUDA, whose memory check_fits does not see).
+        if not (isinstance(err, MemoryError) or _out_of_memory(err)):
+            raise
         raise UserError(f"--batch {args.batch} --time {T}: out of memory ({one_line(err)}); choose a smaller "
                         f"--batch, --time or model") from err
     print_result(report.format())
@@ -98,3 +102,9 @@ def check_fits(cfg: dict, B: int, T: int, memory: int | None) -> None:
               f"even a batch of 1 would not: choose a smaller --time or model")
     raise UserError(f"--batch {B} --time {T}: the two trees would hold about {diff_bytes(cfg, B, T) / 2**30:.1f} GiB "
                     f"at once, more than this machine's {memory / 2**30:.1f} GiB; {advice}")
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether torch's RuntimeError is an allocation failure."""
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
