@@ -69,8 +69,17 @@ class TrainSettings:
                 raise TypeError(f"TrainSettings.{name} must be an int, got {value!r} ({type(value).__name__})")
         for name in ("max_lr", "min_lr", "weight_decay", "eps", "momentum"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # "0.1" or True: a wrong type
+                raise TypeError(f"TrainSettings.{name} must be a number, got {value!r} ({type(value).__name__})")
+            if not 0 <= value < math.inf:
                 raise ValueError(f"TrainSettings.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("optimizer", "decay", "sample_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"TrainSettings.{name} must be a str, got {getattr(self, name)!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"TrainSettings.progress must be True or False, got {self.progress!r}")
+        if isinstance(self.grad_clip, bool):  # True is no clip norm of 1.0
+            raise TypeError(f"TrainSettings.grad_clip must be a number or None, got {self.grad_clip!r}")
         if self.min_lr > self.max_lr:
             raise ValueError(f"TrainSettings.min_lr={self.min_lr} exceeds max_lr={self.max_lr} (the cosine "
                              f"goes from max_lr down to min_lr)")
@@ -93,6 +102,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"TrainSettings.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.decay not in ("gpt2", "all"):  # refused here, not when the trainer builds its optimiser
+            raise ValueError(f"TrainSettings.decay must be 'gpt2' or 'all', got {self.decay!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -307,6 +307,12 @@ def test_an_infinite_gradient_stops_the_run_without_clipping_too(tree, tmp_path,
     (dict(momentum=1.0), ValueError, "momentum must be < 1"),
     (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),  # numpy's generator refused it late
     (dict(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\), got 18446744073709551616"),  # torch's
+    # accepted until the trainer built its optimiser, the first evaluation, or never
+    (dict(decay="none"), ValueError, "decay must be 'gpt2' or 'all', got 'none'"),
+    (dict(sample_prompt=5), TypeError, "sample_prompt must be a str, got 5"),
+    (dict(progress="no"), TypeError, "progress must be True or False, got 'no'"),
+    (dict(grad_clip=True), TypeError, "grad_clip must be a number or None, got True"),  # was a clip of 1.0
+    (dict(max_lr="0.1"), TypeError, "max_lr must be a number, got '0.1'"),  # was a ValueError
 ])
 def test_train_settings_refuse_bad_values_in_both_trees(bad, error, match):
     """Refused when the settings are made, not after the first forward and backward."""
@@ -399,6 +405,49 @@ def test_a_refused_restore_leaves_the_optimiser_as_it_was(tree, tmp_path, what):
     moments = (len(trainer.optimizer.state) if tree == "torch"
                else trainer.optimizer.step_count)
     assert moments == 0, f"{tree}: a restore refused for its {what} loaded the optimiser's state ({moments})"
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (dict(step=2.5), TypeError, "step must be an int, got 2.5"),  # was cut to 2 while AdamW had stepped 4 times
+    (dict(step=-3), ValueError, "step must be >= 0, got -3"),  # failed after a forward and backward
+    (dict(step=99), ValueError, "step 99 is past the run's 6 steps"),  # counted as finished
+    (dict(step=3), ValueError, "step 3 differs from the AdamW state's step 4"),
+    (dict(tokens_seen=-7), ValueError, "tokens_seen must be >= 0, got -7"),
+    (dict(tokens_seen=True), TypeError, "tokens_seen must be an int, got True"),
+    (dict(history=None), TypeError, "history must be an object of lists"),  # an AttributeError traceback
+    (dict(data=[]), TypeError, "data must be an object, got list"),  # an AttributeError traceback
+    (dict(data={"epoch": 0, "index": "4"}), TypeError, "data.index must be an int, got '4'"),
+])
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_damaged_trainer_state_is_refused_naming_the_key_before_anything_changes(tree, tmp_path, edit, error,
+                                                                                      match):
+    """trainer_state.json's step, tokens_seen, data position and history were read with a bare int()
+    or assumed well-formed: a damaged state resumed silently wrong or crashed with an AttributeError.
+    Each is now refused by name, before the optimiser, data stream or model change."""
+    assert _trainer(tree, _model(tree), dict(steps=4, progress=False), out_dir=tmp_path).fit().ok
+    run = nrun if tree == "numpy" else trun
+    _, config, state, tensors, params = run.load_run(tmp_path, backend=tree)
+    cls, settings_cls = (NumpyTrainer, NumpySettings) if tree == "numpy" else (TorchTrainer, TorchSettings)
+    model = _model(tree, seed=9)
+    before = _weights(tree, model)
+    trainer = cls(model, _loader(tree), _loader(tree), settings_cls(steps=6, progress=False))
+    with pytest.raises(error, match=f"trainer state: {match}"):
+        trainer.restore({**state, **edit}, tensors, params, config)
+    moments = len(trainer.optimizer.state) if tree == "torch" else trainer.optimizer.step_count
+    assert moments == 0 and trainer.step == 0, f"{tree}: a refused restore changed the trainer"
+    assert all(np.array_equal(v, before[k]) for k, v in _weights(tree, model).items()), f"{tree}: the model changed"
+    trainer.restore(state, tensors, params, config)  # the state as saved is accepted
+    assert trainer.step == 4
+
+
+def test_a_torch_random_state_of_the_wrong_size_is_a_value_error(tmp_path):
+    """torch's Generator.set_state raised a RuntimeError ("Invalid mt19937 state"), which the
+    command line reported as a traceback with exit status 1."""
+    assert _trainer("torch", _model("torch"), dict(steps=2, progress=False), out_dir=tmp_path).fit().ok
+    _, config, state, tensors, params = trun.load_run(tmp_path, backend="torch")
+    trainer = TorchTrainer(_model("torch"), _loader("torch"), _loader("torch"), TorchSettings(steps=2, progress=False))
+    with pytest.raises(ValueError, match="trainer state: rng is no random state of this generator"):
+        trainer.restore({**state, "rng": [0] * 5056}, tensors, params, config)
 
 
 class _Unfingerprinted:

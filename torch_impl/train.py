@@ -188,6 +188,7 @@ class Trainer:
         caller's model is written last (`params`, a checkpoint's weights, then the exact weights a
         non-float32 run saves beside its float32 checkpoint), so a state refused on the way leaves
         the model as it was."""
+        check_trainer_state(state, self.settings.steps)
         check_same_model(config, state.get("dtype"), self.model.config, dtype_name(self.model.dtype))
         saved = state.get("autocast")  # states written before the option trained without autocast
         if saved != autocast_name(self.autocast_dtype):
@@ -210,8 +211,11 @@ class Trainer:
         check_same_data(state["data"].get("fingerprint"), self.stream.fingerprint)
         check_same_data(state["data"].get("val_fingerprint"), self.val_fingerprint, "validation")
         position = self.stream.check_position(int(state["data"]["epoch"]), int(state["data"]["index"]))
-        rng = torch.tensor(state["rng"], dtype=torch.uint8)
-        torch.Generator(device=self.gen.device).set_state(rng)  # a state of another size or device raises here
+        try:
+            rng = torch.tensor(state["rng"], dtype=torch.uint8)
+            torch.Generator(device=self.gen.device).set_state(rng)  # a state of another size or device raises here
+        except (RuntimeError, TypeError, OverflowError) as err:  # torch's message, as a bad-input error
+            raise ValueError(f"trainer state: rng is no random state of this generator ({err})") from None
         load_optimizer_state(self.optimizer, self.model, state["optimizer"],
                              {k: v for k, v in tensors.items() if not k.startswith("param.")})
         self.stream.seek(*position)
@@ -319,3 +323,40 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(state.get("tf32", False))
         return trainer
 
+
+def check_trainer_state(state, steps: int) -> None:
+    """The trainer state's own fields, before anything is restored from it: a TypeError or
+    ValueError naming the key. `step`, `tokens_seen` and the data position are ints >= 0 (a float
+    step was cut to an int, a negative one trained until the schedule refused it), the step at
+    most the run's `steps` and, for AdamW, the optimiser's own step count (its bias correction and
+    the schedule must agree); `data` an object and `history` an object of lists of entries."""
+    if not isinstance(state, dict):
+        raise TypeError(f"trainer state must be an object, got {type(state).__name__}")
+
+    def count(where: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"trainer state: {where} must be an int, got {value!r}")
+        if value < 0:
+            raise ValueError(f"trainer state: {where} must be >= 0, got {value}")
+        return value
+
+    for key in ("step", "tokens_seen", "data", "history", "optimizer", "rng"):
+        if key not in state:
+            raise KeyError(f"trainer state lacks {key!r}")
+    step = count("step", state["step"])
+    count("tokens_seen", state["tokens_seen"])
+    if step > steps:
+        raise ValueError(f"trainer state: step {step} is past the run's {steps} steps")
+    data = state["data"]
+    if not isinstance(data, dict):
+        raise TypeError(f"trainer state: data must be an object, got {type(data).__name__}")
+    for key in ("epoch", "index"):
+        count(f"data.{key}", data.get(key))
+    history = state["history"]
+    if not isinstance(history, dict) or not all(
+            isinstance(entries, list) and all(isinstance(entry, list) for entry in entries)
+            for entries in history.values()):
+        raise TypeError("trainer state: history must be an object of lists of [step, value, ...] entries")
+    optimizer = state["optimizer"]
+    if isinstance(optimizer, dict) and optimizer.get("kind") == "adamw" and optimizer.get("step") != step:
+        raise ValueError(f"trainer state: step {step} differs from the AdamW state's step {optimizer.get('step')!r}")
