@@ -207,7 +207,8 @@ class Encoding:
         - `disallowed_special`: "all" (= every special token not allowed) or a collection of
           special tokens whose text raises; `()` encodes remaining special text as ordinary text.
 
-        A string other than "all" as `allowed_special` is a TypeError (tiktoken's too): read as a
+        A string other than "all" as `allowed_special` is a TypeError (tiktoken's too), as is a list or
+        tuple (tiktoken's `special_tokens_set - allowed_special` fails on one): read as a
         set of its characters it would allow nothing, so `allowed_special="<|endoftext|>"` would
         silently encode that text as ordinary text.
         """
@@ -216,6 +217,9 @@ class Encoding:
                 f"allowed_special must be 'all' or a set of special tokens, got the string {allowed_special!r}; "
                 f"write allowed_special={{{allowed_special!r}}} for that one token"
             )
+        if not isinstance(allowed_special, (str, AbstractSet)):  # a list: tiktoken fails on set - list
+            raise TypeError(f"allowed_special must be 'all' or a set of special tokens, got a "
+                            f"{type(allowed_special).__name__}: {allowed_special!r}")
         if allowed_special == "all":
             allowed_special = self.special_tokens_set
         if disallowed_special == "all":
@@ -272,6 +276,9 @@ class Encoding:
     def decode_bytes(self, tokens: list[int]) -> bytes:
         if isinstance(tokens, (AbstractSet, Mapping)):  # no order to decode in (tiktoken: TypeError too)
             raise TypeError(f"tokens must be a sequence of ids, got a {type(tokens).__name__}")
+        shape = getattr(tokens, "shape", None)
+        if shape is not None and len(shape) != 1:  # an array or tensor: its rows would each pass as one id
+            raise TypeError(f"token ids must be a 1-D sequence of ids, got shape {tuple(shape)}")
         tokens = tokens if isinstance(tokens, (list, tuple)) else list(tokens)  # read twice below
         try:
             out = b"".join(self._decoder[t] for t in tokens)

@@ -331,7 +331,9 @@ def test_decode_takes_a_1d_integer_tensor_in_both_trees():
             assert got == ("Hello world", b"Hello world", ["Hello world"]), f"{tree.__name__}, {tokens.dtype}: {got}"
     with pytest.raises(ValueError, match=re.escape("token id 50257 is not in the vocabulary (ids 0 .. 50256)")):
         pt_tok.get_encoding("gpt2").decode(torch.tensor([1, 50257]))
-    for bad in (torch.tensor(15496), torch.tensor([[15496, 995]]), torch.tensor([15496.0, 995.0])):
+    # (n, 1): numpy_ref joined its rows, 1-element tensors that pass as ids, into one text
+    for bad in (torch.tensor(15496), torch.tensor([[15496, 995]]), torch.tensor([[15496], [995]]),
+                torch.tensor([15496.0, 995.0])):
         for tree in (np_tok, pt_tok):
             with pytest.raises(TypeError):
                 tree.get_encoding("gpt2").decode(bad)
@@ -346,7 +348,8 @@ def test_allowed_special_as_a_string_is_a_type_error(tree):
     """`allowed_special=EOT` (not `{EOT}`): read as a set of characters it allows nothing, so
     numpy_ref encoded the token as ordinary text without a word; tiktoken raises TypeError."""
     enc = tree.get_encoding("gpt2")
-    for policy in (dict(allowed_special=EOT, disallowed_special=()), dict(allowed_special=EOT), dict(allowed_special="ALL")):
+    for policy in (dict(allowed_special=EOT, disallowed_special=()), dict(allowed_special=EOT), dict(allowed_special="ALL"),
+                   dict(allowed_special=[EOT]), dict(allowed_special=(EOT,))):  # numpy_ref took a list (set(...))
         for text in (EOT, "hi"):
             with pytest.raises(TypeError):
                 enc.encode(text, **policy)
