@@ -64,7 +64,12 @@ def _positive_int(v) -> bool:
 
 
 def _finite_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json reads NaN
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)  # json reads NaN
+    except OverflowError:  # an integer with no float64 (10**400): unusable, named by the caller
+        return False
 
 
 # Each GPT-2 field a config is read from: key -> (is the value usable, what is expected)

@@ -37,6 +37,8 @@ def check_targets(logits_shape: tuple[int, ...], targets, ignore_index: int | No
                          f"without its last axis")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"cross_entropy: ignore_index must be an int or None, got {ignore_index!r}")
+    if ignore_index is not None and not -(2**63) <= ignore_index < 2**63:  # no int64 target can equal it
+        raise ValueError(f"cross_entropy: ignore_index must be an int64, got {ignore_index}")
     if targets.size == 0:  # B = 0 or T = 0: nothing to average, whatever ignore_index is
         raise ValueError(f"cross_entropy: no targets (shape {targets.shape}); the mean loss is undefined")
     V = logits_shape[-1]

@@ -96,10 +96,14 @@ def instruction_collate(sequences: Sequence[Sequence[int]], *, pad_id: int = 502
                         max_length: int | None = None, prompt_lengths: Sequence[int] | None = None):
     """(inputs, targets), both (B, T) int64 arrays. See the module docstring."""
     pad_id = _check_int("pad_id", pad_id, 0)
+    if pad_id > 2**63 - 1:  # the batch is int64
+        raise ValueError(f"pad_id must be an integer in [0, 2**63 - 1] (the batch is int64), got {pad_id}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if ignore_index >= 0:  # it would also drop every target equal to it: the end-of-text, a real token
         raise ValueError(f"ignore_index must be negative (no token id may equal it), got {ignore_index}")
+    if ignore_index < -(2**63):  # the targets are int64
+        raise ValueError(f"ignore_index must be in [-2**63, -1] (the targets are int64), got {ignore_index}")
     if max_length is not None:
         max_length = _check_int("max_length", max_length, 1)
     rows = [_as_ids(b, s) for b, s in enumerate(sequences)]

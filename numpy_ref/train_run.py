@@ -331,8 +331,9 @@ def prune_checkpoints(out_dir: Path, keep: int, *, current: str, previous: str |
     save left behind, whatever its step, never displaces the previous checkpoint."""
     found = {p.name: p for p in out_dir.iterdir() if p.is_dir() and checkpoint_order(p.name) is not None}
     others = sorted((n for n in found if n not in (current, previous)), key=checkpoint_order, reverse=True)
-    ranked = [n for n in (current, previous) if n in found] + others
-    for name in ranked[keep:]:
+    kept = [n for n in (current, previous) if n in found]  # always, whatever `keep` is (docs/design.md)
+    ranked = kept + others
+    for name in ranked[max(keep, len(kept)):]:
         shutil.rmtree(found[name], ignore_errors=True)
 
 

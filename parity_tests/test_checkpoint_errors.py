@@ -152,6 +152,12 @@ CASES = {
     "three dropout rates": ({}, _without_gpt_oracle(embd_pdrop=0.25), CONFIG, "embd_pdrop"),
     "a dropout rate disagrees with gpt_oracle": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
         {**json.loads((d / CONFIG).read_text()), "attn_pdrop": 0.25})), CONFIG, "attn_pdrop"),
+    # an integer with no float64 was an OverflowError from math.isfinite in both trees
+    "an integer past float64": ({}, lambda d: (d / CONFIG).write_text(json.dumps(
+        {**json.loads((d / CONFIG).read_text()), "layer_norm_epsilon": 10**400})), CONFIG, "layer_norm_epsilon"),
+    # past Python's 4300-digit limit json.loads raises a plain ValueError, not a JSONDecodeError
+    "an integer of 5000 digits": ({}, lambda d: (d / CONFIG).write_text(
+        (d / CONFIG).read_text().replace('"n_embd": 32', '"n_embd": 1' + "0" * 5000)), CONFIG, None),
     "header nested too deeply": ({}, _raw_weights(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), WEIGHTS, None),
     "index lists a missing shard": ({}, lambda d: (_shard()(d), (d / SHARD_2).unlink()), SHARD_2, None),
     "index points outside the directory": (

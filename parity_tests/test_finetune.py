@@ -506,6 +506,9 @@ def test_instruction_collate_refuses_bad_input_alike():
         ([[1]], {"pad_id": -1}, ValueError, "pad_id"),
         ([[1]], {"ignore_index": 1.5}, TypeError, "ignore_index"),
         ([[1]], {"ignore_index": 0}, ValueError, "negative"),  # it would drop every target equal to it
+        # past int64: an OverflowError in numpy_ref, a RuntimeError or an unnamed ValueError in torch_impl
+        ([[1, 2, 3]], {"pad_id": 2**63}, ValueError, r"pad_id must be an integer in \[0, 2\*\*63 - 1\]"),
+        ([[1, 2, 3]], {"pad_id": 9, "ignore_index": -(2**70)}, ValueError, r"ignore_index must be in \[-2\*\*63, -1\]"),
         ([["a", "b"]], {}, TypeError, "position 0"),
         (["abc"], {}, TypeError, "text"),
         ([[1, None]], {}, TypeError, "position 1"),

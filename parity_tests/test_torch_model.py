@@ -104,6 +104,16 @@ def test_ignore_index_must_be_an_int():
     for bad in (3.5, True, "3"):
         with pytest.raises(TypeError, match="ignore_index must be an int or None"):
             model(ids, ids, ignore_index=bad)
+    # An int past int64 was an OverflowError in torch_impl and a loss in numpy_ref: a ValueError in both.
+    from numpy_ref.config import GPTConfig as NumpyConfig
+    from numpy_ref.model import GPTModel as NumpyModel
+
+    np_model = NumpyModel(NumpyConfig(**model.config.to_dict()), seed=0)
+    for bad in (2**70, -(2**63) - 1, 2**63):
+        with pytest.raises(ValueError, match=f"ignore_index must be an int64, got {bad}"):
+            model(ids, ids, ignore_index=bad)
+        with pytest.raises(ValueError, match=f"ignore_index must be an int64, got {bad}"):
+            np_model.forward(ids.numpy(), ids.numpy(), ignore_index=bad)
     import numpy as np
 
     assert torch.equal(model(ids, ids, ignore_index=np.int64(int(ids[0, 0])))[1],

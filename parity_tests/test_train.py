@@ -450,6 +450,19 @@ def test_a_torch_random_state_of_the_wrong_size_is_a_value_error(tmp_path):
         trainer.restore({**state, "rng": [0] * 5056}, tensors, params, config)
 
 
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_pruning_keeps_the_checkpoint_latest_named_before_whatever_keep_is(tree, tmp_path):
+    """docs/design.md: pruning always keeps the checkpoint `latest` names and the one it named
+    before; keep=1 deleted the one before."""
+    run = nrun if tree == "numpy" else trun
+    for step in (1, 2, 3):
+        (tmp_path / f"step-{step:08d}").mkdir()
+    run.prune_checkpoints(tmp_path, 1, current="step-00000003", previous="step-00000002")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
+    run.prune_checkpoints(tmp_path, 0, current="step-00000003", previous=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+
+
 class _Unfingerprinted:
     """A loader whose dataset exposes no windows to fingerprint (a user's own loader): a resume
     on other data is then caught only by `seek`'s position check."""

@@ -108,7 +108,7 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: file not found")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, or an int past 4300 digits
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: must hold a JSON object, got {type(d).__name__}")

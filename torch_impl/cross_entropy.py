@@ -37,6 +37,8 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"without its last (vocabulary) axis")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    if ignore_index is not None and not -(2**63) <= ignore_index < 2**63:  # torch compares no wider int
+        raise ValueError(f"ignore_index must be an int64, got {ignore_index}")
     targets = as_int64_index(targets, "targets")  # compared with V in int64, and the loss takes int64
     V = logits.shape[-1]
     plain = vmapped_values(targets)
