@@ -143,10 +143,36 @@ def _check_grads(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarra
 
 
 def _check_lr(lr) -> float:
-    """A learning rate: a finite number >= 0 (a NaN would turn every weight into NaN)."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
+    """A learning rate: a finite number >= 0 (a NaN would turn every weight into NaN); a TypeError
+    for no number at all."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number, got {lr!r} ({type(lr).__name__})")
+    if not 0 <= lr < math.inf:
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     return float(lr)
+
+def check_hyperparameters(kind: str, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.0) -> None:
+    """The optimiser's arguments (docs/design.md, "Bad input"): each a real number (a TypeError
+    naming it otherwise: "0.1" or True), finite and >= 0 (a ValueError: a NaN or inf would make
+    every weight NaN or inf at the first step); momentum below 1; AdamW's betas two numbers in
+    [0, 1). Checked for the kind's own arguments only."""
+    def number(name: str, value, below: float = math.inf) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{kind}: {name} must be a number, got {value!r} ({type(value).__name__})")
+        if not (0 <= value < below and math.isfinite(value)):
+            raise ValueError(f"{kind}: {name} must be a finite number in [0, {below}), got {value!r}")
+
+    number("lr", lr)
+    number("weight_decay", weight_decay)
+    if kind == "adamw":
+        number("eps", eps)
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+            raise TypeError(f"adamw: betas must be two numbers, got {betas!r}")
+        for b in betas:
+            number("betas", b, below=1.0)
+    elif kind == "sgd":
+        number("momentum", momentum, below=1.0)
+
 
 
 def _load_arrays(params: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray], slots: tuple[str, ...],
@@ -291,12 +317,7 @@ class AdamW:
 
     def __init__(self, params: dict[str, np.ndarray], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, decay: str | DecayRule = "gpt2") -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr!r}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
-        if not eps >= 0 or not weight_decay >= 0:
-            raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
+        check_hyperparameters("adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         rule = get_decay_rule(decay)
@@ -355,9 +376,7 @@ class SGD:
 
     def __init__(self, params: dict[str, np.ndarray], *, lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0, decay: str | DecayRule = "gpt2") -> None:
-        if not lr >= 0 or not 0 <= momentum < 1 or not weight_decay >= 0:
-            raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr!r}, {momentum!r}, "
-                             f"{weight_decay!r}")
+        check_hyperparameters("sgd", lr=lr, weight_decay=weight_decay, momentum=momentum)
         self.params = params
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         rule = get_decay_rule(decay)

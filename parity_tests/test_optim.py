@@ -457,6 +457,30 @@ def test_a_failed_load_changes_nothing_in_either_tree(kind):
         t_opt.step()
 
 
+@pytest.mark.parametrize("kind, kwargs, error, match", [
+    ("adamw", dict(weight_decay=-1.0), ValueError, "weight_decay must be a finite number"),  # torch took it
+    ("sgd", dict(lr=float("nan")), ValueError, "lr must be a finite number"),  # torch took it
+    ("sgd", dict(momentum=1.0), ValueError, r"momentum must be a finite number in \[0, 1.0\)"),  # torch took it
+    ("adamw", dict(weight_decay="0.1"), TypeError, "weight_decay must be a number, got '0.1'"),
+    ("adamw", dict(lr="0.1"), TypeError, "lr must be a number, got '0.1'"),  # no field named before
+    ("sgd", dict(lr="0.1"), TypeError, "lr must be a number, got '0.1'"),
+    ("adamw", dict(lr=float("inf")), ValueError, "lr must be a finite number"),  # accepted by both
+    ("adamw", dict(eps=float("inf")), ValueError, "eps must be a finite number"),
+    ("adamw", dict(weight_decay=float("inf")), ValueError, "weight_decay must be a finite number"),
+    ("adamw", dict(betas=(0.9, 1.0)), ValueError, "betas must be a finite number in"),
+    ("adamw", dict(betas=0.9), TypeError, "betas must be two numbers"),
+    ("adamw", dict(lr=True), TypeError, "lr must be a number, got True"),
+])
+def test_bad_optimiser_arguments_are_refused_alike_naming_the_argument(kind, kwargs, error, match):
+    """docs/design.md: an optimiser argument of the wrong type is a TypeError and one out of range
+    a ValueError, naming it, when the optimiser is made; torch_impl checked none of them."""
+    params = _params(8)
+    with pytest.raises(error, match=f"{kind}: {match}"):
+        nopt.build_optimizer({k: v.copy() for k, v in params.items()}, kind, **kwargs)
+    with pytest.raises(error, match=f"{kind}: {match}"):
+        topt.build_optimizer(_Holder(params), kind, **kwargs)
+
+
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("lr", [float("nan"), -1.0, float("inf")])
 def test_a_bad_per_step_learning_rate_is_refused_before_any_update(kind, lr):
@@ -470,6 +494,10 @@ def test_a_bad_per_step_learning_rate_is_refused_before_any_update(kind, lr):
     with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
         topt.set_lr(t_opt, lr)
     assert all(g["lr"] == 0.01 for g in t_opt.param_groups), "torch: a refused lr was set"
+    with pytest.raises(TypeError, match="lr must be a number, got 'x'"):  # a wrong type was a ValueError
+        n_opt.step(_grads(0), lr="x")
+    with pytest.raises(TypeError, match="lr must be a number, got 'x'"):
+        topt.set_lr(t_opt, "x")
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

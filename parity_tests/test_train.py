@@ -313,6 +313,9 @@ def test_an_infinite_gradient_stops_the_run_without_clipping_too(tree, tmp_path,
     (dict(progress="no"), TypeError, "progress must be True or False, got 'no'"),
     (dict(grad_clip=True), TypeError, "grad_clip must be a number or None, got True"),  # was a clip of 1.0
     (dict(max_lr="0.1"), TypeError, "max_lr must be a number, got '0.1'"),  # was a ValueError
+    (dict(grad_clip="1.0"), TypeError, "grad_clip must be a number or None, got '1.0'"),  # was a ValueError
+    (dict(betas=("a", 0.9)), TypeError, "betas must be two numbers"),  # was a ValueError
+    (dict(betas=0.9), TypeError, "betas must be two numbers, got 0.9"),  # was "object of type 'float' has no len()"
 ])
 def test_train_settings_refuse_bad_values_in_both_trees(bad, error, match):
     """Refused when the settings are made, not after the first forward and backward."""

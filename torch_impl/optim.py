@@ -132,7 +132,11 @@ def _fused_supported(model: nn.Module) -> bool:
 def build_optimizer(model: nn.Module, kind: str = "adamw", *, lr: float = 1e-3, betas=(0.9, 0.999),
                     eps: float = 1e-8, weight_decay: float = 0.01, momentum: float = 0.0,
                     decay: str | DecayRule = "gpt2", fused: bool | None = None) -> torch.optim.Optimizer:
-    """torch.optim.AdamW (fused where supported, else foreach) or torch.optim.SGD, two groups."""
+    """torch.optim.AdamW (fused where supported, else foreach) or torch.optim.SGD, two groups; the
+    arguments checked first (`check_hyperparameters`, as numpy_ref's optimisers check them)."""
+    if kind not in ("adamw", "sgd"):
+        raise ValueError(f"unknown optimizer {kind!r}; known: 'adamw', 'sgd'")
+    check_hyperparameters(kind, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum)
     groups = [g for g in param_groups(model, weight_decay, decay) if g["params"]]
     if kind == "adamw":
         use_fused = _fused_supported(model) if fused is None else fused
@@ -143,9 +147,34 @@ def build_optimizer(model: nn.Module, kind: str = "adamw", *, lr: float = 1e-3, 
     raise ValueError(f"unknown optimizer {kind!r}; known: 'adamw', 'sgd'")
 
 
+def check_hyperparameters(kind: str, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.0) -> None:
+    """The optimiser's arguments (docs/design.md, "Bad input"): each a real number (a TypeError
+    naming it otherwise: "0.1" or True), finite and >= 0 (a ValueError: a NaN or inf would make
+    every weight NaN or inf at the first step); momentum below 1; AdamW's betas two numbers in
+    [0, 1). Checked for the kind's own arguments only."""
+    def number(name: str, value, below: float = math.inf) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{kind}: {name} must be a number, got {value!r} ({type(value).__name__})")
+        if not (0 <= value < below and math.isfinite(value)):
+            raise ValueError(f"{kind}: {name} must be a finite number in [0, {below}), got {value!r}")
+
+    number("lr", lr)
+    number("weight_decay", weight_decay)
+    if kind == "adamw":
+        number("eps", eps)
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+            raise TypeError(f"adamw: betas must be two numbers, got {betas!r}")
+        for b in betas:
+            number("betas", b, below=1.0)
+    elif kind == "sgd":
+        number("momentum", momentum, below=1.0)
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate; a finite number >= 0 (a NaN would turn every weight into NaN)."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number, got {lr!r} ({type(lr).__name__})")
+    if not 0 <= lr < math.inf:
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     for group in opt.param_groups:
         group["lr"] = lr

@@ -78,12 +78,16 @@ class TrainSettings:
                 raise TypeError(f"TrainSettings.{name} must be a str, got {getattr(self, name)!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"TrainSettings.progress must be True or False, got {self.progress!r}")
-        if isinstance(self.grad_clip, bool):  # True is no clip norm of 1.0
+        if self.grad_clip is not None and (isinstance(self.grad_clip, bool)  # True is no clip norm of 1.0
+                                           or not isinstance(self.grad_clip, numbers.Real)):
             raise TypeError(f"TrainSettings.grad_clip must be a number or None, got {self.grad_clip!r}")
         if self.min_lr > self.max_lr:
             raise ValueError(f"TrainSettings.min_lr={self.min_lr} exceeds max_lr={self.max_lr} (the cosine "
                              f"goes from max_lr down to min_lr)")
-        if not (len(self.betas) == 2 and all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas)):
+        if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
+                and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in self.betas)):
+            raise TypeError(f"TrainSettings.betas must be two numbers, got {self.betas!r}")
+        if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"TrainSettings.betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.momentum < 1:
             raise ValueError(f"TrainSettings.momentum must be < 1, got {self.momentum!r}")
