@@ -2,6 +2,7 @@
 an all-ones mask is the same as no dropout."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,3 +55,32 @@ def test_all_ones_masks_equal_no_dropout(cfg, seed):
     t_model = models.build_torch_model(cfg, np_model.params)
     t_masked, _, _ = _torch_run(t_model, ids, targets, ones)
     assert_close("torch: all-ones masks vs oracle without dropout", t_masked, plain, forward_tol("float64"))
+
+
+def test_bad_masks_raise_the_same_exception_in_both_trees():
+    """docs/design.md: an input with two faults raises the same exception in both trees. 1-D float
+    ids with a mask were a ValueError ("must be 2-D") in numpy_ref and a TypeError in torch_impl; a
+    non-string key a TypeError and a ValueError; a None mask a ValueError and an AttributeError."""
+    from numpy_ref.config import GPTConfig as NumpyConfig
+    from numpy_ref.model import GPTModel as NumpyModel
+    from torch_impl.config import GPTConfig as TorchConfig
+    from torch_impl.model import GPTModel as TorchModel
+
+    cfg = dict(vocab_size=11, context_length=4, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.1, qkv_bias=True,
+               tie_embeddings=True, ln_eps=1e-5)
+    n_model, t_model = NumpyModel(NumpyConfig(**cfg), seed=0), TorchModel(TorchConfig(**cfg), seed=0)
+    ids = np.array([[1, 2]])
+    ones = np.ones((1, 2, 8))
+    cases = [  # (ids, masks, exception type, message)
+        (np.array([1.0, 2.0]), {"embedding": ones}, TypeError, "integer dtype"),
+        (ids, {0: ones}, TypeError, "dropout mask keys are strings, got 0"),
+        (ids, {"embedding": None}, ValueError, r"dropout mask 'embedding' has shape \(\); expected \(1, 2, 8\)"),
+        (ids, {"h.0.bogus": ones}, ValueError, "unknown dropout mask 'h.0.bogus'"),
+        (ids, {"embedding": np.ones((1, 3, 8))}, ValueError, "dropout mask 'embedding' has shape"),
+    ]
+    for bad_ids, masks, error, match in cases:
+        with pytest.raises(error, match=match):
+            n_model.forward(bad_ids, dropout_masks=masks)
+        t_masks = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in masks.items()}
+        with pytest.raises(error, match=match):
+            t_model(torch.from_numpy(bad_ids), dropout_masks=t_masks)

@@ -19,8 +19,12 @@ import torch.nn.functional as F
 
 
 def check_mask(name: str, mask: torch.Tensor, shape: tuple) -> None:
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"dropout mask {name!r} has shape {tuple(mask.shape)}; expected {tuple(shape)}")
+    """A ValueError unless `mask` is a tensor of `shape` (None, as in numpy_ref, has shape ())."""
+    got = () if mask is None else tuple(mask.shape) if isinstance(mask, torch.Tensor) else None
+    if got is None:
+        raise TypeError(f"dropout mask {name!r} must be a tensor, got {type(mask).__name__}")
+    if got != tuple(shape):
+        raise ValueError(f"dropout mask {name!r} has shape {got}; expected {tuple(shape)}")
 
 
 def dropout_forward(x: torch.Tensor, p: float, training: bool, mask: torch.Tensor | None = None) -> torch.Tensor:

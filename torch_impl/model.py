@@ -315,6 +315,8 @@ class GPTModel(nn.Module):
             expected[f"h.{i}.attn.out"] = (B, T, C)
             expected[f"h.{i}.mlp.out"] = (B, T, C)
         for key, mask in masks.items():
+            if not isinstance(key, str):  # as numpy_ref: a wrong type, not an unknown name
+                raise TypeError(f"dropout mask keys are strings, got {key!r} ({type(key).__name__})")
             if key not in expected:
                 raise ValueError(f"unknown dropout mask {key!r}; known: 'embedding' and 'h.{{i}}.' + one of "
                                  f"{BLOCK_MASK_KEYS} for i < {cfg.n_layers}")
