@@ -634,6 +634,35 @@ def test_kv_cache_crop_refuses_a_length_that_is_no_int(tree):
 
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_kv_cache_crop_takes_every_length_from_0_to_its_own(tree):
+    """crop(length) (every draft token accepted) and crop(0) are valid; one past the length and a
+    negative one are not (a mutation refusing either end went unnoticed)."""
+    cache = (nkv.KVCache if tree == "numpy" else tkv.KVCache)(1, 1, 2, 8, 4)
+    cache.advance(3)
+    cache.crop(3)
+    assert cache.length == 3, f"{tree}: crop to its own length changed it to {cache.length}"
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=f"cannot crop a KV cache of length 3 to {bad}"):
+            cache.crop(bad)
+        assert cache.length == 3
+    cache.crop(0)
+    assert cache.length == 0
+
+
+def test_torch_generate_leaves_the_model_in_the_mode_it_found():
+    """generate runs the model in eval mode and restores the caller's mode, also when it raises:
+    left in training mode, the caller's next forward would draw dropout."""
+    _, t_model = _models()
+    for training in (False, True):
+        t_model.train(training)
+        tgen.generate(t_model, [[1, 2]], 2)
+        assert t_model.training is training, f"generate left training={t_model.training}, found {training}"
+        with pytest.raises(ValueError):
+            tgen.generate(t_model, [[1, 2]], 2, temperature=1.0, coins=[[0.5]])  # 1 coin row for 2 tokens
+        assert t_model.training is training, f"a raising generate left training={t_model.training}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_kv_cache_advance_refuses_a_count_that_is_no_int_or_negative(tree):
     """advance(-3), advance(1.5) and advance(True) were stored as the length (torch's next forward
     then failed far away, in narrow() or indexing); they are a ValueError / TypeError naming T,

@@ -453,6 +453,27 @@ def test_a_torch_random_state_of_the_wrong_size_is_a_value_error(tmp_path):
         trainer.restore({**state, "rng": [0] * 5056}, tensors, params, config)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_torch_trainers_dropout_masks_are_inverted_dropout_at_the_rate(p):
+    """torch_impl.train.dropout_masks draws the trainer's masks: every value 0 or exactly 1/(1-p),
+    the sites and shapes of numpy_ref's, and a keep rate of 1-p within 5 sigma (a mask scaled by
+    1-p instead of divided by it went unnoticed: the parity tests feed numpy_ref's masks to both)."""
+    from numpy_ref.model import GPTModel as NumpyModel
+    from torch_impl.train import dropout_masks
+
+    t_model = TorchGPT(torch_config("tiny", context_length=8, drop_rate=p), seed=0)
+    n_model = NumpyModel(np_config("tiny", context_length=8, drop_rate=p), seed=0)
+    masks = dropout_masks(t_model, 4, 8, torch.Generator().manual_seed(0))
+    want = n_model.dropout_masks(4, 8, np.random.default_rng(0))
+    assert {k: tuple(v.shape) for k, v in masks.items()} == {k: v.shape for k, v in want.items()}
+    values = torch.cat([m.flatten() for m in masks.values()]).double()
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).double()  # the float32 mask's value
+    assert bool(((values == 0) | (values == scale)).all()), f"mask values {values.unique()[:5]} are not 0 or 1/(1-p)"
+    n = values.numel()
+    kept = float((values != 0).double().mean())
+    assert abs(kept - (1 - p)) <= 5 * (p * (1 - p) / n) ** 0.5, f"keep rate {kept:.4f} over {n} is not {1 - p}"
+
+
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_pruning_keeps_the_checkpoint_latest_named_before_whatever_keep_is(tree, tmp_path):
     """docs/design.md: pruning always keeps the checkpoint `latest` names and the one it named
