@@ -20,11 +20,14 @@ from parity_tests.tolerances import (NormTol, Tol, forward_tol, gradient_norm_to
                                      layer_gradient_tol)
 
 # The embedded defaults: random weights, nothing downloaded. `tiny` is the preset; `small` is a
-# few layers wider, with a tied head and no qkv bias, so both head and bias variants are swept.
+# few layers wider, with a tied head and no qkv bias, so both head and bias variants are swept,
+# and a vocabulary past torch_impl's head slice (HEAD_CHUNK = 512 rows), so that its CPU paths
+# (the sliced head and loss, with a partial last slice, and the tied head's gradient) are checked
+# too: at 512 they never ran, and a sliced head dropping its last slice passed `check`.
 DEFAULT_CONFIGS = {
     "tiny": dict(vocab_size=101, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                  qkv_bias=True, tie_embeddings=False, ln_eps=1e-5),
-    "small": dict(vocab_size=512, context_length=64, emb_dim=96, n_heads=6, n_layers=3, drop_rate=0.0,
+    "small": dict(vocab_size=600, context_length=64, emb_dim=96, n_heads=6, n_layers=3, drop_rate=0.0,
                   qkv_bias=False, tie_embeddings=True, ln_eps=1e-5),
 }
 DEFAULT_DTYPES = ("float64", "float32", "bfloat16")
