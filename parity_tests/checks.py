@@ -17,7 +17,7 @@ import numpy as np
 from parity_tests.compare import Comparison, compare, format_rel, to_numpy
 from parity_tests.layer_specs import SPECS, Sizes
 from parity_tests.tolerances import (NormTol, Tol, forward_tol, gradient_norm_tol, gradient_tol, layer_forward_tol,
-                                     layer_gradient_tol)
+                                     layer_gradient_tol, own_logits_loss_tol)
 
 # The embedded defaults: random weights, nothing downloaded. `tiny` is the preset; `small` is a
 # few layers wider, with a tied head and no qkv bias, so both head and bias variants are swept,
@@ -135,21 +135,23 @@ class NormComparison:
                 f"actual={self.actual_at_worst!r} expected={self.expected_at_worst!r}")
 
 
-def position_grad_scales(np_model, ids: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+def position_grad_scales(np_model, ids: np.ndarray, targets: np.ndarray, ignore_index: int | None = None,
+                         dropout_masks: dict | None = None) -> dict[str, float]:
     """Per parameter, s = sqrt(sum_n ||g_n||^2) / N: the size of the N per-position gradients
     g_n (the gradient of the loss at position n alone) whose mean is the gradient of the mean
-    loss. tolerances.GRADIENT_NORM says why low-precision gradient errors scale with s.
+    loss, over the N positions the loss counts (those whose target is not `ignore_index`).
+    tolerances.GRADIENT_NORM says why low-precision gradient errors scale with s.
     N oracle forward-backward passes, each counting one position (the others ignored)."""
     ignored = -1  # not a class: marks the positions whose loss is left out of a pass
     squares: dict[str, float] = {}
-    N = targets.size
-    for n in range(N):
+    counted = [n for n in range(targets.size) if ignore_index is None or targets.flat[n] != ignore_index]
+    for n in counted:
         one = np.full_like(targets, ignored)
         one.flat[n] = targets.flat[n]
-        _, _, cache = np_model.forward(ids, one, ignore_index=ignored)
+        _, _, cache = np_model.forward(ids, one, ignore_index=ignored, dropout_masks=dropout_masks)
         for k, g in np_model.backward(cache).items():
             squares[k] = squares.get(k, 0.0) + float(np.sum(np.square(g)))
-    return {k: float(np.sqrt(v)) / N for k, v in squares.items()}
+    return {k: float(np.sqrt(v)) / len(counted) for k, v in squares.items()}
 
 
 def compare_grad_norm(name: str, actual, expected, scale: float, tol: NormTol) -> NormComparison:
@@ -219,9 +221,52 @@ def layer_rows(dtype: str, device: str = "cpu", seeds: Iterable[int] = (0, 1, 2)
 # ---- model level ----------------------------------------------------------------------------
 
 
-def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu", B: int = 2, T: int | None = None,
-               seed: int = 0, params: dict | None = None) -> list[Row]:
+IGNORED = -100  # the ignore_index of the ignored-targets rows (torch's default for cross_entropy)
+MODEL_VARIANTS = ("plain", "ignored targets", "dropout masks")
+DROP_RATE = 0.25  # the rate of the explicit dropout masks in the "dropout masks" rows
+
+
+def with_ignored_targets(targets: np.ndarray, seed: int) -> np.ndarray:
+    """`targets` with about a third of the positions set to IGNORED: the first position always,
+    the last never, so a loss counts some rows and leaves some out."""
+    drop = np.random.default_rng(seed + 7).random(targets.shape) < 1 / 3
+    drop.flat[0], drop.flat[-1] = True, False
+    return np.where(drop, IGNORED, targets)
+
+
+def oracle_dropout_masks(config_d: dict, B: int, T: int, seed: int) -> dict[str, np.ndarray]:
+    """A full set of training masks at DROP_RATE, drawn by numpy_ref's model (0 or 1/(1-p), at
+    every site both trees name: embedding, h.i.attn.weights, h.i.attn.out, h.i.mlp.out)."""
     from parity_tests import models
+
+    drawer = models.build_numpy_model({**config_d, "drop_rate": DROP_RATE}, seed=seed)
+    return drawer.dropout_masks(B, T, np.random.default_rng(seed + 11))
+
+
+def cross_entropy64(logits: np.ndarray, targets: np.ndarray, ignore_index: int | None = None) -> float:
+    """The mean cross-entropy of `logits` (B, T, V), taken in float64, over the positions whose
+    target is not `ignore_index`: lse(logits[r]) - logits[r, target[r]], averaged."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])  # (N, V)
+    t = np.asarray(targets).reshape(-1)  # (N,)
+    keep = np.ones(t.shape, dtype=bool) if ignore_index is None else t != ignore_index
+    z, t = z[keep], t[keep]
+    m = z.max(axis=-1)
+    lse = m + np.log(np.sum(np.exp(z - m[:, None]), axis=-1))
+    return float(np.mean(lse - z[np.arange(t.size), t]))
+
+
+def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu", B: int = 2, T: int | None = None,
+               seed: int = 0, params: dict | None = None, variant: str = "plain") -> list[Row]:
+    """The whole model in `dtype` against the float64 oracle: logits, loss, every gradient, and
+    the loss against the cross-entropy of the logits the same call returned. `variant`:
+    - "plain": no dropout, every target counted;
+    - "ignored targets": about a third of the targets are IGNORED, passed as ignore_index (the
+      logits are the plain ones, so no logits row);
+    - "dropout masks": explicit masks at DROP_RATE at every site (models in training)."""
+    from parity_tests import models
+
+    if variant not in MODEL_VARIANTS:
+        raise ValueError(f"unknown model check variant {variant!r}; expected one of {MODEL_VARIANTS}")
 
     def run() -> list[Row]:
         T_ = T or min(config_d["context_length"], 12)
@@ -229,14 +274,25 @@ def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu"
         p = params if params is not None else models.scale_params(np_model.params, seed + 1)
         np_model = models.build_numpy_model(config_d, seed=seed, params=p)
         ids, targets = models.random_batch(config_d, B, T_, seed)
-        ref = models.run_numpy(np_model, ids, targets)
+        extra: dict = {}
+        if variant == "ignored targets":
+            targets = with_ignored_targets(targets, seed)
+            extra["ignore_index"] = IGNORED
+        elif variant == "dropout masks":
+            extra["dropout_masks"] = oracle_dropout_masks(config_d, B, T_, seed)
+        ref = models.run_numpy(np_model, ids, targets, **extra)
         t_model = models.build_torch_model(config_d, np_model.params, dtype=dtype, device=device)
-        got = models.run_torch(t_model, ids, targets, dtype=dtype, device=device)
-        tf, tg = forward_tol(dtype), gradient_tol(dtype)
-        label = f"model[{config_name}]"
-        rows = [
-            row_from(f"{label} logits", dtype, [compare(f"{label} logits", got.logits, ref.logits, tf)], tf),
+        got = models.run_torch(t_model, ids, targets, dtype=dtype, device=device, **extra)
+        tf, tg, ts = forward_tol(dtype), gradient_tol(dtype), own_logits_loss_tol(dtype)
+        label = f"model[{config_name}]" + ("" if variant == "plain" else f" {variant}")
+        rows = [] if variant == "ignored targets" else [
+            row_from(f"{label} logits", dtype, [compare(f"{label} logits", got.logits, ref.logits, tf)], tf)]
+        own = cross_entropy64(got.logits, targets, extra.get("ignore_index"))
+        rows += [
             row_from(f"{label} loss", dtype, [compare(f"{label} loss", np.array(got.loss), np.array(ref.loss), tf)], tf),
+            row_from(f"{label} loss vs its own logits", dtype,
+                     [compare(f"{label} loss vs the float64 cross-entropy of the returned logits", np.array(got.loss),
+                              np.array(own), ts)], ts),
         ]
         order = list(np_model.params)
         norm_tol = gradient_norm_tol(dtype)
@@ -244,12 +300,12 @@ def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu"
             grad_cmp = [compare(f"{label} d{k}", got.grads[k], ref.grads[k], tg) for k in order]
             rows.append(row_from(f"{label} grads ({len(order)} tensors)", dtype, grad_cmp, tg))
         else:  # autocast: each tensor as a whole, against the size of its per-position terms
-            scales = position_grad_scales(np_model, ids, targets)
+            scales = position_grad_scales(np_model, ids, targets, **extra)
             grad_cmp = compare_grad_norms(f"{label} grads", got.grads, ref.grads, scales, norm_tol, order)
             rows.append(row_from(f"{label} grads ({len(order)} tensors, |err|/s)", dtype, grad_cmp, norm_tol))
         return rows
 
-    return guarded(f"model[{config_name}]", dtype, run)
+    return guarded(f"model[{config_name}]" + ("" if variant == "plain" else f" {variant}"), dtype, run)
 
 
 def _perturbed_numpy_model(config_d: dict, seed: int):
@@ -263,7 +319,8 @@ def _perturbed_numpy_model(config_d: dict, seed: int):
 
 
 def kv_cache_rows(config_name: str, config_d: dict, device: str = "cpu", seed: int = 0) -> list[Row]:
-    """Decoding token by token through each tree's KV cache equals the oracle's full forward."""
+    """Decoding through each tree's KV cache, token by token and in chunks of several tokens
+    after a past, equals the oracle's full forward."""
     import torch
 
     from parity_tests import models
@@ -274,20 +331,25 @@ def kv_cache_rows(config_name: str, config_d: dict, device: str = "cpu", seed: i
         T = min(config_d["context_length"], 10)
         ids, _ = models.random_batch(config_d, 2, T, seed)
         full = np.asarray(np_model(ids))
-        np_cache, t_cache = np_model.new_kv_cache(2), t_model.new_kv_cache(2)
-        np_steps, t_steps = [], []
-        with torch.no_grad():
-            for t in range(T):
-                np_steps.append(np.asarray(np_model(ids[:, t:t + 1], kv_cache=np_cache)))
-                t_steps.append(models.to_numpy(t_model(torch.from_numpy(ids[:, t:t + 1]).to(device), kv_cache=t_cache)))
         tol = forward_tol("float64")
         label = f"kv-cache[{config_name}]"
-        return [
-            row_from(f"{label} numpy cached vs full", "float64",
-                     [compare(f"{label} numpy", np.concatenate(np_steps, 1), full, tol)], tol),
-            row_from(f"{label} torch cached vs oracle full", "float64",
-                     [compare(f"{label} torch", np.concatenate(t_steps, 1), full, tol)], tol),
-        ]
+        rows = []
+        # One token at a time (decoding), then a prompt of 3 (T > 1, no past), one token, and
+        # the rest in one chunk (T > 1 after a past: the causal mask offset by the past).
+        for how, cuts in [("token by token", list(range(T + 1))), ("in chunks 3, 1, rest", [0, 3, 4, T])]:
+            np_cache, t_cache = np_model.new_kv_cache(2), t_model.new_kv_cache(2)
+            np_steps, t_steps = [], []
+            with torch.no_grad():
+                for a, b in zip(cuts, cuts[1:]):
+                    np_steps.append(np.asarray(np_model(ids[:, a:b], kv_cache=np_cache)))
+                    t_steps.append(models.to_numpy(t_model(torch.from_numpy(ids[:, a:b]).to(device), kv_cache=t_cache)))
+            rows += [
+                row_from(f"{label} numpy cached {how} vs full", "float64",
+                         [compare(f"{label} numpy {how}", np.concatenate(np_steps, 1), full, tol)], tol),
+                row_from(f"{label} torch cached {how} vs oracle full", "float64",
+                         [compare(f"{label} torch {how}", np.concatenate(t_steps, 1), full, tol)], tol),
+            ]
+        return rows
 
     return guarded(f"kv-cache[{config_name}]", "float64", run)
 
@@ -326,7 +388,7 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str
 
 
 def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
-    """Saved by numpy_ref, loaded by torch_impl on `device` (and back): the same logits."""
+    """Saved by either tree, loaded by both (torch_impl on `device`): the same logits."""
     import tempfile
 
     import torch
@@ -345,34 +407,135 @@ def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str
             with torch.no_grad():
                 got = models.to_numpy(t_model(torch.from_numpy(ids).to(device)))
             back = NpModel.from_pretrained(d)
+        # The other way: saved by torch_impl (from the oracle's float64 weights), read by both.
+        t_source = models.build_torch_model(config_d, np_model.params, dtype="float64", device=device)
+        with tempfile.TemporaryDirectory() as d:
+            t_source.save_pretrained(d)
+            from_torch = NpModel.from_pretrained(d)
+            t_back = TModel.from_pretrained(d, device=device).double().eval()
+            with torch.no_grad():
+                got_back = models.to_numpy(t_back(torch.from_numpy(ids).to(device)))
         # Checkpoints hold float32: compare against the oracle run on the float32-rounded weights.
         rounded = {k: v.astype(np.float32).astype(np.float64) for k, v in np_model.params.items()}
         ref = np.asarray(models.build_numpy_model(config_d, seed=seed, params=rounded)(ids))
         tol = forward_tol("float64")
+        label = f"checkpoint[{config_name}]"
         return [
-            row_from(f"checkpoint[{config_name}] numpy->torch logits", "float64", [compare("numpy->torch", got, ref, tol)], tol),
-            row_from(f"checkpoint[{config_name}] numpy->numpy logits", "float64", [compare("numpy->numpy", np.asarray(back(ids)), ref, tol)], tol),
+            row_from(f"{label} numpy->torch logits", "float64", [compare("numpy->torch", got, ref, tol)], tol),
+            row_from(f"{label} numpy->numpy logits", "float64", [compare("numpy->numpy", np.asarray(back(ids)), ref, tol)], tol),
+            row_from(f"{label} torch->numpy logits", "float64",
+                     [compare("torch->numpy", np.asarray(from_torch(ids)), ref, tol)], tol),
+            row_from(f"{label} torch->torch logits", "float64", [compare("torch->torch", got_back, ref, tol)], tol),
         ]
 
     return guarded(f"checkpoint[{config_name}]", "float64", run)
 
 
+def training_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
+    """Both trees' trainers (torch_impl's model on `device`, float64) from the same weights on the
+    same batches, two micro-batches per step, warmup then cosine, an evaluation halfway:
+    - AdamW with weight decay, clipping at a norm the gradients exceed;
+    - SGD with momentum and no clipping, which unlike AdamW is not blind to the gradient's scale
+      (an accumulated gradient left unscaled by 1/grad_accum moves SGD twice as far).
+    The loss at every step, the evaluation losses and the weights at the end agree."""
+    import torch
+
+    from numpy_ref import data as ndata
+    from numpy_ref.train import Trainer as NpTrainer
+    from numpy_ref.train_run import TrainSettings as NpSettings
+    from parity_tests import models
+    from torch_impl import data as tdata
+    from torch_impl.train import Trainer as TTrainer
+    from torch_impl.train_run import TrainSettings as TSettings
+
+    steps = 6
+    common = dict(steps=steps, grad_accum=2, warmup_steps=2, eval_every=steps // 2, eval_batches=2, progress=False)
+    runs = {"AdamW": dict(optimizer="adamw", max_lr=1e-2, min_lr=1e-3, weight_decay=0.1, grad_clip=0.05),
+            "SGD": dict(optimizer="sgd", momentum=0.9, max_lr=0.5, min_lr=0.05, weight_decay=0.1, grad_clip=None)}
+
+    def one(optimizer: str) -> list[Row]:
+        label = f"train[{config_name}] {optimizer}"
+        settings = {**common, **runs[optimizer]}
+        T = min(config_d["context_length"], 8)
+        np_model = _perturbed_numpy_model(config_d, seed)
+        t_model = models.build_torch_model(config_d, np_model.params, dtype="float64", device=device).train()
+        ids = np.random.default_rng(seed + 5).integers(0, config_d["vocab_size"], 40 * T + 1)
+
+        def loader(tree, tokens):
+            return tree.DataLoader(tree.SlidingWindowDataset(tokens, T, T), 4, shuffle=True, drop_last=True,
+                                   seed=seed + 3)
+
+        n_res = NpTrainer(np_model, loader(ndata, ids), loader(ndata, ids), NpSettings(**settings)).fit()
+        t_ids = torch.from_numpy(ids)
+        t_res = TTrainer(t_model, loader(tdata, t_ids), loader(tdata, t_ids), TSettings(**settings)).fit()
+        if not (n_res.ok and t_res.ok):
+            raise RuntimeError(f"a training run stopped: numpy {n_res.message!r}, torch {t_res.message!r}")
+        n_steps, t_steps = np.array(n_res.history["steps"]), np.array(t_res.history["steps"])
+        if n_steps.shape != (steps, 3) or t_steps.shape != (steps, 3):
+            raise AssertionError(f"{label}: logged steps numpy {n_steps.shape}, torch {t_steps.shape}; expected ({steps}, 3)")
+        tf, tg = forward_tol("float64"), gradient_tol("float64")
+        weights = {k: models.to_numpy(v) for k, v in t_model.state_dict().items()}
+        return [
+            row_from(f"{label} loss at each of {steps} steps", "float64",
+                     [compare(f"{label} step losses", t_steps[:, 2], n_steps[:, 2], tf)], tf),
+            row_from(f"{label} evaluation losses", "float64",
+                     [compare(f"{label} eval losses", np.array(t_res.history["evals"]),
+                              np.array(n_res.history["evals"]), tf)], tf),
+            row_from(f"{label} weights after {steps} steps ({len(weights)} tensors)", "float64",
+                     [compare(f"{label} {k}", weights[k], v, tg) for k, v in np_model.params.items()], tg),
+        ]
+
+    rows = []
+    for optimizer in runs:
+        rows += guarded(f"train[{config_name}] {optimizer}", "float64", lambda optimizer=optimizer: one(optimizer))
+    return rows
+
+
+# Strings where a wrong BPE differs from tiktoken while ordinary prose agrees: runs of one
+# repeated symbol, where the same pair has the same rank at overlapping places and the leftmost
+# merge must win ("aaaaaaa" is "aaaa" + "aaa", not "aaa" + "aaaa"); repeated pairs; whitespace
+# runs (the `\s+(?!\S)` rule) and CRLF; contractions in both cases; digit runs; bytes of
+# multi-byte characters merged across a character's boundary (emoji, joiners, CJK); and the
+# special token's text, allowed as a special token.
+TOKENIZER_EDGE_STRINGS = (
+    "a" * 7, "a" * 12, "!" * 9, "-" * 17, "=" * 10, "." * 11, "0" * 12, "1234567890" * 3, "ab" * 9, "abc" * 7,
+    " " * 9 + "x", "\n" * 7 + "x", "\t \t  \r\n\r\n  x", "a\r\n\r\n", "I'M HERE'LL WE'VE'S 'D don't",
+    "'" * 5 + "s", "🙂" * 4, "👨\u200d👩\u200d👧 👍🏽 🇫🇷", "e\u0301 Ωμέγα русский 中文 한국어 العربية",
+    "\u3000\u3000a", "<|endoftext|>" * 2 + " after",
+)
+
+
 def tokenizer_rows() -> list[Row]:
-    """The from-scratch BPE against tiktoken on the embedded corpus: every id equal."""
+    """The from-scratch BPE against tiktoken: every id equal on the embedded corpus, and on
+    TOKENIZER_EDGE_STRINGS (encoded with special tokens allowed), each of which also decodes back
+    to itself in both."""
 
     def run() -> list[Row]:
         from numpy_ref.data import load_verdict
         from numpy_ref.tokenizer import get_encoding as np_get
         from torch_impl.tokenizer import get_encoding as t_get
 
+        ours, theirs = np_get("gpt2"), t_get("gpt2")
         text = load_verdict()
-        a = np_get("gpt2").encode(text)
-        b = t_get("gpt2").encode(text)
+        a = ours.encode(text)
+        b = theirs.encode(text)
         n = max(len(a), len(b))
         mismatches = sum(1 for x, y in zip(a, b) if x != y) + abs(len(a) - len(b))
         detail = "" if mismatches == 0 else f"{mismatches} of {n} ids differ"
-        return [Row("tokenizer: BPE vs tiktoken (the-verdict)", "int", float(mismatches), float(mismatches) / max(n, 1),
+        rows = [Row("tokenizer: BPE vs tiktoken (the-verdict)", "int", float(mismatches), float(mismatches) / max(n, 1),
                     "exact", "ok" if mismatches == 0 else "MISMATCH", detail)]
+        wrong = []
+        for edge in TOKENIZER_EDGE_STRINGS:
+            a, b = ours.encode(edge, allowed_special="all"), theirs.encode(edge, allowed_special="all")
+            if a != b:
+                wrong.append(f"{edge!r}: numpy {a} vs tiktoken {b}")
+            elif ours.decode(a) != edge or theirs.decode(b) != edge:
+                wrong.append(f"{edge!r} decodes to {ours.decode(a)!r} (numpy), {theirs.decode(b)!r} (tiktoken)")
+        k = len(TOKENIZER_EDGE_STRINGS)
+        rows.append(Row(f"tokenizer: BPE vs tiktoken ({k} edge strings)", "int", float(len(wrong)), len(wrong) / k,
+                        "exact", "MISMATCH" if wrong else "ok",
+                        f"{len(wrong)} of {k} strings differ; first {wrong[0]}" if wrong else ""))
+        return rows
 
     return guarded("tokenizer", "int", run)
 
@@ -391,7 +554,8 @@ def run_check(configs: dict[str, dict] | None = None, dtypes: Iterable[str] = DE
         rows += layer_rows(dtype, device)
         for name, cfg in configs.items():
             say(f"model {name} {dtype}")
-            rows += model_rows(name, cfg, dtype, device)
+            for variant in MODEL_VARIANTS:
+                rows += model_rows(name, cfg, dtype, device, variant=variant)
     first_name, first_cfg = next(iter(configs.items()))
     say("kv cache")
     rows += kv_cache_rows(first_name, first_cfg, device)
@@ -399,6 +563,8 @@ def run_check(configs: dict[str, dict] | None = None, dtypes: Iterable[str] = DE
     rows += generation_rows(first_name, first_cfg, device=device)
     say("checkpoints")
     rows += checkpoint_rows(first_name, first_cfg, device=device)
+    say("training")
+    rows += training_rows(first_name, first_cfg, device=device)
     say("tokenizer")
     rows += tokenizer_rows()
     if checkpoint:

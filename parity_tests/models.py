@@ -63,24 +63,33 @@ def build_torch_model(config_d: Mapping, params: Mapping[str, np.ndarray], dtype
     return model
 
 
-def run_numpy(model, ids: np.ndarray, targets: np.ndarray) -> RunResult:
-    logits, loss, cache = model.forward(ids, targets)
+def run_numpy(model, ids: np.ndarray, targets: np.ndarray, *, ignore_index: int | None = None,
+              dropout_masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
+    logits, loss, cache = model.forward(ids, targets, ignore_index=ignore_index, dropout_masks=dropout_masks)
     grads = model.backward(cache)
     return RunResult(np.asarray(logits), float(loss), {k: np.asarray(v) for k, v in grads.items()})
 
 
-def torch_logits_and_loss(model, ids_t, targets_t):
+def torch_logits_and_loss(model, ids_t, targets_t, **kwargs):
     """torch_impl's forward returns (logits, loss) when given targets."""
-    out = model(ids_t, targets_t)
+    out = model(ids_t, targets_t, **kwargs)
     logits, loss = out
     return logits, loss
 
 
-def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64", device: str = "cpu") -> RunResult:
+def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64", device: str = "cpu", *,
+              ignore_index: int | None = None, dropout_masks: Mapping[str, np.ndarray] | None = None) -> RunResult:
+    """torch_impl's logits, loss and gradients in `dtype`; `dropout_masks` (the oracle's arrays)
+    are handed over in the parameters' dtype, on `device`."""
     import torch
 
     ids_t = torch.from_numpy(ids).to(device)
     targets_t = torch.from_numpy(targets).to(device)
+    extra = {} if ignore_index is None else {"ignore_index": ignore_index}
+    if dropout_masks is not None:
+        like = next(model.parameters())
+        extra["dropout_masks"] = {k: torch.from_numpy(np.asarray(m)).to(device=like.device, dtype=like.dtype)
+                                  for k, m in dropout_masks.items()}
     model.zero_grad(set_to_none=True)
     autocast = dtype in ("bfloat16", "float16")
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -88,7 +97,7 @@ def run_torch(model, ids: np.ndarray, targets: np.ndarray, dtype: str = "float64
     try:
         amp_dtype = getattr(torch, dtype) if autocast else torch.bfloat16  # unused when autocast is off (tf32 too)
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=autocast):
-            logits, loss = torch_logits_and_loss(model, ids_t, targets_t)
+            logits, loss = torch_logits_and_loss(model, ids_t, targets_t, **extra)
         loss.backward()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32

@@ -295,3 +295,132 @@ def test_check_runs_generation_and_checkpoint_rows_on_the_device_asked_for(monke
         checks.checkpoint_rows("tiny", checks.DEFAULT_CONFIGS["tiny"], device="cpu:0")
     assert all(r.verdict == "ok" for r in rows), [(r.component, r.verdict, r.detail) for r in rows]
     assert seen and all(device == "cpu:0" for _, device in seen), f"models were built on {seen}"
+
+
+# ---- check's rows beyond the plain model: each catches a fault the plain rows pass ------------
+# (found by a mutation review: ignored targets counted by the sliced head, a chunked prefill's
+# mask, an explicit dropout mask dropped, an accumulated gradient left unscaled, a checkpoint
+# written wrong by torch_impl, a loss rounded to bf16, BPE's leftmost-merge rule)
+
+
+def _ignored_rows_counted(monkeypatch):
+    import torch_impl.model as tmodel
+
+    real = tmodel.head_loss_forward
+
+    def counted(x, head, targets, ignore_index=None, *args, **kwargs):  # ignored rows scored as class 0
+        if ignore_index is not None:
+            targets = targets.masked_fill(targets == ignore_index, 0)
+        return real(x, head, targets, None, *args, **kwargs)
+
+    monkeypatch.setattr(tmodel, "head_loss_forward", counted)
+
+
+def _top_left_mask(monkeypatch):
+    import torch
+
+    import torch_impl.attention as attention
+
+    monkeypatch.setattr(attention, "causal_mask",
+                        lambda T, Tk, device=None: torch.ones(T, Tk, dtype=torch.bool, device=device).tril())
+
+
+def _masks_ignored(monkeypatch):
+    import torch_impl.block as block
+
+    real = block.dropout_forward
+    monkeypatch.setattr(block, "dropout_forward", lambda x, p, training, mask=None: real(x, p, training, None))
+
+
+def _sgd_gradient_doubled(monkeypatch):
+    import torch
+
+    real = torch.nn.utils.get_total_norm
+
+    def doubled(tensors, *args, **kwargs):  # what an accumulated loss left unscaled by 1/grad_accum gives
+        tensors = list(tensors)
+        for g in tensors:
+            g.mul_(2.0)
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", doubled)
+
+
+def _torch_saves_a_zero_bias(monkeypatch):
+    import torch_impl.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+
+    def zeroed(tensors, *args, **kwargs):
+        tensors = {k: (v * 0 if k.endswith("h.0.attn.c_attn.bias") else v) for k, v in tensors.items()}
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", zeroed)
+
+
+def _bf16_rounded_loss(monkeypatch):
+    import torch
+
+    from torch_impl.model import GPTModel
+
+    real = GPTModel.forward
+
+    def rounded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if isinstance(out, tuple) and torch.is_autocast_enabled("cpu"):
+            return out[0], out[1].to(torch.bfloat16).float()
+        return out
+
+    monkeypatch.setattr(GPTModel, "forward", rounded)
+
+
+def _rightmost_merge(monkeypatch):
+    import functools
+
+    import numpy_ref.tokenizer as tokenizer
+
+    encoding = tokenizer.get_encoding("gpt2")  # the instance check uses; its own piece cache is left alone
+    real = encoding._bpe_piece
+
+    def rightmost(piece):  # a run of one character split as tiktoken's parts in reverse order
+        ids = real(piece)
+        return ids[::-1] if len(set(piece)) == 1 else ids
+
+    monkeypatch.setattr(encoding, "_encode_piece", functools.lru_cache(maxsize=None)(rightmost))
+
+
+SMALL = checks.DEFAULT_CONFIGS["small"]
+TINY = checks.DEFAULT_CONFIGS["tiny"]
+FAULT_ROWS = {
+    "ignored rows counted": (_ignored_rows_counted,
+                             lambda: checks.model_rows("small", SMALL, "float32", variant="ignored targets"),
+                             ["model[small] ignored targets loss", "model[small] ignored targets grads (37 tensors)"]),
+    "chunk mask top-left": (_top_left_mask, lambda: checks.kv_cache_rows("tiny", TINY),
+                            ["kv-cache[tiny] torch cached in chunks 3, 1, rest vs oracle full"]),
+    "dropout masks ignored": (_masks_ignored,
+                              lambda: checks.model_rows("tiny", TINY, "float64", variant="dropout masks"),
+                              ["model[tiny] dropout masks logits", "model[tiny] dropout masks loss",
+                               "model[tiny] dropout masks grads (29 tensors)"]),
+    "unscaled accumulated gradient": (_sgd_gradient_doubled, lambda: checks.training_rows("tiny", TINY),
+                                      ["train[tiny] SGD loss at each of 6 steps",
+                                       "train[tiny] SGD weights after 6 steps (29 tensors)"]),
+    "torch writes a zero bias": (_torch_saves_a_zero_bias, lambda: checks.checkpoint_rows("tiny", TINY),
+                                 ["checkpoint[tiny] torch->numpy logits", "checkpoint[tiny] torch->torch logits"]),
+    "loss rounded to bf16": (_bf16_rounded_loss, lambda: checks.model_rows("small", SMALL, "bfloat16"),
+                             ["model[small] loss vs its own logits"]),
+    "rightmost BPE merge": (_rightmost_merge, checks.tokenizer_rows, ["tokenizer: BPE vs tiktoken (21 edge strings)"]),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULT_ROWS))
+def test_checks_extra_rows_pass_on_the_real_trees_and_fail_on_the_fault_they_exist_for(fault, monkeypatch):
+    inject, rows_of, must_fail = FAULT_ROWS[fault]
+    clean = rows_of()
+    assert all(r.ok for r in clean), [(r.component, r.verdict, r.detail) for r in clean if not r.ok]
+    names = [r.component for r in clean]
+    assert all(name in names for name in must_fail), f"rows {must_fail} not among {names}"
+    inject(monkeypatch)
+    faulty = {r.component: r for r in rows_of()}
+    passed = [name for name in must_fail if faulty[name].verdict != "MISMATCH"]
+    assert not passed, f"under the fault {fault!r} these rows did not report a mismatch: " + "; ".join(
+        f"{name}: {faulty[name].verdict} {faulty[name].detail}" for name in passed)

@@ -191,3 +191,23 @@ def _lookup(table: dict, dtype: str):
     if key not in table:
         raise KeyError(f"no tolerance for dtype {dtype!r}; known: {sorted(table)}")
     return table[key]
+
+
+# The loss against the cross-entropy, taken in float64, of the logits the same call returned
+# (checks.model_rows' "loss vs its own logits" rows). torch_impl takes the loss in float32 at the
+# least (autocast's bf16 / fp16 logits are widened first), so only float32 rounding of a
+# log-sum-exp and a mean separates the two: measured at most 5.6e-7 on check's models (loss ~6,
+# float32, bf16 and fp16, with and without ignored targets or dropout); the bound is 1e-5 of the
+# loss (about 170 float32 units of roundoff), over 100x that. It is what catches a loss computed
+# or returned in bf16: an error of up to 2^-6 between 4 and 8, which the loss-vs-oracle row's
+# bf16 tolerance (5% of the loss) lets through.
+OWN_LOGITS_LOSS = {
+    "float64": Tol(1e-10, 1e-9, "the same float64 logits: only summation order differs"),
+    "float32": Tol(1e-6, 1e-5, "a float32 log-sum-exp and mean of the same logits"),
+}
+
+
+def own_logits_loss_tol(dtype: str) -> Tol:
+    """OWN_LOGITS_LOSS for `dtype`: float64's in float64, float32's in every other dtype (the
+    loss is float32 there: tf32 runs in float32, and autocast widens its logits for the loss)."""
+    return OWN_LOGITS_LOSS["float64" if dtype in ("float64", "fp64") else "float32"]
