@@ -424,3 +424,12 @@ def test_checks_extra_rows_pass_on_the_real_trees_and_fail_on_the_fault_they_exi
     passed = [name for name in must_fail if faulty[name].verdict != "MISMATCH"]
     assert not passed, f"under the fault {fault!r} these rows did not report a mismatch: " + "; ".join(
         f"{name}: {faulty[name].verdict} {faulty[name].detail}" for name in passed)
+
+
+def test_training_rows_run_on_tiny_whatever_the_configuration():
+    """Six float64 NumPy steps of GPT-2 small took minutes in `check --config gpt2-small`; the
+    trainers' bookkeeping does not depend on the model's size, so their rows use `tiny`."""
+    rows = checks.run_check(configs={"small": SMALL}, dtypes=())
+    trained = [r.component for r in rows if r.component.startswith("train[")]
+    assert trained and all(c.startswith("train[tiny] ") for c in trained), trained
+    assert all(r.ok for r in rows), [(r.component, r.detail) for r in rows if not r.ok]
