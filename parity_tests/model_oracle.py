@@ -23,7 +23,10 @@ seed, `fn` gets:
     ids, targets  (B, T) int64.
     config   the GPTConfig fields: vocab_size, context_length, emb_dim, n_heads, n_layers,
              drop_rate (always 0), qkv_bias, tie_embeddings, ln_eps.
-and returns (logits (B, T, V), mean cross-entropy loss ()). Logits and loss are compared with the
+and returns (logits (B, T, V), mean cross-entropy loss ()). With `ignore_index=I` (the book's
+chapter 7 pads instruction targets with -100, PyTorch's default), about a third of the targets
+are I and the loss is the mean over the others: `F.cross_entropy(..., ignore_index=I)`'s rule;
+the last position is always counted. Logits and loss are compared with the
 float64 oracle (numpy_ref) run on the same parameter values, then every parameter gradient:
 elementwise in float64 / float32 / tf32, per tensor under autocast (tolerances.GRADIENT_NORM).
 A failure lists every tensor over tolerance in the model's order, says where the error starts, and
@@ -60,24 +63,31 @@ from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol
 WEIGHT_SPREAD = 5.0
 
 
-def model_case(config: dict, B: int, T: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def model_case(config: dict, B: int, T: int, seed: int,
+               ignore_index: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(float64 parameters, ids, targets) for one case: GPT-2's initialisation with every weight
     matrix WEIGHT_SPREAD times wider and every bias and layer-norm parameter moved off 0 and 1 (so
-    a dropped bias or swapped gamma/beta shows)."""
+    a dropped bias or swapped gamma/beta shows). With `ignore_index`, about a third of the targets
+    (drawn from the seed; never the last) are set to it."""
     params = models.scale_params(models.build_numpy_model(config, seed=seed % 1000).params, seed)
     params = {k: v * WEIGHT_SPREAD if v.ndim == 2 else v for k, v in params.items()}
     ids, targets = models.random_batch(config, B, T, seed)
+    if ignore_index is not None:
+        drop = np.random.default_rng([seed, 3]).random(targets.shape) < 1 / 3
+        drop.flat[-1] = False
+        targets = np.where(drop, ignore_index, targets)
     return params, ids, targets
 
 
-def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtype="float32", device: str = "cpu"):
+def compare_model(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtype="float32", device: str = "cpu",
+                  ignore_index: int | None = None):
     """One case: `fn` against the oracle; returns every comparison (logits, loss, then each
     parameter gradient in docs/design.md's order)."""
-    return _compare(fn, config, B, T, seed, dtype, device)
+    return _compare(fn, config, B, T, seed, dtype, device, ignore_index=ignore_index)
 
 
 def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, device: str, *,
-             on: set | None = None, unused: list | None = None) -> list:
+             on: set | None = None, unused: list | None = None, ignore_index: int | None = None) -> list:
     """compare_model's work. `on`: None (the whole model), or the set of (block, part) left
     switched on, every other block part switched off (`switched_off`); then the forward only.
     `unused`: a list that gets the names of the parameters autograd does not reach from the loss
@@ -86,7 +96,7 @@ def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, devic
 
     dtype = canonical_dtype(dtype)
     check_dtype_on_device(dtype, device)
-    params, ids, targets = model_case(config, B, T, seed)
+    params, ids, targets = model_case(config, B, T, seed, ignore_index)
     if on is not None:
         params = switched_off(params, on)
     autocast = dtype in ("bfloat16", "float16")
@@ -94,7 +104,7 @@ def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, devic
     # The oracle runs on the values fn sees: the parameters as stored (float32 loses digits).
     seen = {k: to_numpy(torch.from_numpy(v).to(stored)).astype(np.float64) for k, v in params.items()}
     np_model = models.build_numpy_model(config, params=seen)
-    ref = models.run_numpy(np_model, ids, targets)
+    ref = models.run_numpy(np_model, ids, targets, ignore_index=ignore_index)
     tparams = {k: torch.from_numpy(v).to(device=device, dtype=stored).requires_grad_(True) for k, v in seen.items()}
     ids_t, targets_t = torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device)
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -126,7 +136,7 @@ def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, devic
         tg = gradient_tol(dtype)
         results += [compare(f"model d{k}", got[k], ref.grads[k], tg) for k in order]
     else:
-        scales = position_grad_scales(np_model, ids, targets)
+        scales = position_grad_scales(np_model, ids, targets, ignore_index=ignore_index)
         results += compare_grad_norms("model grads", got, ref.grads, scales, norm_tol, order)
     return results
 
@@ -154,7 +164,7 @@ def switched_off(params: dict[str, np.ndarray], on: set) -> dict[str, np.ndarray
 
 
 def locate_forward_difference(fn: Callable, config: dict, B: int, T: int, seed: int, *, dtype="float32",
-                              device: str = "cpu") -> str:
+                              device: str = "cpu", ignore_index: int | None = None) -> str:
     """Where a forward difference (logits or loss) starts, from the forward alone: the case is run
     again with every block part switched off (`switched_off`: the model is then the embeddings,
     ln_f, the head and the loss over the residual stream), then with one part at a time switched
@@ -166,7 +176,7 @@ def locate_forward_difference(fn: Callable, config: dict, B: int, T: int, seed: 
 
     def logits_share(on: set) -> tuple[bool, float]:
         """(within tolerance, the logits' largest difference as a share of the tolerance there)."""
-        results = _compare(fn, config, B, T, seed, dtype, device, on=on)
+        results = _compare(fn, config, B, T, seed, dtype, device, on=on, ignore_index=ignore_index)
         c = results[0]
         if not math.isfinite(c.max_abs):  # NaN or inf where the oracle has a number
             raise NotFinite()
@@ -177,7 +187,7 @@ def locate_forward_difference(fn: Callable, config: dict, B: int, T: int, seed: 
         # use (its own value instead, another block's) leaves a part on, or computes it wrongly,
         # whatever is zeroed, and every placement below would name the wrong place.
         unused: list = []
-        _compare(fn, config, B, T, seed, dtype, device, unused=unused)
+        _compare(fn, config, B, T, seed, dtype, device, unused=unused, ignore_index=ignore_index)
         if unused:
             shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
             return (f"the model does not use {shown} (autograd reaches none of them from the loss): it computes "
@@ -244,6 +254,9 @@ def _where_it_starts(results: list, place_forward: Callable[[], str]) -> str:
     order) marks it."""
     forward_ok = all(r.ok for r in results[:2])
     bad = [r.name for r in results[2:] if not r.ok]
+    if results[0].ok and not results[1].ok:
+        return ("the logits agree with the oracle's and the loss does not: the difference is in the loss (the "
+                "cross-entropy, its mean, or which targets it counts: one equal to ignore_index is left out)")
     if not forward_ok:
         return place_forward()
     if bad:
@@ -253,13 +266,20 @@ def _where_it_starts(results: list, place_forward: Callable[[], str]) -> str:
 
 
 def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=None, max_batch: int = 3,
-                max_time: int = 8, max_examples: int = 10, derandomize: bool = False) -> Report:
+                max_time: int = 8, max_examples: int = 10, derandomize: bool = False,
+                ignore_index: int | None = None) -> Report:
     """Check `fn` (see the module docstring) over hypothesis-drawn cases. `configs`: None (small
     drawn configurations, tied and untied, with and without qkv bias), one config dict (always
     that model; the batch and values are drawn), or a hypothesis strategy of config dicts.
+    `ignore_index`: an int (-100, say); about a third of the targets are set to it, and the loss
+    must leave them out (module docstring).
     Raises AssertionError on a mismatch (shrunk); returns a Report otherwise."""
     dtype = canonical_dtype(dtype)
     check_dtype_on_device(dtype, device)
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r} ({type(ignore_index).__name__})")
+    if ignore_index is not None and not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index!r}")
     if configs is None:
         configs = config_dicts(max_layers=2, max_heads=3, max_head_size=6, max_context=10, max_vocab=40)
         if dtype in ("bfloat16", "float16"):  # GRADIENT_NORM's bound was measured from C = 8 up (tolerances.py)
@@ -283,9 +303,9 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
     @given(case=cases())
     def _property(case) -> None:
         config, B, T, seed = case
-        results = compare_model(fn, config, B, T, seed, dtype=dtype, device=device)
+        results = compare_model(fn, config, B, T, seed, dtype=dtype, device=device, ignore_index=ignore_index)
         if not all(r.ok for r in results):
-            message = _failure(fn, config, B, T, seed, dtype, device, results, "")
+            message = _failure(fn, config, B, T, seed, dtype, device, results, "", ignore_index)
             failed[:] = [(config, B, T, seed, results, message)]
             raise AssertionError(message)
         report.comparisons.extend(results)
@@ -297,16 +317,18 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
         if failed and err.args == (failed[0][-1],):  # placing re-runs the model: once, on the shrunk case only
             config, B, T, seed, results, _ = failed[0]
             hint = _where_it_starts(results, lambda: locate_forward_difference(fn, config, B, T, seed, dtype=dtype,
-                                                                               device=device))
-            err.args = (_failure(fn, config, B, T, seed, dtype, device, results, hint),)
+                                                                               device=device,
+                                                                               ignore_index=ignore_index))
+            err.args = (_failure(fn, config, B, T, seed, dtype, device, results, hint, ignore_index),)
         raise
     return report
 
 
-def _failure(fn, config, B, T, seed, dtype, device, results, hint: str) -> str:
+def _failure(fn, config, B, T, seed, dtype, device, results, hint: str, ignore_index: int | None = None) -> str:
     name = own_name(fn, "fn")
+    ignoring = "" if ignore_index is None else f", ignore_index={ignore_index!r}"
     replay = replay_lines(["from parity_tests.model_oracle import compare_model"],
-                          f"compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r})",
-                          {name: fn})
+                          f"compare_model({name}, {config}, {B}, {T}, {seed}, dtype={dtype!r}, device={device!r}"
+                          f"{ignoring})", {name: fn})
     return failure_message(f"the model ({dtype}, {device}) differs from the oracle on config {config}, B={B}, T={T}, "
-                           f"seed={seed}", results, hint, replay)
+                           f"seed={seed}{ignoring}", results, hint, replay)

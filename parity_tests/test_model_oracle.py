@@ -100,6 +100,8 @@ def user_adapter(bug=None, left_out=()):
             w = p.t() if kind == "weight" and not layer.startswith("ln") else p  # (in, out) -> nn.Linear's (out, in)
             state[f"blocks.{i}.{parts[layer]}.{kind}"] = w
         logits = torch.func.functional_call(model.to(params["wte.weight"].dtype), state, (ids,), strict=False)
+        if bug == "ignored_as_0":  # the loss scores an ignored target (-100) as class 0 instead of leaving it out
+            targets = targets.clamp(min=0)
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     return fn
 
@@ -110,8 +112,12 @@ def test_a_model_in_another_layout_passes_through_its_adapter():
 
 
 def test_a_mask_that_leaks_a_future_token_is_a_forward_difference():
+    """On a two-block model the leak is placed in block 0's attention (as in 40 of 40 drawn failing
+    cases tried). Not on drawn configurations: the derandomized search follows the source of
+    check_model's property, and one edit led it to shrink to C = 2, T = 2, where the leak is 0.07 of
+    the tolerance with block 0's MLP switched off and is reported as how the parts combine."""
     with pytest.raises(AssertionError) as info:
-        check_model(user_adapter(bug="leak"), dtype="float32", max_examples=10, derandomize=True)
+        check_model(user_adapter(bug="leak"), dtype="float32", max_examples=10, derandomize=True, configs=TWO_BLOCKS)
     message = str(info.value)
     hint = next(line for line in message.splitlines() if "the forward differs" in line)
     assert "model logits" in message and "h.0.attn, block 0's attention" in hint, message
@@ -264,3 +270,47 @@ def test_what_the_model_returns_is_checked():
         check_model(torch_impl_model, configs=[1, 2])
     with pytest.raises(ValueError, match="tf32"):
         check_model(torch_impl_model, dtype="tf32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ignored_targets_pass_a_loss_that_leaves_them_out(dtype):
+    """check_model(ignore_index=-100), the padding of the book's chapter 7: F.cross_entropy's
+    default leaves those targets out, as the oracle does; so does torch_impl given ignore_index."""
+    report = check_model(user_adapter(), dtype=dtype, max_examples=5, derandomize=True, ignore_index=-100)
+    assert report.examples == 5 and all(c.ok for c in report.comparisons)
+
+    def ours(params, ids, targets, config):
+        from torch_impl.config import GPTConfig
+        from torch_impl.model import GPTModel
+
+        model = GPTModel(GPTConfig(**config), dtype=params["wte.weight"].dtype)
+        return torch.func.functional_call(model, params, (ids, targets), {"ignore_index": -7})
+
+    report = check_model(ours, dtype=dtype, max_examples=5, derandomize=True, ignore_index=-7)
+    assert report.examples == 5 and all(c.ok for c in report.comparisons)
+
+
+def test_a_loss_that_counts_ignored_targets_fails_and_replays_with_them():
+    params, _, targets = model_case(TWO_BLOCKS, 2, 5, 7, ignore_index=-100)
+    ignored = int((targets == -100).sum())
+    assert 0 < ignored < targets.size and targets.flat[-1] != -100, targets
+    with pytest.raises(AssertionError) as info:
+        check_model(user_adapter(bug="ignored_as_0"), dtype="float64", max_examples=10, derandomize=True,
+                    ignore_index=-100)
+    message = str(info.value)
+    assert "model loss" in message and "ignore_index=-100" in message, message
+    assert "the logits agree with the oracle's and the loss does not" in message, message
+    block = message.split("replay (paste after your own definitions):\n", 1)[1]
+    code = "\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))
+    namespace = {"fn": user_adapter(bug="ignored_as_0")}
+    exec(code.replace("fn = ...", "pass  #"), namespace)  # noqa: S102 - our own message
+    assert any(not r.ok for r in namespace["results"]), code
+    # Without ignored targets the same loss is right: the check is what finds it.
+    assert all(r.ok for r in compare_model(user_adapter(bug="ignored_as_0"), TWO_BLOCKS, 2, 5, 7, dtype="float64"))
+
+
+@pytest.mark.parametrize("bad,error", [(True, TypeError), (-1.5, TypeError), ("-100", TypeError),
+                                       (2**63, ValueError), (-2**63 - 1, ValueError)])
+def test_a_bad_ignore_index_is_refused_naming_it(bad, error):
+    with pytest.raises(error, match="ignore_index"):
+        check_model(user_adapter(), ignore_index=bad, max_examples=1)
