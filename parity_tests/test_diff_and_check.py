@@ -389,6 +389,65 @@ def _rightmost_merge(monkeypatch):
     monkeypatch.setattr(encoding, "_encode_piece", functools.lru_cache(maxsize=None)(rightmost))
 
 
+def _ignored_rows_logits_zeroed(monkeypatch):
+    import torch_impl.model as tmodel
+
+    real = tmodel.head_loss_forward
+
+    def zeroed(x, head, targets, ignore_index=None, *args, **kwargs):  # ignored rows' logits wrong, loss right
+        if ignore_index is not None:
+            x = x * (targets != ignore_index).unsqueeze(-1).to(x.dtype)
+        return real(x, head, targets, ignore_index, *args, **kwargs)
+
+    monkeypatch.setattr(tmodel, "head_loss_forward", zeroed)
+
+
+def _validation_swapped_for_training(monkeypatch):
+    import torch_impl.train as ttrain
+
+    real = ttrain.record_eval
+
+    def swapped(trainer, *args, **kwargs):  # the training batches evaluated as the validation set
+        saved = trainer.eval_sets["val"]
+        trainer.eval_sets["val"] = trainer.eval_sets["train"]
+        try:
+            return real(trainer, *args, **kwargs)
+        finally:
+            trainer.eval_sets["val"] = saved
+
+    monkeypatch.setattr(ttrain, "record_eval", swapped)
+
+
+def _clip_scales_every_gradient_to_the_threshold(monkeypatch):
+    import torch
+
+    import torch_impl.train as ttrain
+
+    def always(parameters, max_norm):  # min(1, max_norm / norm) without the min: small gradients grow
+        params = [p for p in parameters if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        for q in params:
+            q.grad.mul_(max_norm / (norm + 1e-6))
+        return norm
+
+    monkeypatch.setattr(ttrain, "clip_grad_norm", always)
+
+
+def _torch_fills_a_missing_bias_with_ones(monkeypatch):
+    import torch
+
+    import torch_impl.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+
+    def ones(tensors, *args, **kwargs):  # the zeros that stand for "no qkv bias" written as ones
+        tensors = {k: (torch.ones_like(v) if k.endswith("attn.c_attn.bias") and not v.any() else v)
+                   for k, v in tensors.items()}
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", ones)
+
+
 SMALL = checks.DEFAULT_CONFIGS["small"]
 TINY = checks.DEFAULT_CONFIGS["tiny"]
 FAULT_ROWS = {
@@ -409,20 +468,40 @@ FAULT_ROWS = {
     "loss rounded to bf16": (_bf16_rounded_loss, lambda: checks.model_rows("small", SMALL, "bfloat16"),
                              ["model[small] loss vs its own logits"]),
     "rightmost BPE merge": (_rightmost_merge, checks.tokenizer_rows, ["tokenizer: BPE vs tiktoken (21 edge strings)"]),
+    "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
+                                   lambda: checks.model_rows("small", SMALL, "float32", variant="ignored targets"),
+                                   ["model[small] ignored targets logits"]),
+    "validation swapped for training": (_validation_swapped_for_training, lambda: checks.training_rows("tiny", TINY),
+                                        ["train[tiny] AdamW evaluation losses", "train[tiny] SGD evaluation losses"]),
+    "clip scales small gradients up": (_clip_scales_every_gradient_to_the_threshold,
+                                       lambda: checks.training_rows("tiny", TINY),
+                                       ["train[tiny] AdamW weights after 6 steps (29 tensors)"]),
+    # numpy_ref's loader refuses the file (a non-zero bias where the config has none): the
+    # checkpoint rows fail as one ERROR naming it. With only the first configuration (tiny, which
+    # has a qkv bias) checked, this passed.
+    "missing qkv bias written as ones": (_torch_fills_a_missing_bias_with_ones,
+                                         lambda: checks.checkpoint_rows("small", SMALL),
+                                         ["checkpoint[small]"], ("ERROR", "is non-zero but the config has qkv_bias=False")),
 }
 
 
 @pytest.mark.parametrize("fault", list(FAULT_ROWS))
 def test_checks_extra_rows_pass_on_the_real_trees_and_fail_on_the_fault_they_exist_for(fault, monkeypatch):
-    inject, rows_of, must_fail = FAULT_ROWS[fault]
+    """Each fault fails the rows named, as a MISMATCH (an ERROR would also be what an exception in
+    the injected code gives); where the trees refuse the fault themselves, as the ERROR expected."""
+    inject, rows_of, must_fail, *expected = FAULT_ROWS[fault]
+    verdict, says = expected[0] if expected else ("MISMATCH", "")
     clean = rows_of()
     assert all(r.ok for r in clean), [(r.component, r.verdict, r.detail) for r in clean if not r.ok]
     names = [r.component for r in clean]
-    assert all(name in names for name in must_fail), f"rows {must_fail} not among {names}"
+    if verdict == "MISMATCH":
+        assert all(name in names for name in must_fail), f"rows {must_fail} not among {names}"
     inject(monkeypatch)
     faulty = {r.component: r for r in rows_of()}
-    passed = [name for name in must_fail if faulty[name].verdict != "MISMATCH"]
-    assert not passed, f"under the fault {fault!r} these rows did not report a mismatch: " + "; ".join(
+    missing = [name for name in must_fail if name not in faulty]
+    assert not missing, f"under the fault {fault!r} no rows {missing} among {list(faulty)}"
+    passed = [name for name in must_fail if faulty[name].verdict != verdict or says not in faulty[name].detail]
+    assert not passed, f"under the fault {fault!r} these rows did not report {verdict} {says!r}: " + "; ".join(
         f"{name}: {faulty[name].verdict} {faulty[name].detail}" for name in passed)
 
 
@@ -433,3 +512,52 @@ def test_training_rows_run_on_tiny_whatever_the_configuration():
     trained = [r.component for r in rows if r.component.startswith("train[")]
     assert trained and all(c.startswith("train[tiny] ") for c in trained), trained
     assert all(r.ok for r in rows), [(r.component, r.detail) for r in rows if not r.ok]
+
+
+
+def test_the_adamw_training_row_clips_some_steps_and_not_others(monkeypatch):
+    """Its premise: a clip that also scaled small gradients up (no min(1, .)) passed a run where
+    every step's norm was over the threshold (0.05, against norms of 0.61 to 0.86)."""
+    import numpy_ref.train as ntrain
+
+    norms, real = [], ntrain.clip_grad_norm
+
+    def recorded(grads, max_norm):
+        norms.append(real(grads, max_norm))
+        return norms[-1]
+
+    monkeypatch.setattr(ntrain, "clip_grad_norm", recorded)
+    rows = checks.training_rows("tiny", TINY)
+    assert all(r.ok for r in rows), [(r.component, r.detail) for r in rows if not r.ok]
+    clip = checks.TRAINING_RUNS["AdamW"]["grad_clip"]
+    assert len(norms) == checks.TRAINING_STEPS, norms
+    assert any(n > clip for n in norms) and any(n < clip for n in norms), f"norms {norms} against the clip {clip}"
+
+
+@pytest.mark.parametrize("context, chunked", [(1, False), (4, False), (5, False), (6, True)])
+def test_kv_cache_rows_take_the_chunks_only_where_a_chunk_follows_a_past(context, chunked):
+    """[0, 3, 4, T] cuts gave an empty chunk (an ERROR for all four rows) at a context of 4 or
+    less, and a one-token "rest" at 5."""
+    rows = checks.kv_cache_rows("c", dict(TINY, context_length=context))
+    assert all(r.ok for r in rows), [(r.component, r.verdict, r.detail) for r in rows]
+    names = [r.component for r in rows]
+    assert len(names) == (4 if chunked else 2) and any("chunks" in n for n in names) == chunked, names
+
+
+def test_ignored_targets_keep_one_position_counted():
+    one = checks.with_ignored_targets(np.array([[5]]), 0)
+    assert one.tolist() == [[5]]
+    many = checks.with_ignored_targets(np.arange(24).reshape(2, 12), 0)
+    assert many.flat[0] == checks.IGNORED and many.flat[-1] != checks.IGNORED
+    assert 0 < int((many == checks.IGNORED).sum()) < 24
+
+
+def test_cache_generation_and_checkpoint_rows_run_for_every_configuration():
+    """Only the first configuration had them: a torch_impl checkpoint writer that filled the missing
+    qkv bias of `small` wrongly passed `check`."""
+    rows = checks.run_check(configs={"tiny": TINY, "small": SMALL}, dtypes=())
+    names = [r.component for r in rows]
+    for name in ("tiny", "small"):
+        for row in (f"kv-cache[{name}] torch cached in chunks 3, 1, rest vs oracle full", f"generate[{name}] top-p 0.9",
+                    f"checkpoint[{name}] torch->numpy logits"):
+            assert row in names, f"{row} missing from {names}"
