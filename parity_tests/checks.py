@@ -221,7 +221,9 @@ def layer_rows(dtype: str, device: str = "cpu", seeds: Iterable[int] = (0, 1, 2)
 # ---- model level ----------------------------------------------------------------------------
 
 
-IGNORED = -100  # the ignore_index of the ignored-targets rows (torch's default for cross_entropy)
+# The ignore_index of the ignored-targets rows: not -100, F.cross_entropy's default, so that a
+# path dropping the argument (or writing -100 for it) fails.
+IGNORED = -7
 MODEL_VARIANTS = ("plain", "ignored targets", "dropout masks")
 DROP_RATE = 0.25  # the rate of the explicit dropout masks in the "dropout masks" rows
 
@@ -508,9 +510,31 @@ def training_rows(config_name: str, config_d: dict, seed: int = 0, device: str =
                      [compare(f"{label} {k}", weights[k], v, tg) for k, v in np_model.params.items()], tg),
         ]
 
+    def evaluation_with_dropout() -> list[Row]:
+        """Each tree's `evaluate` on a model with dropout 0.25, the torch one left in training mode:
+        evaluation must run without dropout (numpy_ref's model drops only through explicit masks)."""
+        from numpy_ref.train import evaluate as np_evaluate
+        from torch_impl.train import evaluate as t_evaluate
+
+        label = f"train[{config_name}] evaluation of a model with dropout, in training mode"
+        cfg = {**config_d, "drop_rate": DROP_RATE}
+        T = min(config_d["context_length"], 8)
+        np_model = _perturbed_numpy_model(cfg, seed)
+        t_model = models.build_torch_model(cfg, np_model.params, dtype="float64", device=device).train()
+        tokens = np.random.default_rng(seed + 9).integers(0, config_d["vocab_size"], 8 * T + 1)
+        batches = [(tokens[i * T:(i + 1) * T].reshape(1, T), tokens[i * T + 1:(i + 1) * T + 1].reshape(1, T))
+                   for i in range(8)]
+        expected = np_evaluate(np_model, batches)
+        got = t_evaluate(t_model, [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in batches])
+        if not t_model.training:
+            raise AssertionError(f"{label}: torch_impl's evaluate left the model in eval mode")
+        tf = forward_tol("float64")
+        return [row_from(label, "float64", [compare(label, np.array(got), np.array(expected), tf)], tf)]
+
     rows = []
     for optimizer in TRAINING_RUNS:
         rows += guarded(f"train[{config_name}] {optimizer}", "float64", lambda optimizer=optimizer: one(optimizer))
+    rows += guarded(f"train[{config_name}] evaluation with dropout", "float64", evaluation_with_dropout)
     return rows
 
 

@@ -23,10 +23,10 @@ seed, `fn` gets:
     ids, targets  (B, T) int64.
     config   the GPTConfig fields: vocab_size, context_length, emb_dim, n_heads, n_layers,
              drop_rate (always 0), qkv_bias, tie_embeddings, ln_eps.
-and returns (logits (B, T, V), mean cross-entropy loss ()). With `ignore_index=I` (the book's
-chapter 7 pads instruction targets with -100, PyTorch's default), about a third of the targets
-are I and the loss is the mean over the others: `F.cross_entropy(..., ignore_index=I)`'s rule;
-the last position is always counted. Logits and loss are compared with the
+and returns (logits (B, T, V), mean cross-entropy loss ()). With `ignore_index=I`, a negative
+int (the book's chapter 7 pads instruction targets with -100, PyTorch's default), about a third
+of the targets are I and the loss is the mean over the others: `F.cross_entropy(...,
+ignore_index=I)`'s rule; the last position is always counted. Logits and loss are compared with the
 float64 oracle (numpy_ref) run on the same parameter values, then every parameter gradient:
 elementwise in float64 / float32 / tf32, per tensor under autocast (tolerances.GRADIENT_NORM).
 A failure lists every tensor over tolerance in the model's order, says where the error starts, and
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -116,6 +117,10 @@ def _compare(fn: Callable, config: dict, B: int, T: int, seed: int, dtype, devic
                 returned = fn(tparams, ids_t, targets_t, dict(config))
             except Exception as err:
                 note_on_error(err, "the model", {"ids": ids_t, **tparams})
+                if ignore_index is not None and hasattr(err, "add_note"):
+                    err.add_note(f"{int((targets == ignore_index).sum())} of the {targets.size} targets are "
+                                 f"{ignore_index} (check_model(ignore_index={ignore_index})): the loss must leave "
+                                 f"them out, as F.cross_entropy(..., ignore_index={ignore_index}) does")
                 raise
         logits, loss = _checked_outputs(returned, ref.logits.shape, dtype, torch)
         grads = torch.autograd.grad(loss, list(tparams.values()), allow_unused=True) if on is None else None
@@ -256,7 +261,7 @@ def _where_it_starts(results: list, place_forward: Callable[[], str]) -> str:
     bad = [r.name for r in results[2:] if not r.ok]
     if results[0].ok and not results[1].ok:
         return ("the logits agree with the oracle's and the loss does not: the difference is in the loss (the "
-                "cross-entropy, its mean, or which targets it counts: one equal to ignore_index is left out)")
+                "cross-entropy, its mean, or which targets it counts)")
     if not forward_ok:
         return place_forward()
     if bad:
@@ -271,15 +276,19 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
     """Check `fn` (see the module docstring) over hypothesis-drawn cases. `configs`: None (small
     drawn configurations, tied and untied, with and without qkv bias), one config dict (always
     that model; the batch and values are drawn), or a hypothesis strategy of config dicts.
-    `ignore_index`: an int (-100, say); about a third of the targets are set to it, and the loss
-    must leave them out (module docstring).
+    `ignore_index`: a negative int (-100, say); about a third of the targets are set to it, and
+    the loss must leave them out (module docstring).
     Raises AssertionError on a mismatch (shrunk); returns a Report otherwise."""
     dtype = canonical_dtype(dtype)
     check_dtype_on_device(dtype, device)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r} ({type(ignore_index).__name__})")
-    if ignore_index is not None and not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index!r}")
+    if ignore_index is not None:
+        if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"check_model: ignore_index must be an int or None, got {ignore_index!r} "
+                            f"({type(ignore_index).__name__})")
+        if not -2**63 <= int(ignore_index) < 0:
+            raise ValueError(f"check_model: ignore_index must be a negative int64, as padding is (-100 in the "
+                             f"book): a class id would also drop the real targets of that class, got {ignore_index!r}")
+        ignore_index = int(ignore_index)
     if configs is None:
         configs = config_dicts(max_layers=2, max_heads=3, max_head_size=6, max_context=10, max_vocab=40)
         if dtype in ("bfloat16", "float16"):  # GRADIENT_NORM's bound was measured from C = 8 up (tolerances.py)

@@ -448,6 +448,30 @@ def _torch_fills_a_missing_bias_with_ones(monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", ones)
 
 
+def _evaluation_without_eval_mode(monkeypatch):
+    import torch_impl.train as ttrain
+
+    def in_training_mode(model, batches):  # the mean loss, but dropout left on
+        total, count = 0.0, 0
+        for inputs, targets in batches:
+            _, loss = model(inputs, targets)
+            total, count = total + float(loss.detach()) * targets.numel(), count + targets.numel()
+        return total / count
+
+    monkeypatch.setattr(ttrain, "evaluate", in_training_mode)
+
+
+def _default_ignore_index(monkeypatch):
+    import torch_impl.model as tmodel
+
+    real = tmodel.head_loss_forward
+
+    def default(x, head, targets, ignore_index=None, *args, **kwargs):  # -100 whatever the caller asked
+        return real(x, head, targets, None if ignore_index is None else -100, *args, **kwargs)
+
+    monkeypatch.setattr(tmodel, "head_loss_forward", default)
+
+
 SMALL = checks.DEFAULT_CONFIGS["small"]
 TINY = checks.DEFAULT_CONFIGS["tiny"]
 FAULT_ROWS = {
@@ -479,6 +503,12 @@ FAULT_ROWS = {
     # numpy_ref's loader refuses the file (a non-zero bias where the config has none): the
     # checkpoint rows fail as one ERROR naming it. With only the first configuration (tiny, which
     # has a qkv bias) checked, this passed.
+    "evaluation with dropout on": (_evaluation_without_eval_mode, lambda: checks.training_rows("tiny", TINY),
+                                   ["train[tiny] evaluation of a model with dropout, in training mode"]),
+    # The targets hold -7 (checks.IGNORED): a loss that ignores -100 instead refuses them as ids.
+    "ignore_index taken as -100": (_default_ignore_index,
+                                   lambda: checks.model_rows("small", SMALL, "float32", variant="ignored targets"),
+                                   ["model[small] ignored targets"], ("ERROR", "-7")),
     "missing qkv bias written as ones": (_torch_fills_a_missing_bias_with_ones,
                                          lambda: checks.checkpoint_rows("small", SMALL),
                                          ["checkpoint[small]"], ("ERROR", "is non-zero but the config has qkv_bias=False")),

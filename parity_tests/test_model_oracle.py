@@ -310,7 +310,34 @@ def test_a_loss_that_counts_ignored_targets_fails_and_replays_with_them():
 
 
 @pytest.mark.parametrize("bad,error", [(True, TypeError), (-1.5, TypeError), ("-100", TypeError),
-                                       (2**63, ValueError), (-2**63 - 1, ValueError)])
-def test_a_bad_ignore_index_is_refused_naming_it(bad, error):
-    with pytest.raises(error, match="ignore_index"):
-        check_model(user_adapter(), ignore_index=bad, max_examples=1)
+                                       (0, ValueError), (5, ValueError), (2**63, ValueError),
+                                       (-2**63 - 1, ValueError)])
+def test_a_bad_ignore_index_is_refused_naming_it_before_the_model_runs(bad, error):
+    """A class id as ignore_index (0) also dropped real targets of that class: with one position,
+    every target, and the oracle raised on a correct model."""
+    calls = []
+
+    def fn(*args):
+        calls.append(args)
+        return user_adapter()(*args)
+
+    with pytest.raises(error, match=r"check_model: ignore_index must be"):
+        check_model(fn, ignore_index=bad, max_examples=1)
+    assert not calls, "the model ran before ignore_index was checked"
+
+
+def test_a_numpy_integer_ignore_index_is_taken():
+    report = check_model(user_adapter(), ignore_index=np.int64(-100), max_examples=2, derandomize=True)
+    assert report.examples == 2
+
+
+def test_a_model_that_fails_on_ignored_targets_is_told_they_were_put_there():
+    def gathered(params, ids, targets, config):  # a loss by gather: -100 is out of range
+        logits, _ = user_adapter()(params, ids, targets.clamp(min=0), config)
+        logp = torch.log_softmax(logits, dim=-1)
+        return logits, -logp.gather(-1, targets.unsqueeze(-1)).mean()
+
+    with pytest.raises(RuntimeError) as info:
+        check_model(gathered, dtype="float64", max_examples=3, derandomize=True, ignore_index=-100)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "targets are -100 (check_model(ignore_index=-100)): the loss must leave them out" in notes, notes
