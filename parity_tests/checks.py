@@ -7,8 +7,10 @@ silent skip: the command exits non-zero on anything but `ok`.
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -23,12 +25,14 @@ from parity_tests.tolerances import (NormTol, Tol, forward_tol, gradient_norm_to
 # few layers wider, with a tied head and no qkv bias, so both head and bias variants are swept,
 # and a vocabulary past torch_impl's head slice (HEAD_CHUNK = 512 rows), so that its CPU paths
 # (the sliced head and loss, with a partial last slice, and the tied head's gradient) are checked
-# too: at 512 they never ran, and a sliced head dropping its last slice passed `check`.
+# too: at 512 they never ran, and a sliced head dropping its last slice passed `check`. Its
+# layer-norm eps is not GPT-2's 1e-5, so that a path (a loader, a layer) that drops the setting
+# for the default fails.
 DEFAULT_CONFIGS = {
     "tiny": dict(vocab_size=101, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                  qkv_bias=True, tie_embeddings=False, ln_eps=1e-5),
     "small": dict(vocab_size=600, context_length=64, emb_dim=96, n_heads=6, n_layers=3, drop_rate=0.0,
-                  qkv_bias=False, tie_embeddings=True, ln_eps=1e-5),
+                  qkv_bias=False, tie_embeddings=True, ln_eps=1e-3),
 }
 DEFAULT_DTYPES = ("float64", "float32", "bfloat16")
 
@@ -368,7 +372,10 @@ def kv_cache_rows(config_name: str, config_d: dict, device: str = "cpu", seed: i
 
 def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
     """Greedy and sampled tokens, given the same uniform draws, are identical in both trees (the
-    torch model on `device`; its sampling runs on the host, generate.py)."""
+    torch model on `device`; its sampling runs on the host, generate.py): from a short prompt; with
+    a stop token that one row produces before the other (a row that stopped is padded with it, and
+    the run goes on until every row has); and from a prompt 2 short of the context, so that the
+    window slides and the cache is rebuilt."""
     import torch
 
     from numpy_ref.generate import generate as np_generate
@@ -379,16 +386,31 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str
         np_model = _perturbed_numpy_model(config_d, seed)
         t_model = models.build_torch_model(config_d, np_model.params, dtype="float64", device=device)
         ids, _ = models.random_batch(config_d, 2, 3, seed)
-        n = min(8, config_d["context_length"])
+        Tc = config_d["context_length"]
+        n = min(8, Tc)
         coins = np.random.default_rng(seed).uniform(size=(n, 2))
+        runs = [("greedy", ids, dict(temperature=0.0)),
+                ("temperature 0.8", ids, dict(temperature=0.8)),
+                ("top-k 5", ids, dict(temperature=1.0, top_k=5)),
+                ("top-p 0.9", ids, dict(temperature=1.0, top_p=0.9))]
+        plain = np.asarray(np_generate(np_model, ids, n, coins=coins, temperature=0.8))  # (2, 3 + n)
+        stop = int(plain[0, 4])  # row 0's second new token
+        if stop not in plain[1, 3:]:  # row 1 never makes it: row 0 stops first, row 1 runs on
+            runs.append(("temperature 0.8, a stop token", ids, dict(temperature=0.8, eos_id=stop)))
+        if 4 <= Tc <= 256:  # past that, each step past the context re-runs a whole window in float64
+            long_ids, _ = models.random_batch(config_d, 2, Tc - 2, seed + 1)
+            runs.append(("greedy past the context", long_ids, dict(temperature=0.0)))
+        # Past the context, weight matrices 5x wider (model_oracle.WEIGHT_SPREAD's reason): at GPT-2's
+        # initial spread attention is so even that a window one token short gave the same tokens.
+        sharp = {k: v * 5.0 if v.ndim == 2 else v for k, v in np_model.params.items()}
+        np_sharp = models.build_numpy_model(config_d, seed=seed, params=sharp)
+        t_sharp = models.build_torch_model(config_d, sharp, dtype="float64", device=device)
         rows = []
-        for label, kwargs in [("greedy", dict(temperature=0.0)),
-                              ("temperature 0.8", dict(temperature=0.8)),
-                              ("top-k 5", dict(temperature=1.0, top_k=5)),
-                              ("top-p 0.9", dict(temperature=1.0, top_p=0.9))]:
-            a = np.asarray(np_generate(np_model, ids, n, coins=coins, **kwargs))
+        for label, ids, kwargs in runs:
+            np_m, t_m = (np_sharp, t_sharp) if label == "greedy past the context" else (np_model, t_model)
+            a = np.asarray(np_generate(np_m, ids, n, coins=coins, **kwargs))
             with torch.no_grad():
-                b = models.to_numpy(t_generate(t_model, torch.from_numpy(ids).to(device), n, coins=coins, **kwargs))
+                b = models.to_numpy(t_generate(t_m, torch.from_numpy(ids).to(device), n, coins=coins, **kwargs))
             mismatches = int(np.sum(a != b)) if a.shape == b.shape else -1
             verdict = "ok" if mismatches == 0 else "MISMATCH"
             detail = "" if verdict == "ok" else f"numpy {a.tolist()} vs torch {b.tolist()}"
@@ -419,14 +441,26 @@ def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str
             with torch.no_grad():
                 got = models.to_numpy(t_model(torch.from_numpy(ids).to(device)))
             back = NpModel.from_pretrained(d)
-        # The other way: saved by torch_impl (from the oracle's float64 weights), read by both.
+        # The other way: saved by torch_impl (from the oracle's float64 weights), read by both; then,
+        # for a tied model, its config.json cut to the keys of GPT-2's on the Hugging Face hub (no
+        # tie_word_embeddings, whose default is True; no gpt_oracle block), read by both.
         t_source = models.build_torch_model(config_d, np_model.params, dtype="float64", device=device)
+        hub = {}
         with tempfile.TemporaryDirectory() as d:
             t_source.save_pretrained(d)
             from_torch = NpModel.from_pretrained(d)
             t_back = TModel.from_pretrained(d, device=device).double().eval()
             with torch.no_grad():
                 got_back = models.to_numpy(t_back(torch.from_numpy(ids).to(device)))
+            if config_d["tie_embeddings"]:
+                written = json.loads((Path(d) / "config.json").read_text())
+                keys = ("n_ctx", "n_embd", "n_head", "n_layer", "n_positions", "vocab_size", "layer_norm_epsilon",
+                        "resid_pdrop", "embd_pdrop", "attn_pdrop", "model_type", "architectures")
+                (Path(d) / "config.json").write_text(json.dumps({k: written[k] for k in keys if k in written}))
+                t_hub = TModel.from_pretrained(d, device=device).double().eval()
+                with torch.no_grad():
+                    hub["torch"] = models.to_numpy(t_hub(torch.from_numpy(ids).to(device)))
+                hub["numpy"] = np.asarray(NpModel.from_pretrained(d)(ids))
         # Checkpoints hold float32: compare against the oracle run on the float32-rounded weights.
         rounded = {k: v.astype(np.float32).astype(np.float64) for k, v in np_model.params.items()}
         ref = np.asarray(models.build_numpy_model(config_d, seed=seed, params=rounded)(ids))
@@ -438,7 +472,8 @@ def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str
             row_from(f"{label} torch->numpy logits", "float64",
                      [compare("torch->numpy", np.asarray(from_torch(ids)), ref, tol)], tol),
             row_from(f"{label} torch->torch logits", "float64", [compare("torch->torch", got_back, ref, tol)], tol),
-        ]
+        ] + [row_from(f"{label} hub-style config.json ->{tree} logits", "float64",
+                      [compare(f"hub-style config.json ->{tree}", logits, ref, tol)], tol) for tree, logits in hub.items()]
 
     return guarded(f"checkpoint[{config_name}]", "float64", run)
 
@@ -450,8 +485,10 @@ TRAINING_COMMON = dict(steps=TRAINING_STEPS, grad_accum=2, warmup_steps=2, eval_
 # 0.61 to 0.86, a test holds the split): a clip that scaled every gradient to the threshold, or
 # none, would pass a run where every step clips. SGD with momentum does not clip: unlike AdamW it
 # sees the gradient's scale (an accumulated gradient left unscaled by 1/grad_accum moves it twice
-# as far; AdamW only through eps).
-TRAINING_RUNS = {"AdamW": dict(optimizer="adamw", max_lr=1e-2, min_lr=1e-3, weight_decay=0.1, grad_clip=0.75),
+# as far; AdamW only through eps). AdamW's eps is not the default 1e-8, so that an optimiser that
+# drops the setting fails.
+TRAINING_RUNS = {"AdamW": dict(optimizer="adamw", max_lr=1e-2, min_lr=1e-3, weight_decay=0.1, grad_clip=0.75,
+                               eps=1e-5),
                  "SGD": dict(optimizer="sgd", momentum=0.9, max_lr=0.5, min_lr=0.05, weight_decay=0.1,
                              grad_clip=None)}
 
@@ -624,10 +661,26 @@ def run_check(configs: dict[str, dict] | None = None, dtypes: Iterable[str] = DE
 
 
 def pretrained_rows(directory: str, dtypes: Iterable[str], device: str = "cpu") -> list[Row]:
-    """Real weights: load the checkpoint into both trees and compare logits, loss and grads."""
+    """Real weights: each tree's loader reads the same configuration and the same values; then the
+    oracle's are run in both trees and logits, loss and grads compared."""
     from numpy_ref.checkpoint import load_checkpoint
 
-    rows = []
+    def loaders() -> list[Row]:
+        import torch
+
+        from torch_impl.checkpoint import load_checkpoint as t_load
+
+        label = f"checkpoint {directory}: torch_impl's loader vs numpy_ref's"
+        config, params = load_checkpoint(directory, dtype=np.float64)
+        t_config, state = t_load(directory, dtype=torch.float64)
+        if t_config.to_dict() != config.to_dict():
+            raise AssertionError(f"{label}: configurations differ: torch_impl {t_config.to_dict()}, "
+                                 f"numpy_ref {config.to_dict()}")
+        exact = Tol(0.0, 0.0, "the same float32 values from the same file")
+        return [row_from(label, "float64", [compare(f"{label} {k}", state.get(k), v, exact) for k, v in params.items()],
+                         exact)]
+
+    rows = guarded(f"checkpoint {directory} loaders", "float64", loaders)
     for dtype in dtypes:
         def run(dtype=dtype) -> list[Row]:
             config, params = load_checkpoint(directory, dtype=np.float64)

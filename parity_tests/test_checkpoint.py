@@ -231,6 +231,38 @@ def test_we_load_what_transformers_saves(tie):
         _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, f"GPT2LMHeadModel.save_pretrained (tied={tie})")
 
 
+# The keys of the config.json published with OpenAI's GPT-2 on the Hugging Face hub
+# (openai-community/gpt2): no tie_word_embeddings (GPT2Config's default, True, applies), and n_ctx
+# beside n_positions. Values other than the sizes do not matter here.
+HUB_GPT2_KEYS = ("activation_function", "architectures", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
+                 "initializer_range", "layer_norm_epsilon", "model_type", "n_ctx", "n_embd", "n_head", "n_layer",
+                 "n_positions", "resid_pdrop", "vocab_size")
+
+
+def test_we_load_a_config_in_the_hubs_gpt2_layout_as_tied():
+    """A config.json with the hub GPT-2's keys only (no tie_word_embeddings) and no lm_head in the
+    file: both trees read a tied model with transformers' logits. A survey's mutation (a missing key
+    read as untied) passed every test, since transformers now writes the key."""
+    import json
+
+    from transformers import GPT2LMHeadModel
+
+    cfg = cc.tiny(tie_embeddings=True, ln_eps=1e-3)
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(cc.hf_config(cfg))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        written = json.loads((Path(d) / "config.json").read_text())
+        hub = {k: written[k] for k in HUB_GPT2_KEYS if k in written} | {"n_ctx": cfg["context_length"]}
+        assert "tie_word_embeddings" not in hub and "lm_head.weight" not in official_load_np(
+            str(Path(d) / "model.safetensors")), "the layout is not the hub's"
+        (Path(d) / "config.json").write_text(json.dumps(hub))
+        _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, "a config.json in the hub's GPT-2 layout")
+
+
 # The mask buffer's dtype followed transformers' code: float in the original GPT-2 files, then
 # uint8, then bool, until it stopped being saved; all three are still in published files.
 @pytest.mark.parametrize("mask_dtype", [torch.float32, torch.uint8, torch.bool])

@@ -1,6 +1,7 @@
 """`gpt-oracle diff` and `gpt-oracle check`: they pass on the real trees, fail on injected
 faults, and name the place."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -472,6 +473,61 @@ def _default_ignore_index(monkeypatch):
     monkeypatch.setattr(tmodel, "head_loss_forward", default)
 
 
+def _adamw_eps_left_at_its_default(monkeypatch):
+    import torch_impl.train as ttrain
+
+    real = ttrain.build_optimizer
+
+    def default_eps(model, kind="adamw", **kwargs):
+        return real(model, kind, **{**kwargs, "eps": 1e-8})
+
+    monkeypatch.setattr(ttrain, "build_optimizer", default_eps)
+
+
+def _hub_config_read_with_default_eps(monkeypatch):
+    import torch_impl.checkpoint as checkpoint
+
+    real = checkpoint.config_from_hf
+
+    def default_eps(hf, *args, **kwargs):  # layer_norm_epsilon ignored where there is no gpt_oracle block
+        return real(hf if "gpt_oracle" in hf else {**hf, "layer_norm_epsilon": 1e-5}, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "config_from_hf", default_eps)
+
+
+def _hub_config_read_as_untied(monkeypatch):
+    import torch_impl.checkpoint as checkpoint
+
+    real = checkpoint.config_from_hf
+
+    def untied(hf, *args, **kwargs):  # a missing tie_word_embeddings read as False
+        return real({"tie_word_embeddings": False, **hf}, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "config_from_hf", untied)
+
+
+def _torch_loader_doubles_a_weight(monkeypatch):
+    import torch_impl.checkpoint as checkpoint
+
+    real = checkpoint.load_checkpoint
+
+    def doubled(*args, **kwargs):
+        config, state = real(*args, **kwargs)
+        return config, {k: (v * 2 if k == "wpe.weight" else v) for k, v in state.items()}
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", doubled)
+
+
+def _loader_rows_of_a_saved_checkpoint():
+    """`check --checkpoint DIR`'s rows without the model rows: a random small model saved by numpy_ref."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        models.build_numpy_model(checks.DEFAULT_CONFIGS["small"], seed=3).save_pretrained(d)
+        return [dataclasses.replace(r, component=r.component.replace(d, "DIR"))
+                for r in checks.pretrained_rows(d, dtypes=())]
+
+
 SMALL = checks.DEFAULT_CONFIGS["small"]
 TINY = checks.DEFAULT_CONFIGS["tiny"]
 FAULT_ROWS = {
@@ -509,6 +565,16 @@ FAULT_ROWS = {
     "ignore_index taken as -100": (_default_ignore_index,
                                    lambda: checks.model_rows("small", SMALL, "float32", variant="ignored targets"),
                                    ["model[small] ignored targets"], ("ERROR", "-7")),
+    "AdamW eps left at 1e-8": (_adamw_eps_left_at_its_default, lambda: checks.training_rows("tiny", TINY),
+                               ["train[tiny] AdamW weights after 6 steps (29 tensors)"]),
+    "hub config's layer-norm eps ignored": (_hub_config_read_with_default_eps,
+                                            lambda: checks.checkpoint_rows("small", SMALL),
+                                            ["checkpoint[small] hub-style config.json ->torch logits"]),
+    # torch_impl's loader then refuses the file (no lm_head.weight for an untied model).
+    "hub config read as untied": (_hub_config_read_as_untied, lambda: checks.checkpoint_rows("small", SMALL),
+                                  ["checkpoint[small]"], ("ERROR", "lm_head.weight")),
+    "torch_impl's loader doubles a weight": (_torch_loader_doubles_a_weight, _loader_rows_of_a_saved_checkpoint,
+                                           ["checkpoint DIR: torch_impl's loader vs numpy_ref's"]),
     "missing qkv bias written as ones": (_torch_fills_a_missing_bias_with_ones,
                                          lambda: checks.checkpoint_rows("small", SMALL),
                                          ["checkpoint[small]"], ("ERROR", "is non-zero but the config has qkv_bias=False")),
@@ -589,5 +655,7 @@ def test_cache_generation_and_checkpoint_rows_run_for_every_configuration():
     names = [r.component for r in rows]
     for name in ("tiny", "small"):
         for row in (f"kv-cache[{name}] torch cached in chunks 3, 1, rest vs oracle full", f"generate[{name}] top-p 0.9",
+                    f"generate[{name}] temperature 0.8, a stop token", f"generate[{name}] greedy past the context",
                     f"checkpoint[{name}] torch->numpy logits"):
             assert row in names, f"{row} missing from {names}"
+    assert "checkpoint[small] hub-style config.json ->numpy logits" in names  # small is tied, tiny is not

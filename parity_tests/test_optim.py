@@ -147,6 +147,25 @@ def test_torch_builder_matches_numpy_and_state_crosses_trees(kind):
     assert_dicts_close(f"{kind}: resumed from numpy's state", _torch_params(holder2), n_opt.params, STEP_TOL)
 
 
+@pytest.mark.parametrize("fused", [False, None])
+def test_torch_builder_takes_every_adamw_setting_as_numpy_does(fused):
+    """betas, eps, weight decay and the decay rule away from their defaults, with gradients small
+    enough that eps matters: an optimiser that dropped one (a survey's mutation: eps left at 1e-8)
+    passed every other test."""
+    settings = dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.3, decay="all")
+    params = _params(5)
+    holder = _Holder(params)
+    t_opt = topt.build_optimizer(holder, "adamw", fused=fused, **settings)
+    n_opt = nopt.build_optimizer({k: v.copy() for k, v in params.items()}, "adamw", **settings)
+    for t in range(5):
+        grads = _grads(40 + t, scale=1e-3)  # |g| ~ eps: eps shapes every step
+        _set_grads(holder, grads)
+        t_opt.step()
+        n_opt.step(grads)
+    assert_dicts_close("torch_impl AdamW vs numpy_ref, every setting off its default", _torch_params(holder),
+                       n_opt.params, STEP_TOL)
+
+
 def test_decay_sets_follow_gpt2_practice_in_both_trees():
     from numpy_ref.config import get_config
     from numpy_ref.params import param_shapes
