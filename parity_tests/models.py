@@ -133,6 +133,22 @@ def head_slices(rows: int) -> Iterator[None]:
         head.HEAD_CHUNK = before
 
 
+@contextlib.contextmanager
+def split_products() -> Iterator[None]:
+    """Decode on the CPU as at GPT-2's sizes: every few-row product split into SPLIT_K parts of
+    C_in (torch_impl/linear.py), which weights under SPLIT_MIN_BYTES (2 MB: every weight of a
+    test-sized model) skip. head.py reads the threshold too."""
+    import torch_impl.head as head
+    import torch_impl.linear as linear
+
+    before = linear.SPLIT_MIN_BYTES, head.SPLIT_MIN_BYTES
+    linear.SPLIT_MIN_BYTES = head.SPLIT_MIN_BYTES = 0
+    try:
+        yield
+    finally:
+        linear.SPLIT_MIN_BYTES, head.SPLIT_MIN_BYTES = before
+
+
 def random_batch(config_d: Mapping, B: int, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config_d["vocab_size"], size=(B, T), dtype=np.int64)

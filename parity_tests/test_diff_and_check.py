@@ -528,6 +528,20 @@ def _loader_rows_of_a_saved_checkpoint():
                 for r in checks.pretrained_rows(d, dtypes=())]
 
 
+def _split_products_drop_the_bias(monkeypatch):
+    import torch_impl.decode as decode
+    import torch_impl.linear as linear
+
+    real = linear.streamed_linear
+
+    def biasless(rows, w, b):  # the bias lost where the product is split (GPT-2-sized weights)
+        split = w.numel() * w.element_size() >= linear.SPLIT_MIN_BYTES
+        return real(rows, w, None if split else b)
+
+    monkeypatch.setattr(linear, "streamed_linear", biasless)
+    monkeypatch.setattr(decode, "streamed_linear", biasless)
+
+
 SMALL = checks.DEFAULT_CONFIGS["small"]
 TINY = checks.DEFAULT_CONFIGS["tiny"]
 FAULT_ROWS = {
@@ -575,6 +589,9 @@ FAULT_ROWS = {
                                   ["checkpoint[small]"], ("ERROR", "lm_head.weight")),
     "torch_impl's loader doubles a weight": (_torch_loader_doubles_a_weight, _loader_rows_of_a_saved_checkpoint,
                                            ["checkpoint DIR: torch_impl's loader vs numpy_ref's"]),
+    "split decoding products drop the bias": (_split_products_drop_the_bias, lambda: checks.kv_cache_rows("tiny", TINY),
+                                              ["kv-cache[tiny] torch cached token by token, products split as at "
+                                               "GPT-2 size vs oracle full"]),
     "missing qkv bias written as ones": (_torch_fills_a_missing_bias_with_ones,
                                          lambda: checks.checkpoint_rows("small", SMALL),
                                          ["checkpoint[small]"], ("ERROR", "is non-zero but the config has qkv_bias=False")),
@@ -637,7 +654,7 @@ def test_kv_cache_rows_take_the_chunks_only_where_a_chunk_follows_a_past(context
     rows = checks.kv_cache_rows("c", dict(TINY, context_length=context))
     assert all(r.ok for r in rows), [(r.component, r.verdict, r.detail) for r in rows]
     names = [r.component for r in rows]
-    assert len(names) == (4 if chunked else 2) and any("chunks" in n for n in names) == chunked, names
+    assert len(names) == (5 if chunked else 3) and any("chunks" in n for n in names) == chunked, names
 
 
 def test_ignored_targets_keep_one_position_counted():
