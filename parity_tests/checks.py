@@ -355,7 +355,9 @@ def kv_cache_rows(config_name: str, config_d: dict, device: str = "cpu", seed: i
         # Token by token again with the products split as at GPT-2's sizes (models.split_products:
         # every weight here is under the 2 MB where the split starts, so decoding never took it).
         ways = [("token by token", list(range(T + 1)))] + ([("in chunks 3, 1, rest", [0, 3, 4, T])] if T >= 6 else [])
-        splits = config_d["emb_dim"] % 8 == 0  # torch_impl.linear.SPLIT_K parts of C_in
+        from torch_impl.linear import SPLIT_K
+
+        splits = device.split(":")[0] == "cpu" and config_d["emb_dim"] % SPLIT_K == 0  # a CPU path, parts of C_in
         ways += [("token by token, products split as at GPT-2 size", list(range(T + 1)))] if splits else []
         for how, cuts in ways:
             np_cache, t_cache = np_model.new_kv_cache(2), t_model.new_kv_cache(2)
@@ -375,12 +377,16 @@ def kv_cache_rows(config_name: str, config_d: dict, device: str = "cpu", seed: i
     return guarded(f"kv-cache[{config_name}]", "float64", run)
 
 
+PAST_CONTEXT_MAX = 256  # generation past the context runs at most this context (generation_rows)
+
+
 def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
     """Greedy and sampled tokens, given the same uniform draws, are identical in both trees (the
     torch model on `device`; its sampling runs on the host, generate.py): from a short prompt; with
     a stop token that one row produces before the other (a row that stopped is padded with it, and
     the run goes on until every row has); and from a prompt 2 short of the context, so that the
-    window slides and the cache is rebuilt."""
+    window slides and the cache is rebuilt (past a context of PAST_CONTEXT_MAX, on the same model
+    with its context cut to that: each step past the context re-runs a whole window in float64)."""
     import torch
 
     from numpy_ref.generate import generate as np_generate
@@ -399,31 +405,50 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str
                 ("top-k 5", ids, dict(temperature=1.0, top_k=5)),
                 ("top-p 0.9", ids, dict(temperature=1.0, top_p=0.9))]
         plain = np.asarray(np_generate(np_model, ids, n, coins=coins, temperature=0.8))  # (2, 3 + n)
-        stop = int(plain[0, 4])  # row 0's second new token
-        if stop not in plain[1, 3:]:  # row 1 never makes it: row 0 stops first, row 1 runs on
+        # The stop token: the first of row 0's new tokens that row 1 never makes (row 0 stops, row 1
+        # runs on); with none, the row cannot be built, which is an error, not a row left out.
+        stop = next((int(t) for t in plain[0, 3:] if t not in plain[1, 3:]), None)
+        if stop is not None:
             runs.append(("temperature 0.8, a stop token", ids, dict(temperature=0.8, eos_id=stop)))
-        if 4 <= Tc <= 256:  # past that, each step past the context re-runs a whole window in float64
-            long_ids, _ = models.random_batch(config_d, 2, Tc - 2, seed + 1)
-            runs.append(("greedy past the context", long_ids, dict(temperature=0.0)))
-        # Past the context, weight matrices 5x wider (model_oracle.WEIGHT_SPREAD's reason): at GPT-2's
-        # initial spread attention is so even that a window one token short gave the same tokens.
+        rows = [Row(f"generate[{config_name}] {label}", "float64", *_same_tokens(np_model, t_model, ids, n, coins,
+                                                                                kwargs)) for label, ids, kwargs in runs]
+        if stop is None:
+            rows.append(Row(f"generate[{config_name}] temperature 0.8, a stop token", "float64", float("nan"),
+                            float("nan"), "-", "ERROR", f"no stop token for this row: every new token of row 0 "
+                            f"({plain[0, 3:].tolist()}) is among row 1's"))
+        # Past the context: weight matrices 5x wider (model_oracle.WEIGHT_SPREAD's reason: at GPT-2's
+        # initial spread attention is so even that a window one token short gave the same tokens).
+        short = dict(config_d, context_length=min(Tc, PAST_CONTEXT_MAX))
         sharp = {k: v * 5.0 if v.ndim == 2 else v for k, v in np_model.params.items()}
-        np_sharp = models.build_numpy_model(config_d, seed=seed, params=sharp)
-        t_sharp = models.build_torch_model(config_d, sharp, dtype="float64", device=device)
-        rows = []
-        for label, ids, kwargs in runs:
-            np_m, t_m = (np_sharp, t_sharp) if label == "greedy past the context" else (np_model, t_model)
-            a = np.asarray(np_generate(np_m, ids, n, coins=coins, **kwargs))
-            with torch.no_grad():
-                b = models.to_numpy(t_generate(t_m, torch.from_numpy(ids).to(device), n, coins=coins, **kwargs))
-            mismatches = int(np.sum(a != b)) if a.shape == b.shape else -1
-            verdict = "ok" if mismatches == 0 else "MISMATCH"
-            detail = "" if verdict == "ok" else f"numpy {a.tolist()} vs torch {b.tolist()}"
-            rows.append(Row(f"generate[{config_name}] {label}", "float64", float(mismatches), float(mismatches),
-                            "exact", verdict, detail))
+        sharp["wpe.weight"] = sharp["wpe.weight"][:short["context_length"]]  # the first positions
+        np_sharp = models.build_numpy_model(short, seed=seed, params=sharp)
+        t_sharp = models.build_torch_model(short, sharp, dtype="float64", device=device)
+        del np_model, t_model
+        long_ids, _ = models.random_batch(short, 2, max(1, short["context_length"] - 2), seed + 1)
+        cut = "" if Tc <= PAST_CONTEXT_MAX else f" (context cut to {PAST_CONTEXT_MAX})"
+        rows.append(Row(f"generate[{config_name}] greedy past the context{cut}", "float64",
+                        *_same_tokens(np_sharp, t_sharp, long_ids, n, coins, dict(temperature=0.0))))
         return rows
 
+    def _same_tokens(np_m, t_m, ids, n, coins, kwargs) -> tuple:
+        """(mismatches, mismatches, "exact", verdict, detail) of one generation in both trees."""
+        a = np.asarray(np_generate(np_m, ids, n, coins=coins, **kwargs))
+        with torch.no_grad():
+            b = models.to_numpy(t_generate(t_m, torch.from_numpy(ids).to(device), n, coins=coins, **kwargs))
+        mismatches = int(np.sum(a != b)) if a.shape == b.shape else -1
+        verdict = "ok" if mismatches == 0 else "MISMATCH"
+        detail = "" if verdict == "ok" else f"numpy {a.tolist()} vs torch {b.tolist()}"
+        return float(mismatches), float(mismatches), "exact", verdict, detail
+
     return guarded(f"generate[{config_name}]", "float64", run)
+
+
+# The keys of the config.json published with OpenAI's GPT-2 on the Hugging Face hub
+# (openai-community/gpt2): no tie_word_embeddings (GPT2Config's default, True, applies), n_ctx
+# beside n_positions, and no gpt_oracle block.
+HUB_GPT2_KEYS = ("activation_function", "architectures", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
+                 "initializer_range", "layer_norm_epsilon", "model_type", "n_ctx", "n_embd", "n_head", "n_layer",
+                 "n_positions", "resid_pdrop", "vocab_size")
 
 
 def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> list[Row]:
@@ -459,9 +484,8 @@ def checkpoint_rows(config_name: str, config_d: dict, seed: int = 0, device: str
                 got_back = models.to_numpy(t_back(torch.from_numpy(ids).to(device)))
             if config_d["tie_embeddings"]:
                 written = json.loads((Path(d) / "config.json").read_text())
-                keys = ("n_ctx", "n_embd", "n_head", "n_layer", "n_positions", "vocab_size", "layer_norm_epsilon",
-                        "resid_pdrop", "embd_pdrop", "attn_pdrop", "model_type", "architectures")
-                (Path(d) / "config.json").write_text(json.dumps({k: written[k] for k in keys if k in written}))
+                hub_layout = {k: written[k] for k in HUB_GPT2_KEYS if k in written}
+                (Path(d) / "config.json").write_text(json.dumps(hub_layout))
                 t_hub = TModel.from_pretrained(d, device=device).double().eval()
                 with torch.no_grad():
                     hub["torch"] = models.to_numpy(t_hub(torch.from_numpy(ids).to(device)))
@@ -681,6 +705,9 @@ def pretrained_rows(directory: str, dtypes: Iterable[str], device: str = "cpu") 
         if t_config.to_dict() != config.to_dict():
             raise AssertionError(f"{label}: configurations differ: torch_impl {t_config.to_dict()}, "
                                  f"numpy_ref {config.to_dict()}")
+        if set(state) != set(params):
+            raise AssertionError(f"{label}: torch_impl reads {sorted(set(state) - set(params))} that numpy_ref "
+                                 f"does not, and misses {sorted(set(params) - set(state))}")
         exact = Tol(0.0, 0.0, "the same float32 values from the same file")
         return [row_from(label, "float64", [compare(f"{label} {k}", state.get(k), v, exact) for k, v in params.items()],
                          exact)]

@@ -24,6 +24,7 @@ import torch_impl.checkpoint as tck
 import torch_impl.model as tm
 from numpy_ref.safetensors_io import read_safetensors, write_safetensors
 from parity_tests import checkpoint_cases as cc
+from parity_tests.checks import HUB_GPT2_KEYS
 from parity_tests.compare import assert_close, assert_dicts_close
 from parity_tests.strategies import config_dicts, seeds
 from parity_tests.tolerances import Tol, forward_tol
@@ -229,14 +230,6 @@ def test_we_load_what_transformers_saves(tie):
         assert ("lm_head.weight" in official_load_np(str(Path(d) / "model.safetensors"))) == (not tie), \
             "transformers' file layout is not what this test assumes"
         _check_loaded_from_hf(d, {**cfg, "drop_rate": 0.0}, hf, f"GPT2LMHeadModel.save_pretrained (tied={tie})")
-
-
-# The keys of the config.json published with OpenAI's GPT-2 on the Hugging Face hub
-# (openai-community/gpt2): no tie_word_embeddings (GPT2Config's default, True, applies), and n_ctx
-# beside n_positions. Values other than the sizes do not matter here.
-HUB_GPT2_KEYS = ("activation_function", "architectures", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
-                 "initializer_range", "layer_norm_epsilon", "model_type", "n_ctx", "n_embd", "n_head", "n_layer",
-                 "n_positions", "resid_pdrop", "vocab_size")
 
 
 def test_we_load_a_config_in_the_hubs_gpt2_layout_as_tied():

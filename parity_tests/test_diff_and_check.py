@@ -542,6 +542,20 @@ def _split_products_drop_the_bias(monkeypatch):
     monkeypatch.setattr(decode, "streamed_linear", biasless)
 
 
+def _torch_loader_reads_a_stray_head(monkeypatch):
+    import torch
+
+    import torch_impl.checkpoint as checkpoint
+
+    real = checkpoint.load_checkpoint
+
+    def stray(*args, **kwargs):  # a tied model's state with an lm_head.weight numpy_ref does not read
+        config, state = real(*args, **kwargs)
+        return config, {**state, "lm_head.weight": torch.zeros_like(state["wte.weight"])}
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", stray)
+
+
 SMALL = checks.DEFAULT_CONFIGS["small"]
 TINY = checks.DEFAULT_CONFIGS["tiny"]
 FAULT_ROWS = {
@@ -592,6 +606,8 @@ FAULT_ROWS = {
     "split decoding products drop the bias": (_split_products_drop_the_bias, lambda: checks.kv_cache_rows("tiny", TINY),
                                               ["kv-cache[tiny] torch cached token by token, products split as at "
                                                "GPT-2 size vs oracle full"]),
+    "torch_impl's loader reads a stray head": (_torch_loader_reads_a_stray_head, _loader_rows_of_a_saved_checkpoint,
+                                               ["checkpoint DIR loaders"], ("ERROR", "torch_impl reads ['lm_head.weight']")),
     "missing qkv bias written as ones": (_torch_fills_a_missing_bias_with_ones,
                                          lambda: checks.checkpoint_rows("small", SMALL),
                                          ["checkpoint[small]"], ("ERROR", "is non-zero but the config has qkv_bias=False")),
@@ -676,3 +692,21 @@ def test_cache_generation_and_checkpoint_rows_run_for_every_configuration():
                     f"checkpoint[{name}] torch->numpy logits"):
             assert row in names, f"{row} missing from {names}"
     assert "checkpoint[small] hub-style config.json ->numpy logits" in names  # small is tied, tiny is not
+
+
+
+@pytest.mark.parametrize("seed", [0, 6, 13, 15, 24])
+def test_the_stop_token_row_is_there_whatever_the_seed(seed):
+    """It took row 0's second new token and was left out where row 1 made that token too (tiny:
+    seeds 6, 13, 15 and 24 of 0-24); now any of row 0's new tokens that row 1 never makes."""
+    rows = checks.generation_rows("tiny", TINY, seed=seed)
+    stop = [r for r in rows if r.component == "generate[tiny] temperature 0.8, a stop token"]
+    assert len(stop) == 1 and stop[0].ok, [(r.component, r.verdict, r.detail) for r in rows]
+
+
+def test_generation_past_the_context_runs_at_a_long_context_with_the_context_cut():
+    """At a context over PAST_CONTEXT_MAX (every GPT-2 preset) the row was left out."""
+    rows = checks.generation_rows("long", dict(TINY, context_length=checks.PAST_CONTEXT_MAX + 44))
+    names = [r.component for r in rows]
+    want = f"generate[long] greedy past the context (context cut to {checks.PAST_CONTEXT_MAX})"
+    assert want in names and all(r.ok for r in rows), [(r.component, r.verdict, r.detail) for r in rows]
