@@ -256,18 +256,6 @@ def oracle_dropout_masks(config_d: dict, B: int, T: int, seed: int) -> dict[str,
     return masks
 
 
-def cross_entropy64(logits: np.ndarray, targets: np.ndarray, ignore_index: int | None = None) -> float:
-    """The mean cross-entropy of `logits` (B, T, V), taken in float64, over the positions whose
-    target is not `ignore_index`: lse(logits[r]) - logits[r, target[r]], averaged."""
-    z = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])  # (N, V)
-    t = np.asarray(targets).reshape(-1)  # (N,)
-    keep = np.ones(t.shape, dtype=bool) if ignore_index is None else t != ignore_index
-    z, t = z[keep], t[keep]
-    m = z.max(axis=-1)
-    lse = m + np.log(np.sum(np.exp(z - m[:, None]), axis=-1))
-    return float(np.mean(lse - z[np.arange(t.size), t]))
-
-
 def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu", B: int = 2, T: int | None = None,
                seed: int = 0, params: dict | None = None, variant: str = "plain") -> list[Row]:
     """The whole model in `dtype` against the float64 oracle: logits, loss, every gradient, and
@@ -276,6 +264,7 @@ def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu"
     - "ignored targets": about a third of the targets are IGNORED, passed as ignore_index (the
       logits must be the plain ones: the fused CPU head and loss take another path with them);
     - "dropout masks": explicit masks at DROP_RATE at every site (models in training)."""
+    from numpy_ref.cross_entropy import cross_entropy_forward
     from parity_tests import models
 
     if variant not in MODEL_VARIANTS:
@@ -299,7 +288,8 @@ def model_rows(config_name: str, config_d: dict, dtype: str, device: str = "cpu"
         tf, tg, ts = forward_tol(dtype), gradient_tol(dtype), own_logits_loss_tol(dtype)
         label = f"model[{config_name}]" + ("" if variant == "plain" else f" {variant}")
         rows = [row_from(f"{label} logits", dtype, [compare(f"{label} logits", got.logits, ref.logits, tf)], tf)]
-        own = cross_entropy64(got.logits, targets, extra.get("ignore_index"))
+        # The oracle's cross-entropy of the logits torch_impl returned (float64 values of them).
+        own = float(cross_entropy_forward(got.logits, targets, extra.get("ignore_index"))[0])
         rows += [
             row_from(f"{label} loss", dtype, [compare(f"{label} loss", np.array(got.loss), np.array(ref.loss), tf)], tf),
             row_from(f"{label} loss vs its own logits", dtype,
