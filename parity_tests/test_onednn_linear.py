@@ -3,7 +3,8 @@
 - the choice: oneDNN on an AMD CPU with AVX-512 only (MKL keeps Intel CPUs and AVX2-only ones);
 - forced on (as on such a CPU), the training linear's y, dx, dw and db agree with float64 to
   float32's tolerance, and oneDNN really computes y and dx;
-- a whole GPT's logits and gradients, forced on, agree with the same model in float64;
+- a whole GPT's logits and gradients, forced on, agree with the same model in float64, the
+  output head's sliced logits and dx (torch_impl/head.py) through oneDNN as well;
 - torch's FlopCounterMode counts oneDNN's products (it has no formula of its own for them).
 """
 
@@ -14,7 +15,9 @@ import torch
 
 from parity_tests.compare import assert_close, to_numpy
 from parity_tests.tolerances import forward_tol, gradient_tol
+from parity_tests.models import head_slices
 from torch_impl import device as tdevice
+from torch_impl import head as thead
 from torch_impl import linear as tlinear
 from torch_impl.config import get_config
 from torch_impl.linear import linear_forward
@@ -28,16 +31,27 @@ needs_onednn = pytest.mark.skipif(getattr(torch.ops.mkldnn, "_linear_pointwise",
 @pytest.fixture
 def onednn_on(monkeypatch):
     """oneDNN's products as on an AMD CPU with AVX-512, whatever CPU runs the test; counts its calls."""
-    calls = []
+    calls = _Calls()
     real = tlinear.onednn_linear
 
-    def counted(x, w_out_in, b):
-        calls.append(tuple(x.shape))
-        return real(x, w_out_in, b)
+    def counted_in(module):
+        def counted(x, w_out_in, b):
+            (calls if module is tlinear else calls.head).append(tuple(x.shape))
+            return real(x, w_out_in, b)
+        return counted
 
-    monkeypatch.setattr(tlinear, "onednn_fp32_products", lambda: True)
-    monkeypatch.setattr(tlinear, "onednn_linear", counted)
+    for module in (tlinear, thead):
+        monkeypatch.setattr(module, "onednn_fp32_products", lambda: True)
+        monkeypatch.setattr(module, "onednn_linear", counted_in(module))
     return calls
+
+
+class _Calls(list):
+    """The shapes of x in oneDNN products from linear.py; `.head`, those from head.py."""
+
+    def __init__(self):
+        super().__init__()
+        self.head: list[tuple[int, ...]] = []
 
 
 @pytest.mark.parametrize("vendor, capability, chosen", [
@@ -99,22 +113,49 @@ def test_a_strided_bias_stays_on_mkl(onednn_on):
 
 
 @needs_onednn
-def test_a_gpt_trained_through_onednn_agrees_with_float64(onednn_on):
-    cfg = get_config("tiny", drop_rate=0.0)
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_gpt_trained_through_onednn_agrees_with_float64(onednn_on, tied):
+    """The head in slices of 7 rows (V = 101: 14 slices and one of 3), its logits used beside the
+    loss (weights r), so that dx and dhead sum the caller's dlogits and the loss's softmax."""
+    cfg = get_config("tiny", drop_rate=0.0, tie_embeddings=tied)
     g = torch.Generator().manual_seed(1)
     ids, targets = (torch.randint(0, cfg.vocab_size, (2, 12), generator=g) for _ in range(2))
+    r = torch.randn(2, 12, cfg.vocab_size, generator=g, dtype=torch.float64)
     out = {}
-    for dtype in (torch.float32, torch.float64):
-        model = GPTModel(cfg, seed=4, dtype=dtype)
-        logits, loss = model(ids, targets)
-        loss.backward()
-        out[dtype] = logits, {k: p.grad for k, p in model.named_parameters()}
+    with head_slices(7):
+        for dtype in (torch.float32, torch.float64):
+            model = GPTModel(cfg, seed=4, dtype=dtype)
+            logits, loss = model(ids, targets)
+            (loss + (logits * r.to(dtype)).sum() / r.numel()).backward()
+            out[dtype] = logits, {k: p.grad for k, p in model.named_parameters()}
     assert len(onednn_on) == 2 * 4 * cfg.n_layers, f"expected y and dx of 4 linears per block, got {len(onednn_on)}"
+    slices = -(-cfg.vocab_size // 7)
+    want = [(24, cfg.emb_dim)] * slices + [(24, 7)] * (slices - 1) + [(24, cfg.vocab_size % 7)]
+    assert onednn_on.head == want, f"the head's logits and dx through oneDNN: products of x {onednn_on.head}, " \
+        f"expected {want}"
     assert_close("logits through oneDNN (float32 vs float64)", to_numpy(out[torch.float32][0]),
                  to_numpy(out[torch.float64][0]), forward_tol("float32"))
     for k, want in out[torch.float64][1].items():
         assert_close(f"d{k} through oneDNN (float32 vs float64)", to_numpy(out[torch.float32][1][k]), to_numpy(want),
                      gradient_tol("float32"))
+
+
+@needs_onednn
+def test_flop_counter_counts_the_sliced_head_through_onednn_as_the_one_product(onednn_on):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = get_config("tiny", drop_rate=0.0)
+    model = GPTModel(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    counts = {}
+    for rows in (7, 10**9):
+        with head_slices(rows), FlopCounterMode(display=False) as counter:
+            _, loss = model(ids, ids)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        counts[rows] = counter.get_total_flops()
+    assert (16, 7) in onednn_on.head, f"the head's slices did not go through oneDNN: {onednn_on.head}"
+    assert counts[7] == counts[10**9], f"sliced head through oneDNN {counts[7]} FLOPs, one product {counts[10**9]}"
 
 
 @needs_onednn

@@ -248,7 +248,7 @@ def cpu_kernels(autocast_dtype: torch.dtype | None, param_dtype: torch.dtype = t
         return ("CPU paths: output head in vocabulary slices with the loss fused (head.py), gradients and "
                 "logits in kept memory (kept_buffers.py), "
                 + ("float32 training products through oneDNN (AMD CPU with AVX-512, which MKL does not use; "
-                   "linear.py), " if param_dtype == torch.float32 and onednn_fp32_products() else "")
+                   "linear.py, head.py), " if param_dtype == torch.float32 and onednn_fp32_products() else "")
                 + "one-token decoding steps in few calls (decode.py) with products split over the cores (linear.py)")
     if autocast_dtype == torch.bfloat16 and not cpu_has_fast_bf16():
         return "CPU paths: bf16 products with the weights cast into fast layouts (linear.bf16_linear)"

@@ -20,6 +20,11 @@ B*T = 256):
   The (N, V) log-softmax, its gradient and the gather's zero-filled gradient are never made:
   three fewer 51 MB tensors per step, each one fresh memory the kernel must fault in.
 
+On an AMD CPU with AVX-512 (device.onednn_fp32_products) the float32 slices' logits and dx come
+from oneDNN rather than MKL, as the blocks' y and dx do (linear.py): a GPT-2 small step took
+0.976x the time there (10 of 10 alternating pairs faster, median 1.203 against 1.233 s). dhead
+stays on MKL: oneDNN's product plus the copy into the kept buffer gained nothing (1.005x).
+
 Every logit is the same dot product over C, and every row of dhead the same sum over N rows, as
 in the one-GEMM version; dx sums over the slices in turn, and the loss adds lse and the target
 logit separately, so results agree with the plain path to float rounding (the parity tests draw
@@ -44,10 +49,11 @@ from __future__ import annotations
 import torch
 
 from torch_impl.cross_entropy import check_targets, cross_entropy_forward
-from torch_impl.device import plain_eager
+from torch_impl.device import onednn_fp32_products, plain_eager
 from torch_impl.kept_buffers import backward_takes_plain_formulas, grad_buffer, graph_backward, kept_buffer
 from torch_impl.linear import (SPLIT_K, SPLIT_MIN_BYTES, bf16_linear, check_autocast_operands, fast_bf16_training,
-                               held_bf16, kept_bf16_linear, slow_bf16_layouts, streams_weights)
+                               held_bf16, kept_bf16_linear, onednn_linear, slow_bf16_layouts,
+                               streams_weights)
 
 HEAD_CHUNK = 512  # vocabulary rows per slice on the CPU (benchmarks: 512-768 fastest at B*T = 256)
 
@@ -161,9 +167,14 @@ class _SlicedHead(torch.autograd.Function):
         logits = kept_buffer(head, "logits", (N, V), x.dtype)  # (N, V), memory kept from the last call
         run_max = x.new_full((N,), float("-inf"))  # running max of each row's logits
         run_sum = x.new_zeros(N)  # running sum of exp(logit - run_max)
+        # oneDNN's float32 products where they beat MKL (linear.py; a step 0.976x the time)
+        ctx.onednn = x.dtype == head.dtype == torch.float32 and onednn_fp32_products()
         for s in range(0, V, HEAD_CHUNK):
             z = logits[:, s:s + HEAD_CHUNK]  # (N, S): a view, written in place
-            torch.mm(x, head[s:s + HEAD_CHUNK].T, out=z)  # (N, C) @ (C, S) -> (N, S)
+            if ctx.onednn:
+                z.copy_(onednn_linear(x, head[s:s + HEAD_CHUNK], None))  # (N, C) @ (C, S) -> (N, S)
+            else:
+                torch.mm(x, head[s:s + HEAD_CHUNK].T, out=z)  # (N, C) @ (C, S) -> (N, S)
             if targets is not None:
                 run_max, run_sum = online_lse_step(run_max, run_sum, z)
         loss = None
@@ -203,9 +214,12 @@ class _SlicedHead(torch.autograd.Function):
             if dlogits is not None:
                 g.add_(dlogits[:, s:e])  # the caller's own use of the logits
             if dx is not None:
-                # (N, S) @ (S, C) -> (N, C), summed over slices; addmm with out=, not addmm_, which
-                # torch's FlopCounterMode does not count
-                torch.addmm(dx, g, head[s:e], out=dx)
+                # (N, S) @ (S, C) -> (N, C), summed over slices: oneDNN's product added, or addmm
+                # with out=, not addmm_, which torch's FlopCounterMode does not count
+                if ctx.onednn:
+                    dx.add_(onednn_linear(g, head[s:e].T, None))
+                else:
+                    torch.addmm(dx, g, head[s:e], out=dx)
             if dhead is not None:
                 torch.mm(g.T, x, out=dhead[s:e])  # (S, N) @ (N, C) -> (S, C)
         if row_scale is not None:
