@@ -337,7 +337,7 @@ TOKENIZER_EDGE_STRINGS = (
 def tokenizer_rows() -> list[Row]:
     """The from-scratch BPE against tiktoken: every id equal on the embedded corpus, and on
     TOKENIZER_EDGE_STRINGS (encoded with special tokens allowed), each of which also decodes back
-    to itself in both."""
+    to itself in both; and the decoded text of their ids cut short (prefix_decode_row)."""
 
     def run() -> list[Row]:
         from numpy_ref.data import load_verdict
@@ -364,9 +364,45 @@ def tokenizer_rows() -> list[Row]:
         rows.append(Row(f"tokenizer: BPE vs tiktoken ({k} edge strings)", "int", float(len(wrong)), len(wrong) / k,
                         "exact", "MISMATCH" if wrong else "ok",
                         f"{len(wrong)} of {k} strings differ; first {wrong[0]}" if wrong else ""))
+        rows.append(prefix_decode_row(ours, theirs))
         return rows
 
     return guarded("tokenizer", "int", run)
+
+
+def cut_prefixes() -> list[list[int]]:
+    """Every proper prefix of the ids of each non-ASCII edge string (tiktoken's ids): most end
+    inside a character's UTF-8 bytes (a token can hold part of one), where decode must replace
+    what is cut off as tiktoken does (U+FFFD, errors="replace")."""
+    from torch_impl.tokenizer import get_encoding
+
+    enc = get_encoding("gpt2")
+    out = []
+    for edge in TOKENIZER_EDGE_STRINGS:
+        if not edge.isascii():
+            ids = enc.encode(edge, allowed_special="all")
+            out += [ids[:k] for k in range(1, len(ids))]
+    return out
+
+
+def prefix_decode_row(ours, theirs) -> Row:
+    """decode and decode_bytes of cut_prefixes(), numpy_ref's tokenizer against tiktoken's."""
+    prefixes = cut_prefixes()
+    cut = sum(1 for ids in prefixes if not _is_utf8(theirs.decode_bytes(ids)))
+    wrong = [f"{ids}: numpy {ours.decode(ids)!r} vs tiktoken {theirs.decode(ids)!r}" for ids in prefixes
+             if ours.decode(ids) != theirs.decode(ids) or ours.decode_bytes(ids) != theirs.decode_bytes(ids)]
+    n = len(prefixes)
+    return Row(f"tokenizer: decode of {n} id prefixes ({cut} cut mid-character) vs tiktoken", "int", float(len(wrong)),
+               len(wrong) / max(n, 1), "exact", "MISMATCH" if wrong else "ok",
+               f"{len(wrong)} of {n} prefixes differ; first {wrong[0]}" if wrong else "")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def run_check(configs: dict[str, dict] | None = None, dtypes: Iterable[str] = DEFAULT_DTYPES, device: str = "cpu",

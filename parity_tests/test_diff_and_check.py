@@ -375,6 +375,15 @@ def _bf16_rounded_loss(monkeypatch):
     monkeypatch.setattr(GPTModel, "forward", rounded)
 
 
+def _decode_drops_cut_bytes(monkeypatch):
+    import numpy_ref.tokenizer as tokenizer
+
+    # errors="ignore" where tiktoken replaces: a text ending inside a character loses its tail
+    encoding = tokenizer.get_encoding("gpt2")
+    monkeypatch.setattr(encoding, "decode", lambda tokens, errors="ignore": encoding.decode_bytes(tokens).decode(
+        "utf-8", errors=errors))
+
+
 def _rightmost_merge(monkeypatch):
     import functools
 
@@ -576,6 +585,8 @@ FAULT_ROWS = {
     "loss rounded to bf16": (_bf16_rounded_loss, lambda: checks.model_rows("small", SMALL, "bfloat16"),
                              ["model[small] loss vs its own logits"]),
     "rightmost BPE merge": (_rightmost_merge, checks.tokenizer_rows, ["tokenizer: BPE vs tiktoken (21 edge strings)"]),
+    "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
+                               ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
                                    lambda: checks.model_rows("small", SMALL, "float32", variant="ignored targets"),
                                    ["model[small] ignored targets logits"]),
