@@ -375,6 +375,29 @@ def _bf16_rounded_loss(monkeypatch):
     monkeypatch.setattr(GPTModel, "forward", rounded)
 
 
+def _trainer_masks_unscaled(monkeypatch):
+    import torch_impl.train as ttrain
+
+    real = ttrain.dropout_masks
+
+    def unscaled(model, B, T, gen):  # 0 or 1, not 0 or 1/(1-p): activations shrink by (1-p) in training
+        masks = real(model, B, T, gen)
+        return None if masks is None else {k: (v != 0).to(v.dtype) for k, v in masks.items()}
+
+    monkeypatch.setattr(ttrain, "dropout_masks", unscaled)
+
+
+def _trainer_keeps_p(monkeypatch):
+    import numpy_ref.model as nmodel
+
+    real = nmodel.GPTModel.dropout_masks
+
+    def flipped(self, batch_size, seq_len, rng):  # keeps a share p and drops 1-p
+        return {k: (v == 0) / (1.0 - self.config.drop_rate) for k, v in real(self, batch_size, seq_len, rng).items()}
+
+    monkeypatch.setattr(nmodel.GPTModel, "dropout_masks", flipped)
+
+
 def _decode_drops_cut_bytes(monkeypatch):
     import numpy_ref.tokenizer as tokenizer
 
@@ -585,6 +608,10 @@ FAULT_ROWS = {
     "loss rounded to bf16": (_bf16_rounded_loss, lambda: checks.model_rows("small", SMALL, "bfloat16"),
                              ["model[small] loss vs its own logits"]),
     "rightmost BPE merge": (_rightmost_merge, checks.tokenizer_rows, ["tokenizer: BPE vs tiktoken (21 edge strings)"]),
+    "trainer's dropout masks unscaled": (_trainer_masks_unscaled, lambda: checks.training_rows("tiny", TINY),
+                                         ["train[tiny] dropout masks as each trainer draws them"]),
+    "trainer keeps a share p": (_trainer_keeps_p, lambda: checks.training_rows("tiny", TINY),
+                                ["train[tiny] dropout masks as each trainer draws them"]),
     "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
                                ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,

@@ -1,5 +1,6 @@
 """`gpt-oracle check`'s training rows (checks.py runs them on the embedded `tiny`): both trees'
-trainers from the same weights on the same batches, and evaluation of a model with dropout.
+trainers from the same weights on the same batches, evaluation of a model with dropout, and the
+dropout masks each trainer draws.
 Rows, tolerances and the model builders are checks.py's."""
 
 from __future__ import annotations
@@ -110,4 +111,50 @@ def training_rows(config_name: str, config_d: dict, seed: int = 0, device: str =
     for optimizer in TRAINING_RUNS:
         rows += guarded(f"train[{config_name}] {optimizer}", "float64", lambda optimizer=optimizer: one(optimizer))
     rows += guarded(f"train[{config_name}] evaluation with dropout", "float64", evaluation_with_dropout)
+    rows += guarded(f"train[{config_name}] dropout masks", "float64",
+                    lambda: [dropout_mask_row(config_name, config_d, seed, device)])
     return rows
+
+
+MASK_SHARE_ATOL = 0.02  # |dropped share - p|: 8.9 binomial standard deviations on `tiny` at 8 x 16 (36864 entries)
+
+
+def dropout_mask_row(config_name: str, config_d: dict, seed: int = 0, device: str = "cpu") -> Row:
+    """The masks each trainer draws at p = DROP_RATE (the trees draw from their own generators,
+    so not the same masks): the same sites and shapes in both, every entry 0 or 1/(1-p) (inverted
+    dropout: the expected activation unchanged), and a share within MASK_SHARE_ATOL of p dropped.
+    The training rows above run without dropout, so a trainer's mask drawn wrongly passed them."""
+    import torch
+
+    from parity_tests import models
+    from parity_tests.checks import DROP_RATE, Row, perturbed_numpy_model
+    from torch_impl.train import dropout_masks as t_dropout_masks
+
+    p = DROP_RATE
+    cfg = {**config_d, "drop_rate": p}
+    B, T = 8, min(config_d["context_length"], 16)
+    np_model = perturbed_numpy_model(cfg, seed)
+    t_model = models.build_torch_model(cfg, np_model.params, dtype="float64", device=device)
+    drawn = {"numpy": np_model.dropout_masks(B, T, np.random.default_rng(seed)),
+             "torch": {k: v.cpu().numpy() for k, v in t_dropout_masks(
+                 t_model, B, T, torch.Generator(device=t_model.device).manual_seed(seed)).items()}}
+    problems = []
+    if {k: v.shape for k, v in drawn["numpy"].items()} != {k: v.shape for k, v in drawn["torch"].items()}:
+        problems.append("sites or shapes differ: numpy " + str({k: v.shape for k, v in drawn["numpy"].items()})
+                        + ", torch " + str({k: v.shape for k, v in drawn["torch"].items()}))
+    worst_share = 0.0
+    for tree, masks in drawn.items():
+        if not masks:
+            problems.append(f"{tree} drew no masks at p = {p}")
+            continue
+        values = np.concatenate([m.ravel() for m in masks.values()])
+        odd = np.setdiff1d(np.unique(values), [0.0, 1.0 / (1.0 - p)])
+        if odd.size:
+            problems.append(f"{tree}: values {odd[:4].tolist()} besides 0 and 1/(1-p) = {1 / (1 - p):g}")
+        share = float(np.mean(values == 0.0))
+        worst_share = max(worst_share, abs(share - p))
+        if abs(share - p) > MASK_SHARE_ATOL:
+            problems.append(f"{tree}: {share:.3f} of {values.size} entries dropped at p = {p}")
+    return Row(f"train[{config_name}] dropout masks as each trainer draws them", "float64", worst_share, None,
+               f"values 0 or 1/(1-p); dropped share within {MASK_SHARE_ATOL} of p",
+               "MISMATCH" if problems else "ok", "; ".join(problems))
