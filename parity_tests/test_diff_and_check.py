@@ -398,6 +398,20 @@ def _trainer_keeps_p(monkeypatch):
     monkeypatch.setattr(nmodel.GPTModel, "dropout_masks", flipped)
 
 
+def _loader_drop_last_forced(module_name: str, drop_last: bool):
+    def inject(monkeypatch):
+        import importlib
+
+        loader = importlib.import_module(module_name).DataLoader
+        real = loader.__init__
+
+        def forced(self, dataset, batch_size, **kwargs):  # the caller's drop_last ignored
+            real(self, dataset, batch_size, **{**kwargs, "drop_last": drop_last})
+
+        monkeypatch.setattr(loader, "__init__", forced)
+    return inject
+
+
 def _decode_drops_cut_bytes(monkeypatch):
     import numpy_ref.tokenizer as tokenizer
 
@@ -612,6 +626,12 @@ FAULT_ROWS = {
                                          ["train[tiny] dropout masks as each trainer draws them"]),
     "trainer keeps a share p": (_trainer_keeps_p, lambda: checks.training_rows("tiny", TINY),
                                 ["train[tiny] dropout masks as each trainer draws them"]),
+    "torch loader keeps the short batch": (_loader_drop_last_forced("torch_impl.data", False),
+                                           lambda: checks.training_rows("tiny", TINY),
+                                           ["train[tiny] AdamW loss at each of 6 steps"]),
+    "numpy loader drops the short batch": (_loader_drop_last_forced("numpy_ref.data", True),
+                                           lambda: checks.training_rows("tiny", TINY),
+                                           ["train[tiny] SGD loss at each of 6 steps"]),
     "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
                                ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
