@@ -412,6 +412,16 @@ def _loader_drop_last_forced(module_name: str, drop_last: bool):
     return inject
 
 
+def _keys_unprefixed_in_both_trees(monkeypatch):
+    import numpy_ref.checkpoint as ncheckpoint
+    import torch_impl.checkpoint as tcheckpoint
+
+    # Both writers drop "transformer." from the trunk's keys, which both readers accept: every
+    # cross-tree logits row passed files named unlike the hub's GPT-2.
+    for module in (ncheckpoint, tcheckpoint):
+        monkeypatch.setattr(module, "_file_key", lambda name: name)
+
+
 def _decode_drops_cut_bytes(monkeypatch):
     import numpy_ref.tokenizer as tokenizer
 
@@ -632,6 +642,8 @@ FAULT_ROWS = {
     "numpy loader drops the short batch": (_loader_drop_last_forced("numpy_ref.data", True),
                                            lambda: checks.training_rows("tiny", TINY),
                                            ["train[tiny] SGD loss at each of 6 steps"]),
+    "keys unprefixed in both trees": (_keys_unprefixed_in_both_trees, lambda: checks.checkpoint_rows("tiny", TINY),
+                                      ["checkpoint[tiny] tensors as the hub's GPT-2 names them (29, both writers)"]),
     "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
                                ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
