@@ -115,8 +115,12 @@ def instruction_collate(sequences: Sequence[Sequence[int]], *, pad_id: int = 502
         if len(prompt_lengths) != len(rows):
             raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(rows)} sequences")
         for b, (p, n) in enumerate(zip(prompt_lengths, lengths)):
-            if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= p <= n:
+            if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+                raise TypeError(f"prompt_lengths[{b}] must be an int, got {p!r} ({type(p).__name__})")
+            if not 0 <= p <= n:
                 raise ValueError(f"prompt_lengths[{b}] = {p!r} is outside 0 .. {n} (the sequence's length)")
+        # Python ints: p - 1 of an unsigned 0 would wrap to the type's maximum and drop the whole row
+        prompt_lengths = [int(p) for p in prompt_lengths]
     T = max(lengths)  # the longest row plus its end-of-text is T + 1 tokens
     padded = np.full((len(rows), T + 1), pad_id, dtype=np.int64)  # (B, T + 1)
     for b, s in enumerate(rows):

@@ -502,6 +502,9 @@ def test_instruction_collate_refuses_bad_input_alike():
         ([[1.5]], {}, TypeError, "sequence 0"),
         ([[1, 2]], {"prompt_lengths": [3]}, ValueError, r"prompt_lengths\[0\] = 3 is outside 0 .. 2"),
         ([[1, 2]], {"prompt_lengths": [1, 1]}, ValueError, "2 entries for 1"),
+        # a value that is no int is named as such (it was "outside 0 .. 2", in range or not)
+        ([[1, 2]], {"prompt_lengths": [1.0]}, TypeError, r"prompt_lengths\[0\] must be an int, got 1.0"),
+        ([[1, 2]], {"prompt_lengths": [True]}, TypeError, r"prompt_lengths\[0\] must be an int, got True"),
         ([[1]], {"max_length": 0}, ValueError, "max_length"),
         ([[1]], {"pad_id": -1}, ValueError, "pad_id"),
         ([[1]], {"ignore_index": 1.5}, TypeError, "ignore_index"),
@@ -523,6 +526,17 @@ def test_instruction_collate_refuses_bad_input_alike():
         for tree in (ninst, tinst):
             with pytest.raises(error, match=message):
                 tree.instruction_collate(seqs, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int8])
+def test_prompt_lengths_of_any_integer_dtype_mask_as_python_ints(dtype):
+    """A 0 of an unsigned dtype minus 1 wrapped to the dtype's maximum: every target of the row
+    was masked (numpy_ref, and torch_impl for uint8) or torch_impl raised torch's own errors."""
+    seqs = [[1, 2, 3], [4, 5, 6]]
+    want = ninst.instruction_collate(seqs, prompt_lengths=[0, 2])[1]
+    for tree in (ninst, tinst):
+        got = np.asarray(tree.instruction_collate(seqs, prompt_lengths=np.array([0, 2], dtype=dtype))[1])
+        assert np.array_equal(got, want), f"{tree.__name__}, prompt_lengths as {np.dtype(dtype)}: {got} != {want}"
 
 
 @given(instruction=st.text(max_size=30), input_text=st.text(max_size=30), response=st.none() | st.text(max_size=30))

@@ -115,8 +115,12 @@ def instruction_collate(sequences: Sequence, *, pad_id: int = 50256, ignore_inde
         if len(prompt_lengths) != len(rows):
             raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(rows)} sequences")
         for b, (p, n) in enumerate(zip(prompt_lengths, lengths.tolist())):
-            if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= p <= n:
+            if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+                raise TypeError(f"prompt_lengths[{b}] must be an int, got {p!r} ({type(p).__name__})")
+            if not 0 <= p <= n:
                 raise ValueError(f"prompt_lengths[{b}] = {p!r} is outside 0 .. {n} (the sequence's length)")
+        # Python ints: p - 1 of an unsigned 0 would wrap to the type's maximum and drop the whole row
+        prompt_lengths = [int(p) for p in prompt_lengths]
     padded = torch.full((len(rows), int(lengths.max()) + 1), pad_id, dtype=torch.int64)  # (B, T + 1)
     for b, s in enumerate(rows):
         padded[b, :len(s)] = s  # the end-of-text after it is already pad_id
