@@ -131,6 +131,30 @@ def test_bad_checkpoints_and_a_prompt_past_the_context_are_refused(lm, tmp_path,
         "a refused run left folders behind"
 
 
+def test_a_prompt_as_long_as_the_context_still_trains_its_first_response_token(tmp_path, capsys):
+    """Inputs of Tc positions predict tokens 1 .. Tc: a prompt of exactly Tc tokens leaves the
+    first response token as the target at position Tc - 1. It was refused as training nothing."""
+    from numpy_ref.config import GPTConfig
+    from numpy_ref.instruction_data import format_instruction
+    from numpy_ref.model import GPTModel
+    from numpy_ref.tokenizer import get_encoding
+
+    record = {"instruction": "Say red.", "output": "red"}
+    n_prompt = len(get_encoding("gpt2").encode(format_instruction(record["instruction"], "")))
+    data = tmp_path / "data.jsonl"
+    data.write_text((json.dumps(record) + "\n") * 2, encoding="utf-8")
+    for Tc in (n_prompt, n_prompt - 1):
+        GPTModel(GPTConfig(vocab_size=50257, context_length=Tc, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0),
+                 seed=0).save_pretrained(tmp_path / f"lm{Tc}")
+    args = ["instruct", "--checkpoint", str(tmp_path / f"lm{n_prompt}"), "--data", str(data), "--epochs", "1",
+            "--mask-prompt", "--max-new-tokens", "0", "--out", str(tmp_path / "out")]
+    status = main(args)
+    assert status == 0, f"a {n_prompt}-token prompt in a context of {n_prompt}: {capsys.readouterr().err}"
+    capsys.readouterr()  # the run's epoch line
+    _refused(capsys, ["--checkpoint", str(tmp_path / f"lm{n_prompt - 1}"), "--data", str(data), "--mask-prompt"],
+             f"the prompt takes {n_prompt} tokens", f"the context holds {n_prompt - 1}", out=tmp_path / "out2")
+
+
 def test_an_empty_output_is_an_example_of_stopping(lm, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "Say nothing.", "output": ""}\n{"instruction": "Say a.", "output": "a"}\n',

@@ -11,8 +11,9 @@ a batch gets one end-of-text token per row and is padded with it (instruction_da
 instruction_collate): the loss counts every next-token target up to and including that
 end-of-text, and with --mask-prompt the response's and the end-of-text only (the book's exercise
 7.2). Rows are cut to the context length, as the book cuts them (a row longer than the context
-loses its last targets, the end-of-text first); a record whose prompt alone fills the context
-would train no response token and is refused, naming its line. An "output" may be "" (the model
+loses its last targets, the end-of-text first); a record whose prompt alone is longer than the
+context would train no response token and is refused, naming its line (a prompt of exactly the
+context's length still trains its first response token, the target at the last position). An "output" may be "" (the model
 learns to stop at once). Every parameter is trained with AdamW, without dropout; the examples
 are shuffled with --seed and --val-ratio of them validate, as in `gpt-oracle finetune`.
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         with user_input(f"--data {data}: line {number}"):
             prompt = tree.encoding.encode(tree.format(instruction, input_text))
             response = tree.encoding.encode(output)
-        if len(prompt) >= config.context_length:  # the first response target sits at position len(prompt) - 1
+        if len(prompt) > config.context_length:  # the first response target sits at position len(prompt) - 1
             raise UserError(f"--data {data}: line {number}: the prompt takes {len(prompt)} tokens and the context "
                             f"holds {config.context_length}: no response token would be trained (shorten the "
                             f"instruction or input, or use a model with a longer context)")
