@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -49,7 +49,10 @@ def json_lines(path: Path) -> Iterator[tuple[str, int, object]]:
             continue
         where = f"--data {path}: line {number}"
         with user_input(f"{where}: not valid JSON"):
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except RecursionError:  # nested past the parser's depth: bad input, not a bug
+                raise UserError(f"{where}: not valid JSON: nested too deeply to read") from None
         yield where, number, record
 
 
@@ -66,7 +69,13 @@ def check_text(where: str, name: str, value: str) -> None:
 
 
 def check_out(out: Path) -> None:
-    """--out must be new, or an empty directory."""
+    """--out must be new, or an empty directory, named by a path that the finished run's folder can
+    be renamed to: not a symbolic link (nor a dangling one), not ".", ".." or the root."""
+    if out.is_symlink():
+        raise UserError(f"--out {out}: is a symbolic link; give the directory's own path, or a new one")
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {out}: name the output folder itself (the run's folder is renamed to it, which "
+                        f"'.', '..' and the root cannot take)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -121,18 +130,43 @@ def train_epochs(epochs: int, seed: int, batch_size: int, train: list[int], val:
 def output_folder(out: Path) -> Iterator[Path]:
     """A new hidden folder beside --out to write the run into; `finish` renames it to --out. It is
     made on entry, so a --out that cannot exist is bad input before any training, and removed on
-    exit unless finished: a run that fails or is interrupted leaves no --out."""
+    exit unless finished: a run that fails or is interrupted leaves no --out, nor the parent
+    folders it made for it."""
     parent = out.absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"--out {out}: {existing} is not a directory")
-    with user_input(f"--out {out}"):
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".finetune", dir=parent))
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # parents this run makes, deepest first
+    staging = None
     try:
+        with user_input(f"--out {out}"):
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = _new_folder(parent, f".{out.name}.", ".finetune")
+        if out.is_dir():
+            shutil.copymode(out, staging)  # an empty --out is replaced: the run's folder takes its mode
         yield staging
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when finished
+        finished = staging is not None and not staging.exists()  # finish() renamed it to --out
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not finished:  # a failed run leaves nothing, the parents it made included
+            for p in made:
+                try:
+                    p.rmdir()
+                except OSError:  # not empty (another process wrote there) or not ours to remove
+                    break
+
+
+def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new folder of a name not taken in `parent`, made with the umask's mode (tempfile.mkdtemp
+    makes 0700, which the finished --out would keep)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
 
 
 def finish(staging: Path, out: Path, log: list[dict], run: dict) -> None:

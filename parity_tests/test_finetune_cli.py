@@ -178,6 +178,53 @@ def test_an_interrupted_save_leaves_no_out_and_a_bad_out_is_refused_before_train
     assert not trained, "training ran before --out was found unusable"
 
 
+def test_an_out_that_cannot_take_the_finished_folder_is_refused_before_training(lm, tmp_path, capsys, monkeypatch):
+    """A symbolic link (to an empty folder or dangling) and "." were accepted, trained, then
+    failed at the rename with a traceback and exit 1, the work lost."""
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+    trained = []
+    monkeypatch.setattr(finetune, "train_epochs", lambda *a: trained.append(1) or [])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out in (tmp_path / "link", tmp_path / "dangling"):
+        user_error(capsys, ["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(out)],
+                   str(out), "symbolic link")
+    monkeypatch.chdir(tmp_path / "empty")
+    for out in (".", "..", "/"):
+        user_error(capsys, ["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", out],
+                   f"--out {out}", "name the output folder itself")
+    assert not trained, "training ran before --out was found unusable"
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "nowhere").exists()
+
+
+def test_a_deeply_nested_json_line_is_one_line(lm, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    _refused(capsys, ["--checkpoint", str(lm), "--data", str(data)], "line 2", "not valid JSON", "nested",
+             out=tmp_path / "out")
+
+
+def test_out_takes_the_umask_and_a_failed_run_leaves_no_parent_folders(lm, tmp_path, capsys, monkeypatch):
+    """--out was the renamed tempfile.mkdtemp folder, mode 0700 whatever the umask; a failed run
+    removed its folder but left the parents it had made for --out."""
+    import os
+
+    data = _write_data(tmp_path / "data.jsonl", n=6)
+    old = os.umask(0o022)
+    try:
+        assert main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "ok"),
+                     "--epochs", "1"]) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "ok").stat().st_mode & 0o777
+    assert mode == 0o755, f"--out has mode {oct(mode)} under umask 022"
+    monkeypatch.setattr(finetune._Torch, "step", lambda self, *batch: float("nan"))
+    assert main(["finetune", "--checkpoint", str(lm), "--data", str(data), "--out", str(tmp_path / "a" / "b" / "out")]) == 1
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "ok"], "a failed run left folders behind"
+
+
 def test_json_lines_may_hold_line_separators_inside_strings_and_a_small_set_still_validates(lm, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "a\u2028b", "label": 0}, ensure_ascii=False) + "\n"
