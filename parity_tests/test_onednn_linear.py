@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -169,3 +171,30 @@ def test_flop_counter_counts_onednn_products(onednn_on):
     assert onednn_on, "the product did not go through oneDNN"
     assert counter.get_total_flops() == 3 * 2 * 10 * 6 * 4, \
         f"FlopCounterMode counted {counter.get_total_flops()} for y, dx and dw of a 10x6 @ 6x4 product"
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn", [True, False])
+def test_a_bias_or_input_of_the_wrong_shape_is_refused_naming_both_shapes(monkeypatch, onednn):
+    """oneDNN's product ignored a 0-d bias (x @ w came back, 0.5 short everywhere) and refused the
+    others with "could not create a primitive descriptor"; without it, a (1, C_out) bias trained
+    to a (C_out,) gradient autograd refused. numpy_ref's linear names both shapes; so does this."""
+    from torch_impl.head import head_forward, head_loss_forward
+
+    for module in (tlinear, thead):
+        monkeypatch.setattr(module, "onednn_fp32_products", lambda: onednn)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 12, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(12, 24, generator=g))
+    for b in (torch.tensor(0.5), torch.ones(1), torch.ones(1, 24), torch.ones(10, 24)):
+        with pytest.raises(ValueError, match=re.escape(f"linear: bias has shape {tuple(b.shape)}; the weight (12, 24) "
+                                                       f"needs (24,)")):
+            linear_forward(x, w, torch.nn.Parameter(b))
+    with pytest.raises(ValueError, match=r"linear: input has 16 features, the weight expects 12"):
+        linear_forward(torch.randn(2, 5, 16), w, None)
+    head = torch.nn.Parameter(torch.randn(30, 16, generator=g))
+    with head_slices(7):
+        with pytest.raises(ValueError, match=r"output head: input has 12 features, the head \(30, 16\) expects 16"):
+            head_forward(x, head)
+        with pytest.raises(ValueError, match=r"output head: input has 12 features, the head \(30, 16\) expects 16"):
+            head_loss_forward(x, head, torch.zeros(2, 5, dtype=torch.long))

@@ -70,9 +70,20 @@ def head_hands_grad_to_embedding(head: torch.Tensor) -> bool:
     return head_is_sliced(head) or fast_bf16_training(head)
 
 
+def check_head_shapes(x: torch.Tensor, head: torch.Tensor) -> None:
+    """A ValueError naming both shapes where x's features are not the head's (the sliced and
+    oneDNN products named a slice's shape, or none)."""
+    if head.dim() != 2:
+        raise ValueError(f"output head: the head has shape {tuple(head.shape)}; it must be (V, C)")
+    if x.shape[-1] != head.shape[1]:
+        raise ValueError(f"output head: input has {x.shape[-1]} features, the head {tuple(head.shape)} "
+                         f"expects {head.shape[1]}")
+
+
 def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.Tensor:
     """logits = x @ head.T (B, T, C) -> (B, T, V); in slices on the CPU (see top)."""
     check_autocast_operands(x, head, "output head")
+    check_head_shapes(x, head)
     rows = x.reshape(-1, x.shape[-1])  # (B, T, C) -> (N, C)
     if streams_weights(rows.shape[0], head, x):  # decoding (never under autocast)
         return head_streamed(rows, head).view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
@@ -97,6 +108,7 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
     and passes its int64 result (model.py checks them before any compute).
     """
     check_autocast_operands(x, head, "output head")
+    check_head_shapes(x, head)
     bf16_fused = fast_bf16_training(head)
     if not (bf16_fused or (head_is_sliced(head) and x.dtype == head.dtype)):
         logits = head_forward(x, head, tied_grad)  # (B, T, C) @ (C, V) -> (B, T, V)

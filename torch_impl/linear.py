@@ -159,8 +159,15 @@ def check_autocast_operands(x: torch.Tensor, w: torch.Tensor, name: str) -> None
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ w + b, with the bias added inside the GEMM when there is one."""
     check_autocast_operands(x, w, "linear")
-    rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
     C_in, C_out = w.shape
+    # Checked here, as numpy_ref's linear does: oneDNN's product ignored a 0-d bias (x @ w came
+    # back) and named no shape for the others, and a broadcasting bias got a (C_out,) gradient.
+    if x.shape[-1] != C_in:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {C_in} "
+                         f"(w shape {tuple(w.shape)})")
+    if b is not None and tuple(b.shape) != (C_out,):
+        raise ValueError(f"linear: bias has shape {tuple(b.shape)}; the weight {tuple(w.shape)} needs ({C_out},)")
+    rows = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
     if C_in % SPLIT_K == 0 and streams_weights(rows.shape[0], w, x):  # decoding: checked first, per token
         out = streamed_linear(rows, w, b)  # (N, C_in) -> (N, C_out)
     elif slow_bf16_layouts(w):
