@@ -112,6 +112,35 @@ def test_bf16_linear_layouts_give_autocast_numbers(w_is_out_in, bias):
     assert_dicts_close("bf16_linear vs autocast", results["bf16_linear"], results["autocast"], BF16_SAME_PRODUCTS)
 
 
+@LINEAR_CASES
+@pytest.mark.parametrize("path", ["bf16_linear", "kept_bf16_linear"])
+def test_a_weight_changed_in_place_before_the_backward_is_taken_as_autocast_takes_it(path, w_is_out_in, bias):
+    """Autocast saves its bf16 cast of the weight, so an in-place change to the weight between a
+    forward and its backward (an optimiser step) is allowed and the backward uses the forward's
+    values. bf16_linear (CPUs without bf16 units) saved the float32 weight: autocast's in-place
+    error, where plain autocast ran."""
+    from torch_impl.linear import bf16_linear
+
+    product = {"bf16_linear": lambda x, w, b: bf16_linear(x, w, b, w_is_out_in=w_is_out_in),
+               "kept_bf16_linear": lambda x, w, b: kept_bf16_linear(x, w, b, w_is_out_in)}[path]
+    results = {}
+    for name in (path, "autocast"):
+        x, w, b, g = _linear_case(6, w_is_out_in, bias)
+        upstream = torch.randn(24, 56, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "autocast":
+                W = w.T if w_is_out_in else w
+                y = x @ W if b is None else torch.addmm(b, x, W)
+            else:
+                y = product(x, w, b)
+        with torch.no_grad():
+            w.mul_(0.5)  # between the forward and its backward
+        (y.float() * upstream).sum().backward()
+        results[name] = {"y": y.float(), "dx": x.grad, "dw": w.grad} | ({"db": b.grad} if bias else {})
+    assert_dicts_close(f"{path} vs autocast, the weight halved in place before the backward", results[path],
+                       results["autocast"], BF16_SAME_PRODUCTS)
+
+
 def _loss(model, ids, targets, fused: bool):
     """The model's own loss (on the kept path: head._Bf16LogitsLoss), or F.cross_entropy of its
     logits (autocast's float32 loss) in both modes, to compare the products alone."""

@@ -308,21 +308,24 @@ class _Bf16Linear(torch.autograd.Function):
         W = w.T if w_is_out_in else w  # (C_in, C_out), a view
         w_out_in = W.T.to(bf16, memory_format=torch.contiguous_format)  # (C_out, C_in), contiguous
         y = xb @ w_out_in.T if b is None else torch.addmm(b.to(bf16), xb, w_out_in.T)  # (N, C_out)
-        ctx.save_for_backward(xb, w)
-        ctx.b, ctx.w_is_out_in = b, w_is_out_in  # b not saved: only its presence (and create_graph) needs it
+        # The forward's bf16 copy is saved, as autocast saves its cast: w itself may change in place
+        # before the backward (an optimiser step between a forward and its backward). w and b are
+        # not saved: the backward needs w's dtype, and both only for create_graph's plain formulas.
+        ctx.save_for_backward(xb, w_out_in)
+        ctx.w, ctx.b, ctx.w_is_out_in = w, b, w_is_out_in
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xb, w = ctx.saved_tensors
-        b = ctx.b
+        xb, w_out_in = ctx.saved_tensors
+        w, b = ctx.w, ctx.b
         if backward_takes_plain_formulas(dy):  # create_graph, vmap, compiled autograd: see kept_buffers.py
-            return graph_backward(ctx, plain_bf16_linear, (xb, w, b, ctx.w_is_out_in), (dy,))
+            wb = w_out_in if ctx.w_is_out_in else w_out_in.T  # w's shape, the forward's bf16 values
+            return graph_backward(ctx, plain_kept_bf16_linear, (xb, w, b, ctx.w_is_out_in, None, wb), (dy,))
         dy = dy.to(torch.bfloat16)  # (N, C_out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            W = w.T if ctx.w_is_out_in else w
-            w_in_out = W.to(torch.bfloat16, memory_format=torch.contiguous_format)  # (C_in, C_out)
+            w_in_out = w_out_in.T.contiguous()  # (C_out, C_in) -> (C_in, C_out), bf16, the layout dx wants
             dx = dy @ w_in_out.T  # (N, C_out) @ (C_out, C_in) -> (N, C_in), bf16 (the cast takes it to x's dtype)
         if ctx.needs_input_grad[1]:
             # (C_out, N) @ (N, C_in) for a head stored (V, C); (C_in, N) @ (N, C_out) otherwise
