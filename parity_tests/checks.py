@@ -425,7 +425,8 @@ def run_check(configs: dict[str, dict] | None = None, dtypes: Iterable[str] = DE
     # tied head, no qkv bias: a checkpoint writer that filled the missing bias wrongly passed
     # when only the first configuration ran).
     for name, cfg in configs.items():
-        say(f"kv cache, generation and checkpoints {name}")
+        say(f"oracle derivations, kv cache, generation and checkpoints {name}")
+        rows += derivation_rows(name, cfg)
         rows += kv_cache_rows(name, cfg, device)
         rows += generation_rows(name, cfg, device=device)
         rows += checkpoint_rows(name, cfg, device=device)
@@ -497,5 +498,6 @@ def format_table(rows: list[Row]) -> str:
 # import this one inside their functions, so either can be imported first.
 from parity_tests.checkpoint_checks import HUB_GPT2_KEYS, checkpoint_rows  # noqa: E402, F401
 from parity_tests.decode_checks import PAST_CONTEXT_MAX, generation_rows, kv_cache_rows  # noqa: E402, F401
+from parity_tests.derivation_checks import derivation_rows  # noqa: E402, F401
 from parity_tests.training_checks import (TRAINING_COMMON, TRAINING_RUNS, TRAINING_STEPS,  # noqa: E402, F401
                                           training_rows)

@@ -422,6 +422,34 @@ def _keys_unprefixed_in_both_trees(monkeypatch):
         monkeypatch.setattr(module, "_file_key", lambda name: name)
 
 
+def _composed_layernorm_eps_outside_the_root(monkeypatch):
+    import numpy_ref.autograd_layers as layers
+    from numpy_ref.tensor import sqrt
+
+    def eps_outside(x, w, b, eps):  # (x - mu) / (sqrt(var) + eps): the engine's layer norm, wrong
+        xc = x - x.mean(axis=-1, keepdims=True)
+        return xc / (sqrt((xc * xc).mean(axis=-1, keepdims=True)) + eps) * w + b
+
+    composed = layers.LayerOps("composed", layers.composed_embedding, eps_outside, layers.composed_attention,
+                               layers.composed_mlp, layers.composed_cross_entropy)
+    monkeypatch.setattr(layers, "COMPOSED", composed)
+
+
+def _hand_derived_layernorm_backward_drops_a_term(monkeypatch):
+    import numpy_ref.block as block
+    import numpy_ref.layernorm as layernorm
+    import numpy_ref.model as model
+
+    real = layernorm.layernorm_backward
+
+    def short(dout, cache):  # dx without its mean-of-dxhat term: a derivation slip in the oracle
+        dx, dw, db = real(dout, cache)
+        return dx + dout.mean(axis=-1, keepdims=True) * 0.5, dw, db
+
+    for module in (layernorm, block, model):
+        monkeypatch.setattr(module, "layernorm_backward", short)
+
+
 def _decode_drops_cut_bytes(monkeypatch):
     import numpy_ref.tokenizer as tokenizer
 
@@ -644,6 +672,12 @@ FAULT_ROWS = {
                                            ["train[tiny] SGD loss at each of 6 steps"]),
     "keys unprefixed in both trees": (_keys_unprefixed_in_both_trees, lambda: checks.checkpoint_rows("tiny", TINY),
                                       ["checkpoint[tiny] tensors as the hub's GPT-2 names them (29, both writers)"]),
+    "composed layer norm's eps outside the root": (
+        _composed_layernorm_eps_outside_the_root, lambda: checks.derivation_rows("small", SMALL),
+        ["oracle[small] hand-derived vs autograd over primitives: logits"]),
+    "oracle's layer-norm backward short a term": (
+        _hand_derived_layernorm_backward_drops_a_term, lambda: checks.derivation_rows("small", SMALL),
+        ["oracle[small] hand-derived vs autograd over primitives: grads (37 tensors)"]),
     "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
                                ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
