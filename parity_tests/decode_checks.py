@@ -108,11 +108,23 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str
         sharp["wpe.weight"] = sharp["wpe.weight"][:short["context_length"]]  # the first positions
         np_sharp = models.build_numpy_model(short, seed=seed, params=sharp)
         t_sharp = models.build_torch_model(short, sharp, dtype="float64", device=device)
+        # A prompt longer than the context: both trees read its last context's worth of tokens,
+        # cropped before the first step and any cache. The token embedding (and an untied head)
+        # 10x, the rest plain: the next token then follows the prompt's last token (a tied model
+        # repeats it), where at GPT-2's initial spread, or 5x everywhere, a prompt read from its
+        # first tokens gave the same greedy tokens.
+        echo = {k: v * 10.0 if k in ("wte.weight", "lm_head.weight") else v for k, v in np_model.params.items()}
+        echo["wpe.weight"] = echo["wpe.weight"][:short["context_length"]]
+        np_echo = models.build_numpy_model(short, seed=seed, params=echo)
+        t_echo = models.build_torch_model(short, echo, dtype="float64", device=device)
         del np_model, t_model
         long_ids, _ = models.random_batch(short, 2, max(1, short["context_length"] - 2), seed + 1)
         cut = "" if Tc <= PAST_CONTEXT_MAX else f" (context cut to {PAST_CONTEXT_MAX})"
         rows.append(Row(f"generate[{config_name}] greedy past the context{cut}", "float64",
                         *_same_tokens(np_sharp, t_sharp, long_ids, n, coins, dict(temperature=0.0))))
+        over_ids, _ = models.random_batch(short, 2, short["context_length"] + 3, seed + 2)
+        rows.append(Row(f"generate[{config_name}] greedy from a prompt 3 past the context{cut}", "float64",
+                        *_same_tokens(np_echo, t_echo, over_ids, 2, coins[:2], dict(temperature=0.0))))
         return rows
 
     def _same_tokens(np_m, t_m, ids, n, coins, kwargs) -> tuple:

@@ -450,6 +450,23 @@ def _hand_derived_layernorm_backward_drops_a_term(monkeypatch):
         monkeypatch.setattr(module, "layernorm_backward", short)
 
 
+def _long_prompt_cropped_from_the_front(monkeypatch):
+    import torch
+
+    import torch_impl.generate as tgenerate
+
+    real = tgenerate.generate
+
+    def front(model, ids, max_new_tokens, **kwargs):  # a prompt past the context read from its first tokens
+        Tc = model.config.context_length
+        if ids.shape[1] <= Tc:
+            return real(model, ids, max_new_tokens, **kwargs)
+        out = real(model, ids[:, :Tc], max_new_tokens, **kwargs)
+        return torch.cat([ids, out[:, Tc:]], dim=1)
+
+    monkeypatch.setattr(tgenerate, "generate", front)
+
+
 def _decode_drops_cut_bytes(monkeypatch):
     import numpy_ref.tokenizer as tokenizer
 
@@ -678,6 +695,12 @@ FAULT_ROWS = {
     "oracle's layer-norm backward short a term": (
         _hand_derived_layernorm_backward_drops_a_term, lambda: checks.derivation_rows("small", SMALL),
         ["oracle[small] hand-derived vs autograd over primitives: grads (37 tensors)"]),
+    "a long prompt cropped from the front": (_long_prompt_cropped_from_the_front,
+                                             lambda: checks.generation_rows("tiny", TINY),
+                                             ["generate[tiny] greedy from a prompt 3 past the context"]),
+    "a long prompt cropped from the front (tied)": (_long_prompt_cropped_from_the_front,
+                                                    lambda: checks.generation_rows("small", SMALL),
+                                                    ["generate[small] greedy from a prompt 3 past the context"]),
     "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
                                ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
