@@ -101,11 +101,21 @@ def _check_options(temperature, top_k, top_p) -> tuple[float | None, int | None,
     return temperature, None if top_k is None else int(top_k), top_p
 
 
+def _real_array(name: str, values) -> np.ndarray:
+    """`values` as a float64 array, refused with a TypeError naming `name` unless it holds real
+    numbers: np.asarray(..., float64) would parse strings ("0.5"), read None as NaN, take bools
+    as 0 and 1 and drop an imaginary part with only a warning (torch_impl refuses all of them)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "c":
+        raise TypeError(f"{name} must be real, got complex values ({arr.dtype})")
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
 def _check_logits(logits) -> np.ndarray:
     """One finite-maximum row (V,) as float64; NaN is refused by id, complex logits by type."""
-    if np.iscomplexobj(logits):  # np.asarray(..., float64) would drop the imaginary part with a warning
-        raise TypeError(f"logits must be real, got complex values ({np.asarray(logits).dtype})")
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = _real_array("logits", logits)
     if logits.ndim != 1 or logits.size == 0:
         raise ValueError(f"logits must be one non-empty row (V,), got shape {logits.shape}")
     if np.isnan(logits).any():
@@ -204,13 +214,16 @@ def _check_ids(ids, vocab_size: int) -> np.ndarray:
 
 def _check_coins(coins, n: int, B: int) -> np.ndarray:
     """coins (n, B) as float64; float32 coins are widened exactly (torch_impl does the same)."""
-    coins = np.asarray(coins, dtype=np.float64)
+    coins = _real_array("coins", coins)
     if coins.shape != (n, B):
         raise ValueError(f"coins must have shape (max_new_tokens, B) = {(n, B)}, got {coins.shape}")
     if coins.size and not (np.all(coins >= 0.0) and np.all(coins < 1.0)):
         bad = np.argwhere(~((coins >= 0.0) & (coins < 1.0)))[0]
         raise ValueError(f"coins must lie in [0, 1); coins[{bad[0]}, {bad[1]}] = {coins[tuple(bad)]}")
     return coins
+
+
+MAX_DRAWN_COINS = 2**27  # coins drawn up front from an rng: (max_new_tokens, B) float64, at most 1 GiB
 
 
 def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0, top_k: int | None = None,
@@ -244,6 +257,10 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
     if coins is None and sampling and max_new_tokens > 0:
         if rng is None:
             raise ValueError("sampling with temperature > 0 needs coins or an rng (np.random.Generator)")
+        if max_new_tokens * B > MAX_DRAWN_COINS:
+            raise ValueError(f"max_new_tokens = {max_new_tokens} for B = {B} rows would draw {max_new_tokens * B} "
+                             f"coins up front, over the {MAX_DRAWN_COINS} (1 GiB of float64) drawn from an rng; "
+                             f"pass coins, or generate in parts")
         coins = rng.random((max_new_tokens, B))  # (n, B)
     if coins is not None:
         coins = _check_coins(coins, max_new_tokens, B)

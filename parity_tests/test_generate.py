@@ -409,6 +409,46 @@ def test_rng_draws_the_coins_and_bad_arguments_raise():
             gen(model, conv(ids), -1)
 
 
+@pytest.mark.parametrize("values", [[["0.5"]], [[None]], [[True]], [[0.5 + 1j]], np.array([[True]]),
+                                    np.array([["0.5"]]), np.array([[0.5 + 0j]]), torch.tensor([[True]]),
+                                    torch.tensor([[0.5 + 0j]])],
+                         ids=lambda v: f"{type(v).__name__} {v!r:.30}")
+def test_coins_and_logits_that_are_no_real_numbers_are_type_errors_in_both_trees(values):
+    """numpy_ref parsed the string "0.5" and sampled with it and called None "nan"; torch_impl
+    said "too many dimensions 'str'" (a ValueError) or took True as a coin of 1 and False as 0."""
+    n_model, t_model = _models(seed=2)
+    is_tensor = isinstance(values, torch.Tensor)
+    for tree, gen, model, sample in (("numpy", ngen.generate, n_model, ngen.sample_next),
+                                     ("torch", tgen.generate, t_model, tgen.sample_next)):
+        if is_tensor and tree == "numpy":
+            continue  # numpy_ref takes no tensors
+        with pytest.raises(TypeError, match="coins must be real"):
+            gen(model, [[1, 2]], 1, temperature=1.0, coins=values)
+        with pytest.raises(TypeError, match="logits must be real"):
+            sample(values[0], temperature=1.0, coin=0.3)
+
+
+def test_string_ids_in_a_list_are_type_errors_in_both_trees():
+    n_model, t_model = _models(seed=2)
+    with pytest.raises(TypeError, match="ids must be an integer array, got dtype <U1"):
+        ngen.generate(n_model, [["1"]], 1)
+    with pytest.raises(TypeError, match=r"token id '1' at position \(batch 0, time 0\) is a str, not an int"):
+        tgen.generate(t_model, [["1"]], 1)
+    with pytest.raises(TypeError, match=r"token id None at position \(batch 0, time 1\) is a NoneType"):
+        tgen.generate(t_model, [[1, None]], 1)
+
+
+@pytest.mark.parametrize("n", [2**27 + 1, 10**15, 2**63 - 1, 2**63])
+def test_coins_drawn_from_an_rng_are_bounded_by_name(n):
+    """A huge max_new_tokens drew its coins up front: a MemoryError, "array is too big" or an
+    allocator's RuntimeError, each tree its own, none naming the option."""
+    n_model, t_model = _models(seed=2)
+    for gen, model, rng in ((ngen.generate, n_model, np.random.default_rng(0)),
+                            (tgen.generate, t_model, torch.Generator().manual_seed(0))):
+        with pytest.raises(ValueError, match=rf"max_new_tokens = {n} for B = 1 rows would draw {n} coins up front"):
+            gen(model, [[1, 2]], n, temperature=1.0, rng=rng)
+
+
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_generate_checks_every_prompt_id_in_both_trees(tree):
     """Ids before the last Tc never reach the model but come back in the output: both trees

@@ -85,14 +85,38 @@ def _check_options(temperature, top_k, top_p) -> tuple[float | None, int | None,
     return temperature, None if top_k is None else int(top_k), top_p
 
 
+def _refuse_non_reals(name: str, values) -> None:
+    """A TypeError naming `name` unless `values` (a tensor, an array or nested lists) holds real
+    numbers: torch would drop an imaginary part with only a warning and take bools as 0 and 1,
+    and names neither a string ("too many dimensions 'str'") nor None. numpy_ref refuses the same."""
+    if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise TypeError(f"{name} must be real, got complex values ({values.dtype})")
+        if values.dtype == torch.bool:
+            raise TypeError(f"{name} must be real numbers, got dtype {values.dtype}")
+        return
+    kind = getattr(getattr(values, "dtype", None), "kind", None)  # a NumPy array or scalar
+    if kind is not None:
+        if kind == "c":
+            raise TypeError(f"{name} must be real, got complex values ({values.dtype})")
+        if kind not in "iuf":
+            raise TypeError(f"{name} must be real numbers, got dtype {values.dtype}")
+        return
+    if isinstance(values, (list, tuple)):
+        for v in values:
+            _refuse_non_reals(name, v)
+        return
+    if isinstance(values, bool) or not isinstance(values, numbers.Real):
+        kind = "complex" if isinstance(values, numbers.Complex) else "real numbers"
+        raise TypeError(f"{name} must be {'real' if kind == 'complex' else kind}, got {values!r} "
+                        f"({type(values).__name__})")
+
+
 def _check_logits(logits) -> torch.Tensor:
     """One finite-maximum row (V,) as float64 on the CPU; NaN is refused by id, complex logits by type."""
+    _refuse_non_reals("logits", logits)
     if not isinstance(logits, torch.Tensor):  # a list or array: straight to float64 (as_tensor would pick float32)
-        if getattr(getattr(logits, "dtype", None), "kind", "") == "c":  # a complex NumPy array (a list: torch refuses)
-            raise TypeError(f"logits must be real, got complex values ({logits.dtype})")
         logits = torch.as_tensor(logits, dtype=torch.float64)
-    if logits.is_complex():  # .to(float64) would drop the imaginary part with a warning
-        raise TypeError(f"logits must be real, got complex values ({logits.dtype})")
     logits = logits.detach().to(device="cpu", dtype=torch.float64)
     if logits.ndim != 1 or logits.numel() == 0:
         raise ValueError(f"logits must be one non-empty row (V,), got shape {tuple(logits.shape)}")
@@ -165,6 +189,10 @@ def _check_listed_ids(ids, vocab_size: int) -> None:
             # with ints in an array.
             if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
                 raise TypeError(f"token id {value!r} at position (batch {b}, time {t}) is a bool, not an int")
+            if not isinstance(value, (numbers.Number, torch.Tensor)) and getattr(value, "dtype", None) is None:
+                # a string or None: torch.as_tensor would say "too many dimensions 'str'" or name no position
+                raise TypeError(f"token id {value!r} at position (batch {b}, time {t}) is a {type(value).__name__}, "
+                                f"not an int")
             if isinstance(value, numbers.Integral) and not 0 <= value < vocab_size:
                 raise ValueError(f"token id {int(value)} at position (batch {b}, time {t}) is outside "
                                  f"[0, {vocab_size}) (vocab_size={vocab_size})")
@@ -194,6 +222,7 @@ def _check_coins(coins, n: int, B: int) -> torch.Tensor:
     """coins (n, B) as float64 on the CPU. A list or array goes straight to float64 (torch.as_tensor
     alone makes a list float32, and 0.99999999 would become 1.0); a float32 tensor (torch.rand's
     default) is widened exactly, so numpy_ref given the same float32 values picks the same tokens."""
+    _refuse_non_reals("coins", coins)
     if isinstance(coins, torch.Tensor):
         coins = coins.detach().to(device="cpu", dtype=torch.float64)
     else:
@@ -205,6 +234,9 @@ def _check_coins(coins, n: int, B: int) -> torch.Tensor:
         s, b = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"coins must lie in [0, 1); coins[{s}, {b}] = {float(coins[s, b])}")
     return coins
+
+
+MAX_DRAWN_COINS = 2**27  # coins drawn up front from an rng: (max_new_tokens, B) float64, at most 1 GiB
 
 
 @torch.no_grad()
@@ -236,6 +268,10 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float | None = 0.0
     if coins is None and temperature and max_new_tokens > 0:
         if rng is None:
             raise ValueError("sampling with temperature > 0 needs coins or an rng (torch.Generator)")
+        if max_new_tokens * B > MAX_DRAWN_COINS:
+            raise ValueError(f"max_new_tokens = {max_new_tokens} for B = {B} rows would draw {max_new_tokens * B} "
+                             f"coins up front, over the {MAX_DRAWN_COINS} (1 GiB of float64) drawn from an rng; "
+                             f"pass coins, or generate in parts")
         coins = torch.rand((max_new_tokens, B), generator=rng, dtype=torch.float64)  # (n, B)
     if coins is not None:
         coins = _check_coins(coins, max_new_tokens, B)
