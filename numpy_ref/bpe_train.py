@@ -35,7 +35,7 @@ from typing import Collection
 import regex
 
 from numpy_ref.checkpoint_files import atomic_write
-from numpy_ref.tokenizer import ENDOFTEXT, GPT2_PAT_STR, Encoding
+from numpy_ref.tokenizer import ENDOFTEXT, GPT2_PAT_STR, Encoding, Pretokenizer
 
 
 def _pairs(word: list[int]) -> list[tuple[int, int]]:
@@ -77,7 +77,8 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR,
     # Longest first, so that a special token containing another is cut whole.
     cut = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True) if t)
     segments = regex.split(cut, text) if cut else [text]  # the text between special tokens
-    piece_counts = Counter(piece.encode("utf-8") for segment in segments for piece in regex.findall(pat_str, segment))
+    pieces = Pretokenizer(pat_str)  # as Encoding cuts text: Unicode 16.0's letters and numbers
+    piece_counts = Counter(piece.encode("utf-8") for segment in segments for piece in pieces.findall(segment))
     words = [list(piece) for piece in piece_counts]  # each distinct piece as byte ids
     freqs = list(piece_counts.values())
 

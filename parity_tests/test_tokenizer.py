@@ -226,20 +226,29 @@ def test_special_token_policies_agree_with_tiktoken_including_errors(ours, their
         assert outcomes[0] == ("ValueError", True), f"default policy must reject {text!r}, got {outcomes[0]}"
 
 
-def test_every_assigned_code_point_pre_tokenises_like_tiktoken(ours, theirs):
-    """Each code point in a few contexts (doubled, after a space, before a digit and a newline):
-    catches a `\\p{L}`, `\\p{N}` or `\\s` class that differs from Rust's regex."""
+def test_every_code_point_pre_tokenises_like_tiktoken(ours, theirs):
+    """Each code point but the surrogates in a few contexts (doubled, after a space, before a digit,
+    before a contraction): catches a `\\p{L}`, `\\p{N}`
+    or `\\s` class that differs from tiktoken's. Code points Python's own tables (Unicode 14.0 in
+    3.11) call unassigned are in: the `regex` package's Unicode 17.0 tables took the letters and
+    numbers Unicode 17.0 added as such, where tiktoken 0.14 (16.0) does not, and the test left
+    them out. A letter read as "other" splits alike when doubled or before a digit (the contexts
+    this test had), and its pieces' ids often agree after a letter (no merge crosses the cut); before
+    "'d" it does not: a letter leaves the contraction whole ("'d"), "other" takes the apostrophe."""
+    def contexts(c: str) -> str:
+        return f"{c}{c} {c}1\n{c}'d\n"
+
     chunks = []
     for start in range(0, 0x110000, 0x1000):
-        chars = [chr(cp) for cp in range(start, start + 0x1000) if unicodedata.category(chr(cp)) not in ("Cs", "Cn")]
-        chunks.append("".join(f"{c}{c} {c}1\n" for c in chars))
-    text = "".join(chunks)
+        chars = [chr(cp) for cp in range(start, start + 0x1000) if not 0xD800 <= cp <= 0xDFFF]
+        chunks.append(chars)
+    text = "".join(contexts(c) for chars in chunks for c in chars)
     if ours.encode_ordinary(text) == theirs.encode_ordinary(text):
         return
-    for chunk in chunks:  # name the first code point that differs
-        for k in range(0, len(chunk), 6):
-            piece = chunk[k : k + 6]
-            assert_same_ids(f"code point U+{ord(piece[0]):04X}", piece, ours.encode_ordinary(piece), theirs.encode_ordinary(piece))
+    for chars in chunks:  # name the first code point that differs
+        for c in chars:
+            piece = contexts(c)
+            assert_same_ids(f"code point U+{ord(c):04X}", piece, ours.encode_ordinary(piece), theirs.encode_ordinary(piece))
     raise AssertionError("the whole text differs but no single code point does: a cross-context difference")
 
 
