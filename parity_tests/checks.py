@@ -331,6 +331,7 @@ TOKENIZER_EDGE_STRINGS = (
     " " * 9 + "x", "\n" * 7 + "x", "\t \t  \r\n\r\n  x", "a\r\n\r\n", "I'M HERE'LL WE'VE'S 'D don't",
     "'" * 5 + "s", "🙂" * 4, "👨\u200d👩\u200d👧 👍🏽 🇫🇷", "e\u0301 Ωμέγα русский 中文 한국어 العربية",
     "\u3000\u3000a", "<|endoftext|>" * 2 + " after",
+    "\ua7ce'd \U000323b0'll",  # letters Unicode 17.0 added, which tiktoken 0.14 (16.0) reads as neither
 )
 
 

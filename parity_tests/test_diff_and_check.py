@@ -467,6 +467,16 @@ def _long_prompt_cropped_from_the_front(monkeypatch):
     monkeypatch.setattr(tgenerate, "generate", front)
 
 
+def _letters_of_unicode_17(monkeypatch):
+    import regex
+
+    import numpy_ref.tokenizer as tokenizer
+
+    # The pattern as the installed regex reads it (Unicode 17.0), not as tiktoken 0.14 (16.0)
+    encoding = tokenizer.get_encoding("gpt2")
+    monkeypatch.setattr(encoding, "_pat", regex.compile(tokenizer.GPT2_PAT_STR))
+
+
 def _decode_drops_cut_bytes(monkeypatch):
     import numpy_ref.tokenizer as tokenizer
 
@@ -676,7 +686,7 @@ FAULT_ROWS = {
                                  ["checkpoint[tiny] torch->numpy logits", "checkpoint[tiny] torch->torch logits"]),
     "loss rounded to bf16": (_bf16_rounded_loss, lambda: checks.model_rows("small", SMALL, "bfloat16"),
                              ["model[small] loss vs its own logits"]),
-    "rightmost BPE merge": (_rightmost_merge, checks.tokenizer_rows, ["tokenizer: BPE vs tiktoken (21 edge strings)"]),
+    "rightmost BPE merge": (_rightmost_merge, checks.tokenizer_rows, ["tokenizer: BPE vs tiktoken (22 edge strings)"]),
     "trainer's dropout masks unscaled": (_trainer_masks_unscaled, lambda: checks.training_rows("tiny", TINY),
                                          ["train[tiny] dropout masks as each trainer draws them"]),
     "trainer keeps a share p": (_trainer_keeps_p, lambda: checks.training_rows("tiny", TINY),
@@ -701,8 +711,10 @@ FAULT_ROWS = {
     "a long prompt cropped from the front (tied)": (_long_prompt_cropped_from_the_front,
                                                     lambda: checks.generation_rows("small", SMALL),
                                                     ["generate[small] greedy from a prompt 3 past the context"]),
+    "letters of Unicode 17": (_letters_of_unicode_17, checks.tokenizer_rows,
+                              ["tokenizer: BPE vs tiktoken (22 edge strings)"]),
     "decode drops cut bytes": (_decode_drops_cut_bytes, checks.tokenizer_rows,
-                               ["tokenizer: decode of 68 id prefixes (28 cut mid-character) vs tiktoken"]),
+                               ["tokenizer: decode of 79 id prefixes (33 cut mid-character) vs tiktoken"]),
     "ignored rows' logits wrong": (_ignored_rows_logits_zeroed,
                                    lambda: checks.model_rows("small", SMALL, "float32", variant="ignored targets"),
                                    ["model[small] ignored targets logits"]),
