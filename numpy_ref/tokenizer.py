@@ -250,6 +250,10 @@ class Encoding:
                 f"allowed_special must be 'all' or a set of special tokens, got the string {allowed_special!r}; "
                 f"write allowed_special={{{allowed_special!r}}} for that one token"
             )
+        if isinstance(disallowed_special, str) and disallowed_special != "all":  # a set of its characters
+            raise TypeError(f"disallowed_special must be 'all' or a collection of special tokens, got the string "
+                            f"{disallowed_special!r}; write disallowed_special={{{disallowed_special!r}}} for that "
+                            f"one token")
         if not isinstance(allowed_special, (str, AbstractSet)):  # a list: tiktoken fails on set - list
             raise TypeError(f"allowed_special must be 'all' or a set of special tokens, got a "
                             f"{type(allowed_special).__name__}: {allowed_special!r}")
@@ -300,7 +304,7 @@ class Encoding:
         # is by the index, not the object: a 0-d torch tensor is an index but hashes by identity.
         index = operator.index(token)
         if index not in self._decoder:
-            raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})")
+            raise ValueError(f"token id {index} is not in the vocabulary (ids 0 .. {self.max_token_value})")
         return self._decoder[index]
 
     def decode_tokens_bytes(self, tokens: list[int]) -> list[bytes]:
@@ -312,6 +316,9 @@ class Encoding:
         shape = getattr(tokens, "shape", None)
         if shape is not None and len(shape) != 1:  # an array or tensor: its rows would each pass as one id
             raise TypeError(f"token ids must be a 1-D sequence of ids, got shape {tuple(shape)}")
+        dtype = str(getattr(tokens, "dtype", ""))  # NumPy's "bool", "float32"; torch's "torch.bool", ...
+        if any(kind in dtype for kind in ("bool", "float", "complex")):  # True would decode as id 1
+            raise TypeError(f"token ids must be integers, got a {type(tokens).__name__} of dtype {dtype}")
         tokens = tokens if isinstance(tokens, (list, tuple)) else list(tokens)  # read twice below
         try:
             out = b"".join(self._decoder[t] for t in tokens)

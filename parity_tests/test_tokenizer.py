@@ -22,6 +22,7 @@ import pytest
 import regex
 import tiktoken
 import tiktoken.load
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -272,15 +273,40 @@ def test_word_cache_is_bounded_and_does_not_change_results(theirs):
 @pytest.mark.parametrize("bad", [50257, -1, -100, 2**63, 2**64, np.int32(-1), np.uint64(2**64 - 1)], ids=repr)
 def test_decode_of_an_unknown_id_names_it_and_the_range_in_both_trees(tree, bad):
     """tiktoken raises KeyError for 50257 and, for a negative id (an ignore_index of -100 decoded
-    with its targets) or one >= 2**63, an OverflowError naming neither; both trees: ValueError."""
+    with its targets) or one >= 2**63, an OverflowError naming neither; both trees: ValueError,
+    the id named as a plain int (numpy_ref wrote a 0-d tensor as "tensor(60000)")."""
     enc = tree.get_encoding("gpt2")
     calls = {"decode": lambda: enc.decode([1, bad, 2]), "decode_bytes": lambda: enc.decode_bytes([bad]),
              "decode_single_token_bytes": lambda: enc.decode_single_token_bytes(bad),
              "decode_tokens_bytes": lambda: enc.decode_tokens_bytes([3, bad]),
              "decode_batch": lambda: enc.decode_batch([[1], [bad]])}
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=re.escape(f"token id {bad!r} is not in the vocabulary (ids 0 .. 50256)")):
+        with pytest.raises(ValueError, match=re.escape(f"token id {int(bad)} is not in the vocabulary (ids 0 .. 50256)")):
             call()
+
+
+@pytest.mark.parametrize("tree", [np_tok, pt_tok], ids=["numpy_ref", "torch_impl"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.complex64])
+def test_decode_of_a_tensor_that_holds_no_integers_is_a_type_error_in_both_trees(tree, dtype):
+    """numpy_ref decoded torch.tensor([True, False]) as ids 1 and 0; torch_impl refused it."""
+    ids = torch.tensor([1, 0]).to(dtype)
+    for call in (tree.get_encoding("gpt2").decode, tree.get_encoding("gpt2").decode_bytes):
+        with pytest.raises(TypeError, match=f"token ids must be integers, got a .*dtype {dtype}"):
+            call(ids)
+    with pytest.raises(TypeError, match="token ids must be integers, got a ndarray of dtype bool"):
+        np_tok.get_encoding("gpt2").decode(np.array([True, False]))
+
+
+@pytest.mark.parametrize("tree", [np_tok, pt_tok], ids=["numpy_ref", "torch_impl"])
+def test_special_token_arguments_are_read_alike_in_both_trees(tree):
+    """allowed_special as any set type (dict.keys() was tiktoken's TypeError, numpy_ref took it);
+    disallowed_special as a string other than "all" a TypeError (both read it as a set of its
+    characters: "<|endoftext|>" refused "a<b" for its "<")."""
+    enc = tree.get_encoding("gpt2")
+    assert enc.encode("hi<|endoftext|>", allowed_special={EOT: 0}.keys()) == [5303, 50256]
+    for call in (enc.encode, getattr(enc, "encode_to_numpy", enc.encode)):
+        with pytest.raises(TypeError, match=r"disallowed_special must be 'all' or a collection .*got the string"):
+            call("a<b", disallowed_special=EOT)
 
 
 class _IdentityHashedIndex:

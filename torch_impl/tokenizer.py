@@ -15,6 +15,7 @@ input (`Encoding` below); every id it returns is tiktoken's.
 from __future__ import annotations
 
 import contextlib
+import operator
 import functools
 import hashlib
 import importlib.resources
@@ -108,11 +109,13 @@ class Encoding(tiktoken.Encoding):
 
     def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        allowed_special, disallowed_special = _special_policy(allowed_special, disallowed_special)
         with _regex_panic_as_value_error(text):
             return super().encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
 
     def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                         disallowed_special: Literal["all"] | Collection[str] = "all"):
+        allowed_special, disallowed_special = _special_policy(allowed_special, disallowed_special)
         with _regex_panic_as_value_error(text):
             return super().encode_to_numpy(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
 
@@ -136,9 +139,24 @@ class Encoding(tiktoken.Encoding):
         """Raise a ValueError for the first id outside 0 .. max_token_value (the vocabulary is
         contiguous: `get_encoding` checks it with `explicit_n_vocab`); else `exc` itself."""
         for token in tokens:
-            if not 0 <= token <= self.max_token_value:
-                raise ValueError(f"token id {token!r} is not in the vocabulary (ids 0 .. {self.max_token_value})") from None
+            if not 0 <= token <= self.max_token_value:  # named as a plain int, as numpy_ref names it
+                raise ValueError(f"token id {operator.index(token)} is not in the vocabulary "
+                                 f"(ids 0 .. {self.max_token_value})") from None
         raise exc
+
+
+def _special_policy(allowed_special, disallowed_special):
+    """The two arguments as tiktoken takes them, as numpy_ref reads them: any set type as
+    allowed_special (tiktoken's Rust side takes a set or frozenset only: dict.keys() was its
+    TypeError), and a string other than "all" as disallowed_special a TypeError (tiktoken reads
+    it as a set of characters: "<|endoftext|>" would refuse every text holding a "<")."""
+    if isinstance(allowed_special, AbstractSet) and not isinstance(allowed_special, (set, frozenset)):
+        allowed_special = frozenset(allowed_special)
+    if isinstance(disallowed_special, str) and disallowed_special != "all":
+        raise TypeError(f"disallowed_special must be 'all' or a collection of special tokens, got the string "
+                        f"{disallowed_special!r}; write disallowed_special={{{disallowed_special!r}}} for that one "
+                        f"token")
+    return allowed_special, disallowed_special
 
 
 def _tensor_ids_as_list(tokens):
