@@ -28,6 +28,7 @@ import hashlib
 import importlib.resources
 import numbers
 import random
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -80,6 +81,16 @@ def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     return text[:split], text[split:]
 
 
+def _check_ids_container(ids) -> None:
+    """A TypeError naming the type unless `ids` is a sequence (list, tuple, range) or an array or
+    tensor: a string (text not yet tokenised), None or a generator read as a 0-d array (NumPy:
+    "got shape ()") or an error naming no argument (torch). numpy_ref's data.py says the same."""
+    sequence = isinstance(ids, Sequence) and not isinstance(ids, (str, bytes))
+    if not (sequence or hasattr(ids, "shape") and hasattr(ids, "dtype")):
+        raise TypeError(f"ids must be a 1-D sequence of integer ids (a list, tuple, array or tensor), got a "
+                        f"{type(ids).__name__}" + (" (tokenise the text first)" if isinstance(ids, str) else ""))
+
+
 def _check_listed_ids(ids) -> None:
     """Why a list or tuple of ids did not become an int64 array: an int past int64 (2**63) turns
     it into float64 or object (NumPy) or is refused as an overflow naming nothing (torch), a string
@@ -88,7 +99,8 @@ def _check_listed_ids(ids) -> None:
     if not isinstance(ids, (list, tuple)):
         return
     for position, value in enumerate(ids):
-        if isinstance(value, (str, bytes)):
+        if isinstance(value, (str, bytes)) or value is None or isinstance(value, numbers.Rational) and not isinstance(
+                value, numbers.Integral):  # text, a missing id, a Fraction: no id
             raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r} at position {position}")
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
             limit = f"max {2**63 - 1}" if value > 0 else f"min {-2**63}"
@@ -102,10 +114,11 @@ class SlidingWindowDataset:
     def __init__(self, ids, max_length: int, stride: int):
         max_length = _positive_int("max_length", max_length)
         stride = _positive_int("stride", stride)
+        _check_ids_container(ids)
         listed, ids = ids, np.asarray(ids)
         if ids.ndim != 1:
             raise ValueError(f"ids must be a 1-D sequence, got shape {ids.shape}")
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        if ids.size and ids.dtype.kind not in "iu":  # issubdtype(integer) also takes timedelta64
             _check_listed_ids(listed)  # an int past int64 made the array float64 or object: name it
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
         int64_max = np.iinfo(np.int64).max

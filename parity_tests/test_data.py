@@ -256,3 +256,29 @@ def test_the_verdict_is_hash_checked_in_both_trees_against_its_provenance(monkey
         monkeypatch.setattr(tree, "VERDICT_SHA256", "0" * 64)
         with pytest.raises(ValueError, match=f"the packaged the-verdict.txt has sha256 {listed[0]}, expected 0+"):
             tree.load_verdict()
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    ("some text, not ids", TypeError, r"ids must be a 1-D sequence of integer ids .*got a str \(tokenise the text first\)"),
+    (None, TypeError, "got a NoneType"),
+    ((i for i in range(10)), TypeError, "got a generator"),
+    ([1, None, 3, 4], TypeError, "ids must be integers, got NoneType None at position 1"),
+    ([__import__("fractions").Fraction(1), 2, 3], TypeError, r"got Fraction Fraction\(1, 1\) at position 0"),
+    (np.arange(10).astype("timedelta64[s]"), TypeError, "timedelta64"),
+], ids=["str", "None", "generator", "None inside", "Fraction inside", "timedelta64"])
+def test_ids_that_are_no_integer_sequence_are_type_errors_in_both_trees(ids, error, message):
+    """numpy_ref read a string, None or a generator as a 0-d array ("got shape ()", a ValueError)
+    and took timedelta64 as integers; torch_impl raised torch's own TypeError, RuntimeError or
+    ValueError for these, naming no argument."""
+    for tree in (np_data, pt_data):
+        fresh = (i for i in range(10)) if hasattr(ids, "__next__") else ids
+        with pytest.raises(error, match=message):
+            tree.SlidingWindowDataset(fresh, 2, 1)
+
+
+def test_a_big_endian_array_gives_the_same_windows_in_both_trees():
+    """torch refuses a NumPy array of the other byte order ("not supported"); numpy_ref read it."""
+    ids = np.arange(12, dtype=">i4")
+    a, b = np_data.SlidingWindowDataset(ids, 3, 2), pt_data.SlidingWindowDataset(ids, 3, 2)
+    assert np.array_equal(a.inputs, b.inputs.numpy()) and np.array_equal(a.targets, b.targets.numpy()), \
+        f"windows differ: numpy {a.inputs.tolist()} vs torch {b.inputs.tolist()}"

@@ -21,6 +21,7 @@ import hashlib
 import importlib.resources
 import numbers
 import random
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -74,6 +75,16 @@ def split_train_val(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     return text[:split], text[split:]
 
 
+def _check_ids_container(ids) -> None:
+    """A TypeError naming the type unless `ids` is a sequence (list, tuple, range) or an array or
+    tensor: a string (text not yet tokenised), None or a generator read as a 0-d array (NumPy:
+    "got shape ()") or an error naming no argument (torch). numpy_ref's data.py says the same."""
+    sequence = isinstance(ids, Sequence) and not isinstance(ids, (str, bytes))
+    if not (sequence or hasattr(ids, "shape") and hasattr(ids, "dtype")):
+        raise TypeError(f"ids must be a 1-D sequence of integer ids (a list, tuple, array or tensor), got a "
+                        f"{type(ids).__name__}" + (" (tokenise the text first)" if isinstance(ids, str) else ""))
+
+
 def _check_listed_ids(ids) -> None:
     """Why a list or tuple of ids did not become an int64 array: an int past int64 (2**63) turns
     it into float64 or object (NumPy) or is refused as an overflow naming nothing (torch), a string
@@ -82,7 +93,8 @@ def _check_listed_ids(ids) -> None:
     if not isinstance(ids, (list, tuple)):
         return
     for position, value in enumerate(ids):
-        if isinstance(value, (str, bytes)):
+        if isinstance(value, (str, bytes)) or value is None or isinstance(value, numbers.Rational) and not isinstance(
+                value, numbers.Integral):  # text, a missing id, a Fraction: no id
             raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r} at position {position}")
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
             limit = f"max {2**63 - 1}" if value > 0 else f"min {-2**63}"
@@ -96,6 +108,9 @@ class SlidingWindowDataset(Dataset):
     def __init__(self, ids, max_length: int, stride: int):
         max_length = _positive_int("max_length", max_length)
         stride = _positive_int("stride", stride)
+        _check_ids_container(ids)
+        if getattr(getattr(ids, "dtype", None), "byteorder", "=") not in "=|":  # a big-endian NumPy array
+            ids = ids.astype(ids.dtype.newbyteorder("="))  # torch takes the native order only; NumPy reads any
         try:
             ids = torch.as_tensor(ids)
         except (ValueError, TypeError, RuntimeError):
