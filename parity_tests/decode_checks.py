@@ -103,25 +103,28 @@ def generation_rows(config_name: str, config_d: dict, seed: int = 0, device: str
                             f"({plain[0, 3:].tolist()}) is among row 1's"))
         # Past the context: weight matrices 5x wider (model_oracle.WEIGHT_SPREAD's reason: at GPT-2's
         # initial spread attention is so even that a window one token short gave the same tokens).
+        # Then a prompt longer than the context: both trees read its last context's worth of
+        # tokens, cropped before the first step and any cache. There the token embedding (and an
+        # untied head) 10x, the rest plain: the next token then follows the prompt's last token (a
+        # tied model repeats it), where at GPT-2's initial spread, or 5x everywhere, a prompt read
+        # from its first tokens gave the same greedy tokens. One pair of models alive at a time
+        # (a preset's float64 model is 1 GB in each tree).
         short = dict(config_d, context_length=min(Tc, PAST_CONTEXT_MAX))
-        sharp = {k: v * 5.0 if v.ndim == 2 else v for k, v in np_model.params.items()}
-        sharp["wpe.weight"] = sharp["wpe.weight"][:short["context_length"]]  # the first positions
+        cut = "" if Tc <= PAST_CONTEXT_MAX else f" (context cut to {PAST_CONTEXT_MAX})"
+        plain = dict(np_model.params, **{"wpe.weight": np_model.params["wpe.weight"][:short["context_length"]]})
+        del np_model, t_model
+        sharp = {k: v * 5.0 if v.ndim == 2 else v for k, v in plain.items()}
         np_sharp = models.build_numpy_model(short, seed=seed, params=sharp)
         t_sharp = models.build_torch_model(short, sharp, dtype="float64", device=device)
-        # A prompt longer than the context: both trees read its last context's worth of tokens,
-        # cropped before the first step and any cache. The token embedding (and an untied head)
-        # 10x, the rest plain: the next token then follows the prompt's last token (a tied model
-        # repeats it), where at GPT-2's initial spread, or 5x everywhere, a prompt read from its
-        # first tokens gave the same greedy tokens.
-        echo = {k: v * 10.0 if k in ("wte.weight", "lm_head.weight") else v for k, v in np_model.params.items()}
-        echo["wpe.weight"] = echo["wpe.weight"][:short["context_length"]]
-        np_echo = models.build_numpy_model(short, seed=seed, params=echo)
-        t_echo = models.build_torch_model(short, echo, dtype="float64", device=device)
-        del np_model, t_model
+        del sharp
         long_ids, _ = models.random_batch(short, 2, max(1, short["context_length"] - 2), seed + 1)
-        cut = "" if Tc <= PAST_CONTEXT_MAX else f" (context cut to {PAST_CONTEXT_MAX})"
         rows.append(Row(f"generate[{config_name}] greedy past the context{cut}", "float64",
                         *_same_tokens(np_sharp, t_sharp, long_ids, n, coins, dict(temperature=0.0))))
+        del np_sharp, t_sharp
+        echo = {k: v * 10.0 if k in ("wte.weight", "lm_head.weight") else v for k, v in plain.items()}
+        np_echo = models.build_numpy_model(short, seed=seed, params=echo)
+        t_echo = models.build_torch_model(short, echo, dtype="float64", device=device)
+        del echo, plain
         over_ids, _ = models.random_batch(short, 2, short["context_length"] + 3, seed + 2)
         rows.append(Row(f"generate[{config_name}] greedy from a prompt 3 past the context{cut}", "float64",
                         *_same_tokens(np_echo, t_echo, over_ids, 2, coins[:2], dict(temperature=0.0))))
