@@ -2,11 +2,19 @@
 
 For a function f and a random upstream gradient G of f's output shape, the scalar
 `s(x) = sum(f(x) * G)` has gradient `ds/dx = J^T G`, exactly what a VJP computes. Each input
-element is nudged by +-eps and
+element is nudged by +-h, h = eps * max(1, |x_j|), and
 
-    ds/dx_j ~ (s(x + eps e_j) - s(x - eps e_j)) / (2 eps)       error O(eps^2) + O(u/eps)
+    ds/dx_j ~ (s(x + h e_j) - s(x - h e_j)) / ((x_j + h) - (x_j - h))     error O(h^2) + O(u/h)
 
-in float64 (unit roundoff u ~ 1e-16): with eps = 1e-6 both terms are near 1e-10 relative.
+in float64 (unit roundoff u ~ 1e-16): with eps = 1e-6 both terms are near 1e-10 relative. The
+step scales with |x_j| and the division is by the step actually taken: a fixed 1e-6 is lost in
+the rounding of x_j = 1e11 (x_j + 1e-6 == x_j: every numerical gradient 0, and a backward that
+returned zeros passed), and rounded at 1e8 (the estimate 5% off).
+
+A check that cannot fail is refused: an input whose numerical gradient is non-zero but at most
+atol everywhere (any analytic gradient as small passes: f = 1e-7 x^2 passed with a zero or a
+negated backward) is a ValueError asking for a smaller atol or a scaled function, and so is a
+call with no float input to differentiate.
 A random G (not all ones, i.e. not `f(x).sum()`) is what catches a transposed or permuted
 gradient: an all-ones cotangent cannot tell the positions apart.
 
@@ -50,12 +58,15 @@ def numerical_vjp(f: Callable[..., np.ndarray], arrays: Sequence[np.ndarray], G:
         nudged[i] = x
         for j in np.ndindex(a.shape):
             original = x[j]
-            x[j] = original + eps
+            h = eps * max(1.0, abs(float(original)))  # relative past 1: see the top
+            x[j] = original + h
+            up = x[j]  # the values actually taken, after rounding
             plus = float(np.sum(np.asarray(f(*nudged)) * G))
-            x[j] = original - eps
+            x[j] = original - h
+            down = x[j]
             minus = float(np.sum(np.asarray(f(*nudged)) * G))
             x[j] = original
-            grad[j] = (plus - minus) / (2 * eps)
+            grad[j] = (plus - minus) / (up - down)
         grads.append(grad)
     return grads
 
@@ -93,8 +104,22 @@ def compare_gradients(analytic: Sequence[np.ndarray | None], numeric: Sequence[n
                 f"gradcheck: input {i} (shape {n.shape}): worst element {tuple(int(k) for k in worst)}: "
                 f"analytic {float(a[worst])!r} vs numerical {float(n[worst])!r} (abs err {diff[worst]:.3e}; "
                 f"atol={atol:.1e}, rtol={rtol:.1e}; max abs err over the input {diff.max():.3e})")
+        largest = float(np.abs(n).max()) if n.size else 0.0
+        if 0.0 < largest <= atol:
+            raise ValueError(f"gradcheck: input {i}'s numerical gradient is at most {largest:.3e}, within atol={atol:.1e}: "
+                             f"any gradient that small would pass; pass a smaller atol or scale the function up")
         errors.append(float(diff.max()) if n.size else 0.0)
     return errors
+
+
+def _check_differentiable(arrays: Sequence[np.ndarray]) -> None:
+    """A TypeError for complex inputs, a ValueError when no input is a float array to nudge."""
+    for i, a in enumerate(arrays):
+        if a.dtype.kind == "c":
+            raise TypeError(f"gradcheck: input {i} is {a.dtype}; finite differences here are for real float64 inputs")
+    if not any(a.dtype.kind == "f" for a in arrays):
+        raise ValueError(f"gradcheck: no float input to differentiate (dtypes {[str(a.dtype) for a in arrays]}); "
+                         f"integer and bool inputs are constants")
 
 
 def _upstream(shape, upstream_seed: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -112,6 +137,7 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[np.ndarray], *, upstre
     absolute error per input; raises AssertionError naming the input on a mismatch.
     """
     arrays = [np.asarray(a) for a in inputs]
+    _check_differentiable(arrays)
     for i, a in enumerate(arrays):
         if a.dtype.kind == "f" and a.dtype != np.float64:
             raise TypeError(f"gradcheck: input {i} is {a.dtype}; finite differences need float64")
@@ -140,6 +166,7 @@ def gradcheck_vjp(f: Callable[..., np.ndarray], vjp: Callable[[np.ndarray], Sequ
     standard normal array of the output's shape. Returns the max absolute error per array.
     """
     arrays = [np.asarray(a) for a in arrays]
+    _check_differentiable(arrays)
     if G is None:
         G = _upstream(np.shape(f(*arrays)), upstream_seed, rng)
     analytic = vjp(G)

@@ -24,6 +24,7 @@ gradient at ties, `max` over an axis shares it evenly among tied maxima, `relu'(
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -73,6 +74,23 @@ class Tensor:
     ndim = property(lambda self: self.data.ndim)
     size = property(lambda self: self.data.size)
     dtype = property(lambda self: self.data.dtype)
+
+    # == and != would fall back to identity (x == 0 is False for any x), where NumPy compares
+    # elements and <, > raise: a comparison gives no gradient, so each is a TypeError here too.
+    # The hash stays identity's (the engine keys nothing by it; a set of Tensors keeps working).
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        raise TypeError("Tensor == is not supported (no gradient flows through a comparison): compare .data")
+
+    def __ne__(self, other):
+        raise TypeError("Tensor != is not supported (no gradient flows through a comparison): compare .data")
+
+    def __iter__(self):
+        # Without it Python iterates through __getitem__ and a 0-d tensor yields nothing
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        return (self[i] for i in range(len(self)))
 
     def __len__(self) -> int:
         return len(self.data)
@@ -294,7 +312,7 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
 
 def _axis_index(axis, ndim: int) -> int:
     """`axis` from NumPy's range [-ndim, ndim) as an index in [0, ndim); never wrapped silently."""
-    if not isinstance(axis, (int, np.integer)):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):  # True is no axis
         raise TypeError(f"axis {axis!r} must be an integer")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
@@ -610,7 +628,7 @@ def getitem_vjp(g, a_shape, index):
 def take_along_axis(a, indices, axis: int) -> Tensor:
     """NumPy's `take_along_axis`: `out[..., i, ...] = a[..., indices[..., i, ...], ...]` on `axis`."""
     (a,) = _operands(a)
-    indices = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
+    indices = np.array(indices.data if isinstance(indices, Tensor) else indices)  # a copy: see _plain_index
     if indices.dtype.kind not in "iu":
         raise TypeError(f"take_along_axis: indices must be integers, got {indices.dtype}")
     axis = _axis_index(axis, a.ndim)
@@ -638,7 +656,11 @@ def _plain_index(index):
     def plain(item):
         if isinstance(item, Tensor):
             raise TypeError("index with an integer ndarray, not a float Tensor")
-        return item
+        # A copy of an array or list: the backward scatters through it later, and the caller
+        # changing it in between (a reused index buffer) would move the gradient silently
+        if isinstance(item, np.ndarray):
+            return item.copy()
+        return copy.deepcopy(item) if isinstance(item, list) else item
     return tuple(plain(i) for i in index) if isinstance(index, tuple) else plain(index)
 
 
@@ -647,7 +669,7 @@ def _plain_index(index):
 
 def where(condition, a, b) -> Tensor:
     """`a` where `condition` is true, else `b` (all three broadcast together)."""
-    condition = np.asarray(condition)
+    condition = np.array(condition)  # a copy: the backward reads it (see _plain_index)
     if condition.dtype != np.bool_:
         raise TypeError(f"where: condition must be a boolean array, got {condition.dtype}")
     a, b = _operands(a, b)

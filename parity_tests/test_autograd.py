@@ -610,3 +610,72 @@ def test_gradcheck_softmax_along_any_axis(shape, axis_seed, seed):
     x = values(seed, shape)
     gradcheck(lambda t: nf.softmax(t, axis=axis), [x], upstream_seed=seed, **TOL)
     gradcheck(lambda t: nf.log_softmax(t, axis=axis), [x], upstream_seed=seed, **TOL)
+
+
+# ---- from a review of the engine and gradcheck -------------------------------------------------
+
+
+def _identity_op(backward_scale: float):
+    """f(x) = x as one engine op whose backward returns backward_scale * g (1.0 is right)."""
+    return lambda x: nt.custom_op(lambda a: (a.copy(), None), lambda g, _cache: (backward_scale * g,), x)
+
+
+@pytest.mark.parametrize("scale", [1e8, 1e11, -3e13])
+def test_gradcheck_steps_relative_to_large_inputs(scale):
+    """A fixed step of 1e-6 vanished in x = 1e11's rounding (x + 1e-6 == x): every numerical
+    gradient was 0, a backward returning zeros passed and the right one failed; at 1e8 the
+    rounded step made the estimate 5% off."""
+    x = np.array([1.0, 2.0, 3.0]) * scale
+    gradcheck(_identity_op(1.0), [x])
+    with pytest.raises(AssertionError, match="analytic 0.0 vs numerical"):
+        gradcheck(_identity_op(0.0), [x])
+
+
+def test_gradcheck_refuses_to_pass_gradients_smaller_than_its_atol():
+    """f = 1e-7 x^2: a zero or a negated backward passed under atol = 1e-6."""
+    x = np.array([0.3, -1.2, 2.0])
+    for sign in (0.0, -1.0):
+        def tiny(t, sign=sign):  # 1e-7 x^2, its backward scaled by `sign`
+            return nt.custom_op(lambda a: (1e-7 * a * a, a), lambda g, a: (sign * 2e-7 * a * g,), t)
+        with pytest.raises(ValueError, match=r"numerical gradient is at most .* within atol=1.0e-06"):
+            gradcheck(tiny, [x])
+    gradcheck(lambda t: t * t * 1e-7, [x], atol=1e-12)  # right, and checkable with an atol under the gradients
+
+
+def test_gradcheck_needs_a_real_float_input():
+    with pytest.raises(ValueError, match="no float input to differentiate"):
+        gradcheck(nf.gelu, [np.arange(5)])
+    with pytest.raises(ValueError, match="no float input to differentiate"):
+        gradcheck_vjp(lambda a: a * 2, lambda g: (None,), [np.array([True, False])])
+    with pytest.raises(TypeError, match="complex128"):
+        gradcheck(lambda t: t, [np.array([1.0 + 2.0j])])
+
+
+def test_index_condition_and_mask_arrays_changed_after_the_forward_leave_the_gradient_alone():
+    """The engine kept the caller's index, condition and take_along_axis arrays by reference:
+    changed before backward (a reused buffer), the gradient went elsewhere."""
+    for build, expected in (
+            (lambda x, arr: x[arr], [1.0, 1.0, 0.0, 0.0]),
+            (lambda x, arr: nt.take_along_axis(x, arr, 0), [1.0, 1.0, 0.0, 0.0]),
+            (lambda x, arr: nt.where(arr, x, 0.0), [1.0, 0.0, 1.0, 0.0])):
+        x = Tensor(np.arange(4.0), requires_grad=True)
+        arr = np.array([True, False, True, False]) if "where" in build.__code__.co_names else np.array([0, 1])
+        y = build(x, arr)
+        arr[...] = 3 if arr.dtype != bool else False
+        y.sum().backward()
+        assert np.array_equal(x.grad, expected), f"gradient {x.grad} after the caller changed its array; expected {expected}"
+
+
+def test_comparisons_iteration_and_bool_axes_are_refused_as_numpy_refuses_them():
+    """x == 0 was False for any x (identity), list(0-d tensor) was [] and axis=True summed axis 1."""
+    x = Tensor(np.ones((2, 3)))
+    for compare in (lambda: x == 0, lambda: x != x.detach(), lambda: np.zeros(3) == x):
+        with pytest.raises(TypeError, match="not supported"):
+            compare()
+    assert {x} == {x} and len({x, Tensor(np.ones(1))}) == 2, "Tensors hash by identity"
+    with pytest.raises(TypeError, match="iteration over a 0-d tensor"):
+        list(Tensor(5.0))
+    assert [r.shape for r in x] == [(3,), (3,)], "iterating a 2-D tensor gives its rows"
+    for reduce in (x.sum, x.mean, x.max):
+        with pytest.raises(TypeError, match="axis True must be an integer"):
+            reduce(axis=True)
