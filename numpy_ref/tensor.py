@@ -579,7 +579,14 @@ def transpose(a, axis0: int = -2, axis1: int = -1) -> Tensor:
 
 
 def concatenate(tensors: Sequence, axis: int = 0) -> Tensor:
+    """NumPy's `concatenate` along one existing axis (axis=None, which flattens first, is refused
+    by name: reshape each to (-1,) and join on axis 0)."""
     tensors = _operands(*tensors)
+    if axis is None:
+        raise TypeError("concatenate: axis=None is not supported; reshape each tensor to (-1,) and join on axis 0")
+    if not tensors:
+        raise ValueError("concatenate: needs at least one tensor")
+    axis = _axis_index(axis, tensors[0].ndim)
     out = np.concatenate([t.data for t in tensors], axis=axis)  # sizes on `axis` add up
     sizes = [t.shape[axis] for t in tensors]
     return _make(out, "concatenate", tensors, concatenate_vjp, sizes, axis)

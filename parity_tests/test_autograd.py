@@ -679,3 +679,13 @@ def test_comparisons_iteration_and_bool_axes_are_refused_as_numpy_refuses_them()
     for reduce in (x.sum, x.mean, x.max):
         with pytest.raises(TypeError, match="axis True must be an integer"):
             reduce(axis=True)
+
+
+def test_concatenate_names_an_axis_it_cannot_take():
+    """axis=None gave "tuple indices must be integers" from inside the engine."""
+    a, b = Tensor(np.ones((2, 3))), Tensor(np.ones((2, 2)))
+    assert nt.concatenate([a, b], axis=-1).shape == (2, 5)
+    with pytest.raises(TypeError, match="axis=None is not supported"):
+        nt.concatenate([a, b], axis=None)
+    with pytest.raises(TypeError, match="axis True must be an integer"):
+        nt.concatenate([a, b], axis=True)
