@@ -122,3 +122,35 @@ def test_info_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _refused(capsys, *argv) -> str:
+    parser = argparse.ArgumentParser()
+    info.add_arguments(parser)
+    code = info.run(parser.parse_args(list(argv)))
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+    return captured.err
+
+
+def test_a_hugging_face_layout_checkpoint_is_described_and_a_disagreeing_one_refused(capsys, tmp_path):
+    """info refused a config.json without the gpt_oracle object, which generate, diff and check
+    read, and described a gpt_oracle object whose n_layers the file's n_layer contradicts, which
+    they refuse."""
+    cfg = get_config("tiny")
+    GPTModel(cfg, seed=0).save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in stored.items() if k != "gpt_oracle"}))
+    code, out = _run(capsys, str(tmp_path / "hf"))
+    assert code == 0 and f"L={cfg.n_layers}" in out and f"{parameter_report(cfg).total:,}" in out, out
+    path.write_text(json.dumps({**stored, "gpt_oracle": {**stored["gpt_oracle"], "n_layers": 3}}))
+    assert "key 'n_layer' = 2 disagrees with gpt_oracle.n_layers = 3" in _refused(capsys, str(tmp_path / "hf"))
+
+
+def test_all_takes_no_names(capsys):
+    """--all NAME printed every preset and ignored NAME, even an unknown one."""
+    assert "--all describes every preset; it takes no names (got no-such-config)" in _refused(
+        capsys, "--all", "no-such-config")
+    code, out = _run(capsys, "--all")
+    assert code == 0 and out.count("Total number of parameters") >= 5, out

@@ -5,8 +5,10 @@ Scratch)": 163,009,536 parameters, 124,412,160 counting the output head as tied 
 embedding (the GPT-2 paper's "124M"), and 621.83 MB in float32 (bytes / 1024**2).
 CONFIG is a preset name or alias (tiny, gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M,
 gpt2-xl/1558M; a preset's name means the preset even where a folder of that name exists: write
-the folder as ./NAME), a checkpoint directory (its config.json's `gpt_oracle` object, which must
-hold every GPTConfig field) or a `train` output folder (the checkpoint its `latest` names).
+the folder as ./NAME), a checkpoint directory (its config.json read as the loaders read it: the
+`gpt_oracle` object, which must hold every GPTConfig field and agree with the Hugging Face keys
+beside it, or those keys alone) or a `train` output folder (the checkpoint its `latest` names).
+`--all` takes no names.
 Uses only numpy_ref (no torch import).
 
 Exit status 0, or 2 on an unknown name or an unreadable or incomplete config.json (one line on
@@ -25,9 +27,9 @@ from gpt_oracle.user_input import EXIT_OK, UserError, print_result, reports_user
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="*", default=["gpt2-small"],
+    parser.add_argument("config", nargs="*", default=None,
                         help="preset name(s), checkpoint directory(ies) or train output folder(s) (default: gpt2-small)")
-    parser.add_argument("--all", action="store_true", help="every preset")
+    parser.add_argument("--all", action="store_true", help="every preset (no names with it)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -50,20 +52,24 @@ def load_config(name: str):
             text = f.read()
     with user_input(f"{path}: not valid JSON"):
         stored = json.loads(text)
-    if not isinstance(stored, dict) or "gpt_oracle" not in stored:
-        raise UserError(f"{path}: has no 'gpt_oracle' object holding a GPTConfig")
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(stored).__name__}")
     if "gpt_oracle_num_classes" in stored:  # its head is not the vocabulary head these counts describe
         raise UserError(f"{path}: a classifier's checkpoint ({stored['gpt_oracle_num_classes']!r} classes), not a "
                         f"language model's; info counts a language model's parameters")
-    ours = stored["gpt_oracle"]
-    if not isinstance(ours, dict):
+    ours = stored.get("gpt_oracle")
+    if "gpt_oracle" in stored and not isinstance(ours, dict):
         raise UserError(f"{path}: 'gpt_oracle' must be a JSON object holding a GPTConfig, got "
                         f"{type(ours).__name__} {json.dumps(ours)[:40]}")
-    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ours]
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if ours is not None and f.name not in ours]
     if missing:  # a default filled in for a missing field would describe another model
         raise UserError(f"{path}: 'gpt_oracle' lacks the field(s) {missing}")
-    with user_input(f"{path}: 'gpt_oracle'"):
-        return GPTConfig.from_dict(ours)
+    # The loaders' own reading: the Hugging Face keys alone (no gpt_oracle object) describe the
+    # model too, and where both are there they must agree (a config the loaders refuse is refused).
+    from numpy_ref.checkpoint_config import config_from_hf
+
+    with user_input(None):
+        return config_from_hf(stored, path)
 
 
 def describe(name: str) -> dict:
@@ -94,7 +100,9 @@ def format_text(d: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from numpy_ref.config import PRESETS
 
-    names = list(PRESETS) if args.all else args.config
+    if args.all and args.config:  # the names would be ignored, an unknown one unreported
+        raise UserError(f"--all describes every preset; it takes no names (got {' '.join(args.config)})")
+    names = list(PRESETS) if args.all else (args.config or ["gpt2-small"])
     rows = [describe(n) for n in names]
     print_result(json.dumps(rows, indent=2) if args.json else "\n".join(format_text(r) for r in rows))
     return EXIT_OK
