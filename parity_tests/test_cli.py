@@ -217,6 +217,24 @@ def test_resume_takes_no_progress_which_changes_only_what_is_shown(capsys, run_c
     assert json.loads((run_copy / "run.json").read_text())["no_progress"] is False, "run.json was rewritten"
 
 
+def test_resume_refuses_a_folder_it_cannot_write_before_training(capsys, run_copy, monkeypatch):
+    """On a read-only file system a resume trained, then failed at its first log line with a
+    traceback (exit 1). Here the file system's refusal is simulated at the one probe the
+    command makes (root ignores permissions, and a read-only mount needs privileges)."""
+    import errno
+    import tempfile
+
+    from gpt_oracle.commands import train as train_cmd
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(train_cmd, "_build", lambda *a, **k: pytest.fail("the run was built before the check"))
+    _user_error(capsys, ["train", "--resume", str(run_copy)], str(run_copy), "cannot write in it",
+                "Read-only file system", untouched=(run_copy,))
+
+
 def test_resume_refuses_a_folder_that_mixes_two_runs(capsys, run_copy):
     """run.json rewritten by another run while the old checkpoints stayed: never continue silently."""
     opts = json.loads((run_copy / "run.json").read_text())

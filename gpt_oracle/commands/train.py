@@ -52,6 +52,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from gpt_oracle import run_folder
@@ -385,6 +386,21 @@ def _read_run_json(out: Path) -> tuple[dict, str | None]:
         raise UserError(f"--resume {out}: run.json: {err}") from err
 
 
+def _check_writable_run(out: Path) -> None:
+    """A UserError unless the run folder takes new files and its log can be appended to: a run on
+    a read-only file system trained its first steps, then failed at the log with a traceback."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"--resume {out}: cannot write in it ({exc.strerror or exc}); a resumed run appends to "
+                        f"its log.jsonl and saves its checkpoints there") from None
+    log = out / "log.jsonl"
+    if log.exists() and not os.access(log, os.W_OK):
+        raise UserError(f"--resume {out}: {log} cannot be written (no permission); a resumed run appends to it")
+
+
 def _resume(args: argparse.Namespace):
     out = Path(args.resume)
     parser = argparse.ArgumentParser()
@@ -402,6 +418,7 @@ def _resume(args: argparse.Namespace):
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UserError(f"--resume {out} takes every option from {out / 'run.json'}; {flags} cannot go with it")
     opts, saved_fingerprint = _read_run_json(out)
+    _check_writable_run(out)
     try:
         Trainer, model, train, val, encoding, settings, autocast, words = _build(opts, resuming=True)
     except UserError as err:
