@@ -36,9 +36,9 @@ import numpy as np
 
 from numpy_ref.optim import build_optimizer, clip_grad_norm, global_grad_norm, lr_at_step
 from numpy_ref.train_log import TextProgress, finite_or_null
-from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
-                                 check_same_model, data_fingerprint, fixed_batches, finish_run, load_run,
-                                 record_eval, save_run)
+from numpy_ref.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_finite_weights,
+                                 check_same_data, check_same_model, data_fingerprint, fixed_batches, finish_run,
+                                 load_run, record_eval, save_run)
 
 
 def evaluate(model, batches) -> float:
@@ -138,8 +138,10 @@ class Trainer:
                 p[...] = arrays[f"param.{k}"]
 
     def save(self) -> Path | None:
-        return save_run(self.out_dir, self.step, self.model.config, self.model.params, *self.state(),
-                        backend="numpy") if self.out_dir is not None else None
+        if self.out_dir is None:
+            return None
+        check_finite_weights(self.model.params, self.step)  # NonFiniteLoss: a checkpoint holds float32
+        return save_run(self.out_dir, self.step, self.model.config, self.model.params, *self.state(), backend="numpy")
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -196,11 +198,11 @@ class Trainer:
                     self.save()
                 if self.on_step is not None:
                     self.on_step(self)
+            progress.close()
+            self.save()
         except NonFiniteLoss as err:
             progress.close()
             return finish_run(self, str(err), ok=False, seconds=time.perf_counter() - start)
-        progress.close()
-        self.save()
         return finish_run(self, "finished", ok=True, seconds=time.perf_counter() - start)
 
     @classmethod

@@ -690,3 +690,20 @@ def test_generate_caps_max_new_tokens_and_draws_only_to_sample(capsys, trained, 
     assert main([*common, "--max-new-tokens", "6", "--temperature", "1", "--seed", "7"]) == 0
     got = capsys.readouterr().out.rstrip("\n")
     assert got == want.split("<|endoftext|>")[0], f"seed 7 sampled {got!r}, its draws give {want!r}"
+
+
+@pytest.mark.parametrize("backend", ["torch"])  # numpy_ref's float32 layer norm maps this overflow to 0, not NaN
+def test_generate_from_weights_that_overflow_is_one_line(capsys, tmp_path, backend):
+    """A diverged run's last good checkpoint (weights near 1e30, finite in the file) gave NaN
+    logits and the sampler's ValueError as a traceback (exit 1; generate documents 0 and 2)."""
+    from numpy_ref.config import GPTConfig
+    from numpy_ref.model import GPTModel
+
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=8, emb_dim=8, n_heads=2, n_layers=1), seed=0)
+    for k in model.params:
+        if k.endswith("weight") and model.params[k].ndim == 2:
+            model.params[k] *= 1e30
+    model.save_pretrained(tmp_path / "big")
+    _user_error(capsys, ["generate", "--checkpoint", str(tmp_path / "big"), "--prompt", "hi", "--max-new-tokens", "2",
+                         "--backend", backend, "--dtype", "float32"], "the model's logits are not finite",
+                "from a training run that diverged")

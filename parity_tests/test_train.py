@@ -210,6 +210,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path
                        {k: v.astype(np.float32) for k, v in saved.items()}, forward_tol("float32"))
 
 
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+@pytest.mark.parametrize("where", ["evaluation", "checkpoint", "final save"])
+def test_weights_a_step_left_non_finite_stop_the_run_with_its_message(tree, where, tmp_path):
+    """A step whose loss and gradient norm were finite can leave weights that overflow: the
+    evaluation's sample raised "logits contain NaN" and the checkpoint writer a CheckpointError,
+    each a traceback out of fit(). Now each stops the run as a non-finite loss does."""
+    def poison(trainer):  # past float32's range where a checkpoint writes it; NaN in an evaluation
+        value = float("nan") if where == "evaluation" else (1e39 if tree == "numpy" else float("inf"))
+        if tree == "numpy":
+            trainer.model.params["ln_f.weight"][0] = value
+        else:
+            with torch.no_grad():
+                trainer.model.ln_f.weight[0] = value
+
+    steps = 2 if where == "final save" else 4
+    settings = dict(steps=steps, progress=False, checkpoint_every=1 if where == "checkpoint" else 0,
+                    eval_every=1 if where == "evaluation" else 0)
+    trainer = _trainer(tree, _model(tree), settings, out_dir=tmp_path)
+    real_step = trainer.train_step
+
+    def step_then_poison():  # step 2's loss and gradient are finite; the weights it leaves are not
+        loss = real_step()
+        if trainer.step == 2:
+            poison(trainer)
+        return loss
+
+    trainer.train_step = step_then_poison
+    result = trainer.fit()
+    assert not result.ok, f"{tree}, {where}: the run went on: {result.message}"
+    want = "non-finite training evaluation loss nan after step 2" if where == "evaluation" else \
+        "weights not finite in float32 after step 2 (ln_f.weight"
+    assert want in result.message, f"{tree}, {where}: {result.message}"
+    assert not (tmp_path / "step-00000002").exists(), "a checkpoint of the bad weights was written"
+
+
 def test_train_and_generate_commands_smoke(tmp_path, capsys):
     from gpt_oracle.cli import main
 

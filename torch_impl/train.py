@@ -51,9 +51,9 @@ import torch
 from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_state, lr_at_step, optimizer_state,
                               set_lr)
 from torch_impl.train_log import TextProgress, finite_or_null
-from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_same_data,
-                                  check_same_model, data_fingerprint, fixed_batches, finish_run, load_run,
-                                  record_eval, save_run)
+from torch_impl.train_run import (BatchStream, NonFiniteLoss, TrainResult, TrainSettings, check_finite_weights,
+                                  check_same_data, check_same_model, data_fingerprint, fixed_batches, finish_run,
+                                  load_run, record_eval, save_run)
 
 
 def dropout_masks(model, B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
@@ -231,8 +231,11 @@ class Trainer:
                     v.copy_(tensors[f"param.{k}"])
 
     def save(self) -> Path | None:
+        if self.out_dir is None:
+            return None
+        check_finite_weights(dict(self.model.named_parameters()), self.step)  # NonFiniteLoss: float32 files
         return save_run(self.out_dir, self.step, self.model.config, self.model.state_dict(), *self.state(),
-                        backend="torch") if self.out_dir is not None else None
+                        backend="torch")
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -296,11 +299,11 @@ class Trainer:
                     self.save()
                 if self.on_step is not None:
                     self.on_step(self)
+            progress.close()
+            self.save()
         except NonFiniteLoss as err:
             progress.close()
             return finish_run(self, str(err), ok=False, seconds=time.perf_counter() - start)
-        progress.close()
-        self.save()
         return finish_run(self, "finished", ok=True, seconds=time.perf_counter() - start)
 
     @classmethod

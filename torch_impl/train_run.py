@@ -376,6 +376,9 @@ def record_eval(trainer, evaluate, progress) -> dict:
     """Losses on the fixed train/val batches, a greedy sample; logged, plotted, returned."""
     train_loss = evaluate(trainer.model, trainer.eval_sets["train"])  # mean over every target of the batches
     val_loss = evaluate(trainer.model, trainer.eval_sets["val"]) if trainer.eval_sets["val"] else float("nan")
+    for name, loss in (("training", train_loss), ("validation", val_loss if trainer.eval_sets["val"] else 0.0)):
+        if not math.isfinite(loss):  # the last step's loss and gradient were finite, its weights are not
+            raise NonFiniteLoss(f"non-finite {name} evaluation loss {loss} after step {trainer.step}")
     text = trainer.sample()
     trainer.history["evals"].append([trainer.step, trainer.tokens_seen, train_loss, val_loss])
     record = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "train_loss": train_loss,
@@ -388,6 +391,20 @@ def record_eval(trainer, evaluate, progress) -> dict:
         if trainer.plot is not None:
             trainer.plot(trainer.out_dir / "loss.png", trainer.history)
     return record
+
+
+def check_finite_weights(params, step: int) -> None:
+    """NonFiniteLoss unless every weight is finite in float32, the checkpoints' dtype: a step
+    whose loss and gradient were finite can still leave weights past float32's range (a huge
+    learning rate), which the save refused with a traceback and a sample turned into NaN logits."""
+    for name, p in params.items():
+        largest = float(p.detach().abs().max()) if p.numel() else 0.0
+        if not largest <= FLOAT32_MAX:  # NaN compares False too
+            raise NonFiniteLoss(f"weights not finite in float32 after step {step} ({name}: largest |value| "
+                                f"{largest:.3g}); the step diverged (try a smaller learning rate)")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the checkpoints' dtype's largest value
 
 
 def finish_run(trainer, message: str, *, ok: bool, seconds: float) -> TrainResult:

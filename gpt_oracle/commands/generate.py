@@ -19,7 +19,9 @@ as one line on stderr before the model runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_OK, UserError, check_device, encode_prompt, int_in, non_negative_int, \
@@ -94,8 +96,9 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
             model = GPTModel.from_pretrained(ckpt, dtype=np.dtype(args.dtype or "float64"))
         ids = np.array([_in_vocabulary(prompt, model.config.vocab_size, _source(args))], dtype=np.int64)  # (1, T)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
-        out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
-                       **options)[0].tolist()
+        with _finite_logits(ckpt, model.dtype):
+            out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
+                           **options)[0].tolist()
     else:
         import torch
 
@@ -112,8 +115,9 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         ids = torch.tensor([_in_vocabulary(prompt, model.config.vocab_size, _source(args))], dtype=torch.int64)  # (1, T)
         eos = None if args.no_stop or encoding.eot_token >= model.config.vocab_size else encoding.eot_token
         coins = None if coins is None else torch.from_numpy(coins)
-        out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
-                       **options)[0].tolist()
+        with _finite_logits(ckpt, model.dtype):
+            out = generate(model, ids, args.max_new_tokens, coins=coins, eos_id=eos, use_cache=not args.no_cache,
+                           **options)[0].tolist()
     if eos is not None and out[-1] == eos:
         out = out[: out.index(eos, ids.shape[1])]  # drop the stop token (and anything padded after it)
     if args.instruction is not None:
@@ -125,6 +129,21 @@ def _generate(args: argparse.Namespace, ckpt: Path) -> int:
         text = encoding.decode(out)
     print_result(text)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _finite_logits(ckpt: Path, dtype) -> Iterator[None]:
+    """Logits that are not finite (the samplers' ValueError) as one line naming the checkpoint:
+    weights finite in the file can still overflow in the forward (a training run that diverged
+    saves its last checkpoint before the step that failed, with weights near 1e30). A traceback
+    otherwise."""
+    try:
+        yield
+    except ValueError as exc:
+        if not str(exc).startswith(("logits contain NaN", "the largest logit is")):
+            raise
+        raise UserError(f"--checkpoint {ckpt}: the model's logits are not finite ({exc}); its weights overflow in "
+                        f"{dtype} (from a training run that diverged?)") from None
 
 
 def _prompt_ids(args: argparse.Namespace, encoding, format_instruction) -> list[int]:
