@@ -707,3 +707,34 @@ def test_generate_from_weights_that_overflow_is_one_line(capsys, tmp_path, backe
     _user_error(capsys, ["generate", "--checkpoint", str(tmp_path / "big"), "--prompt", "hi", "--max-new-tokens", "2",
                          "--backend", backend, "--dtype", "float32"], "the model's logits are not finite",
                 "from a training run that diverged")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "28948032000 bytes"), MemoryError("Unable to allocate 27 GiB")],
+                         ids=["torch", "numpy"])
+def test_a_batch_too_large_for_memory_is_one_line_and_leaves_no_run(capsys, tmp_path, monkeypatch, error):
+    """A batch too large gave the allocator's traceback (exit 1) and left run.json, so the same
+    --out with a smaller batch was refused as holding a run. (The allocation failure is raised at
+    fit: a real one would take the machine's memory first.)"""
+    from numpy_ref.train import Trainer as NumpyTrainer
+    from torch_impl.train import Trainer as TorchTrainer
+
+    def fails(self):
+        raise error
+
+    for cls in (NumpyTrainer, TorchTrainer):
+        monkeypatch.setattr(cls, "fit", fails)
+    backend = "torch" if isinstance(error, RuntimeError) else "numpy"
+    out = tmp_path / "big"
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for target in (out, tmp_path / "kept"):
+        status = main(["train", "--backend", backend, "--steps", "1", "--batch-size", "8", "--no-progress",
+                       "--out", str(target)])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the line saying what is trained
+        assert status == 2 and "Traceback" not in err, err
+        assert last.startswith("gpt-oracle train: error: --batch-size 8: out of memory at step 1") and \
+            "smaller batch" in last, last
+    assert not out.exists(), f"a run that failed before its first checkpoint left {sorted(out.iterdir())}"
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"], "the user's own file must stay"

@@ -39,10 +39,11 @@ as it is, exit 0). A new run refuses an
 --out that already holds a run (run.json, log.jsonl, `latest`, step-* checkpoints): pass
 --resume to continue it, --overwrite to delete it first, or another --out.
 
-Exit status: 0 done; 1 a non-finite loss or gradient norm stopped training (the last good
-checkpoint is kept); 2 bad input (an option, the data file, the device, --out, or a --resume
-folder that is incomplete or mixes two runs), one line on stderr, checked before anything is
-written.
+Exit status: 0 done; 1 a non-finite loss, gradient norm, evaluation loss or weight stopped
+training (the last good checkpoint is kept); 2 bad input (an option, the data file, the device,
+--out, or a --resume folder that is incomplete, mixes two runs or cannot be written), one line on
+stderr, checked before anything is written, or a batch too large for memory (one line; a new run
+that wrote no checkpoint leaves nothing in --out).
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ def _reporting() -> dict:
 # ---- starting and resuming ---------------------------------------------------------------
 
 
-def _start(args: argparse.Namespace):
+def _start(args: argparse.Namespace, made: list[Path]):
+    """The new run's Trainer; `made` gets what this call creates in --out, files first (see _fit)."""
     opts = _run_options(args)
     if opts["data"]:  # --resume may run in another working directory
         opts["data"] = os.path.abspath(opts["data"])
@@ -321,8 +323,10 @@ def _start(args: argparse.Namespace):
     fingerprint = _validation_fingerprint(opts["backend"], val)
     with user_input(f"--out {out}"):
         run_folder.remove_run(out, old)  # only now that every option was checked: a bad one deletes nothing
+        new_folders = [p for p in (out, *out.absolute().parents) if not p.exists()]  # deepest first
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", {**opts, VALIDATION_FINGERPRINT: fingerprint})
+    made += [out / "run.json", out / "log.jsonl", out / "loss.png", *new_folders]
     extra = {"autocast_dtype": autocast} if opts["backend"] == "torch" else {}
     trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, **extra, **_reporting())
     print(f"training {model.num_parameters():,} parameters ({opts['backend']}, {words}) for "
@@ -448,9 +452,35 @@ def _resume(args: argparse.Namespace):
     return trainer
 
 
+def _fit(trainer, args: argparse.Namespace, made: list[Path]):
+    """trainer.fit(), an allocation failure as a UserError naming the batch (a batch too large for
+    memory was a traceback, exit 1, and left run.json behind, so the same --out with a smaller
+    batch was then refused as holding a run). A new run that wrote no checkpoint takes back what
+    it made in --out (`made`: its files, then the folder if it made it); a resumed one is as it was
+    at its last checkpoint."""
+    from gpt_oracle.commands.diff import _out_of_memory
+
+    try:
+        return trainer.fit()
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _out_of_memory(err):
+            raise
+        out = Path(args.resume or trainer.out_dir)
+        if not args.resume and not (out / "latest").is_file():  # no checkpoint: nothing of the run to keep
+            for path in made:
+                if path.is_file():
+                    path.unlink()
+                elif path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+        where = f"--resume {out}:" if args.resume else f"--batch-size {args.batch_size}:"
+        raise UserError(f"{where} out of memory at step {trainer.step + 1} ({one_line(err)}); train with a smaller "
+                        f"batch or context length") from None
+
+
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
-    trainer = _resume(args) if args.resume else _start(args)
+    made: list[Path] = []
+    trainer = _resume(args) if args.resume else _start(args, made)
     if args.resume:
         if trainer.step >= trainer.settings.steps:  # fit() would save the same step again as a new checkpoint
             print_result(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing "
@@ -459,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
         kept = getattr(trainer, "autocast_dtype", None)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.settings.steps}"
               + (" with bf16 autocast, as it started" if kept is not None else ""), file=sys.stderr)
-    result = trainer.fit()
+    result = _fit(trainer, args, made)
     evals = result.history["evals"]
     last = f"; last eval: train loss {evals[-1][2]:.4f}, val loss {evals[-1][3]:.4f}" if evals else ""
     if not result.ok:
