@@ -1163,3 +1163,54 @@ def test_a_parametrized_wte_is_computed_once_per_forward(tied):
         calls.clear()
         model(ids[:, :1], kv_cache=cache)  # one token per row: decode.py's decode_step
     assert len(calls) == 1, f"wte's parametrization ran {len(calls)} times in one decoding step"
+
+
+@pytest.mark.parametrize("level", [1e4, 1e6, 1e30])
+def test_the_sliced_loss_and_its_gradient_hold_for_large_logits(level):
+    """The sliced CPU loss added log(sum) to the running max before taking the target logit off:
+    at logits of 1e30 the loss was 0 (exact 6.938) and the target's gradient 0 (exact -0.999), at
+    1e6 the loss 0.027 off. C = 1 and x = 1: the logits are the head's column, exactly."""
+    from torch_impl.head import head_loss_forward
+
+    V, target = 1031, 3
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randint(-8, 8, (V, 1), generator=g).double() if level < 1e30 else torch.zeros(V, 1)
+    head32 = (level + spread).float().requires_grad_()  # integers near 1e4, 1e6; all equal at 1e30
+    _, loss = head_loss_forward(torch.ones(1, 1, 1), head32, torch.tensor([[target]]))
+    loss.backward()
+    ref_logits = head32.detach().double().T.requires_grad_()  # (1, V): the same float32 values, in float64
+    ref = torch.nn.functional.cross_entropy(ref_logits, torch.tensor([target]))
+    ref.backward()
+    assert_close(f"sliced loss at logits ~{level:g}", loss.detach().double().numpy(), ref.detach().numpy(),
+                 forward_tol("float32"))
+    assert_close(f"sliced dhead at logits ~{level:g}", head32.grad.double().T.numpy(), ref_logits.grad.numpy(),
+                 gradient_tol("float32"))
+
+
+def test_an_ignored_row_whose_logits_overflow_leaves_the_sliced_loss_and_gradients_finite():
+    """Its weight of 0 multiplied a NaN (inf - inf): the loss, that row's dx and every dhead entry
+    were NaN. numpy_ref gives the counted rows' loss and 0 for the ignored row."""
+    from torch_impl.head import head_loss_forward
+
+    V = 600
+    head = torch.ones(V, 1)
+    head[5, 0] = 10.0
+    head.requires_grad_()
+    x = torch.tensor([[[3e38], [1.0]]], requires_grad=True)  # row 0's class 5: 3e39, +inf in float32
+    _, loss = head_loss_forward(x, head, torch.tensor([[-100, 2]]), ignore_index=-100)
+    loss.backward()
+    counted = torch.nn.functional.cross_entropy(head.detach().double().T, torch.tensor([2]))  # row 1 alone
+    assert abs(loss.item() - counted.item()) < 1e-5, f"loss {loss.item()} vs the counted row's {counted.item()}"
+    assert torch.isfinite(head.grad).all() and torch.isfinite(x.grad).all(), \
+        f"non-finite gradients: dhead {int((~torch.isfinite(head.grad)).sum())} entries, dx {x.grad.flatten()}"
+    assert x.grad[0, 0, 0] == 0, f"the ignored row's dx is {x.grad[0, 0, 0]}, not 0"
+
+
+def test_the_fused_bf16_loss_holds_for_large_logits():
+    """The same rounding in _Bf16LogitsLoss: bf16 logits all 1e30 gave a loss of 0 (exact log V)."""
+    from torch_impl.head import _Bf16LogitsLoss
+
+    V = 1030
+    loss = _Bf16LogitsLoss.apply(torch.full((1, V), 1e30, dtype=torch.bfloat16), torch.tensor([3]), torch.ones(1),
+                                 torch.zeros(1))
+    assert abs(loss.item() - math.log(V)) < 1e-5, f"loss {loss.item()} vs log(V) = {math.log(V)}"

@@ -26,9 +26,12 @@ from oneDNN rather than MKL, as the blocks' y and dx do (linear.py): a GPT-2 sma
 stays on MKL: oneDNN's product plus the copy into the kept buffer gained nothing (1.005x).
 
 Every logit is the same dot product over C, and every row of dhead the same sum over N rows, as
-in the one-GEMM version; dx sums over the slices in turn, and the loss adds lse and the target
-logit separately, so results agree with the plain path to float rounding (the parity tests draw
-the slice size). numpy_ref/model.py and numpy_ref/cross_entropy.py write the same math in one piece:
+in the one-GEMM version; dx sums over the slices in turn, and each row's loss is taken as
+log(sum) - (target logit - max) and its softmax as exp(logit - max) / sum, the max taken out
+before anything is added to it (as F.cross_entropy and numpy_ref do: max + log(sum) rounded the
+sum away at logits of 1e6 and more), so results agree with the plain path to float rounding (the
+parity tests draw the slice size). An ignored row adds exactly 0 to the loss and its gradient,
+even where its logits overflow. numpy_ref/model.py and numpy_ref/cross_entropy.py write the same math in one piece:
 
     dlogits = (softmax(logits) - onehot(targets)) * dloss / n      (0 on ignored rows)
     dx      = dlogits @ head                                        (N, V) @ (V, C) -> (N, C)
@@ -150,6 +153,27 @@ def online_lse_step(run_max: torch.Tensor, run_sum: torch.Tensor, z: torch.Tenso
     return new_max, run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
 
 
+def weighted_row_losses(run_max: torch.Tensor, run_sum: torch.Tensor, picked: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+    """sum_r weights[r] * (lse[r] - picked[r]), each row's loss written as
+    log(run_sum) - (picked - run_max), the max taken out before anything is added to it: lse =
+    run_max + log(run_sum) rounds log(run_sum) away against a large max (logits of 1e30 gave a
+    loss of 0, of 1e6 one 0.027 off). An ignored row (weight 0) adds 0 even where its logits
+    are infinite (NaN * 0 made the whole loss NaN). (N,) each -> ()."""
+    per_row = torch.log(run_sum) - (picked - run_max)  # (N,): lse - picked
+    return torch.where(weights != 0, per_row * weights, 0.0).sum()
+
+
+def softmax_scales(row_scale, run_max, run_sum, weights):
+    """(row_scale / run_sum, the ignored rows whose logits are not finite or None): the backward's
+    softmax * dloss / n is exp(logits - run_max) * row_scale / run_sum, with no lse to round (as
+    in weighted_row_losses), and the rows it must zero rather than multiply by 0 (inf - inf is
+    NaN, and NaN * 0 made the row's dx and every dhead entry NaN)."""
+    poisoned = (weights == 0) & ~torch.isfinite(run_max + torch.log(run_sum))  # (N,)
+    scale = torch.where(weights != 0, row_scale / run_sum, 0.0)  # (N,)
+    return scale, poisoned if bool(poisoned.any()) else None
+
+
 def plain_head_loss(x, head, targets, weights, tied_grad=None):
     """(logits (N, V), weighted loss () or None) by plain torch ops: what _SlicedHead computes."""
     logits = x @ head.T  # (N, C) @ (C, V) -> (N, V)
@@ -190,28 +214,28 @@ class _SlicedHead(torch.autograd.Function):
             if targets is not None:
                 run_max, run_sum = online_lse_step(run_max, run_sum, z)
         loss = None
-        lse = None
         if targets is not None:
-            lse = run_max + torch.log(run_sum)  # (N,): log sum_j exp(logits[r, j])
             picked = logits.gather(1, targets[:, None]).squeeze(1)  # (N, V) -> (N,): logits[r, target[r]]
-            loss = ((lse - picked) * weights).sum()  # weighted mean over counted rows -> ()
+            loss = weighted_row_losses(run_max, run_sum, picked, weights)  # ()
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not an (N, V) of zeros
         # Only the loss's backward reads the logits (its softmax). Without targets they are not
         # saved, so the caller may change them in place (mask a token) and still backpropagate, as
         # through a plain x @ head.T. With targets they are saved instead of an (N, V) log-softmax:
         # changing them before the backward is autograd's in-place error (F.cross_entropy keeps
         # its own copy and allows it).
-        ctx.save_for_backward(x, head, logits if targets is not None else None, lse, targets, weights)
+        ctx.save_for_backward(x, head, logits if targets is not None else None, run_max, run_sum, targets, weights)
         ctx.tied_grad = tied_grad
         return logits, loss
 
     @staticmethod
     def backward(ctx, dlogits, dloss):
-        x, head, logits, lse, targets, weights = ctx.saved_tensors  # logits None without targets
+        x, head, logits, run_max, run_sum, targets, weights = ctx.saved_tensors  # logits None without targets
         if backward_takes_plain_formulas(dlogits, dloss):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_head_loss, (x, head, targets, weights, ctx.tied_grad), (dlogits, dloss))
         N, V = x.shape[0], head.shape[0]
         row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
+        if row_scale is not None:
+            softmax_scale, poisoned = softmax_scales(row_scale, run_max, run_sum, weights)  # (N,) each
         dx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None  # (N, C)
         dhead = grad_buffer(head) if ctx.needs_input_grad[1] else None  # (V, C), memory kept from the last step
         buf = x.new_empty(N, min(HEAD_CHUNK, V))  # one slice of dlogits, reused
@@ -219,8 +243,10 @@ class _SlicedHead(torch.autograd.Function):
             e = min(s + HEAD_CHUNK, V)
             g = buf[:, :e - s]  # (N, S)
             if row_scale is not None:
-                torch.sub(logits[:, s:e], lse[:, None], out=g)
-                g.exp_().mul_(row_scale[:, None])  # softmax(logits)[:, s:e] * dloss / n
+                torch.sub(logits[:, s:e], run_max[:, None], out=g)
+                g.exp_().mul_(softmax_scale[:, None])  # softmax(logits)[:, s:e] * dloss / n
+                if poisoned is not None:
+                    g.masked_fill_(poisoned[:, None], 0.0)  # an ignored row's inf - inf: 0, not NaN
             else:
                 g.zero_()
             if dlogits is not None:
@@ -253,9 +279,9 @@ class _Bf16LogitsLoss(torch.autograd.Function):
     log-softmax and gradient there: three 51 MB float32 tensors of fresh memory per step at
     GPT-2 small, B*T = 256. Here each slice is widened in the cache, as in _SlicedHead:
 
-        lse[r]  = log sum_j exp(float32(logits[r, j]))             running max and sum, slice by slice
-        loss    = sum_r weights[r] * (lse[r] - logits[r, target[r]])
-        dlogits = bf16((exp(logits - lse) - onehot) * dloss * weights)   into kept memory
+        m[r], s[r] = max_j, sum_j exp(float32(logits[r, j]) - m[r])    running, slice by slice
+        loss    = sum_r weights[r] * (log s[r] - (logits[r, target[r]] - m[r]))
+        dlogits = bf16((exp(logits - m) / s - onehot) * dloss * weights)  into kept memory
 
     The same math as F.cross_entropy on the widened logits, summed in another order: the loss
     agrees to float32 rounding, each dlogit to that and one bf16 rounding. The bf16 logits are
@@ -272,24 +298,26 @@ class _Bf16LogitsLoss(torch.autograd.Function):
         for s in range(0, V, HEAD_CHUNK):
             z = logits[:, s:s + HEAD_CHUNK].float()  # (N, S), widened in the cache
             run_max, run_sum = online_lse_step(run_max, run_sum, z)
-        lse = run_max + torch.log(run_sum)  # (N,)
         picked = logits.gather(1, targets[:, None]).squeeze(1).float()  # (N,): logits[r, target[r]]
-        ctx.save_for_backward(logits, lse, targets, weights)
+        ctx.save_for_backward(logits, run_max, run_sum, targets, weights)
         ctx.owner = owner
-        return ((lse - picked) * weights).sum()  # ()
+        return weighted_row_losses(run_max, run_sum, picked, weights)  # ()
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, lse, targets, weights = ctx.saved_tensors
+        logits, run_max, run_sum, targets, weights = ctx.saved_tensors
         if backward_takes_plain_formulas(dloss):  # create_graph, vmap, compiled autograd: see kept_buffers.py
             return graph_backward(ctx, plain_logits_loss, (logits, targets, weights, ctx.owner), (dloss,))
         N, V = logits.shape
         row_scale = dloss * weights  # (N,): dloss / n, or 0 on ignored rows
+        softmax_scale, poisoned = softmax_scales(row_scale, run_max, run_sum, weights)  # (N,) each
         dlogits = kept_buffer(ctx.owner, "bf16 dlogits", (N, V), torch.bfloat16)  # (N, V)
         rows = torch.arange(N, device=logits.device)
         for s in range(0, V, HEAD_CHUNK):
             e = min(s + HEAD_CHUNK, V)
-            g = logits[:, s:e].float().sub_(lse[:, None]).exp_().mul_(row_scale[:, None])  # softmax * dloss / n
+            g = logits[:, s:e].float().sub_(run_max[:, None]).exp_().mul_(softmax_scale[:, None])  # softmax * dloss / n
+            if poisoned is not None:
+                g.masked_fill_(poisoned[:, None], 0.0)  # an ignored row's inf - inf: 0, not NaN
             hit = (targets >= s) & (targets < e)  # rows whose target is in this slice: the -onehot part
             g[rows[hit], targets[hit] - s] -= row_scale[hit]  # in float32, before the one rounding to bf16
             dlogits[:, s:e].copy_(g)  # (N, S) -> bf16
