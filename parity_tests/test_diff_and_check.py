@@ -73,6 +73,21 @@ def test_diff_command_exit_status(capsys):
     assert "h.1.residual_2" in out and "within the float64 tolerances" in out
 
 
+@pytest.mark.parametrize("config", ["tiny", "small"])
+def test_the_diff_command_catches_and_places_gelus_erf_form_in_float32(monkeypatch, capsys, config):
+    """diff drew its weights at GPT-2's initial spread, where the blocks add little to the
+    residual stream: torch_impl with GELU's erf form passed in float32 on tiny, and on small the
+    report named h.1.ln_1 rather than h.0.mlp. It draws them as check_model does (WEIGHT_SPREAD)."""
+    import torch.nn.functional as F
+
+    import torch_impl.mlp as tmlp
+
+    monkeypatch.setattr(tmlp, "gelu_forward", lambda x: F.gelu(x))  # the erf form, not GPT-2's tanh
+    assert main(["diff", "--config", config, "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert "first layer over its forward tolerance (float32): h.0.mlp" in out, out
+
+
 def test_check_command_passes_and_writes_json(tmp_path, capsys):
     path = tmp_path / "check.json"
     status = main(["check", "--quiet", "--config", "tiny", "--dtype", "float64", "--json", str(path)])

@@ -52,9 +52,15 @@ def run(args: argparse.Namespace) -> int:
             config, params = load_checkpoint(ckpt, dtype=np.float64)
         cfg = dict(config.to_dict())
     else:
+        from parity_tests.model_oracle import WEIGHT_SPREAD
+
         cfg = parity_config(args.config or DEFAULT_CONFIG)
         model = models.build_numpy_model(cfg, seed=args.seed)
-        params = models.scale_params(model.params, args.seed + 1)
+        # Weight matrices WEIGHT_SPREAD times wider, as check_model draws them: at GPT-2's initial
+        # spread the blocks add little to the residual stream, and GELU's erf form passed in float32
+        # and bf16 (and, on `small`, a later layer was named); biases and layer norms off 0 and 1.
+        params = {k: v * WEIGHT_SPREAD if v.ndim == 2 else v
+                  for k, v in models.scale_params(model.params, args.seed + 1).items()}
     T = min(args.time, cfg["context_length"])
     check_fits(cfg, args.batch, T, physical_memory())
     ids, targets = models.random_batch(cfg, args.batch, T, args.seed)
