@@ -252,11 +252,14 @@ def _checked_outputs(returned, logits_shape: tuple, dtype: str, torch):
     return logits, loss
 
 
-def _where_it_starts(results: list, place_forward: Callable[[], str]) -> str:
+def _where_it_starts(results: list, place_forward: Callable[[], str], find_unused: Callable[[], list] = list,
+                     dtype: str = "float32") -> str:
     """A hint from which tensors failed. A forward difference is placed by `place_forward`
     (locate_forward_difference on the case). With the logits right, a backward bug leaves the
     gradients of everything after it in the forward right, so the last wrong one (in forward
-    order) marks it."""
+    order) marks it; unless the model uses some parameter not at all (`find_unused` re-runs the
+    case: autograd gives it no gradient), which that would misname as a backward bug, or the
+    check runs in bf16 or fp16, whose forward tolerance a forward bug can pass."""
     forward_ok = all(r.ok for r in results[:2])
     bad = [r.name for r in results[2:] if not r.ok]
     if results[0].ok and not results[1].ok:
@@ -265,8 +268,17 @@ def _where_it_starts(results: list, place_forward: Callable[[], str]) -> str:
     if not forward_ok:
         return place_forward()
     if bad:
-        return (f"the forward is right and {len(bad)} gradient(s) are not; the last in forward order is {bad[-1]}: "
+        unused = find_unused()
+        if unused:
+            shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+            return (f"the model does not use {shown} (autograd reaches none of them from the loss), so their "
+                    f"gradients are 0 where the oracle's are not; the forward passed its tolerance on this case")
+        hint = (f"the forward is right and {len(bad)} gradient(s) are not; the last in forward order is {bad[-1]}: "
                 f"the backward goes wrong there or in the layer right after it (the gradients after it are right)")
+        if dtype in ("bfloat16", "float16"):
+            hint += (f"; but {dtype}'s forward tolerance is loose, and a forward bug can pass it and show first in "
+                     f"the gradients: check in float32 to tell")
+        return hint
     return ""
 
 
@@ -325,9 +337,15 @@ def check_model(fn: Callable, *, dtype="float32", device: str = "cpu", configs=N
     except AssertionError as err:
         if failed and err.args == (failed[0][-1],):  # placing re-runs the model: once, on the shrunk case only
             config, B, T, seed, results, _ = failed[0]
+            def find_unused() -> list:
+                unused: list = []
+                _compare(fn, config, B, T, seed, dtype, device, unused=unused, ignore_index=ignore_index)
+                return unused
+
             hint = _where_it_starts(results, lambda: locate_forward_difference(fn, config, B, T, seed, dtype=dtype,
                                                                                device=device,
-                                                                               ignore_index=ignore_index))
+                                                                               ignore_index=ignore_index),
+                                    find_unused, dtype)
             err.args = (_failure(fn, config, B, T, seed, dtype, device, results, hint, ignore_index),)
         raise
     return report

@@ -341,3 +341,56 @@ def test_a_model_that_fails_on_ignored_targets_is_told_they_were_put_there():
         check_model(gathered, dtype="float64", max_examples=3, derandomize=True, ignore_index=-100)
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "targets are -100 (check_model(ignore_index=-100)): the loss must leave them out" in notes, notes
+
+
+def _functional_gpt(bug: str | None = None):
+    """A user's GPT-2 written as one function of the parameter dict, with one planted bug:
+    "no_fc_bias" (mlp.c_fc.bias left out) or "softmax_axis" (attention normalised over queries)."""
+    import math
+
+    def gpt(p, ids, targets, config):
+        B, T = ids.shape
+        C, nh, L, eps = config["emb_dim"], config["n_heads"], config["n_layers"], config["ln_eps"]
+        hs = C // nh
+        x = p["wte.weight"][ids] + p["wpe.weight"][torch.arange(T)]
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        for i in range(L):
+            h = f"h.{i}."
+            a = F.layer_norm(x, (C,), p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps)
+            qkv = a @ p[h + "attn.c_attn.weight"] + (p[h + "attn.c_attn.bias"] if config["qkv_bias"] else 0)
+            q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(C, -1))
+            s = q @ k.transpose(-1, -2) / math.sqrt(hs)
+            if bug == "softmax_axis":
+                att = torch.softmax(s.masked_fill(~mask, -1e4), dim=-2).masked_fill(~mask, 0)
+            else:
+                att = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+            x = x + (att @ v).transpose(1, 2).reshape(B, T, C) @ p[h + "attn.c_proj.weight"] + p[h + "attn.c_proj.bias"]
+            m = F.layer_norm(x, (C,), p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
+            m = m @ p[h + "mlp.c_fc.weight"] + (0 if bug == "no_fc_bias" else p[h + "mlp.c_fc.bias"])
+            x = x + F.gelu(m, approximate="tanh") @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"]
+        x = F.layer_norm(x, (C,), p["ln_f.weight"], p["ln_f.bias"], eps)
+        logits = x @ (p["wte.weight"] if config["tie_embeddings"] else p["lm_head.weight"]).t()
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return gpt
+
+
+def test_a_parameter_the_model_never_uses_is_named_when_only_gradients_fail():
+    """With C = 2 a dropped c_fc bias leaves the forward within tolerance; the hint blamed the
+    backward at h.1's bias, though autograd gave neither block's bias any gradient."""
+    cfg = dict(vocab_size=2, context_length=1, emb_dim=2, n_heads=1, n_layers=2, drop_rate=0.0, qkv_bias=False,
+               tie_embeddings=False, ln_eps=1e-5)
+    with pytest.raises(AssertionError) as failure:
+        check_model(_functional_gpt("no_fc_bias"), dtype="float32", configs=cfg, max_examples=10, derandomize=True)
+    message = str(failure.value)
+    assert "the model does not use h.0.mlp.c_fc.bias, h.1.mlp.c_fc.bias" in message, message
+    assert "the backward goes wrong" not in message, message
+
+
+def test_in_bf16_a_gradient_only_failure_says_the_forward_tolerance_is_loose():
+    """Attention normalised over the queries passes bf16's forward tolerance; the hint said "the
+    forward is right" and blamed the backward at lm_head, after the attention where the bug is."""
+    with pytest.raises(AssertionError) as failure:
+        check_model(_functional_gpt("softmax_axis"), dtype="bf16", max_examples=15, derandomize=True)
+    message = str(failure.value)
+    assert "the forward is right" in message, message  # the derandomized case passes the bf16 forward
+    assert "bfloat16's forward tolerance is loose" in message and "check in float32" in message, message
