@@ -133,6 +133,22 @@ def head_slices(rows: int) -> Iterator[None]:
         head.HEAD_CHUNK = before
 
 
+def step_flops_by_head_slices(model, ids, slice_rows=(7, 10**9)) -> dict[int, int]:
+    """FlopCounterMode's count of one training step (forward and backward of the loss on `ids`
+    as their own targets) of a torch_impl model, for each head slice size in `slice_rows`
+    (10**9: the one-product head)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for rows in slice_rows:
+        with head_slices(rows), FlopCounterMode(display=False) as counter:
+            _, loss = model(ids, ids)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        counts[rows] = counter.get_total_flops()
+    return counts
+
+
 @contextlib.contextmanager
 def split_products() -> Iterator[None]:
     """Decode on the CPU as at GPT-2's sizes: every few-row product split into SPLIT_K parts of

@@ -144,18 +144,11 @@ def test_a_gpt_trained_through_onednn_agrees_with_float64(onednn_on, tied):
 
 @needs_onednn
 def test_flop_counter_counts_the_sliced_head_through_onednn_as_the_one_product(onednn_on):
-    from torch.utils.flop_counter import FlopCounterMode
+    from parity_tests.models import step_flops_by_head_slices
 
     cfg = get_config("tiny", drop_rate=0.0)
-    model = GPTModel(cfg, seed=0)
     ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
-    counts = {}
-    for rows in (7, 10**9):
-        with head_slices(rows), FlopCounterMode(display=False) as counter:
-            _, loss = model(ids, ids)
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        counts[rows] = counter.get_total_flops()
+    counts = step_flops_by_head_slices(GPTModel(cfg, seed=0), ids)
     assert (16, 7) in onednn_on.head, f"the head's slices did not go through oneDNN: {onednn_on.head}"
     assert counts[7] == counts[10**9], f"sliced head through oneDNN {counts[7]} FLOPs, one product {counts[10**9]}"
 

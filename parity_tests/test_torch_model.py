@@ -114,7 +114,6 @@ def test_ignore_index_must_be_an_int():
             model(ids, ids, ignore_index=bad)
         with pytest.raises(ValueError, match=f"ignore_index must be an int64, got {bad}"):
             np_model.forward(ids.numpy(), ids.numpy(), ignore_index=bad)
-    import numpy as np
 
     assert torch.equal(model(ids, ids, ignore_index=np.int64(int(ids[0, 0])))[1],
                        model(ids, ids, ignore_index=int(ids[0, 0]))[1]), "a numpy integer ignore_index differs"
@@ -1089,19 +1088,10 @@ def test_flop_counter_counts_the_sliced_head_as_the_one_product():
     """torch's FlopCounterMode over a CPU training step counts the same FLOPs whether the head runs
     in slices or as one product: its dx was summed with addmm_, which the counter does not see
     (2 N V C FLOPs missing from every step)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from parity_tests.models import head_slices
+    from parity_tests.models import step_flops_by_head_slices
 
     model = GPTModel(tiny(), seed=0)
-    ids = ids_of(model.config, 2, 8, 1)
-    counts = {}
-    for rows in (7, 10**9):
-        with head_slices(rows), FlopCounterMode(display=False) as counter:
-            _, loss = model(ids, ids)
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        counts[rows] = counter.get_total_flops()
+    counts = step_flops_by_head_slices(model, ids_of(model.config, 2, 8, 1))
     assert counts[7] == counts[10**9], f"sliced head {counts[7]} FLOPs, one product {counts[10**9]}"
 
 
