@@ -390,3 +390,26 @@ def test_attention_backward_with_an_all_zero_dropout_mask(T):
     args = SPECS["attention"].make_inputs(rng, Sizes(B=2, T=T, nh=2, hs=3))
     args["attn_dropout_mask"] = np.zeros((2, 2, T, T))
     _check_pair(attention_forward, attention_backward, args, SPECS["attention"].differentiable, seed=T)
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float64, 1e160), (np.float64, 1e300), (np.float32, 1e20),
+                                          (np.float32, 1e35)])
+def test_layer_norm_of_rows_whose_squares_overflow_is_the_scale_free_answer(dtype, scale):
+    """(x - mu)^2 overflowed: var was inf, xhat 0 and the output the bias, silently (and dx 0),
+    where layer norm's answer does not depend on the row's scale. A constant row of the dtype's
+    largest values gave NaN; its xhat is 0."""
+    from numpy_ref.layernorm import layernorm_backward, layernorm_forward
+
+    row = np.array([[1.0, -2.0, 3.0, 0.5]])
+    w, b = np.array([1.5, 0.5, -1.0, 2.0]), np.array([0.1, 0.2, 0.3, 0.4])
+    want, cache = layernorm_forward(row, w, b, eps=0.0)  # the scale-free answer (eps is negligible at scale)
+    want_dx = layernorm_backward(np.ones_like(row), cache)[0] / scale  # dx scales as 1 / scale
+    big = (row * scale).astype(dtype)
+    got, cache = layernorm_forward(big, w.astype(dtype), b.astype(dtype), eps=1e-5)
+    got_dx = layernorm_backward(np.ones_like(big), cache)[0]
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(got, want, rtol=rtol, err_msg=f"layer norm of a row at {scale:g} ({dtype.__name__})")
+    np.testing.assert_allclose(got_dx, want_dx, rtol=rtol * 10, err_msg=f"its dx at {scale:g}")
+    top = np.full((1, 4), np.finfo(dtype).max, dtype=dtype)
+    constant, _ = layernorm_forward(top, w.astype(dtype), b.astype(dtype), eps=1e-5)
+    np.testing.assert_array_equal(constant, b.astype(dtype)[None], err_msg="a constant row gives the bias")
