@@ -42,6 +42,16 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 BAD_INPUT = (ValueError, TypeError, OSError)
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an exception is an allocation failure: NumPy's MemoryError, or torch's RuntimeError
+    from its allocators (torch.OutOfMemoryError on CUDA, "can't allocate memory" on the CPU)."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (type(err).__name__ == "OutOfMemoryError"
+                                              or "can't allocate memory" in text or "out of memory" in text)
+
+
 class UserError(Exception):
     """Bad input; the message names the option or file, the value and the limit."""
 

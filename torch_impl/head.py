@@ -31,7 +31,8 @@ log(sum) - (target logit - max) and its softmax as exp(logit - max) / sum, the m
 before anything is added to it (as F.cross_entropy and numpy_ref do: max + log(sum) rounded the
 sum away at logits of 1e6 and more), so results agree with the plain path to float rounding (the
 parity tests draw the slice size). An ignored row adds exactly 0 to the loss and its gradient,
-even where its logits overflow. numpy_ref/model.py and numpy_ref/cross_entropy.py write the same math in one piece:
+even where its logits overflow. numpy_ref/model.py and numpy_ref/cross_entropy.py write the same
+math in one piece:
 
     dlogits = (softmax(logits) - onehot(targets)) * dloss / n      (0 on ignored rows)
     dx      = dlogits @ head                                        (N, V) @ (V, C) -> (N, C)

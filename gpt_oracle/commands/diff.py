@@ -12,7 +12,8 @@ from pathlib import Path
 
 from gpt_oracle import run_folder
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, check_dtype_on_device, \
-    non_negative_int, one_line, path_text, positive_int, print_result, reports_user_errors, user_input
+    non_negative_int, one_line, out_of_memory, path_text, positive_int, print_result, reports_user_errors, \
+    user_input
 
 DEFAULT_CONFIG = "tiny"
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except (MemoryError, RuntimeError) as err:  # past the estimate below: still one line, nothing written
         # NumPy raises MemoryError; torch's allocators a RuntimeError ("can't allocate memory" on the
         # CPU; torch.OutOfMemoryError, a RuntimeError, on CUDA, whose memory check_fits does not see).
-        if not (isinstance(err, MemoryError) or _out_of_memory(err)):
+        if not out_of_memory(err):
             raise
         raise UserError(f"--batch {args.batch} --time {T}: out of memory ({one_line(err)}); choose a smaller "
                         f"--batch, --time or model") from err
@@ -105,12 +106,6 @@ def check_fits(cfg: dict, B: int, T: int, memory: int | None) -> None:
         return
     fits = [b for b in (2**k for k in range(40, -1, -1)) if b < B and diff_bytes(cfg, b, T) <= memory]
     advice = (f"a batch of {fits[0]} would fit" if fits else
-              f"even a batch of 1 would not: choose a smaller --time or model")
+              "even a batch of 1 would not: choose a smaller --time or model")
     raise UserError(f"--batch {B} --time {T}: the two trees would hold about {diff_bytes(cfg, B, T) / 2**30:.1f} GiB "
                     f"at once, more than this machine's {memory / 2**30:.1f} GiB; {advice}")
-
-
-def _out_of_memory(err: RuntimeError) -> bool:
-    """Whether torch's RuntimeError is an allocation failure."""
-    text = str(err)
-    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text

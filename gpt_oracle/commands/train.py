@@ -59,7 +59,8 @@ from pathlib import Path
 from gpt_oracle import run_folder
 from gpt_oracle.json_file import write_json
 from gpt_oracle.user_input import EXIT_FAILED, EXIT_OK, UserError, check_device, encode_prompt, int_in, \
-    non_negative_int, number_in, one_line, path_text, positive_int, print_result, reports_user_errors, user_input
+    non_negative_int, number_in, one_line, out_of_memory, path_text, positive_int, print_result, \
+    reports_user_errors, user_input
 
 # The default model: small enough for minutes on 2 cores, big enough to learn the text a bit.
 VERDICT_CONFIG = dict(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.1,
@@ -458,12 +459,10 @@ def _fit(trainer, args: argparse.Namespace, made: list[Path]):
     batch was then refused as holding a run). A new run that wrote no checkpoint takes back what
     it made in --out (`made`: its files, then the folder if it made it); a resumed one is as it was
     at its last checkpoint."""
-    from gpt_oracle.commands.diff import _out_of_memory
-
     try:
         return trainer.fit()
     except (MemoryError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not _out_of_memory(err):
+        if not out_of_memory(err):
             raise
         out = Path(args.resume or trainer.out_dir)
         if not args.resume and not (out / "latest").is_file():  # no checkpoint: nothing of the run to keep
