@@ -2,7 +2,7 @@
 
     softmax(x)_i      = e^(x_i - m) / sum_j e^(x_j - m)          m = max_j x_j (stability only)
     log_softmax(x)_i  = (x_i - m) - log sum_j e^(x_j - m)
-    gelu(x)           = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   GPT-2's tanh form
+    gelu(x)           = 0.5 x (1 + tanh(u)) = x sigmoid(2u)     u = sqrt(2/pi) (x + 0.044715 x^3)
     sigmoid(x)        = 1 / (1 + e^-x) = e^x / (1 + e^x)    the form whose exponent is <= 0
     bce(p, y)         = -mean(y log p + (1 - y) log(1 - p))
     cross_entropy     = -mean over counted targets of log_softmax(logits)[target]
@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from numpy_ref.cross_entropy import check_targets
-from numpy_ref.tensor import Tensor, _operands, exp, log, take_along_axis, tanh, where
+from numpy_ref.tensor import Tensor, _operands, exp, log, take_along_axis, where
 
 
 def softmax(x, axis: int = -1) -> Tensor:
@@ -40,10 +40,15 @@ def log_softmax(x, axis: int = -1) -> Tensor:
 
 
 def gelu(x) -> Tensor:
-    """GPT-2's GELU, the tanh approximation (the exact erf form differs by up to ~1e-3)."""
+    """GPT-2's GELU, the tanh approximation (the exact erf form differs by up to ~1e-3).
+
+    Composed as x sigmoid(2u), equal to 0.5 x (1 + tanh(u)) since 1 + tanh(u) = 2 sigmoid(2u):
+    `1 + tanh(u)` cancels for x <= -4 (exactly 0 from x = -9 in float64), the sigmoid keeps its
+    digits (see numpy_ref/gelu.py, whose hand-derived form is the same).
+    """
     (x,) = _operands(x)
     c = math.sqrt(2.0 / math.pi)
-    return 0.5 * x * (1.0 + tanh(c * (x + 0.044715 * x * x * x)))
+    return x * sigmoid(2.0 * c * (x + 0.044715 * x * x * x))
 
 
 def sigmoid(x) -> Tensor:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from numpy_ref import functional as nf
 from numpy_ref.attention import attention_backward, attention_forward
 from numpy_ref.block import block_backward, block_forward
 from numpy_ref.config import GPTConfig
@@ -23,6 +24,7 @@ from numpy_ref.gradcheck import gradcheck_vjp
 from numpy_ref.layernorm import layernorm_forward
 from numpy_ref.linear import linear_backward, linear_forward
 from numpy_ref.params import block_param_shapes
+from numpy_ref.tensor import Tensor
 from parity_tests.compare import assert_close
 from parity_tests.layer_specs import SPECS, Sizes
 from parity_tests.oracle import sizes
@@ -217,14 +219,42 @@ def test_all_ones_dropout_mask_is_bitwise_the_same_as_none(s, seed):
         assert_close(f"attention {name} with an all-ones mask", a, b, EXACT)
 
 
-def test_gelu_known_values():
-    # GPT-2's tanh form at a few points (values of 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))).
-    x = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])
-    c = np.sqrt(2 / np.pi)
-    expected = 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3)))
-    out, _ = gelu_forward(x)
-    assert_close("gelu", out, expected, EXACT)
-    assert abs(out[4] - 0.8411919906082768) < 1e-12, f"gelu(1) = {out[4]!r}, expected 0.8411919906082768 (tanh form)"
+# GPT-2's tanh GELU and its derivative, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
+# computed with mpmath at 800 digits (mp.tanh, exact decimal 0.044715) and rounded to 17 digits.
+# The negative tail is where `1 + tanh(u)` cancels in floating point: the old form gave
+# exactly 0 from x = -9 on, and kept half its digits at x = -6.
+GELU_REFERENCE = [  # (x, gelu(x), gelu'(x))
+    (-20.0, -3.3754509563109673e-261, -2.9424328724945029e-259),
+    (-12.0, -1.6359854493534811e-61, -5.2904033525225585e-60),
+    (-9.0, -1.3364595947348725e-28, -2.5157352850674252e-27),
+    (-6.0, -8.4396467007622971e-11, -7.7099739309536955e-10),
+    (-4.0, -7.024594819237269e-5, -0.00033512319712267076),
+    (-3.0, -0.0036373920817730188, -0.011584166630969726),
+    (-1.0, -0.1588080093917233, -0.082964083845782555),
+    (0.5, 0.34571400982514392, 0.86736990353464231),
+    (1.0, 0.8411919906082767, 1.0829640838457826),
+    (3.0, 2.996362607918227, 1.0115841666309697),
+]
+
+
+def test_gelu_matches_high_precision_values_in_both_tails():
+    """Relative error within a few ulp times the function's own condition number: a relative
+    error eps in u moves e^(2u) by 2|u| eps, which no float64 evaluation can avoid."""
+    x = np.array([r[0] for r in GELU_REFERENCE])
+    out, cache = gelu_forward(x)
+    dx = gelu_backward(np.ones_like(x), cache)
+    xe = Tensor(x.copy(), requires_grad=True)  # the engine's gelu, composed from primitives
+    ye = nf.gelu(xe)
+    ye.backward(np.ones_like(x))
+    u = np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)
+    rtol = 8 * (1 + 2 * np.abs(u)) * np.finfo(np.float64).eps
+    for name, got, column in [("gelu", out, 1), ("gelu'", dx, 2), ("engine gelu", ye.data, 1),
+                              ("engine gelu'", xe.grad, 2)]:
+        want = np.array([r[column] for r in GELU_REFERENCE])
+        rel = np.abs(got - want) / np.abs(want)
+        worst = int(np.argmax(rel / rtol))
+        assert np.all(rel <= rtol), (f"{name}({x[worst]}) = {got[worst]!r}, expected {want[worst]!r}: relative error "
+                                     f"{rel[worst]:.3g} > {rtol[worst]:.3g}")
 
 
 # Inputs where the tanh saturates (t = +-1 exactly, so 1 - t^2 = 0) while x (1 + 3 a x^2) or x^2
