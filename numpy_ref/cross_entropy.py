@@ -55,28 +55,46 @@ def check_targets(logits_shape: tuple[int, ...], targets, ignore_index: int | No
 
 
 def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None = None):
-    """(loss, cache): loss a 0-d array; the cache keeps the probabilities p (N, V)."""
+    """(loss, cache): loss a 0-d array; the cache keeps the probabilities p (N, V).
+
+    Written so that a confident row keeps its digits. With m the row's max, reached at k, and
+    r = sum over j != k of e^(z_j - m) (so sum_j e^(z_j - m) = 1 + r exactly),
+
+        -log p_y = log1p(r) + (m - z_y)       two terms >= 0: nothing cancels
+        p_y - 1  = -r / (1 + r)               when y = k (else p_y <= 1/2, and p_y - 1 is safe)
+
+    `log(1 + r)` would round 1 + r to 1 once r < eps, and `p_y - 1` would cancel: a row with
+    p_y = 1 - 1e-20 gave the loss 0 and the target's gradient 0 (float64; from r < 6e-8 in
+    float32), where the true values are 1e-20 and -1e-20.
+    """
     targets, counted, n = check_targets(logits.shape, targets, ignore_index)
     V = logits.shape[-1]
     z = logits.reshape(-1, V)  # (..., V) -> (N, V)
     y = targets.reshape(-1)  # (...) -> (N,)
     rows = np.flatnonzero(counted.reshape(-1))  # the counted rows, (n,)
-    m = z.max(axis=1, keepdims=True)  # (N, V) -> (N, 1); subtracted only so exp cannot overflow
+    every = np.arange(z.shape[0])  # (N,)
+    k = z.argmax(axis=1)  # (N,): where each row's max is
+    m = z[every, k][:, None]  # (N, 1); subtracted only so exp cannot overflow
     p = z - m  # (N, V), a new array that becomes the probabilities in place
-    z_y = p[rows, y[rows]]  # (n,): z_y - m, read before the exp overwrites it
+    z_y = p[rows, y[rows]]  # (n,): z_y - m <= 0, read before the exp overwrites it
     np.exp(p, out=p)
-    s = p.sum(axis=1, keepdims=True)  # (N, V) -> (N, 1)
+    p[every, k] = 0.0  # e^0 = 1 left out of the sum...
+    r = p.sum(axis=1, keepdims=True)  # (N, V) -> (N, 1): the other terms, r >= 0
+    p[every, k] = 1.0  # ...and put back
+    s = 1.0 + r  # (N, 1)
     p /= s  # softmax, (N, V)
-    loss = (np.log(s[rows, 0]) - z_y).sum() / n  # (n,) -> (): -(1/n) sum log p_y, from log-sum-exp: no log(0)
+    loss = (np.log1p(r[rows, 0]) - z_y).sum() / n  # (n,) -> (): -(1/n) sum log p_y, no log(0), no cancellation
+    top = k[rows] == y[rows]  # (n,): the target is the row's max
+    p_y_minus_1 = np.where(top, -r[rows, 0] / s[rows, 0], p[rows, y[rows]] - 1.0)  # (n,)
     ignored = np.flatnonzero(~counted.reshape(-1))  # (N - n,)
-    return np.asarray(loss, dtype=logits.dtype), (p, y, rows, ignored, n, logits.shape)
+    return np.asarray(loss, dtype=logits.dtype), (p, y, rows, p_y_minus_1, ignored, n, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
     """dlogits, the shape of the logits (a single array: the targets get no gradient)."""
-    p, y, rows, ignored, n, shape = cache
+    p, y, rows, p_y_minus_1, ignored, n, shape = cache
     scale = np.asarray(dloss, dtype=p.dtype) / n  # dL/dloss spread over the n counted rows
     dz = p * scale  # (N, V)
-    dz[rows, y[rows]] -= scale  # p - onehot(y) on the counted rows
+    dz[rows, y[rows]] = p_y_minus_1 * scale  # p - onehot(y) on the counted rows
     dz[ignored] = 0.0  # ignored rows contribute nothing
     return dz.reshape(shape)  # (N, V) -> (..., V)

@@ -443,3 +443,27 @@ def test_layer_norm_of_rows_whose_squares_overflow_is_the_scale_free_answer(dtyp
     top = np.full((1, 4), np.finfo(dtype).max, dtype=dtype)
     constant, _ = layernorm_forward(top, w.astype(dtype), b.astype(dtype), eps=1e-5)
     np.testing.assert_array_equal(constant, b.astype(dtype)[None], err_msg="a constant row gives the bias")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("gap", [5.0, 20.0, 46.0])
+def test_cross_entropy_of_a_confident_row_keeps_its_digits(dtype, gap):
+    """The target leads the other logits by `gap`: the loss is log(1 + r), r = sum e^(z_j - z_y),
+    and the target's gradient -r / (1 + r). `log(sum)` rounded 1 + r to 1 (the loss was 0 from
+    r < eps: at gap 46 in float64, gap 20 in float32) and `p_y - 1` cancelled the same way. The
+    expected values come from Python's float64 math.log1p on r summed in float64."""
+    import math
+
+    z = np.array([[0.0, -gap, -gap - 4.0, -gap - 1.5]], dtype=dtype)
+    r = sum(math.exp(float(v)) for v in z[0, 1:])
+    loss, cache = cross_entropy_forward(z, np.array([0]))
+    dz = cross_entropy_backward(1.0, cache)
+    rtol = 8 * float(np.finfo(dtype).eps)
+    want = {"loss": math.log1p(r), "dz target": -r / (1 + r)}
+    got = {"loss": float(loss), "dz target": float(dz[0, 0])}
+    for name in want:
+        assert abs(got[name] - want[name]) <= rtol * abs(want[name]), (
+            f"cross-entropy {name} at gap {gap} ({np.dtype(dtype).name}): {got[name]!r}, expected {want[name]!r}")
+    others = [math.exp(float(v)) / (1 + r) for v in z[0, 1:]]
+    np.testing.assert_allclose(dz[0, 1:], others, rtol=rtol, err_msg="cross-entropy dz of the other classes")
+    assert abs(float(dz.sum())) <= rtol * r, f"cross-entropy dz row sums to {float(dz.sum())!r}, not 0 (r = {r!r})"
