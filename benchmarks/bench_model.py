@@ -94,12 +94,18 @@ def _build(backend, config_name, config_d, params, ids, targets, device) -> tupl
     return (built[0], None) if built else (None, rows[0])
 
 
+STEP_WARMUP_MAX = 6  # warm-up calls of a training step at most, until settled (stats.time_call)
+
+
 def _timed(runner: Runner, op: str, config_name: str, config_d: dict, B: int, T: int, repeats: int,
            budget_s: float, device: str) -> Result:
     fn = runner.forward if op == "forward" else runner.train_step
-    timing = time_call(fn, warmup=2 if runner.backend.startswith("torch-compile") else 1, repeats=repeats,
-                       budget_s=budget_s, sync=runner.sync,
-                       slow_s=None if runner.backend.startswith("torch-compile") else 2 * budget_s)
+    # A training step is warmed up until its time stops falling (stats.settled): Hugging Face's
+    # kept falling over five timed calls after one warm-up call.
+    warmup = 2 if runner.backend.startswith("torch-compile") else 1
+    timing = time_call(fn, warmup=warmup, repeats=repeats, budget_s=budget_s, sync=runner.sync,
+                       slow_s=None if runner.backend.startswith("torch-compile") else 2 * budget_s,
+                       settle_max=None if op == "forward" else max(warmup, STEP_WARMUP_MAX))
     fl = F.forward_flops(config_d, B, T) if op == "forward" else F.training_flops(config_d, B, T)
     # Peak memory from one more call, unless a single call is already slower than the budget.
     memory = peak_bytes(fn, _kind(runner.backend), device) if timing.median < budget_s else None

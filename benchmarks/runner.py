@@ -154,6 +154,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
     from benchmarks.bench_model import bench_model, bench_sweep
 
     started = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     progress = progress or Progress()
     check_out_dir(out_dir)  # before minutes of measuring, not after
     p = plan(quick, device, configs)
@@ -239,12 +240,14 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
     peaks = info["peaks"]
     refinish_against_peak(results, peaks)
     target_config = "124M" if "124M" in resolved else list(resolved)[-1]
-    tgts = report.targets(results, peaks, tok, target_config, resolved[target_config])
+    bounds = {k: (info["peaks_at_start"].get(k), info["peaks_at_end"].get(k)) for k in info.get("peaks_at_start", {})}
+    tgts = report.targets(results, peaks, tok, target_config, resolved[target_config], peak_bounds=bounds)
     os.makedirs(out_dir, exist_ok=True)
     progress("plots")
     written = plots.write_all(results, accuracy, out_dir, errors)  # a failed plot is named in "errors"
     payload = {
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "started": started_at,
                  "quick": quick, "device": device, "configs": resolved, "plan": p,
                  "machine_name": f"{'cuda' if device.startswith('cuda') else 'cpu'}-{machine.short_name(info)}",
                  "seconds": time.perf_counter() - started, "flop_formula": F.__doc__.strip().splitlines()[0]},
@@ -258,7 +261,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", device: str =
     }
     report.to_json(payload, os.path.join(out_dir, "results.json"))
     table = report.format_table(report.rows_for_table(results, peaks))
-    report.write_text_atomic(os.path.join(out_dir, "table.txt"), table + "\n")
+    report.write_text_atomic(os.path.join(out_dir, "table.txt"), report.table_heading(payload) + table + "\n")
     report.write_text_atomic(os.path.join(out_dir, "summary.md"), report.markdown_summary(payload, results, written))
     payload["_table"] = table
     return payload

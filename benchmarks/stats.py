@@ -70,10 +70,42 @@ def summarize(samples: Sequence[float], warmup: int = 0, warmup_s: Sequence[floa
     )
 
 
+# Warm-up until settled (`settled`, `time_call(settle_max=...)`): a call no faster than the best
+# before it by more than this fraction says the time has stopped falling. Hugging Face's CPU
+# training step kept falling for five calls after one warm-up call (2.36, 2.06, 1.80, 1.70,
+# 1.53 s in one run on the AVX-512 EPYC), so its first timed calls were its slowest.
+SETTLE_TOL = 0.03
+
+
+def settled(warm_s: Sequence[float], tol: float = SETTLE_TOL) -> bool:
+    """Whether the last of these warm-up times is no new best by more than `tol`: the time has
+    stopped falling (needs two calls at least)."""
+    return len(warm_s) >= 2 and warm_s[-1] >= (1.0 - tol) * min(warm_s[:-1])
+
+
+def warm_up(fn: Callable[[], object], *, min_calls: int = 2, max_calls: int = 8,
+            sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Untimed calls of `fn` until `settled` (at least `min_calls`, at most `max_calls`); their seconds."""
+    if not 1 <= min_calls <= max_calls:
+        raise ValueError(f"need 1 <= min_calls <= max_calls, got {min_calls} and {max_calls}")
+    sync = sync or (lambda: None)
+    warm_s: list[float] = []
+    while len(warm_s) < max_calls and not (len(warm_s) >= min_calls and settled(warm_s)):
+        start = clock()
+        fn()
+        sync()
+        warm_s.append(clock() - start)
+    return warm_s
+
+
 def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, budget_s: float | None = None,
               min_repeats: int = 2, sync: Callable[[], None] | None = None, slow_s: float | None = None,
-              clock: Callable[[], float] = time.perf_counter) -> Timing:
+              settle_max: int | None = None, clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones.
+
+    `settle_max`: keep warming up after the `warmup` calls until the time has stopped falling
+    (`settled`), up to `settle_max` warm-up calls in all, and no longer once the warm-ups have
+    used `budget_s`.
 
     `budget_s` stops repeating once the timed calls have used that much time (after at least
     `min_repeats`), so a slow configuration costs a bounded time. `sync` runs before each clock
@@ -87,8 +119,12 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, bu
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     sync = sync or (lambda: None)
+    if settle_max is not None and settle_max < max(warmup, 1):
+        raise ValueError(f"need settle_max >= warmup (and >= 1), got settle_max={settle_max}, warmup={warmup}")
     warm_s: list[float] = []
-    for i in range(warmup):
+    for i in range(warmup if settle_max is None else settle_max):
+        if i >= warmup and (settled(warm_s) or (budget_s is not None and sum(warm_s) >= budget_s)):
+            break
         start = clock()
         fn()
         sync()
