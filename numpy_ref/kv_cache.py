@@ -51,9 +51,13 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, context_length: int, head_size: int,
                  dtype=np.float64) -> None:
+        # As in `crop`, and as torch_impl: np.zeros would refuse 1.5 and True (Python's 1) with
+        # errors that name no argument.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"KV cache batch_size must be an int, got {batch_size!r} ({type(batch_size).__name__})")
         if batch_size < 1:
             raise ValueError(f"KV cache batch_size must be >= 1, got {batch_size}")
-        shape = (n_layers, batch_size, n_heads, context_length, head_size)
+        shape = (n_layers, int(batch_size), n_heads, context_length, head_size)
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
         self.length = 0  # P: positions already cached (the same for every layer)

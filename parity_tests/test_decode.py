@@ -9,6 +9,7 @@ itself is held against the NumPy oracle elsewhere (test_cross_model.py, test_tor
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from unittest import mock
 
@@ -305,6 +306,35 @@ def test_parametrized_weights_are_used_on_both_paths():
             got, want = param(ids[:, :1], kv_cache=caches[0]), plain(ids[:, :1], kv_cache=caches[1])
         assert len(calls) == 2, f"the decode path ran {len(calls)} times for two steps"
         assert_same_bits("decoded logits, parametrized vs doubled weight", got, want)
+
+
+@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_16_bit_weights_under_the_other_16_bit_autocast_are_refused_by_name(weights, autocast):
+    """bf16 weights under fp16 autocast (or fp16 under bf16) failed in the first block's second layer
+    norm with torch's "mixed dtype (CPU): expect parameter to have scalar type of Float", cached or
+    not: the 16-bit products and residual stream sum to float32. The forward refuses the pair at its
+    entry, naming both dtypes, before the cache is written. The same 16-bit dtype, and float32
+    weights, under that autocast still run."""
+    from torch_impl.generate import generate
+
+    model = GPTModel(_tiny(), seed=0, dtype=weights).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    cache = model.new_kv_cache(1)
+    match = re.escape(f"the model's weights are {weights}, but cpu autocast computes in {autocast}")
+    with torch.autocast("cpu", dtype=autocast):
+        for grad in (True, False):  # with gradients on, a cached forward reruns itself under no_grad
+            with torch.set_grad_enabled(grad):
+                for kv in (None, cache):
+                    with pytest.raises(TypeError, match=match):
+                        model(ids, kv_cache=kv)
+        assert cache.length == 0, f"a refused forward left the cache at length {cache.length}"
+        for use_cache in (True, False):
+            with pytest.raises(TypeError, match=match):
+                generate(model, ids, 2, use_cache=use_cache)
+        for dtype in (autocast, torch.float32):
+            fine = GPTModel(_tiny(), seed=0, dtype=dtype).eval()
+            out = generate(fine, ids, 2)
+            assert tuple(out.shape) == (1, 5), f"{dtype} weights under {autocast} autocast gave {tuple(out.shape)}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

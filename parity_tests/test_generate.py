@@ -438,6 +438,22 @@ def test_string_ids_in_a_list_are_type_errors_in_both_trees():
         tgen.generate(t_model, [[1, None]], 1)
 
 
+@pytest.mark.parametrize("ids", [None, "abc", b"ab", {1: 2}, object(), np.array([["1"]]),
+                                 np.array([[1]], dtype=object)],
+                         ids=lambda v: f"{type(v).__name__} {v!r:.30}")
+def test_ids_that_are_no_array_are_a_type_error_naming_them_in_both_trees(ids):
+    """torch_impl handed these to torch.as_tensor, whose own error named neither ids nor the value:
+    a RuntimeError for None ("Could not infer dtype of NoneType"), "new(): invalid data type 'str'"
+    for a string. numpy_ref reads each as an array of dtype object or str and refuses it by name;
+    torch_impl names the dtype where there is one, else the value and its type."""
+    n_model, t_model = _models(seed=2)
+    with pytest.raises(TypeError, match=r"ids must be an integer array, got dtype "):
+        ngen.generate(n_model, ids, 1)
+    got = f"dtype {ids.dtype}" if hasattr(ids, "dtype") else f"{ids!r} ({type(ids).__name__})"
+    with pytest.raises(TypeError, match=rf"ids must be an integer tensor, got {re.escape(got)}$"):
+        tgen.generate(t_model, ids, 1)
+
+
 @pytest.mark.parametrize("n", [2**27 + 1, 10**15, 2**63 - 1, 2**63])
 def test_coins_drawn_from_an_rng_are_bounded_by_name(n):
     """A huge max_new_tokens drew its coins up front: a MemoryError, "array is too big" or an
@@ -671,6 +687,27 @@ def test_kv_cache_crop_refuses_a_length_that_is_no_int(tree):
         assert cache.length == 3 and type(cache.length) is int, f"{tree}: crop({bad!r}) left length {cache.length!r}"
     cache.crop(np.int64(2))
     assert cache.length == 2 and type(cache.length) is int, f"{tree}: crop(np.int64(2)) gave {cache.length!r}"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_kv_cache_refuses_a_batch_size_that_is_no_int_by_name(tree):
+    """new_kv_cache(True) made a one-row cache in torch_impl and raised "an integer is required" in
+    numpy_ref; 1.5 reached np.zeros and torch.empty, whose errors named no argument. Both trees
+    refuse them by name, as crop and advance refuse theirs, and take a NumPy integer as its int."""
+    n_model, t_model = _models()
+    model = n_model if tree == "numpy" else t_model
+    for bad in (True, False, 1.5, 2.0, np.float64(2.0), "2", None):
+        with pytest.raises(TypeError, match=rf"KV cache batch_size must be an int, got {re.escape(repr(bad))} "
+                                            rf"\({type(bad).__name__}\)"):
+            model.new_kv_cache(bad)
+    for bad in (0, -1, np.int64(0)):
+        with pytest.raises(ValueError, match=rf"KV cache batch_size must be >= 1, got {bad}$"):
+            model.new_kv_cache(bad)
+    cache = model.new_kv_cache(np.int64(2))
+    assert cache.batch_size == 2 and type(cache.batch_size) is int, f"{tree}: batch_size {cache.batch_size!r}"
+    out = model(np.array([[1, 2, 3], [4, 5, 6]]) if tree == "numpy" else torch.tensor([[1, 2, 3], [4, 5, 6]]),
+                kv_cache=cache)
+    assert tuple(out.shape) == (2, 3, V) and cache.length == 3, f"{tree}: {tuple(out.shape)}, length {cache.length}"
 
 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])

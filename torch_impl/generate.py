@@ -202,7 +202,14 @@ def _check_ids(ids, vocab_size: int) -> torch.Tensor:
     """The prompt as int64, every id checked against V: the model sees only the last Tc of them,
     but all of them are returned, so an id cropped away must not pass unchecked either."""
     _check_listed_ids(ids, vocab_size)
-    ids = torch.as_tensor(ids)
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, RuntimeError):
+        # None, a string, a dict or a NumPy array of strings or objects: torch's own error ("Could
+        # not infer dtype of NoneType", a RuntimeError) names neither ids nor what they were;
+        # numpy_ref reads them as an array of dtype object or str and refuses that by name.
+        got = f"dtype {ids.dtype}" if hasattr(ids, "dtype") else f"{ids!r:.50} ({type(ids).__name__})"
+        raise TypeError(f"ids must be an integer tensor, got {got}") from None
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:

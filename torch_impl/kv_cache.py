@@ -57,9 +57,13 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, context_length: int, head_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        # As in `crop`: 1.5 would reach the allocator (an error naming no argument), and True
+        # would make a one-row cache.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"KV cache batch_size must be an int, got {batch_size!r} ({type(batch_size).__name__})")
         if batch_size < 1:
             raise ValueError(f"KV cache batch_size must be >= 1, got {batch_size}")
-        shape = (n_layers, batch_size, n_heads, context_length, head_size)
+        shape = (n_layers, int(batch_size), n_heads, context_length, head_size)
         # Uninitialised: positions from `length` on are never read (every read slices [:P + T]
         # after writing P .. P+T-1). Zero-filling 2 x 38 MB for GPT-2 small would cost ~30 ms
         # of fresh pages per generate() call on the benchmark CPU.

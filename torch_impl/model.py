@@ -203,6 +203,7 @@ class GPTModel(nn.Module):
             # reaches inference_only's error rather than "does not require grad".
             return inference_only(out, trainable)
         self._run_submodule_hooks()
+        self._check_autocast_dtype()
         cfg = self.config
         past = 0
         if kv_cache is not None:
@@ -285,6 +286,22 @@ class GPTModel(nn.Module):
                     raise RuntimeError(f"{name}: a forward pre-hook returned new inputs, but a submodule of "
                                        f"GPTModel takes none (its forward is functional); only hooks that "
                                        f"update the module, as torch.nn.utils.prune's, can run")
+
+    def _check_autocast_dtype(self) -> None:
+        """TypeError for 16-bit weights under autocast to the other 16-bit dtype (bf16 weights under
+        fp16 autocast, or fp16 under bf16), naming both. The products would come out in the
+        autocast dtype and the residual stream (wte[ids], not autocast) in the weights', so their
+        sum is float32, which torch's layer norm refuses next to 16-bit weights with only "mixed
+        dtype". Reads wte's stored dtype and the autocast state: no tensor is touched."""
+        w = stored_tensor(self.wte, "weight")
+        dev = w.device.type
+        if w.dtype not in (torch.bfloat16, torch.float16) or dev == "meta":  # meta has no autocast to ask
+            return
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != w.dtype:
+            ac = torch.get_autocast_dtype(dev)
+            raise TypeError(f"the model's weights are {w.dtype}, but {dev} autocast computes in {ac}: the "
+                            f"{ac} products and the {w.dtype} residual stream would mix. Autocast to "
+                            f"{w.dtype}, run without autocast, or make the weights float32 or {ac}")
 
     def _check_cache(self, kv_cache: KVCache) -> None:
         """ValueError unless the cache was made for this model: (L, B, nh, Tc, hs) with this L, nh

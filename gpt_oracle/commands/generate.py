@@ -44,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"0 to {MAX_NEW_TOKENS:,} (default: 50; past the context the oldest tokens are cropped)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (clamped to the vocabulary)")
-    parser.add_argument("--top-p", type=float, help="keep the smallest set with probability >= p")
+    parser.add_argument("--top-p", type=float,
+                        help="in (0, 1]: keep the most likely tokens until their probability reaches p (p = 1 "
+                             "still drops a token so unlikely, under about 1e-16 of the total, that adding it "
+                             "leaves the float64 sum unchanged; leave --top-p out to keep every token)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the uniform draws, >= 0 (default: 0)")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
