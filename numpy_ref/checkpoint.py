@@ -34,8 +34,9 @@ different dropout rates), config.json values of the wrong type (`"false"` for a 
 for a number), and values beyond the range of the dtype asked for (1e5 as float16 is inf).
 config.json is read and checked in checkpoint_config.py.
 
-Trainer state: `trainer_state.json` (any JSON-ready dict) and `optimizer.safetensors` (any
-arrays, float64 included, so that a float64 run resumes bit for bit). Nothing is unpickled.
+Trainer state: `trainer_state.json` (any JSON-ready dict whose keys are strings: JSON would turn
+the key 100 into "100") and `optimizer.safetensors` (arrays of any dtype safetensors_io.py
+writes, float64 included, so that a float64 run resumes bit for bit). Nothing is unpickled.
 
 Each save replaces its two files as one change, never old weights with a new config.json, and
 a load refuses a save cut off part way: the journal protocol is in checkpoint_files.py.
@@ -71,6 +72,7 @@ PREFIX = "transformer."
 HEAD = "lm_head.weight"
 NUM_CLASSES = "gpt_oracle_num_classes"  # in config.json of a classifier's checkpoint (classifier.py)
 MODEL_DTYPES = ("F32", "BF16", "F16")  # what GPT-2 checkpoints hold; F64 is refused on purpose
+LOAD_DTYPES = ("float16", "float32", "float64")  # what load_checkpoint casts to: a weight is a float
 
 
 # ---- model checkpoints ----------------------------------------------------------------------
@@ -116,10 +118,14 @@ def save_checkpoint(directory, config: GPTConfig, params: Mapping[str, np.ndarra
 
 
 def load_checkpoint(directory, dtype=np.float64, *, classifier: bool = False) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """(config, params) from a checkpoint directory; params in docs/design.md's order, as `dtype`.
-    A value finite in the file but beyond `dtype`'s range (1e5 as float16) is an error, not an inf.
-    `classifier`: a classifier's checkpoint (see save_checkpoint), and only one; its K is the
-    length of params["classifier.bias"]."""
+    """(config, params) from a checkpoint directory; params in docs/design.md's order, as `dtype`
+    (one of LOAD_DTYPES, else a TypeError before anything is read: an integer or bool dtype would
+    truncate every weight). A value finite in the file but beyond `dtype`'s range (1e5 as
+    float16) is an error, not an inf. `classifier`: a classifier's checkpoint (see
+    save_checkpoint), and only one; its K is the length of params["classifier.bias"]."""
+    if np.dtype(dtype).name not in LOAD_DTYPES:
+        raise TypeError(f"load_checkpoint: dtype {np.dtype(dtype).name} cannot hold the weights; "
+                        f"expected one of {list(LOAD_DTYPES)}")
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
@@ -283,12 +289,14 @@ def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: M
 def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
     """`optimizer.safetensors` (any dtype, float64 kept exactly), then `trainer_state.json`.
     Non-finite floats, in the tensors or the state (strict JSON has none), are refused before
-    anything is written, as load_trainer_state refuses them."""
+    anything is written, as load_trainer_state refuses them; so is a key of the state, at any
+    depth, that is not a str (JSON would write 100 as "100", which then collides with a "100")."""
     directory = Path(directory)
     try:  # before anything is written; strict JSON, which has no NaN or Infinity
         text = json.dumps(dict(state), indent=2, allow_nan=False) + "\n"
     except ValueError as e:
         raise CheckpointError(f"trainer state: {e}; store a missing number as None") from None
+    _check_str_keys(state, "state")  # (after dumps, which has refused a cycle)
     for name, value in tensors.items():
         value = np.asarray(value)
         if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -300,8 +308,22 @@ def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str
     return directory
 
 
+def _check_str_keys(value: Any, where: str) -> None:
+    """CheckpointError naming the first dict key under `value` that is not a str, and its place."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"trainer state: key {k!r} in {where} is of type {type(k).__name__}, not str; "
+                                      f"JSON object keys are strings, so it would not load back as saved")
+            _check_str_keys(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_str_keys(v, f"{where}[{i}]")
+
+
 def load_trainer_state(directory) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(state, tensors) as saved; tensors keep their dtype; non-finite floats are an error."""
+    """(state, tensors) as saved; tensors keep their dtype; non-finite floats, in the tensors or
+    as NaN / Infinity in trainer_state.json, are an error."""
     directory = Path(directory)
     refuse_an_interrupted_save(directory, TRAINER_JOURNAL)
     state = read_json(directory / TRAINER_STATE_FILE)

@@ -16,9 +16,15 @@ is the new one (a save that got through 3 but not 4). So wherever the save stops
 included (and renames reordered between two fsyncs), the directory loads as the old checkpoint,
 as the new one, or not at all with an error naming the journal. An exception before the commit
 puts back every old file and the journal as it was (normally none): the directory is byte for
-byte what it was, and one the save created is removed again. Files a save does not name are
-never touched. torch_impl/checkpoint_files.py writes and reads the same journal, written from
-scratch; parity_tests/test_checkpoint_errors.py fails each file-system call of a save in turn.
+byte what it was, and one the save created is removed again. The put-back works from what is on
+disk, not from a note of which renames ran: an exception (a Ctrl-C) can arrive just after a
+rename, before the line after it. Each file's identity (device, inode) is taken before step 3,
+so an old file is moved back only if its kept name holds it, and a new file is removed only if
+it is the one this save placed. A directory the save creates is made durable in its parent.
+Files a save does not name are never touched. torch_impl/checkpoint_files.py writes and reads
+the same journal, written from scratch; parity_tests/test_checkpoint_errors.py fails each
+file-system call of a save in turn, parity_tests/test_checkpoint_faults.py interrupts each just
+after it has taken effect.
 
 `CheckpointError` lives here, in the lowest layer, because the journal check raises it;
 safetensors_io.py and checkpoint.py import it from here.
@@ -109,10 +115,19 @@ def sha256(path: Path) -> str:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`, strict JSON: NaN, Infinity and -Infinity (which Python's json
+    reads and writes by default) are refused, naming the file, as a save refuses to write them."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+
+    def no_constant(name: str):
+        raise CheckpointError(f"{path}: not valid JSON ({name} is not a number in strict JSON; a missing "
+                              f"number is null)")
+
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constant)
+    except CheckpointError:
+        raise
     except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, or an int past 4300 digits
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -134,31 +149,32 @@ def save_together(directory: Path, writers: Mapping[str, Callable], journal_name
     journal = directory / journal_name
     created = [p for p in (directory, *directory.parents) if not p.exists()][::-1]  # outermost first
     journal_before = journal.read_bytes() if journal.is_file() else None  # an earlier save's, cut off
-    temps: dict[str, Path] = {}  # name -> its new file, until renamed into place
-    aside: dict[str, Path] = {}  # name -> its old file, renamed aside
-    placed: list[str] = []  # names whose new file is in place
+    temps: dict[str, Path] = {}  # name -> its new file (step 1)
+    files: dict[str, dict] = {}  # name -> its journal entry, all recorded before step 3 renames anything
+    identity: dict[str, tuple] = {}  # name -> (its old file's identity or None, its new file's)
     journal_changed = False
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        for made in created:  # a new directory's name is an entry in its parent: durable only once that is fsynced
+            fsync_directory(made.parent)
         for name, write in writers.items():
             temps[name] = write_temporary(directory / name, write)
-        files = {}
         for name, tmp in temps.items():
+            old, new = _identity(directory / name), _identity(tmp)
             keep_as = tmp.name[:-len(".tmp")] + ".old"  # unique, as mkstemp made the temporary name
+            identity[name] = (old, new)
             files[name] = {"size": tmp.stat().st_size, "sha256": sha256(tmp),
-                           "previous": keep_as if (directory / name).exists() else None}
+                           "previous": keep_as if old is not None else None}
         journal_changed = True  # (if the write below fails it has not: putting it back is harmless)
         _write_json(journal, {"files": files})
         for name, tmp in temps.items():
             if files[name]["previous"] is not None:
                 os.replace(directory / name, directory / files[name]["previous"])
-                aside[name] = directory / files[name]["previous"]
             os.replace(tmp, directory / name)
-            placed.append(name)
         fsync_directory(directory)
         os.unlink(journal)  # the commit
     except BaseException:
-        _put_back(directory, temps, aside, placed)  # if a step of it fails, it raises: the journal stays
+        _put_back(directory, temps, files, identity)  # if a step of it fails, it raises: the journal stays
         fsync_directory(directory)  # the old files back on disk before the journal that names them goes
         if journal_changed and journal_before is None:
             journal.unlink(missing_ok=True)
@@ -172,19 +188,21 @@ def save_together(directory: Path, writers: Mapping[str, Callable], journal_name
             except OSError:
                 break
         raise
-    for old in aside.values():
-        try:
-            os.unlink(old)
-        except OSError:  # committed already; a hidden old copy left behind costs disk space only
-            pass
-    _remove_leftovers(directory, writers)
+    for entry in files.values():
+        if entry["previous"] is not None:
+            try:
+                os.unlink(directory / entry["previous"])
+            except OSError:  # committed already; a hidden old copy left behind costs disk space only
+                pass
+    _remove_leftovers(directory, [*writers, journal_name])
     fsync_directory(directory)
 
 
 def _remove_leftovers(directory: Path, names) -> None:
     """Hidden copies that saves cut off earlier left behind: `.NAME.XXXXXXXX.tmp` (a new file not
-    yet in place) and `.NAME.XXXXXXXX.old` (an old file renamed aside), for the names this save
-    wrote. Once it has committed, no journal refers to them; each can be as large as the weights."""
+    yet in place, or a journal not yet in place) and `.NAME.XXXXXXXX.old` (an old file renamed
+    aside), for the names this save wrote and its journal. Once it has committed, no journal refers
+    to them; each can be as large as the weights."""
     for name in names:
         leftover = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(tmp|old)")  # tempfile's 8 characters
         for path in directory.iterdir():
@@ -195,24 +213,37 @@ def _remove_leftovers(directory: Path, names) -> None:
                     pass
 
 
-def _put_back(directory: Path, temps: Mapping[str, Path], aside: Mapping[str, Path], placed: list[str]) -> None:
-    """Undo steps 1 and 3 of a save that failed before its commit: old files back, new ones removed."""
-    for name in reversed(placed):
-        if name in aside:
-            os.replace(aside[name], directory / name)  # the old file back over the new one
-        else:
-            os.unlink(directory / name)  # there was no old file
-    for name, old in aside.items():
-        if name not in placed:  # renamed aside, the new file not yet in place
-            os.replace(old, directory / name)
-    for name, tmp in temps.items():
-        if name not in placed:
-            tmp.unlink(missing_ok=True)
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path` itself (a symlink is not followed), or None if nothing is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _put_back(directory: Path, temps: Mapping[str, Path], files: Mapping[str, Mapping[str, Any]],
+              identity: Mapping[str, tuple]) -> None:
+    """Undo steps 1 and 3 of a save that failed before its commit, judged from what is on disk, so
+    it is right whichever renames ran (an exception can land just after a rename) and can be run
+    again: an old file still under its kept name goes back over whatever is in its place (the new
+    file, or nothing); a new file that replaced no old one is removed if it is in place; every
+    temporary file not renamed into place is removed."""
+    for name in reversed(list(temps)):
+        if name in files:  # else the journal was not yet written, and nothing was renamed
+            old, new = identity[name]
+            kept = files[name]["previous"]
+            if kept is not None and _identity(directory / kept) == old:  # renamed aside
+                os.replace(directory / kept, directory / name)  # the old file back, over the new one if placed
+            elif kept is None and _identity(directory / name) == new:  # placed where there was no old file
+                os.unlink(directory / name)
+        temps[name].unlink(missing_ok=True)  # gone already if it was renamed into place
 
 
 def refuse_an_interrupted_save(directory: Path, journal_name: str) -> None:
     """CheckpointError if a save's journal is in `directory` and names a file that is not the new
-    one yet: that save stopped part way, and the files there are not one checkpoint."""
+    one yet: that save stopped part way, and the files there may not be one checkpoint. The
+    message names only the kept old copies that are there."""
     journal = directory / journal_name
     if not journal.exists():
         return
@@ -222,10 +253,13 @@ def refuse_an_interrupted_save(directory: Path, journal_name: str) -> None:
                               f"{{size, sha256, previous}}, got {files!r}")
     unfinished = [name for name, e in files.items() if not _is_as_recorded(directory / name, e)]
     if unfinished:
-        kept = [e["previous"] for e in files.values() if e["previous"] is not None]
+        kept = [e["previous"] for e in files.values()
+                if e["previous"] is not None and os.path.lexists(directory / e["previous"])]
+        where = f"the previous versions moved aside are kept as {kept}" if kept else \
+            "no previous version had been moved aside yet"
         raise CheckpointError(f"{journal}: a save into {directory} stopped part way: {unfinished} are not yet the "
-                              f"files it was writing, so the files there are not one checkpoint (the previous "
-                              f"versions are kept as {kept}); save the checkpoint again")
+                              f"files it was writing, so the files there may not be one checkpoint ({where}); "
+                              f"save the checkpoint again")
 
 
 def _is_journal_entry(name, entry) -> bool:

@@ -149,8 +149,11 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, TensorInfo], dict[s
             raise CheckpointError(f"{path}: header key(s) {dup} appear more than once")
         return obj
 
+    def integer(text: str):  # "-0" is a float to the package's JSON parser (serde), so not a shape or offset here
+        return -0.0 if text == "-0" else int(text)
+
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_int=integer)
     except CheckpointError:
         raise
     except UnicodeDecodeError as e:

@@ -5,8 +5,11 @@ Each malformed case starts from a good checkpoint, breaks one thing, and require
 The atomic-write tests make a save fail part way and require the previous files unchanged and
 no temporary file left behind; the fault-injection tests fail each file-system call of a save in
 turn (checkpoint_cases.DiskFaults) and load every state the directory passed through in both
-trees: the old checkpoint, the new one, or a refusal naming the save's journal, never a mix.
-Then values past the range of the dtype loaded into, and config.json values of the wrong type.
+trees: the old checkpoint, the new one, or a refusal naming the save's journal, never a mix
+(test_checkpoint_faults.py interrupts each call just after it has taken effect). Then values
+past the range of the dtype loaded into, and config.json values of the wrong type; at the end,
+trainer states no loader would read (refused at save), NaN or Infinity in a JSON file, and a
+dtype to load into that is not a float.
 """
 
 import ast
@@ -202,7 +205,11 @@ def test_malformed_checkpoint_raises_one_clear_error(case, tree):
         assert "float32" in message, f"{tree}: a float64 tensor's error should say checkpoints are float32: {message}"
 
 
-# ---- the NumPy safetensors reader's own checks (the package checks these in torch_impl) ------
+# ---- headers both safetensors readers refuse ---------------------------------------------------
+# numpy_ref checks each itself (safetensors_io.py). torch_impl leaves most to the safetensors
+# package, whose message may not name the tensor (PACKAGE_WORDED); a key twice, an entry with more
+# fields, a dtype numpy_ref cannot read and a shape past NumPy's limits the package lets through,
+# so torch_impl/checkpoint.py's _check_header refuses them, in numpy_ref's words.
 
 
 def _raw_file(header, data: bytes) -> bytes:
@@ -237,7 +244,19 @@ READER_CASES = {
         b'{"a\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', 1, "surrogate"),
     "a lone surrogate escape in metadata": (
         b'{"__metadata__": {"format": "pt\\udc00"}}', 0, "surrogate"),
+    # the package kept the last of the two: here F16 bytes read again as BF16
+    "a key twice": (b'{"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}, '
+                    b'"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}', 4, "'a'"),
+    "a float8 dtype": ({"a": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, 4, "'a'"),
+    "a complex dtype": ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, 8, "'a'"),
+    "empty, but a dimension of 2**62 float32s": (
+        {"a": {"dtype": "F32", "shape": [2**62, 0], "data_offsets": [0, 0]}}, 0, "'a'"),
+    # JSON's -0 is an integer to Python and a float to the package: numpy_ref read it as 0
+    "negative zero as a dimension": (b'{"a": {"dtype": "F32", "shape": [-0], "data_offsets": [0, 0]}}', 0, "'a'"),
 }
+PACKAGE_WORDED = {"size mismatch", "overlap", "gap", "bytes not covered", "negative dimension", "metadata not strings",
+                  "header not an object", "an integer too long to parse", "a lone surrogate escape in a key",
+                  "a lone surrogate escape in metadata", "negative zero as a dimension"}
 
 
 def test_a_lone_surrogate_escape_is_refused_by_both_readers():
@@ -262,15 +281,23 @@ def test_a_lone_surrogate_escape_is_refused_by_both_readers():
         assert list(tensors) == ["a\U0001F600"], f"numpy_ref read the pair as {list(tensors)}"
 
 
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
 @pytest.mark.parametrize("case", list(READER_CASES))
-def test_numpy_safetensors_reader_names_the_problem(case):
+def test_both_safetensors_readers_refuse_the_same_headers_naming_the_problem(case, tree, tmp_path):
+    """The header as a trainer state's optimizer.safetensors, loaded by each tree: refused by
+    both (they used to disagree on a key twice, extra fields, F8/C64, shapes past NumPy's limits,
+    -0), naming the file, and the tensor or the problem wherever the check is the tree's own."""
     header, n_data, named = READER_CASES[case]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "x.safetensors"
-        path.write_bytes(_raw_file(header, b"\0" * n_data))
-        with pytest.raises(nio.CheckpointError) as info:
-            nio.read_safetensors(path)
-    assert str(path) in str(info.value) and named in str(info.value), f"{case}: {info.value}"
+    module = nck if tree == "numpy_ref" else tck
+    path = tmp_path / "optimizer.safetensors"
+    path.write_bytes(_raw_file(header, b"\0" * n_data))
+    (tmp_path / "trainer_state.json").write_text('{"step": 1}')
+    with pytest.raises(module.CheckpointError) as info:
+        module.load_trainer_state(tmp_path)
+    message = str(info.value)
+    assert str(path) in message, f"{tree}, {case}: the error does not name the file: {message}"
+    if tree == "numpy_ref" or case not in PACKAGE_WORDED:
+        assert named in message, f"{tree}, {case}: {named!r} not in {message}"
 
 
 def test_numpy_reader_reads_many_keys_and_finds_a_duplicate_among_them():
@@ -592,20 +619,24 @@ def _cut_off(tree: str, tmp: Path, monkeypatch, placed: str) -> Path:
 def test_both_trees_refuse_a_directory_whose_save_was_cut_off_and_say_why(tree, tmp_path, monkeypatch):
     """Cut off with the new weights in place but the old config.json: the journal is a shared
     format, so each tree refuses what either wrote, naming the journal, the file that is not yet
-    the new one and where the old files are kept. Cut off after both renames, before the journal
-    is removed: every file is the new one, and both trees load the new checkpoint."""
+    the new one and where the old weights are kept (config.json has not been moved aside yet:
+    the name the journal reserved for its old copy holds nothing, and is not given as a place to
+    look). Cut off after both renames, before the journal is removed: every file is the new one,
+    and both trees load the new checkpoint."""
     cut = _cut_off(tree, tmp_path, monkeypatch, WEIGHTS)
     _save(tree, "model", tmp_path / "old", "old")
     files = json.loads((cut / JOURNALS["model"]).read_text())["files"]
-    kept = [files[WEIGHTS]["previous"], files[CONFIG]["previous"]]
-    assert (cut / kept[0]).read_bytes() == (tmp_path / "old" / WEIGHTS).read_bytes(), \
-        f"{tree}: {kept[0]} (where the journal says the old weights are) does not hold them"
+    kept, not_yet = files[WEIGHTS]["previous"], files[CONFIG]["previous"]
+    assert (cut / kept).read_bytes() == (tmp_path / "old" / WEIGHTS).read_bytes(), \
+        f"{tree}: {kept} (where the journal says the old weights are) does not hold them"
+    assert not (cut / not_yet).exists(), f"{tree}: config.json was moved aside before the weights were placed"
     for module in (nck, tck):
         with pytest.raises(module.CheckpointError) as info:
             module.load_checkpoint(cut)
         message = str(info.value)
-        for needed in (str(cut / JOURNALS["model"]), "stopped part way", f"[{CONFIG!r}]", *kept):
+        for needed in (str(cut / JOURNALS["model"]), "stopped part way", f"[{CONFIG!r}]", kept):
             assert needed in message, f"{module.__name__} on {tree}'s cut-off save: {needed!r} not in {message}"
+        assert not_yet not in message, f"{module.__name__} names {not_yet}, which does not exist: {message}"
     done = _cut_off(tree, tmp_path, monkeypatch, CONFIG)
     assert (done / JOURNALS["model"]).exists(), f"{tree}: the journal should still be there: {sorted(done.iterdir())}"
     assert _what_loads("model", done) == "new", f"{tree}: every file matches the journal, yet it does not load as new"
@@ -938,14 +969,16 @@ def test_a_failed_save_makes_the_put_back_durable_before_the_journal_goes(tree, 
 @pytest.mark.parametrize("tree", ["numpy", "torch"])
 def test_a_save_removes_the_hidden_copies_that_cut_off_saves_left(tree, tmp_path):
     """A save killed mid-way leaves hidden full-size copies (`.model.safetensors.XXXXXXXX.tmp`,
-    `.config.json.XXXXXXXX.old`); nothing removed them, so repeated saves into one directory after
-    crashes piled them up. The next save that commits removes those of the files it wrote, and
-    nothing else."""
+    `.config.json.XXXXXXXX.old`), or its journal's temporary file; nothing removed them, so
+    repeated saves into one directory after crashes piled them up. The next save that commits
+    removes those of the files it wrote and of its journal, and nothing else."""
     import importlib
 
     ck = importlib.import_module(f"{'numpy_ref' if tree == 'numpy' else 'torch_impl'}.checkpoint")
-    leftovers = [".model.safetensors.abcd1234.tmp", ".config.json.zz9_yy88.old"]
-    kept = [".other.abcd1234.tmp", "notes.txt", ".model.safetensors.short.tmp", ".config.json.abcd1234.old.bak"]
+    leftovers = [".model.safetensors.abcd1234.tmp", ".config.json.zz9_yy88.old",
+                 ".checkpoint.saving.json.k1ll3d_x.tmp"]  # a journal killed before its rename
+    kept = [".other.abcd1234.tmp", "notes.txt", ".model.safetensors.short.tmp", ".config.json.abcd1234.old.bak",
+            ".trainer_state.saving.json.abcd1234.tmp"]  # the trainer state's journal: not this save's
     for name in leftovers + kept:
         (tmp_path / name).write_text("x")
     if tree == "numpy":
@@ -962,3 +995,71 @@ def test_a_save_removes_the_hidden_copies_that_cut_off_saves_left(tree, tmp_path
     assert not left, f"{tree}: a committed save left the cut-off saves' copies {left}"
     gone = sorted(n for n in kept if not (tmp_path / n).exists())
     assert not gone, f"{tree}: a save removed files that are not its leftovers: {gone}"
+
+
+# ---- trainer states no loader would read, refused at save; strict JSON at load -------------------
+
+_NOT_SAVED = {  # case -> (state, tensors as NumPy arrays, or a torch-only tensor; what the error names)
+    "a tensor named __metadata__ (the header's own key)": (
+        {"step": 2}, {"__metadata__": np.zeros(2)}, "'__metadata__'"),
+    "a complex tensor": ({"step": 2}, {"z": np.array([1 + 2j])}, "'z'"),
+    "100 and '100' as state keys (JSON writes both as '100')": (
+        {"step": 2, "schedule": {100: 0.1, "100": 0.2}}, {}, "100 in state['schedule']"),
+    "a bool key deep in the state": ({"step": 2, "runs": [{"a": {True: 1}}]}, {}, "True in state['runs'][0]['a']"),
+    "a complex64 tensor holding a NaN (torch_impl)": ({"step": 2}, {"z": "complex64"}, "'z'"),
+    "a float8 tensor (torch_impl)": ({"step": 2}, {"z": "float8_e4m3fn"}, "'z'"),
+}
+
+
+@pytest.mark.parametrize("tree,case", [(tree, case) for case in _NOT_SAVED for tree in ("numpy_ref", "torch_impl")
+                                       if tree == "torch_impl" or "(torch_impl)" not in case])  # no float8 in NumPy
+def test_a_trainer_state_no_loader_would_read_is_refused_before_anything_is_written(tree, case, tmp_path):
+    """torch_impl used to write each of these, replacing a good state with one that neither tree
+    loads (or loads with a key changed, or a NaN unchecked); numpy_ref refused some."""
+    state, tensors, named = _NOT_SAVED[case]
+    module = nck if tree == "numpy_ref" else tck
+    if "(torch_impl)" in case:
+        tensors = {"z": torch.tensor([1.0, float("nan")]).to(getattr(torch, tensors["z"]))}
+    elif tree == "torch_impl":
+        tensors = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    module.save_trainer_state(tmp_path, {"step": 1}, {"m": np.zeros(3) if tree == "numpy_ref" else torch.zeros(3)})
+    before = _snapshot(tmp_path)
+    with pytest.raises(module.CheckpointError) as info:
+        module.save_trainer_state(tmp_path, state, tensors)
+    assert named in str(info.value), f"{tree}, {case}: {named!r} not in {info.value}"
+    if "tensor" in case and "__metadata__" not in case:  # the dtypes allowed are listed
+        assert "F32" in str(info.value), f"{tree}, {case}: the error does not list the dtypes allowed: {info.value}"
+    assert _snapshot(tmp_path) == before, f"{tree}, {case}: the refused save changed the files"
+    assert module.load_trainer_state(tmp_path)[0] == {"step": 1}, f"{tree}: the previous state no longer loads"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("file_name", ["trainer_state.json", CONFIG])
+def test_nan_or_infinity_in_a_json_file_is_refused_naming_the_file(tree, constant, file_name, tmp_path):
+    """Python's json reads NaN and Infinity, which strict JSON (and every save here) never
+    writes: a trainer state holding one loaded, and the next save of it failed."""
+    module = nck if tree == "numpy_ref" else tck
+    _good_checkpoint(tmp_path, {})
+    nck.save_trainer_state(tmp_path, {"step": 1, "best_val_loss": 2.5}, {"m": np.zeros(3)})
+    path = tmp_path / file_name
+    key = "best_val_loss" if file_name == "trainer_state.json" else "resid_pdrop"
+    text = json.dumps({**json.loads(path.read_text()), key: 1234.5}).replace("1234.5", constant)
+    path.write_text(text)
+    with pytest.raises(module.CheckpointError) as info:
+        module.load_trainer_state(tmp_path) if file_name == "trainer_state.json" else module.load_checkpoint(tmp_path)
+    for needed in (str(path), constant, "strict JSON"):
+        assert needed in str(info.value), f"{tree}, {file_name}: {needed!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool"])
+def test_loading_as_an_integer_or_bool_dtype_is_refused_naming_it(tree, dtype, tmp_path):
+    """Casting the weights to an integer dtype truncated every one of them to 0 (bool: True),
+    without an error, in both trees."""
+    _good_checkpoint(tmp_path, {})
+    module, as_dtype = (nck, np.dtype(dtype)) if tree == "numpy_ref" else (tck, getattr(torch, dtype))
+    with pytest.raises(TypeError) as info:
+        module.load_checkpoint(tmp_path, dtype=as_dtype)
+    for needed in (dtype, "float16", "float32", "float64"):
+        assert needed in str(info.value), f"{tree}: {needed!r} not in {info.value}"

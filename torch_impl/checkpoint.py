@@ -15,15 +15,19 @@ as (V, C), exactly our layout, so no weight is transposed on the way in or out. 
 always has a bias: without `qkv_bias` we write zeros (the same function) and require zeros back.
 
 Loading accepts what `transformers` writes (with or without the `transformer.` prefix, the
-`attn.bias` / `attn.masked_bias` mask buffers of older files in any dtype, no `lm_head.weight`
-when tied, the shards of a `model.safetensors.index.json`, no `gpt_oracle` object) and rejects,
-with a CheckpointError naming the file and the key, malformed files, an index that disagrees
+`attn.bias` / `attn.masked_bias` mask buffers of older files in any dtype numpy_ref reads, no
+`lm_head.weight` when tied, the shards of a `model.safetensors.index.json`, no `gpt_oracle`
+object) and rejects, with a CheckpointError naming the file and the key, malformed files (what
+the package checks, and before that what it lets through and numpy_ref/safetensors_io.py
+refuses: a key twice, an entry with more fields, a dtype numpy_ref cannot read, a shape past
+NumPy's limits), an index that disagrees
 with its shards, missing or extra tensors, wrong shapes, float64 tensors, non-finite values and
 configurations this model would not reproduce (three different dropout rates included), a
 config.json value of the wrong type (`"false"` for a boolean) and values past the range of the
 dtype asked for (1e5 as float16). config.json is read and checked in checkpoint_config.py.
 
-Trainer state: `trainer_state.json` and `optimizer.safetensors` (any dtype, float64 included).
+Trainer state: `trainer_state.json` (str keys only) and `optimizer.safetensors` (tensors of the
+safetensors dtypes numpy_ref reads too, float64 included).
 Each save replaces its two files as one change, and a load refuses a save cut off part way:
 the journal protocol is in checkpoint_files.py. Other files in the directory are untouched.
 `torch.load` is never used: nothing is ever unpickled. numpy_ref/checkpoint.py is the same
@@ -44,6 +48,7 @@ from safetensors.torch import save_file
 from torch_impl.checkpoint_config import config_from_hf, hf_config_dict
 from torch_impl.checkpoint_files import CheckpointError, read_json, refuse_an_interrupted_save, save_together
 from torch_impl.config import GPTConfig
+from torch_impl.safetensors_io import DTYPES, check_header
 
 # CheckpointError, hf_config_dict and config_from_hf are defined in checkpoint_files.py and
 # checkpoint_config.py; they are part of this module's API all the same.
@@ -61,6 +66,7 @@ PREFIX = "transformer."
 HEAD = "lm_head.weight"
 NUM_CLASSES = "gpt_oracle_num_classes"  # in config.json of a classifier's checkpoint (classifier.py)
 MODEL_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # never F64
+LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what load_checkpoint casts to
 
 
 def checkpoint_shapes(config: GPTConfig, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -115,13 +121,15 @@ def _num_classes(hf: Mapping[str, Any], path: Path, classifier: bool) -> int | N
 
 
 def _open_tensors(path: Path) -> tuple[dict[str, str], Callable[[], dict[str, torch.Tensor]]]:
-    """(key -> safetensors dtype name, a loader of all tensors on the CPU) after the package's
-    own validation of the header (size, JSON, dtypes, offsets tiling the buffer exactly)."""
+    """(key -> safetensors dtype name, a loader of all tensors on the CPU) after `safetensors_io.check_header`
+    and the package's own validation of the header (size, JSON, dtypes, offsets tiling the
+    buffer exactly)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (a safetensors file starts with an 8-byte header length)")
+    check_header(path, size)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
@@ -197,10 +205,14 @@ def save_checkpoint(directory, config: GPTConfig, state_dict: Mapping[str, torch
 
 def load_checkpoint(directory, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *,
                     classifier: bool = False) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(config, state_dict) from a checkpoint directory, tensors as `dtype` on `device`. A value
-    finite in the file but past `dtype`'s range (1e5 as float16) is an error, not an inf.
-    `classifier`: a classifier's checkpoint (see save_checkpoint), and only one; its K is the
-    length of state_dict["classifier.bias"]."""
+    """(config, state_dict) from a checkpoint directory, tensors as `dtype` (one of LOAD_DTYPES,
+    else a TypeError before anything is read: an integer or bool dtype would truncate every
+    weight) on `device`. A value finite in the file but past `dtype`'s range (1e5 as float16) is
+    an error, not an inf. `classifier`: a classifier's checkpoint (see save_checkpoint), and
+    only one; its K is the length of state_dict["classifier.bias"]."""
+    if dtype not in LOAD_DTYPES:
+        raise TypeError(f"load_checkpoint: dtype {dtype} cannot hold the weights; expected one of "
+                        f"{[str(d) for d in LOAD_DTYPES]}")
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
@@ -328,13 +340,22 @@ def _check_names_and_shapes(where: str, shapes: Mapping[str, tuple], expected: M
 
 def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """`optimizer.safetensors` (dtypes kept, float64 included), then `trainer_state.json`.
-    Non-finite floats, in the tensors or the state (strict JSON has none), are refused before
-    anything is written, as load_trainer_state refuses them."""
+    Refused before anything is written, as the loaders would refuse them (load_trainer_state, or
+    numpy_ref's): non-finite floats, in the tensors or the state (strict JSON has none); a state
+    key, at any depth, that is not a str (JSON writes 100 as "100", which collides with a "100");
+    a tensor name that is not a str or is `__metadata__`; a dtype outside DTYPES (complex, float8)."""
     directory = Path(directory)
     try:  # before anything is written; strict JSON, which has no NaN or Infinity
         text = json.dumps(dict(state), indent=2, allow_nan=False) + "\n"
     except ValueError as e:
         raise CheckpointError(f"trainer state: {e}; store a missing number as None") from None
+    _check_str_keys(state, "state")  # (after dumps, which has refused a cycle)
+    for key, v in tensors.items():
+        if not isinstance(key, str) or key == "__metadata__":  # the header's own key
+            raise CheckpointError(f"tensor name {key!r} is not allowed in a safetensors file")
+        if v.dtype not in DTYPES.values():
+            raise CheckpointError(f"tensor {key!r}: dtype {v.dtype} is not one of the safetensors dtypes both "
+                                  f"trees read; supported: {sorted(DTYPES)}")
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     for key, t in cpu.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -347,8 +368,22 @@ def save_trainer_state(directory, state: Mapping[str, Any], tensors: Mapping[str
     return directory
 
 
+def _check_str_keys(value: Any, where: str) -> None:
+    """CheckpointError naming the first dict key under `value` that is not a str, and where it is."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"trainer state: key {k!r} in {where} is of type {type(k).__name__}, not str; "
+                                      f"JSON object keys are strings, so it would not load back as saved")
+            _check_str_keys(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_str_keys(v, f"{where}[{i}]")
+
+
 def load_trainer_state(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(state, tensors on the CPU, dtypes as saved); non-finite floats are an error."""
+    """(state, tensors on the CPU, dtypes as saved); non-finite floats, in the tensors or as
+    NaN / Infinity in trainer_state.json, are an error."""
     directory = Path(directory)
     refuse_an_interrupted_save(directory, TRAINER_JOURNAL)
     state = read_json(directory / TRAINER_STATE_FILE)

@@ -16,9 +16,15 @@ is the new one (a save that got through 3 but not 4). So whenever a save stops, 
 included (renames reordered between two fsyncs too), the directory loads as the old checkpoint,
 as the new one, or not at all with an error naming the journal. An exception before the commit
 puts back every old file and the journal as it was (none, normally): the directory is byte for
-byte what it was, and one the save created is removed. Files a save does not name are never
-touched. numpy_ref/checkpoint_files.py writes and reads the same journal, written from scratch;
-parity_tests/test_checkpoint_errors.py fails each file-system call of a save in turn.
+byte what it was, and one the save created is removed. The put-back reads the disk rather than
+a list of the renames done, because an exception (a Ctrl-C) can land after a rename has taken
+effect and before the next line runs: each file's identity (device, inode) is taken before step
+3, an old file goes back only if its kept name still holds it, and a new file is removed only if
+it is the one this save put in place. A directory the save creates is fsynced into its parent.
+Files a save does not name are never touched. numpy_ref/checkpoint_files.py writes and reads
+the same journal, written from scratch; parity_tests/test_checkpoint_errors.py fails each
+file-system call of a save in turn, parity_tests/test_checkpoint_faults.py interrupts each one
+just after it has taken effect.
 
 `CheckpointError` lives here, in the lowest layer, because the journal check raises it;
 checkpoint.py re-exports it.
@@ -104,10 +110,19 @@ def sha256(path: Path) -> str:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`, as strict JSON: Python's json would read NaN, Infinity and
+    -Infinity, which no save writes; they are refused, naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+
+    def refuse(constant: str):
+        raise CheckpointError(f"{path}: not valid JSON ({constant} is not a number in strict JSON; a missing "
+                              f"number is null)")
+
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    except CheckpointError:
+        raise
     except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, or an int past 4300 digits
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -124,30 +139,31 @@ def save_together(directory: Path, writers: Mapping[str, Callable[[str], None]],
     journal = directory / journal_name
     created = [p for p in (directory, *directory.parents) if not p.exists()][::-1]  # outermost first
     journal_before = journal.read_bytes() if journal.is_file() else None  # an earlier save's, cut off
-    temps: dict[str, Path] = {}  # name -> its new file, until renamed into place
-    aside: dict[str, Path] = {}  # name -> its old file, renamed aside
-    placed: list[str] = []  # names whose new file is in place
+    temps: dict[str, Path] = {}  # name -> its new file (step 1)
+    files: dict[str, dict] = {}  # name -> its journal entry; complete before anything is renamed
+    identity: dict[str, tuple] = {}  # name -> (the old file's identity, None if none; the new file's)
     journal_changed = False
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        for made in created:  # a new directory is an entry of its parent, on disk once the parent is fsynced
+            fsync_directory(made.parent)
         for name, write in writers.items():
             temps[name] = write_temporary(directory / name, write)
-        files = {name: {"size": tmp.stat().st_size, "sha256": sha256(tmp),
-                        "previous": tmp.name[:-len(".tmp")] + ".old" if (directory / name).exists() else None}
-                 for name, tmp in temps.items()}
+        for name, tmp in temps.items():
+            identity[name] = (_identity(directory / name), _identity(tmp))
+            files[name] = {"size": tmp.stat().st_size, "sha256": sha256(tmp),
+                           "previous": tmp.name[:-len(".tmp")] + ".old" if identity[name][0] is not None else None}
         text = json.dumps({"files": files}, indent=2) + "\n"
         journal_changed = True  # (if the write below fails it has not: putting it back is harmless)
         atomic_write(journal, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         for name, tmp in temps.items():
             if files[name]["previous"] is not None:
                 os.replace(directory / name, directory / files[name]["previous"])
-                aside[name] = directory / files[name]["previous"]
             os.replace(tmp, directory / name)
-            placed.append(name)
         fsync_directory(directory)
         os.unlink(journal)  # the commit
     except BaseException:
-        _put_back(directory, temps, aside, placed)  # a step that fails raises here, the journal left in place
+        _put_back(directory, temps, files, identity)  # a step that fails raises here, the journal left in place
         fsync_directory(directory)  # the old files back on disk before the journal that names them goes
         if journal_changed and journal_before is None:
             journal.unlink(missing_ok=True)
@@ -161,19 +177,21 @@ def save_together(directory: Path, writers: Mapping[str, Callable[[str], None]],
             except OSError:
                 break
         raise
-    for old in aside.values():
-        try:
-            os.unlink(old)
-        except OSError:  # the new checkpoint is committed; a hidden old copy left behind costs only space
-            pass
-    _remove_leftovers(directory, writers)
+    for e in files.values():
+        if e["previous"] is not None:
+            try:
+                os.unlink(directory / e["previous"])
+            except OSError:  # the new checkpoint is committed; a hidden old copy left behind costs only space
+                pass
+    _remove_leftovers(directory, [*writers, journal_name])
     fsync_directory(directory)
 
 
 def _remove_leftovers(directory: Path, names) -> None:
-    """Hidden copies that saves cut off earlier left behind: `.NAME.XXXXXXXX.tmp` (a new file not
-    yet in place) and `.NAME.XXXXXXXX.old` (an old file renamed aside), for the names this save
-    wrote. Once it has committed, no journal refers to them; each can be as large as the weights."""
+    """Hidden copies that saves cut off earlier left behind: `.NAME.XXXXXXXX.tmp` (a new file, or
+    a journal, not yet in place) and `.NAME.XXXXXXXX.old` (an old file renamed aside), for the
+    names this save wrote and its journal's. Once it has committed, no journal refers to them;
+    each can be as large as the weights."""
     for name in names:
         leftover = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(tmp|old)")  # tempfile's 8 characters
         for path in directory.iterdir():
@@ -184,23 +202,36 @@ def _remove_leftovers(directory: Path, names) -> None:
                     pass
 
 
-def _put_back(directory: Path, temps: Mapping[str, Path], aside: dict[str, Path], placed: list[str]) -> None:
-    """Undo steps 1 and 3 of a save that failed before its commit: old files back, new ones removed."""
-    for name in reversed(placed):
-        if name in aside:
-            os.replace(aside.pop(name), directory / name)
-        else:
-            os.unlink(directory / name)  # there was no old file
-    for name, old in aside.items():  # renamed aside, its new file not yet in place
-        os.replace(old, directory / name)
-    for name, tmp in temps.items():
-        if name not in placed:
-            tmp.unlink(missing_ok=True)
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of `path` itself, a symlink not followed; None when there is nothing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _put_back(directory: Path, temps: Mapping[str, Path], files: Mapping[str, Mapping[str, Any]],
+              identity: Mapping[str, tuple]) -> None:
+    """Undo steps 1 and 3 of a save that failed before its commit, from what is on disk: right
+    whichever renames took effect (an exception may land just after one), and safe to run again.
+    An old file still under its kept name goes back over its place (the new file, or nothing);
+    a new file put where there was none is removed; temporary files not renamed are removed."""
+    for name in reversed(list(temps)):
+        if name in files:  # otherwise the journal was not written yet and nothing was renamed
+            old, new = identity[name]
+            kept = files[name]["previous"]
+            if kept is not None and _identity(directory / kept) == old:  # it was renamed aside
+                os.replace(directory / kept, directory / name)
+            elif kept is None and _identity(directory / name) == new:  # the new file, where there was none
+                os.unlink(directory / name)
+        temps[name].unlink(missing_ok=True)  # gone already if renamed into place
 
 
 def refuse_an_interrupted_save(directory: Path, journal_name: str) -> None:
     """CheckpointError if a save's journal is in `directory` and a file it lists is not the new
-    one: the save stopped part way and the files there are not one checkpoint."""
+    one: the save stopped part way and the files there may not be one checkpoint. Of the kept old
+    copies, the message names those that are there."""
     journal = directory / journal_name
     if not journal.exists():
         return
@@ -210,10 +241,13 @@ def refuse_an_interrupted_save(directory: Path, journal_name: str) -> None:
                               f"{{size, sha256, previous}}, got {files!r}")
     unfinished = [name for name, e in files.items() if not _is_as_recorded(directory / name, e)]
     if unfinished:
-        kept = [e["previous"] for e in files.values() if e["previous"] is not None]
+        kept = [e["previous"] for e in files.values()
+                if e["previous"] is not None and os.path.lexists(directory / e["previous"])]
+        where = f"the previous versions moved aside are kept as {kept}" if kept else \
+            "no previous version had been moved aside yet"
         raise CheckpointError(f"{journal}: a save into {directory} stopped part way: {unfinished} are not yet the "
-                              f"files it was writing, so the files there are not one checkpoint (the previous "
-                              f"versions are kept as {kept}); save the checkpoint again")
+                              f"files it was writing, so the files there may not be one checkpoint ({where}); "
+                              f"save the checkpoint again")
 
 
 def _is_journal_entry(name, entry) -> bool:
