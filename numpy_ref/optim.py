@@ -84,8 +84,11 @@ def lr_at_step(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, to
     step >= total_steps:            min_lr
     The warmup starts at max_lr / warmup_steps, not 0, so the first step is never wasted.
     """
-    if not isinstance(step, (int, np.integer)) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
+    for name, v in (("max_lr", max_lr), ("min_lr", min_lr)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
     if warmup_steps > total_steps:
@@ -155,7 +158,8 @@ def check_hyperparameters(kind: str, *, lr, betas=(0.9, 0.999), eps=1e-8, weight
     """The optimiser's arguments (docs/design.md, "Bad input"): each a real number (a TypeError
     naming it otherwise: "0.1" or True), finite and >= 0 (a ValueError: a NaN or inf would make
     every weight NaN or inf at the first step); momentum below 1; AdamW's betas two numbers in
-    [0, 1). Checked for the kind's own arguments only."""
+    [0, 1); AdamW's eps above 0 (a weight whose gradient has been 0 at every step so far has
+    m = v = 0, and eps = 0 gives it 0/0 = NaN). Checked for the kind's own arguments only."""
     def number(name: str, value, below: float = math.inf) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{kind}: {name} must be a number, got {value!r} ({type(value).__name__})")
@@ -166,6 +170,9 @@ def check_hyperparameters(kind: str, *, lr, betas=(0.9, 0.999), eps=1e-8, weight
     number("weight_decay", weight_decay)
     if kind == "adamw":
         number("eps", eps)
+        if eps == 0:
+            raise ValueError(f"{kind}: eps must be > 0: with eps = 0 a weight whose gradient has been 0 so far "
+                             f"gets 0/0 = NaN")
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
             raise TypeError(f"adamw: betas must be two numbers, got {betas!r}")
         for b in betas:
@@ -197,6 +204,9 @@ def _load_arrays(params: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarr
                 raise ValueError(f"optimiser state {key} has shape {a.shape}, the parameter {p.shape}")
             if not np.isfinite(a).all():
                 raise ValueError(f"optimiser state {key} has non-finite values")
+            if slot == "exp_avg_sq" and (a < 0).any():  # a running mean of g^2: sqrt would give NaN
+                raise ValueError(f"optimiser state {key} has negative values (min {a.min()!r}); a mean of "
+                                 f"squared gradients is >= 0")
             out[slot][k] = a.astype(p.dtype, copy=True)
     return out
 
@@ -361,6 +371,9 @@ class AdamW:
         lr = _check_lr(state.get("lr"))
         betas = _state_betas(state)
         eps, weight_decay = _state_number(state, "eps"), _state_number(state, "weight_decay")
+        if eps == 0:
+            raise ValueError("optimiser state 'eps': eps must be > 0: with eps = 0 a weight whose gradient "
+                             "has been 0 so far gets 0/0 = NaN")
         check_decay_set(state.get("decay", []), weight_decay, [k for k, d in self.decays.items() if d],
                         self.weight_decay)
         zeros = {k: np.zeros_like(p) for k, p in self.params.items()}

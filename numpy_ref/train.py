@@ -1,12 +1,13 @@
 """Pretraining in NumPy: the loop of the book's chapter 5 and appendix D, every step explicit.
 
-One optimiser step (the gradient of the mean loss over `grad_accum` micro-batches):
+One optimiser step (the gradient of the mean loss over every target of its `grad_accum`
+micro-batches, N targets in all):
 
     grads = 0                                                       every step starts from zeros
-    for each of `grad_accum` micro-batches (inputs, targets), each (B, T):
-        masks = model.dropout_masks(B, T, rng)                      explicit dropout ({} at p = 0)
-        logits, loss, cache = model.forward(inputs, targets, masks) (B, T) -> (B, T, V), ()
-        grads += model.backward(cache) / grad_accum                 d(loss / grad_accum)/dparams
+    for each of `grad_accum` micro-batches (inputs, targets), each (B_i, T):
+        masks = model.dropout_masks(B_i, T, rng)                    explicit dropout ({} at p = 0)
+        logits, loss, cache = model.forward(inputs, targets, masks) (B_i, T) -> (B_i, T, V), ()
+        grads += model.backward(cache) / (N / n_i)                  d(loss n_i / N)/dparams, n_i = B_i T
     norm = clip_grad_norm(grads, grad_clip)                         global L2 norm
     lr = lr_at_step(step)                                           warmup, then cosine
     optimizer.step(grads, lr)                                       params updated in place
@@ -146,20 +147,26 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        """One optimiser step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
+        """One optimiser step over `grad_accum` micro-batches; returns the mean loss over all their
+        targets. Each micro-batch's mean loss counts by its share of the step's targets, n_i / N:
+        a short last batch (drop_last=False) counts for the targets it holds, and the step is the
+        step on the union of the micro-batches (with micro-batches of one size, N / n_i is
+        grad_accum exactly)."""
         s, model = self.settings, self.model
         grads = {k: np.zeros_like(p) for k, p in model.params.items()}
         total = 0.0
-        for _ in range(s.grad_accum):
-            inputs, targets = self.stream.next()  # (B, T) each
+        batches = [self.stream.next() for _ in range(s.grad_accum)]  # (B_i, T) each
+        n_step = sum(targets.size for _, targets in batches)  # N
+        for inputs, targets in batches:
+            share = n_step / targets.size  # N / n_i
             masks = model.dropout_masks(inputs.shape[0], inputs.shape[1], self.rng)
             _, loss, cache = model.forward(inputs, targets, dropout_masks=masks or None)  # (B, T) -> ()
             value = float(loss)
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"non-finite loss {value} at step {self.step + 1}")
             for k, g in model.backward(cache).items():
-                grads[k] += g / s.grad_accum  # d(loss / grad_accum)/dparam, summed over micro-batches
-            total += value
+                grads[k] += g / share  # d(loss n_i / N)/dparam, summed over micro-batches
+            total += value / share
             self.tokens_seen += inputs.size
         # The norm is checked with or without clipping: a finite loss can still have an inf gradient.
         norm = clip_grad_norm(grads, s.grad_clip) if s.grad_clip is not None else global_grad_norm(grads)
@@ -169,7 +176,7 @@ class Trainer:
                         total_steps=s.steps)
         self.optimizer.step(grads, lr=lr)
         self.step += 1
-        return total / s.grad_accum
+        return total
 
     def sample(self) -> str | None:
         s = self.settings
@@ -199,6 +206,9 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self)
             progress.close()
+            # With or without a checkpoint: a finite loss and gradient can still step the weights
+            # to inf (a huge learning rate); the run then ends not ok, as a save would end it.
+            check_finite_weights(self.model.params, self.step)
             self.save()
         except NonFiniteLoss as err:
             progress.close()

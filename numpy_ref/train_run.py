@@ -73,6 +73,9 @@ class TrainSettings:
                 raise TypeError(f"TrainSettings.{name} must be a number, got {value!r} ({type(value).__name__})")
             if not 0 <= value < math.inf:
                 raise ValueError(f"TrainSettings.{name} must be a finite number >= 0, got {value!r}")
+        if self.eps == 0 and self.optimizer == "adamw":
+            raise ValueError("TrainSettings.eps must be > 0: with eps = 0 a weight whose gradient has been 0 so "
+                             "far gets 0/0 = NaN from AdamW")
         for name in ("optimizer", "decay", "sample_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"TrainSettings.{name} must be a str, got {getattr(self, name)!r}")

@@ -270,6 +270,15 @@ def test_lr_schedule_rejects_bad_arguments():
             fn(-1, max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10)
         with pytest.raises(ValueError, match="min_lr=2.0, max_lr=1.0"):
             fn(0, max_lr=1.0, min_lr=2.0, warmup_steps=1, total_steps=10)
+        for bad in (float("nan"), float("inf")):  # NaN passed every comparison; inf gave inf or NaN
+            with pytest.raises(ValueError, match="max_lr must be a finite number"):
+                fn(3, max_lr=bad, min_lr=0.0, warmup_steps=1, total_steps=10)
+            with pytest.raises(ValueError, match="min_lr must be a finite number"):
+                fn(3, max_lr=1.0, min_lr=bad, warmup_steps=1, total_steps=10)
+        with pytest.raises(ValueError, match="step must be an int >= 0, got True"):  # numpy_ref took it as 1
+            fn(True, max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10)
+        assert fn(np.int64(3), max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10) == \
+            fn(3, max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10), "a NumPy integer step (torch refused it)"
 
 
 # ---- the two trees on a model ---------------------------------------------------------------
@@ -437,6 +446,11 @@ def _broken_states(kind: str, state: dict, arrays: dict) -> dict:
     if kind == "sgd":
         cases["buffers without momentum"] = (dict(state, momentum=0.0), arrays, (ValueError, KeyError),
                                              "momentum")
+    else:  # each loaded, then the next step wrote NaN into the weights
+        v = next(k for k in sorted(arrays) if k.startswith("exp_avg_sq."))
+        cases["a negative second moment"] = (state, dict(arrays, **{v: -np.abs(arrays[v]) - 1.0}), ValueError,
+                                             f"{v} has negative values")
+        cases["eps 0"] = (dict(state, eps=0.0), arrays, ValueError, "'eps': eps must be > 0")
     return cases
 
 
@@ -485,6 +499,7 @@ def test_a_failed_load_changes_nothing_in_either_tree(kind):
     ("sgd", dict(lr="0.1"), TypeError, "lr must be a number, got '0.1'"),
     ("adamw", dict(lr=float("inf")), ValueError, "lr must be a finite number"),  # accepted by both
     ("adamw", dict(eps=float("inf")), ValueError, "eps must be a finite number"),
+    ("adamw", dict(eps=0.0), ValueError, "eps must be > 0"),  # 0/0 = NaN where a gradient has been 0
     ("adamw", dict(weight_decay=float("inf")), ValueError, "weight_decay must be a finite number"),
     ("adamw", dict(betas=(0.9, 1.0)), ValueError, "betas must be a finite number in"),
     ("adamw", dict(betas=0.9), TypeError, "betas must be two numbers"),

@@ -843,3 +843,60 @@ def test_pruning_orders_checkpoints_by_step_number_and_keeps_the_previous_one(tr
         run.save_run(big, step, *args, backend=tree, keep=3)
     assert kept(big) == ["step-99999999", "step-100000000", "step-100000001"], f"{tree}: kept {kept(big)}"
     assert (big / "latest").read_text().strip() == "step-100000001"
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_gradient_accumulation_over_unequal_micro_batches_is_one_step_on_their_union(tree):
+    """Each micro-batch's mean loss counted 1 / grad_accum whatever its size: with drop_last=False,
+    micro-batches of 4 windows and 1 differed from one batch of 5 by up to 0.022 in the weights
+    after one SGD step. Each now counts by its share of the step's targets."""
+    ids = IDS[:41]  # 5 windows of 8
+    settings = dict(steps=1, optimizer="sgd", max_lr=0.1, min_lr=0.1, grad_clip=None, progress=False, sample_tokens=0)
+    results, losses = [], []
+    for B, accum in ((5, 1), (4, 2)):
+        model = _model(tree, seed=3, dtype=torch.float64)
+        if tree == "numpy":
+            loader = ndata.DataLoader(ndata.SlidingWindowDataset(ids, 8, 8), B, shuffle=False, drop_last=False)
+            trainer = NumpyTrainer(model, loader, None, NumpySettings(**settings, grad_accum=accum))
+        else:
+            loader = tdata.DataLoader(tdata.SlidingWindowDataset(torch.tensor(ids), 8, 8), B, shuffle=False,
+                                      drop_last=False)
+            trainer = TorchTrainer(model, loader, None, TorchSettings(**settings, grad_accum=accum))
+        assert [len(b[0]) for b in loader] == ([5] if B == 5 else [4, 1]), "the micro-batches this test needs"
+        assert trainer.fit().ok
+        results.append(_weights(tree, model))
+        losses.append(trainer.history["steps"][0][2])
+    assert_dicts_close(f"{tree}: micro-batches of 4 and 1 vs one batch of 5", results[1], results[0],
+                       gradient_tol("float64"))
+    assert abs(losses[1] - losses[0]) <= 1e-12 * abs(losses[0]), f"{tree}: step loss {losses[1]} vs {losses[0]}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy's inf - inf on the way: the point
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_a_run_that_steps_the_weights_to_inf_ends_not_ok_without_a_checkpoint_folder(tree):
+    """The final weights were checked only when saving: with no out_dir, a learning rate that
+    steps float32 weights past their range returned ok=True, 'finished'."""
+    model = _model_of(tree, "float32")
+    result = _trainer(tree, model, dict(steps=1, max_lr=1e38, min_lr=0.0, weight_decay=0.1, progress=False,
+                                        sample_tokens=0)).fit()
+    assert not result.ok and "weights not finite" in result.message, (tree, result.ok, result.message)
+
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_adamw_eps_zero_is_refused_by_name(tree):
+    """eps = 0 gave 0/0 = NaN in every weight whose gradient had been 0 so far (wte rows of unseen
+    tokens), and a one-step run returned ok=True with 2304 NaN in wte."""
+    settings_cls = NumpySettings if tree == "numpy" else TorchSettings
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        settings_cls(eps=0.0)
+    settings_cls(eps=0.0, optimizer="sgd")  # SGD has no eps
+    if tree == "numpy":
+        from numpy_ref.optim import AdamW
+
+        with pytest.raises(ValueError, match="eps must be > 0"):
+            AdamW({"w": np.ones((2, 2))}, eps=0.0)
+    else:
+        from torch_impl.optim import build_optimizer
+
+        with pytest.raises(ValueError, match="eps must be > 0"):
+            build_optimizer(torch.nn.Linear(2, 2), "adamw", eps=0.0)

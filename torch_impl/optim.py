@@ -64,8 +64,11 @@ def get_decay_rule(rule: str | DecayRule) -> DecayRule:
 
 def lr_at_step(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """The learning rate of optimiser step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
+    for name, v in (("max_lr", max_lr), ("min_lr", min_lr)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
     if warmup_steps > total_steps:
@@ -151,7 +154,8 @@ def check_hyperparameters(kind: str, *, lr, betas=(0.9, 0.999), eps=1e-8, weight
     """The optimiser's arguments (docs/design.md, "Bad input"): each a real number (a TypeError
     naming it otherwise: "0.1" or True), finite and >= 0 (a ValueError: a NaN or inf would make
     every weight NaN or inf at the first step); momentum below 1; AdamW's betas two numbers in
-    [0, 1). Checked for the kind's own arguments only."""
+    [0, 1); AdamW's eps above 0 (a weight whose gradient has been 0 at every step so far has
+    m = v = 0, and eps = 0 gives it 0/0 = NaN). Checked for the kind's own arguments only."""
     def number(name: str, value, below: float = math.inf) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{kind}: {name} must be a number, got {value!r} ({type(value).__name__})")
@@ -162,6 +166,9 @@ def check_hyperparameters(kind: str, *, lr, betas=(0.9, 0.999), eps=1e-8, weight
     number("weight_decay", weight_decay)
     if kind == "adamw":
         number("eps", eps)
+        if eps == 0:
+            raise ValueError(f"{kind}: eps must be > 0: with eps = 0 a weight whose gradient has been 0 so far "
+                             f"gets 0/0 = NaN")
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
             raise TypeError(f"adamw: betas must be two numbers, got {betas!r}")
         for b in betas:
@@ -275,6 +282,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, state: Ma
                                      f"{tuple(p.shape)}")
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"optimiser state {key} has non-finite values")
+                if slot == "exp_avg_sq" and bool((t < 0).any()):  # a running mean of g^2: sqrt would give NaN
+                    raise ValueError(f"optimiser state {key} has negative values (min {t.min().item()!r}); a mean "
+                                     f"of squared gradients is >= 0")
                 if kind == "adamw" and not stepped and bool((t != 0).any()):
                     raise ValueError(f"optimiser state {key} is non-zero at step 0: the state is inconsistent")
                 st[slot] = t.to(device=p.device, dtype=p.dtype).clone()
@@ -322,6 +332,9 @@ def _checked_settings(kind: str, state: Mapping) -> dict:
                 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"optimiser state 'betas' must be two numbers in [0, 1), got {betas!r}")
         out.update(betas=tuple(float(b) for b in betas), eps=number("eps"))
+        if out["eps"] == 0:
+            raise ValueError("optimiser state 'eps': eps must be > 0: with eps = 0 a weight whose gradient "
+                             "has been 0 so far gets 0/0 = NaN")
     else:
         out["momentum"] = number("momentum")
         if not out["momentum"] < 1:

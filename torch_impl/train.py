@@ -1,10 +1,10 @@
 """Pretraining with torch: the loop of the book's chapter 5 and appendix D, resumable.
 
-One optimiser step:
+One optimiser step (the mean loss over every target of its micro-batches, N in all):
 
     model.zero_grad(set_to_none=True)                                  starts from no gradients
-    for each of `grad_accum` micro-batches (inputs, targets), each (B, T):
-        loss = cross_entropy(model(inputs), targets) / grad_accum      (B, T) -> ()
+    for each of `grad_accum` micro-batches (inputs, targets), each (B_i, T):
+        loss = cross_entropy(model(inputs), targets) / (N / n_i)       (B_i, T) -> (), n_i = B_i T
         loss.backward()                                                gradients add up
     norm = clip_grad_norm(all gradients, grad_clip)                    global L2 norm
     lr = lr_at_step(step)                                              warmup, then cosine
@@ -35,6 +35,12 @@ do. The checkpoint records the autocast dtype and a resume keeps it; on CUDA it 
 whether float32 matmuls ran on TF32 (torch.backends.cuda.matmul.allow_tf32, a process-wide
 switch), and `Trainer.resume` sets that switch back as the run had it (off for a state from
 before it was recorded), so a resumed run does not change precision with the GPU it lands on.
+
+Several processes (`parallel`, torch_impl/distributed.py): each takes its rows of every
+micro-batch (and those rows of the whole batch's dropout masks), its micro-batch losses weighted
+by their share of the step's targets over all processes; after the backward the gradients are
+summed across the processes, so each takes the step one process would take on the whole batch.
+Process 0 writes; a non-finite loss anywhere stops every process at the same step.
 
 numpy_ref/train.py is the same loop over the NumPy model with hand-written backward passes.
 """
@@ -130,11 +136,16 @@ class Trainer:
 
     def __init__(self, model, train_loader, val_loader, settings: TrainSettings, *, out_dir=None,
                  encoding=None, on_step=None, progress_cls=TextProgress, plot=None,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, parallel=None) -> None:
+        """`parallel`: a torch_impl.distributed.DataParallel when this is one of W processes training
+        together (each takes its rows of every batch; process 0 writes); None for one process."""
         check_autocast(model, autocast_dtype)
         self.model, self.settings = model, settings
         self.autocast_dtype = autocast_dtype  # None: every op in the model's dtype
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.parallel = parallel
+        self.checkpoints = out_dir is not None  # on every process: each takes part in each save
+        writes = parallel is None or parallel.is_main
+        self.out_dir = Path(out_dir) if out_dir is not None and writes else None
         self.encoding = encoding
         self.progress_cls = progress_cls  # (total, initial, enabled, desc) -> update/write/close
         self.plot = plot  # plot(path, history), e.g. gpt_oracle.train_report.save_loss_plot
@@ -151,6 +162,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history = {"steps": [], "evals": []}
+        if parallel is not None:
+            parallel.broadcast_parameters(model)  # every process starts from process 0's weights
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -231,33 +244,62 @@ class Trainer:
                     v.copy_(tensors[f"param.{k}"])
 
     def save(self) -> Path | None:
-        if self.out_dir is None:
+        if not self.checkpoints:
             return None
         check_finite_weights(dict(self.model.named_parameters()), self.step)  # NonFiniteLoss: float32 files
-        return save_run(self.out_dir, self.step, self.model.config, self.model.state_dict(), *self.state(),
-                        backend="torch")
+        if self.parallel is None:
+            return save_run(self.out_dir, self.step, self.model.config, self.model.state_dict(), *self.state(),
+                            backend="torch")
+        # Process 0 writes; every process learns whether it did, so none trains on past a failed save.
+        path, error = None, None
+        if self.parallel.is_main:
+            try:
+                path = save_run(self.out_dir, self.step, self.model.config, self.model.state_dict(), *self.state(),
+                                backend="torch")
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+                error = err
+        if not self.parallel.all_agree(error is None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"process 0 failed to write the checkpoint of step {self.step} (its error is in its "
+                               f"output)")
+        return path
 
     # ---- the loop -------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        """One optimiser step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
+        """One optimiser step over `grad_accum` micro-batches; returns the mean loss over all their
+        targets, each micro-batch's mean counting by its share n_i / N of the step's targets (as
+        numpy_ref/train.py: the step on the union of the micro-batches)."""
         s, model = self.settings, self.model
         model.train()
         # backward() adds to .grad: drop whatever is there (a caller's backward, or the micro-batches
         # of a step stopped by a non-finite loss), so the step is the gradient of its own batches.
         model.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(s.grad_accum):
-            inputs, targets = (t.to(model.device) for t in self.stream.next())  # (B, T) each
-            masks = dropout_masks(model, inputs.shape[0], inputs.shape[1], self.gen)
+        batches = [self.stream.next() for _ in range(s.grad_accum)]  # (B_i, T) each
+        n_step = sum(targets.numel() for _, targets in batches)  # N
+        for batch in batches:
+            inputs, targets = (t.to(model.device) for t in batch)
+            masks = dropout_masks(model, inputs.shape[0], inputs.shape[1], self.gen)  # the whole batch's
+            self.tokens_seen += inputs.numel()  # every process's rows
+            if self.parallel is not None:  # this process's rows, and their masks (distributed.py)
+                rows = self.parallel.rows(inputs.shape[0])
+                inputs, targets = inputs[rows], targets[rows]
+                masks = None if masks is None else {k: m[rows] for k, m in masks.items()}
+            share = n_step / targets.numel()  # N / n_i: grad_accum when the micro-batches are of one size
             with self.autocast():
                 _, loss = model(inputs, targets, dropout_masks=masks)  # (B, T) -> (), float32
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if not math.isfinite(value) and self.parallel is None:  # with peers: checked on the sum below
                 raise NonFiniteLoss(f"non-finite loss {value} at step {self.step + 1}")
-            (loss / s.grad_accum).backward()  # accumulates into .grad
-            total += value
-            self.tokens_seen += inputs.numel()
+            (loss / share).backward()  # d(loss n_i / N)/dparam, accumulated into .grad
+            total += value / share
+        if self.parallel is not None:
+            total = self.parallel.sum(total)  # a NaN on any process is a NaN on every one: all stop here
+            if not math.isfinite(total):
+                raise NonFiniteLoss(f"non-finite loss {total} at step {self.step + 1}")
+            self.parallel.sum_gradients(model)  # the whole batch's gradient, the same on every process
         # The norm is checked with or without clipping: a finite loss can still have an inf gradient.
         if s.grad_clip is not None:
             norm = clip_grad_norm(model.parameters(), s.grad_clip)
@@ -270,7 +312,7 @@ class Trainer:
         self.optimizer.step()
         model.zero_grad(set_to_none=True)  # frees the gradients' memory for evaluation and checkpoints
         self.step += 1
-        return total / s.grad_accum
+        return total
 
     def sample(self) -> str | None:
         s = self.settings
@@ -284,7 +326,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         s = self.settings
-        progress = self.progress_cls(s.steps, self.step, enabled=s.progress, desc="train (torch)")
+        shows = s.progress and (self.parallel is None or self.parallel.is_main)
+        progress = self.progress_cls(s.steps, self.step, enabled=shows, desc="train (torch)")
         start, start_tokens = time.perf_counter(), self.tokens_seen
         try:
             while self.step < s.steps:
@@ -294,12 +337,15 @@ class Trainer:
                 progress.update(self.step, loss, rate)
                 if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps):
                     record_eval(self, lambda _, batches: self.evaluate(batches), progress)
-                if self.out_dir is not None and self.step < s.steps and s.checkpoint_every and \
+                if self.checkpoints and self.step < s.steps and s.checkpoint_every and \
                         self.step % s.checkpoint_every == 0:
                     self.save()
                 if self.on_step is not None:
                     self.on_step(self)
             progress.close()
+            # With or without a checkpoint: a finite loss and gradient can still step the weights
+            # to inf (a huge learning rate); the run then ends not ok, as a save would end it.
+            check_finite_weights(dict(self.model.named_parameters()), self.step)
             self.save()
         except NonFiniteLoss as err:
             progress.close()
