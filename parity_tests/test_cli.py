@@ -143,6 +143,10 @@ def test_cuda_without_cuda_is_one_line(capsys, command, tmp_path):
     (["--seed", str(2**64)], ["--seed", str(2**64), "2**64 - 1"]),
     (["--train-ratio", "0.001"], ["--train-ratio 0.001", "the first 20 characters", "too few"]),
     (["--train-ratio", "0.999"], ["--train-ratio 0.999", "the last 21 characters", "too few"]),
+    # --nproc: the torch backend on the CPU, every process with a row of each batch
+    (["--nproc", "2", "--backend", "numpy"], ["--nproc 2", "torch backend only"]),
+    (["--nproc", "3", "--batch-size", "2"], ["--batch-size 2", "--nproc 3"]),
+    (["--nproc", "0"], ["--nproc", "0"]),
 ])
 def test_train_refuses_bad_input_and_writes_nothing(capsys, tmp_path, argv, needles):
     out = tmp_path / "new"

@@ -39,6 +39,12 @@ as it is, exit 0). A new run refuses an
 --out that already holds a run (run.json, log.jsonl, `latest`, step-* checkpoints): pass
 --resume to continue it, --overwrite to delete it first, or another --out.
 
+`--nproc W` (torch backend, CPU) trains the same run in W processes on this machine
+(torch_impl/distributed.py, gloo): each takes its rows of every batch of --batch-size rows and
+the gradients are summed across them, so the run is the one a single process trains (up to the
+order of floating-point sums); process 0 writes. It is not part of run.json: `--resume DIR
+--nproc W` continues any run with any W.
+
 Exit status: 0 done; 1 a non-finite loss, gradient norm, evaluation loss or weight stopped
 training (the last good checkpoint is kept); 2 bad input (an option, the data file, the device,
 --out, or a --resume folder that is incomplete, mixes two runs or cannot be written), one line on
@@ -74,6 +80,7 @@ LEGACY_ZERO_IS_DEFAULT = ("stride", "threads", "context_length", "steps")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # --threads: more than a few threads per CPU only slows torch down, and far more (100000) crashes it.
 MAX_THREADS = 4 * (os.cpu_count() or 1)
+MAX_PROCESSES = 64  # --nproc: processes on this machine (gloo over local TCP)
 MAX_SAMPLE_TOKENS = 4096  # a sample shown at every evaluation; as instruct's --max-new-tokens
 # The run.json key (not an option) holding the fingerprint of the validation batches: the trainer's
 # checkpoints fingerprint the training batches only, so --resume compares this one itself.
@@ -134,12 +141,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"greedy tokens sampled at each evaluation, 0 to {MAX_SAMPLE_TOKENS} (0 = no sample; "
                              f"default 20)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc", type=int_in(1, MAX_PROCESSES), default=1,
+                        help=f"torch backend on the CPU: train in this many processes, 1 to {MAX_PROCESSES}, each "
+                             f"taking its rows of every batch (torch_impl.distributed; --batch-size is the whole "
+                             f"batch, at least --nproc rows); the run is the one a single process trains, so "
+                             f"--resume may take another --nproc (default 1)")
 
 
 def _run_options(args: argparse.Namespace) -> dict:
     """Everything that defines the run, as saved in run.json."""
     opts = {k: v for k, v in vars(args).items()
-            if not k.startswith("_") and k not in ("command", "resume", "overwrite")}
+            if not k.startswith("_") and k not in ("command", "resume", "overwrite", "nproc")}
     opts["dtype"] = args.dtype or ("float64" if args.backend == "numpy" else "float32")
     return opts
 
@@ -406,11 +418,12 @@ def _check_writable_run(out: Path) -> None:
         raise UserError(f"--resume {out}: {log} cannot be written (no permission); a resumed run appends to it")
 
 
-def _resume(args: argparse.Namespace):
+def _resume(args: argparse.Namespace, parallel=None):
     out = Path(args.resume)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    shown = ("resume", "no_progress")  # --no-progress changes what is shown, not the run: it may go with --resume
+    # --no-progress changes what is shown, --nproc how many processes train the same run: either may go with --resume
+    shown = ("resume", "no_progress", "nproc")
     given = [k for k, v in vars(parser.parse_args([])).items() if k not in shown and getattr(args, k) != v]
     typed = getattr(args, "_argv", None)  # through the CLI: also an option typed with its default value
     if typed and "train" in typed:
@@ -444,6 +457,8 @@ def _resume(args: argparse.Namespace):
             # --precision auto takes the autocast the run was started with, whatever this machine would pick
             explicit = {"autocast_dtype": autocast} if opts["backend"] == "torch" and opts["precision"] not in \
                 (None, "auto") else {}
+            if parallel is not None:
+                explicit["parallel"] = parallel
             trainer = Trainer.resume(out, model, train, val, encoding=encoding, **explicit, **_reporting())
     except KeyError as exc:  # a trainer state without a key the trainer reads
         raise UserError(f"--resume {out}: {ckpt / 'trainer_state.json'}: {one_line(exc)}") from exc
@@ -465,20 +480,97 @@ def _fit(trainer, args: argparse.Namespace, made: list[Path]):
         if not out_of_memory(err):
             raise
         out = Path(args.resume or trainer.out_dir)
-        if not args.resume and not (out / "latest").is_file():  # no checkpoint: nothing of the run to keep
-            for path in made:
-                if path.is_file():
-                    path.unlink()
-                elif path.is_dir() and not any(path.iterdir()):
-                    path.rmdir()
+        _take_back(args, out, made)
         where = f"--resume {out}:" if args.resume else f"--batch-size {args.batch_size}:"
         raise UserError(f"{where} out of memory at step {trainer.step + 1} ({one_line(err)}); train with a smaller "
                         f"batch or context length") from None
 
 
+# ---- several processes (--nproc) -------------------------------------------------------------
+
+
+def _check_nproc(args: argparse.Namespace, opts: dict) -> None:
+    """--nproc > 1 trains with the torch backend on the CPU, each process with at least one row."""
+    if opts["backend"] != "torch":
+        raise UserError(f"--nproc {args.nproc}: several processes train with the torch backend only (numpy_ref trains "
+                        f"in one process)")
+    if opts["device"] != "cpu":
+        raise UserError(f"--nproc {args.nproc}: several processes train on the CPU only (gloo); on --device "
+                        f"{opts['device']} train in one process")
+    if opts["batch_size"] < args.nproc:
+        raise UserError(f"--batch-size {opts['batch_size']} cannot be split over --nproc {args.nproc} processes "
+                        f"(each takes at least one row of every batch)")
+
+
+def _worker(parallel, args: argparse.Namespace, result_file: str) -> None:
+    """One of the --nproc processes: the run's Trainer (process 0 writes), fit, and process 0's
+    result in `result_file` for the parent to print."""
+    if args.resume:
+        trainer = _resume(args, parallel=parallel)
+    else:
+        from torch_impl.train import Trainer
+
+        out = Path(args.out or f"runs/train-{args.backend}")
+        opts, _ = _read_run_json(out)  # written by the parent, which checked every option
+        _, model, train, val, encoding, settings, autocast, _ = _build(opts)
+        trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, autocast_dtype=autocast,
+                          parallel=parallel, **(_reporting() if parallel.is_main else {}))
+    result = _fit(trainer, args, [])
+    if parallel.is_main:
+        write_json(Path(result_file), {"ok": result.ok, "message": result.message, "step": result.step,
+                                       "tokens_seen": result.tokens_seen, "seconds": result.seconds,
+                                       "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                                       "evals": result.history["evals"]})
+
+
+def _run_processes(args: argparse.Namespace, made: list[Path]):
+    """The run trained by --nproc processes: the parent checks and starts it as one process would
+    (run.json written, or the resumed run checked), then the processes train, each with its own
+    model; process 0's result comes back as a TrainResult-like object."""
+    import types
+
+    from torch_impl.distributed import spawn
+
+    _check_nproc(args, _read_run_json(Path(args.resume))[0] if args.resume else _run_options(args))  # before any write
+    trainer = _resume(args) if args.resume else _start(args, made)  # every check, as with one process
+    if args.resume and trainer.step >= trainer.settings.steps:
+        return trainer, None
+    print(f"{'resuming at step ' + str(trainer.step) if args.resume else 'training'} in {args.nproc} processes, "
+          f"each taking its rows of every batch", file=sys.stderr)
+    del trainer  # each process builds its own
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        try:
+            spawn(_worker, args.nproc, args, result_file)
+        except Exception as err:  # noqa: BLE001 - a process's exception, as one line
+            _take_back(args, Path(args.resume or args.out or f"runs/train-{args.backend}"), made)
+            raise UserError(f"--nproc {args.nproc}: a training process failed: {one_line(err)}") from None
+        got = json.loads(Path(result_file).read_text(encoding="utf-8"))
+    got["history"] = {"evals": got.pop("evals")}
+    return None, types.SimpleNamespace(**got)
+
+
+def _take_back(args: argparse.Namespace, out: Path, made: list[Path]) -> None:
+    """A new run that wrote no checkpoint removes what it made in --out (its files, then the folders
+    it made, if empty): the same --out is then free for the next try."""
+    if not args.resume and not (out / "latest").is_file():  # no checkpoint: nothing of the run to keep
+        for path in made:
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+
+
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     made: list[Path] = []
+    if args.nproc > 1:
+        trainer, result = _run_processes(args, made)
+        if result is None:
+            print_result(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing "
+                         f"to do (its checkpoint: {run_folder.latest_checkpoint(Path(args.resume))})")
+            return EXIT_OK
+        return _report(result)
     trainer = _resume(args) if args.resume else _start(args, made)
     if args.resume:
         if trainer.step >= trainer.settings.steps:  # fit() would save the same step again as a new checkpoint
@@ -488,7 +580,11 @@ def run(args: argparse.Namespace) -> int:
         kept = getattr(trainer, "autocast_dtype", None)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.settings.steps}"
               + (" with bf16 autocast, as it started" if kept is not None else ""), file=sys.stderr)
-    result = _fit(trainer, args, made)
+    return _report(_fit(trainer, args, made))
+
+
+def _report(result) -> int:
+    """The run's last line (stdout) or its error (stderr), and the exit status."""
     evals = result.history["evals"]
     last = f"; last eval: train loss {evals[-1][2]:.4f}, val loss {evals[-1][3]:.4f}" if evals else ""
     if not result.ok:
