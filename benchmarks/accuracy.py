@@ -50,29 +50,37 @@ def _torch_run(config_d, params, ids, targets, mode: str, device: str) -> dict:
 
         ctx = sdpa_kernel(SDPBackend.MATH)
     fwd = torch.compile(model) if mode == "compile" else model
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-    try:
-        with ctx:
-            logits, loss = fwd(torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device))
-        loss.backward()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+    from torch_impl.device import tf32_matmuls
+
+    # TF32 is a CUDA matmul mode: its switches are touched on CUDA only (as they were set, after)
+    with tf32_matmuls(mode == "tf32") if dev == "cuda" else contextlib.nullcontext(), ctx:
+        logits, loss = fwd(torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device))
+    loss.backward()
     grads = {k: p.grad.detach().double().cpu().numpy() for k, p in model.named_parameters() if p.grad is not None}
     return {"logits": logits.detach().double().cpu().numpy(), "loss": float(loss.detach()), "grads": grads}
 
 
-def deviation(run: dict, ref: dict, dtype: str, scales: dict[str, float] | None = None) -> dict:
-    """Max deviations of a run from the oracle, and whether it is within the tolerance for `dtype`.
-    Gradients in bf16 / fp16 are judged per tensor by tolerances.GRADIENT_NORM (as `gpt-oracle
-    check` judges whole-model gradients): the elementwise rule's atol is larger than most of a
-    model's gradients and would pass a missing one. `scales`: checks.position_grad_scales of the
-    same batch, needed for those dtypes."""
+def deviation(run: dict, ref: dict, dtype: str, scales: dict[str, float] | None = None,
+              targets: np.ndarray | None = None) -> dict:
+    """Max deviations of a run from the oracle, and whether it is within the tolerance for `dtype`:
+    the logits, the loss (against the oracle's at the forward tolerance, and, given `targets`,
+    against the float64 cross-entropy of the run's own logits at own_logits_loss_tol, as `gpt-oracle
+    check` does: a fast path takes its loss apart from the logits it returns, and a loss-only bug
+    would pass the logits), and every gradient. Gradients in bf16 / fp16 / tf32 are judged per
+    tensor by tolerances.GRADIENT_NORM (as `gpt-oracle check` judges whole-model gradients): the
+    elementwise rule's atol is larger than most of a model's gradients and would pass a missing
+    one. `scales`: checks.position_grad_scales of the same batch, needed for those dtypes."""
+    from numpy_ref.cross_entropy import cross_entropy_forward
     from parity_tests.checks import compare_grad_norm
     from parity_tests.compare import compare
-    from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol
+    from parity_tests.tolerances import forward_tol, gradient_norm_tol, gradient_tol, own_logits_loss_tol
 
     logits = compare("logits", run["logits"], ref["logits"], forward_tol(dtype))
+    losses = [compare("loss", np.asarray(run["loss"]), np.asarray(ref["loss"]), forward_tol(dtype))]
+    if targets is not None:
+        own = float(cross_entropy_forward(run["logits"], targets)[0])
+        losses.append(compare("loss vs its own logits", np.asarray(run["loss"]), np.asarray(own),
+                              own_logits_loss_tol(dtype)))
     norm_tol = gradient_norm_tol(dtype)
     if norm_tol is not None and scales is None:
         raise ValueError(f"deviation: {dtype} gradients are judged per tensor and need the position scales")
@@ -87,6 +95,7 @@ def deviation(run: dict, ref: dict, dtype: str, scales: dict[str, float] | None 
     note = f"worst grad {worst.name}" if worst else ""
     if norm_tol is not None:
         note += f"; gradients per tensor, ||err|| <= {norm_tol.rel:.3g} s"
+    failed = [c.name for c in losses if not c.ok] + failed  # a NaN loss fails its comparison too
     if failed or missing:
         note += f"; over tolerance: {(failed + [f'd{k} (none)' for k in missing])[:3]}"
     return {"logits": logits.max_abs, "loss": abs(run["loss"] - ref["loss"]),
@@ -139,12 +148,18 @@ def error_budget(config_name: str, config_d: dict, params: dict, *, B: int = 2, 
         return scales
 
     def row(setting, fn, dtype):
+        from parity_tests.tolerances import gradient_norm_tol
+
         try:
             d = fn()
-            if "logits" in d:
-                d = deviation(d, ref, dtype, position_scales() if dtype in ("bfloat16", "float16") else None)
-        except Exception as exc:  # noqa: BLE001 - the setting is reported as not measured, with why
+        except Exception as exc:  # noqa: BLE001 - the setting did not run: not measured, with why
             d = {"note": f"not measured: {type(exc).__name__}: {str(exc)[:120]}", "within_tolerance": None}
+        else:
+            if "logits" in d:
+                try:
+                    d = deviation(d, ref, dtype, position_scales() if gradient_norm_tol(dtype) else None, targets)
+                except AssertionError as exc:  # the comparison refused what the setting returned: a NO
+                    d = {"note": f"{type(exc).__name__}: {str(exc)[:160]}", "within_tolerance": False}
         rows.append({"config": config_name, "setting": setting, "B": B, "T": T, **d})
 
     try:

@@ -225,16 +225,15 @@ def measure_rates(quick: bool = False, device: str = "cpu", progress: Callable[[
     bandwidth = {"numpy_copy": numpy_copy_bandwidth(64 if quick else 512),
                  "torch_cpu_copy": torch_copy_bandwidth(64 if quick else 512, "cpu")}
     if device.startswith("cuda"):
-        import torch
 
         progress("machine: CUDA GEMM and bandwidth")
         nc = 4096 if quick else 8192
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        rates["cuda_float32_gemm"] = torch_gemm_rate(nc, "float32", device, repeats=5)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        rates["cuda_tf32_gemm"] = torch_gemm_rate(nc, "float32", device, repeats=5)
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        from torch_impl.device import tf32_matmuls
+
+        with tf32_matmuls(False):
+            rates["cuda_float32_gemm"] = torch_gemm_rate(nc, "float32", device, repeats=5)
+        with tf32_matmuls(True):
+            rates["cuda_tf32_gemm"] = torch_gemm_rate(nc, "float32", device, repeats=5)
         rates["cuda_bfloat16_gemm"] = torch_gemm_rate(nc, "bfloat16", device, repeats=5)
         bandwidth["cuda_copy"] = torch_copy_bandwidth(1024, device, repeats=5)
     return rates, bandwidth

@@ -8,8 +8,8 @@ activation: the forward difference and the difference of the loss gradient with 
 and per parameter the gradient difference; the first activation over its tolerance is named,
 with what differed, where and by how much.
 
-Gradients in float64, float32 and tf32 are judged element by element (`gradient_tol`). In
-bfloat16 and float16 they are judged per tensor as a whole, by the rule `gpt-oracle check` uses
+Gradients in float64 and float32 are judged element by element (`gradient_tol`). In bfloat16,
+float16 and tf32 they are judged per tensor as a whole, by the rule `gpt-oracle check` uses
 for whole-model gradients (tolerances.GRADIENT_NORM): ||actual - expected|| <= k u s, with s the
 size of the per-position gradients whose mean the tensor is (`position_grad_scales`). The
 elementwise bf16 rule, atol 5e-2, is meant for single layers on O(1) values; a model's gradients
@@ -226,14 +226,14 @@ def _torch_pass(config: dict, params: dict, ids: np.ndarray, targets: np.ndarray
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
     """TF32 on (or off) for CUDA float32 matmuls and cuDNN inside, the previous settings restored
     after. Only CUDA reads these flags; elsewhere float32 products stay float32."""
-    import torch
+    from torch_impl.device import set_tf32_switches, tf32_switches
 
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    before = tf32_switches()
+    set_tf32_switches(enabled, enabled)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        set_tf32_switches(*before)
 
 
 def position_grad_scales(config: dict, params: dict, ids: np.ndarray, targets: np.ndarray
@@ -279,7 +279,7 @@ def diff_models(config: dict, params: dict, ids: np.ndarray, targets: np.ndarray
             return compare(name, actual, expected, tg)
 
         judge_param = judge_act
-    else:  # bf16 / fp16: each gradient tensor as a whole, against its per-position scale
+    else:  # bf16 / fp16 / tf32: each gradient tensor as a whole, against its per-position scale
         tg = norm_tol
         act_scales, param_scales = position_grad_scales(config, params, ids, targets)
 

@@ -288,8 +288,10 @@ def compare_torch_layer(
             targs[k] = t
         else:
             targs[k] = v
-    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    from torch_impl.device import set_tf32_switches, tf32_switches
+
+    previous_tf32 = tf32_switches()  # through either of torch's APIs (torch_impl/device.py)
+    set_tf32_switches(dtype == "tf32", dtype == "tf32")
     try:
         try:
             out = fn(**targs)
@@ -302,7 +304,7 @@ def compare_torch_layer(
             upstream = torch.as_tensor(oracle.upstream, dtype=out.dtype, device=out.device)
             found = torch.autograd.grad(out, diff_inputs, upstream, allow_unused=True)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+        set_tf32_switches(*previous_tf32)
     # An input the output does not depend on gets no gradient from autograd: that is a zero one.
     found = {k: (torch.zeros_like(targs[k]) if g is None else g)
              for k, g in zip(spec.differentiable, found)} if grads else None

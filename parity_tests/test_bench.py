@@ -1175,3 +1175,117 @@ def test_table_names_the_peak_each_row_divides_by_and_the_machine():
                         "date": "2026-12-07 04:08 UTC"}, "machine": {}}
     heading = report.table_heading(payload)
     assert "cpu-amd-epyc-avx2-2c" in heading and "04:00 UTC to 2026-12-07 04:08" in heading, heading
+
+
+@pytest.mark.parametrize("bug", ["loss NaN", "loss x1.5"])
+def test_error_budget_judges_the_loss(bug):
+    """The budget reported the loss's deviation but left it out of the verdict: a NaN loss, or one
+    1.5x the oracle's, was 'within tolerance' on the fp32 and bf16 rows."""
+    from unittest import mock
+
+    from benchmarks import accuracy
+    from benchmarks.backends import numpy_params
+
+    cfg = CONFIGS["tiny"]
+    real = accuracy._torch_run
+
+    def run(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["loss"] = float("nan") if bug == "loss NaN" else out["loss"] * 1.5
+        return out
+
+    with mock.patch.object(accuracy, "_torch_run", run):
+        rows = accuracy.error_budget("tiny", cfg, numpy_params(cfg), B=2, T=8, compile_ok=False)
+    for setting in ("torch fp32 (SDPA default kernel)", "torch bf16 autocast"):
+        r, = [r for r in rows if r["setting"] == setting]
+        assert r["within_tolerance"] is False and "loss" in r["note"], f"{bug}: {setting}: {r}"
+    numpy32, = [r for r in rows if r["setting"] == "numpy float32 (fused)"]
+    assert numpy32["within_tolerance"] is True, numpy32
+
+
+def test_error_budget_judges_tf32_gradients_per_tensor():
+    """TF32's elementwise gradient rule (atol 2e-2) passed a small model's gradients with 25 of its
+    49 tensors set to zero; TF32 gradients are now judged per tensor, as bf16's and fp16's. (The TF32
+    row runs on CUDA only; the judge is the same function, run here on the oracle's own values.)"""
+    from benchmarks import accuracy
+    from benchmarks.backends import numpy_params
+    from benchmarks.bench_model import batch
+    from numpy_ref.config import GPTConfig
+    from numpy_ref.model import GPTModel
+    from parity_tests.checks import position_grad_scales
+
+    cfg = CONFIGS["small"]
+    params = numpy_params(cfg)
+    ids, targets = batch(cfg, 2, 16, seed=1)
+    ref = accuracy.oracle(cfg, params, ids, targets)
+    model = GPTModel(GPTConfig(**cfg), seed=0, dtype=np.float64)
+    for k, v in params.items():
+        model.params[k][...] = v
+    scales = position_grad_scales(model, ids, targets)
+    same = accuracy.deviation(ref, ref, "tf32", scales)
+    assert same["within_tolerance"] is True, same
+    zeroed = dict(ref, grads={k: (np.zeros_like(g) if "ln_1" in k else g) for k, g in ref["grads"].items()})
+    bad = accuracy.deviation(zeroed, ref, "tf32", scales)
+    assert bad["within_tolerance"] is False and "ln_1" in bad["note"], bad
+
+
+def test_error_budget_calls_a_comparison_that_fails_a_no_not_unmeasured():
+    """A fast path returning a gradient of the wrong shape made the comparison raise, which the
+    budget reported as 'not measured' ('-'), not 'NO'."""
+    from unittest import mock
+
+    from benchmarks import accuracy
+    from benchmarks.backends import numpy_params
+
+    cfg = CONFIGS["tiny"]
+    real = accuracy._torch_run
+
+    def run(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["grads"]["h.0.mlp.c_fc.weight"] = out["grads"]["h.0.mlp.c_fc.weight"].T
+        return out
+
+    with mock.patch.object(accuracy, "_torch_run", run):
+        rows = accuracy.error_budget("tiny", cfg, numpy_params(cfg), B=2, T=8, compile_ok=False)
+    fp32, = [r for r in rows if r["setting"] == "torch fp32 (SDPA default kernel)"]
+    assert fp32["within_tolerance"] is False and "shape" in fp32["note"], fp32
+
+
+TF32_NEW_API = """
+import torch
+from benchmarks import accuracy
+from benchmarks.backends import numpy_params
+from benchmarks.runner import CONFIGS
+from torch_impl.device import tf32_switches, tf32_matmuls
+torch.backends.fp32_precision = "tf32"  # torch's newer API: reading the legacy flag now raises
+assert tf32_switches() == (True, True), tf32_switches()
+with tf32_matmuls(False):
+    assert tf32_switches() == (False, False)
+assert tf32_switches() == (True, True), "not put back"
+cfg = CONFIGS["tiny"]
+rows = accuracy.error_budget("tiny", cfg, numpy_params(cfg), B=2, T=8, compile_ok=False)
+print({r["setting"]: r["within_tolerance"] for r in rows if r["setting"].startswith("torch fp32")})
+"""
+
+
+def test_tf32_switches_read_through_either_torch_api():
+    """After `torch.backends.fp32_precision = "tf32"` (torch's newer API) reading the legacy
+    allow_tf32 flag raises, and every torch row of the error budget became 'not measured', on the
+    CPU too. In a fresh process: the switch is process-wide."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TF32_NEW_API], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'torch fp32 (SDPA default kernel)': True" in done.stdout, done.stdout
+
+
+def test_train_command_puts_torch_threads_back(tmp_path):
+    """main(['train', ..., '--threads', '1']) in-process left torch at one thread after it returned."""
+    from gpt_oracle.cli import main
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    assert main(["train", "--config", "tiny", "--steps", "1", "--threads", str(want), "--eval-every", "0",
+                 "--checkpoint-every", "0", "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "r")]) == 0
+    assert torch.get_num_threads() == before, f"torch threads {torch.get_num_threads()} after train, {before} before"

@@ -639,8 +639,10 @@ def test_runtime_plan_names_what_it_chose():
     plan = plan_runtime("cpu", precision="fp32")  # "auto" picks bf16 on CPUs with bf16 units (next test)
     text = plan.describe()
     assert plan.device.type == "cpu" and not plan.compile and plan.tf32 is False, text
+    # torch's CPU flash kernel takes no dropout: training with attention dropout runs the math kernel,
+    # which the plan said nothing of (it named flash for every run)
     for word in ("device cpu", "params float32", "eager", "AdamW fused", "attention SDPA", "vocabulary slices",
-                 "kept memory", "decode.py"):
+                 "kept memory", "decode.py", "math kernel when training with dropout > 0"):
         assert word in text, f"{word!r} missing from {text!r}"
     fp64 = plan_runtime("cpu", precision="fp64")
     assert fp64.param_dtype == torch.float64 and "params float64" in fp64.describe()
@@ -1061,7 +1063,13 @@ def test_the_plan_names_the_attention_kernel_torch_runs_on_the_cpu(precision):
     ran = {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
     named = sdpa_kernel_name(plan)
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu" in ran
-    assert (named == "SDPA CPU flash") == flash, f"{precision}: the plan says {named!r}, torch ran {sorted(ran)}"
+    assert named.startswith("SDPA CPU flash") == flash, f"{precision}: the plan says {named!r}, torch ran {sorted(ran)}"
+    # With dropout, in training, torch runs its math kernel: the plan says so (it named flash alone)
+    with profile() as prof:
+        F.scaled_dot_product_attention(q.requires_grad_(), q, q, is_causal=True, dropout_p=0.1)
+    ran = {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
+    assert "aten::_scaled_dot_product_attention_math" in ran and "math kernel when training with dropout" in named, \
+        f"{precision} with dropout: the plan says {named!r}, torch ran {sorted(ran)}"
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's, from mkldnn.flags

@@ -221,8 +221,7 @@ class RuntimePlan:
     def apply(self) -> None:
         """Set the process-wide switches this plan needs (TF32 matmul precision on CUDA)."""
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.tf32
-            torch.backends.cudnn.allow_tf32 = self.tf32
+            set_tf32_switches(self.tf32, self.tf32)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move `model` to the device and dtype, apply the switches, compile if planned.
@@ -261,6 +260,43 @@ def cpu_kernels(autocast_dtype: torch.dtype | None, param_dtype: torch.dtype = t
     return "CPU paths: torch's autocast kernels"
 
 
+def tf32_switches() -> tuple[bool, bool]:
+    """(float32 CUDA matmuls on TF32, cuDNN convolutions on TF32), whichever of torch's two APIs
+    set them: reading the legacy `allow_tf32` flags raises once a program has used the newer
+    `fp32_precision` settings (torch 2.9 on), so each is read through the legacy flag and, where
+    that refuses, through the new one."""
+    try:
+        matmul = bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        matmul = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    try:
+        cudnn = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        cudnn = torch.backends.cudnn.conv.fp32_precision == "tf32"
+    return matmul, cudnn
+
+
+def set_tf32_switches(matmul: bool, cudnn: bool) -> None:
+    """Set both TF32 switches: through the legacy flags, and, where a program uses the newer
+    `fp32_precision` settings and those do not follow (cuDNN's does not), through those too."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmul)
+    torch.backends.cudnn.allow_tf32 = bool(cudnn)
+    if tf32_switches() != (bool(matmul), bool(cudnn)):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if matmul else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if cudnn else "ieee"
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """Both TF32 switches set to `enabled` inside the block, and put back as they were after it."""
+    before = tf32_switches()
+    set_tf32_switches(enabled, enabled)
+    try:
+        yield
+    finally:
+        set_tf32_switches(*before)
+
+
 def sdpa_kernel_name(plan: RuntimePlan) -> str:
     """The scaled-dot-product-attention kernel torch will pick for this plan (without masks)."""
     dtype = plan.autocast_dtype or plan.param_dtype
@@ -270,7 +306,9 @@ def sdpa_kernel_name(plan: RuntimePlan) -> str:
             return "SDPA flash"
         return "SDPA memory-efficient"
     if plan.device.type == "cpu":
-        return "SDPA CPU flash"  # every float dtype: _scaled_dot_product_flash_attention_for_cpu (profiled, torch 2.13)
+        # every float dtype: _scaled_dot_product_flash_attention_for_cpu (profiled, torch 2.13); the
+        # CPU flash kernel takes no dropout, so training with attention dropout runs the math one
+        return "SDPA CPU flash (the math kernel when training with dropout > 0)"
     return f"SDPA ({plan.device.type})"
 
 

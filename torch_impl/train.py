@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from torch_impl.device import set_tf32_switches, tf32_switches
 from torch_impl.optim import (build_optimizer, clip_grad_norm, load_optimizer_state, lr_at_step, optimizer_state,
                               set_lr)
 from torch_impl.train_log import TextProgress, finite_or_null
@@ -187,7 +188,7 @@ class Trainer:
                  "rng": self.gen.get_state().tolist(), "optimizer": opt_state,
                  "history": finite_or_null(self.history),  # strict JSON: a NaN loss (no validation set) as null
                  "dtype": dtype_name(self.model.dtype), "autocast": autocast_name(self.autocast_dtype),
-                 "tf32": self.model.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
+                 "tf32": self.model.device.type == "cuda" and tf32_switches()[0]}
         if self.model.dtype != torch.float32:
             # model.safetensors holds float32; exact weights for resuming go with the trainer state.
             tensors.update({f"param.{k}": v.detach().clone() for k, v in self.model.state_dict().items()})
@@ -369,7 +370,7 @@ class Trainer:
         trainer = cls(model, train_loader, val_loader, settings, out_dir=kwargs.pop("out_dir", run_dir), **kwargs)
         trainer.restore(state, tensors, params, config)  # the weights last, once the state is accepted
         if model.device.type == "cuda":  # the run's own TF32 setting (see top), once the resume is accepted
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(state.get("tf32", False))
+            set_tf32_switches(bool(state.get("tf32", False)), bool(state.get("tf32", False)))
         return trainer
 
 

@@ -563,6 +563,18 @@ def _take_back(args: argparse.Namespace, out: Path, made: list[Path]) -> None:
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
+    """The command; torch's thread count (--threads, or run.json's) is put back as it was when it
+    returns, for a caller that runs it in-process (gpt_oracle.cli.main)."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        return _run(args)
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     made: list[Path] = []
     if args.nproc > 1:
         trainer, result = _run_processes(args, made)
