@@ -168,3 +168,196 @@ def test_train_command_with_two_processes_trains_the_one_process_run_and_resumes
     _, resumed = load_checkpoint(tmp_path / "two" / "step-00000003", dtype=torch.float64)
     for k in two:
         assert torch.equal(two[k], resumed[k]), f"--resume --nproc 2: {k} differs from the uninterrupted run"
+
+
+# ---- failures: each reported as the process that failed of itself, never a hang or a silent exit ----
+
+
+def _fail_on_rank_1(parallel, kind: str) -> None:
+    """Process 1 fails after a first collective; process 0 then waits in the next one."""
+    parallel.all_agree(True)
+    if parallel.rank == 1:
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        raise ValueError("boom in process 1")
+    parallel.sum(1.0)  # process 0: its peer is gone, so this fails too (a closed connection)
+
+
+def _fail_save_on_rank_0(parallel) -> None:
+    """Process 0's 'save' fails; process 1 learns it and stops (as Trainer.save does)."""
+    from torch_impl.distributed import PeerFailed
+
+    if not parallel.all_agree(parallel.rank != 0):
+        if parallel.rank == 0:
+            raise OSError(28, "No space left on device")
+        raise PeerFailed("process 0 failed to write the checkpoint of step 2")
+
+
+@pytest.mark.parametrize("kind", ["error", "interrupt"])
+def test_the_process_that_failed_is_reported_not_the_peer_it_left_waiting(kind):
+    """torch's spawn reports whichever process it sees exit first: process 0's 'Connection closed by
+    peer' often hid process 1's error; an interrupted process exited 0, and a run that trained
+    nothing looked like a success."""
+    from torch_impl.distributed import ProcessFailed
+
+    for _ in range(2):  # the order the processes exit in varies
+        with pytest.raises(ProcessFailed) as caught:
+            spawn(_fail_on_rank_1, 2, kind, timeout_s=60)
+        err = caught.value
+        want = "KeyboardInterrupt" if kind == "interrupt" else "ValueError"
+        assert (err.rank, err.kind) == (1, want), str(err)
+        assert kind == "interrupt" or err.message == "boom in process 1", str(err)
+
+
+def test_a_failed_save_on_process_0_is_reported_as_process_0s_error():
+    """Process 1 said 'process 0 failed ... (its error is in its output)', and process 0's error
+    was printed nowhere."""
+    from torch_impl.distributed import ProcessFailed
+
+    with pytest.raises(ProcessFailed) as caught:
+        spawn(_fail_save_on_rank_0, 2, timeout_s=60)
+    assert (caught.value.rank, caught.value.kind) == (0, "OSError") and "No space left" in caught.value.message, \
+        str(caught.value)
+
+
+def _sigint_handler(parallel, out_file: str) -> None:
+    import signal
+
+    np.savez(f"{out_file}.{parallel.rank}.npz", default=signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+
+def test_a_process_started_with_sigint_ignored_still_dies_with_its_parent(tmp_path):
+    """torch's processes die with their parent by a SIGINT, which a process that inherited SIGINT
+    ignored (a background job of a script) never hears: killed, the parent left both training on
+    and writing checkpoints. Each process restores SIGINT's default handler first."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        spawn(_sigint_handler, 2, str(tmp_path / "sig"), timeout_s=60)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    for rank in (0, 1):
+        with np.load(tmp_path / f"sig.{rank}.npz") as f:
+            assert bool(f["default"]), f"process {rank} kept SIGINT ignored"
+
+
+def _unused_parameter(parallel, out_file: str) -> None:
+    model = torch.nn.Linear(2, 2)
+    model.unused = torch.nn.Parameter(torch.ones(3))
+    model(torch.ones(1, 2)).sum().backward()
+    parallel.sum_gradients(model)
+    np.savez(f"{out_file}.{parallel.rank}.npz", none=model.unused.grad is None,
+             weight=model.weight.grad.numpy())
+
+
+def test_a_parameter_no_process_used_keeps_no_gradient(tmp_path):
+    """sum_gradients made a missing gradient zeros, so AdamW then decayed a parameter one process
+    would have left alone."""
+    spawn(_unused_parameter, 2, str(tmp_path / "unused"), timeout_s=60)
+    with np.load(tmp_path / "unused.0.npz") as f:
+        assert bool(f["none"]), "the unused parameter got a gradient"
+        assert np.allclose(f["weight"], 2.0), f["weight"]  # the used one: summed over 2 processes
+
+
+class _OneOfTwo:
+    """A DataParallel stand-in for one process of two, in this process: the collectives are the
+    identity (enough to watch what the trainer hands the model)."""
+
+    rank, world_size, is_main = 0, 2, True
+
+    def rows(self, B):
+        return slice(0, B // 2)
+
+    def sum(self, value):
+        return value
+
+    def all_agree(self, ok):
+        return ok
+
+    def broadcast_parameters(self, model):
+        pass
+
+    def sum_gradients(self, model):
+        pass
+
+
+def test_a_process_keeps_only_its_rows_of_the_dropout_masks():
+    """The masks of the whole batch were sliced as views, which kept the whole batch's masks alive
+    through the forward and backward in every process (W times one process's mask memory)."""
+    model = _model(0.1)
+    seen = []
+    forward = model.forward
+
+    def watch(*args, dropout_masks=None, **kwargs):
+        seen.extend((m.shape[0], m.untyped_storage().nbytes(), m.numel() * m.element_size())
+                    for m in dropout_masks.values())
+        return forward(*args, dropout_masks=dropout_masks, **kwargs)
+
+    model.forward = watch
+    Trainer(model, _loader(4), None, TrainSettings(**dict(SETTINGS, steps=1, grad_accum=1)), parallel=_OneOfTwo()).fit()
+    assert seen and all(rows == 2 and storage == used for rows, storage, used in seen), seen[:3]
+
+
+# ---- the command's side of --nproc (the processes replaced by stand-ins in this process) ----
+
+NPROC_RUN = ["--config", "tiny", "--batch-size", "4", "--steps", "2", "--eval-every", "0", "--checkpoint-every", "0",
+             "--no-progress", "--nproc", "2"]
+
+
+@pytest.mark.parametrize("kind, message, status", [
+    ("UserError", "--batch-size 4: out of memory at step 1 (can't allocate); train with a smaller batch", 2),
+    ("ValueError", "boom in process 1", 1),
+])
+def test_train_nproc_reports_a_process_failure_in_one_line_and_takes_back_the_new_run(
+        monkeypatch, capsys, tmp_path, kind, message, status):
+    """A failure was one 2-3 KB line of tracebacks, often the wrong process's, always exit 2 (bad
+    input); an out-of-memory error on a process other than 0 became a TypeError. Now: the failing
+    process's own error, exit 2 for bad input and out of memory (as in one process), 1 otherwise."""
+    import torch_impl.distributed as distributed
+    from gpt_oracle.cli import main
+
+    def failing(fn, world_size, *args, **kwargs):
+        raise distributed.ProcessFailed(1, kind, message)
+
+    monkeypatch.setattr(distributed, "spawn", failing)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *NPROC_RUN]) == status
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    if kind != "UserError":
+        assert "training process 1 failed: ValueError" in err, err
+    assert not out.exists(), f"a run that wrote no checkpoint left {sorted(p.name for p in out.iterdir())}"
+
+
+def test_train_nproc_without_a_result_from_process_0_is_a_failure(monkeypatch, capsys, tmp_path):
+    """Processes that were interrupted exit 0 without a result: the parent then crashed on the
+    missing result file (a traceback, exit 1) and left run.json behind."""
+    import torch_impl.distributed as distributed
+    from gpt_oracle.cli import main
+
+    monkeypatch.setattr(distributed, "spawn", lambda fn, world_size, *args, **kwargs: None)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *NPROC_RUN]) == 1
+    err = capsys.readouterr().err
+    assert "process 0 ended without a result" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_train_nproc_divides_threads_among_the_processes(monkeypatch, capsys, tmp_path):
+    """--threads was set in every process: --nproc 2 --threads 2 ran 2 x 2 threads on 2 cores (5.5x
+    slower), and a run resumed with --nproc kept its one-process count. It is the whole run's."""
+    import torch_impl.distributed as distributed
+    from gpt_oracle.cli import main
+
+    seen = []
+
+    class Watch(_OneOfTwo):
+        def sum_gradients(self, model):
+            seen.append(torch.get_num_threads())
+
+    monkeypatch.setattr(distributed, "spawn", lambda fn, world_size, *args, **kwargs: fn(Watch(), *args))
+    before = torch.get_num_threads()
+    assert main(["train", "--out", str(tmp_path / "run"), *NPROC_RUN, "--threads", "2"]) == 0, capsys.readouterr()
+    assert seen and set(seen) == {1}, f"threads per process {set(seen)}, expected 2 // 2 = 1"
+    assert torch.get_num_threads() == before

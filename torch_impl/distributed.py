@@ -31,12 +31,30 @@ This module is torch_impl's own: numpy_ref trains in one process.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import signal
 import socket
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+
+class PeerFailed(RuntimeError):
+    """Raised by a process that stops because another one failed (process 0's save): the other's
+    error is the one to report."""
+
+
+class ProcessFailed(RuntimeError):
+    """A spawned process failed: `rank`, the exception's type name `kind` and its one-line
+    `message`, the root cause where several processes failed (see `spawn`)."""
+
+    def __init__(self, rank: int, kind: str, message: str) -> None:
+        super().__init__(f"process {rank} of the group failed: {kind}: {message}")
+        self.rank, self.kind, self.message = rank, kind, message
 
 
 class DataParallel:
@@ -57,13 +75,19 @@ class DataParallel:
         self.rank, self.world_size = rank, world_size
 
     @classmethod
-    def from_env(cls) -> "DataParallel":
-        """Join the group torchrun describes in the environment (gloo, or nccl where CUDA is)."""
+    def from_env(cls, backend: str = "gloo") -> "DataParallel":
+        """Join the group torchrun describes in the environment. `backend`: "gloo" (the CPU, the
+        default) or "nccl" (CUDA: this process's GPU is cuda:LOCAL_RANK, set here; the caller puts
+        its model there). The nccl path has not run in these sessions (no GPU was lent)."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(f"not launched by torchrun: the environment lacks {missing}")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend)
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
@@ -101,8 +125,12 @@ class DataParallel:
     def sum_gradients(self, model: torch.nn.Module) -> None:
         """Each parameter's .grad summed over the processes, in one all_reduce per dtype: the
         gradients are packed into one flat buffer, reduced, and unpacked. A parameter with no
-        gradient on this process contributes zeros (and then holds the sum)."""
+        gradient on this process contributes zeros (and then holds the sum); one with no gradient
+        on any process keeps none, as in one process (an optimiser then leaves it alone)."""
         params = [p for p in model.parameters() if p.requires_grad]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=self._device())
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        params = [p for p, h in zip(params, has.tolist()) if h]
         for dtype in sorted({p.dtype for p in params}, key=str):
             group = [p for p in params if p.dtype == dtype]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
@@ -135,9 +163,14 @@ def spawn(fn: Callable, world_size: int, *args, backend: str | None = None, thre
     """Run `fn(parallel, *args)` in `world_size` new processes on this machine, each in one process
     group (gloo on CPU; nccl when `backend="nccl"`, process r on cuda:r), and wait for all of them.
     Each process gets `threads` torch threads (default: the cores over the processes, at least 1).
-    A collective that waits longer than `timeout_s` for a peer fails rather than hangs. An
-    exception in any process is raised here (torch.multiprocessing.ProcessRaisedException). `fn`
-    must be importable by name (a module-level function): the processes are started fresh."""
+    A collective that waits longer than `timeout_s` for a peer fails rather than hangs. `fn` must
+    be importable by name (a module-level function): the processes are started fresh.
+
+    A failure is raised here as one ProcessFailed naming the root cause: each process records its
+    own exception, and where several failed, one that failed of itself is preferred to those that
+    failed because a peer did (a closed connection, PeerFailed), whichever process exited first.
+    A process interrupted (SIGINT, or its parent gone: each dies with the parent) is a failure too.
+    """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     backend = backend or "gloo"
@@ -148,19 +181,55 @@ def spawn(fn: Callable, world_size: int, *args, backend: str | None = None, thre
                          f"{torch.cuda.device_count()} are visible")
     threads = threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                  else os.cpu_count() or 1) // world_size)
-    torch.multiprocessing.spawn(_entry, args=(fn, world_size, free_port(), backend, threads, timeout_s, args),
-                                nprocs=world_size, join=True)
+    with tempfile.TemporaryDirectory(prefix="gpt-oracle-spawn-") as reports:
+        try:
+            torch.multiprocessing.spawn(_entry, args=(fn, world_size, free_port(), backend, threads, timeout_s,
+                                                      reports, args), nprocs=world_size, join=True)
+        except Exception as err:  # noqa: BLE001 - torch's report of the first process it saw exit
+            raise _root_cause(Path(reports), world_size, err) from None
+
+
+def _secondary(err: BaseException) -> bool:
+    """Whether `err` is a process stopping because a peer did, not a failure of its own."""
+    text = str(err)
+    return isinstance(err, (PeerFailed, dist.DistBackendError)) or any(
+        words in text for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def _root_cause(reports: Path, world_size: int, err: BaseException) -> ProcessFailed:
+    """The failure to report, from the processes' own records (see spawn)."""
+    found = []
+    for rank in range(world_size):
+        path = reports / f"error.{rank}.json"
+        if path.is_file():
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+    if not found:  # killed before it could write (a signal): torch's own words, last line
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        return ProcessFailed(getattr(err, "error_index", -1), type(err).__name__, lines[-1] if lines else "")
+    best = min(found, key=lambda r: (r["secondary"], r["rank"]))
+    return ProcessFailed(best["rank"], best["kind"], best["message"])
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, backend: str, threads: int, timeout_s: float,
-           args: tuple) -> None:
-    """One spawned process: join the group, run fn, leave the group."""
+           reports: str, args: tuple) -> None:
+    """One spawned process: join the group, run fn, leave the group; its exception recorded."""
+    # torch arms "SIGINT when the parent dies" (prctl); a process started with SIGINT ignored (a
+    # background job of a script) would not hear it and train on as an orphan.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(threads)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        fn(DataParallel(rank, world_size), *args)
-    finally:
-        dist.destroy_process_group()
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            fn(DataParallel(rank, world_size), *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as err:  # noqa: BLE001 - recorded for the parent, then raised on
+        record = {"rank": rank, "kind": type(err).__name__, "secondary": _secondary(err),
+                  "message": " ".join(str(err).split()) or type(err).__name__}
+        Path(reports, f"error.{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+        if isinstance(err, KeyboardInterrupt):  # torch's wrapper would exit 0 on it: a failure, not a success
+            raise SystemExit(130) from None
+        raise

@@ -262,8 +262,9 @@ class Trainer:
         if not self.parallel.all_agree(error is None):
             if error is not None:
                 raise error
-            raise RuntimeError(f"process 0 failed to write the checkpoint of step {self.step} (its error is in its "
-                               f"output)")
+            from torch_impl.distributed import PeerFailed
+
+            raise PeerFailed(f"process 0 failed to write the checkpoint of step {self.step}")
         return path
 
     # ---- the loop -------------------------------------------------------------------------
@@ -287,7 +288,8 @@ class Trainer:
             if self.parallel is not None:  # this process's rows, and their masks (distributed.py)
                 rows = self.parallel.rows(inputs.shape[0])
                 inputs, targets = inputs[rows], targets[rows]
-                masks = None if masks is None else {k: m[rows] for k, m in masks.items()}
+                # copies: a view of the rows would keep the whole batch's masks alive through the backward
+                masks = None if masks is None else {k: m[rows].clone() for k, m in masks.items()}
             share = n_step / targets.numel()  # N / n_i: grad_accum when the micro-batches are of one size
             with self.autocast():
                 _, loss = model(inputs, targets, dropout_masks=masks)  # (B, T) -> (), float32

@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weights); --dtype float64 trains in float64 throughout")
     parser.add_argument("--threads", type=int_in(1, MAX_THREADS),
                         help=f"torch CPU threads, torch backend only, 1 to 4 per CPU ({MAX_THREADS} here; default: "
-                             f"torch's choice)")
+                             f"torch's choice); with --nproc W, the whole run's: each process takes threads // W")
     parser.add_argument("--prompt", default="Every effort moves you", help="sample prompt at each evaluation")
     parser.add_argument("--sample-tokens", type=int_in(0, MAX_SAMPLE_TOKENS), default=20,
                         help=f"greedy tokens sampled at each evaluation, 0 to {MAX_SAMPLE_TOKENS} (0 = no sample; "
@@ -479,7 +479,7 @@ def _fit(trainer, args: argparse.Namespace, made: list[Path]):
     except (MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
             raise
-        out = Path(args.resume or trainer.out_dir)
+        out = Path(args.resume or args.out or f"runs/train-{args.backend}")  # (trainer.out_dir: None but on process 0)
         _take_back(args, out, made)
         where = f"--resume {out}:" if args.resume else f"--batch-size {args.batch_size}:"
         raise UserError(f"{where} out of memory at step {trainer.step + 1} ({one_line(err)}); train with a smaller "
@@ -515,12 +515,22 @@ def _worker(parallel, args: argparse.Namespace, result_file: str) -> None:
         _, model, train, val, encoding, settings, autocast, _ = _build(opts)
         trainer = Trainer(model, train, val, settings, out_dir=out, encoding=encoding, autocast_dtype=autocast,
                           parallel=parallel, **(_reporting() if parallel.is_main else {}))
-    result = _fit(trainer, args, [])
+    import torch
+
+    # --threads (given, or in run.json) is the whole run's: each of the W processes takes its share
+    total = _read_run_json(Path(args.resume))[0]["threads"] if args.resume else args.threads
+    if total is not None:
+        torch.set_num_threads(max(1, total // parallel.world_size))
+    result = _fit(trainer, args, [])  # (an out-of-memory error comes back as a UserError, as in one process)
     if parallel.is_main:
         write_json(Path(result_file), {"ok": result.ok, "message": result.message, "step": result.step,
                                        "tokens_seen": result.tokens_seen, "seconds": result.seconds,
                                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                                        "evals": result.history["evals"]})
+
+
+class _Failed(Exception):
+    """A training process failed of itself (not bad input): one line on stderr, exit 1."""
 
 
 def _run_processes(args: argparse.Namespace, made: list[Path]):
@@ -529,7 +539,7 @@ def _run_processes(args: argparse.Namespace, made: list[Path]):
     model; process 0's result comes back as a TrainResult-like object."""
     import types
 
-    from torch_impl.distributed import spawn
+    from torch_impl.distributed import ProcessFailed, spawn
 
     _check_nproc(args, _read_run_json(Path(args.resume))[0] if args.resume else _run_options(args))  # before any write
     trainer = _resume(args) if args.resume else _start(args, made)  # every check, as with one process
@@ -540,11 +550,18 @@ def _run_processes(args: argparse.Namespace, made: list[Path]):
     del trainer  # each process builds its own
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
+        out = Path(args.resume or args.out or f"runs/train-{args.backend}")
         try:
             spawn(_worker, args.nproc, args, result_file)
-        except Exception as err:  # noqa: BLE001 - a process's exception, as one line
-            _take_back(args, Path(args.resume or args.out or f"runs/train-{args.backend}"), made)
-            raise UserError(f"--nproc {args.nproc}: a training process failed: {one_line(err)}") from None
+        except ProcessFailed as err:
+            _take_back(args, out, made)
+            if err.kind == "UserError":  # bad input or out of memory, worded as one process words it
+                raise UserError(err.message) from None
+            raise _Failed(f"--nproc {args.nproc}: training process {err.rank} failed: {err.kind}: "
+                          f"{err.message}") from None
+        if not Path(result_file).is_file():
+            _take_back(args, out, made)
+            raise _Failed(f"--nproc {args.nproc}: process 0 ended without a result (interrupted?)")
         got = json.loads(Path(result_file).read_text(encoding="utf-8"))
     got["history"] = {"evals": got.pop("evals")}
     return None, types.SimpleNamespace(**got)
@@ -577,7 +594,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     made: list[Path] = []
     if args.nproc > 1:
-        trainer, result = _run_processes(args, made)
+        try:
+            trainer, result = _run_processes(args, made)
+        except _Failed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
         if result is None:
             print_result(f"{args.resume} already finished: step {trainer.step} of {trainer.settings.steps}; nothing "
                          f"to do (its checkpoint: {run_folder.latest_checkpoint(Path(args.resume))})")
