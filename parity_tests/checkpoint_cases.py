@@ -143,3 +143,38 @@ def restore(photo: dict[str, bytes], directory) -> None:
     Path(directory).mkdir(parents=True)
     for name, data in photo.items():
         (Path(directory) / name).write_bytes(data)
+
+
+# ---- two versions of a checkpoint, for the all-or-nothing tests -------------------------------
+# (test_checkpoint_errors.py fails each file-system call of a save; test_checkpoint_faults.py
+# interrupts each one just after it has taken effect.) The two models differ in config.json's
+# ln_eps too: old weights with the new config.json (or the reverse) would load without complaint,
+# which is the mix those tests must never see.
+
+SMALL = dict(vocab_size=11, context_length=4, emb_dim=8, n_heads=2, n_layers=1)  # many saves: keep them small
+OLD_CFG, NEW_CFG = tiny(**SMALL), tiny(**SMALL, ln_eps=0.1)
+OLD_PARAMS, NEW_PARAMS = random_params(OLD_CFG, 1), random_params(NEW_CFG, 2)
+OLD_STATE, NEW_STATE = ({"step": 1}, {"exp_avg.x": np.zeros(3), "exp_avg_sq.x": np.zeros((2, 2))}), \
+                       ({"step": 2}, {"exp_avg.x": np.ones(3), "exp_avg_sq.x": np.full((2, 2), 0.5)})
+
+
+def save_version(tree: str, kind: str, d, which: str) -> None:
+    """Save the old or the new model checkpoint (kind "model") or trainer state (any other kind)
+    into `d` with `tree` ("numpy_ref" or "torch_impl")."""
+    if tree == "numpy_ref":
+        import numpy_ref.checkpoint as module
+
+        as_tree = lambda a: a  # noqa: E731
+    else:
+        import torch
+
+        import torch_impl.checkpoint as module
+
+        as_tree = torch.from_numpy
+    if kind == "model":
+        cfg, params = (OLD_CFG, OLD_PARAMS) if which == "old" else (NEW_CFG, NEW_PARAMS)
+        config = numpy_config(cfg) if tree == "numpy_ref" else torch_config(cfg)
+        module.save_checkpoint(d, config, {k: as_tree(v) for k, v in params.items()})
+    else:
+        state, tensors = OLD_STATE if which == "old" else NEW_STATE
+        module.save_trainer_state(d, state, {k: as_tree(v) for k, v in tensors.items()})

@@ -18,9 +18,7 @@ are O(1e-5..1e-2), and under it a parameter with no gradient at all passed.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -197,6 +195,8 @@ def _torch_pass(config: dict, params: dict, ids: np.ndarray, targets: np.ndarray
         return t
 
     ids_t, targets_t = torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device)
+    from torch_impl.device import tf32_matmuls
+
     with tf32_matmuls(dtype == "tf32"):  # as models.run_torch: float32 tensors, TF32 products
         x = keep("embedding", embedding_forward(ids_t, p["wte.weight"], p["wpe.weight"]))
         for i in range(config["n_layers"]):
@@ -220,20 +220,6 @@ def _torch_pass(config: dict, params: dict, ids: np.ndarray, targets: np.ndarray
     t_dacts = {k: v.grad for k, v in acts.items() if v.grad is not None}
     t_grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in p.items()}
     return t_acts, t_dacts, t_grads
-
-
-@contextlib.contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """TF32 on (or off) for CUDA float32 matmuls and cuDNN inside, the previous settings restored
-    after. Only CUDA reads these flags; elsewhere float32 products stay float32."""
-    from torch_impl.device import set_tf32_switches, tf32_switches
-
-    before = tf32_switches()
-    set_tf32_switches(enabled, enabled)
-    try:
-        yield
-    finally:
-        set_tf32_switches(*before)
 
 
 def position_grad_scales(config: dict, params: dict, ids: np.ndarray, targets: np.ndarray

@@ -396,27 +396,11 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tree, failure, monk
 
 # ---- a save is all or nothing: fault injection at every step ---------------------------------
 
-# Two saves into one directory. The model's differ only in config.json's ln_eps: old weights with
-# the new config.json would load without complaint, which is the mix these tests must never see.
-SMALL = dict(vocab_size=11, context_length=4, emb_dim=8, n_heads=2, n_layers=1)  # many saves: keep them small
-OLD_CFG, NEW_CFG = cc.tiny(**SMALL), cc.tiny(**SMALL, ln_eps=0.1)
-OLD_PARAMS, NEW_PARAMS = cc.random_params(OLD_CFG, 1), cc.random_params(NEW_CFG, 2)
-OLD_STATE, NEW_STATE = ({"step": 1}, {"exp_avg.x": np.zeros(3), "exp_avg_sq.x": np.zeros((2, 2))}), \
-                       ({"step": 2}, {"exp_avg.x": np.ones(3), "exp_avg_sq.x": np.full((2, 2), 0.5)})
+# Two saves into one directory (checkpoint_cases.save_version): old and new differ in config.json's ln_eps too.
+from parity_tests.checkpoint_cases import NEW_CFG, NEW_PARAMS, NEW_STATE, OLD_CFG, OLD_PARAMS, OLD_STATE  # noqa: E402
 JOURNALS = {"model": "checkpoint.saving.json", "trainer": "trainer_state.saving.json"}
 
-
-def _save(tree: str, kind: str, d: Path, which: str) -> None:
-    """Save the old or the new model checkpoint (or trainer state) into `d` with `tree`."""
-    module = nck if tree == "numpy_ref" else tck
-    as_tree = (lambda a: a) if tree == "numpy_ref" else torch.from_numpy
-    if kind == "model":
-        cfg, params = (OLD_CFG, OLD_PARAMS) if which == "old" else (NEW_CFG, NEW_PARAMS)
-        config = cc.numpy_config(cfg) if tree == "numpy_ref" else cc.torch_config(cfg)
-        module.save_checkpoint(d, config, {k: as_tree(v) for k, v in params.items()})
-    else:
-        state, tensors = OLD_STATE if which == "old" else NEW_STATE
-        module.save_trainer_state(d, state, {k: as_tree(v) for k, v in tensors.items()})
+_save = cc.save_version
 
 
 def _what_loads(kind: str, d: Path) -> str:

@@ -24,25 +24,9 @@ import numpy_ref.safetensors_io as nio
 import torch_impl.checkpoint as tck
 from parity_tests import checkpoint_cases as cc
 
-SMALL = dict(vocab_size=11, context_length=4, emb_dim=8, n_heads=2, n_layers=1)  # many saves: keep them small
-# The two models differ in config.json's ln_eps too: old weights with the new config.json (or the
-# reverse) would load without complaint, which is the mix these tests must never see.
-OLD_CFG, NEW_CFG = cc.tiny(**SMALL), cc.tiny(**SMALL, ln_eps=0.1)
-OLD_PARAMS, NEW_PARAMS = cc.random_params(OLD_CFG, 1), cc.random_params(NEW_CFG, 2)
-OLD_STATE = ({"step": 1}, {"exp_avg.x": np.zeros(3)})
-NEW_STATE = ({"step": 2}, {"exp_avg.x": np.ones(3)})
+from parity_tests.checkpoint_cases import NEW_CFG, NEW_PARAMS, NEW_STATE, OLD_CFG, OLD_PARAMS, OLD_STATE  # noqa: E402
 
-
-def _save(tree: str, kind: str, d: Path, which: str) -> None:
-    module = nck if tree == "numpy_ref" else tck
-    as_tree = (lambda a: a) if tree == "numpy_ref" else torch.from_numpy
-    if kind == "model":
-        cfg, params = (OLD_CFG, OLD_PARAMS) if which == "old" else (NEW_CFG, NEW_PARAMS)
-        config = cc.numpy_config(cfg) if tree == "numpy_ref" else cc.torch_config(cfg)
-        module.save_checkpoint(d, config, {k: as_tree(v) for k, v in params.items()})
-    else:
-        state, tensors = OLD_STATE if which == "old" else NEW_STATE
-        module.save_trainer_state(d, state, {k: as_tree(v) for k, v in tensors.items()})
+_save = cc.save_version
 
 
 def _shard(d: Path) -> None:
