@@ -78,14 +78,16 @@ def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None 
     p = z - m  # (N, V), a new array that becomes the probabilities in place
     z_y = p[rows, y[rows]]  # (n,): z_y - m <= 0, read before the exp overwrites it
     np.exp(p, out=p)
-    p[every, k] = 0.0  # e^0 = 1 left out of the sum...
+    top = p[every, k]  # (N,): e^0 = 1, or NaN where the max is +-inf (inf - inf) or NaN
+    p[every, k] = 0.0  # left out of the sum...
     r = p.sum(axis=1, keepdims=True)  # (N, V) -> (N, 1): the other terms, r >= 0
-    p[every, k] = 1.0  # ...and put back
+    r += (top - 1.0)[:, None]  # + exactly 0, or NaN: a row with an infinite logit is NaN, as in torch
+    p[every, k] = top  # ...and put back
     s = 1.0 + r  # (N, 1)
     p /= s  # softmax, (N, V)
     loss = (np.log1p(r[rows, 0]) - z_y).sum() / n  # (n,) -> (): -(1/n) sum log p_y, no log(0), no cancellation
-    top = k[rows] == y[rows]  # (n,): the target is the row's max
-    p_y_minus_1 = np.where(top, -r[rows, 0] / s[rows, 0], p[rows, y[rows]] - 1.0)  # (n,)
+    at_max = k[rows] == y[rows]  # (n,): the target is the row's max
+    p_y_minus_1 = np.where(at_max, -r[rows, 0] / s[rows, 0], p[rows, y[rows]] - 1.0)  # (n,)
     ignored = np.flatnonzero(~counted.reshape(-1))  # (N - n,)
     return np.asarray(loss, dtype=logits.dtype), (p, y, rows, p_y_minus_1, ignored, n, logits.shape)
 

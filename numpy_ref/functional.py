@@ -43,7 +43,7 @@ def gelu(x) -> Tensor:
     """GPT-2's GELU, the tanh approximation (the exact erf form differs by up to ~1e-3).
 
     Composed as x sigmoid(2u), equal to 0.5 x (1 + tanh(u)) since 1 + tanh(u) = 2 sigmoid(2u):
-    `1 + tanh(u)` cancels for x <= -4 (exactly 0 from x = -9 in float64), the sigmoid keeps its
+    `1 + tanh(u)` cancels for x <= -4 (exactly 0 from about x = -7.2 in float64), the sigmoid keeps its
     digits (see numpy_ref/gelu.py, whose hand-derived form is the same).
     """
     (x,) = _operands(x)

@@ -5,8 +5,9 @@
 computed as the equal form `out = x s`, with s = sigmoid(2u) = 1 / (1 + e^(-2u)), because
 1 + tanh(u) = 2 sigmoid(2u). The two are the same function; they differ in rounding. For
 x <= -4 the tanh is within 1e-4 of -1 and `1 + tanh(u)` cancels: at x = -6 half of the digits
-are gone, and from x = -9 (float64) the result is exactly 0 where the true value is -1e-33.
-`x s` keeps every digit down to where s underflows.
+are gone, and from about x = -7.2 (float64; -5.5 in float32) the result is exactly 0, where the
+true value is -2e-16 there and -1.3e-28 at x = -9. `x s` keeps every digit down to where s
+underflows.
 
 Backward (1 - tanh^2 = 4 s (1 - s), du/dx = c (1 + 3 a x^2)):
 

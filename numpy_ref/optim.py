@@ -86,6 +86,7 @@ def lr_at_step(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, to
     """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
+    step = int(step)  # a NumPy uint8 step would wrap in the arithmetic below (255 + 1 = 0)
     for name, v in (("max_lr", max_lr), ("min_lr", min_lr)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")

@@ -1224,9 +1224,12 @@ def test_error_budget_judges_tf32_gradients_per_tensor():
     scales = position_grad_scales(model, ids, targets)
     same = accuracy.deviation(ref, ref, "tf32", scales)
     assert same["within_tolerance"] is True, same
-    zeroed = dict(ref, grads={k: (np.zeros_like(g) if "ln_1" in k else g) for k, g in ref["grads"].items()})
+    # every tensor the elementwise rule (atol 2e-2) cannot tell from zeros, zeroed
+    small = [k for k, g in ref["grads"].items() if np.abs(g).max() < 0.02]
+    assert small, "no gradient tensor under the elementwise atol: the case tests nothing"
+    zeroed = dict(ref, grads={k: (np.zeros_like(g) if k in small else g) for k, g in ref["grads"].items()})
     bad = accuracy.deviation(zeroed, ref, "tf32", scales)
-    assert bad["within_tolerance"] is False and "ln_1" in bad["note"], bad
+    assert bad["within_tolerance"] is False and "over tolerance" in bad["note"], (len(small), bad)
 
 
 def test_error_budget_calls_a_comparison_that_fails_a_no_not_unmeasured():
@@ -1278,6 +1281,29 @@ def test_tf32_switches_read_through_either_torch_api():
     done = subprocess.run([sys.executable, "-c", TF32_NEW_API], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'torch fp32 (SDPA default kernel)': True" in done.stdout, done.stdout
+
+
+THREADS_IN_A_FRESH_INTERPRETER = """
+import sys
+from gpt_oracle.cli import main
+rc = main(["train", "--config", "tiny", "--steps", "1", "--threads", sys.argv[1], "--eval-every", "0",
+           "--checkpoint-every", "0", "--batch-size", "2", "--no-progress", "--out", sys.argv[2]])
+import torch
+print(rc, torch.get_num_threads())
+"""
+
+
+def test_train_command_puts_torch_threads_back_in_a_fresh_interpreter(tmp_path):
+    """The count was put back only when torch had been imported before the call."""
+    import subprocess
+    import sys
+
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, timeout=120).stdout.split()[-1]
+    want = "1" if default != "1" else "2"
+    done = subprocess.run([sys.executable, "-c", THREADS_IN_A_FRESH_INTERPRETER, want, str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-2:] == ["0", default], (done.stdout[-500:], done.stderr[-1500:])
 
 
 def test_train_command_puts_torch_threads_back(tmp_path):

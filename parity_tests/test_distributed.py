@@ -361,3 +361,13 @@ def test_train_nproc_divides_threads_among_the_processes(monkeypatch, capsys, tm
     assert main(["train", "--out", str(tmp_path / "run"), *NPROC_RUN, "--threads", "2"]) == 0, capsys.readouterr()
     assert seen and set(seen) == {1}, f"threads per process {set(seen)}, expected 2 // 2 = 1"
     assert torch.get_num_threads() == before
+
+
+def test_a_loader_whose_last_batch_has_fewer_rows_than_processes_is_refused_before_training():
+    """With drop_last=False, a last batch of 1 window over 2 processes stopped the run mid-epoch with
+    an uncaught ValueError; it is refused when the trainer is made, naming the batch."""
+    loader = tdata.DataLoader(tdata.SlidingWindowDataset(torch.tensor(IDS[:41]), 8, 8), 4, shuffle=False,
+                              drop_last=False)  # 5 windows: batches of 4 and 1
+    with pytest.raises(ValueError, match=r"a batch of 1 rows \(batch_size=4, 5 windows, drop_last=False\) cannot be "
+                                         r"split over 2 processes"):
+        Trainer(_model(0.0), loader, None, TrainSettings(**SETTINGS), parallel=_OneOfTwo())

@@ -222,7 +222,7 @@ def test_all_ones_dropout_mask_is_bitwise_the_same_as_none(s, seed):
 # GPT-2's tanh GELU and its derivative, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
 # computed with mpmath at 800 digits (mp.tanh, exact decimal 0.044715) and rounded to 17 digits.
 # The negative tail is where `1 + tanh(u)` cancels in floating point: the old form gave
-# exactly 0 from x = -9 on, and kept half its digits at x = -6.
+# exactly 0 from about x = -7.2 on (float64), and kept half its digits at x = -6.
 GELU_REFERENCE = [  # (x, gelu(x), gelu'(x))
     (-20.0, -3.3754509563109673e-261, -2.9424328724945029e-259),
     (-12.0, -1.6359854493534811e-61, -5.2904033525225585e-60),
@@ -467,3 +467,21 @@ def test_cross_entropy_of_a_confident_row_keeps_its_digits(dtype, gap):
     others = [math.exp(float(v)) / (1 + r) for v in z[0, 1:]]
     np.testing.assert_allclose(dz[0, 1:], others, rtol=rtol, err_msg="cross-entropy dz of the other classes")
     assert abs(float(dz.sum())) <= rtol * r, f"cross-entropy dz row sums to {float(dz.sum())!r}, not 0 (r = {r!r})"
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_cross_entropy_of_a_row_with_an_infinite_logit_is_nan_as_in_torch(target):
+    """The confident-row form set the max's term to 0, then 1, around the sum, which overwrote the
+    NaN of inf - inf: the gradient came out finite ([-0, 0, 0]) and, with the target elsewhere,
+    the loss inf. Such a row is NaN in loss and gradient, as torch and the old form gave."""
+    import torch
+    import torch.nn.functional as F
+
+    z = np.array([[np.inf, 0.0, -1.0]])
+    loss, cache = cross_entropy_forward(z, np.array([target]))
+    dz = cross_entropy_backward(1.0, cache)
+    zt = torch.tensor(z, requires_grad=True)
+    lt = F.cross_entropy(zt, torch.tensor([target]))
+    lt.backward()
+    assert np.isnan(float(loss)) and np.isnan(float(lt)), (float(loss), float(lt))
+    assert np.isnan(dz).all() == bool(torch.isnan(zt.grad).all()) and np.isnan(dz).any(), (dz, zt.grad)

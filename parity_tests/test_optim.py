@@ -279,6 +279,9 @@ def test_lr_schedule_rejects_bad_arguments():
             fn(True, max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10)
         assert fn(np.int64(3), max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10) == \
             fn(3, max_lr=1.0, min_lr=0.0, warmup_steps=1, total_steps=10), "a NumPy integer step (torch refused it)"
+        # a small NumPy integer wrapped in the warmup arithmetic: uint8 255 + 1 = 0, a learning rate of 0
+        assert fn(np.uint8(255), max_lr=1.0, min_lr=0.0, warmup_steps=300, total_steps=400) == \
+            fn(255, max_lr=1.0, min_lr=0.0, warmup_steps=300, total_steps=400) == 256 / 300
 
 
 # ---- the two trees on a model ---------------------------------------------------------------

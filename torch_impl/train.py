@@ -132,6 +132,17 @@ def check_autocast(model, autocast_dtype: torch.dtype | None) -> None:
                          f"state); this model is {str(model.dtype).removeprefix('torch.')}")
 
 
+def _check_split(loader, world_size: int) -> None:
+    """ValueError, before anything trains, unless every batch of `loader` has a row for each of the
+    `world_size` processes (its last batch, with drop_last=False, too)."""
+    n, B = len(loader.dataset), loader.batch_size
+    rows = [B] + ([n % B] if not loader.drop_last and n % B else [])
+    if min(rows) < world_size:
+        raise ValueError(f"a batch of {min(rows)} rows (batch_size={B}, {n} windows, drop_last={loader.drop_last}) "
+                         f"cannot be split over {world_size} processes; use drop_last=True or a batch size whose "
+                         f"batches all have at least {world_size} rows")
+
+
 class Trainer:
     """Trains `model` (a torch_impl GPTModel) on `train_loader`; see the module docstring."""
 
@@ -164,6 +175,7 @@ class Trainer:
         self.tokens_seen = 0
         self.history = {"steps": [], "evals": []}
         if parallel is not None:
+            _check_split(train_loader, parallel.world_size)
             parallel.broadcast_parameters(model)  # every process starts from process 0's weights
 
     # ---- checkpoints ------------------------------------------------------------------------

@@ -80,6 +80,7 @@ LEGACY_ZERO_IS_DEFAULT = ("stride", "threads", "context_length", "steps")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # --threads: more than a few threads per CPU only slows torch down, and far more (100000) crashes it.
 MAX_THREADS = 4 * (os.cpu_count() or 1)
+_THREADS_BEFORE: list[int] = []  # torch's thread count before --threads set it, for run() to put back
 MAX_PROCESSES = 64  # --nproc: processes on this machine (gloo over local TCP)
 MAX_SAMPLE_TOKENS = 4096  # a sample shown at every evaluation; as instruct's --max-new-tokens
 # The run.json key (not an option) holding the fingerprint of the validation batches: the trainer's
@@ -265,6 +266,7 @@ def _build(opts: dict, resuming: bool = False):
                             init=opts["init"])
 
         if opts.get("threads") is not None:
+            _THREADS_BEFORE.append(torch.get_num_threads())  # put back when the command returns (run)
             torch.set_num_threads(opts["threads"])
     if opts["backend"] == "numpy" and opts.get("precision") is not None:
         raise UserError(f"--precision {opts['precision']}: chooses the torch backend's precision; the numpy backend "
@@ -582,13 +584,13 @@ def _take_back(args: argparse.Namespace, out: Path, made: list[Path]) -> None:
 def run(args: argparse.Namespace) -> int:
     """The command; torch's thread count (--threads, or run.json's) is put back as it was when it
     returns, for a caller that runs it in-process (gpt_oracle.cli.main)."""
-    torch = sys.modules.get("torch")
-    threads = torch.get_num_threads() if torch is not None else None
+    _THREADS_BEFORE.clear()
     try:
         return _run(args)
     finally:
-        if threads is not None and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if _THREADS_BEFORE:  # --threads was applied (torch is imported then): the count before it
+            sys.modules["torch"].set_num_threads(_THREADS_BEFORE[0])
+            _THREADS_BEFORE.clear()
 
 
 def _run(args: argparse.Namespace) -> int:
