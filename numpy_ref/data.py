@@ -62,7 +62,16 @@ def _seed(value) -> int:
     # random.Random(None) would seed from the operating system: an order nothing can reproduce.
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"seed must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:  # random.Random(-7) is random.Random(7): two seeds, one order
+        raise ValueError(f"seed must be >= 0, got {value}")
     return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    """shuffle / drop_last: True or False ("False", a string, would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _check_drop_last(n_windows: int, batch_size: int, drop_last: bool) -> None:
@@ -99,9 +108,8 @@ def _check_listed_ids(ids) -> None:
     if not isinstance(ids, (list, tuple)):
         return
     for position, value in enumerate(ids):
-        if isinstance(value, (str, bytes)) or value is None or isinstance(value, numbers.Rational) and not isinstance(
-                value, numbers.Integral):  # text, a missing id, a Fraction: no id
-            raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r} at position {position}")
+        if not isinstance(value, numbers.Integral):  # text, a missing id, a Fraction, a Decimal, a nested list
+            raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r:.40} at position {position}")
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
             limit = f"max {2**63 - 1}" if value > 0 else f"min {-2**63}"
             raise ValueError(f"id {int(value)} at position {position} does not fit in int64 ({limit}); "
@@ -115,7 +123,11 @@ class SlidingWindowDataset:
         max_length = _positive_int("max_length", max_length)
         stride = _positive_int("stride", stride)
         _check_ids_container(ids)
-        listed, ids = ids, np.asarray(ids)
+        try:
+            listed, ids = ids, np.asarray(ids)
+        except ValueError:  # a nested list ("inhomogeneous shape"): name the element, as torch_impl does
+            _check_listed_ids(ids)
+            raise
         if ids.ndim != 1:
             raise ValueError(f"ids must be a 1-D sequence, got shape {ids.shape}")
         if ids.size and ids.dtype.kind not in "iu":  # issubdtype(integer) also takes timedelta64
@@ -177,6 +189,7 @@ class DataLoader:
     def __init__(self, dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0):
         batch_size = _positive_int("batch_size", batch_size)
+        shuffle, drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         _check_drop_last(len(dataset), batch_size, drop_last)
         self.dataset = dataset
         self.batch_size = batch_size

@@ -3,8 +3,8 @@
 Text is split on whitespace and on the punctuation `, . : ; ? _ ! " ( ) '` and `--` (the
 punctuation is kept as tokens, whitespace is dropped); the vocabulary is the sorted set of the
 resulting tokens of a training text, each mapped to its position. Decoding joins tokens with
-spaces and removes the space before punctuation, so spacing is not always restored exactly
-(`It's` comes back as `It' s`).
+spaces and removes the space before `, . ? ! " ( ) '` (not before `: ; _ --`), so spacing is
+not always restored exactly (`It's` comes back as `It' s`, `a (b)` as `a( b)`).
 
 - V1 knows only its vocabulary: an unknown word is an error.
 - V2 adds two special tokens at the end of the vocabulary, `<|endoftext|>` (between documents)
@@ -30,7 +30,11 @@ def split_text(text: str) -> list[str]:
 
 
 def build_vocab(text: str, special_tokens: tuple[str, ...] = ()) -> dict[str, int]:
-    """The sorted distinct tokens of `text`, then `special_tokens`, each -> its position."""
+    """The sorted distinct tokens of `text`, then `special_tokens`, each -> its position.
+    `special_tokens` is a sequence of strings; one string alone is a TypeError (it would add each
+    of its characters as a token)."""
+    if isinstance(special_tokens, (str, bytes)) or not all(isinstance(t, str) for t in special_tokens):
+        raise TypeError(f"special_tokens must be a sequence of strings, got {special_tokens!r}")
     words = sorted(set(split_text(text)))
     for token in special_tokens:  # once each, so that the ids stay 0 .. len - 1
         if token not in words:
@@ -39,7 +43,8 @@ def build_vocab(text: str, special_tokens: tuple[str, ...] = ()) -> dict[str, in
 
 
 def join_tokens(tokens: list[str]) -> str:
-    """Tokens -> text: joined by spaces, then the space before punctuation removed."""
+    """Tokens -> text: joined by spaces, then the space before , . ? ! " ( ) ' removed (the book's
+    rule: a space stays before : ; _ and --, and a "(" joins the word before it)."""
     return re.sub(r'\s+([,.?!"()\'])', r"\1", " ".join(tokens))
 
 

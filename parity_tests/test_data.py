@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -282,3 +283,61 @@ def test_a_big_endian_array_gives_the_same_windows_in_both_trees():
     a, b = np_data.SlidingWindowDataset(ids, 3, 2), pt_data.SlidingWindowDataset(ids, 3, 2)
     assert np.array_equal(a.inputs, b.inputs.numpy()) and np.array_equal(a.targets, b.targets.numpy()), \
         f"windows differ: numpy {a.inputs.tolist()} vs torch {b.inputs.tolist()}"
+
+
+# ---- from a review of the chapter-2 pieces (each failed on the code before its fix) ----
+
+@pytest.mark.parametrize("tree", ["numpy", "torch"])
+def test_the_dataset_owns_its_windows(tree):
+    """torch's windows were views of the caller's int64 ids when stride == max_length (the CLI's
+    default) or there was one window: a later change to the ids changed the batches."""
+    import torch
+
+    from numpy_ref import data as nd
+    from torch_impl import data as td
+
+    ids = np.arange(10) if tree == "numpy" else torch.arange(10)
+    ds = (nd if tree == "numpy" else td).SlidingWindowDataset(ids, 3, 3)
+    before = np.asarray(ds.inputs).copy()
+    ids[1] = 99
+    assert np.array_equal(np.asarray(ds.inputs), before), f"{tree}: the windows followed the caller's ids"
+
+
+@pytest.mark.parametrize("bad, position", [([1, Decimal(2), 3, 4, 5, 6], 1), ([1, object(), 3, 4, 5, 6], 1),
+                                            ([1, [2], 3, 4, 5, 6], 1)])
+def test_ids_that_are_not_integers_are_a_type_error_naming_them_in_both_trees(bad, position):
+    """A Decimal or an object in a list was a TypeError in numpy_ref and torch's RuntimeError
+    'Could not infer dtype' in torch_impl; a nested list a ValueError in one and a TypeError in the other."""
+    from numpy_ref import data as nd
+    from torch_impl import data as td
+
+    for tree in (nd, td):
+        with pytest.raises(TypeError, match=rf"ids must be integers, got {type(bad[position]).__name__} .* at position "
+                                            rf"{position}"):
+            tree.SlidingWindowDataset(bad, 2, 1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(drop_last="False"), TypeError, "drop_last must be True or False"),  # a string was true: it dropped
+    (dict(shuffle=1), TypeError, "shuffle must be True or False"),
+    (dict(seed=-7), ValueError, "seed must be >= 0"),  # random.Random(-7) is random.Random(7)
+])
+def test_data_loader_flags_and_seed_are_checked_in_both_trees(kwargs, error, match):
+    import torch
+
+    from numpy_ref import data as nd
+    from torch_impl import data as td
+
+    for tree, ids in ((nd, np.arange(30)), (td, torch.arange(30))):
+        ds = tree.SlidingWindowDataset(ids, 4, 4)
+        with pytest.raises(error, match=match):
+            tree.DataLoader(ds, 2, **kwargs)
+
+
+def test_build_vocab_refuses_one_string_as_its_special_tokens():
+    """special_tokens="<|unk|>" added each character as a token, silently."""
+    from numpy_ref.simple_tokenizer import build_vocab
+
+    with pytest.raises(TypeError, match="special_tokens must be a sequence of strings"):
+        build_vocab("a b c", special_tokens="<|unk|>")
+    assert build_vocab("a b", special_tokens=("<|unk|>",)) == {"a": 0, "b": 1, "<|unk|>": 2}

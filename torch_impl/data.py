@@ -56,7 +56,16 @@ def _seed(value) -> int:
     # random.Random(None) would seed from the operating system: an order nothing can reproduce.
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"seed must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:  # random.Random(-7) is random.Random(7): two seeds, one order
+        raise ValueError(f"seed must be >= 0, got {value}")
     return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    """shuffle / drop_last: True or False ("False", a string, would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _check_drop_last(n_windows: int, batch_size: int, drop_last: bool) -> None:
@@ -93,9 +102,8 @@ def _check_listed_ids(ids) -> None:
     if not isinstance(ids, (list, tuple)):
         return
     for position, value in enumerate(ids):
-        if isinstance(value, (str, bytes)) or value is None or isinstance(value, numbers.Rational) and not isinstance(
-                value, numbers.Integral):  # text, a missing id, a Fraction: no id
-            raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r} at position {position}")
+        if not isinstance(value, numbers.Integral):  # text, a missing id, a Fraction, a Decimal, a nested list
+            raise TypeError(f"ids must be integers, got {type(value).__name__} {value!r:.40} at position {position}")
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
             limit = f"max {2**63 - 1}" if value > 0 else f"min {-2**63}"
             raise ValueError(f"id {int(value)} at position {position} does not fit in int64 ({limit}); "
@@ -135,8 +143,9 @@ class SlidingWindowDataset(Dataset):
         # with start + max_length < n_ids, each window holding its inputs and its last target.
         # A stride past the end gives the one window at 0 whatever its size (and fits unfold's int64).
         windows = ids.unfold(0, max_length + 1, min(stride, len(ids)))  # (n_ids,) -> (N, T+1)
-        self.inputs = windows[:, :-1].contiguous()  # (N, T+1) -> (N, T)
-        self.targets = windows[:, 1:].contiguous()  # (N, T+1) -> (N, T), shifted by one
+        # copies: with stride == max_length (or one window) contiguous() would keep views of the caller's ids
+        self.inputs = windows[:, :-1].clone(memory_format=torch.contiguous_format)  # (N, T+1) -> (N, T)
+        self.targets = windows[:, 1:].clone(memory_format=torch.contiguous_format)  # (N, T+1) -> (N, T), shifted by one
         self.max_length = max_length
         self.stride = stride
 
@@ -179,6 +188,7 @@ class DataLoader:
     def __init__(self, dataset: SlidingWindowDataset, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0):
         batch_size = _positive_int("batch_size", batch_size)
+        shuffle, drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         _check_drop_last(len(dataset), batch_size, drop_last)
         self.dataset = dataset
         self.batch_size = batch_size

@@ -1,7 +1,8 @@
 """Instruction fine-tuning data (the book's chapter 7): the prompt format and the batch collator.
 
 A record (instruction, optional input text, response) becomes one text in the Alpaca layout
-(Taori et al. 2023, Stanford Alpaca; the format the book uses): a one-line preamble, then
+(Taori et al. 2023, Stanford Alpaca; the book's variant, one preamble whether or not there is an
+input, where Alpaca words it differently for a record with one): a one-line preamble, then
 "### Instruction:", "### Input:" (only when there is an input) and "### Response:" sections.
 
 `instruction_collate` turns tokenised texts of different lengths into one (B, T) batch for the
