@@ -11,7 +11,12 @@ Backends (name: what it is):
 - torch-bf16: the same under bf16 autocast (float32 master weights);
 - torch-compile: torch.compile of the float32 model;
 - hf-fp32: transformers' GPT2LMHeadModel with our weights copied in (its Conv1D stores weights
-  (in, out) like ours, so no transposes), dropout off, its default attention implementation.
+  (in, out) like ours, so no transposes), dropout off, its default attention implementation
+  (named in the row's note). It does the same work as ours: the loss is the cross-entropy of its
+  logits against our targets (not its `labels=`, which shift them again), its AdamW decays the
+  same parameters (torch_impl.optim.gpt2_decay), a c_attn bias our model lacks is frozen at 0, no
+  KV cache is built outside decoding, and greedy decoding has no end-of-text token to stop at or
+  avoid (it emits n tokens, as ours does, whatever they are).
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class Runner:
     decode: Callable[[int, bool], Any] | None
     sync: Callable[[], None]
     note: str = ""
+    # Bytes of gradients the runner holds between training steps (torch's .grad, freed by
+    # zero_grad inside the timed call and made again by its backward, so its in-call peak leaves
+    # them out); numpy_ref makes its gradients inside the call and keeps none (0).
+    grad_bytes: int = 0
 
 
 def numpy_params(config_d: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -170,9 +179,10 @@ def torch_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndar
         finally:
             model.train()
 
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return Runner(f"torch-{mode}", "torch", f"{'cuda' if dev_type == 'cuda' else 'torch'}_"
                   f"{'bfloat16' if bf16 else 'tf32' if mode == 'tf32' else 'float32'}",
-                  forward, train_step, decode, sync, note=f"optimizer: {opt_name}")
+                  forward, train_step, decode, sync, note=f"optimizer: {opt_name}", grad_bytes=grads)
 
 
 # ---- Hugging Face -----------------------------------------------------------------------------
@@ -186,7 +196,7 @@ def hf_model(config_d: dict, params: dict, device: str = "cpu"):
                      n_embd=config_d["emb_dim"], n_layer=config_d["n_layers"], n_head=config_d["n_heads"],
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config_d["ln_eps"],
                      activation_function="gelu_new", tie_word_embeddings=bool(config_d["tie_embeddings"]),
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                     bos_token_id=None, eos_token_id=None, pad_token_id=None)
     model = GPT2LMHeadModel(cfg).to(device)
     state = model.state_dict()
     C = config_d["emb_dim"]
@@ -204,6 +214,10 @@ def hf_model(config_d: dict, params: dict, device: str = "cpu"):
             else:
                 raise KeyError(f"no weight of ours for Hugging Face parameter {key}")
             t.copy_(torch.from_numpy(np.ascontiguousarray(src)).to(t.dtype))
+    if not config_d.get("qkv_bias", True):  # ours has no c_attn bias: HF's stays 0, untrained
+        for name, p in model.named_parameters():
+            if name.endswith("attn.c_attn.bias"):
+                p.requires_grad_(False)
     return model
 
 
@@ -220,14 +234,14 @@ def hf_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndarray
     def forward():
         precision()
         with torch.no_grad():
-            return model(input_ids=ids_t).logits
+            return model(input_ids=ids_t, use_cache=False).logits
 
     def train_step():
         precision()
         opt.zero_grad(set_to_none=True)
-        # HF shifts labels inside (predicts labels[1:] from ids[:-1]); the compute is the same
-        # forward and backward over (B, T), only the loss covers T-1 positions.
-        loss = model(input_ids=ids_t, labels=targets_t).loss
+        # The loss ours takes: our targets are already the next tokens (`labels=` would shift them again)
+        logits = model(input_ids=ids_t, use_cache=False).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_t.flatten())
         loss.backward()
         opt.step()
         return loss
@@ -237,25 +251,32 @@ def hf_runner(config_d: dict, params: dict, ids: np.ndarray, targets: np.ndarray
         model.eval()
         try:
             with torch.no_grad():
-                return model.generate(ids_t[:1, :1], max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      use_cache=use_cache, pad_token_id=0)
+                return model.generate(ids_t[:1, :1], max_new_tokens=n, do_sample=False, use_cache=use_cache)
         finally:
             model.train()
 
     peak = "cuda_float32" if device.startswith("cuda") else "torch_float32"  # the device's own float32 GEMM rate
-    return Runner("hf-fp32", "hf", peak, forward, train_step, decode, sync, note=f"optimizer: {opt_name}")
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return Runner("hf-fp32", "hf", peak, forward, train_step, decode, sync,
+                  note=f"optimizer: {opt_name}; attention: {attention}", grad_bytes=grads)
 
 
 def torch_optimizer_plain(model, device: str):
-    """The same AdamW settings for HF as for ours: torch.optim.AdamW, fused where supported."""
+    """The same AdamW settings for HF as for ours: torch.optim.AdamW, fused where supported, weight
+    decay on the parameters ours decays (torch_impl.optim.gpt2_decay, by HF's names less
+    `transformer.`; a tied lm_head is wte, named once)."""
     import torch
 
+    from torch_impl.optim import gpt2_decay
+
+    named = [(n.removeprefix("transformer."), p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if gpt2_decay(n, tuple(p.shape))], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for n, p in named if not gpt2_decay(n, tuple(p.shape))], "weight_decay": 0.0}]
     try:
-        return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                 fused=True), "torch.optim.AdamW(fused=True)"
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=True), "torch.optim.AdamW(fused=True)"
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                 foreach=True), "torch.optim.AdamW(foreach=True)"
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, foreach=True), "torch.optim.AdamW(foreach=True)"
 
 
 def make_runner(backend: str, config_d: dict, params: dict, ids: np.ndarray, targets: np.ndarray,

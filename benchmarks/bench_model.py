@@ -109,6 +109,10 @@ def _timed(runner: Runner, op: str, config_name: str, config_d: dict, B: int, T:
     fl = F.forward_flops(config_d, B, T) if op == "forward" else F.training_flops(config_d, B, T)
     # Peak memory from one more call, unless a single call is already slower than the budget.
     memory = peak_bytes(fn, _kind(runner.backend), device) if timing.median < budget_s else None
+    if memory is not None and op == "train_step" and runner.grad_bytes and memory.get("bytes") is not None:
+        # with the gradients torch and HF hold between steps, as numpy_ref's figure has its own
+        memory = dict(memory, in_call_bytes=memory["bytes"], held_grad_bytes=runner.grad_bytes,
+                      bytes=memory["bytes"] + runner.grad_bytes)
     return Result(op, config_name, runner.backend, "forward" if op == "forward" else "train step", B=B, T=T,
                   tokens=B * T, flops=fl, peak_name=runner.peak_name, timing=timing, memory=memory,
                   note=runner.note if op == "train_step" else "")

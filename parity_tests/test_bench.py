@@ -1315,3 +1315,48 @@ def test_train_command_puts_torch_threads_back(tmp_path):
     assert main(["train", "--config", "tiny", "--steps", "1", "--threads", str(want), "--eval-every", "0",
                  "--checkpoint-every", "0", "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "r")]) == 0
     assert torch.get_num_threads() == before, f"torch threads {torch.get_num_threads()} after train, {before} before"
+
+
+def test_hugging_face_runner_does_the_work_ours_does(one_torch_thread):
+    """HF's step trained another objective (its labels= shift our already-shifted targets again)
+    with another AdamW (weight decay on all 148 tensors, ours on 48) and a c_attn bias ours lacks;
+    its greedy decoding had end-of-text = token 0 with min_new_tokens, so it never chose token 0,
+    a real token. Now the losses of three steps and the decoded tokens are ours."""
+    from benchmarks.backends import make_runner, numpy_params
+    from benchmarks.bench_model import batch
+
+    cfg = dict(CONFIGS["tiny"], qkv_bias=False)
+    params = numpy_params(cfg)
+    ids, targets = batch(cfg, 2, 8)
+    ours, hf = (make_runner(b, cfg, params, ids, targets) for b in ("torch-fp32", "hf-fp32"))
+    losses = [[float(r.train_step()) for _ in range(3)] for r in (ours, hf)]
+    assert np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), f"ours {losses[0]}, HF {losses[1]}"
+    assert "attention:" in hf.note, hf.note
+    # Weights whose greedy choice is always token 0: ln_f's output is a fixed direction u, and the
+    # head's row 0 points along it, much longer than the other rows (tiny's head is untied)
+    u = np.random.default_rng(0).standard_normal(cfg["emb_dim"])
+    head = params["lm_head.weight"].copy()
+    head[0] = 10.0 * u / np.linalg.norm(u)
+    biased = dict(params, **{"lm_head.weight": head, "ln_f.weight": np.zeros_like(params["ln_f.weight"]),
+                             "ln_f.bias": u / np.linalg.norm(u)})
+    ours, hf = (make_runner(b, cfg, biased, ids, targets) for b in ("torch-fp32", "hf-fp32"))
+    got = [np.asarray(r.decode(5, True)).reshape(-1)[-5:].tolist() for r in (ours, hf)]
+    assert got[0] == [0] * 5 and got[1] == got[0], f"ours {got[0]}, HF {got[1]}"
+
+
+def test_a_training_steps_memory_includes_the_gradients_in_every_backend(one_torch_thread):
+    """numpy_ref makes its gradients inside the call (counted); torch and HF hold theirs between
+    steps (zero_grad inside the call frees them, the backward makes them again), so their in-call
+    peak left them out: numpy-float32 1046 MB against torch's 163 at 124M. Their bytes are added."""
+    from benchmarks.backends import make_runner, numpy_params
+    from benchmarks.bench_model import _timed, batch
+
+    cfg = CONFIGS["tiny"]
+    params = numpy_params(cfg)
+    ids, targets = batch(cfg, 2, 8)
+    grads = sum(v.size for v in params.values()) * 4  # float32
+    for backend in ("torch-fp32", "hf-fp32"):
+        r = _timed(make_runner(backend, cfg, params, ids, targets), "train_step", "tiny", cfg, 2, 8, 2, 1.0, "cpu")
+        mem = r.memory
+        assert mem["held_grad_bytes"] >= grads * 0.99 and mem["bytes"] == mem["in_call_bytes"] + mem["held_grad_bytes"], \
+            (backend, mem, grads)
