@@ -52,6 +52,8 @@ def attention_forward(x: np.ndarray, w_attn: np.ndarray, b_attn: np.ndarray | No
     if x.ndim != 3:
         raise ValueError(f"attention: x must be (B, T, C), got shape {x.shape}")
     B, T, C = x.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"attention: x must have B >= 1 and T >= 1, got shape {x.shape}")
     if isinstance(n_heads, bool) or not isinstance(n_heads, numbers.Integral):
         raise TypeError(f"attention: n_heads must be an int, got {n_heads!r} ({type(n_heads).__name__})")
     if n_heads < 1:
@@ -86,19 +88,20 @@ def attention_forward(x: np.ndarray, w_attn: np.ndarray, b_attn: np.ndarray | No
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
     out, lin_proj = linear_forward(y, w_proj, b_proj)  # (B, T, C) -> (B, T, C)
     cache = dict(lin_attn=lin_attn, lin_proj=lin_proj, q=q, k=k, v=v, att=a, att_used=a_used,
-                 mask=attn_dropout_mask, scale=scale, n_heads=n_heads)
+                 mask=attn_dropout_mask, scale=scale, n_heads=n_heads, cached=kv_cache is not None)
     return out, cache
 
 
 def attention_backward(dout: np.ndarray, cache):
     """(dx, dw_attn, db_attn, dw_proj, db_proj); db_attn is None when the forward had no b_attn.
 
-    Not for a forward run with a KV cache (that is inference): the keys of the cached positions
-    came from earlier calls, so their gradients have nowhere to go.
+    Not for a forward run with a KV cache (that is inference), even an empty one: the keys of
+    cached positions came from earlier calls, so their gradients have nowhere to go, and the k and
+    v saved here are views of the cache's buffer, which later calls overwrite.
     """
     q, k, v, a, a_used, mask = cache["q"], cache["k"], cache["v"], cache["att"], cache["att_used"], cache["mask"]
     B, nh, T, hs = q.shape
-    if k.shape[2] != T:
+    if cache["cached"]:
         raise ValueError("attention_backward: the forward used a KV cache (inference); backward through "
                          "cached keys is not supported")
     C = nh * hs
@@ -111,7 +114,7 @@ def attention_backward(dout: np.ndarray, cache):
     ds = da - (da * a).sum(axis=-1, keepdims=True)  # (B, nh, T, T) - (B, nh, T, 1)
     ds *= a  # softmax VJP: a * (da - <da, a>)
     ds *= cache["scale"]  # through s = q k^T * scale
-    dqkv = np.empty((B, T, 3, nh, hs), dtype=dout.dtype)  # [dq | dk | dv] per head; merged to (B, T, 3C) below
+    dqkv = np.empty((B, T, 3, nh, hs), dtype=np.result_type(dout, q))  # [dq | dk | dv] per head; merged to (B, T, 3C) below
     dqkv[:, :, 0] = (ds @ k).transpose(0, 2, 1, 3)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, T, nh, hs)
     dqkv[:, :, 1] = (ds.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)  # -> (B, T, nh, hs)
     dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)  # (B, nh, T, hs) -> (B, T, nh, hs)

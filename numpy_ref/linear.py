@@ -40,5 +40,5 @@ def linear_backward(dout: np.ndarray, cache):
     g = dout.reshape(-1, C_out)  # (..., C_out) -> (N, C_out)
     dx = (g @ w.T).reshape(*lead, C_in)  # (N, C_out) @ (C_out, C_in) -> (N, C_in) -> (..., C_in)
     dw = x2.T @ g  # (C_in, N) @ (N, C_out) -> (C_in, C_out)
-    db = g.sum(axis=0) if has_bias else None  # (N, C_out) -> (C_out,)
+    db = g.sum(axis=0, dtype=dw.dtype) if has_bias else None  # (N, C_out) -> (C_out,), in dw's precision
     return dx, dw, db

@@ -338,7 +338,7 @@ def _top_left_mask(monkeypatch):
     import torch_impl.attention as attention
 
     monkeypatch.setattr(attention, "causal_mask",
-                        lambda T, Tk, device=None: torch.ones(T, Tk, dtype=torch.bool, device=device).tril())
+                        lambda T, Tk, device=None: torch.ones(T, Tk, dtype=torch.bool, device=device).triu(1))
 
 
 def _masks_ignored(monkeypatch):

@@ -485,3 +485,30 @@ def test_cross_entropy_of_a_row_with_an_infinite_logit_is_nan_as_in_torch(target
     lt.backward()
     assert np.isnan(float(loss)) and np.isnan(float(lt)), (float(loss), float(lt))
     assert np.isnan(dz).all() == bool(torch.isnan(zt.grad).all()) and np.isnan(dz).any(), (dz, zt.grad)
+
+
+def test_attention_backward_refuses_a_forward_through_an_empty_kv_cache():
+    """Even with P = 0 the saved k and v are views of the cache's buffer: a later decoding call
+    overwrites them, and the backward would then be silently wrong."""
+    from numpy_ref.kv_cache import LayerKV
+
+    rng = np.random.default_rng(0)
+    x, w_attn, w_proj, b_proj = rng.normal(size=(1, 3, 6)), rng.normal(size=(6, 18)), rng.normal(size=(6, 6)), np.zeros(6)
+    layer = LayerKV(k=np.zeros((1, 2, 8, 3)), v=np.zeros((1, 2, 8, 3)), past=0)
+    out, cache = attention_forward(x, w_attn, None, w_proj, b_proj, 2, kv_cache=layer)
+    with pytest.raises(ValueError, match="the forward used a KV cache"):
+        attention_backward(np.ones_like(out), cache)
+
+
+def test_attention_backward_keeps_the_forwards_precision():
+    """A float32 activation with float64 weights runs the forward in float64; every gradient of
+    the backward stays float64 (dqkv took dout's float32, rounding dw_attn and db_attn)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 3, 6)).astype(np.float32)
+    w_attn, b_attn, w_proj, b_proj = rng.normal(size=(6, 18)), rng.normal(size=18), rng.normal(size=(6, 6)), np.zeros(6)
+    out, cache = attention_forward(x, w_attn, b_attn, w_proj, b_proj, 2)
+    assert out.dtype == np.float64, f"forward output is {out.dtype}"
+    grads = attention_backward(np.ones(out.shape, dtype=np.float32), cache)
+    names = ["dx", "dw_attn", "db_attn", "dw_proj", "db_proj"]
+    narrow = [(n, g.dtype) for n, g in zip(names, grads) if n != "dx" and g.dtype != np.float64]
+    assert not narrow, f"parameter gradients rounded below the forward's float64: {narrow}"

@@ -325,7 +325,7 @@ def test_sdpa_mask_is_bottom_right_aligned_when_queries_are_fewer_than_keys(T, P
     scores = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(hs)
     allowed = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # (T, P + T)
     expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
-    assert torch.equal(causal_mask(T, P + T), allowed), f"causal_mask({T}, {P + T}) differs from s <= P + t"
+    assert torch.equal(~causal_mask(T, P + T), allowed), f"causal_mask({T}, {P + T}) differs from s > P + t"
     assert_close(f"sdpa_attention T={T} P={P}", sdpa_attention(q, k, v), expected, forward_tol("float64"))
     assert_close(f"explicit_attention T={T} P={P}", explicit_attention(q, k, v), expected, forward_tol("float64"))
     if P > 0 and T > 1:
@@ -1212,3 +1212,26 @@ def test_the_fused_bf16_loss_holds_for_large_logits():
     loss = _Bf16LogitsLoss.apply(torch.full((1, V), 1e30, dtype=torch.bfloat16), torch.tensor([3]), torch.ones(1),
                                  torch.zeros(1))
     assert abs(loss.item() - math.log(V)) < 1e-5, f"loss {loss.item()} vs log(V) = {math.log(V)}"
+
+
+def test_block_and_attention_refuse_dropout_they_would_ignore():
+    """An unknown block mask key (a misspelt 'attn.weight') was silently no mask; a mask with
+    attn_dropout_p > 0 silently dropped p; p > 0 under vmap reached SDPA and failed inside torch."""
+    from torch_impl.attention import attention_forward
+    from torch_impl.block import block_forward
+
+    model = GPTModel(get_config("tiny"), seed=0)
+    C, nh = model.config.emb_dim, model.config.n_heads
+    block = {name[len("h.0."):]: t for name, t in model.named_parameters() if name.startswith("h.0.")}
+    x = torch.randn(1, 3, C)
+    with pytest.raises(ValueError, match=r"unknown block dropout mask\(s\) \['attn.weight'\]"):
+        block_forward(x, block, nh, model.config.ln_eps, masks={"attn.weight": torch.ones(1, nh, 3, 3)})
+    # With the attention mask given, the block's torch-drawn p is not passed on: the mask is the dropout.
+    mask = torch.ones(1, nh, 3, 3)
+    out = block_forward(x, block, nh, model.config.ln_eps, masks={"attn.weights": mask}, drop_p=0.5, training=True)
+    assert out.shape == x.shape, f"block output {tuple(out.shape)}"
+    w = (block["attn.c_attn.weight"], block.get("attn.c_attn.bias"), block["attn.c_proj.weight"], block["attn.c_proj.bias"])
+    with pytest.raises(ValueError, match="an attn_dropout_mask and attn_dropout_p=0.5 were both given"):
+        attention_forward(x, *w, nh, mask, attn_dropout_p=0.5)
+    with pytest.raises(ValueError, match="attn_dropout_p=0.5 is drawn inside SDPA, which has no vmap rule"):
+        torch.func.vmap(lambda xi: attention_forward(xi[None], *w, nh, attn_dropout_p=0.5))(x)

@@ -37,6 +37,7 @@ Without grad (evaluation, decoding) bf16 is faster at every length and stays.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,11 @@ SDPA_FP32_BELOW_T = 512  # CPU bf16 training: float32 attention below this many 
 
 
 def causal_mask(T: int, Tk: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bottom-right-aligned causal mask (T, Tk), True where query t may see key s (s <= Tk - T + t)."""
+    """(T, Tk) boolean, True where key s is in the future of query t (s > P + t, P = Tk - T): the
+    entries masked out, aligned to the bottom-right corner, as numpy_ref's causal_mask.
+    SDPA's boolean attn_mask means the opposite (True: may attend), so it gets ~causal_mask."""
     past = Tk - T
-    return torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, Tk)
+    return torch.ones(T, Tk, dtype=torch.bool, device=device).triu(diagonal=past + 1)  # (T, Tk)
 
 
 def fp32_attention_pays(q: torch.Tensor) -> bool:
@@ -74,8 +77,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
     if T == 1:
         # One new query at the end sees every key: no mask at all.
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
-    mask = causal_mask(T, Tk, q.device)  # (T, Tk), broadcast over (B, nh)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # -> (B, nh, T, hs)
+    allowed = ~causal_mask(T, Tk, q.device)  # (T, Tk), True where query t may see key s; broadcast over (B, nh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)  # -> (B, nh, T, hs)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -83,7 +86,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The same attention, step by step, with an explicit dropout mask on the weights."""
     T, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
-    scores = scores.masked_fill(~causal_mask(T, Tk, q.device), float("-inf"))
+    scores = scores.masked_fill(causal_mask(T, Tk, q.device), float("-inf"))  # future keys get weight 0
     att = torch.softmax(scores, dim=-1)  # every row keeps at least key 0, so no row is all -inf
     if dropout_mask is not None:
         if tuple(dropout_mask.shape) != tuple(att.shape):
@@ -98,18 +101,38 @@ def attention_forward(x: torch.Tensor, w_attn: torch.Tensor, b_attn: torch.Tenso
     """Causal self-attention of x (optionally after `kv_cache.past` cached positions).
 
     attn_dropout_mask (B, nh, T, P + T): explicit dropout on the attention weights (takes the
-    explicit path). attn_dropout_p: torch-drawn dropout inside SDPA (pass 0 in evaluation).
+    explicit path). attn_dropout_p: torch-drawn dropout inside SDPA (pass 0 in evaluation). The
+    two are exclusive: a mask with attn_dropout_p > 0 is refused (it would drop twice, or the
+    mask would silently replace p).
     """
+    if x.ndim != 3:
+        raise ValueError(f"attention: x must be (B, T, C), got shape {tuple(x.shape)}")
     B, T, C = x.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"attention: x must have B >= 1 and T >= 1, got shape {tuple(x.shape)}")
+    if isinstance(n_heads, bool) or not isinstance(n_heads, numbers.Integral):
+        raise TypeError(f"attention: n_heads must be an int, got {n_heads!r} ({type(n_heads).__name__})")
+    if n_heads < 1:
+        raise ValueError(f"attention: n_heads must be >= 1, got {n_heads}")
     if C % n_heads != 0:
-        raise ValueError(f"emb_dim C={C} is not divisible by n_heads={n_heads}")
+        raise ValueError(f"attention: C={C} is not divisible by n_heads={n_heads}")
+    if tuple(w_attn.shape) != (C, 3 * C) or tuple(w_proj.shape) != (C, C):
+        raise ValueError(f"attention: w_attn {tuple(w_attn.shape)} and w_proj {tuple(w_proj.shape)} must be "
+                         f"{(C, 3 * C)} and {(C, C)} for C={C}")
+    if attn_dropout_mask is not None and attn_dropout_p != 0.0:
+        raise ValueError(f"attention: an attn_dropout_mask and attn_dropout_p={attn_dropout_p} were both given; "
+                         "pass the mask with attn_dropout_p=0, or p without a mask")
+    if attn_dropout_p != 0.0 and (under_vmap() or under_forward_ad()):
+        raise ValueError(f"attention: attn_dropout_p={attn_dropout_p} is drawn inside SDPA, which has no vmap rule "
+                         "and no forward-mode derivative; pass explicit attention dropout masks instead")
+    n_heads = int(n_heads)
     hs = C // n_heads
     qkv = linear_forward(x, w_attn, b_attn)  # (B, T, C) -> (B, T, 3C)
     qkv = qkv.view(B, T, 3, n_heads, hs)  # (B, T, 3C) -> (B, T, 3, nh, hs): [q | k | v], heads side by side
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)  # (B, nh, T, hs) -> (B, nh, P + T, hs)
-    if attn_dropout_mask is not None or (attn_dropout_p == 0.0 and (under_vmap() or under_forward_ad())):
+    if attn_dropout_mask is not None or under_vmap() or under_forward_ad():
         # Explicit masks need the explicit path; so do torch.func.vmap, for which torch's SDPA
         # kernels have no batching rule (a slow per-sample fallback with a warning), and
         # forward-mode AD (torch.func.jvp, forward_ad), for which the fused kernels have no derivative.

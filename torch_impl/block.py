@@ -36,10 +36,14 @@ def block_forward(x: torch.Tensor, p: Mapping[str, torch.Tensor], n_heads: int, 
                   drop_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """x + attention branch, then + MLP branch; dropout from `masks`, else torch's when training."""
     masks = masks or {}
+    unknown = [key for key in masks if key not in BLOCK_MASK_KEYS]  # not sorted: keys of mixed types
+    if unknown:
+        raise ValueError(f"unknown block dropout mask(s) {unknown}; known: {BLOCK_MASK_KEYS}")
+    attn_mask = masks.get("attn.weights")
     a = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # (B, T, C)
     a = attention_forward(a, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"), p["attn.c_proj.weight"],
-                          p["attn.c_proj.bias"], n_heads, masks.get("attn.weights"), kv_cache=kv_cache,
-                          attn_dropout_p=drop_p if training else 0.0)  # (B, T, C)
+                          p["attn.c_proj.bias"], n_heads, attn_mask, kv_cache=kv_cache,
+                          attn_dropout_p=drop_p if training and attn_mask is None else 0.0)  # (B, T, C)
     x = x + dropout_forward(a, drop_p, training, masks.get("attn.out"))  # (B, T, C)
     m = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], eps)  # (B, T, C)
     m = mlp_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"], p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
