@@ -343,3 +343,16 @@ def test_decode_path_is_not_taken_on_cuda():
     with torch.no_grad(), counting_decode_steps() as calls:
         _one_step(model)
     assert calls == [], f"decode_step ran on CUDA ({calls})"
+
+
+def test_decode_step_called_with_grad_on_is_refused_by_name():
+    """Called directly with grad mode on, its in-place adds built a graph and broke it: the
+    backward failed with autograd's in-place error, naming nothing of decoding."""
+    model = GPTModel(GPTConfig(vocab_size=64, context_length=8, emb_dim=32, n_layers=1, n_heads=2), seed=0)
+    cache = model.new_kv_cache(1)
+    with pytest.raises(RuntimeError, match="decode_step runs without gradients"):
+        torch_impl.decode.decode_step(model, torch.zeros(1, 1, dtype=torch.long), cache)
+    assert cache.length == 0, f"the refused step advanced the cache to {cache.length}"
+    with torch.no_grad():
+        logits = torch_impl.decode.decode_step(model, torch.zeros(1, 1, dtype=torch.long), cache)
+    assert logits.shape == (1, 1, 64) and cache.length == 1, f"{tuple(logits.shape)}, cache at {cache.length}"

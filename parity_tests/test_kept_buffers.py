@@ -109,6 +109,8 @@ def test_gradients_returned_by_autograd_grad_survive_the_next_backward():
 
 def test_logits_kept_by_the_caller_survive_and_dropped_logits_are_reused():
     model = _model(True).eval()
+    _backward(model, 9)  # a training step keeps the logits buffer (inference alone keeps none)
+    model.zero_grad(set_to_none=True)
     with torch.no_grad(), head_slices(7):
         first = model(_batch(0)[0])  # in the head's kept buffer
         value = first.clone()
@@ -191,3 +193,22 @@ def test_release_and_moving_the_model_let_the_buffers_go(how):
     assert_close("c_attn gradient after release", model.h[0].attn.c_attn.weight.grad,
                  _grads_alone(_model(False), 1)["h.0.attn.c_attn.weight"], EXACT)
 
+
+
+def test_inference_alone_keeps_no_logits():
+    """A forward without gradients on a fresh model (evaluation, generation without a cache,
+    classification) held its N x V logits buffer for as long as the model lived; now it keeps
+    nothing, and still reuses free logits that training kept."""
+    model = _model(True).eval()
+    with torch.no_grad(), head_slices(7):
+        logits = model(_batch(0)[0])
+    del logits
+    assert kept_buffers.kept_bytes([model.wte.weight]) == 0, (
+        f"inference kept {kept_buffers.kept_bytes([model.wte.weight])} bytes of logits")
+    model.train()
+    _backward(model, 1)  # training keeps its logits
+    kept = kept_buffers._kept[model.wte.weight]["logits"]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), head_slices(7):
+        again = model(_batch(2)[0])
+    assert again.data_ptr() == kept.data_ptr(), "evaluation did not reuse the logits training kept"

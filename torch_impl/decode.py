@@ -50,7 +50,14 @@ def decodes_fast(model, ids, kv_cache: KVCache | None) -> bool:
 
 def decode_step(model, ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
     """Logits (B, 1, V) for one new token per row, ids (B, 1), after the kv_cache's P positions;
-    writes position P of every layer's cache, then advances it by 1. Runs under torch.no_grad()."""
+    writes position P of every layer's cache, then advances it by 1.
+
+    Only where `decodes_fast` says yes (GPTModel.forward asks it): under torch.no_grad(), with the
+    cache's dtype, device and batch size the model's. Its in-place adds would break a graph, so
+    grad mode is refused here by name."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("decode_step runs without gradients (inference); call it under torch.no_grad(), "
+                           "or call the model, which takes it only when decodes_fast allows")
     cfg = model.config
     P = kv_cache.length
     wte, wpe = model.wte.weight, model.wpe.weight

@@ -99,7 +99,7 @@ def head_forward(x: torch.Tensor, head: torch.Tensor, tied_grad=None) -> torch.T
         return x.to(torch.bfloat16) @ hb.T  # (B, T, C) @ (C, V) -> (B, T, V), bf16
     if not (head_is_sliced(head) and x.dtype == head.dtype):
         return x @ head.T  # (B, T, C) @ (C, V) -> (B, T, V)
-    logits, _ = _SlicedHead.apply(rows, head, None, None, tied_grad)  # (N, V)
+    logits, _ = _SlicedHead.apply(rows, head, None, None, tied_grad, torch.is_grad_enabled())  # (N, V)
     return logits.view(*x.shape[:-1], head.shape[0])  # (N, V) -> (B, T, V)
 
 
@@ -128,7 +128,8 @@ def head_loss_forward(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
         logits = head_forward(x, head, tied_grad)  # (B, T, V), bf16
         loss = _Bf16LogitsLoss.apply(logits.view(-1, V), rows_target, weights, head)
         return logits, loss
-    logits, loss = _SlicedHead.apply(x.reshape(-1, x.shape[-1]), head, rows_target, weights, tied_grad)
+    logits, loss = _SlicedHead.apply(x.reshape(-1, x.shape[-1]), head, rows_target, weights, tied_grad,
+                                     torch.is_grad_enabled())
     return logits.view(*x.shape[:-1], V), loss  # (N, V) -> (B, T, V), ()
 
 
@@ -194,14 +195,16 @@ def plain_logits_loss(logits, targets, weights, owner=None):
 class _SlicedHead(torch.autograd.Function):
     """logits = x @ head.T in slices of HEAD_CHUNK vocabulary rows, and the weighted loss if given.
 
-    forward(x (N, C), head (V, C), targets (N,) or None, weights (N,) or None, tied_grad)
+    forward(x (N, C), head (V, C), targets (N,) or None, weights (N,) or None, tied_grad, training)
         -> logits (N, V), loss () (None without targets)
+    training: grad mode was on at the call (inside forward it is always off); without it the
+    logits reuse free kept memory but keep none of their own (kept_buffers.py).
     """
 
     @staticmethod
-    def forward(ctx, x, head, targets, weights, tied_grad):
+    def forward(ctx, x, head, targets, weights, tied_grad, training):
         N, V = x.shape[0], head.shape[0]
-        logits = kept_buffer(head, "logits", (N, V), x.dtype)  # (N, V), memory kept from the last call
+        logits = kept_buffer(head, "logits", (N, V), x.dtype, keep_new=training)  # (N, V), memory kept from the last step
         run_max = x.new_full((N,), float("-inf"))  # running max of each row's logits
         run_sum = x.new_zeros(N)  # running sum of exp(logit - run_max)
         # oneDNN's float32 products where they beat MKL (linear.py; a step 0.976x the time)
@@ -232,7 +235,8 @@ class _SlicedHead(torch.autograd.Function):
     def backward(ctx, dlogits, dloss):
         x, head, logits, run_max, run_sum, targets, weights = ctx.saved_tensors  # logits None without targets
         if backward_takes_plain_formulas(dlogits, dloss):  # create_graph, vmap, compiled autograd: see kept_buffers.py
-            return graph_backward(ctx, plain_head_loss, (x, head, targets, weights, ctx.tied_grad), (dlogits, dloss))
+            return graph_backward(ctx, plain_head_loss, (x, head, targets, weights, ctx.tied_grad),
+                                  (dlogits, dloss)) + (None,)  # no gradient for `training`
         N, V = x.shape[0], head.shape[0]
         row_scale = None if dloss is None or targets is None else dloss * weights  # (N,): dloss / n, or 0
         if row_scale is not None:
@@ -271,7 +275,7 @@ class _SlicedHead(torch.autograd.Function):
         if dhead is not None and ctx.tied_grad is not None:
             ctx.tied_grad.give(dhead)  # the embedding's backward adds to it and returns it
             dhead = None
-        return dx, dhead, None, None, None
+        return dx, dhead, None, None, None, None
 
 
 class _Bf16LogitsLoss(torch.autograd.Function):

@@ -19,6 +19,8 @@ storage object, a numpy array of it, or sent it to another process (shared memor
 reused). While anything else holds it (w.grad still set, as in gradient accumulation; a tensor
 returned by torch.autograd.grad; last step's logits kept by the caller), the new tensor gets
 transient memory, exactly as without this module, and nothing anyone can see is overwritten.
+A forward without gradients (evaluation, inference) reuses free kept logits of its size but
+keeps no new memory of its own.
 The values are the same either way; only where they live differs.
 
 Training under bf16 autocast on a CPU with bf16 units (linear.kept_bf16_linear, head.py) keeps
@@ -79,10 +81,15 @@ def _only_ours(buf: torch.Tensor) -> bool:
             and not storage.is_shared())
 
 
-def kept_buffer(owner: torch.Tensor, use: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def kept_buffer(owner: torch.Tensor, use: str, shape: tuple[int, ...], dtype: torch.dtype, *,
+                keep_new: bool = True) -> torch.Tensor:
     """A new uninitialised contiguous tensor of `shape` on owner's device: over the storage kept
     for (owner, use) when it is free and the right size (see top); over new memory, kept from then
-    on, when there is none yet; over transient memory while the kept storage is in use."""
+    on, when there is none yet; over transient memory while the kept storage is in use.
+
+    keep_new=False (a forward without gradients: evaluation, inference) reuses a free kept
+    buffer of the right size but never keeps new memory: inference alone holds nothing after its
+    results are dropped."""
     shape = tuple(shape)
     if not keeps_memory(owner):
         return torch.empty(shape, dtype=dtype, device=owner.device)
@@ -96,6 +103,8 @@ def kept_buffer(owner: torch.Tensor, use: str, shape: tuple[int, ...], dtype: to
                 return torch.empty(shape, dtype=dtype, device=owner.device)
             kept = None  # handed to another process: never ours again
         if kept is None or kept.shape != shape or kept.dtype != dtype:
+            if not keep_new:
+                return torch.empty(shape, dtype=dtype, device=owner.device)
             kept = torch.empty(shape, dtype=dtype, device=owner.device)
             uses[use] = kept
         # A plain tensor over the same storage (not a view: callers may modify it in place).
