@@ -28,9 +28,7 @@ from numpy_ref import functional as F
 from numpy_ref.attention import attention_backward, attention_forward, causal_mask
 from numpy_ref.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from numpy_ref.embedding import check_ids, embedding_backward, embedding_forward
-from numpy_ref.gelu import gelu_backward, gelu_forward
 from numpy_ref.layernorm import layernorm_backward, layernorm_forward
-from numpy_ref.linear import linear_backward, linear_forward
 from numpy_ref.mlp import mlp_backward, mlp_forward
 from numpy_ref.model import split_masks
 from numpy_ref.params import block_param_shapes
@@ -50,27 +48,8 @@ def _embedding_vjp(dout, cache):
     return (None, *embedding_backward(dout, cache))  # the ids get no gradient
 
 
-def fused_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    if b is None:
-        return custom_op(_linear_nobias_forward, _linear_nobias_backward, x, w)
-    return custom_op(linear_forward, linear_backward, x, w, b)
-
-
-def _linear_nobias_forward(x, w):
-    return linear_forward(x, w, None)
-
-
-def _linear_nobias_backward(dout, cache):
-    dx, dw, _ = linear_backward(dout, cache)
-    return dx, dw
-
-
 def fused_layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     return custom_op(layernorm_forward, layernorm_backward, x, w, b, eps=eps)
-
-
-def fused_gelu(x: Tensor) -> Tensor:
-    return custom_op(gelu_forward, gelu_backward, x)
 
 
 def fused_attention(x: Tensor, w_attn: Tensor, b_attn: Tensor | None, w_proj: Tensor, b_proj: Tensor, n_heads: int,
@@ -131,6 +110,8 @@ def composed_gelu(x: Tensor) -> Tensor:
 def composed_attention(x: Tensor, w_attn: Tensor, b_attn: Tensor | None, w_proj: Tensor, b_proj: Tensor, n_heads: int,
                        attn_dropout_mask: np.ndarray | None = None) -> Tensor:
     B, T, C = x.shape
+    if C % n_heads != 0:  # the fused attention's message, not a reshape error
+        raise ValueError(f"attention: C={C} is not divisible by n_heads={n_heads}")
     hs = C // n_heads
     qkv = composed_linear(x, w_attn, b_attn)  # (B, T, C) -> (B, T, 3C)
     qkv = qkv.reshape(B, T, 3, n_heads, hs).permute(2, 0, 3, 1, 4)  # (B, T, 3C) -> (3, B, nh, T, hs)

@@ -70,7 +70,7 @@ def cross_entropy_forward(logits: np.ndarray, targets, ignore_index: int | None 
     targets, counted, n = check_targets(logits.shape, targets, ignore_index)
     V = logits.shape[-1]
     z = logits.reshape(-1, V)  # (..., V) -> (N, V)
-    y = targets.reshape(-1)  # (...) -> (N,)
+    y = targets.reshape(-1).copy()  # (...) -> (N,); a copy: a caller reusing its buffer must not move the gradient
     rows = np.flatnonzero(counted.reshape(-1))  # the counted rows, (n,)
     every = np.arange(z.shape[0])  # (N,)
     k = z.argmax(axis=1)  # (N,): where each row's max is

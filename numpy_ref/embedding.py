@@ -55,7 +55,9 @@ def embedding_forward(ids, wte: np.ndarray, wpe: np.ndarray, pos_offset: int = 0
     T = ids.shape[1]
     tok = wte[ids]  # (B, T) -> (B, T, C), a gather (a copy)
     tok += wpe[pos_offset:pos_offset + T]  # (B, T, C) + (T, C) -> (B, T, C), in place
-    return tok, (ids, wte.shape, wpe.shape, wte.dtype, pos_offset)
+    # The cache keeps a copy of the ids: a caller refilling its id buffer before the backward
+    # would otherwise move the gradient to other rows of wte, silently.
+    return tok, (ids.copy(), wte.shape, wpe.shape, wte.dtype, pos_offset)
 
 
 def embedding_backward(dout: np.ndarray, cache):

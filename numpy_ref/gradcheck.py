@@ -6,7 +6,8 @@ element is nudged by +-h, h = eps * max(1, |x_j|), and
 
     ds/dx_j ~ (s(x + h e_j) - s(x - h e_j)) / ((x_j + h) - (x_j - h))     error O(h^2) + O(u/h)
 
-in float64 (unit roundoff u ~ 1e-16): with eps = 1e-6 both terms are near 1e-10 relative. The
+in float64 (unit roundoff u ~ 1e-16): with eps = 1e-6 the rounding term is near 1e-10 relative
+and the truncation term near 1e-12 (times the third derivative). The
 step scales with |x_j| and the division is by the step actually taken: a fixed 1e-6 is lost in
 the rounding of x_j = 1e11 (x_j + 1e-6 == x_j: every numerical gradient 0, and a backward that
 returned zeros passed), and rounded at 1e8 (the estimate 5% off).
@@ -167,8 +168,13 @@ def gradcheck_vjp(f: Callable[..., np.ndarray], vjp: Callable[[np.ndarray], Sequ
     """
     arrays = [np.asarray(a) for a in arrays]
     _check_differentiable(arrays)
+    out_shape = np.shape(f(*arrays))
     if G is None:
-        G = _upstream(np.shape(f(*arrays)), upstream_seed, rng)
+        G = _upstream(out_shape, upstream_seed, rng)
+    elif np.shape(G) != out_shape:
+        # A G that merely broadcasts (a 0-d G is an all-ones cotangent, which cannot tell a
+        # permuted gradient from the right one) would weaken the check without a word.
+        raise ValueError(f"gradcheck_vjp: G has shape {np.shape(G)}; the output has shape {out_shape}")
     analytic = vjp(G)
     analytic = (analytic,) if not isinstance(analytic, (tuple, list)) else tuple(analytic)
     if len(analytic) != len(arrays):

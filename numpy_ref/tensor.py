@@ -213,8 +213,9 @@ def _common_dtype(tensors: Sequence[Tensor]) -> np.dtype:
 def _operands(*values) -> tuple[Tensor, ...]:
     """Tensors stay; constants (numbers, arrays) become constant tensors of the tensors' dtype.
 
-    A float array constant must already have that dtype: converting float64 into a float32
-    computation (or the reverse) silently is exactly the drift this engine refuses.
+    A float array constant of one or more dimensions must already have that dtype: converting
+    float64 into a float32 computation (or the reverse) silently is exactly the drift this engine
+    refuses. Numbers, 0-d arrays and NumPy scalars are converted (one value, like a literal).
     """
     dtype = _common_dtype([v for v in values if isinstance(v, Tensor)])
     out = []

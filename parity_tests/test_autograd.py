@@ -689,3 +689,83 @@ def test_concatenate_names_an_axis_it_cannot_take():
         nt.concatenate([a, b], axis=None)
     with pytest.raises(TypeError, match="axis True must be an integer"):
         nt.concatenate([a, b], axis=True)
+
+
+@pytest.mark.parametrize("ops", [FUSED, COMPOSED], ids=["fused", "composed"])
+def test_refilling_the_id_and_target_buffers_before_backward_moves_no_gradient(ops):
+    """The engine copies its index arrays; the fused embedding and cross-entropy kept the caller's
+    ids and targets by reference, so a data loader refilling its buffer before the backward sent
+    the gradient to other rows of wte and other classes (the composed ones did not)."""
+    cfg = GPTConfig(vocab_size=16, context_length=4, emb_dim=8, n_layers=1, n_heads=2)
+    params = GPTModel(cfg, seed=0).params
+    ids, targets = np.array([[1, 2, 3]]), np.array([[4, 5, 6]])
+    _, _, expected = autograd_loss_and_grads(ops, params, ids.copy(), targets.copy(), cfg)
+    from numpy_ref.autograd_layers import gpt_forward_autograd
+
+    leaves = {name: Tensor(value, requires_grad=True) for name, value in params.items()}
+    _, loss = gpt_forward_autograd(ops, leaves, ids, cfg, targets)
+    ids[...] = 0
+    targets[...] = 0
+    loss.backward()
+    for name, want in expected.items():
+        assert np.array_equal(leaves[name].grad, want), f"{ops.name}: {name}'s gradient moved with the refilled buffers"
+
+
+def test_hand_written_layers_keep_their_own_ids_and_targets():
+    """The hand-written layers' backwards (numpy_ref's GPTModel chains them) read the ids and
+    targets their forwards saw, not the caller's buffer."""
+    from numpy_ref.cross_entropy import cross_entropy_backward
+    from numpy_ref.embedding import embedding_backward, embedding_forward
+
+    model = GPTModel(GPTConfig(vocab_size=16, context_length=4, emb_dim=8, n_layers=1, n_heads=2), seed=0)
+    ids, targets = np.array([[1, 2, 3]]), np.array([[4, 5, 6]])
+
+    _, cache = embedding_forward(ids, model.params["wte.weight"], model.params["wpe.weight"])
+    _, ce_cache = cross_entropy_forward(np.zeros((1, 3, 16)), targets)
+    ids[...] = 0
+    targets[...] = 0
+    dwte, _ = embedding_backward(np.ones((1, 3, 8)), cache)
+    assert np.array_equal(np.flatnonzero(dwte.any(axis=1)), [1, 2, 3]), "embedding_backward read the refilled ids"
+    dlogits = cross_entropy_backward(1.0, ce_cache)
+    assert np.array_equal(dlogits.reshape(3, 16).argmin(axis=1), [4, 5, 6]), "cross_entropy_backward read the refilled targets"
+
+
+def test_leaf_gradients_are_fresh_writable_arrays():
+    """A leaf's .grad is its own array: never the caller's G, nor the read-only broadcast view a
+    sum's backward makes (an in-place clip or optimizer step would corrupt G, or fail)."""
+    x = Tensor(np.zeros(3), requires_grad=True)
+    G = np.ones(3)
+    (x + 0.0).backward(G)
+    assert x.grad is not G and not np.shares_memory(x.grad, G), "x.grad is the caller's upstream gradient"
+    x.grad *= 2.0  # must not write into G
+    assert np.array_equal(G, np.ones(3)), f"clipping x.grad changed G to {G}"
+    y = Tensor(np.zeros(3), requires_grad=True)
+    y.sum().backward()
+    assert y.grad.flags.writeable, "y.grad after .sum() is a read-only view"
+
+
+def test_gradcheck_vjp_refuses_an_upstream_of_the_wrong_shape():
+    """A 0-d G broadcast into an all-ones cotangent, which cannot catch a permuted gradient."""
+    x = np.arange(3.0)
+    with pytest.raises(ValueError, match=r"G has shape \(\); the output has shape \(3,\)"):
+        gradcheck_vjp(lambda a: a * 2, lambda G: (2 * G * np.ones(3),), [x], G=np.array(1.0))
+
+
+def test_binary_cross_entropy_and_dropout_refuse_values_torch_refuses():
+    with pytest.raises(ValueError, match=r"target 5.0 at \(0,\) is outside \[0, 1\]"):
+        nf.binary_cross_entropy(Tensor(np.array([0.3])), np.array([5.0]))
+    with pytest.raises(ValueError, match=r"target nan at \(1,\) is outside \[0, 1\]"):
+        nf.binary_cross_entropy(Tensor(np.array([0.3, 0.4])), np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match=r"mask value 1e-09 at \(0,\) is neither 0 nor 1/\(1-p\)"):
+        nf.dropout(Tensor(np.ones(2)), 0.5, np.array([1e-9, 2.0]))
+    kept = nf.dropout(Tensor(np.ones(2)), 0.1, np.array([0.0, 1 / 0.9], dtype=np.float32))  # float32 rounding of 1/(1-p)
+    assert kept.data[0] == 0.0, f"dropped element is {kept.data[0]}"
+
+
+@pytest.mark.parametrize("array_shape, index_shape", [((1, 5), (3, 2)), ((3, 5), (1, 2))],
+                         ids=["array-broadcast", "indices-broadcast"])
+def test_gradcheck_take_along_axis_broadcasting_between_array_and_indices(array_shape, index_shape):
+    """NumPy broadcasts the non-axis sizes of the array and the indices against each other; the
+    backward must sum the gradient back to the array's size-1 axes (the drawn cases never do this)."""
+    indices = np.random.default_rng(0).integers(0, array_shape[1], size=index_shape)
+    gradcheck(lambda t: nt.take_along_axis(t, indices, 1), [values(1, array_shape)], upstream_seed=1, **TOL)
