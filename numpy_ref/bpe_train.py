@@ -8,6 +8,8 @@ The algorithm (Sennrich et al. 2016, at the byte level as in GPT-2):
 3. Repeat until the vocabulary has `vocab_size` tokens: count every adjacent pair of tokens over
    all pieces (weighted by how often each piece occurs), take the most frequent pair, give the
    concatenation the next rank, and merge that pair everywhere, left to right without overlap.
+   Counting takes every adjacent position, overlapping ones too: "aaa" counts (a, a) twice,
+   though merging it gives [aa, a] (as minbpe and Hugging Face's trainer count).
 
 Tie-break (documented and deterministic, independent of dict order): among pairs with the
 highest count, the pair `(left, right)` with the smallest left id wins, then the smallest right
@@ -15,7 +17,9 @@ id; i.e. the pair built from the earliest-learned tokens.
 
 Two different pairs can concatenate to the same bytes (`(ab, c)` and `(a, bc)` both give `abc`).
 A `.tiktoken` file maps bytes to one rank, so when the winning pair's bytes are already a token
-the pair is merged into that existing token and no new rank is used.
+the pair is merged into that existing token and no new rank is used. This is a guard: no corpus
+tried has reached it (a review drew thousands), and global left-to-right merges seem to rule
+it out, since a merged pair's adjacency never forms again; but nothing here depends on that.
 
 The saved file is what tiktoken loads (`tiktoken.load.load_tiktoken_bpe`); tiktoken and
 `numpy_ref.tokenizer.Encoding` built from it encode identically (a parity test checks this).
@@ -72,8 +76,11 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR,
         raise ValueError(f"vocab_size must be >= 256 (the single bytes), got {vocab_size}")
     # Lone surrogates cannot be UTF-8 encoded: U+FFFD in their place, as the tokenizer's encode does.
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(special_tokens, str):
-        raise TypeError(f"special_tokens must be a collection of strings, got the string {special_tokens!r}")
+    if isinstance(special_tokens, (str, bytes)) or not isinstance(special_tokens, Collection):
+        raise TypeError(f"special_tokens must be a collection of strings, got {special_tokens!r}")
+    for i, token in enumerate(special_tokens):
+        if not isinstance(token, str):
+            raise TypeError(f"special_tokens item {i} is {token!r} ({type(token).__name__}); each must be a str")
     # Longest first, so that a special token containing another is cut whole.
     cut = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True) if t)
     segments = regex.split(cut, text) if cut else [text]  # the text between special tokens
@@ -105,10 +112,9 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR,
             if pair_counts.get((left, right)) == -negative_count:
                 best = (left, right)
         if best is None:
-            raise ValueError(
-                f"the corpus supports only {len(token_bytes)} tokens (every piece is a single token), "
-                f"fewer than vocab_size={vocab_size}"
-            )
+            why = "every piece is a single token" if words else "the text has no pieces to learn from"
+            raise ValueError(f"the corpus supports only {len(token_bytes)} tokens ({why}), "
+                             f"fewer than vocab_size={vocab_size}")
         merged = token_bytes[best[0]] + token_bytes[best[1]]
         if merged in rank_of:
             new_id = rank_of[merged]  # same bytes reached by another pair: reuse that token
@@ -140,15 +146,31 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = GPT2_PAT_STR,
 
 
 def save_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> None:
-    """Write `ranks` as a `.tiktoken` file (`base64(token) rank` per line, by rank), atomically."""
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError("ranks must be exactly 0 .. n-1, each once, to be loaded by tiktoken")
+    """Write `ranks` as a `.tiktoken` file (`base64(token) rank` per line, by rank), atomically.
+
+    Refused, naming the first offender: a token that is not non-empty bytes (an empty token
+    writes a line no loader reads back), and ranks that are not exactly 0 .. n-1, each once."""
+    for token, rank in ranks.items():
+        if not isinstance(token, bytes) or not token:
+            raise ValueError(f"token {token!r} (rank {rank!r}): every token must be non-empty bytes")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise ValueError(f"token {token!r} has rank {rank!r}; ranks must be ints")
+    seen = Counter(ranks.values())
+    for expected in range(len(ranks)):
+        if seen[expected] != 1:
+            what = "is missing" if seen[expected] == 0 else f"is given to {seen[expected]} tokens"
+            raise ValueError(f"ranks must be exactly 0 .. {len(ranks) - 1}, each once, to be loaded by tiktoken: "
+                             f"rank {expected} {what}")
     lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
     atomic_write(path, lambda f: f.write(b"\n".join(lines) + b"\n"))  # a reader never sees half a file
 
 
 def train_encoding(text: str, vocab_size: int, name: str = "trained", pat_str: str = GPT2_PAT_STR) -> Encoding:
     """A ready Encoding from `train_bpe`, with `<|endoftext|>` as the id after the last rank (and
-    cut out of the training text: its characters are not learned as ordinary text)."""
+    cut out of the training text: its characters are not learned as ordinary text).
+
+    `vocab_size` counts the learned tokens only: the encoding has vocab_size + 1 ids (n_vocab),
+    `<|endoftext|>` being id vocab_size. A model for it needs GPTConfig.vocab_size >= n_vocab
+    (GPT-2's 50257 is 50256 learned tokens plus end-of-text)."""
     ranks = train_bpe(text, vocab_size, pat_str, special_tokens=(ENDOFTEXT,))
     return Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})

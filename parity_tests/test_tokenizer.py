@@ -662,3 +662,42 @@ def test_tokenizer_benchmark_quick_run_reports_matching_ids_and_a_bounded_cache(
     assert 0 < result["cache_size"] <= result["cache_maxsize"], (result["cache_size"], result["cache_maxsize"])
     assert result["ratio"] == pytest.approx(result["ours_s"] / result["tiktoken_s"]), result
     assert result["text_megabytes"] > 0.3 and result["tokens"] > 50_000, result
+
+
+@pytest.mark.parametrize("special_tokens, match", [
+    (b"<|endoftext|>", r"special_tokens must be a collection of strings, got b'<\|endoftext\|>'"),
+    (None, "special_tokens must be a collection of strings, got None"),
+    ((1,), r"special_tokens item 0 is 1 \(int\); each must be a str"),
+    (("<|a|>", b"x"), r"special_tokens item 1 is b'x' \(bytes\); each must be a str"),
+])
+def test_bpe_training_refuses_special_tokens_that_are_not_strings(special_tokens, match):
+    """Only one bare string was caught: bytes gave "object of type 'int' has no len()"."""
+    with pytest.raises(TypeError, match=match):
+        bpe_train.train_bpe("hello world", 257, special_tokens=special_tokens)
+
+
+@pytest.mark.parametrize("ranks, match", [
+    ({b"": 0, b"a": 1}, r"token b'' \(rank 0\): every token must be non-empty bytes"),
+    ({b"a": 0, b"b": 2}, "rank 1 is missing"),
+    ({b"a": 0, b"b": 0}, "rank 0 is given to 2 tokens"),
+    ({"a": 0}, r"token 'a' \(rank 0\): every token must be non-empty bytes"),
+])
+def test_saving_ranks_no_loader_can_read_is_refused_naming_the_first_fault(tmp_path, ranks, match):
+    """An empty token wrote a line neither loader reads back ('expected base64 rank')."""
+    path = tmp_path / "bad.tiktoken"
+    with pytest.raises(ValueError, match=match):
+        bpe_train.save_tiktoken_bpe(ranks, path)
+    assert not path.exists(), "a refused table left a file behind"
+
+
+def test_bpe_training_on_text_with_no_pieces_says_so():
+    with pytest.raises(ValueError, match=r"only 256 tokens \(the text has no pieces to learn from\), fewer than vocab_size=257"):
+        bpe_train.train_bpe("", 257)
+
+
+def test_bpe_training_cuts_a_special_token_that_contains_another_whole():
+    """Longest first: '<|x|>zz' is cut whole, leaving one 'zz' per document, so 'ab' (5 times)
+    is the first merge; cut as '<|x|>' it would leave 'zzzz' and learn 'zz' (12 pairs)."""
+    ranks = bpe_train.train_bpe("ab<|x|>zzzz" * 5, 257, special_tokens=("<|x|>", "<|x|>zz"))
+    learned = [token for token, rank in ranks.items() if rank >= 256]
+    assert learned == [b"ab"], f"first merge {learned}, expected [b'ab']"
