@@ -36,17 +36,10 @@ from typing import Mapping
 import numpy as np
 
 from numpy_ref.cross_entropy import check_targets, cross_entropy_backward, cross_entropy_forward
-from numpy_ref.model import gpt_features_backward, gpt_features_forward
+from numpy_ref.model import check_seed, gpt_features_backward, gpt_features_forward
 from numpy_ref.params import block_param_shapes, param_shapes
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
-
-
-def check_seed(seed) -> int:
-    """Seeds are integers in 0 .. 2**64 - 1 in both trees (the head's generator derives from it)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r}")
-    return int(seed)
 
 
 def check_num_classes(num_classes) -> int:
@@ -183,8 +176,7 @@ class GPTClassifier:
     def from_gpt(cls, model, num_classes: int, seed: int = 0) -> "GPTClassifier":
         """A classifier on a copy of `model`'s trunk with a new head drawn from `seed`."""
         head = init_classifier_head(model.config, num_classes, _head_rng(check_seed(seed)), model.dtype)
-        trunk = {n: v.copy() for n, v in trunk_params(model.params).items()}
-        return cls(model.config, num_classes, dtype=model.dtype, params={**trunk, **head})
+        return cls(model.config, num_classes, dtype=model.dtype, params={**trunk_params(model.params), **head})
 
     def __call__(self, ids, *, lengths=None) -> np.ndarray:
         return classifier_forward(self.params, ids, self.config, lengths=lengths)[0]

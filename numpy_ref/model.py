@@ -34,6 +34,7 @@ llm.c `gpt2_forward`/`gpt2_backward`. torch_impl/model.py is the same model on a
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping
 
 import numpy as np
@@ -52,6 +53,14 @@ MASK_KEYS = ("embedding",) + tuple(f"h.{{i}}.{k}" for k in BLOCK_MASK_KEYS)
 def head_weight(params: Mapping[str, np.ndarray], config) -> np.ndarray:
     """The output head (V, C): `wte.weight` itself when tied, else `lm_head.weight`."""
     return params["wte.weight"] if config.tie_embeddings else params["lm_head.weight"]
+
+
+def check_seed(seed) -> int:
+    """Seeds are integers in 0 .. 2**64 - 1 in both trees, for GPTModel and GPTClassifier (numpy
+    refused -1 and took True, torch took -1 and refused 2**64, each with its own message)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r}")
+    return int(seed)
 
 
 def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
@@ -85,11 +94,11 @@ def gpt_features_forward(params: Mapping[str, np.ndarray], ids, config, *,
         blocks.append(c)  # (B, T, C) -> (B, T, C)
     if last_only:
         x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
-    f, ln_f = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.ln_eps)  # (B, T, C)
+    f, ln_f = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"], config.ln_eps)  # (B, T or 1, C)
     if kv_cache is not None:  # only now: a call that raised leaves the cache's length as it was
         kv_cache.advance(ids.shape[1])
     cache = dict(config=config, emb=emb, mask_e=mask_e, blocks=blocks, ln_f=ln_f, dtype=dtype, kv=kv_cache is not None,
-                 ce=None)
+                 ce=None, last_only=last_only)
     return f, cache
 
 
@@ -98,6 +107,9 @@ def gpt_features_backward(df: np.ndarray, cache) -> dict[str, np.ndarray]:
     df = dL/df (B, T, C) and the cache of `gpt_features_forward`."""
     if cache["kv"]:
         raise ValueError("the forward used a KV cache (inference); run it without one to train")
+    if cache["last_only"]:
+        raise ValueError("the forward ran with last_only=True (inference: the blocks' outputs at the other "
+                         "positions were dropped); run it without last_only to train")
     config, dtype = cache["config"], cache["dtype"]
     grads = {}
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(df, cache["ln_f"])
@@ -191,7 +203,7 @@ def split_masks(masks: Mapping[str, np.ndarray] | None, config, ids: np.ndarray,
             if not in_range or local not in expected_block:
                 raise ValueError(f"unknown dropout mask {key!r}; known: {MASK_KEYS} with i < {config.n_layers}")
             shape, target = expected_block[local], (int(parts[1]), local)
-        mask = np.asarray(mask).astype(dtype, copy=False)
+        mask = np.array(mask, dtype=dtype)  # a copy: refilling the caller's array must not move the gradients
         if mask.shape != shape:
             raise ValueError(f"dropout mask {key!r} has shape {mask.shape}; expected {shape}")
         if target is None:
@@ -216,6 +228,7 @@ class GPTModel:
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"GPTModel dtype must be float32 or float64, got {dtype}")
+        seed = check_seed(seed)
         self.config = config
         self.dtype = dtype
         if params is None:
@@ -246,7 +259,8 @@ class GPTModel:
 
     def dropout_masks(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A full set of training dropout masks at `config.drop_rate`, drawn from `rng`
-        ({} when the rate is 0: no dropout anywhere)."""
+        ({} when the rate is 0: no dropout anywhere). For a forward without a KV cache (training):
+        the attention masks are (B, nh, T, T)."""
         p = self.config.drop_rate
         if p == 0.0:
             return {}
@@ -289,8 +303,9 @@ class GPTModel:
 
 def checked_params(table: list[tuple[str, tuple[int, ...]]], params: Mapping[str, np.ndarray],
                    dtype) -> dict[str, np.ndarray]:
-    """The table's names in order, each shape-checked and converted to contiguous `dtype`
-    (classifier.py passes its own table)."""
+    """The table's names in order, each shape-checked and copied to contiguous `dtype`
+    (classifier.py passes its own table). A copy: a model built from another's params must not
+    share them, since the optimisers update parameters in place."""
     missing = [n for n, _ in table if n not in params]
     extra = sorted(set(params) - {n for n, _ in table})
     if missing or extra:
@@ -300,5 +315,5 @@ def checked_params(table: list[tuple[str, tuple[int, ...]]], params: Mapping[str
         value = np.asarray(params[name])
         if value.shape != shape:
             raise ValueError(f"parameter {name} has shape {value.shape}; the config needs {shape}")
-        out[name] = np.ascontiguousarray(value, dtype=dtype)
+        out[name] = np.array(value, dtype=dtype, order="C")  # always a copy
     return out

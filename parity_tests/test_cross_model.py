@@ -184,3 +184,18 @@ def test_gradient_accumulated_over_microbatches_equals_one_batch(case, rows):
         # Equal-sized micro-batches with a mean loss: the full-batch gradient is their mean.
         accumulated = {k: 0.5 * (halves[0][k] + halves[1][k]) for k in full}
         assert_dicts_close(f"{tree} accumulated grads", accumulated, full, gradient_tol("float64"))
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**64, ValueError), (True, ValueError), (1.5, ValueError)])
+@pytest.mark.parametrize("tree", ["numpy_ref", "torch_impl"])
+def test_model_seeds_are_checked_the_same_in_both_trees(tree, seed, error):
+    """numpy refused -1 and took True; torch took -1 and refused 2**64, each with its own message."""
+    if tree == "numpy_ref":
+        from numpy_ref.config import get_config
+        from numpy_ref.model import GPTModel
+    else:
+        from torch_impl.config import get_config
+        from torch_impl.model import GPTModel
+    with pytest.raises(error, match=r"seed must be an integer in 0 \.\. 2\*\*64 - 1"):
+        GPTModel(get_config("tiny"), seed=seed)
+    GPTModel(get_config("tiny"), seed=2**64 - 1)  # the top of the range is a seed in both

@@ -375,3 +375,38 @@ def test_mask_keys_of_the_wrong_type_and_kv_crop_lengths_are_rejected_by_name():
         with pytest.raises(TypeError, match="crop length must be an int"):
             cache.crop(bad)
     assert cache.length == 3, f"a refused crop changed the length to {cache.length}"
+
+
+def test_refilling_the_dropout_masks_before_backward_moves_no_gradient():
+    """The masks were kept by reference (a float64 model took the caller's float64 arrays as
+    they were): a trainer refilling its mask buffers before the backward changed the gradients.
+    torch's autograd refuses the same misuse; numpy_ref now keeps its own copy."""
+    cfg = get_config("tiny", drop_rate=0.25)
+    model = GPTModel(cfg, seed=0)
+    ids = np.array([[1, 2, 3]])
+    masks = model.dropout_masks(1, 3, np.random.default_rng(0))
+    _, expected = model.loss_and_grads(ids, ids, dropout_masks={k: v.copy() for k, v in masks.items()})
+    _, _, cache = model.forward(ids, ids, dropout_masks=masks)
+    for mask in masks.values():
+        mask[...] = 1.0
+    grads = model.backward(cache)
+    moved = [name for name in expected if not np.array_equal(grads[name], expected[name])]
+    assert not moved, f"refilled masks moved the gradients of {moved[:3]}"
+
+
+def test_models_built_from_params_own_them():
+    """GPTModel(params=...) shared the caller's arrays: an in-place optimiser step on one model
+    changed the other."""
+    a = GPTModel(get_config("tiny"), seed=0)
+    b = GPTModel(a.config, params=a.params)
+    shared = [name for name in a.params if np.shares_memory(a.params[name], b.params[name])]
+    assert not shared, f"the new model shares {shared[:3]} with the one it was built from"
+
+
+def test_backward_refuses_a_last_only_forward_by_name():
+    from numpy_ref.model import gpt_features_backward, gpt_features_forward
+
+    model = GPTModel(get_config("tiny"), seed=0)
+    f, cache = gpt_features_forward(model.params, np.array([[1, 2, 3]]), model.config, last_only=True)
+    with pytest.raises(ValueError, match="the forward ran with last_only=True"):
+        gpt_features_backward(np.ones_like(f), cache)

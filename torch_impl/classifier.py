@@ -30,17 +30,10 @@ from torch_impl.cross_entropy import check_targets, cross_entropy_forward
 from torch_impl.device import as_int64_index, vmapped_values
 from torch_impl.embedding import check_ids
 from torch_impl.linear import linear_forward
-from torch_impl.model import BLOCK_PARAMS, GPTModel, param_group
+from torch_impl.model import BLOCK_PARAMS, GPTModel, check_seed, param_group
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
 HEAD_SEED_OFFSET = 1_000_003  # the head's generator: seed + this (mod 2**64), apart from the trunk's draws
-
-
-def check_seed(seed) -> int:
-    """Seeds are integers in 0 .. 2**64 - 1 in both trees (the head's generator derives from it)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r}")
-    return int(seed)
 
 
 def check_num_classes(num_classes) -> int:

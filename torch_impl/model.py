@@ -35,6 +35,7 @@ state_dict(): exactly the parameter table of docs/design.md, in its order, and n
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping
 
 import torch
@@ -99,6 +100,14 @@ def _block_params(block: nn.Module) -> dict[str, torch.Tensor | None]:
     return params
 
 
+def check_seed(seed) -> int:
+    """Seeds are integers in 0 .. 2**64 - 1 in both trees, for GPTModel and GPTClassifier (numpy
+    refused -1 and took True, torch took -1 and refused 2**64, each with its own message)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r}")
+    return int(seed)
+
+
 class GPTModel(nn.Module):
     def __init__(self, config: GPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, init: str = "gpt2") -> None:
@@ -114,7 +123,7 @@ class GPTModel(nn.Module):
         # under both. Drawn from a generator seeded here (never the global one).
         if init not in INIT_SCHEMES:
             raise ValueError(f"unknown initialisation scheme {init!r}; known: {list(INIT_SCHEMES)}")
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
         on_meta = torch.device(device or "cpu").type == "meta"  # shapes only, no values (e.g. counting)
 
         def drawn(shape: tuple[int, ...], draw) -> nn.Parameter:
@@ -248,7 +257,7 @@ class GPTModel(nn.Module):
                               drop_p=cfg.drop_rate, training=random_dropout)  # (B, T, C) -> (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
-        x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T, C)
+        x = layernorm_forward(x, self.ln_f.weight, self.ln_f.bias, cfg.ln_eps)  # (B, T or 1, C)
         if features_only:
             out = x
         elif targets is None:
