@@ -87,8 +87,8 @@ def compare(name: str, actual: Any, expected: Any, tol: Tol) -> Comparison:
     if a_raw.shape != e.shape:
         raise AssertionError(f"{name}: shape {a_raw.shape} differs from the oracle's {e.shape}")
     a = a_raw.astype(np.float64)
-    if a.size == 0:
-        return Comparison(name, a.shape, dtype, 0.0, 0.0, (), 0.0, 0.0, tol, True)
+    if a.size == 0:  # nothing to differ; no relative error either (None, not 0)
+        return Comparison(name, a.shape, dtype, 0.0, None, (), 0.0, 0.0, tol, True)
     both_nonfinite_same = (~np.isfinite(a)) & (~np.isfinite(e)) & (np.isnan(a) == np.isnan(e)) & (
         np.nan_to_num(a) == np.nan_to_num(e)
     )

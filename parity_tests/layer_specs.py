@@ -29,6 +29,14 @@ class Sizes:
     V: int = 11
     Tc: int = 8
 
+    def __post_init__(self):
+        # A zero size makes every tensor empty, and an empty comparison cannot fail: a wrong layer
+        # passed at T = 0 or B = 0.
+        for name in ("B", "T", "nh", "hs", "V", "Tc"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Sizes.{name} must be an int >= 1, got {value!r}")
+
     @property
     def C(self) -> int:
         return self.nh * self.hs

@@ -71,6 +71,9 @@ def sizes(draw, max_batch: int = 3, max_time: int = 9, max_heads: int = 4, max_h
     readable case; a kernel that tiles (blocks of 16, 64, ...) should also be checked at sizes
     that cross its tiles, e.g. `sizes(max_time=80, min_head_size=16, max_head_size=64)`, or
     `head_sizes=(16, 32, 64)` for a kernel that takes only those."""
+    if min_time < 1 or min_head_size < 1:
+        raise ValueError(f"sizes: min_time and min_head_size must be >= 1 (an empty tensor cannot fail a check), "
+                         f"got {min_time} and {min_head_size}")
     T = draw(st.integers(min_time, max_time))
     return Sizes(
         B=draw(st.integers(1, max_batch)),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parity_tests.layer_specs import SPECS, Sizes, run_oracle
-from parity_tests.oracle import check_layer, check_numpy_layer, compare_torch_layer
+from parity_tests.oracle import check_layer, check_numpy_layer, compare_torch_layer, sizes
 
 
 def my_layernorm(x, w, b, eps):  # the README's example, verbatim
@@ -518,3 +518,25 @@ def test_a_gelu_whose_tanh_overflows_past_x_10_is_caught():
 
     with pytest.raises(AssertionError, match="gelu"):
         check_layer("gelu", exp_tanh_gelu, max_examples=5, derandomize=True)
+
+
+@pytest.mark.parametrize("field", ["B", "T", "nh", "hs", "V", "Tc"])
+def test_zero_sizes_are_refused_as_no_check_at_all(field):
+    """At T = 0 or B = 0 every tensor was empty, and a linear layer computing 2 (x @ w) + 7 b
+    passed check_layer with every error 0.0."""
+    with pytest.raises(ValueError, match=rf"Sizes.{field} must be an int >= 1, got 0"):
+        Sizes(**{field: 0})
+    with pytest.raises(ValueError, match=r"min_time and min_head_size must be >= 1"):
+        check_layer("linear", lambda **kw: kw["x"] @ kw["w"] + kw["b"], sizes=sizes(min_time=0), max_examples=2)
+
+
+def test_model_loss_is_reported_in_the_models_dtype():
+    """The loss was converted to float64 before the comparison, so a float32 model's loss row
+    said dtype=float64."""
+    from parity_tests.model_oracle import compare_model
+    from parity_tests.test_model_oracle import user_adapter
+
+    config = dict(vocab_size=11, context_length=6, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0,
+                  qkv_bias=True, tie_embeddings=True, ln_eps=1e-5)
+    loss = next(r for r in compare_model(user_adapter(), config, 1, 4, 0, dtype="float32") if r.name == "model loss")
+    assert loss.dtype == "float32", f"model loss reported as {loss.dtype}"
