@@ -18,9 +18,11 @@ Decoding joins the tokens' bytes and decodes them as UTF-8 (invalid bytes, e.g. 
 emoji, become U+FFFD, as in tiktoken).
 
 The ranks table is `gpt_oracle/data/gpt2.tiktoken` (one `base64(token bytes) rank` per line,
-the format tiktoken loads); its sha256 is checked on load. The interface is tiktoken's
-(`get_encoding("gpt2")`, `encode`, `encode_ordinary`, `decode`, `n_vocab`, `eot_token`, ...), so
-code written for one runs on the other.
+the format tiktoken loads); its sha256 is checked on load. The interface is the part of
+tiktoken's that a GPT-2 pipeline uses (`get_encoding("gpt2")`, `encode`, `encode_ordinary`,
+`encode_batch`, `decode`, `decode_bytes`, `n_vocab`, `eot_token`, ...), with tiktoken's names
+and arguments; tiktoken's other methods (`encode_to_numpy`, `decode_with_offsets`,
+`encode_with_unstable`, ...) are not here.
 
 Reference: Sennrich et al. 2016 (BPE for words); Radford et al. 2019 (GPT-2, byte level);
 openai/tiktoken `src/lib.rs` (`byte_pair_merge`, special-token handling).
@@ -50,6 +52,9 @@ ENDOFTEXT = "<|endoftext|>"
 # that newline already, so the two agree (a test runs every code point through both).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 DEFAULT_CACHE_SIZE = 1 << 16  # pieces kept in the piece -> ids cache (~10 MB for ordinary words)
+# Longer pieces are merged each time, never cached: the cache is bounded by count, and 65,536
+# pieces of 50,000 characters would hold about 18 GB (200 of them held 55 MB).
+CACHE_MAX_PIECE_CHARS = 256
 # The 4657 letters and numbers Unicode 17.0 added, in 26 runs: the code points that `regex`
 # 2026.5.9 (Unicode 17.0 tables) matches as \p{L} or \p{N} and `regex` 2024.11.6 (Unicode 16.0)
 # as \p{Cn}, unassigned. tiktoken 0.14 splits text with Unicode 16.0's
@@ -177,6 +182,7 @@ class Encoding:
                  special_tokens: dict[str, int], cache_size: int = DEFAULT_CACHE_SIZE):
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self._cache_size = cache_size
         self.name = name
         self._pat_str = pat_str
         self._pat = Pretokenizer(pat_str)
@@ -193,8 +199,20 @@ class Encoding:
         # The bounded cache: word -> ids. Text repeats its words (Zipf), so most pieces hit.
         self._encode_piece = functools.lru_cache(maxsize=cache_size)(self._bpe_piece)
 
+    def __reduce__(self):
+        """Pickled (and deep-copied) as its constructor's arguments: the cache, a wrapper bound to
+        this instance, is rebuilt empty (it could not be pickled, and a deep copy shared it)."""
+        return (_rebuild_encoding, (self.name, self._pat_str, self._mergeable_ranks, self._special_tokens,
+                                    self._cache_size))
+
     def __repr__(self) -> str:
         return f"<numpy_ref Encoding {self.name!r}>"
+
+    def _ids_of_pieces(self, pieces: list[str]) -> list[int]:
+        """The pieces' ids, in order: through the cache, but a piece longer than
+        CACHE_MAX_PIECE_CHARS merged directly (see there)."""
+        cached, direct = self._encode_piece, self._bpe_piece
+        return list(chain.from_iterable(cached(p) if len(p) <= CACHE_MAX_PIECE_CHARS else direct(p) for p in pieces))
 
     # ---- properties of the vocabulary -----------------------------------------------------
     @property
@@ -225,12 +243,14 @@ class Encoding:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids, with special-token text encoded as ordinary text."""
+        if not isinstance(text, str):  # tiktoken's TypeError (None failed here on .isascii)
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         try:
-            return list(chain.from_iterable(map(self._encode_piece, self._pat.findall(text))))
+            return self._ids_of_pieces(self._pat.findall(text))
         except UnicodeEncodeError:
             # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them with U+FFFD.
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return list(chain.from_iterable(map(self._encode_piece, self._pat.findall(text))))
+            return self._ids_of_pieces(self._pat.findall(text))
 
     def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
@@ -245,6 +265,8 @@ class Encoding:
         set of its characters it would allow nothing, so `allowed_special="<|endoftext|>"` would
         silently encode that text as ordinary text.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         if isinstance(allowed_special, str) and allowed_special != "all":
             raise TypeError(
                 f"allowed_special must be 'all' or a set of special tokens, got the string {allowed_special!r}; "
@@ -345,9 +367,22 @@ def _special_regex(tokens: frozenset[str]) -> regex.Pattern:
     return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
 
 
-@functools.lru_cache(maxsize=None)
+def _rebuild_encoding(name, pat_str, mergeable_ranks, special_tokens, cache_size) -> Encoding:
+    return Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens,
+                    cache_size=cache_size)
+
+
 def get_encoding(name: str = "gpt2") -> Encoding:
-    """The named encoding, built once per process from the packaged, hash-checked ranks file."""
+    """The named encoding, built once per process from the packaged, hash-checked ranks file
+    (get_encoding(), get_encoding("gpt2") and get_encoding(name="gpt2") are one object)."""
     if name not in ("gpt2", "r50k_base"):
         raise ValueError(f"unknown encoding {name!r}; this package ships 'gpt2' (alias 'r50k_base')")
+    return _built_encoding(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _built_encoding(name: str) -> Encoding:
     return Encoding(name, pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(), special_tokens={ENDOFTEXT: 50256})
+
+
+get_encoding.cache_clear = _built_encoding.cache_clear  # as when get_encoding was the lru_cache itself

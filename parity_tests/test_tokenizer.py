@@ -701,3 +701,81 @@ def test_bpe_training_cuts_a_special_token_that_contains_another_whole():
     ranks = bpe_train.train_bpe("ab<|x|>zzzz" * 5, 257, special_tokens=("<|x|>", "<|x|>zz"))
     learned = [token for token, rank in ranks.items() if rank >= 256]
     assert learned == [b"ab"], f"first merge {learned}, expected [b'ab']"
+
+
+def test_encode_batch_reads_a_string_disallowed_special_as_encode_does(ours, theirs):
+    """tiktoken's encode_batch turned the string into a set of its characters before encode could
+    refuse it: "a<b" failed as "disallowed special token '<'"; both trees now say what to write."""
+    for enc in (ours, theirs):
+        with pytest.raises(TypeError, match="disallowed_special must be 'all' or a collection"):
+            enc.encode_batch(["a<b"], disallowed_special="<|endoftext|>")
+        assert enc.encode_batch(["a<b"], disallowed_special={"<|endoftext|>"}) == [enc.encode("a<b")]
+
+
+class _Index:
+    """An id that is an integer only through __index__ (as some array scalars are)."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+@pytest.mark.parametrize("value", [-1, 50257])
+def test_an_index_only_id_outside_the_vocabulary_is_named_in_both_trees(ours, theirs, value):
+    """torch_impl compared the object itself: "'<=' not supported between instances of 'int' and '_Index'"."""
+    for enc in (ours, theirs):
+        with pytest.raises(ValueError, match=f"token id {value} is not in the vocabulary"):
+            enc.decode([_Index(value)])
+
+
+def test_numpy_ref_encoding_pickles_and_copies_with_a_cache_of_its_own(ours):
+    """The cache, a wrapper bound to the instance, could not be pickled (spawned DataLoader workers
+    and multiprocessing failed), and a deep copy kept the original's cache."""
+    import copy
+    import pickle
+
+    text = "Hello world, hello tokenizer."
+    for twin in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        assert twin.encode(text) == ours.encode(text), "the copy encodes differently"
+        assert twin._encode_piece is not ours._encode_piece, "the copy shares the original's cache"
+
+
+def test_long_pieces_are_merged_without_filling_the_cache():
+    """The cache is bounded by count, not size: 200 words of 50,000 characters held 55 MB in it."""
+    enc = np_tok.Encoding("gpt2", pat_str=np_tok.GPT2_PAT_STR, mergeable_ranks=np_tok.load_ranks(),
+                          special_tokens={np_tok.ENDOFTEXT: 50256})
+    long_word = "ab" * (np_tok.CACHE_MAX_PIECE_CHARS // 2 + 1)
+    ids = enc.encode_ordinary(long_word + " the")
+    assert enc.decode(ids) == long_word + " the", "a long piece did not round-trip"
+    assert enc.cache_info().currsize == 1, f"cache holds {enc.cache_info().currsize} pieces, expected only ' the'"
+
+
+def test_get_encoding_is_one_object_however_it_is_called():
+    for tok in (np_tok, pt_tok):
+        assert tok.get_encoding() is tok.get_encoding("gpt2") is tok.get_encoding(name="gpt2"), (
+            f"{tok.__name__}.get_encoding built more than one encoding for gpt2")
+
+
+def test_text_that_is_no_string_is_a_type_error_in_both_trees(ours, theirs):
+    for enc in (ours, theirs):
+        for method in (enc.encode, enc.encode_ordinary):
+            with pytest.raises(TypeError):
+                method(None)
+
+
+def test_the_pre_tokenisation_pattern_is_tiktokens():
+    """Both trees write GPT-2's pattern out; a typo both shared would pass every parity test."""
+    from tiktoken_ext import openai_public
+
+    assert np_tok.GPT2_PAT_STR == openai_public.r50k_pat_str, "numpy_ref's GPT2_PAT_STR is not tiktoken's r50k_pat_str"
+    assert pt_tok.GPT2_PAT_STR == openai_public.r50k_pat_str, "torch_impl's GPT2_PAT_STR is not tiktoken's r50k_pat_str"
+
+
+@pytest.mark.parametrize("errors", ["replace", "ignore", "backslashreplace", "surrogateescape"])
+def test_decode_passes_errors_on_in_both_trees(ours, theirs, errors):
+    ids = ours.encode("🙂")[:1]  # half of the emoji's bytes: invalid UTF-8 alone
+    expected = b"".join(ours.decode_single_token_bytes(i) for i in ids).decode("utf-8", errors=errors)
+    for enc in (ours, theirs):
+        assert enc.decode(ids, errors=errors) == expected, f"{type(enc).__module__} decode(errors={errors!r})"

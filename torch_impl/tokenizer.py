@@ -55,7 +55,9 @@ def load_tiktoken_bpe(path: str | Path, expected_sha256: str | None = None) -> d
 
     The bytes are hash-checked here, then handed to `tiktoken.load.load_tiktoken_bpe` as a
     private temporary copy with tiktoken's cache switched off for the call, so that neither a
-    stale cache entry nor an unwritable cache directory can change what is loaded.
+    stale cache entry nor an unwritable cache directory can change what is loaded. The switch is
+    TIKTOKEN_CACHE_DIR, process-wide: another thread calling tiktoken's own loaders during those
+    milliseconds runs uncached (it reads its file again; nothing it reads changes).
     """
     data = read_verified(path, expected_sha256)
     with tempfile.TemporaryDirectory(prefix="gpt_oracle_ranks_") as tmp:
@@ -99,7 +101,8 @@ class Encoding(tiktoken.Encoding):
       `except Exception`. Here: both a ValueError naming the run and the limit. (numpy_ref
       encodes such a text; a test checks its ids against tiktoken's on the text cut in two.)
     The checks run only after tiktoken has failed, so the happy path is tiktoken's own speed.
-    `encode_batch`, `decode_batch` and `decode_tokens_bytes` go through the methods below;
+    `encode_batch` reads the special-token policy as `encode` does; `decode_batch` and
+    `decode_tokens_bytes` go through the methods below;
     `encode_with_unstable` (unused here) is tiktoken's as it is.
     """
 
@@ -112,6 +115,15 @@ class Encoding(tiktoken.Encoding):
         allowed_special, disallowed_special = _special_policy(allowed_special, disallowed_special)
         with _regex_panic_as_value_error(text):
             return super().encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def encode_batch(self, text: list[str], *, num_threads: int = 8,
+                     allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+                     disallowed_special: Literal["all"] | Collection[str] = "all") -> list[list[int]]:
+        # The policy is read here: tiktoken's encode_batch turns a string disallowed_special into
+        # a set of its characters before `encode` could refuse it.
+        allowed_special, disallowed_special = _special_policy(allowed_special, disallowed_special)
+        return super().encode_batch(text, num_threads=num_threads, allowed_special=allowed_special,
+                                    disallowed_special=disallowed_special)
 
     def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                         disallowed_special: Literal["all"] | Collection[str] = "all"):
@@ -139,8 +151,9 @@ class Encoding(tiktoken.Encoding):
         """Raise a ValueError for the first id outside 0 .. max_token_value (the vocabulary is
         contiguous: `get_encoding` checks it with `explicit_n_vocab`); else `exc` itself."""
         for token in tokens:
-            if not 0 <= token <= self.max_token_value:  # named as a plain int, as numpy_ref names it
-                raise ValueError(f"token id {operator.index(token)} is not in the vocabulary "
+            index = operator.index(token)  # an object with __index__ only is compared as its int
+            if not 0 <= index <= self.max_token_value:  # named as a plain int, as numpy_ref names it
+                raise ValueError(f"token id {index} is not in the vocabulary "
                                  f"(ids 0 .. {self.max_token_value})") from None
         raise exc
 
@@ -187,7 +200,8 @@ def _regex_panic_as_value_error(text: str) -> Iterator[None]:
         panic = type(exc).__name__ == "PanicException"  # pyo3_runtime is not importable by name
         if not (panic or isinstance(exc, ValueError) and str(exc).startswith("Regex error while tokenizing")):
             raise
-        runs = [m.span() for m in re.finditer(r"\s+(?=\S)", text)]
+        # fancy-regex's \s is Unicode White_Space, which leaves out \x1c-\x1f (Python's \s has them)
+        runs = [m.span() for m in re.finditer(r"[^\S\x1c-\x1f]+(?=[\S\x1c-\x1f])", text)]
         start, end = max(runs, key=lambda span: span[1] - span[0], default=(0, 0))
         raise ValueError(
             f"tiktoken cannot split this text ({len(text):,} characters) into pieces: its regex engine gives up "
@@ -196,10 +210,18 @@ def _regex_panic_as_value_error(text: str) -> Iterator[None]:
         ) from exc
 
 
-@functools.lru_cache(maxsize=None)
 def get_encoding(name: str = "gpt2") -> Encoding:
-    """The named encoding, built once per process from the packaged ranks, offline."""
+    """The named encoding, built once per process from the packaged ranks, offline
+    (get_encoding(), get_encoding("gpt2") and get_encoding(name="gpt2") are one object)."""
     if name not in ("gpt2", "r50k_base"):
         raise ValueError(f"unknown encoding {name!r}; this package ships 'gpt2' (alias 'r50k_base')")
+    return _built_encoding(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _built_encoding(name: str) -> Encoding:
     return Encoding(name=name, pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
                     special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+get_encoding.cache_clear = _built_encoding.cache_clear  # as when get_encoding was the lru_cache itself
