@@ -356,3 +356,30 @@ def test_decode_step_called_with_grad_on_is_refused_by_name():
     with torch.no_grad():
         logits = torch_impl.decode.decode_step(model, torch.zeros(1, 1, dtype=torch.long), cache)
     assert logits.shape == (1, 1, 64) and cache.length == 1, f"{tuple(logits.shape)}, cache at {cache.length}"
+
+
+def test_generation_ending_exactly_at_the_context_decodes_every_token_after_the_prompt():
+    """The last step's input is position Tc - 1: it still fits the cache, so generate decodes it
+    from the cache rather than running the whole window again (one full-context forward more)."""
+    from torch_impl.generate import generate
+
+    model = GPTModel(GPTConfig(vocab_size=64, context_length=8, emb_dim=32, n_layers=1, n_heads=2), seed=0).eval()
+    with counting_decode_steps() as calls:
+        out = generate(model, torch.zeros(1, 4, dtype=torch.long), 5)  # the prompt, then inputs at positions 4..7
+    assert out.shape == (1, 9), f"generated shape {tuple(out.shape)}"
+    assert len(calls) == 4, f"{len(calls)} decode steps for the inputs at positions 4..7, expected 4 (one per new token after the first)"
+
+
+def test_a_frozen_model_decodes_with_grad_mode_on():
+    """Every parameter frozen, grad mode on: the general path runs (decode_step refuses grad mode)
+    and the logits are the full forward's."""
+    model = GPTModel(GPTConfig(vocab_size=64, context_length=8, emb_dim=32, n_layers=1, n_heads=2), seed=0).eval()
+    model.requires_grad_(False)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    cache = model.new_kv_cache(1)
+    model(ids[:, :4], kv_cache=cache)
+    with counting_decode_steps() as calls:
+        last = model(ids[:, 4:], kv_cache=cache)
+    assert calls == [], f"decode_step ran with grad mode on: {calls}"
+    full = model(ids)
+    assert torch.allclose(last[:, 0], full[:, 4], atol=1e-5), "cached logits differ from the full forward's"

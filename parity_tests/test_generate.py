@@ -815,3 +815,15 @@ def test_sample_next_takes_a_zero_dimensional_coin_as_its_number():
         assert got_t == want and got_n == want, f"coin {coin}: float {want}, 0-d tensor {got_t}, 0-d array {got_n}"
     with pytest.raises(TypeError):
         tgen.sample_next(torch.tensor(logits), temperature=1.0, coin=torch.tensor([0.3]))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_a_coin_of_exactly_one_is_refused_before_any_step_in_both_trees(temperature):
+    """[0, 1) excludes 1.0: refused up front, greedy decoding (which reads no coin) included,
+    not late in sample_next after earlier tokens ran, nor silently in a row that already stopped."""
+    n_model, t_model = _models(seed=2)
+    ids = np.array([[1, 2, 3]])
+    coins = np.array([[0.5], [1.0], [0.5]])
+    for gen, model, conv in ((ngen.generate, n_model, np.asarray), (tgen.generate, t_model, torch.tensor)):
+        with pytest.raises(ValueError, match=r"coins must lie in \[0, 1\); coins\[1, 0\] = 1.0"):
+            gen(model, conv(ids), 3, temperature=temperature, coins=conv(coins))

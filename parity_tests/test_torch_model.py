@@ -1235,3 +1235,40 @@ def test_block_and_attention_refuse_dropout_they_would_ignore():
         attention_forward(x, *w, nh, mask, attn_dropout_p=0.5)
     with pytest.raises(ValueError, match="attn_dropout_p=0.5 is drawn inside SDPA, which has no vmap rule"):
         torch.func.vmap(lambda xi: attention_forward(xi[None], *w, nh, attn_dropout_p=0.5))(x)
+
+
+def _ones_masks(cfg, B: int, T: int, past: int = 0) -> dict[str, torch.Tensor]:
+    masks = {"embedding": torch.ones(B, T, cfg.emb_dim)}
+    for i in range(cfg.n_layers):
+        masks[f"h.{i}.attn.weights"] = torch.ones(B, cfg.n_heads, T, past + T)
+        masks[f"h.{i}.attn.out"] = torch.ones(B, T, cfg.emb_dim)
+        masks[f"h.{i}.mlp.out"] = torch.ones(B, T, cfg.emb_dim)
+    return masks
+
+
+def test_given_masks_leave_no_site_to_torchs_dropout_in_training():
+    """With explicit masks, randomness is entirely explicit: a site whose mask is left out drops
+    nothing, in training mode too (two seeds, the same logits; and eval's)."""
+    model = GPTModel(get_config("tiny", drop_rate=0.5), seed=0).train()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    some = {"embedding": torch.ones(1, 4, model.config.emb_dim)}
+    torch.manual_seed(1)
+    first = model(ids, dropout_masks=some)
+    torch.manual_seed(2)
+    second = model(ids, dropout_masks=some)
+    assert torch.equal(first, second), "torch drew dropout at sites the given masks left out"
+    assert_close("logits with all-ones masks vs eval", first, model.eval()(ids), forward_tol("float32"))
+
+
+def test_masks_after_a_kv_cache_prefill_cover_the_cached_keys():
+    """After P cached positions the attention-weight masks are (B, nh, T, P + T); all-ones masks
+    give the logits of the full forward's last T rows."""
+    model = GPTModel(get_config("tiny"), seed=0).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        full = model.eval()(ids)
+        model.train()
+        cache = model.new_kv_cache(1)
+        model(ids[:, :3], kv_cache=cache, dropout_masks=_ones_masks(model.config, 1, 3))
+        rest = model(ids[:, 3:], kv_cache=cache, dropout_masks=_ones_masks(model.config, 1, 2, past=3))
+    assert_close("logits after a prefill, all-ones masks", rest, full[:, 3:], forward_tol("float32"))
